@@ -1,0 +1,10 @@
+//! A minimal KVM VMM for serverless functions: it boots our own unikernel, which runs
+//! WebAssembly behind WASI, and (with the snapshot store) restores it from templates.
+
+pub mod cli;
+pub mod loader;
+pub mod memory;
+pub mod platform;
+pub mod run;
+pub mod vm;
+pub mod watchdog;

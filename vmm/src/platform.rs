@@ -1,0 +1,116 @@
+//! Everything specific to the KVM back end this VMM runs on, detected at start-up.
+//!
+//! On the machines this project is developed on, `/dev/kvm` is the paravirtual `kvm_pvm`
+//! back end (shadow paging, the guest runs at hardware CPL3). A guest runs natively there
+//! only if its "VIF" page is registered through MSR 0x4b564d10 before the first KVM_RUN;
+//! nothing reports an error otherwise, every instruction is just emulated 3000x slower.
+//! On ordinary hardware KVM (VT-x/AMD-V) none of that applies, and the vCPU needs a
+//! CPUID table instead. This module is the only place that knows the difference.
+
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
+use vmm_abi::layout;
+
+/// PVM: the guest's virtual-interrupt-flag page; host writes must set bit 10.
+pub const MSR_PVM_VIF: u32 = 0x4b56_4d10;
+const PVM_VIF_HOST_WRITE: u64 = 0x400;
+/// PVM: reads 0x4d5650 ("PVM") on the PVM back end.
+const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
+const PVM_SIGNATURE: u64 = 0x4d_5650;
+/// PVM: the TSC frequency in kHz.
+const MSR_PVM_TSC_KHZ: u32 = 0x4b56_4d13;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The paravirtual `kvm_pvm` back end.
+    Pvm,
+    /// Ordinary hardware-assisted KVM.
+    Hardware,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("register the PVM VIF page (KVM_SET_MSRS {MSR_PVM_VIF:#x}): {0}; the guest would run emulated")]
+    Vif(String),
+    #[error("set the vCPU's CPUID (KVM_SET_CPUID2): {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("read the guest TSC frequency: {0}")]
+    TscKhz(String),
+}
+
+fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
+
+fn write_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<(), String> {
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|e| format!("{e:?}"))?;
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(n) => Err(format!("KVM accepted {n} of 1 MSRs")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Backend {
+    /// Tell the back ends apart with a vCPU of a fresh VM: only PVM answers its signature MSR.
+    pub fn detect(vcpu: &VcpuFd) -> Backend {
+        match read_msr(vcpu, MSR_PVM_SIGNATURE) {
+            Some(PVM_SIGNATURE) => Backend::Pvm,
+            _ => Backend::Hardware,
+        }
+    }
+
+    /// Prepare a freshly created vCPU for a boot (not for a restore, which writes the
+    /// saved MSRs back instead).
+    pub fn setup_vcpu(self, kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), PlatformError> {
+        match self {
+            Backend::Pvm => write_msr(vcpu, MSR_PVM_VIF, layout::VIF_GPA | PVM_VIF_HOST_WRITE)
+                .map_err(PlatformError::Vif),
+            Backend::Hardware => {
+                let cpuid = kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(PlatformError::Cpuid)?;
+                vcpu.set_cpuid2(&cpuid).map_err(PlatformError::Cpuid)
+            }
+        }
+    }
+
+    /// MSRs that are not in KVM's index list but are part of a vCPU's state here.
+    pub fn extra_msrs(self) -> &'static [u32] {
+        match self {
+            Backend::Pvm => &[MSR_PVM_VIF],
+            Backend::Hardware => &[],
+        }
+    }
+
+    /// The guest TSC frequency in kHz.
+    pub fn tsc_khz(self, vcpu: &VcpuFd) -> Result<u64, PlatformError> {
+        if let Ok(khz) = vcpu.get_tsc_khz() {
+            if khz > 0 {
+                return Ok(khz as u64);
+            }
+        }
+        if self == Backend::Pvm {
+            if let Some(khz) = read_msr(vcpu, MSR_PVM_TSC_KHZ).filter(|&k| k > 0) {
+                return Ok(khz);
+            }
+        }
+        Err(PlatformError::TscKhz(
+            "KVM_GET_TSC_KHZ failed and no fallback applies".into(),
+        ))
+    }
+}

@@ -1,0 +1,271 @@
+//! `vmm run`: boot the guest kernel cold, hand it a module and a function, serve its
+//! hostcalls until it exits, and report output and a timing breakdown.
+
+use crate::memory::GuestMemory;
+use crate::vm::{GuestError, Hostcall, Output, RunError, Vm, VmError};
+use crate::watchdog::Watchdog;
+use std::time::{Duration, Instant};
+use vmm_abi::{layout, ConfigFile, FunctionConfig, GuestStats, Mailbox};
+
+/// How the module is driven (mirrors `guest_kernel::Runtime`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A WASI command module (`_start`).
+    Wasi,
+    /// QuickJS-NG's WASI reactor: `qjs --std <script>`.
+    Qjs,
+}
+
+impl RuntimeKind {
+    pub fn abi(self) -> u64 {
+        match self {
+            RuntimeKind::Wasi => vmm_abi::RUNTIME_WASI,
+            RuntimeKind::Qjs => vmm_abi::RUNTIME_QJS,
+        }
+    }
+}
+
+/// A file for the guest's read-only tree.
+#[derive(Clone, Debug)]
+pub struct GuestFile {
+    pub guest_path: String,
+    pub data: Vec<u8>,
+}
+
+/// Everything that defines one function: the module, how to drive it, its files,
+/// arguments and environment.
+#[derive(Clone, Debug)]
+pub struct FunctionSpec {
+    pub module: Vec<u8>,
+    /// argv[0]: the module's file name.
+    pub module_name: String,
+    pub runtime: RuntimeKind,
+    pub files: Vec<GuestFile>,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+}
+
+impl FunctionSpec {
+    /// The function config blob the guest receives at its GetFunction hostcall.
+    pub fn config_blob(&self) -> Vec<u8> {
+        let mut args: Vec<&[u8]> = vec![self.module_name.as_bytes()];
+        args.extend(self.args.iter().map(|a| a.as_bytes()));
+        FunctionConfig {
+            args,
+            env: self.env.iter().map(|e| e.as_bytes()).collect(),
+            files: self
+                .files
+                .iter()
+                .map(|f| ConfigFile {
+                    path: f.guest_path.as_bytes(),
+                    data: &f.data,
+                })
+                .collect(),
+        }
+        .encode()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunLimits {
+    pub timeout: Duration,
+    pub mem_mib: u64,
+    pub max_output: usize,
+    /// Expose the raw `vmm_test.hostcall` import to the module (hostile-guest tests).
+    pub test_hostcalls: bool,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        RunLimits {
+            timeout: Duration::from_secs(30),
+            mem_mib: layout::DEFAULT_MEM_MIB,
+            max_output: 64 << 20,
+            test_hostcalls: std::env::var_os("VMM_TEST_HOSTCALLS").is_some(),
+        }
+    }
+}
+
+/// Timing breakdown of one invocation, in milliseconds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub mode: &'static str,
+    pub backend: String,
+    pub vm_create_ms: f64,
+    pub boot_ms: f64,
+    pub compile_ms: f64,
+    pub instantiate_ms: f64,
+    pub runtime_init_ms: f64,
+    pub function_ms: f64,
+    pub total_ms: f64,
+    pub exits: u64,
+    pub hostcalls: u64,
+}
+
+/// The outcome of one invocation. Output produced before a failure is kept.
+#[derive(Debug)]
+pub struct RunReport {
+    /// The function's exit code, or why it produced no response.
+    pub result: Result<i32, RunError>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--mem {0} MiB: must be an even number between {min} and {max}", min = layout::MIN_MEM_MIB, max = layout::MAX_MEM_MIB)]
+    BadMemSize(u64),
+    #[error("the module ({module} bytes) does not fit in {mem_mib} MiB of guest RAM; raise --mem")]
+    ModuleTooLarge { module: usize, mem_mib: u64 },
+}
+
+/// The guest kernel image built by `vmm/build.rs` (or `$VMM_GUEST_KERNEL` if set).
+pub fn guest_kernel_image() -> std::io::Result<std::borrow::Cow<'static, [u8]>> {
+    static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-kernel.elf"));
+    match std::env::var_os("VMM_GUEST_KERNEL") {
+        Some(p) => std::fs::read(p).map(Into::into),
+        None => Ok(IMAGE.into()),
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn tsc_ms(from: u64, to: u64, tsc_khz: u64) -> f64 {
+    if from == 0 || to < from || tsc_khz == 0 {
+        return 0.0;
+    }
+    (to - from) as f64 / tsc_khz as f64
+}
+
+/// Fill the guest-side phase timings into `stats`.
+pub fn apply_guest_stats(stats: &mut Stats, g: &GuestStats, tsc_khz: u64) {
+    stats.boot_ms = tsc_ms(g.kernel_entry, g.kernel_ready, tsc_khz);
+    stats.compile_ms = tsc_ms(g.kernel_ready, g.compiled, tsc_khz);
+    stats.instantiate_ms = tsc_ms(g.compiled, g.instantiated, tsc_khz);
+    stats.runtime_init_ms = tsc_ms(g.instantiated, g.runtime_initialized, tsc_khz);
+    stats.function_ms = tsc_ms(g.function_start, g.function_end, tsc_khz);
+    stats.hostcalls = g.hostcalls;
+}
+
+/// Create a VM with the kernel and `module` loaded, ready for its first KVM_RUN.
+pub fn boot_vm(module: &[u8], runtime: RuntimeKind, limits: &RunLimits) -> Result<Vm, RunError> {
+    let mem_mib = limits.mem_mib;
+    if mem_mib < layout::MIN_MEM_MIB || mem_mib > layout::MAX_MEM_MIB || mem_mib % 2 != 0 {
+        return Err(GuestError::Runtime(SetupError::BadMemSize(mem_mib).to_string()).into());
+    }
+    let mem_size = mem_mib << 20;
+    let module_gpa = (mem_size - module.len() as u64) & !(layout::PAGE_SIZE - 1);
+    if module.len() as u64 >= mem_size || module_gpa < layout::HEAP_START + (16 << 20) {
+        return Err(GuestError::Runtime(
+            SetupError::ModuleTooLarge {
+                module: module.len(),
+                mem_mib,
+            }
+            .to_string(),
+        )
+        .into());
+    }
+    let mem = GuestMemory::new(mem_size as usize).map_err(VmError::Memory)?;
+    let mut vm = Vm::new(mem)?;
+    vm.mem.write(module_gpa, module)?;
+    let mut seed = [0u8; 32];
+    crate::vm::fill_random(&mut seed);
+    let words =
+        |i: usize| u64::from_le_bytes(seed[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    let mailbox = Mailbox {
+        magic: vmm_abi::MAILBOX_MAGIC,
+        abi_version: vmm_abi::ABI_VERSION,
+        flags: if limits.test_hostcalls {
+            vmm_abi::FLAG_TEST_HOSTCALLS
+        } else {
+            0
+        },
+        mem_size,
+        tsc_khz: vm.tsc_khz,
+        module_gpa,
+        module_len: module.len() as u64,
+        runtime: runtime.abi(),
+        now_unix_ns: crate::vm::unix_now_ns(),
+        entropy_gen: 1,
+        entropy: [words(0), words(1), words(2), words(3)],
+        ..Default::default()
+    };
+    let kernel = guest_kernel_image().map_err(|e| {
+        GuestError::Runtime(format!(
+            "read the guest kernel image ($VMM_GUEST_KERNEL): {e}"
+        ))
+    })?;
+    vm.setup_boot(&kernel, &mailbox)?;
+    Ok(vm)
+}
+
+/// Serve hostcalls until the guest exits. `stdin` is the whole request.
+pub fn serve(
+    vm: &mut Vm,
+    config: &[u8],
+    stdin: &[u8],
+    out: &mut Output,
+    limits: &RunLimits,
+) -> Result<i32, RunError> {
+    let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
+    let watchdog = Watchdog::start(limits.timeout, run_ptr);
+    let mut stdin_pos = 0usize;
+    loop {
+        match vm.next_hostcall(out, &watchdog, limits.timeout)? {
+            Hostcall::GetFunction { buf } => {
+                if config.len() as u64 <= buf.len {
+                    vm.mem.write(buf.gpa, config)?;
+                }
+                vm.complete(config.len() as u64, 0, true)?;
+            }
+            Hostcall::ReadStdin { buf } => {
+                let n = (stdin.len() - stdin_pos).min(buf.len as usize);
+                vm.mem.write(buf.gpa, &stdin[stdin_pos..stdin_pos + n])?;
+                stdin_pos += n;
+                vm.complete(n as u64, (stdin_pos == stdin.len()) as u64, true)?;
+            }
+            Hostcall::Exit { code } => return Ok(code),
+        }
+    }
+}
+
+/// Boot cold and run one invocation.
+pub fn run_cold(spec: &FunctionSpec, stdin: &[u8], limits: &RunLimits) -> RunReport {
+    let t0 = Instant::now();
+    let mut stats = Stats {
+        mode: "cold",
+        ..Default::default()
+    };
+    let mut vm = match boot_vm(&spec.module, spec.runtime, limits) {
+        Ok(vm) => vm,
+        Err(e) => {
+            return RunReport {
+                result: Err(e),
+                stdout: vec![],
+                stderr: vec![],
+                stats,
+            }
+        }
+    };
+    stats.backend = format!("{:?}", vm.backend).to_lowercase();
+    stats.vm_create_ms = ms(t0.elapsed());
+    let mut out = Output::new(limits.max_output);
+    let result = serve(&mut vm, &spec.config_blob(), stdin, &mut out, limits);
+    stats.total_ms = ms(t0.elapsed());
+    stats.exits = vm.exits;
+    if let Ok(mb) = vm.read_mailbox() {
+        apply_guest_stats(&mut stats, &mb.stats, vm.tsc_khz);
+    }
+    RunReport {
+        result,
+        stdout: out.stdout,
+        stderr: out.stderr,
+        stats,
+    }
+}

@@ -1,0 +1,343 @@
+//! One KVM virtual machine with one vCPU and its guest RAM, and the loop that runs the
+//! vCPU and decodes the guest's hostcalls. Everything the guest writes is hostile input:
+//! requests are decoded with `vmm_abi::decode_request`, which range-checks every
+//! address and length, and any malformed request stops the guest with an error.
+
+use crate::loader::{self, LoadError};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::platform::{Backend, PlatformError};
+use crate::watchdog::Watchdog;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::time::Duration;
+use vmm_abi::{layout, offsets, AbiError, GuestRange, Mailbox, Request, MAILBOX_BYTES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(
+        "open /dev/kvm: {0} (is KVM available and are you allowed to use it? try `ls -l /dev/kvm`)"
+    )]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("create the VM (KVM_CREATE_VM): {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("register guest RAM with KVM (KVM_SET_USER_MEMORY_REGION): {0}")]
+    MemoryRegion(kvm_ioctls::Error),
+    #[error("create the vCPU (KVM_CREATE_VCPU): {0}")]
+    CreateVcpu(kvm_ioctls::Error),
+    #[error("set up the vCPU registers ({step}): {source}")]
+    Registers {
+        step: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("run the vCPU (KVM_RUN): {0}")]
+    Run(kvm_ioctls::Error),
+}
+
+/// Why a guest stopped without producing a response.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("the guest did not finish within the {0:?} timeout and was stopped (raise --timeout if the function needs longer)")]
+    Timeout(Duration),
+    #[error("guest CPU exception: {name} (vector {vector}) error code {error_code:#x} at rip {rip:#x}, cr2 {cr2:#x}, rsp {rsp:#x}")]
+    Fault {
+        vector: u64,
+        name: &'static str,
+        error_code: u64,
+        rip: u64,
+        cr2: u64,
+        rsp: u64,
+    },
+    #[error("guest ran out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("guest kernel panicked: {0}")]
+    Panic(String),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("the guest sent a malformed hostcall and was stopped: {0}")]
+    BadHostcall(AbiError),
+    #[error("the guest wrote more than {0} bytes of output and was stopped")]
+    OutputLimit(usize),
+    #[error("the guest shut down unexpectedly (triple fault)")]
+    Shutdown,
+    #[error("unexpected VM exit: {0}")]
+    UnexpectedExit(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+impl From<MemoryError> for RunError {
+    fn from(e: MemoryError) -> Self {
+        RunError::Vm(VmError::Memory(e))
+    }
+}
+
+/// A hostcall that the caller must answer (output writes are handled inside the loop).
+#[derive(Debug)]
+pub enum Hostcall {
+    GetFunction { buf: GuestRange },
+    ReadStdin { buf: GuestRange },
+    Exit { code: i32 },
+}
+
+/// What the guest has written to stdout/stderr so far, with a cap on the total.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub limit: usize,
+}
+
+impl Output {
+    pub fn new(limit: usize) -> Self {
+        Output {
+            limit,
+            ..Default::default()
+        }
+    }
+    fn append(&mut self, fd: u32, mem: &GuestMemory, r: GuestRange) -> Result<(), RunError> {
+        if self.stdout.len() + self.stderr.len() + r.len as usize > self.limit {
+            return Err(GuestError::OutputLimit(self.limit).into());
+        }
+        let data = mem.slice(r.gpa, r.len)?;
+        if fd == 1 {
+            &mut self.stdout
+        } else {
+            &mut self.stderr
+        }
+        .extend_from_slice(data);
+        Ok(())
+    }
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub vcpu: VcpuFd,
+    pub mem: GuestMemory,
+    pub backend: Backend,
+    pub tsc_khz: u64,
+    /// VM exits served so far.
+    pub exits: u64,
+}
+
+impl Vm {
+    /// Create a VM over `mem` (slot 0 at GPA 0) with one vCPU.
+    pub fn new(mem: GuestMemory) -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mem.size(),
+            userspace_addr: mem.host_addr() as u64,
+        };
+        // SAFETY: the region describes `mem`'s mapping, which this Vm owns and keeps
+        // alive for as long as the VM fd exists (fields drop in declaration order: vcpu
+        // and vm before mem).
+        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
+        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
+        let backend = Backend::detect(&vcpu);
+        let tsc_khz = backend.tsc_khz(&vcpu)?;
+        Ok(Vm {
+            kvm,
+            vm,
+            vcpu,
+            mem,
+            backend,
+            tsc_khz,
+            exits: 0,
+        })
+    }
+
+    /// Load the kernel, build page tables and the mailbox, and set the start state.
+    pub fn setup_boot(&mut self, kernel_elf: &[u8], mailbox: &Mailbox) -> Result<(), VmError> {
+        let entry = loader::load_kernel(&self.mem, kernel_elf)?;
+        loader::build_page_tables(&self.mem)?;
+        self.mem.write(layout::MAILBOX_GPA, &mailbox.to_bytes())?;
+        let sregs = self.vcpu.get_sregs().map_err(|e| VmError::Registers {
+            step: "KVM_GET_SREGS",
+            source: e,
+        })?;
+        self.vcpu
+            .set_sregs(&loader::long_mode_sregs(sregs))
+            .map_err(|e| VmError::Registers {
+                step: "KVM_SET_SREGS",
+                source: e,
+            })?;
+        self.vcpu
+            .set_regs(&loader::entry_regs(entry))
+            .map_err(|e| VmError::Registers {
+                step: "KVM_SET_REGS",
+                source: e,
+            })?;
+        self.backend.setup_vcpu(&self.kvm, &self.vcpu)?;
+        Ok(())
+    }
+
+    pub fn read_mailbox(&self) -> Result<Mailbox, MemoryError> {
+        Ok(Mailbox::from_bytes(
+            self.mem.slice(layout::MAILBOX_GPA, MAILBOX_BYTES as u64)?,
+        ))
+    }
+
+    /// Run the vCPU until the guest makes a hostcall the caller has to answer.
+    pub fn next_hostcall(
+        &mut self,
+        out: &mut Output,
+        watchdog: &Watchdog,
+        timeout: Duration,
+    ) -> Result<Hostcall, RunError> {
+        let mut spurious_halts = 0u32;
+        loop {
+            let exit = self.vcpu.run();
+            self.exits += 1;
+            match exit {
+                Ok(VcpuExit::IoOut(port, _)) if port == vmm_abi::HOSTCALL_PORT => {}
+                Ok(VcpuExit::Hlt) => {
+                    // After a host-side write of the PVM VIF MSR the first hlt returns at
+                    // once; the guest only halts for good after its final hostcall.
+                    spurious_halts += 1;
+                    if spurious_halts > 16 {
+                        return Err(GuestError::UnexpectedExit(
+                            "the guest halted without finishing".into(),
+                        )
+                        .into());
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::Shutdown) => return Err(GuestError::Shutdown.into()),
+                Ok(VcpuExit::IoOut(port, _)) | Ok(VcpuExit::IoIn(port, _)) => {
+                    return Err(GuestError::UnexpectedExit(format!(
+                        "port I/O to unknown port {port:#x}"
+                    ))
+                    .into())
+                }
+                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                    return Err(GuestError::UnexpectedExit(format!(
+                        "access to unbacked guest address {addr:#x}"
+                    ))
+                    .into())
+                }
+                Ok(other) => return Err(GuestError::UnexpectedExit(format!("{other:?}")).into()),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if watchdog.fired() {
+                        return Err(GuestError::Timeout(timeout).into());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(VmError::Run(e).into()),
+            }
+            let mb = self.read_mailbox()?;
+            let req =
+                vmm_abi::decode_request(&mb, self.mem.size()).map_err(GuestError::BadHostcall)?;
+            match req {
+                Request::GetFunction { buf } => return Ok(Hostcall::GetFunction { buf }),
+                Request::ReadStdin { buf } => return Ok(Hostcall::ReadStdin { buf }),
+                Request::Write { fd, data } => {
+                    out.append(fd, &self.mem, data)?;
+                    self.complete(0, 0, false)?;
+                }
+                Request::Exit {
+                    code,
+                    stdout,
+                    stderr,
+                } => {
+                    out.append(1, &self.mem, stdout)?;
+                    out.append(2, &self.mem, stderr)?;
+                    return Ok(Hostcall::Exit { code });
+                }
+                Request::Fault {
+                    vector,
+                    error_code,
+                    rip,
+                    cr2,
+                    rsp,
+                } => {
+                    let name = vmm_abi::exception_name(vector);
+                    return Err(GuestError::Fault {
+                        vector,
+                        name,
+                        error_code,
+                        rip,
+                        cr2,
+                        rsp,
+                    }
+                    .into());
+                }
+                Request::Panic { message, kind } => {
+                    let msg = String::from_utf8_lossy(self.mem.slice(message.gpa, message.len)?)
+                        .into_owned();
+                    return Err(if kind == vmm_abi::PANIC_OUT_OF_MEMORY {
+                        GuestError::OutOfMemory(msg)
+                    } else {
+                        GuestError::Panic(msg)
+                    }
+                    .into());
+                }
+                Request::Error { code: _, message } => {
+                    let msg = String::from_utf8_lossy(self.mem.slice(message.gpa, message.len)?)
+                        .into_owned();
+                    return Err(GuestError::Runtime(msg).into());
+                }
+            }
+        }
+    }
+
+    /// Answer the pending hostcall: result words, the current wall clock and, if asked,
+    /// fresh entropy for the guest's CSPRNG.
+    pub fn complete(
+        &mut self,
+        ret: u64,
+        ret2: u64,
+        fresh_entropy: bool,
+    ) -> Result<(), MemoryError> {
+        let base = layout::MAILBOX_GPA;
+        self.mem.write_u64(base + offsets::RET as u64, ret)?;
+        self.mem.write_u64(base + offsets::RET2 as u64, ret2)?;
+        if fresh_entropy {
+            let mut seed = [0u8; 32];
+            fill_random(&mut seed);
+            self.mem.write(base + offsets::ENTROPY as u64, &seed)?;
+            let gen = self.read_mailbox()?.entropy_gen.wrapping_add(1);
+            self.mem
+                .write_u64(base + offsets::ENTROPY_GEN as u64, gen)?;
+        }
+        self.mem
+            .write_u64(base + offsets::NOW_UNIX_NS as u64, unix_now_ns())?;
+        Ok(())
+    }
+}
+
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Host entropy from the kernel's CSPRNG (getrandom(2)).
+pub fn fill_random(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most buf.len()-done bytes into the tail of `buf`.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n > 0 {
+            done += n as usize;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            panic!("getrandom failed: {}", std::io::Error::last_os_error());
+        }
+    }
+}
