@@ -1,1 +1,772 @@
-//! (in progress)
+//! The guest kernel's heap allocator: a two-level segregated-fit allocator (TLSF-like)
+//! with boundary tags, O(1) allocation and free, immediate coalescing and in-place
+//! `realloc`.
+//!
+//! Plain Rust over a byte range, so the host tests run it over a `Vec<u8>`; the kernel
+//! runs it over `[HEAP_START, module_gpa)`.
+//!
+//! # Block layout
+//!
+//! Every block starts with an 8-byte header at an address `≡ 8 (mod 16)`, so payloads
+//! are 16-byte aligned. Block sizes are multiples of 16 and at least [`MIN_BLOCK`].
+//!
+//! ```text
+//! used:  [size|USED|PREV_USED] [payload ........................................]
+//! free:  [size|     PREV_USED] [next free] [prev free] [...unused...] [size footer]
+//! ```
+//!
+//! A used block has no footer: its successor's `PREV_USED` bit says so, and only a free
+//! predecessor's footer is ever read. A zero-sized, always-used sentinel header ends the
+//! heap so that coalescing stops there.
+//!
+//! # Bins
+//!
+//! Free blocks below 1 KiB sit in exact bins (one per 16 bytes); larger ones in 8
+//! sub-bins per power of two. A bitmap finds the first non-empty bin that is guaranteed
+//! to fit in O(1); if none, the one bin that may hold a fitting block is scanned, so an
+//! allocation fails only when no free block is large enough.
+//!
+//! # Placement policy (why wasm memory grows in place)
+//!
+//! A small request carved out of a much larger free block (typically the untouched
+//! "wilderness") is taken from that block's high end; a large request from its low end.
+//! So large blocks (wasm linear memories, value stacks) tend to be followed by free
+//! space, and `realloc` grows them in place by absorbing the following free block.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+const USED: usize = 1;
+const PREV_USED: usize = 2;
+const FLAGS: usize = USED | PREV_USED;
+const HDR: usize = 8;
+/// Header + two free-list links + footer.
+pub const MIN_BLOCK: usize = 32;
+const ALIGN: usize = 16;
+
+const SMALL_LIMIT: usize = 1024;
+const SMALL_BINS: usize = SMALL_LIMIT / ALIGN; // 64
+const SUB_BITS: u32 = 3;
+const SUB_BINS: usize = 1 << SUB_BITS; // 8
+const FIRST_LARGE_LOG: u32 = 10; // 1 KiB
+const NBINS: usize = SMALL_BINS + (usize::BITS - FIRST_LARGE_LOG) as usize * SUB_BINS;
+const NWORDS: usize = NBINS.div_ceil(64);
+
+/// Requests of at least this many bytes count as "large" for the placement policy.
+const LARGE_REQUEST: usize = 64 * 1024;
+/// A free block at least this much larger than a small request gives the request
+/// its high end (see the module docs).
+const SPLIT_HIGH_SLACK: usize = 1024 * 1024;
+
+/// Bin index of a free block of `size` bytes (the bin whose range contains it).
+fn bin_floor(size: usize) -> usize {
+    if size < SMALL_LIMIT {
+        size / ALIGN
+    } else {
+        let log = usize::BITS - 1 - size.leading_zeros();
+        let sub = (size >> (log - SUB_BITS)) & (SUB_BINS - 1);
+        SMALL_BINS + (log - FIRST_LARGE_LOG) as usize * SUB_BINS + sub
+    }
+}
+
+/// The first bin all of whose blocks are at least `size` bytes (may be `NBINS`).
+fn bin_ceil(size: usize) -> usize {
+    if size < SMALL_LIMIT {
+        return size.div_ceil(ALIGN);
+    }
+    let log = usize::BITS - 1 - size.leading_zeros();
+    let step = 1usize << (log - SUB_BITS);
+    if size & (step - 1) == 0 {
+        bin_floor(size)
+    } else {
+        bin_floor(size) + 1
+    }
+}
+
+/// Block size for a payload of `n` bytes, or `None` on overflow.
+fn block_size(n: usize) -> Option<usize> {
+    let s = n.checked_add(HDR + ALIGN - 1)? & !(ALIGN - 1);
+    Some(s.max(MIN_BLOCK))
+}
+
+/// The allocator state. Not thread-safe by itself; [`LockedHeap`] wraps it.
+pub struct Heap {
+    bitmap: [u64; NWORDS],
+    bins: [usize; NBINS],
+    /// First block header, sentinel header.
+    first: usize,
+    sentinel: usize,
+    used: usize,
+    size: usize,
+}
+
+impl Heap {
+    /// An empty heap (every allocation fails until [`Heap::init`]).
+    pub const fn empty() -> Self {
+        Heap {
+            bitmap: [0; NWORDS],
+            bins: [0; NBINS],
+            first: 0,
+            sentinel: 0,
+            used: 0,
+            size: 0,
+        }
+    }
+
+    /// Take over `[start, start + len)`.
+    ///
+    /// # Safety
+    /// The range must be valid, writable memory owned by this heap alone for as long as
+    /// the heap (and anything allocated from it) is used; `init` is called at most once.
+    pub unsafe fn init(&mut self, start: *mut u8, len: usize) {
+        let start = start as usize;
+        let Some(end) = start.checked_add(len) else {
+            return;
+        };
+        // First header at ≡ 8 mod 16; sentinel header ≡ 8 mod 16 with 8 bytes below end.
+        let first = (start + HDR).next_multiple_of(ALIGN) - HDR;
+        if end < first + MIN_BLOCK + 2 * HDR {
+            return;
+        }
+        let sentinel = ((end - 2 * HDR) & !(ALIGN - 1)) + HDR;
+        if sentinel < first + MIN_BLOCK {
+            return;
+        }
+        self.first = first;
+        self.sentinel = sentinel;
+        self.size = sentinel - first;
+        // SAFETY: both headers lie inside the caller's range (checked above).
+        unsafe {
+            set_word(sentinel, USED); // prev (the big block) is free
+            set_word(first, PREV_USED);
+            self.insert_free(first, sentinel - first);
+        }
+    }
+
+    /// Usable bytes managed (excluding the sentinel).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Bytes in used blocks (headers included).
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Allocate; null when no free block fits (never panics).
+    pub fn alloc(&mut self, layout: Layout) -> *mut u8 {
+        // SAFETY: the heap's invariants (every header, link and footer consistent) hold
+        // between public calls; the helpers keep them.
+        unsafe {
+            if layout.align() <= ALIGN {
+                self.alloc_small_align(layout.size())
+            } else {
+                self.alloc_aligned(layout.size(), layout.align())
+            }
+        }
+    }
+
+    /// Free a block returned by [`Heap::alloc`]/[`Heap::realloc`].
+    ///
+    /// # Safety
+    /// `p` came from this heap and was not freed yet.
+    pub unsafe fn dealloc(&mut self, p: *mut u8) {
+        // SAFETY: per the contract `p - 8` is the header of a used block of this heap.
+        unsafe {
+            let mut h = p as usize - HDR;
+            let w = word(h);
+            let mut size = w & !FLAGS;
+            self.used -= size;
+            let next = h + size;
+            let nw = word(next);
+            if nw & USED == 0 {
+                self.remove_free(next, nw & !FLAGS);
+                size += nw & !FLAGS;
+            }
+            if w & PREV_USED == 0 {
+                let psize = word(h - HDR);
+                h -= psize;
+                self.remove_free(h, psize);
+                size += psize;
+            }
+            self.insert_free(h, size);
+        }
+    }
+
+    /// Resize a block, in place when possible.
+    ///
+    /// # Safety
+    /// `p` came from this heap with `layout` and was not freed yet.
+    pub unsafe fn realloc(&mut self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let Some(need) = block_size(new_size) else {
+            return ptr::null_mut();
+        };
+        // SAFETY: per the contract `p - 8` is the header of a used block of this heap.
+        unsafe {
+            let h = p as usize - HDR;
+            let size = word(h) & !FLAGS;
+            if need <= size {
+                self.shrink(h, size, need);
+                return p;
+            }
+            let next = h + size;
+            let nw = word(next);
+            if nw & USED == 0 && size + (nw & !FLAGS) >= need {
+                let nsize = nw & !FLAGS;
+                self.remove_free(next, nsize);
+                self.used += nsize;
+                set_size_keep_flags(h, size + nsize);
+                mark_prev_used(h + size + nsize, true);
+                self.shrink(h, size + nsize, need);
+                return p;
+            }
+            let new = self.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+            if !new.is_null() {
+                ptr::copy_nonoverlapping(p, new, layout.size().min(new_size));
+                self.dealloc(p);
+            }
+            new
+        }
+    }
+
+    // --- internals --------------------------------------------------------------
+
+    unsafe fn alloc_small_align(&mut self, n: usize) -> *mut u8 {
+        let Some(need) = block_size(n) else {
+            return ptr::null_mut();
+        };
+        // SAFETY: invariants hold (see `alloc`).
+        unsafe {
+            let Some((h, size)) = self.find(need) else {
+                return ptr::null_mut();
+            };
+            self.remove_free(h, size);
+            let h = if need < LARGE_REQUEST && size - need >= SPLIT_HIGH_SLACK {
+                // Keep the low part free, hand out the high end.
+                let used = h + size - need;
+                self.insert_free(h, size - need);
+                set_word(used, need | USED); // prev (the low part) is free
+                mark_prev_used(used + need, true);
+                self.used += need;
+                used
+            } else {
+                self.take(h, size, need);
+                h
+            };
+            (h + HDR) as *mut u8
+        }
+    }
+
+    unsafe fn alloc_aligned(&mut self, n: usize, align: usize) -> *mut u8 {
+        let Some(need) = block_size(n) else {
+            return ptr::null_mut();
+        };
+        let Some(search) = need.checked_add(align + MIN_BLOCK) else {
+            return ptr::null_mut();
+        };
+        // SAFETY: invariants hold (see `alloc`).
+        unsafe {
+            let Some((h, size)) = self.find(search) else {
+                return ptr::null_mut();
+            };
+            self.remove_free(h, size);
+            let mut payload = (h + HDR).next_multiple_of(align);
+            if payload - HDR != h && payload - HDR - h < MIN_BLOCK {
+                payload = (h + HDR + MIN_BLOCK).next_multiple_of(align);
+            }
+            let nh = payload - HDR;
+            let lead = nh - h;
+            let mut rest = size;
+            let mut at = h;
+            if lead > 0 {
+                // Header of `h` keeps its PREV_USED bit; insert_free rewrites the size.
+                self.insert_free(h, lead);
+                set_word(nh, 0); // prev is free
+                at = nh;
+                rest -= lead;
+            }
+            self.take(at, rest, need);
+            payload as *mut u8
+        }
+    }
+
+    /// Mark free block `h` (already unlinked, `size` bytes) used for `need` bytes,
+    /// returning the tail to the free lists.
+    unsafe fn take(&mut self, h: usize, size: usize, need: usize) {
+        // SAFETY: `h` is an unlinked free block of `size >= need` bytes.
+        unsafe {
+            let prev = word(h) & PREV_USED;
+            if size - need >= MIN_BLOCK {
+                set_word(h, need | USED | prev);
+                set_word(h + need, PREV_USED);
+                self.insert_free(h + need, size - need);
+                self.used += need;
+            } else {
+                set_word(h, size | USED | prev);
+                mark_prev_used(h + size, true);
+                self.used += size;
+            }
+        }
+    }
+
+    /// Cut used block `h` of `size` bytes down to `need`, freeing the tail if worth it.
+    unsafe fn shrink(&mut self, h: usize, size: usize, need: usize) {
+        if size - need < MIN_BLOCK {
+            return;
+        }
+        // SAFETY: `h` is a used block of `size` bytes; the tail becomes its own block.
+        unsafe {
+            set_size_keep_flags(h, need);
+            let tail = h + need;
+            let mut tsize = size - need;
+            self.used -= tsize;
+            let next = h + size;
+            let nw = word(next);
+            if nw & USED == 0 {
+                self.remove_free(next, nw & !FLAGS);
+                tsize += nw & !FLAGS;
+            }
+            set_word(tail, PREV_USED);
+            self.insert_free(tail, tsize);
+        }
+    }
+
+    /// A free block of at least `need` bytes: (header, size).
+    fn find(&self, need: usize) -> Option<(usize, usize)> {
+        let idx = bin_ceil(need);
+        if let Some(b) = self.first_nonempty(idx) {
+            let h = self.bins[b];
+            // SAFETY: a linked free block has a valid header.
+            return Some((h, unsafe { word(h) } & !FLAGS));
+        }
+        // The bin below the guaranteed-fit one may still hold a big-enough block.
+        let b = bin_floor(need);
+        if b < idx && b < NBINS {
+            let mut h = self.bins[b];
+            while h != 0 {
+                // SAFETY: a linked free block has a valid header and link words.
+                unsafe {
+                    let s = word(h) & !FLAGS;
+                    if s >= need {
+                        return Some((h, s));
+                    }
+                    h = word(h + HDR);
+                }
+            }
+        }
+        None
+    }
+
+    fn first_nonempty(&self, from: usize) -> Option<usize> {
+        if from >= NBINS {
+            return None;
+        }
+        let mut w = from / 64;
+        let mut bits = self.bitmap[w] & (!0u64 << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
+            }
+            w += 1;
+            if w >= NWORDS {
+                return None;
+            }
+            bits = self.bitmap[w];
+        }
+    }
+
+    /// Make `h` a free block of `size` bytes (keeping its PREV_USED bit), link it and
+    /// clear its successor's PREV_USED bit.
+    unsafe fn insert_free(&mut self, h: usize, size: usize) {
+        let b = bin_floor(size);
+        // SAFETY: `h..h+size` is a block of this heap no longer in any list.
+        unsafe {
+            let prev_used = word(h) & PREV_USED;
+            set_word(h, size | prev_used);
+            set_word(h + size - HDR, size);
+            let head = self.bins[b];
+            set_word(h + HDR, head);
+            set_word(h + 2 * HDR, 0);
+            if head != 0 {
+                set_word(head + 2 * HDR, h);
+            }
+            mark_prev_used(h + size, false);
+        }
+        self.bins[b] = h;
+        self.bitmap[b / 64] |= 1 << (b % 64);
+    }
+
+    unsafe fn remove_free(&mut self, h: usize, size: usize) {
+        let b = bin_floor(size);
+        // SAFETY: `h` is a linked free block: its link words are valid.
+        unsafe {
+            let next = word(h + HDR);
+            let prev = word(h + 2 * HDR);
+            if prev != 0 {
+                set_word(prev + HDR, next);
+            } else {
+                self.bins[b] = next;
+                if next == 0 {
+                    self.bitmap[b / 64] &= !(1 << (b % 64));
+                }
+            }
+            if next != 0 {
+                set_word(next + 2 * HDR, prev);
+            }
+        }
+    }
+
+    /// Walk every block and check the invariants (tests).
+    #[cfg(test)]
+    fn check(&self) -> (usize, usize) {
+        let (mut h, mut prev_used, mut free) = (self.first, true, 0usize);
+        let mut used = 0;
+        while h != self.sentinel {
+            let w = unsafe { word(h) };
+            let size = w & !FLAGS;
+            assert!(size >= MIN_BLOCK && size % ALIGN == 0, "bad size {size}");
+            assert_eq!(w & PREV_USED != 0, prev_used, "prev_used bit at {h:#x}");
+            if w & USED == 0 {
+                assert!(prev_used, "two adjacent free blocks");
+                assert_eq!(unsafe { word(h + size - HDR) }, size, "footer");
+                let b = bin_floor(size);
+                assert!(self.bitmap[b / 64] & (1 << (b % 64)) != 0);
+                free += size;
+            } else {
+                used += size;
+            }
+            prev_used = w & USED != 0;
+            h += size;
+        }
+        assert_eq!(unsafe { word(h) } & PREV_USED != 0, prev_used);
+        assert_eq!(used, self.used);
+        // Every listed block is free and counted once.
+        let mut listed = 0;
+        for (b, &head) in self.bins.iter().enumerate() {
+            let mut x = head;
+            let mut prev = 0;
+            assert_eq!(head != 0, self.bitmap[b / 64] & (1 << (b % 64)) != 0);
+            while x != 0 {
+                let s = unsafe { word(x) } & !FLAGS;
+                assert_eq!(bin_floor(s), b);
+                assert_eq!(unsafe { word(x + 2 * HDR) }, prev);
+                listed += s;
+                prev = x;
+                x = unsafe { word(x + HDR) };
+            }
+        }
+        assert_eq!(listed, free);
+        (used, free)
+    }
+}
+
+#[inline(always)]
+unsafe fn word(a: usize) -> usize {
+    // SAFETY: callers pass 8-aligned addresses inside the heap.
+    unsafe { *(a as *const usize) }
+}
+
+#[inline(always)]
+unsafe fn set_word(a: usize, v: usize) {
+    // SAFETY: callers pass 8-aligned addresses inside the heap.
+    unsafe { *(a as *mut usize) = v }
+}
+
+#[inline(always)]
+unsafe fn set_size_keep_flags(h: usize, size: usize) {
+    // SAFETY: `h` is a block header (caller's contract).
+    unsafe { set_word(h, size | (word(h) & FLAGS)) }
+}
+
+#[inline(always)]
+unsafe fn mark_prev_used(h: usize, used: bool) {
+    // SAFETY: `h` is a block header or the sentinel (caller's contract).
+    unsafe {
+        let w = word(h);
+        set_word(h, if used { w | PREV_USED } else { w & !PREV_USED });
+    }
+}
+
+/// A [`Heap`] behind a spin lock, usable as the `#[global_allocator]`.
+pub struct LockedHeap {
+    lock: AtomicBool,
+    heap: core::cell::UnsafeCell<Heap>,
+}
+
+// SAFETY: every access to `heap` goes through `with`, which holds the spin lock.
+unsafe impl Sync for LockedHeap {}
+
+impl LockedHeap {
+    pub const fn empty() -> Self {
+        LockedHeap {
+            lock: AtomicBool::new(false),
+            heap: core::cell::UnsafeCell::new(Heap::empty()),
+        }
+    }
+
+    /// Run `f` with exclusive access to the heap.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Heap) -> R) -> R {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the lock is held, so this is the only reference.
+        let r = f(unsafe { &mut *self.heap.get() });
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+
+    /// See [`Heap::init`].
+    ///
+    /// # Safety
+    /// As for [`Heap::init`].
+    pub unsafe fn init(&self, start: *mut u8, len: usize) {
+        // SAFETY: forwarded contract.
+        self.with(|h| unsafe { h.init(start, len) })
+    }
+
+    /// (size, used) in bytes.
+    pub fn stats(&self) -> (usize, usize) {
+        self.with(|h| (h.size(), h.used()))
+    }
+}
+
+// SAFETY: `Heap` returns blocks that are disjoint, inside its range, aligned as asked
+// and at least as large as asked; null on failure.
+unsafe impl GlobalAlloc for LockedHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.with(|h| h.alloc(layout))
+    }
+    unsafe fn dealloc(&self, p: *mut u8, _layout: Layout) {
+        // SAFETY: GlobalAlloc's contract: p came from this allocator.
+        self.with(|h| unsafe { h.dealloc(p) })
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: GlobalAlloc's contract: p came from this allocator with `layout`.
+        self.with(|h| unsafe { h.realloc(p, layout, new_size) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    struct TestHeap {
+        _buf: Vec<u128>,
+        heap: Heap,
+    }
+
+    fn heap(bytes: usize) -> TestHeap {
+        let mut buf = vec![0u128; bytes / 16];
+        let mut heap = Heap::empty();
+        // The +8 skews the start to exercise the alignment fix-up.
+        unsafe { heap.init((buf.as_mut_ptr() as *mut u8).add(8), bytes - 8) };
+        TestHeap { _buf: buf, heap }
+    }
+
+    fn l(size: usize, align: usize) -> Layout {
+        Layout::from_size_align(size, align).unwrap()
+    }
+
+    #[test]
+    fn bins_are_consistent() {
+        for s in (MIN_BLOCK..1 << 22).step_by(16) {
+            let f = bin_floor(s);
+            let c = bin_ceil(s);
+            assert!(c == f || c == f + 1, "size {s}");
+            // Every block in bin c is at least s: smaller sizes map below c.
+            if s > MIN_BLOCK {
+                assert!(bin_floor(s - 16) < c, "size {s}");
+            }
+        }
+        assert!(bin_floor(usize::MAX & !15) < NBINS);
+    }
+
+    #[test]
+    fn alloc_free_roundtrip_and_alignment() {
+        let mut t = heap(1 << 20);
+        let h = &mut t.heap;
+        let total = h.check().1;
+        let mut ptrs = Vec::new();
+        for i in 0..200usize {
+            let align = [1, 8, 16, 32, 64, 4096][i % 6];
+            let size = (i * 37) % 700 + 1;
+            let p = h.alloc(l(size, align));
+            assert!(!p.is_null());
+            assert_eq!(p as usize % align.max(16), 0, "alignment {align}");
+            unsafe { ptr::write_bytes(p, i as u8, size) };
+            ptrs.push((p, size, i as u8));
+            h.check();
+        }
+        for (k, &(p, size, v)) in ptrs.iter().enumerate() {
+            let s = unsafe { core::slice::from_raw_parts(p, size) };
+            assert!(s.iter().all(|&b| b == v), "block {k} overwritten");
+        }
+        for (p, _, _) in ptrs.drain(..).rev().step_by(1) {
+            unsafe { h.dealloc(p) };
+            h.check();
+        }
+        assert_eq!(h.check(), (0, total), "everything coalesces back");
+    }
+
+    #[test]
+    fn exhaustion_returns_null() {
+        let mut t = heap(64 * 1024);
+        let h = &mut t.heap;
+        assert!(h.alloc(l(1 << 20, 8)).is_null());
+        assert!(h.alloc(l(isize::MAX as usize - 64, 8)).is_null());
+        assert!(h.alloc(l(1 << 30, 1 << 20)).is_null());
+        let mut n = 0;
+        while !h.alloc(l(1000, 8)).is_null() {
+            n += 1;
+        }
+        assert!(n >= 60, "only {n} KiB-blocks fit in 64 KiB");
+        h.check();
+        // The whole heap in one block fits exactly when empty.
+        let mut t = heap(64 * 1024);
+        let free = t.heap.check().1;
+        let p = t.heap.alloc(l(free - HDR, 16));
+        assert!(!p.is_null());
+        assert!(t.heap.alloc(l(1, 1)).is_null());
+        unsafe { t.heap.dealloc(p) };
+        assert_eq!(t.heap.check().1, free);
+    }
+
+    #[test]
+    fn realloc_grows_large_block_in_place() {
+        let mut t = heap(64 << 20);
+        let h = &mut t.heap;
+        // Some small allocations around, like a compiler would leave.
+        let small: Vec<_> = (0..100).map(|i| h.alloc(l(24 + i, 8))).collect();
+        let mut mem = h.alloc(l(1 << 20, 16));
+        unsafe { ptr::write_bytes(mem, 0xab, 1 << 20) };
+        let more: Vec<_> = (0..100).map(|i| h.alloc(l(100 + i, 8))).collect();
+        let first = mem;
+        let mut size = 1 << 20;
+        while size < 32 << 20 {
+            let new = size * 2;
+            mem = unsafe { h.realloc(mem, l(size, 16), new) };
+            assert_eq!(mem, first, "grew in place to {new}");
+            size = new;
+            h.check();
+        }
+        assert_eq!(unsafe { *mem.add((1 << 20) - 1) }, 0xab);
+        // Shrink, then free everything.
+        mem = unsafe { h.realloc(mem, l(size, 16), 4096) };
+        assert_eq!(mem, first);
+        h.check();
+        for p in small.into_iter().chain(more) {
+            unsafe { h.dealloc(p) };
+        }
+        unsafe { h.dealloc(mem) };
+        assert_eq!(h.check().0, 0);
+    }
+
+    #[test]
+    fn realloc_moves_and_keeps_contents() {
+        let mut t = heap(1 << 20);
+        let h = &mut t.heap;
+        let a = h.alloc(l(100, 8));
+        unsafe { ptr::write_bytes(a, 7, 100) };
+        let blocker = h.alloc(l(100, 8));
+        // `blocker` sits right after `a` (low end of the remaining free block).
+        let b = unsafe { h.realloc(a, l(100, 8), 5000) };
+        assert!(!b.is_null());
+        assert_ne!(a, b);
+        assert!(unsafe { core::slice::from_raw_parts(b, 100) }
+            .iter()
+            .all(|&x| x == 7));
+        h.check();
+        // Realloc failure leaves the block intact.
+        assert!(unsafe { h.realloc(b, l(5000, 8), 10 << 20) }.is_null());
+        assert_eq!(unsafe { *b.add(99) }, 7);
+        unsafe {
+            h.dealloc(b);
+            h.dealloc(blocker);
+        }
+        assert_eq!(h.check().0, 0);
+    }
+
+    #[test]
+    fn random_workload_matches_model() {
+        let mut t = heap(8 << 20);
+        let h = &mut t.heap;
+        let mut rng = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut live: Vec<(*mut u8, usize, usize, u8)> = Vec::new();
+        for step in 0..20_000 {
+            let r = next();
+            match r % 4 {
+                0 | 1 => {
+                    let size = if r % 64 == 0 {
+                        (next() % 200_000) as usize
+                    } else {
+                        (next() % 300) as usize + 1
+                    };
+                    let align = 1 << (next() % 8);
+                    let p = h.alloc(l(size, align));
+                    if !p.is_null() {
+                        assert_eq!(p as usize % align, 0);
+                        let tag = step as u8;
+                        unsafe { ptr::write_bytes(p, tag, size) };
+                        live.push((p, size, align, tag));
+                    }
+                }
+                2 if !live.is_empty() => {
+                    let i = (next() as usize) % live.len();
+                    let (p, size, _, tag) = live.swap_remove(i);
+                    assert!(unsafe { core::slice::from_raw_parts(p, size) }
+                        .iter()
+                        .all(|&b| b == tag));
+                    unsafe { h.dealloc(p) };
+                }
+                3 if !live.is_empty() => {
+                    let i = (next() as usize) % live.len();
+                    let (p, size, align, tag) = live[i];
+                    let new = (next() % 4000) as usize + 1;
+                    let q = unsafe { h.realloc(p, l(size, align), new) };
+                    if !q.is_null() {
+                        assert_eq!(q as usize % align, 0);
+                        assert!(unsafe { core::slice::from_raw_parts(q, size.min(new)) }
+                            .iter()
+                            .all(|&b| b == tag));
+                        unsafe { ptr::write_bytes(q, tag, new) };
+                        live[i] = (q, new, align, tag);
+                    }
+                }
+                _ => {}
+            }
+            if step % 500 == 0 {
+                h.check();
+            }
+        }
+        for (p, ..) in live {
+            unsafe { h.dealloc(p) };
+        }
+        assert_eq!(h.check().0, 0);
+    }
+
+    #[test]
+    fn locked_heap_as_global_alloc() {
+        let mut buf = vec![0u128; 1 << 16];
+        let g = LockedHeap::empty();
+        unsafe { g.init(buf.as_mut_ptr() as *mut u8, buf.len() * 16) };
+        let p = unsafe { GlobalAlloc::alloc(&g, l(40, 8)) };
+        assert!(!p.is_null());
+        let p = unsafe { GlobalAlloc::realloc(&g, p, l(40, 8), 400) };
+        assert!(!p.is_null());
+        assert!(g.stats().1 >= 400);
+        unsafe { GlobalAlloc::dealloc(&g, p, l(400, 8)) };
+        assert_eq!(g.stats().1, 0);
+    }
+}
