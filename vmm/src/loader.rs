@@ -20,20 +20,20 @@ pub enum LoadError {
     Memory(#[from] MemoryError),
 }
 
-fn u16_at(b: &[u8], off: usize) -> Result<u16, LoadError> {
-    b.get(off..off + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+fn bytes_at<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N], LoadError> {
+    off.checked_add(N)
+        .and_then(|end| b.get(off..end))
+        .and_then(|s| s.try_into().ok())
         .ok_or(LoadError::Malformed("header past end of file"))
+}
+fn u16_at(b: &[u8], off: usize) -> Result<u16, LoadError> {
+    bytes_at::<2>(b, off).map(u16::from_le_bytes)
 }
 fn u32_at(b: &[u8], off: usize) -> Result<u32, LoadError> {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().unwrap_or_default()))
-        .ok_or(LoadError::Malformed("header past end of file"))
+    bytes_at::<4>(b, off).map(u32::from_le_bytes)
 }
 fn u64_at(b: &[u8], off: usize) -> Result<u64, LoadError> {
-    b.get(off..off + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().unwrap_or_default()))
-        .ok_or(LoadError::Malformed("header past end of file"))
+    bytes_at::<8>(b, off).map(u64::from_le_bytes)
 }
 
 /// Load the PT_LOAD segments of `elf` at their physical addresses; returns the entry point.
@@ -62,10 +62,15 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<u64, LoadError> {
         if u32_at(elf, ph)? != 1 {
             continue; // not PT_LOAD
         }
-        let offset = u64_at(elf, ph + 8)?;
-        let paddr = u64_at(elf, ph + 24)?;
-        let filesz = u64_at(elf, ph + 32)?;
-        let memsz = u64_at(elf, ph + 40)?;
+        let field = |o: usize| {
+            ph.checked_add(o)
+                .ok_or(LoadError::Malformed("phdr offset"))
+                .and_then(|p| u64_at(elf, p))
+        };
+        let offset = field(8)?;
+        let paddr = field(24)?;
+        let filesz = field(32)?;
+        let memsz = field(40)?;
         let end = paddr
             .checked_add(memsz)
             .ok_or(LoadError::Malformed("segment size"))?;
