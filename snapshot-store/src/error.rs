@@ -1,0 +1,203 @@
+//! Error types, one per operation area. Each variant names the failing step,
+//! the path involved, and what the user can do about it.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::{PageId, TemplateName};
+
+/// A template name that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid template name {name:?}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")]
+pub struct NameError {
+    pub name: String,
+}
+
+/// Opening or creating a store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("creating store directory {path}: {source} (check permissions, or set $VMM_STORE to a writable directory)")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("no store at {path} (store.cfg missing): use Store::create_or_open to create one")]
+    NotAStore { path: PathBuf },
+    #[error("locking {path}: {source} (check permissions of the store directory)")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("reading store config {path}: {source}")]
+    ReadConfig { path: PathBuf, source: io::Error },
+    #[error("store config {path} is damaged ({reason}); the page secret is lost, so the store cannot be extended: restore store.cfg from a backup or start a new store")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("store config {path} has format version {found}, this build supports {supported}: upgrade the VMM")]
+    FutureConfig {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error("writing store config {path}: {source} (check free space and permissions)")]
+    WriteConfig { path: PathBuf, source: io::Error },
+    #[error("getting random bytes for the store secret: {0}")]
+    Random(String),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Reading pack indexes (at open, refresh, and commit).
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("listing pack directory {path}: {source}")]
+    ListPacks { path: PathBuf, source: io::Error },
+    #[error("reading pack index {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "pack index {path} is damaged: {reason}; run `verify` and restore the pack from a backup"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("pack index {path} has format version {found}, this build supports {supported}: upgrade the VMM")]
+    FutureVersion {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error("mapping pack {path}: {source}")]
+    Map { path: PathBuf, source: io::Error },
+}
+
+/// Decoding a template manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading manifest {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("manifest {path} is not a template manifest ({reason}); remove it or restore it from a backup")]
+    NotAManifest { path: PathBuf, reason: String },
+    #[error("manifest {path} has format version {found}, this build supports {supported}: upgrade the VMM to load it")]
+    FutureVersion {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error("manifest {path} is truncated or has trailing bytes (header says {expected} payload bytes, file has {found}); re-create the template")]
+    Length {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("manifest {path} checksum mismatch (stored {stored:032x}, computed {computed:032x}): the file is damaged; re-create the template")]
+    Checksum {
+        path: PathBuf,
+        stored: u128,
+        computed: u128,
+    },
+    #[error("manifest {path} payload does not decode: {source}; re-create the template")]
+    Decode {
+        path: PathBuf,
+        source: bincode::error::DecodeError,
+    },
+    #[error("manifest {path} is inconsistent: {reason}; re-create the template")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// Loading and resolving templates.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("template {name} not found (no {path}); `list` shows the available templates")]
+    NotFound { name: TemplateName, path: PathBuf },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("listing templates in {path}: {source}")]
+    List { path: PathBuf, source: io::Error },
+    #[error("template {child} is layered on {parent}, which does not exist: re-create {parent} (with the same contents) or remove {child}")]
+    MissingParent {
+        child: TemplateName,
+        parent: TemplateName,
+    },
+    #[error("template parent chain has a cycle: {}; re-create one of these templates", chain.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" -> "))]
+    ParentCycle { chain: Vec<TemplateName> },
+    #[error("template {name} has a parent chain longer than {max} layers; flatten it")]
+    TooDeep { name: TemplateName, max: usize },
+    #[error("template {child} has {child_size} bytes of guest memory but its parent {parent} has {parent_size}; layers must have the same memory size")]
+    SizeMismatch {
+        child: TemplateName,
+        child_size: u64,
+        parent: TemplateName,
+        parent_size: u64,
+    },
+    #[error("template {template} frame {frame} uses page {page} which is not in any pack index (or lies past the end of its pack); run `verify`. If another process just wrote it, call Store::refresh")]
+    PageMissing {
+        template: TemplateName,
+        frame: u64,
+        page: PageId,
+    },
+    #[error("guest memory buffer is {found} bytes but template has {expected}")]
+    BufferSize { expected: u64, found: u64 },
+}
+
+/// Writing (committing) a template.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("guest memory size {mem_size} is not a non-zero multiple of 4096 (at most 1 TiB)")]
+    BadMemSize { mem_size: u64 },
+    #[error("frame {frame} is outside guest memory ({frames} frames)")]
+    FrameOutOfRange { frame: u64, frames: u64 },
+    #[error("memory slice of {len} bytes is not a multiple of 4096")]
+    UnalignedSlice { len: usize },
+    #[error("working set frame {frame} is outside guest memory ({frames} frames)")]
+    WorkingSetOutOfRange { frame: u64, frames: u64 },
+    #[error(
+        "template {name} already exists ({path}): remove it first or use begin_template_replacing"
+    )]
+    AlreadyExists { name: TemplateName, path: PathBuf },
+    #[error("cannot layer on {parent}: {source}")]
+    Parent {
+        parent: TemplateName,
+        source: Box<LoadError>,
+    },
+    #[error("template {name} cannot be its own parent")]
+    SelfParent { name: TemplateName },
+    #[error("template {child} has {child_size} bytes of guest memory but its parent {parent} has {parent_size}; layers must have the same memory size")]
+    SizeMismatch {
+        child: TemplateName,
+        child_size: u64,
+        parent: TemplateName,
+        parent_size: u64,
+    },
+    #[error("taking the store write lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("{step} ({path}): {source}; check free space and permissions. The store stays consistent; retry the commit")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("pack {path} cannot be extended: {reason}; run `verify`")]
+    BadPack { path: PathBuf, reason: String },
+    #[cfg(test)]
+    #[error("injected failure at {0}")]
+    Injected(&'static str),
+}
+
+/// Removing a template.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("template {name} not found ({path})")]
+    NotFound { name: TemplateName, path: PathBuf },
+    #[error("template {name} cannot be removed: templates {} are layered on it; remove them first", children.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "))]
+    HasChildren {
+        name: TemplateName,
+        children: Vec<TemplateName>,
+    },
+    #[error("taking the store write lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("{step} ({path}): {source}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}

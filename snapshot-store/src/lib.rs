@@ -1,0 +1,203 @@
+//! Content-addressed, deduplicated store of guest memory snapshots ("templates").
+//!
+//! A *template* is a snapshot of a booted guest: its memory (as 4 KiB pages)
+//! plus opaque vCPU and device state bytes defined by the VMM, and the working
+//! set recorded after restore. A *function template* is a diff layered on a
+//! parent template; layers may chain (base -> runtime -> function).
+//!
+//! Every non-zero page is stored once, whatever the number of templates using
+//! it. Pages are addressed by a keyed XXH3-128 hash (the key is a random
+//! per-store secret, so outsiders cannot craft collisions); when a hash is
+//! already present the bytes are compared, and a true collision is stored
+//! apart under a different [`PageId`] (same hash, next `slot`).
+//! All-zero pages are never stored.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <store>/                                 (default: see default_store_dir())
+//! ├── store.cfg          config: magic "VMMSTCFG", major u16, minor u16,
+//! │                       secret [u8; 192] (random, from the OS), xxh3-64 of all before
+//! ├── LOCK               empty; flock()ed: exclusive by writers, shared by verify
+//! ├── tmp/               temp files of in-flight atomic writes (garbage if a writer died)
+//! ├── packs/
+//! │   ├── 0000000000000001.pack   raw 4096-byte pages, appended, never rewritten:
+//! │   │                           +--------+--------+--------+-----
+//! │   │                           | page 0 | page 1 | page 2 | ... [torn tail ignored]
+//! │   │                           +--------+--------+--------+-----
+//! │   │                           (page-aligned so it can be mmap()ed and copied from)
+//! │   └── 0000000000000001.idx    index of that pack, replaced atomically:
+//! │                               header: magic "VMMPKIDX", major u16, minor u16,
+//! │                                       pack id u64, count u64, xxh3-64(entries) u64
+//! │                               entries[count]: hash u128 LE, slot u32 LE, offset u64 LE
+//! └── templates/
+//!     └── <name>.tmpl    manifest:
+//!                        header: magic "VMMTMPL1", major u16, minor u16,
+//!                                payload length u64, xxh3-128(payload) u128 (all LE)
+//!                        payload (bincode 2, standard config, size-limited):
+//!                          name, parent: Option<name>, mem_size, created (unix ms),
+//!                          zero_runs: [(first frame, count)]      explicit zeros
+//!                          page_runs: [(first frame, [PageId])]   own pages
+//!                          vcpu_state: bytes, device_state: bytes,
+//!                          working_set: [frame] (first-touch order)
+//! ```
+//!
+//! A frame listed in neither run list inherits from the parent (or is zero
+//! when there is no parent).
+//!
+//! # Crash safety
+//!
+//! Writers hold the exclusive lock for a whole commit, which goes:
+//! append new pages to the current pack -> fsync pack -> write the pack's new
+//! index to `tmp/`, fsync, rename over the old one, fsync `packs/` -> same for
+//! the manifest into `templates/`. A writer killed at any point leaves either
+//! unindexed bytes at a pack tail (ignored; truncated by the next writer),
+//! indexed pages no manifest references, or temp files: all reported by
+//! [`Store::verify`] as [`Severity::Garbage`], never as corruption.
+//!
+//! # Example
+//!
+//! ```
+//! use snapshot_store::{Frame, Store, PAGE_SIZE};
+//! # let tmp = std::env::temp_dir().join(format!("ss-doc-{}", std::process::id()));
+//! let mut store = Store::create_or_open(&tmp)?;
+//! let mut page = [0u8; PAGE_SIZE];
+//! page[0] = 7;
+//!
+//! let mut w = store.begin_template("base", None, 16 * PAGE_SIZE as u64)?;
+//! w.put_page(3, &page)?;
+//! w.set_vcpu_state(vec![1, 2, 3]);
+//! w.commit()?;
+//!
+//! let mut w = store.begin_template("fn-hello", Some("base"), 16 * PAGE_SIZE as u64)?;
+//! page[1] = 9;
+//! w.put_page(4, &page)?;
+//! w.set_working_set(vec![4, 3]);
+//! w.commit()?;
+//!
+//! let t = store.load("fn-hello")?;
+//! let r = t.resolve(&store)?;
+//! assert!(matches!(r.frame(3), Some(Frame::Data(p)) if p[0] == 7));
+//! let mut guest = vec![0u8; r.mem_size() as usize];
+//! r.copy_to_zeroed(&mut guest)?;
+//! assert_eq!(guest[4 * PAGE_SIZE + 1], 9);
+//! assert!(store.verify().iter().all(|p| !p.is_corruption()));
+//! # std::fs::remove_dir_all(&tmp).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+mod format;
+mod store;
+#[cfg(test)]
+mod tests;
+
+pub use error::{
+    IndexError, LoadError, ManifestError, NameError, OpenError, RemoveError, WriteError,
+};
+pub use store::{
+    CommitInfo, Frame, Problem, Resolved, Severity, Stats, Store, Template, TemplateInfo,
+    TemplateStats, TemplateWriter,
+};
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Size of a guest page, the unit of deduplication.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Identity of a stored page: keyed XXH3-128 of its bytes plus a collision
+/// slot (0 unless different bytes with the same hash were already stored).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, bincode::Encode, bincode::Decode)]
+pub struct PageId {
+    hash: u128,
+    slot: u32,
+}
+
+impl PageId {
+    /// The keyed hash of the page bytes.
+    pub fn hash(&self) -> u128 {
+        self.hash
+    }
+    /// Collision slot: 0 normally, n for the (n+1)-th distinct page with this hash.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+    pub(crate) fn new(hash: u128, slot: u32) -> Self {
+        PageId { hash, slot }
+    }
+}
+
+impl fmt::Debug for PageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+impl fmt::Display for PageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}.{}", self.hash, self.slot)
+    }
+}
+
+/// Identity of a pack file (`packs/<id as 16 hex digits>.pack`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct PackId(u64);
+
+impl PackId {
+    pub fn get(self) -> u64 {
+        self.0
+    }
+    pub(crate) fn new(v: u64) -> Self {
+        PackId(v)
+    }
+}
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A validated template name: 1..=128 chars of `[A-Za-z0-9._-]`, not starting
+/// with `.` (it is used as a file name).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct TemplateName(String);
+
+impl TemplateName {
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        let ok_chars = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if name.is_empty() || name.len() > 128 || !ok_chars || name.starts_with('.') {
+            return Err(NameError {
+                name: name.to_string(),
+            });
+        }
+        Ok(TemplateName(name.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl fmt::Display for TemplateName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl AsRef<str> for TemplateName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Default store directory: `$VMM_STORE`, else `$XDG_DATA_HOME/vmm/store`,
+/// else `~/.local/share/vmm/store` (`None` if not even `$HOME` is set).
+pub fn default_store_dir() -> Option<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = nonempty("VMM_STORE") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = nonempty("XDG_DATA_HOME") {
+        return Some(PathBuf::from(d).join("vmm").join("store"));
+    }
+    nonempty("HOME").map(|h| PathBuf::from(h).join(".local/share/vmm/store"))
+}
