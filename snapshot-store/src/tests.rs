@@ -1,1 +1,771 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
+use crate::format::{self, ManifestV1};
+use crate::*;
+
+const MEM: u64 = 64 * PAGE_SIZE as u64;
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "snapshot-store-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn page(seed: u64) -> [u8; PAGE_SIZE] {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut p = [0u8; PAGE_SIZE];
+    for c in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
+fn corruptions(store: &Store) -> Vec<Problem> {
+    store
+        .verify()
+        .into_iter()
+        .filter(|p| p.is_corruption())
+        .collect()
+}
+
+fn assert_healthy(store: &Store) {
+    let c = corruptions(store);
+    assert!(c.is_empty(), "unexpected corruption: {c:#?}");
+}
+
+/// base: frames 0..10 = page(i); fn: frames 3,4 new, frame 5 zeroed.
+fn make_base_and_fn(store: &mut Store) {
+    let mut w = store.begin_template("base", None, MEM).unwrap();
+    for i in 0..10 {
+        w.put_page(i, &page(i)).unwrap();
+    }
+    w.set_vcpu_state(b"vcpu-base".to_vec());
+    w.set_device_state(b"dev-base".to_vec());
+    w.set_working_set(vec![2, 1, 0]);
+    w.commit().unwrap();
+    let mut w = store.begin_template("fn", Some("base"), MEM).unwrap();
+    w.put_page(3, &page(103)).unwrap();
+    w.put_page(4, &page(104)).unwrap();
+    w.set_zero(5).unwrap();
+    w.set_vcpu_state(b"vcpu-fn".to_vec());
+    w.set_working_set(vec![4, 3, 9]);
+    w.commit().unwrap();
+}
+
+fn check_fn(store: &mut Store) {
+    let t = store.load("fn").unwrap();
+    assert_eq!(t.parent.as_ref().map(|p| p.as_str()), Some("base"));
+    assert_eq!(t.vcpu_state, b"vcpu-fn");
+    assert_eq!(t.working_set, vec![4, 3, 9]);
+    let r = t.resolve(store).unwrap();
+    assert_eq!(r.layers().len(), 2);
+    for i in 0..64u64 {
+        let want = match i {
+            3 => Some(page(103)),
+            4 => Some(page(104)),
+            5 => None,
+            0..10 => Some(page(i)),
+            _ => None,
+        };
+        match (r.frame(i).unwrap(), want) {
+            (Frame::Zero, None) => {}
+            (Frame::Data(b), Some(w)) => assert_eq!(b, &w, "frame {i}"),
+            (got, want) => panic!("frame {i}: got {got:?}, want {:?}", want.map(|_| "data")),
+        }
+    }
+    assert!(r.frame(64).is_none());
+    let mut guest = vec![0xAAu8; MEM as usize];
+    r.copy_to(&mut guest).unwrap();
+    assert_eq!(&guest[3 * PAGE_SIZE..4 * PAGE_SIZE], &page(103)[..]);
+    assert!(guest[5 * PAGE_SIZE..6 * PAGE_SIZE].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn round_trip_with_parent() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    check_fn(&mut s);
+    let base = s.load("base").unwrap();
+    assert_eq!(base.device_state, b"dev-base");
+    assert_eq!(base.resolve(&s).unwrap().nonzero_frames(), 10);
+    // Reopen from disk.
+    drop(s);
+    let mut s = Store::open(&d.0).unwrap();
+    check_fn(&mut s);
+    let names: Vec<String> = s
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name.to_string())
+        .collect();
+    assert_eq!(names, ["base", "fn"]);
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    // Existing name is refused unless replacing.
+    let e = s
+        .begin_template("base", None, MEM)
+        .unwrap()
+        .commit()
+        .unwrap_err();
+    assert!(matches!(e, WriteError::AlreadyExists { .. }), "{e}");
+    let mut w = s.begin_template_replacing("fn", Some("base"), MEM).unwrap();
+    w.put_page(0, &page(7)).unwrap();
+    w.commit().unwrap();
+    let t = s.load("fn").unwrap();
+    assert_eq!(t.resolve(&s).unwrap().frame(3), Some(Frame::Data(&page(3))));
+}
+
+#[test]
+fn open_missing_store_and_bad_names() {
+    let d = TempDir::new();
+    assert!(matches!(
+        Store::open(&d.0),
+        Err(OpenError::NotAStore { .. })
+    ));
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    assert!(s.begin_template("../x", None, MEM).is_err());
+    assert!(s.begin_template("", None, MEM).is_err());
+    assert!(matches!(
+        s.begin_template("a", None, 100),
+        Err(WriteError::BadMemSize { .. })
+    ));
+    let e = s.begin_template("a", Some("nope"), MEM).err().unwrap();
+    assert!(e.to_string().contains("nope"), "{e}");
+    let mut w = s.begin_template("a", None, MEM).unwrap();
+    assert!(matches!(
+        w.put_page(64, &page(1)),
+        Err(WriteError::FrameOutOfRange { .. })
+    ));
+    w.set_working_set(vec![64]);
+    assert!(matches!(
+        w.commit(),
+        Err(WriteError::WorkingSetOutOfRange { .. })
+    ));
+    let e = s.load("missing").unwrap_err();
+    assert!(matches!(e, LoadError::NotFound { .. }), "{e}");
+}
+
+#[test]
+fn dedup_across_templates() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    let mut mem = vec![0u8; MEM as usize];
+    for i in 0..40 {
+        mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(&page(i as u64));
+    }
+    let mut w = s.begin_template("a", None, MEM).unwrap();
+    w.put_memory(0, &mem).unwrap();
+    let c1 = w.commit().unwrap();
+    assert_eq!(c1.new_pages, 40);
+    let packs_after_a = s.stats().unwrap().physical_bytes;
+    // Second, independent template with the same memory except one page.
+    mem[..PAGE_SIZE].copy_from_slice(&page(999));
+    let mut w = s.begin_template("b", None, MEM).unwrap();
+    w.put_memory(0, &mem).unwrap();
+    let c2 = w.commit().unwrap();
+    assert_eq!(c2.new_pages, 1);
+    assert_eq!(c2.reused_pages, 39);
+    let st = s.stats().unwrap();
+    assert_eq!(st.stored_pages, 41);
+    assert!(
+        st.physical_bytes - packs_after_a < 3 * PAGE_SIZE as u64,
+        "{st:?}"
+    );
+    assert_eq!(st.logical_nonzero_bytes, 80 * PAGE_SIZE as u64);
+    assert_eq!(st.logical_bytes, 2 * MEM);
+    let b = st
+        .templates
+        .iter()
+        .find(|t| t.name.as_str() == "b")
+        .unwrap();
+    assert_eq!(b.unique_bytes, PAGE_SIZE as u64);
+    // Duplicates inside one template are stored once too.
+    let mut w = s.begin_template("c", None, MEM).unwrap();
+    for f in 0..10 {
+        w.put_page(f, &page(5000)).unwrap();
+    }
+    assert_eq!(w.commit().unwrap().new_pages, 1);
+    assert_healthy(&s);
+}
+
+#[test]
+fn zero_pages_not_stored() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    let mut w = s.begin_template("z", None, MEM).unwrap();
+    w.put_memory(0, &vec![0u8; MEM as usize]).unwrap();
+    let c = w.commit().unwrap();
+    assert_eq!(c.new_pages, 0);
+    assert_eq!(c.info.own_pages, 0);
+    assert_eq!(s.page_count(), 0);
+    let packs: Vec<_> = fs::read_dir(d.0.join("packs")).unwrap().collect();
+    assert!(packs.is_empty());
+    let r = s.load("z").unwrap().resolve(&s).unwrap();
+    assert_eq!(r.nonzero_frames(), 0);
+    // A zero page over a parent's data frame is an explicit zero.
+    let mut w = s.begin_template("base", None, MEM).unwrap();
+    w.put_page(1, &page(1)).unwrap();
+    w.commit().unwrap();
+    let mut w = s.begin_template("child", Some("base"), MEM).unwrap();
+    w.put_page(1, &[0u8; PAGE_SIZE]).unwrap();
+    let c = w.commit().unwrap();
+    assert_eq!((c.new_pages, c.info.zero_frames), (0, 1));
+    let r = s.load("child").unwrap().resolve(&s).unwrap();
+    assert_eq!(r.frame(1), Some(Frame::Zero));
+}
+
+#[test]
+fn collision_stored_apart() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    s.force_hash = Some(0x42); // every page "hashes" the same
+    let mut w = s.begin_template("a", None, MEM).unwrap();
+    w.put_page(0, &page(1)).unwrap();
+    w.put_page(1, &page(2)).unwrap();
+    w.put_page(2, &page(1)).unwrap();
+    let c = w.commit().unwrap();
+    assert_eq!(c.new_pages, 2);
+    let t = s.load("a").unwrap();
+    let ids: Vec<PageId> = t.own_pages().map(|(_, id)| id).collect();
+    assert_eq!(ids[0].hash(), ids[1].hash());
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(ids[0], ids[2]);
+    let r = t.resolve(&s).unwrap();
+    assert_eq!(r.frame(0), Some(Frame::Data(&page(1))));
+    assert_eq!(r.frame(1), Some(Frame::Data(&page(2))));
+    // Across commits: an existing colliding page is reused, a third distinct one gets slot 2.
+    let mut w = s.begin_template("b", None, MEM).unwrap();
+    w.put_page(0, &page(2)).unwrap();
+    w.put_page(1, &page(3)).unwrap();
+    let c = w.commit().unwrap();
+    assert_eq!((c.new_pages, c.reused_pages), (1, 1));
+    let t = s.load("b").unwrap();
+    let slots: Vec<u32> = t.own_pages().map(|(_, id)| id.slot()).collect();
+    assert_eq!(slots, [1, 2]);
+    assert_eq!(t.resolve(&s).unwrap().frame(1), Some(Frame::Data(&page(3))));
+    assert_healthy(&s);
+}
+
+#[test]
+fn torn_tail_and_temp_garbage_tolerated() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    drop(s);
+    // A writer killed mid-append: one and a half unindexed pages at the tail.
+    let pack = d.0.join("packs/0000000000000001.pack");
+    let len = fs::metadata(&pack).unwrap().len();
+    let mut junk = page(77).to_vec();
+    junk.extend_from_slice(&page(78)[..2000]);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes.extend_from_slice(&junk);
+    fs::write(&pack, &bytes).unwrap();
+    fs::write(d.0.join("tmp/fn.tmpl.123.0.tmp"), b"half a manifest").unwrap();
+    fs::write(d.0.join("packs/0000000000000002.pack"), &page(5)[..100]).unwrap();
+
+    let mut s = Store::open(&d.0).unwrap();
+    let probs = s.verify();
+    assert!(probs.iter().all(|p| !p.is_corruption()), "{probs:#?}");
+    assert!(
+        probs.iter().any(|p| p.what.contains("unindexed bytes")),
+        "{probs:#?}"
+    );
+    assert!(
+        probs.iter().any(|p| p.what.contains("temp file")),
+        "{probs:#?}"
+    );
+    assert!(
+        probs.iter().any(|p| p.what.contains("no index")),
+        "{probs:#?}"
+    );
+    check_fn(&mut s);
+    // The next write reclaims the orphan pack 2 (newest) and temp files.
+    let mut w = s.begin_template("more", Some("fn"), MEM).unwrap();
+    w.put_page(20, &page(20)).unwrap();
+    w.commit().unwrap();
+    assert_eq!(fs::metadata(&pack).unwrap().len(), len + junk.len() as u64);
+    let p2 = fs::metadata(d.0.join("packs/0000000000000002.pack"))
+        .unwrap()
+        .len();
+    assert_eq!(p2, PAGE_SIZE as u64);
+    let probs = s.verify();
+    assert!(probs.iter().all(|p| !p.is_corruption()), "{probs:#?}");
+    assert!(
+        !probs.iter().any(|p| p.what.contains("temp file")),
+        "{probs:#?}"
+    );
+    check_fn(&mut s);
+    assert_eq!(
+        s.load("more").unwrap().resolve(&s).unwrap().frame(20),
+        Some(Frame::Data(&page(20)))
+    );
+}
+
+#[test]
+fn torn_tail_of_current_pack_truncated_on_next_write() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    let pack = d.0.join("packs/0000000000000001.pack");
+    let len = fs::metadata(&pack).unwrap().len();
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes.extend_from_slice(&page(1)[..1234]);
+    fs::write(&pack, &bytes).unwrap();
+    let mut w = s.begin_template("x", None, MEM).unwrap();
+    w.put_page(0, &page(4242)).unwrap();
+    w.commit().unwrap();
+    assert_eq!(fs::metadata(&pack).unwrap().len(), len + PAGE_SIZE as u64);
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+}
+
+#[test]
+fn writer_killed_at_any_step_leaves_usable_store() {
+    for step in [
+        "locked",
+        "mid-append",
+        "after-pack-sync",
+        "before-idx-rename",
+        "after-idx",
+        "before-manifest-rename",
+    ] {
+        let d = TempDir::new();
+        let mut s = Store::create_or_open(&d.0).unwrap();
+        make_base_and_fn(&mut s);
+        s.fail_at = Some(step);
+        let mut w = s.begin_template("new", Some("fn"), MEM).unwrap();
+        for i in 0..8 {
+            w.put_page(30 + i, &page(300 + i)).unwrap();
+        }
+        let e = w.commit().unwrap_err();
+        assert!(matches!(e, WriteError::Injected(_)), "{step}: {e}");
+        drop(s);
+        let mut s = Store::open(&d.0).unwrap();
+        assert_healthy(&s);
+        check_fn(&mut s);
+        assert!(
+            matches!(s.load("new"), Err(LoadError::NotFound { .. })),
+            "{step}"
+        );
+        // And the store keeps working.
+        let mut w = s.begin_template("new", Some("fn"), MEM).unwrap();
+        for i in 0..8 {
+            w.put_page(30 + i, &page(300 + i)).unwrap();
+        }
+        w.commit().unwrap();
+        let r = s.load("new").unwrap();
+        let r = r.resolve(&s).unwrap();
+        assert_eq!(r.frame(33), Some(Frame::Data(&page(303))), "{step}");
+        let probs = s.verify();
+        assert!(
+            probs.iter().all(|p| !p.is_corruption()),
+            "{step}: {probs:#?}"
+        );
+        assert!(
+            !probs.iter().any(|p| p.what.contains("unindexed")),
+            "{step}: {probs:#?}"
+        );
+    }
+}
+
+fn store_with_fixture(damage: impl FnOnce(&Path)) -> (TempDir, Store) {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    assert!(s.verify().is_empty());
+    drop(s);
+    damage(&d.0);
+    let s = Store::open(&d.0).unwrap();
+    (d, s)
+}
+
+fn expect_problem(s: &Store, needle: &str) {
+    let c = corruptions(s);
+    assert!(
+        c.iter()
+            .any(|p| p.what.contains(needle) || p.to_string().contains(needle)),
+        "no corruption mentioning {needle:?}: {c:#?}"
+    );
+    for p in &c {
+        assert!(!p.hint.is_empty());
+    }
+}
+
+fn read_manifest(dir: &Path, name: &str) -> ManifestV1 {
+    let p = dir.join(format!("templates/{name}.tmpl"));
+    format::decode_manifest(&p, &fs::read(&p).unwrap()).unwrap()
+}
+
+fn write_manifest(dir: &Path, m: &ManifestV1) {
+    fs::write(
+        dir.join(format!("templates/{}.tmpl", m.name)),
+        format::encode_manifest(m),
+    )
+    .unwrap();
+}
+
+#[test]
+fn damaged_truncated_pack() {
+    let (_d, mut s) = store_with_fixture(|d| {
+        let p = d.join("packs/0000000000000001.pack");
+        let len = fs::metadata(&p).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len - 6000)
+            .unwrap();
+    });
+    expect_problem(&s, "truncated");
+    // Resolving a template that needs the lost page fails clearly instead of faulting.
+    let t = s.load("fn").unwrap();
+    let e = t.resolve(&s).err().unwrap();
+    assert!(matches!(e, LoadError::PageMissing { .. }), "{e}");
+}
+
+#[test]
+fn damaged_flipped_bit() {
+    let (_d, s) = store_with_fixture(|d| {
+        let p = d.join("packs/0000000000000001.pack");
+        let mut b = fs::read(&p).unwrap();
+        b[5 * PAGE_SIZE + 17] ^= 0x10;
+        fs::write(&p, b).unwrap();
+    });
+    expect_problem(&s, "is damaged");
+    expect_problem(&s, "missing or damaged");
+}
+
+#[test]
+fn damaged_manifest_checksum() {
+    let (d, mut s) = store_with_fixture(|d| {
+        let p = d.join("templates/fn.tmpl");
+        let mut b = fs::read(&p).unwrap();
+        let n = b.len();
+        b[n - 3] ^= 1;
+        fs::write(&p, b).unwrap();
+    });
+    expect_problem(&s, "checksum mismatch");
+    let e = s.load("fn").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&d.0.join("templates/fn.tmpl").display().to_string()),
+        "{e}"
+    );
+}
+
+#[test]
+fn damaged_missing_parent() {
+    let (_d, mut s) =
+        store_with_fixture(|d| fs::remove_file(d.join("templates/base.tmpl")).unwrap());
+    expect_problem(&s, "parent template base does not exist");
+    let e = s.load("fn").unwrap().resolve(&s).err().unwrap();
+    assert!(matches!(e, LoadError::MissingParent { .. }), "{e}");
+}
+
+#[test]
+fn damaged_index_entry_past_end() {
+    let (_d, s) = store_with_fixture(|d| {
+        let p = d.join("packs/0000000000000001.idx");
+        let b = fs::read(&p).unwrap();
+        let mut body = b[format::IDX_HEADER..].to_vec();
+        let id = PageId::new(123, 0);
+        format::idx_entry_bytes(
+            &mut body,
+            &format::IdxEntry {
+                id,
+                offset: 1 << 30,
+            },
+        );
+        fs::write(&p, format::encode_idx(PackId::new(1), &body)).unwrap();
+    });
+    expect_problem(&s, "past the end of its pack");
+}
+
+#[test]
+fn damaged_future_format_version() {
+    let (_d, mut s) = store_with_fixture(|d| {
+        let m = read_manifest(d, "fn");
+        fs::write(
+            d.join("templates/fn.tmpl"),
+            format::encode_manifest_version(&m, 7),
+        )
+        .unwrap();
+    });
+    expect_problem(&s, "format version 7");
+    let e = s.load("fn").unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LoadError::Manifest(ManifestError::FutureVersion { found: 7, .. })
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("upgrade"), "{e}");
+}
+
+#[test]
+fn damaged_parent_cycle() {
+    let (_d, mut s) = store_with_fixture(|d| {
+        let mut m = read_manifest(d, "base");
+        m.parent = Some("fn".into());
+        write_manifest(d, &m);
+    });
+    expect_problem(&s, "cycle");
+    let e = s.load("fn").unwrap().resolve(&s).err().unwrap();
+    assert!(matches!(e, LoadError::ParentCycle { .. }), "{e}");
+    assert!(e.to_string().contains("fn -> base -> fn"), "{e}");
+}
+
+#[test]
+fn damaged_working_set_outside_ram() {
+    let (_d, s) = store_with_fixture(|d| {
+        let mut m = read_manifest(d, "fn");
+        m.working_set.push(1 << 40);
+        write_manifest(d, &m);
+    });
+    expect_problem(&s, "working set frame");
+}
+
+#[test]
+fn decoders_never_panic() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    let p = d.0.join("templates/fn.tmpl");
+    let good = fs::read(&p).unwrap();
+    let path = Path::new("x");
+    for cut in 0..good.len() {
+        assert!(format::decode_manifest(path, &good[..cut]).is_err());
+    }
+    // Valid header + checksum over hostile payloads (huge length prefixes).
+    let mut hostile: Vec<Vec<u8>> = vec![
+        vec![0xff; 64],
+        vec![0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+    ];
+    let mut x = 1u64;
+    for _ in 0..2000 {
+        let mut b = good[format::MAN_HEADER..].to_vec();
+        for _ in 0..4 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x as usize) % b.len();
+            b[i] = (x >> 32) as u8;
+        }
+        hostile.push(b);
+    }
+    for payload in hostile {
+        let mut f = good[..format::MAN_HEADER].to_vec();
+        f[12..20].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        f[20..36].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(&payload).to_le_bytes());
+        f.extend_from_slice(&payload);
+        let _ = format::decode_manifest(path, &f);
+    }
+    let idx = fs::read(d.0.join("packs/0000000000000001.idx")).unwrap();
+    for cut in 0..idx.len() {
+        let _ = format::decode_idx(path, PackId::new(1), &idx[..cut]);
+    }
+}
+
+#[test]
+fn concurrent_writers() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    let handles: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dir = d.0.clone();
+            std::thread::spawn(move || {
+                let mut s = Store::open(&dir).unwrap();
+                let mut w = s
+                    .begin_template(&format!("t{t}"), Some("base"), MEM)
+                    .unwrap();
+                for f in 10..50 {
+                    // Frames 10..30 identical across threads, the rest distinct.
+                    let seed = if f < 30 {
+                        1000 + f
+                    } else {
+                        10_000 * (t + 1) + f
+                    };
+                    w.put_page(f, &page(seed)).unwrap();
+                }
+                w.commit().unwrap()
+            })
+        })
+        .collect();
+    let infos: Vec<CommitInfo> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let new_total: u64 = infos.iter().map(|c| c.new_pages).sum();
+    assert_eq!(
+        new_total,
+        20 + 4 * 20,
+        "shared pages stored once: {infos:?}"
+    );
+    let mut s = Store::open(&d.0).unwrap();
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    for t in 0..4u64 {
+        let tpl = s.load(&format!("t{t}")).unwrap();
+        let r = tpl.resolve(&s).unwrap();
+        assert_eq!(r.frame(45), Some(Frame::Data(&page(10_000 * (t + 1) + 45))));
+        assert_eq!(r.frame(15), Some(Frame::Data(&page(1015))));
+        assert_eq!(r.frame(2), Some(Frame::Data(&page(2))));
+    }
+    assert_eq!(s.list().unwrap().len(), 6);
+}
+
+#[test]
+fn concurrent_writers_separate_processes() {
+    // Re-run this test binary as child processes writing into one store.
+    if let Ok(dir) = std::env::var("SNAPSHOT_STORE_CHILD_DIR") {
+        let t: u64 = std::env::var("SNAPSHOT_STORE_CHILD_N")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut s = Store::open(&dir).unwrap();
+        let mut w = s
+            .begin_template(&format!("p{t}"), Some("base"), MEM)
+            .unwrap();
+        for f in 10..40 {
+            w.put_page(
+                f,
+                &page(if f < 20 {
+                    7000 + f
+                } else {
+                    70_000 * (t + 1) + f
+                }),
+            )
+            .unwrap();
+        }
+        w.commit().unwrap();
+        return;
+    }
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|t| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "tests::concurrent_writers_separate_processes",
+                    "--nocapture",
+                ])
+                .env("SNAPSHOT_STORE_CHILD_DIR", &d.0)
+                .env("SNAPSHOT_STORE_CHILD_N", t.to_string())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    for t in 0..3u64 {
+        let tpl = s.load(&format!("p{t}")).unwrap();
+        let r = tpl.resolve(&s).unwrap();
+        assert_eq!(r.frame(25), Some(Frame::Data(&page(70_000 * (t + 1) + 25))));
+    }
+    assert_eq!(s.stats().unwrap().stored_pages, 10 + 2 + 10 + 3 * 20);
+}
+
+#[test]
+fn remove_refuses_with_children() {
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    make_base_and_fn(&mut s);
+    let e = s.remove("base").unwrap_err();
+    assert!(
+        matches!(&e, RemoveError::HasChildren { children, .. } if children.len() == 1),
+        "{e}"
+    );
+    assert!(e.to_string().contains("fn"), "{e}");
+    s.remove("fn").unwrap();
+    s.remove("base").unwrap();
+    assert!(matches!(
+        s.remove("base"),
+        Err(RemoveError::NotFound { .. })
+    ));
+    assert!(s.list().unwrap().is_empty());
+    let probs = s.verify();
+    assert!(probs.iter().all(|p| !p.is_corruption()));
+    assert!(
+        probs
+            .iter()
+            .any(|p| p.what.contains("referenced by no template")),
+        "{probs:#?}"
+    );
+}
+
+#[test]
+fn secret_is_random_per_store() {
+    let (a, b) = (TempDir::new(), TempDir::new());
+    let sa = Store::create_or_open(&a.0).unwrap();
+    let sb = Store::create_or_open(&b.0).unwrap();
+    assert_ne!(sa.hash_page(&page(1)), sb.hash_page(&page(1)));
+    assert_eq!(
+        sa.hash_page(&page(1)),
+        Store::open(&a.0).unwrap().hash_page(&page(1))
+    );
+}
+
+/// `cargo test -p snapshot-store --release -- --ignored --nocapture throughput`
+#[test]
+#[ignore]
+fn throughput() {
+    const N: u64 = 65536;
+    let d = TempDir::new();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    let mem_size = N * PAGE_SIZE as u64;
+    let mut mem = vec![0u8; mem_size as usize];
+    for i in 0..N as usize {
+        mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(&page(i as u64 + 1));
+    }
+    let t0 = Instant::now();
+    let mut w = s.begin_template("big", None, mem_size).unwrap();
+    w.put_memory(0, &mem).unwrap();
+    let t_put = t0.elapsed();
+    w.commit().unwrap();
+    let t_commit = t0.elapsed();
+    let t1 = Instant::now();
+    let mut w = s.begin_template("big2", None, mem_size).unwrap();
+    w.put_memory(0, &mem).unwrap();
+    w.commit().unwrap();
+    let t_dedup = t1.elapsed();
+    let t2 = Instant::now();
+    let t = s.load("big").unwrap();
+    let r = t.resolve(&s).unwrap();
+    let t_resolve = t2.elapsed();
+    let mut guest = vec![0u8; mem_size as usize];
+    r.copy_to_zeroed(&mut guest).unwrap();
+    let t_load = t2.elapsed();
+    assert!(guest == mem);
+    let t3 = Instant::now();
+    assert!(s.verify().is_empty());
+    let t_verify = t3.elapsed();
+    let mib = mem_size as f64 / (1 << 20) as f64;
+    println!(
+        "{N} pages ({mib} MiB): put+hash {t_put:?} ({:.0} MiB/s), put+commit {t_commit:?} ({:.0} MiB/s), \
+         fully-deduped template {t_dedup:?}, load+resolve {t_resolve:?}, load+resolve+copy {t_load:?} ({:.0} MiB/s), verify {t_verify:?}",
+        mib / t_put.as_secs_f64(),
+        mib / t_commit.as_secs_f64(),
+        mib / t_load.as_secs_f64()
+    );
+}
