@@ -3,7 +3,8 @@
 mod common;
 use common::*;
 
-const MARKDOWN_IN: &str = "# Hello\n\nSome *emphasis* and a [link](https://example.com).\n\n- one\n- two\n";
+const MARKDOWN_IN: &str =
+    "# Hello\n\nSome *emphasis* and a [link](https://example.com).\n\n- one\n- two\n";
 const MARKDOWN_OUT: &str = "<h1>Hello</h1>\n<p>Some <em>emphasis</em> and a <a href=\"https://example.com\">link</a>.</p>\n<ul>\n<li>one</li>\n<li>two</li>\n</ul>\n\n";
 
 #[test]
@@ -12,7 +13,12 @@ fn hello_js_prints_exact_json() {
         return;
     }
     let r = qjs_run("hello.js", &[], br#"{"name":"x"}"#);
-    assert_eq!(r.stdout(), "{\"greeting\":\"Hello, x!\",\"length\":1}\n", "stderr: {}", r.stderr());
+    assert_eq!(
+        r.stdout(),
+        "{\"greeting\":\"Hello, x!\",\"length\":1}\n",
+        "stderr: {}",
+        r.stderr()
+    );
     assert_eq!(r.code(), 0);
 }
 
@@ -33,9 +39,22 @@ fn wat_command_module_gets_stdin_and_args() {
         return;
     }
     let mut cmd = vmm();
-    cmd.args(["run", "--module", &path("examples/upper.wat"), "--arg", "first", "--arg", "-second"]);
+    cmd.args([
+        "run",
+        "--module",
+        &path("examples/upper.wat"),
+        "--arg",
+        "first",
+        "--arg",
+        "-second",
+    ]);
     let r = run_with_input(cmd, b"hello, world\n");
-    assert_eq!(r.stdout(), "HELLO, WORLD\nfirst\n-second\n", "stderr: {}", r.stderr());
+    assert_eq!(
+        r.stdout(),
+        "HELLO, WORLD\nfirst\n-second\n",
+        "stderr: {}",
+        r.stderr()
+    );
     assert_eq!(r.code(), 0);
 }
 
@@ -52,15 +71,26 @@ fn stats_json_reports_every_phase() {
     assert_eq!(v["stdout"], "ABC");
     let stats = &v["stats"];
     for key in ["vm_create_ms", "compile_ms", "function_ms", "total_ms"] {
-        assert!(stats[key].as_f64().unwrap() > 0.0, "{key} missing in {stats}");
+        assert!(
+            stats[key].as_f64().unwrap() > 0.0,
+            "{key} missing in {stats}"
+        );
     }
     assert!(stats["exits"].as_u64().unwrap() >= 3, "{stats}");
 }
 
 fn assert_clean_failure(r: &Run, expect_in_stderr: &str) {
     assert_ne!(r.code(), 0, "must fail; stderr: {}", r.stderr());
-    assert!(r.stderr().contains(expect_in_stderr), "stderr should mention {expect_in_stderr:?}: {}", r.stderr());
-    assert!(!r.stderr().contains("panicked"), "the VMM must not panic: {}", r.stderr());
+    assert!(
+        r.stderr().contains(expect_in_stderr),
+        "stderr should mention {expect_in_stderr:?}: {}",
+        r.stderr()
+    );
+    assert!(
+        !r.stderr().contains("panicked"),
+        "the VMM must not panic: {}",
+        r.stderr()
+    );
 }
 
 #[test]
@@ -81,7 +111,13 @@ fn hostile_missing_file() {
         return;
     }
     let mut cmd = vmm();
-    cmd.args(["run", "--module", &path("examples/upper.wat"), "--file", "/nonexistent/x.js"]);
+    cmd.args([
+        "run",
+        "--module",
+        &path("examples/upper.wat"),
+        "--file",
+        "/nonexistent/x.js",
+    ]);
     let r = run_with_input(cmd, b"");
     assert_clean_failure(&r, "/nonexistent/x.js");
     let mut cmd = vmm();
@@ -109,7 +145,11 @@ fn hostile_guest_traps() {
     cmd.args(["run", "--module", &path("tests/guests/trap.wat")]);
     let r = run_with_input(cmd, b"");
     assert_clean_failure(&r, "trap");
-    assert_eq!(r.stdout(), "before the trap\n", "output written before the trap is kept");
+    assert_eq!(
+        r.stdout(),
+        "before the trap\n",
+        "output written before the trap is kept"
+    );
 }
 
 #[test]
@@ -118,11 +158,21 @@ fn hostile_guest_loops_forever() {
         return;
     }
     let mut cmd = vmm();
-    cmd.args(["run", "--module", &path("tests/guests/loop.wat"), "--timeout", "1"]);
+    cmd.args([
+        "run",
+        "--module",
+        &path("tests/guests/loop.wat"),
+        "--timeout",
+        "1",
+    ]);
     let r = run_with_input(cmd, b"");
     assert_clean_failure(&r, "timeout");
     assert_eq!(r.code(), 124);
-    assert!(r.elapsed.as_secs() < 20, "stopped long after the timeout: {:?}", r.elapsed);
+    assert!(
+        r.elapsed.as_secs() < 20,
+        "stopped long after the timeout: {:?}",
+        r.elapsed
+    );
 }
 
 #[test]
@@ -136,13 +186,23 @@ fn hostile_mailbox_lengths_and_ops() {
         ("tests/guests/mailbox_op.wat", "unknown hostcall op"),
     ] {
         let mut cmd = vmm();
-        cmd.env("VMM_TEST_HOSTCALLS", "1").args(["run", "--module", &path(guest), "--timeout", "10"]);
+        cmd.env("VMM_TEST_HOSTCALLS", "1").args([
+            "run",
+            "--module",
+            &path(guest),
+            "--timeout",
+            "10",
+        ]);
         let r = run_with_input(cmd, b"");
         assert_clean_failure(&r, expect);
         assert!(r.stderr().contains("malformed hostcall"), "{}", r.stderr());
     }
     // Without the test switch the raw hostcall import does not exist at all.
     let mut cmd = vmm();
-    cmd.env_remove("VMM_TEST_HOSTCALLS").args(["run", "--module", &path("tests/guests/mailbox.wat")]);
+    cmd.env_remove("VMM_TEST_HOSTCALLS").args([
+        "run",
+        "--module",
+        &path("tests/guests/mailbox.wat"),
+    ]);
     assert_clean_failure(&run_with_input(cmd, b""), "vmm_test");
 }

@@ -4,7 +4,9 @@
 pub mod cli;
 pub mod loader;
 pub mod memory;
+pub mod persist;
 pub mod platform;
 pub mod run;
+pub mod uffd;
 pub mod vm;
 pub mod watchdog;
