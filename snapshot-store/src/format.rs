@@ -139,7 +139,7 @@ pub fn decode_idx(path: &Path, pack: PackId, b: &[u8]) -> Result<Vec<IdxEntry>, 
         h.copy_from_slice(&c[..16]);
         let slot = u32::from_le_bytes([c[16], c[17], c[18], c[19]]);
         let offset = le_u64(c, 20);
-        if offset % PAGE_SIZE as u64 != 0 {
+        if !offset.is_multiple_of(PAGE_SIZE as u64) {
             return Err(corrupt(format!(
                 "entry offset {offset} is not page aligned"
             )));
@@ -199,6 +199,11 @@ pub fn encode_manifest_version(m: &ManifestV1, major: u16) -> Vec<u8> {
     v
 }
 
+/// A newer minor version may append payload fields this build ignores.
+fn newer_minor(minor: u16) -> bool {
+    minor > MAN_MINOR
+}
+
 pub fn decode_manifest(path: &Path, b: &[u8]) -> Result<ManifestV1, ManifestError> {
     let p = || path.to_path_buf();
     if b.len() < MAN_HEADER || &b[..8] != MAN_MAGIC {
@@ -239,7 +244,7 @@ pub fn decode_manifest(path: &Path, b: &[u8]) -> Result<ManifestV1, ManifestErro
     let (m, used): (ManifestV1, usize) = bincode::decode_from_slice(payload, bincode_cfg())
         .map_err(|source| ManifestError::Decode { path: p(), source })?;
     // A newer minor version may append fields; an equal/older one may not.
-    if used != payload.len() && minor <= MAN_MINOR {
+    if used != payload.len() && !newer_minor(minor) {
         return Err(ManifestError::Invalid {
             path: p(),
             reason: format!("{} trailing payload bytes", payload.len() - used),
@@ -259,7 +264,7 @@ pub fn validate_manifest(path: &Path, m: &ManifestV1) -> Result<(), ManifestErro
     if let Some(parent) = &m.parent {
         TemplateName::new(parent).map_err(|e| bad(format!("parent: {e}")))?;
     }
-    if m.mem_size == 0 || m.mem_size % PAGE_SIZE as u64 != 0 || m.mem_size > MAX_MEM {
+    if m.mem_size == 0 || !m.mem_size.is_multiple_of(PAGE_SIZE as u64) || m.mem_size > MAX_MEM {
         return Err(bad(format!(
             "guest memory size {} is not a valid multiple of 4096",
             m.mem_size

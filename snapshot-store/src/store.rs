@@ -415,7 +415,7 @@ impl Store {
     ) -> Result<TemplateWriter<'_>, WriteError> {
         let name = TemplateName::new(name)?;
         let parent = parent.map(TemplateName::new).transpose()?;
-        if mem_size == 0 || mem_size % PAGE != 0 || mem_size > format::MAX_MEM {
+        if mem_size == 0 || !mem_size.is_multiple_of(PAGE) || mem_size > format::MAX_MEM {
             return Err(WriteError::BadMemSize { mem_size });
         }
         if let Some(p) = &parent {
@@ -1124,7 +1124,7 @@ impl TemplateWriter<'_> {
     /// Records consecutive frames from a page-aligned slice of guest memory
     /// starting at `first_frame` (e.g. the whole guest RAM for a base template).
     pub fn put_memory(&mut self, first_frame: u64, mem: &[u8]) -> Result<(), WriteError> {
-        if mem.len() % PAGE_SIZE != 0 {
+        if !mem.len().is_multiple_of(PAGE_SIZE) {
             return Err(WriteError::UnalignedSlice { len: mem.len() });
         }
         for (i, chunk) in mem.chunks_exact(PAGE_SIZE).enumerate() {
@@ -1349,13 +1349,14 @@ impl Store {
         {
             let mut w = BufWriter::with_capacity(1 << 20, &mut f);
             for (k, (_, i)) in new_pages.iter().enumerate() {
-                if k == new_pages.len() / 2 && self.fail("mid-append").is_err() {
-                    w.flush().map_err(io_err("appending pages", &ppath))?;
-                    // Leave a torn half page behind, like a killed writer would.
-                    w.write_all(&page(*i)[..PAGE_SIZE / 2])
-                        .map_err(io_err("appending pages", &ppath))?;
-                    w.flush().map_err(io_err("appending pages", &ppath))?;
-                    return Err(self.fail("mid-append").unwrap_err());
+                if k == new_pages.len() / 2 {
+                    if let Err(e) = self.fail("mid-append") {
+                        // Leave a torn half page behind, like a killed writer would.
+                        w.write_all(&page(*i)[..PAGE_SIZE / 2])
+                            .map_err(io_err("appending pages", &ppath))?;
+                        w.flush().map_err(io_err("appending pages", &ppath))?;
+                        return Err(e);
+                    }
                 }
                 w.write_all(page(*i))
                     .map_err(io_err("appending pages", &ppath))?;
