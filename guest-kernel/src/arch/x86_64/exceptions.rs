@@ -1,0 +1,75 @@
+//! CPU exception entry stubs and the reporting handler.
+//!
+//! Every one of the 32 exception vectors has a stub that pushes a zero error code when
+//! the CPU does not push one, then the vector number, and jumps to a common path that
+//! calls [`exception_handler`] with a pointer to the frame. The handler reports vector,
+//! error code, RIP, CR2 and the interrupted RSP to the VMM (`Op::Fault`) and halts:
+//! a fault in the kernel is never recoverable.
+
+use vmm_abi::Op;
+
+use super::{halt_forever, hostcall, read_cr2};
+
+/// What the stubs leave on the stack, lowest address first.
+#[repr(C)]
+pub struct ExceptionFrame {
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+core::arch::global_asm!(
+    ".section .text.exceptions, \"ax\"",
+    // Vectors without a CPU-pushed error code.
+    ".irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
+    "exception_stub_\\n:",
+    "    push 0",
+    "    push \\n",
+    "    jmp exception_common",
+    ".endr",
+    // Vectors with an error code.
+    ".irp n, 8,10,11,12,13,14,17,21,29,30",
+    "exception_stub_\\n:",
+    "    push \\n",
+    "    jmp exception_common",
+    ".endr",
+    "exception_common:",
+    "    cld",
+    "    mov rdi, rsp",
+    "    and rsp, -16",
+    "    call {handler}",
+    "    ud2",
+    ".section .rodata.exception_stubs, \"a\"",
+    ".balign 8",
+    ".global exception_stub_table",
+    "exception_stub_table:",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "    .quad exception_stub_\\n",
+    ".endr",
+    ".text",
+    handler = sym exception_handler,
+);
+
+extern "C" {
+    static exception_stub_table: [u64; 32];
+}
+
+/// Entry addresses of the 32 exception stubs, by vector.
+pub fn stub_addresses() -> [u64; 32] {
+    // SAFETY: the table is defined above as 32 quads of stub addresses, never written.
+    unsafe { exception_stub_table }
+}
+
+/// Report the exception to the VMM and stop.
+extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
+    let cr2 = read_cr2();
+    hostcall::raw(
+        Op::Fault as u64,
+        &[frame.vector, frame.error_code, frame.rip, cr2, frame.rsp],
+    );
+    halt_forever()
+}
