@@ -428,7 +428,7 @@ impl Store {
             replace,
             mem_size,
             frames: BTreeMap::new(),
-            pending: Vec::new(),
+            pending: PageBuf::default(),
             pending_hash: Vec::new(),
             pending_map: IdMap::default(),
             vcpu_state: Vec::new(),
@@ -1035,6 +1035,32 @@ impl Store {
 
 // ---------------------------------------------------------------- writer
 
+/// Append-only page buffer in fixed 4 MiB chunks (no realloc copies).
+#[derive(Default)]
+struct PageBuf {
+    chunks: Vec<Vec<u8>>,
+}
+const CHUNK_PAGES: usize = 1024;
+impl PageBuf {
+    fn push(&mut self, page: &[u8; PAGE_SIZE]) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK_PAGES * PAGE_SIZE => c.extend_from_slice(page),
+            _ => {
+                let mut c = Vec::with_capacity(CHUNK_PAGES * PAGE_SIZE);
+                c.extend_from_slice(page);
+                self.chunks.push(c);
+            }
+        }
+    }
+    fn get(&self, i: u32) -> &[u8] {
+        let (c, o) = (
+            i as usize / CHUNK_PAGES,
+            i as usize % CHUNK_PAGES * PAGE_SIZE,
+        );
+        &self.chunks[c][o..o + PAGE_SIZE]
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Slot {
     Zero,
@@ -1051,7 +1077,7 @@ pub struct TemplateWriter<'a> {
     replace: bool,
     mem_size: u64,
     frames: BTreeMap<u64, Slot>,
-    pending: Vec<u8>,
+    pending: PageBuf,
     pending_hash: Vec<u128>,
     pending_map: IdMap<u32>,
     vcpu_state: Vec<u8>,
@@ -1085,8 +1111,7 @@ impl TemplateWriter<'_> {
     }
 
     fn pending_page(&self, i: u32) -> &[u8] {
-        let s = i as usize * PAGE_SIZE;
-        &self.pending[s..s + PAGE_SIZE]
+        self.pending.get(i)
     }
 
     /// Records the contents of guest frame `frame`. All-zero pages are recorded as Zero.
@@ -1114,7 +1139,7 @@ impl TemplateWriter<'_> {
             ls += 1;
         }
         let i = self.pending_hash.len() as u32;
-        self.pending.extend_from_slice(bytes);
+        self.pending.push(bytes);
         self.pending_hash.push(h);
         self.pending_map.insert(PageId::new(h, ls), i);
         self.frames.insert(frame, Slot::Pending(i));
@@ -1174,7 +1199,7 @@ impl TemplateWriter<'_> {
             device_state,
             working_set,
         } = self;
-        let page = |i: u32| &pending[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE];
+        let page = |i: u32| pending.get(i);
 
         let lock_path = store.dir.join("LOCK");
         let _lock = take_lock(&store.dir, true).map_err(|source| WriteError::Lock {
