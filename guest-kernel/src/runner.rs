@@ -126,13 +126,13 @@ pub fn run<H: Host>(
 
     // The function: config, then run it.
     let blob = store.data_mut().host.get_function();
-    let config =
-        vmm_abi::FunctionConfig::decode(&blob).map_err(|e| err(ERR_CONFIG, e.to_string()))?;
-    store
-        .data_mut()
-        .wasi
-        .configure(&config)
-        .map_err(|e| err(ERR_CONFIG, e.to_string()))?;
+    let config = match vmm_abi::FunctionConfig::decode(&blob) {
+        Ok(c) => c,
+        Err(e) => return Err(fail(&mut store, ERR_CONFIG, e.to_string())),
+    };
+    if let Err(e) = store.data_mut().wasi.configure(&config) {
+        return Err(fail(&mut store, ERR_CONFIG, e.to_string()));
+    }
 
     store.data_mut().host.mark(Phase::FunctionStart);
     let outcome = match &start {

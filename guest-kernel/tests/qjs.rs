@@ -142,7 +142,28 @@ fn math_random_and_date() {
         "Date.now() comes from the realtime clock: {now}"
     );
     eprintln!(
-        "Math.random: {a} {b}; clock calls {}, entropy calls {}",
-        host.clock_calls, host.entropy_calls
+        "Math.random: {a} {b}; clocks read {:?}, clock calls at marks {:?}, entropy calls {}",
+        host.clock_log, host.clock_calls_at_mark, host.entropy_calls
     );
+}
+
+#[test]
+fn math_random_seed_depends_on_the_clock_read_after_the_snapshot() {
+    // Same clock readings -> same Math.random sequence (QuickJS seeds its xorshift from
+    // clock_time_get, not random_get). What matters for snapshots: the seeding read
+    // happens after get_function (the runtime base snapshot), so restored runs differ.
+    let script: &[u8] = b"print(Math.random());";
+    let (h1, o1) = run_js("r.js", script, &[], b"");
+    let (h2, o2) = run_js("r.js", script, &[], b"");
+    assert_eq!(all_stdout(&h1, &o1), all_stdout(&h2, &o2));
+    eprintln!(
+        "clocks read {:?} at marks {:?}",
+        h1.clock_log, h1.clock_calls_at_mark
+    );
+    let at_runtime_init = h1.clock_calls_at_mark[2];
+    assert_eq!(
+        at_runtime_init, 0,
+        "no clock read before the runtime snapshot"
+    );
+    assert!(h1.clock_calls > 0);
 }

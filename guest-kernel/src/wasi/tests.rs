@@ -519,3 +519,70 @@ fn tree_conflicts() {
     assert_eq!(t.insert(b"a", b""), Err(TreeError::Conflict));
     assert_eq!(t.insert(b"../x", b""), Err(TreeError::BadPath));
 }
+
+#[test]
+fn hostile_arguments_never_panic() {
+    // xorshift: every function with arbitrary pointers/lengths over a small memory.
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut w = ctx();
+    let mut h = H {
+        stdin: vec![7u8; 100],
+        ..Default::default()
+    };
+    let mut m = vec![0u8; 4096];
+    for round in 0..20_000u32 {
+        let mut a = [0u32; 10];
+        for x in a.iter_mut() {
+            let r = next();
+            // mix in-range, edge and wild values
+            *x = match r % 4 {
+                0 => (r >> 8) as u32 % 4200,
+                1 => u32::MAX - ((r >> 8) as u32 % 64),
+                2 => (r >> 8) as u32 % 8,
+                _ => (r >> 8) as u32,
+            };
+        }
+        // Sprinkle plausible structures in memory.
+        let p = (next() % 4000) as usize;
+        m[p..p + 8].copy_from_slice(&next().to_le_bytes());
+        let _ = match round % 20 {
+            0 => w.args_get(&mut m, a[0], a[1]),
+            1 => w.environ_sizes_get(&mut m, a[0], a[1]),
+            2 => w.clock_time_get(&mut h, &mut m, a[0] % 5, 0, a[1]),
+            3 => w.random_get(&mut h, &mut m, a[0], a[1] % 8192),
+            4 => w.fd_read(&mut h, &mut m, a[0] % 8, a[1], a[2], a[3]),
+            5 => w.fd_pread(&mut m, a[0] % 8, a[1], a[2], a[3] as u64, a[4]),
+            6 => w.fd_write(&mut h, &mut m, a[0] % 8, a[1], a[2], a[3]),
+            7 => w.fd_seek(&mut m, a[0] % 8, a[1] as i32 as i64, (a[2] % 4) as u8, a[3]),
+            8 => w.fd_tell(&mut m, a[0] % 8, a[1]),
+            9 => w.fd_fdstat_get(&mut m, a[0] % 8, a[1]),
+            10 => w.fd_prestat_dir_name(&mut m, a[0] % 8, a[1], a[2]),
+            11 => w.fd_filestat_get(&mut m, a[0] % 8, a[1]),
+            12 => w.fd_readdir(&mut m, a[0] % 8, a[1], a[2], a[3] as u64, a[4]),
+            13 => w.path_open(
+                &mut m,
+                a[0] % 8,
+                0,
+                a[1],
+                a[2],
+                a[3] as u16,
+                a[4] as u64,
+                a[5] as u64,
+                a[6] as u16,
+                a[7],
+            ),
+            14 => w.path_filestat_get(&mut m, a[0] % 8, 0, a[1], a[2], a[3]),
+            15 => w.poll_oneoff(&mut h, &mut m, a[0], a[1], a[2] % 8, a[3]),
+            16 => w.fd_close(a[0] % 8),
+            17 => w.fd_renumber(a[0] % 8, a[1] % 8),
+            18 => w.path_readlink(&mut m, a[0] % 8, a[1], a[2]),
+            _ => w.fd_prestat_get(&mut m, a[0] % 8, a[1]),
+        };
+    }
+}

@@ -24,6 +24,10 @@ pub struct TestHost {
     pub entropy_calls: usize,
     pub raw: Vec<(u64, [u64; 4])>,
     pub get_function_calls: usize,
+    /// `clock_calls` when each phase was marked.
+    pub clock_calls_at_mark: Vec<usize>,
+    /// Which clocks were read, in order: 'R' realtime, 'M' monotonic.
+    pub clock_log: String,
 }
 
 impl TestHost {
@@ -51,11 +55,13 @@ impl TestHost {
 impl Host for TestHost {
     fn now_unix_ns(&mut self) -> u64 {
         self.clock_calls += 1;
+        self.clock_log.push('R');
         self.clock += 1000;
         1_700_000_000_000_000_000 + self.clock
     }
     fn monotonic_ns(&mut self) -> u64 {
         self.clock_calls += 1;
+        self.clock_log.push('M');
         self.clock += 1000;
         self.clock
     }
@@ -88,6 +94,7 @@ impl Host for TestHost {
     }
     fn mark(&mut self, phase: Phase) {
         self.marks.push(phase);
+        self.clock_calls_at_mark.push(self.clock_calls);
     }
     fn raw_hostcall(&mut self, op: u64, args: [u64; 4]) -> Option<u64> {
         self.raw.push((op, args));
