@@ -130,6 +130,8 @@ pub enum LoadError {
     },
     #[error("guest memory buffer is {found} bytes but template has {expected}")]
     BufferSize { expected: u64, found: u64 },
+    #[error(transparent)]
+    Index(#[from] IndexError),
 }
 
 /// Writing (committing) a template.

@@ -489,12 +489,7 @@ impl Store {
     pub fn load(&mut self, name: &str) -> Result<Template, LoadError> {
         let name = TemplateName::new(name)?;
         let t = self.read_template(&name)?;
-        self.refresh().map_err(|e| {
-            LoadError::Manifest(ManifestError::Invalid {
-                path: self.packs_dir(),
-                reason: e.to_string(),
-            })
-        })?;
+        self.refresh()?;
         Ok(t)
     }
 
