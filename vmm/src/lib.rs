@@ -7,6 +7,7 @@ pub mod memory;
 pub mod persist;
 pub mod platform;
 pub mod run;
+pub mod snapshot;
 pub mod uffd;
 pub mod vm;
 pub mod watchdog;

@@ -89,6 +89,15 @@ impl Backend {
         }
     }
 
+    /// Prepare a freshly created vCPU for a restore: the saved MSRs (including PVM's VIF)
+    /// come from the snapshot; hardware KVM needs its CPUID table first.
+    pub fn prepare_restore(self, kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), PlatformError> {
+        match self {
+            Backend::Pvm => Ok(()),
+            Backend::Hardware => self.setup_vcpu(kvm, vcpu),
+        }
+    }
+
     /// MSRs that are not in KVM's index list but are part of a vCPU's state here.
     pub fn extra_msrs(self) -> &'static [u32] {
         match self {

@@ -205,19 +205,47 @@ pub fn boot_vm(module: &[u8], runtime: RuntimeKind, limits: &RunLimits) -> Resul
     Ok(vm)
 }
 
-/// Serve hostcalls until the guest exits. `stdin` is the whole request.
-pub fn serve(
+/// What to do after a hostcall was handled.
+pub enum Next {
+    Continue,
+    Stop,
+}
+
+/// Run the vCPU and hand each hostcall to `on`, starting with `first` (a hostcall the
+/// guest was already stopped at, e.g. in a restored template) if given, until `on` says
+/// stop or the guest exits. Returns the hostcall it stopped at. The watchdog covers it all.
+pub fn drive(
     vm: &mut Vm,
-    config: &[u8],
-    stdin: &[u8],
+    first: Option<Hostcall>,
     out: &mut Output,
     limits: &RunLimits,
-) -> Result<i32, RunError> {
+    mut on: impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError>,
+) -> Result<Hostcall, RunError> {
     let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
     let watchdog = Watchdog::start(limits.timeout, run_ptr);
-    let mut stdin_pos = 0usize;
+    let mut pending = first;
     loop {
-        match vm.next_hostcall(out, &watchdog, limits.timeout)? {
+        let call = match pending.take() {
+            Some(c) => c,
+            None => vm.next_hostcall(out, &watchdog, limits.timeout)?,
+        };
+        if let Hostcall::Exit { .. } = call {
+            return Ok(call);
+        }
+        if let Next::Stop = on(vm, &call)? {
+            return Ok(call);
+        }
+    }
+}
+
+/// A hostcall handler that answers GetFunction with `config` and ReadStdin from `stdin`.
+pub fn serve_function<'a>(
+    config: &'a [u8],
+    stdin: &'a [u8],
+) -> impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError> + 'a {
+    let mut pos = 0usize;
+    move |vm, call| {
+        match *call {
             Hostcall::GetFunction { buf } => {
                 if config.len() as u64 <= buf.len {
                     vm.mem.write(buf.gpa, config)?;
@@ -225,13 +253,29 @@ pub fn serve(
                 vm.complete(config.len() as u64, 0, true)?;
             }
             Hostcall::ReadStdin { buf } => {
-                let n = (stdin.len() - stdin_pos).min(buf.len as usize);
-                vm.mem.write(buf.gpa, &stdin[stdin_pos..stdin_pos + n])?;
-                stdin_pos += n;
-                vm.complete(n as u64, (stdin_pos == stdin.len()) as u64, true)?;
+                let n = (stdin.len() - pos).min(buf.len as usize);
+                vm.mem.write(buf.gpa, &stdin[pos..pos + n])?;
+                pos += n;
+                vm.complete(n as u64, (pos == stdin.len()) as u64, true)?;
             }
-            Hostcall::Exit { code } => return Ok(code),
+            Hostcall::Exit { .. } => return Ok(Next::Stop),
         }
+        Ok(Next::Continue)
+    }
+}
+
+/// Serve hostcalls until the guest exits; returns its exit code.
+pub fn serve_from(
+    vm: &mut Vm,
+    first: Option<Hostcall>,
+    config: &[u8],
+    stdin: &[u8],
+    out: &mut Output,
+    limits: &RunLimits,
+) -> Result<i32, RunError> {
+    match drive(vm, first, out, limits, serve_function(config, stdin))? {
+        Hostcall::Exit { code } => Ok(code),
+        other => Err(GuestError::UnexpectedExit(format!("stopped at {other:?}")).into()),
     }
 }
 
@@ -256,7 +300,7 @@ pub fn run_cold(spec: &FunctionSpec, stdin: &[u8], limits: &RunLimits) -> RunRep
     stats.backend = format!("{:?}", vm.backend).to_lowercase();
     stats.vm_create_ms = ms(t0.elapsed());
     let mut out = Output::new(limits.max_output);
-    let result = serve(&mut vm, &spec.config_blob(), stdin, &mut out, limits);
+    let result = serve_from(&mut vm, None, &spec.config_blob(), stdin, &mut out, limits);
     stats.total_ms = ms(t0.elapsed());
     stats.exits = vm.exits;
     if let Ok(mb) = vm.read_mailbox() {

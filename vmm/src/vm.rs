@@ -296,6 +296,20 @@ impl Vm {
         }
     }
 
+    /// Complete the I/O of the exit the vCPU is stopped at (KVM finishes an `out` only at
+    /// the next KVM_RUN), so that its registers can be saved: one KVM_RUN with
+    /// `immediate_exit` set, which returns EINTR without running guest code.
+    pub fn settle(&mut self) -> Result<(), VmError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = self.vcpu.run().map(|_| ());
+        self.vcpu.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) => Err(VmError::Run(e)),
+        }
+    }
+
     /// Answer the pending hostcall: result words, the current wall clock and, if asked,
     /// fresh entropy for the guest's CSPRNG.
     pub fn complete(

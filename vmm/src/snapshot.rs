@@ -1,0 +1,632 @@
+//! Templates: snapshots taken where the guest waits, stored as page diffs in the
+//! content-addressed store, and restored into a fresh VM.
+//!
+//! * A **runtime base** is taken at the guest's `GetFunction` hostcall: kernel booted,
+//!   module compiled and instantiated, runtime initialised.
+//! * A **function template** is taken at the function's first `ReadStdin` hostcall, as a
+//!   diff against its parent: only frames whose bytes differ from the parent's are stored
+//!   (found by comparing against the parent's pages; frames the host never made resident
+//!   are zero). Dirty logging would miss the VMM's own writes into guest memory and the
+//!   comparison costs a few ms for the ~10k resident pages of a QuickJS guest.
+//! * Restore fills guest RAM with one of several strategies, applies the vCPU state,
+//!   writes the request where the guest's pending `ReadStdin` expects it, and resumes.
+
+use crate::memory::GuestMemory;
+use crate::persist::{PersistError, VcpuState};
+use crate::run::{self, boot_vm, ms, FunctionSpec, RunLimits, RunReport, RuntimeKind, Stats};
+use crate::uffd::{Uffd, UffdError};
+use crate::vm::{GuestError, Hostcall, Output, RunError, Vm, VmError};
+use snapshot_store::{Frame, Resolved, Store, PAGE_SIZE};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+use vmm_abi::{layout, GuestRange, Op};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const DEVICE_STATE_VERSION: u32 = 1;
+
+/// What the guest was waiting for when the template was taken, and how it was set up.
+#[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
+pub struct DeviceState {
+    pub version: u32,
+    /// `Op::GetFunction` (runtime base) or `Op::ReadStdin` (function template).
+    pub pending_op: u64,
+    pub buf_gpa: u64,
+    pub buf_len: u64,
+    pub runtime: String,
+    pub module_name: String,
+    /// The function's arguments (empty for a runtime base), for `template ls`.
+    pub args: Vec<String>,
+}
+
+impl DeviceState {
+    fn encode(&self) -> Vec<u8> {
+        bincode::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
+    }
+    fn decode(b: &[u8]) -> Result<Self, TemplateError> {
+        let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+        let (d, used): (DeviceState, usize) = bincode::decode_from_slice(b, cfg)
+            .map_err(|e| TemplateError::Damaged(format!("device state: {e}")))?;
+        if used != b.len() || d.version != DEVICE_STATE_VERSION {
+            return Err(TemplateError::Damaged(format!(
+                "device state version {} or length",
+                d.version
+            )));
+        }
+        Ok(d)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("open the template store: {0}")]
+    Open(#[from] snapshot_store::OpenError),
+    #[error("load template: {0}")]
+    Load(#[from] snapshot_store::LoadError),
+    #[error("write template: {0}")]
+    Write(#[from] snapshot_store::WriteError),
+    #[error("template {0:?} does not exist (see `vmm template ls`)")]
+    Missing(String),
+    #[error("template {0:?} is a runtime base: it waits for a function, not a request; create a function template on it with `vmm template create NAME --base {0}`")]
+    IsBase(String),
+    #[error("template {0:?} waits for a request, so nothing can be layered on it; use its runtime base as --base")]
+    NotABase(String),
+    #[error("the template is damaged: {0}; run `vmm-store verify` and recreate it")]
+    Damaged(String),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("the function exited (code {code}) before reading its request, so there is no point to snapshot; a function template must read stdin. Its stderr: {stderr}")]
+    NoStdinRead { code: i32, stderr: String },
+    #[error("the guest asked for its function twice")]
+    UnexpectedHostcall,
+}
+
+impl From<VmError> for TemplateError {
+    fn from(e: VmError) -> Self {
+        TemplateError::Run(RunError::Vm(e))
+    }
+}
+impl From<crate::memory::MemoryError> for TemplateError {
+    fn from(e: crate::memory::MemoryError) -> Self {
+        TemplateError::Run(e.into())
+    }
+}
+
+/// How guest RAM is filled on restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryStrategy {
+    /// Copy every non-zero page before the vCPU runs.
+    Eager,
+    /// Copy the 2 MiB regions holding the template's recorded working set before the vCPU
+    /// runs; the rest arrives on demand through userfaultfd.
+    Prefetch,
+    /// Nothing up front: every page arrives on demand through userfaultfd.
+    Lazy,
+}
+
+/// Name of the runtime base for a module: it depends on the module, the runtime and the
+/// guest kernel (a new kernel must not restore an old base).
+pub fn runtime_base_name(spec: &FunctionSpec, mem_mib: u64) -> String {
+    let kernel = run::guest_kernel_image()
+        .map(|k| xxhash_rust::xxh3::xxh3_64(&k))
+        .unwrap_or(0);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&spec.module);
+    h.update(&kernel.to_le_bytes());
+    h.update(&mem_mib.to_le_bytes());
+    h.update(&vmm_abi::ABI_VERSION.to_le_bytes());
+    let rt = match spec.runtime {
+        RuntimeKind::Wasi => "wasi",
+        RuntimeKind::Qjs => "qjs",
+    };
+    format!("base-{rt}-{:016x}", h.digest())
+}
+
+/// Which frames of guest RAM are resident in the host (others were never touched: zero).
+fn resident(mem: &GuestMemory) -> Vec<bool> {
+    let n = (mem.size() / PAGE) as usize;
+    let mut vec = vec![0u8; n];
+    // SAFETY: the range is exactly the guest mapping (page aligned); `vec` has one byte
+    // per page as mincore requires.
+    let r = unsafe {
+        libc::mincore(
+            mem.host_addr().cast(),
+            mem.size() as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return vec![true; n]; // unknown: compare every frame
+    }
+    vec.iter().map(|b| b & 1 == 1).collect()
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    p.iter().all(|&b| b == 0)
+}
+
+/// Store `vm`'s memory as a layer over `parent` (or a full snapshot without one).
+fn write_layer(
+    store: &mut Store,
+    name: &str,
+    parent: Option<&str>,
+    vm: &Vm,
+    state: &VcpuState,
+    device: &DeviceState,
+    replace: bool,
+) -> Result<snapshot_store::CommitInfo, TemplateError> {
+    let parent_tmpl = match parent {
+        Some(p) => Some(store.load(p)?),
+        None => None,
+    };
+    // Collect the changed frames first (borrowing the parent's pages), then write.
+    let mut changed: Vec<(u64, bool)> = Vec::new(); // (frame, now zero)
+    {
+        let resolved = match &parent_tmpl {
+            Some(t) => Some(t.resolve(store)?),
+            None => None,
+        };
+        let res = resident(&vm.mem);
+        for gfn in 0..vm.mem.size() / PAGE {
+            let parent_page = resolved.as_ref().and_then(|r| match r.frame(gfn) {
+                Some(Frame::Data(p)) => Some(p),
+                _ => None,
+            });
+            if !res[gfn as usize] {
+                if parent_page.is_some() {
+                    changed.push((gfn, true));
+                }
+                continue;
+            }
+            let cur = vm.mem.slice(gfn * PAGE, PAGE)?;
+            let zero = is_zero(cur);
+            match parent_page {
+                Some(p) if p.as_slice() == cur => {}
+                Some(_) => changed.push((gfn, zero)),
+                None if !zero => changed.push((gfn, false)),
+                None => {}
+            }
+        }
+    }
+    let mut w = if replace {
+        store.begin_template_replacing(name, parent, vm.mem.size())?
+    } else {
+        store.begin_template(name, parent, vm.mem.size())?
+    };
+    for (gfn, zero) in changed {
+        if zero {
+            w.set_zero(gfn)?;
+        } else {
+            let page: &[u8; PAGE_SIZE] = vm
+                .mem
+                .slice(gfn * PAGE, PAGE)?
+                .try_into()
+                .map_err(|_| TemplateError::Damaged("page slice".into()))?;
+            w.put_page(gfn, page)?;
+        }
+    }
+    w.set_vcpu_state(state.encode());
+    w.set_device_state(device.encode());
+    Ok(w.commit()?)
+}
+
+/// Counters of one restore.
+#[derive(Debug, Default, serde::Serialize, Clone)]
+pub struct RestoreStats {
+    pub strategy: Option<MemoryStrategy>,
+    pub load_ms: f64,
+    pub install_ms: f64,
+    pub vm_restore_ms: f64,
+    pub run_ms: f64,
+    pub pages_installed: u64,
+    pub uffd_faults: u64,
+    pub bytes_from_store: u64,
+}
+
+/// A restored VM, stopped at its pending hostcall.
+pub struct Restored {
+    pub vm: Vm,
+    pub device: DeviceState,
+}
+
+/// Fill `mem` from `resolved` according to `strategy`; returns pages copied.
+fn install(
+    mem: &GuestMemory,
+    resolved: &Resolved<'_>,
+    strategy: MemoryStrategy,
+    working_set: &[u64],
+) -> Result<u64, TemplateError> {
+    let mut copied = 0;
+    match strategy {
+        MemoryStrategy::Lazy => {}
+        MemoryStrategy::Eager => {
+            for (gfn, f) in resolved.iter() {
+                if let Frame::Data(p) = f {
+                    mem.write(gfn * PAGE, p)?;
+                    copied += 1;
+                }
+            }
+        }
+        MemoryStrategy::Prefetch => {
+            // Whole 2 MiB regions: with MADV_HUGEPAGE, touching one page of a region makes
+            // the whole region present (zero-filled), so its other pages must be copied too.
+            let per_region = layout::HUGE_PAGE_SIZE / PAGE;
+            let mut regions: Vec<u64> = working_set.iter().map(|g| g / per_region).collect();
+            regions.sort_unstable();
+            regions.dedup();
+            for r in regions {
+                for gfn in r * per_region..((r + 1) * per_region).min(resolved.frame_count()) {
+                    if let Some(Frame::Data(p)) = resolved.frame(gfn) {
+                        mem.write(gfn * PAGE, p)?;
+                        copied += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(copied)
+}
+
+/// Serves userfaultfd faults from the store until `stop` is set, recording the order in
+/// which frames were first touched.
+struct FaultServer<'a> {
+    uffd: &'a Uffd,
+    base: *mut u8,
+    resolved: &'a Resolved<'a>,
+    stop: AtomicBool,
+    faults: AtomicU64,
+    bytes: AtomicU64,
+    touched: Mutex<Vec<u64>>,
+}
+
+// SAFETY: `base` is the start of guest RAM, which outlives the server (scoped thread);
+// it is only used to compute fault addresses handed to UFFDIO_COPY/ZEROPAGE.
+unsafe impl Sync for FaultServer<'_> {}
+
+impl FaultServer<'_> {
+    fn serve(&self) -> Result<(), UffdError> {
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(addr) = self.uffd.next_fault(20)? else {
+                continue;
+            };
+            let off = (addr - self.base as u64) & !(PAGE - 1);
+            let gfn = off / PAGE;
+            // SAFETY: `off` lies inside guest RAM: the kernel only reports faults in the
+            // registered range, which is exactly guest RAM.
+            let dst = unsafe { self.base.add(off as usize) };
+            match self.resolved.frame(gfn) {
+                Some(Frame::Data(p)) => {
+                    self.uffd.copy(dst, p)?;
+                    self.bytes.fetch_add(PAGE, Ordering::Relaxed);
+                }
+                _ => self.uffd.zeropage(dst, PAGE as usize)?,
+            }
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut t) = self.touched.lock() {
+                t.push(gfn);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Restore `name` and run `body` on the restored VM while faults are being served.
+fn with_restored<T>(
+    store: &mut Store,
+    name: &str,
+    strategy: MemoryStrategy,
+    stats: &mut RestoreStats,
+    touched: Option<&mut Vec<u64>>,
+    body: impl FnOnce(&mut Restored) -> T,
+) -> Result<T, TemplateError> {
+    let t0 = Instant::now();
+    let tmpl = store.load(name).map_err(|e| match e {
+        snapshot_store::LoadError::NotFound { .. } => TemplateError::Missing(name.into()),
+        e => e.into(),
+    })?;
+    let state = VcpuState::decode(&tmpl.vcpu_state)?;
+    let device = DeviceState::decode(&tmpl.device_state)?;
+    let resolved = tmpl.resolve(store)?;
+    stats.load_ms = ms(t0.elapsed());
+    stats.strategy = Some(strategy);
+
+    let t1 = Instant::now();
+    let mem = GuestMemory::new(tmpl.mem_size as usize)?;
+    stats.pages_installed = install(&mem, &resolved, strategy, &tmpl.working_set)?;
+    stats.bytes_from_store = stats.pages_installed * PAGE;
+    let uffd = match strategy {
+        MemoryStrategy::Eager => None,
+        _ => {
+            let u = Uffd::new()?;
+            u.register(mem.host_addr(), mem.size() as usize)?;
+            Some(u)
+        }
+    };
+    stats.install_ms = ms(t1.elapsed());
+    let base = mem.host_addr();
+
+    let server = uffd.as_ref().map(|u| FaultServer {
+        uffd: u,
+        base,
+        resolved: &resolved,
+        stop: AtomicBool::new(false),
+        faults: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        touched: Mutex::new(Vec::new()),
+    });
+    std::thread::scope(|scope| {
+        let handle = server.as_ref().map(|s| scope.spawn(move || s.serve()));
+        let result = (|| {
+            let t2 = Instant::now();
+            let vm = Vm::new(mem)?;
+            vm.backend
+                .prepare_restore(&vm.kvm, &vm.vcpu)
+                .map_err(VmError::from)?;
+            state.apply(&vm.vm, &vm.vcpu, vm.backend)?;
+            stats.vm_restore_ms = ms(t2.elapsed());
+            let mut restored = Restored { vm, device };
+            let t3 = Instant::now();
+            let out = body(&mut restored);
+            stats.run_ms = ms(t3.elapsed());
+            Ok::<_, TemplateError>(out)
+        })();
+        if let Some(s) = &server {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        let served = handle.map(|h| h.join());
+        if let Some(s) = &server {
+            stats.uffd_faults = s.faults.load(Ordering::Relaxed);
+            stats.bytes_from_store += s.bytes.load(Ordering::Relaxed);
+            if let (Some(t), Ok(rec)) = (touched, s.touched.lock()) {
+                t.clone_from(&rec);
+            }
+        }
+        match served {
+            Some(Ok(Err(e))) => Err(e.into()),
+            Some(Err(_)) => Err(TemplateError::Damaged(
+                "the page fault server panicked".into(),
+            )),
+            _ => result,
+        }
+    })
+}
+
+/// Restore a function template and serve one request.
+pub fn restore_and_run(
+    store: &mut Store,
+    name: &str,
+    strategy: MemoryStrategy,
+    stdin: &[u8],
+    limits: &RunLimits,
+) -> Result<(RunReport, RestoreStats), TemplateError> {
+    let t0 = Instant::now();
+    let mut rs = RestoreStats::default();
+    let report = with_restored(store, name, strategy, &mut rs, None, |r| {
+        run_restored(r, name, stdin, limits)
+    })??;
+    let mut report = report;
+    report.stats.total_ms = ms(t0.elapsed());
+    report.stats.vm_create_ms = rs.load_ms + rs.install_ms + rs.vm_restore_ms;
+    Ok((report, rs))
+}
+
+fn run_restored(
+    r: &mut Restored,
+    name: &str,
+    stdin: &[u8],
+    limits: &RunLimits,
+) -> Result<RunReport, TemplateError> {
+    if r.device.pending_op != Op::ReadStdin as u64 {
+        return Err(TemplateError::IsBase(name.into()));
+    }
+    let vm = &mut r.vm;
+    let buf = GuestRange::checked(
+        "stdin buffer",
+        r.device.buf_gpa,
+        r.device.buf_len,
+        vm.mem.size(),
+        vm.mem.size(),
+    )
+    .map_err(|e| TemplateError::Damaged(e.to_string()))?;
+    let mut out = Output::new(limits.max_output);
+    let exits_before = vm.exits;
+    let result = run::serve_from(
+        vm,
+        Some(Hostcall::ReadStdin { buf }),
+        &[],
+        stdin,
+        &mut out,
+        limits,
+    );
+    let mut stats = Stats {
+        mode: "restore",
+        backend: format!("{:?}", vm.backend).to_lowercase(),
+        ..Default::default()
+    };
+    stats.exits = vm.exits - exits_before;
+    if let Ok(mb) = vm.read_mailbox() {
+        stats.function_ms = run::tsc_ms(
+            mb.stats.function_start.max(1),
+            mb.stats.function_end,
+            vm.tsc_khz,
+        );
+        stats.hostcalls = mb.stats.hostcalls;
+    }
+    stats.function_ms = 0.0; // the function started before the snapshot; run_ms covers the rest
+    Ok(RunReport {
+        result,
+        stdout: out.stdout,
+        stderr: out.stderr,
+        stats,
+    })
+}
+
+/// What `template create` did.
+#[derive(Debug, serde::Serialize)]
+pub struct CreateReport {
+    pub name: String,
+    pub base: String,
+    pub base_created: bool,
+    pub base_new_pages: u64,
+    pub new_pages: u64,
+    pub reused_pages: u64,
+    pub working_set_pages: usize,
+    pub create_ms: f64,
+}
+
+/// Create (or reuse) the runtime base and layer a function template on it.
+pub fn create_template(
+    store: &mut Store,
+    name: &str,
+    spec: &FunctionSpec,
+    base: Option<&str>,
+    trial_input: &[u8],
+    limits: &RunLimits,
+) -> Result<CreateReport, TemplateError> {
+    let t0 = Instant::now();
+    snapshot_store::TemplateName::new(name).map_err(|e| TemplateError::Damaged(e.to_string()))?;
+    let base_name = base
+        .map(str::to_string)
+        .unwrap_or_else(|| runtime_base_name(spec, limits.mem_mib));
+    let exists = store.list()?.iter().any(|t| t.name.as_str() == base_name);
+    let mut base_created = false;
+    let mut base_new_pages = 0;
+    let config = spec.config_blob();
+    let mut out = Output::new(limits.max_output);
+    let runtime = format!("{:?}", spec.runtime).to_lowercase();
+
+    // The function layer, from a live VM stopped at GetFunction: give it the function
+    // and run it to its first read of stdin.
+    let mut layer = |vm: &mut Vm,
+                     buf: GuestRange,
+                     store: &mut Store|
+     -> Result<snapshot_store::CommitInfo, TemplateError> {
+        let mut given = false;
+        let stop = run::drive(
+            vm,
+            Some(Hostcall::GetFunction { buf }),
+            &mut out,
+            limits,
+            |vm, call| match *call {
+                Hostcall::GetFunction { buf } if !given => {
+                    given = true;
+                    if config.len() as u64 <= buf.len {
+                        vm.mem.write(buf.gpa, &config)?;
+                    }
+                    vm.complete(config.len() as u64, 0, true)?;
+                    Ok(run::Next::Continue)
+                }
+                _ => Ok(run::Next::Stop),
+            },
+        )?;
+        let stdin_buf = match stop {
+            Hostcall::ReadStdin { buf } => buf,
+            Hostcall::Exit { code } => {
+                return Err(TemplateError::NoStdinRead {
+                    code,
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                })
+            }
+            Hostcall::GetFunction { .. } => return Err(TemplateError::UnexpectedHostcall),
+        };
+        vm.settle()?;
+        let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
+        let device = DeviceState {
+            version: DEVICE_STATE_VERSION,
+            pending_op: Op::ReadStdin as u64,
+            buf_gpa: stdin_buf.gpa,
+            buf_len: stdin_buf.len,
+            runtime: runtime.clone(),
+            module_name: spec.module_name.clone(),
+            args: spec.args.clone(),
+        };
+        write_layer(store, name, Some(&base_name), vm, &state, &device, false)
+    };
+
+    let commit = if exists {
+        // Restore the base eagerly into a VM that stays alive for the function layer. The
+        // restore borrows a second handle of the store; the layer is written through `store`.
+        let mut rs = RestoreStats::default();
+        let mut base_store = Store::open(store.dir())?;
+        with_restored(
+            &mut base_store,
+            &base_name,
+            MemoryStrategy::Eager,
+            &mut rs,
+            None,
+            |r| {
+                if r.device.pending_op != Op::GetFunction as u64 {
+                    return Err(TemplateError::NotABase(base_name.clone()));
+                }
+                let buf = GuestRange::checked(
+                    "function buffer",
+                    r.device.buf_gpa,
+                    r.device.buf_len,
+                    r.vm.mem.size(),
+                    r.vm.mem.size(),
+                )
+                .map_err(|e| TemplateError::Damaged(e.to_string()))?;
+                layer(&mut r.vm, buf, store)
+            },
+        )??
+    } else if base.is_some() {
+        return Err(TemplateError::Missing(base_name));
+    } else {
+        let mut vm = boot_vm(&spec.module, spec.runtime, limits)?;
+        let mut boot_out = Output::new(limits.max_output);
+        let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
+            Ok(run::Next::Stop)
+        })?;
+        let Hostcall::GetFunction { buf } = stop else {
+            return Err(TemplateError::Run(RunError::Guest(
+                GuestError::UnexpectedExit(format!(
+                    "the guest stopped at {stop:?} before asking for its function"
+                )),
+            )));
+        };
+        vm.settle()?;
+        let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
+        let device = DeviceState {
+            version: DEVICE_STATE_VERSION,
+            pending_op: Op::GetFunction as u64,
+            buf_gpa: buf.gpa,
+            buf_len: buf.len,
+            runtime: runtime.clone(),
+            module_name: spec.module_name.clone(),
+            args: vec![],
+        };
+        let info = write_layer(store, &base_name, None, &vm, &state, &device, false)?;
+        base_created = true;
+        base_new_pages = info.new_pages;
+        layer(&mut vm, buf, store)?
+    };
+
+    // Record the working set: a trial invocation with every page arriving on demand.
+    let mut touched = Vec::new();
+    let mut rs = RestoreStats::default();
+    let _ = with_restored(
+        store,
+        name,
+        MemoryStrategy::Lazy,
+        &mut rs,
+        Some(&mut touched),
+        |r| run_restored(r, name, trial_input, limits),
+    )?;
+    let ws = touched.len();
+    let _ = touched; // TODO-WS store.set_working_set(name, touched)?;
+    Ok(CreateReport {
+        name: name.into(),
+        base: base_name,
+        base_created,
+        base_new_pages,
+        new_pages: commit.new_pages,
+        reused_pages: commit.reused_pages,
+        working_set_pages: ws,
+        create_ms: ms(t0.elapsed()),
+    })
+}
