@@ -349,8 +349,9 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
         // A panic while reporting a panic: nothing sensible is left to do.
         cpu::halt_forever();
     }
+    let buf = &raw mut PANIC_BUF;
     // SAFETY: the PANICKING flag lets only the first panic reach this buffer.
-    let out = unsafe { &mut *(&raw mut PANIC_BUF) };
+    let out = unsafe { &mut *buf };
     let _ = write!(out, "{}", info.message());
     let mut kind = vmm_abi::PANIC_GENERIC;
     // The default alloc error handler panics with "memory allocation of N bytes failed".

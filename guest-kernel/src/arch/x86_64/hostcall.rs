@@ -21,7 +21,7 @@ pub const STATS_HOSTCALLS: usize = stats_offset(7);
 /// Read the mailbox word at byte offset `off`.
 #[inline(always)]
 pub fn read(off: usize) -> u64 {
-    debug_assert!(off % 8 == 0 && off < vmm_abi::MAILBOX_BYTES);
+    debug_assert!(off.is_multiple_of(8) && off < vmm_abi::MAILBOX_BYTES);
     // SAFETY: the mailbox page is identity-mapped RAM owned by the kernel/VMM protocol;
     // `off` is an aligned offset inside it (all callers pass ABI constants).
     unsafe { core::ptr::read_volatile((layout::MAILBOX_GPA as usize + off) as *const u64) }
@@ -30,7 +30,7 @@ pub fn read(off: usize) -> u64 {
 /// Write the mailbox word at byte offset `off`.
 #[inline(always)]
 pub fn write(off: usize, v: u64) {
-    debug_assert!(off % 8 == 0 && off < vmm_abi::MAILBOX_BYTES);
+    debug_assert!(off.is_multiple_of(8) && off < vmm_abi::MAILBOX_BYTES);
     // SAFETY: as in `read`.
     unsafe { core::ptr::write_volatile((layout::MAILBOX_GPA as usize + off) as *mut u64, v) }
 }
