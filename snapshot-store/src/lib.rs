@@ -92,6 +92,18 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+/// The byte-format decoders, for the fuzz targets in `fuzz/` only: not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::format::*;
+    pub fn page_id(hash: u128, slot: u32) -> crate::PageId {
+        crate::PageId::new(hash, slot)
+    }
+    pub fn pack_id(id: u64) -> crate::PackId {
+        crate::PackId::new(id)
+    }
+}
+
 pub use error::{
     IndexError, LoadError, ManifestError, NameError, OpenError, RemoveError, WriteError,
 };
