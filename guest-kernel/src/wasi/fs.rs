@@ -11,6 +11,15 @@ pub enum NodeKind {
     /// Children sorted by name: (name, node index).
     Dir(Vec<(Vec<u8>, usize)>),
     File(Vec<u8>),
+    /// A character device whose contents are produced on each read.
+    Device(Device),
+}
+
+/// The character devices of the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// `/dev/urandom`: every read draws fresh bytes from the WASI layer's CSPRNG.
+    Urandom,
 }
 
 #[derive(Debug)]
@@ -18,6 +27,8 @@ pub struct Node {
     /// The parent directory (the root is its own parent).
     pub parent: usize,
     pub kind: NodeKind,
+    /// Left out of `fd_readdir` listings (still reachable by path).
+    pub hidden: bool,
 }
 
 impl Node {
@@ -52,6 +63,7 @@ impl FileTree {
             nodes: alloc::vec![Node {
                 parent: ROOT,
                 kind: NodeKind::Dir(Vec::new()),
+                hidden: false,
             }],
         }
     }
@@ -63,9 +75,23 @@ impl FileTree {
     /// Add a file at `path` (relative, `/`-separated); intermediate directories are
     /// created as needed.
     pub fn insert(&mut self, path: &[u8], data: &[u8]) -> Result<(), TreeError> {
+        self.insert_node(path, NodeKind::File(data.to_vec()), false)
+    }
+
+    /// Add a node of any kind at `path`, creating intermediate directories. With
+    /// `hidden`, every node this call creates (including new intermediate directories)
+    /// is left out of directory listings; directories that already exist keep their
+    /// visibility.
+    pub fn insert_node(
+        &mut self,
+        path: &[u8],
+        kind: NodeKind,
+        hidden: bool,
+    ) -> Result<(), TreeError> {
         if !vmm_abi::valid_guest_path(path) {
             return Err(TreeError::BadPath);
         }
+        let mut kind = Some(kind);
         let mut cur = ROOT;
         let mut comps = path.split(|&b| b == b'/').peekable();
         while let Some(name) = comps.next() {
@@ -83,12 +109,18 @@ impl FileTree {
                 }
                 Err(pos) => {
                     children.insert(pos, (name.to_vec(), new_idx));
-                    let kind = if last {
-                        NodeKind::File(data.to_vec())
-                    } else {
-                        NodeKind::Dir(Vec::new())
+                    let kind = match kind.take() {
+                        Some(k) if last => k,
+                        other => {
+                            kind = other;
+                            NodeKind::Dir(Vec::new())
+                        }
                     };
-                    self.nodes.push(Node { parent: cur, kind });
+                    self.nodes.push(Node {
+                        parent: cur,
+                        kind,
+                        hidden,
+                    });
                     cur = new_idx;
                 }
             }

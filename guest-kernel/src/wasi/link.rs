@@ -198,8 +198,16 @@ pub fn add_to_linker<'h, H: Host>(
         W,
         "fd_pread",
         |mut c: C<'_, 'h, H>, fd: i32, iovs: i32, n: i32, off: i64, out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.fd_pread(m, fd as u32, iovs as u32, n as u32, off as u64, out as u32)
+            with_mem(&mut c, |w, h, m| {
+                w.fd_pread(
+                    h,
+                    m,
+                    fd as u32,
+                    iovs as u32,
+                    n as u32,
+                    off as u64,
+                    out as u32,
+                )
             })
         },
     )?;

@@ -9,6 +9,10 @@
 //! 1 MiB buffer is full (each hostcall is a VM exit); whatever remains is returned in
 //! the run's output. stdin is read through one 1 MiB buffer, refilled only when empty
 //! and not at EOF.
+//!
+//! The file tree always holds the character device `dev/urandom`: each read of it
+//! takes fresh host entropy (like `random_get`) and returns CSPRNG bytes, with nothing
+//! buffered in between, so a read after a snapshot restore never replays bytes.
 
 pub mod fs;
 pub mod link;
@@ -18,7 +22,7 @@ mod tests;
 use crate::rng::Rng;
 use crate::Host;
 use alloc::vec::Vec;
-use fs::{FileTree, NodeKind, TreeError, ROOT};
+use fs::{Device, FileTree, NodeKind, TreeError, ROOT};
 
 /// A WASI errno (`u16` in the ABI; returned as i32 to wasm).
 pub type Errno = u16;
@@ -103,6 +107,11 @@ pub mod rights {
         | PATH_FILESTAT_GET
         | FD_FILESTAT_GET
         | FD_FDSTAT_SET_FLAGS;
+    /// A read-only character device (`/dev/urandom`); a subset of [`FILE`], so a
+    /// directory passes it on like file rights. Seek/tell are accepted (and do nothing,
+    /// as on Linux), which also keeps wasi-libc's `isatty` from calling it a tty.
+    pub const DEVICE: u64 =
+        FD_READ | FD_SEEK | FD_TELL | FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE;
     /// Rights that would let an fd change a file: refused with EROFS.
     pub const MUTATING: u64 = FD_DATASYNC | FD_WRITE | FD_ALLOCATE | FD_FILESTAT_SET_SIZE;
 }
@@ -148,6 +157,8 @@ pub const MAX_FDS: usize = 1024;
 /// The preopened directory.
 pub const PREOPEN_FD: u32 = 3;
 pub const PREOPEN_NAME: &[u8] = b"/";
+/// The random device, relative to the preopen.
+pub const URANDOM_PATH: &[u8] = b"dev/urandom";
 
 // ---------------------------------------------------------------------------------
 // Bounds-checked guest memory access.
@@ -249,6 +260,12 @@ pub enum FdEntry {
         pos: u64,
         rights: u64,
     },
+    /// An open character device.
+    Device {
+        node: usize,
+        device: Device,
+        rights: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -304,12 +321,16 @@ impl Default for WasiCtx {
 }
 
 impl WasiCtx {
-    /// An empty context: no args/env/files, stdio and the preopened `/`.
+    /// An empty context: no args/env/files (only `dev/urandom`), stdio and the
+    /// preopened `/`.
     pub fn new() -> Self {
+        let mut fs = FileTree::new();
+        // Cannot fail on an empty tree.
+        let _ = fs.insert_node(URANDOM_PATH, NodeKind::Device(Device::Urandom), false);
         WasiCtx {
             args: Vec::new(),
             env: Vec::new(),
-            fs: FileTree::new(),
+            fs,
             fds: alloc::vec![
                 Some(FdEntry::Stdin),
                 Some(FdEntry::Stdout),
@@ -354,6 +375,12 @@ impl WasiCtx {
 
     pub fn add_file(&mut self, path: &[u8], data: &[u8]) -> Result<(), TreeError> {
         self.fs.insert(path, data)
+    }
+
+    /// Add a file that `fd_readdir` does not list (nor any directory this creates).
+    pub fn add_hidden_file(&mut self, path: &[u8], data: &[u8]) -> Result<(), TreeError> {
+        self.fs
+            .insert_node(path, NodeKind::File(data.to_vec()), true)
     }
 
     /// Mix host entropy into the CSPRNG.
@@ -525,11 +552,43 @@ impl WasiCtx {
         len: u32,
     ) -> Result<(), Errno> {
         let dest = mem_slice_mut(mem, buf, len)?;
+        self.refresh_entropy(host);
+        self.rng.fill(dest);
+        Ok(())
+    }
+
+    /// Mix in entropy the host has supplied since the last call (after a snapshot
+    /// restore it always has), before any random bytes are handed out.
+    fn refresh_entropy(&mut self, host: &mut dyn Host) {
         if let Some(e) = host.take_entropy() {
             self.rng.reseed(e);
         }
-        self.rng.fill(dest);
-        Ok(())
+    }
+
+    /// Fill the iovecs with bytes from `device` (all of them: a random device never
+    /// runs short). The bytes are drawn now, after refreshing entropy, never buffered.
+    fn device_read(
+        &mut self,
+        host: &mut dyn Host,
+        mem: &mut [u8],
+        device: Device,
+        iovs: u32,
+        iovs_len: u32,
+    ) -> Result<usize, Errno> {
+        let total = validate_iovs(mem, iovs, iovs_len)?;
+        match device {
+            Device::Urandom => {
+                if total > 0 {
+                    self.refresh_entropy(host);
+                }
+                for i in 0..iovs_len {
+                    let (p, l) = iovec(mem, iovs, i)?;
+                    self.rng.fill(mem_slice_mut(mem, p, l)?);
+                }
+            }
+        }
+        // validate_iovs caps the total at u32::MAX.
+        usize::try_from(total).map_err(|_| errno::INVAL)
     }
 
     // --- fd_read / fd_write -----------------------------------------------------------
@@ -593,14 +652,19 @@ impl WasiCtx {
                 }
                 n
             }
+            FdEntry::Device { device, .. } => {
+                self.device_read(host, mem, device, iovs, iovs_len)?
+            }
             FdEntry::Dir { .. } => return Err(errno::ISDIR),
             FdEntry::Stdout | FdEntry::Stderr => return Err(errno::BADF),
         };
         write_u32(mem, nread, n as u32)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn fd_pread(
         &mut self,
+        host: &mut dyn Host,
         mem: &mut [u8],
         fd: u32,
         iovs: u32,
@@ -611,6 +675,10 @@ impl WasiCtx {
         mem_range(mem, nread, 4)?;
         let n = match self.fd(fd)? {
             FdEntry::File { node, .. } => self.file_read(mem, node, offset, iovs, iovs_len)?,
+            // The offset means nothing to a random device (Linux ignores it too).
+            FdEntry::Device { device, .. } => {
+                self.device_read(host, mem, device, iovs, iovs_len)?
+            }
             FdEntry::Dir { .. } => return Err(errno::ISDIR),
             FdEntry::Stdin | FdEntry::Stdout | FdEntry::Stderr => return Err(errno::SPIPE),
         };
@@ -658,7 +726,10 @@ impl WasiCtx {
         let out_fd = match self.fd(fd)? {
             FdEntry::Stdout => 1u32,
             FdEntry::Stderr => 2u32,
-            FdEntry::File { .. } | FdEntry::Dir { .. } | FdEntry::Stdin => return Err(errno::BADF),
+            FdEntry::File { .. }
+            | FdEntry::Dir { .. }
+            | FdEntry::Device { .. }
+            | FdEntry::Stdin => return Err(errno::BADF),
         };
         let total = validate_iovs(mem, iovs, iovs_len)?;
         let room = OUTPUT_CAP.saturating_sub(self.output_total);
@@ -724,7 +795,7 @@ impl WasiCtx {
     pub fn fd_pwrite(&self, fd: u32) -> Result<(), Errno> {
         match self.fd(fd)? {
             FdEntry::Stdout | FdEntry::Stderr | FdEntry::Stdin => Err(errno::SPIPE),
-            FdEntry::File { .. } => Err(errno::BADF),
+            FdEntry::File { .. } | FdEntry::Device { .. } => Err(errno::BADF),
             FdEntry::Dir { .. } => Err(errno::ISDIR),
         }
     }
@@ -760,6 +831,13 @@ impl WasiCtx {
         mem_range(mem, newoffset, 8)?;
         let (node, pos) = match self.fd(fd)? {
             FdEntry::File { node, pos, .. } => (node, pos),
+            // Seeking a random device succeeds and stays at 0, as on Linux.
+            FdEntry::Device { .. } => {
+                if whence > whence::END {
+                    return Err(errno::INVAL);
+                }
+                return write_u64(mem, newoffset, 0);
+            }
             FdEntry::Dir { .. } => return Err(errno::BADF),
             FdEntry::Stdin | FdEntry::Stdout | FdEntry::Stderr => return Err(errno::SPIPE),
         };
@@ -786,6 +864,7 @@ impl WasiCtx {
     pub fn fd_tell(&mut self, mem: &mut [u8], fd: u32, out: u32) -> Result<(), Errno> {
         match self.fd(fd)? {
             FdEntry::File { pos, .. } => write_u64(mem, out, pos),
+            FdEntry::Device { .. } => write_u64(mem, out, 0),
             FdEntry::Dir { .. } => Err(errno::BADF),
             _ => Err(errno::SPIPE),
         }
@@ -795,7 +874,7 @@ impl WasiCtx {
         match self.fs.node(node).map(|n| &n.kind) {
             Some(NodeKind::File(d)) => d.len() as u64,
             Some(NodeKind::Dir(c)) => c.len() as u64,
-            None => 0,
+            Some(NodeKind::Device(_)) | None => 0,
         }
     }
 
@@ -807,6 +886,7 @@ impl WasiCtx {
                 rights, inheriting, ..
             } => (filetype::DIRECTORY, rights, inheriting),
             FdEntry::File { rights, .. } => (filetype::REGULAR_FILE, rights, 0),
+            FdEntry::Device { rights, .. } => (filetype::CHARACTER_DEVICE, rights, 0),
         };
         let mut b = [0u8; 24];
         b[0] = ft;
@@ -858,12 +938,16 @@ impl WasiCtx {
     }
 
     fn node_filestat(&self, node: usize) -> [u8; 64] {
-        let ft = match self.fs.node(node) {
-            Some(n) if n.is_dir() => filetype::DIRECTORY,
-            Some(_) => filetype::REGULAR_FILE,
+        self.filestat_bytes(self.node_type(node), node as u64 + 1, self.file_size(node))
+    }
+
+    fn node_type(&self, node: usize) -> u8 {
+        match self.fs.node(node).map(|n| &n.kind) {
+            Some(NodeKind::Dir(_)) => filetype::DIRECTORY,
+            Some(NodeKind::File(_)) => filetype::REGULAR_FILE,
+            Some(NodeKind::Device(_)) => filetype::CHARACTER_DEVICE,
             None => filetype::UNKNOWN,
-        };
-        self.filestat_bytes(ft, node as u64 + 1, self.file_size(node))
+        }
     }
 
     pub fn fd_filestat_get(&self, mem: &mut [u8], fd: u32, out: u32) -> Result<(), Errno> {
@@ -871,13 +955,16 @@ impl WasiCtx {
             FdEntry::Stdin | FdEntry::Stdout | FdEntry::Stderr => {
                 self.filestat_bytes(filetype::CHARACTER_DEVICE, 0, 0)
             }
-            FdEntry::Dir { node, .. } | FdEntry::File { node, .. } => self.node_filestat(node),
+            FdEntry::Dir { node, .. }
+            | FdEntry::File { node, .. }
+            | FdEntry::Device { node, .. } => self.node_filestat(node),
         };
         write_bytes(mem, out, &b)
     }
 
-    /// `fd_readdir`: entries are `.`, `..`, then the children in name order; the cookie
-    /// of an entry is its index and `d_next` the index of the one after it. Entries are
+    /// `fd_readdir`: entries are `.`, `..`, then the children in name order (hidden ones
+    /// left out); the cookie of an entry is its index and `d_next` the index of the
+    /// one after it (so cookies skip the hidden entries' indices). Entries are
     /// written until the buffer is full, the last one possibly truncated (the caller
     /// sees `bufused == buf_len` and retries with a bigger buffer or the next cookie).
     pub fn fd_readdir(
@@ -909,14 +996,14 @@ impl WasiCtx {
                 1 => (b"..", dir.parent),
                 i => {
                     let (n, c) = &children[(i - 2) as usize];
+                    if self.fs.node(*c).is_some_and(|n| n.hidden) {
+                        idx += 1;
+                        continue;
+                    }
                     (n.as_slice(), *c)
                 }
             };
-            let ft = if self.fs.node(ino_node).is_some_and(|n| n.is_dir()) {
-                filetype::DIRECTORY
-            } else {
-                filetype::REGULAR_FILE
-            };
+            let ft = self.node_type(ino_node);
             let mut head = [0u8; 24];
             head[0..8].copy_from_slice(&(idx + 1).to_le_bytes());
             head[8..16].copy_from_slice(&(ino_node as u64 + 1).to_le_bytes());
@@ -977,22 +1064,26 @@ impl WasiCtx {
             };
         }
         let node = found?;
-        let is_dir = self.fs.node(node).is_some_and(|n| n.is_dir());
-        let entry = if is_dir {
-            FdEntry::Dir {
+        let kind = self.fs.node(node).map(|n| &n.kind).ok_or(errno::BADF)?;
+        if oflags & oflags::DIRECTORY != 0 && !matches!(kind, NodeKind::Dir(_)) {
+            return Err(errno::NOTDIR);
+        }
+        let entry = match kind {
+            NodeKind::Dir(_) => FdEntry::Dir {
                 node,
                 rights: rights_base & rights::DIR,
                 inheriting: rights_inheriting & (rights::DIR | rights::FILE),
-            }
-        } else {
-            if oflags & oflags::DIRECTORY != 0 {
-                return Err(errno::NOTDIR);
-            }
-            FdEntry::File {
+            },
+            NodeKind::File(_) => FdEntry::File {
                 node,
                 pos: 0,
                 rights: rights_base & rights::FILE,
-            }
+            },
+            NodeKind::Device(device) => FdEntry::Device {
+                node,
+                device: *device,
+                rights: rights_base & rights::DEVICE,
+            },
         };
         let fd = self.alloc_fd(entry)?;
         write_u32(mem, fd_out, fd)
@@ -1094,6 +1185,8 @@ impl WasiCtx {
                     (eventtype::FD_READ, Ok(FdEntry::File { node, pos, .. })) => {
                         (0, self.file_size(node).saturating_sub(pos))
                     }
+                    // A random device can always be read; report a nominal amount.
+                    (eventtype::FD_READ, Ok(FdEntry::Device { .. })) => (0, 1 << 20),
                     (eventtype::FD_WRITE, Ok(FdEntry::Stdout | FdEntry::Stderr)) => (0, 0),
                     _ => (errno::BADF, 0),
                 };

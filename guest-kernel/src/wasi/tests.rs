@@ -9,6 +9,9 @@ struct H {
     reads: usize,
     out: Vec<(u32, Vec<u8>)>,
     mono: u64,
+    /// Handed out (front first) by take_entropy, one per call.
+    entropy: Vec<[u8; 32]>,
+    entropy_calls: usize,
 }
 
 impl Host for H {
@@ -21,7 +24,12 @@ impl Host for H {
         self.mono
     }
     fn take_entropy(&mut self) -> Option<[u8; 32]> {
-        None
+        self.entropy_calls += 1;
+        if self.entropy.is_empty() {
+            None
+        } else {
+            Some(self.entropy.remove(0))
+        }
     }
     fn get_function(&mut self) -> Vec<u8> {
         Vec::new()
@@ -192,7 +200,7 @@ fn path_open_and_read_files() {
     assert_eq!(w.fd_seek(&mut m, fd, 0, 9, 130), Err(errno::INVAL));
     assert_eq!(w.fd_seek(&mut m, 1, 0, whence::SET, 130), Err(errno::SPIPE));
     // pread does not move the position
-    w.fd_pread(&mut m, fd, 100, 1, 7, 120).unwrap();
+    w.fd_pread(&mut h, &mut m, fd, 100, 1, 7, 120).unwrap();
     assert_eq!(&m[200..209], b"default 1");
     w.fd_tell(&mut m, fd, 130).unwrap();
     assert_eq!(u64_at(&m, 130), 15);
@@ -535,6 +543,9 @@ fn hostile_arguments_never_panic() {
         stdin: vec![7u8; 100],
         ..Default::default()
     };
+    // A device fd among the fds the rounds pick from.
+    let mut big = vec![0u8; 8192];
+    assert_eq!(open(&mut w, &mut big, 3, URANDOM_PATH, 0), Ok(4));
     let mut m = vec![0u8; 4096];
     for round in 0..20_000u32 {
         let mut a = [0u32; 10];
@@ -557,7 +568,7 @@ fn hostile_arguments_never_panic() {
             2 => w.clock_time_get(&mut h, &mut m, a[0] % 5, 0, a[1]),
             3 => w.random_get(&mut h, &mut m, a[0], a[1] % 8192),
             4 => w.fd_read(&mut h, &mut m, a[0] % 8, a[1], a[2], a[3]),
-            5 => w.fd_pread(&mut m, a[0] % 8, a[1], a[2], a[3] as u64, a[4]),
+            5 => w.fd_pread(&mut h, &mut m, a[0] % 8, a[1], a[2], a[3] as u64, a[4]),
             6 => w.fd_write(&mut h, &mut m, a[0] % 8, a[1], a[2], a[3]),
             7 => w.fd_seek(&mut m, a[0] % 8, a[1] as i32 as i64, (a[2] % 4) as u8, a[3]),
             8 => w.fd_tell(&mut m, a[0] % 8, a[1]),
@@ -585,4 +596,180 @@ fn hostile_arguments_never_panic() {
             _ => w.fd_prestat_get(&mut m, a[0] % 8, a[1]),
         };
     }
+}
+
+/// Read `len` bytes from `fd` through one iovec at 100 -> buffer at 1000.
+fn read_fd(w: &mut WasiCtx, h: &mut H, m: &mut [u8], fd: u32, len: u32) -> Vec<u8> {
+    m[100..104].copy_from_slice(&1000u32.to_le_bytes());
+    m[104..108].copy_from_slice(&len.to_le_bytes());
+    w.fd_read(h, m, fd, 100, 1, 120).unwrap();
+    assert_eq!(u32_at(m, 120), len);
+    m[1000..1000 + len as usize].to_vec()
+}
+
+fn root_names(w: &WasiCtx, m: &mut [u8], dir: u32) -> Vec<(Vec<u8>, u8)> {
+    w.fd_readdir(m, dir, 1000, 2000, 0, 0).unwrap();
+    let used = u32_at(m, 0) as usize;
+    dirents(&m[1000..1000 + used])
+        .into_iter()
+        .map(|(_, n, t)| (n, t))
+        .collect()
+}
+
+#[test]
+fn urandom_device() {
+    let mut w = ctx();
+    let mut h = H {
+        entropy: vec![[1; 32]],
+        ..Default::default()
+    };
+    let mut m = vec![0u8; 8192];
+    // Listed as a directory `dev` holding a character device.
+    let names = root_names(&w, &mut m, 3);
+    assert!(
+        names.contains(&(b"dev".to_vec(), filetype::DIRECTORY)),
+        "{names:?}"
+    );
+    let dev = open(&mut w, &mut m, 3, b"dev", oflags::DIRECTORY).unwrap();
+    let names = root_names(&w, &mut m, dev);
+    assert_eq!(names[2], (b"urandom".to_vec(), filetype::CHARACTER_DEVICE));
+    w.path_filestat_get(&mut m, 3, 0, 0, 0, 0).unwrap_err();
+    m[500..511].copy_from_slice(b"dev/urandom");
+    w.path_filestat_get(&mut m, 3, 0, 500, 11, 600).unwrap();
+    assert_eq!(m[616], filetype::CHARACTER_DEVICE);
+
+    let fd = open(&mut w, &mut m, 3, URANDOM_PATH, 0).unwrap();
+    w.fd_fdstat_get(&mut m, fd, 0).unwrap();
+    assert_eq!(m[0], filetype::CHARACTER_DEVICE);
+    let r = u64_at(&m, 8);
+    assert_ne!(r & rights::FD_READ, 0);
+    assert_ne!(r & rights::FD_SEEK, 0, "not a tty for wasi-libc's isatty");
+    assert_eq!(r & rights::FD_WRITE, 0);
+    w.fd_filestat_get(&mut m, fd, 300).unwrap();
+    assert_eq!(m[316], filetype::CHARACTER_DEVICE);
+
+    // Every read asks the host for entropy first and returns fresh bytes.
+    let a = read_fd(&mut w, &mut h, &mut m, fd, 8);
+    assert_eq!(h.entropy_calls, 1);
+    let b = read_fd(&mut w, &mut h, &mut m, fd, 8);
+    assert_eq!(h.entropy_calls, 2);
+    assert_ne!(a, b);
+    // Two iovecs are both filled, with different bytes.
+    m[100..104].copy_from_slice(&1000u32.to_le_bytes());
+    m[104..108].copy_from_slice(&16u32.to_le_bytes());
+    m[108..112].copy_from_slice(&2000u32.to_le_bytes());
+    m[112..116].copy_from_slice(&16u32.to_le_bytes());
+    w.fd_read(&mut h, &mut m, fd, 100, 2, 120).unwrap();
+    assert_eq!(u32_at(&m, 120), 32);
+    assert_ne!(m[1000..1016], m[2000..2016]);
+    // pread works too (the offset is ignored); zero-length reads take no entropy.
+    let calls = h.entropy_calls;
+    m[104..108].copy_from_slice(&0u32.to_le_bytes());
+    w.fd_read(&mut h, &mut m, fd, 100, 1, 120).unwrap();
+    assert_eq!(u32_at(&m, 120), 0);
+    assert_eq!(h.entropy_calls, calls);
+    m[104..108].copy_from_slice(&8u32.to_le_bytes());
+    w.fd_pread(&mut h, &mut m, fd, 100, 1, 12345, 120).unwrap();
+    assert_eq!(u32_at(&m, 120), 8);
+    assert_eq!(h.entropy_calls, calls + 1);
+    // Seek/tell succeed and stay at 0; writes and write opens are refused.
+    w.fd_seek(&mut m, fd, 10, whence::SET, 130).unwrap();
+    assert_eq!(u64_at(&m, 130), 0);
+    assert_eq!(w.fd_seek(&mut m, fd, 0, 9, 130), Err(errno::INVAL));
+    m[130..138].fill(0xff);
+    w.fd_tell(&mut m, fd, 130).unwrap();
+    assert_eq!(u64_at(&m, 130), 0);
+    m[100..104].copy_from_slice(&1000u32.to_le_bytes());
+    assert_eq!(
+        w.fd_write(&mut h, &mut m, fd, 100, 1, 120),
+        Err(errno::BADF)
+    );
+    assert_eq!(
+        w.fd_readdir(&mut m, fd, 1000, 100, 0, 0),
+        Err(errno::NOTDIR)
+    );
+    assert_eq!(
+        open(&mut w, &mut m, 3, URANDOM_PATH, oflags::DIRECTORY),
+        Err(errno::NOTDIR)
+    );
+    assert_eq!(
+        open(&mut w, &mut m, 3, URANDOM_PATH, oflags::TRUNC),
+        Err(errno::ROFS)
+    );
+    // Relative to the `dev` directory fd as well.
+    assert!(open(&mut w, &mut m, dev, b"urandom", 0).is_ok());
+    w.fd_close(fd).unwrap();
+}
+
+#[test]
+fn urandom_reads_follow_host_entropy() {
+    // Same state, then the host supplies new entropy before the second read of one of
+    // them (as after a snapshot restore): the first reads agree, the second ones differ.
+    let mut m = vec![0u8; 8192];
+    let mut w1 = ctx();
+    let mut w2 = ctx();
+    let mut h1 = H {
+        entropy: vec![[5; 32]],
+        ..Default::default()
+    };
+    let mut h2 = H {
+        entropy: vec![[5; 32]],
+        ..Default::default()
+    };
+    let fd1 = open(&mut w1, &mut m, 3, URANDOM_PATH, 0).unwrap();
+    let fd2 = open(&mut w2, &mut m, 3, URANDOM_PATH, 0).unwrap();
+    // Odd lengths: nothing left over in a buffer may leak into the next read.
+    let a1 = read_fd(&mut w1, &mut h1, &mut m, fd1, 5);
+    let a2 = read_fd(&mut w2, &mut h2, &mut m, fd2, 5);
+    assert_eq!(a1, a2);
+    h2.entropy.push([6; 32]);
+    let b1 = read_fd(&mut w1, &mut h1, &mut m, fd1, 5);
+    let b2 = read_fd(&mut w2, &mut h2, &mut m, fd2, 5);
+    assert_ne!(b1, b2);
+    // random_get follows the same state.
+    let mut w3 = ctx();
+    let mut h3 = H {
+        entropy: vec![[5; 32]],
+        ..Default::default()
+    };
+    w3.random_get(&mut h3, &mut m, 1000, 5).unwrap();
+    assert_eq!(m[1000..1005], a1[..]);
+}
+
+#[test]
+fn hidden_files_and_device_conflicts() {
+    let mut w = ctx();
+    let mut h = H::default();
+    let mut m = vec![0u8; 8192];
+    w.add_hidden_file(b".vmm/prelude.js", b"prelude").unwrap();
+    let names: Vec<Vec<u8>> = root_names(&w, &mut m, 3)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            b".".to_vec(),
+            b"..".to_vec(),
+            b"a.txt".to_vec(),
+            b"dev".to_vec(),
+            b"lib".to_vec()
+        ]
+    );
+    let fd = open(&mut w, &mut m, 3, b".vmm/prelude.js", 0).unwrap();
+    assert_eq!(read_fd(&mut w, &mut h, &mut m, fd, 7), b"prelude");
+    // Cookies still resume correctly around the hidden entry (index 2).
+    w.fd_readdir(&mut m, 3, 1000, 2000, 2, 0).unwrap();
+    let used = u32_at(&m, 0) as usize;
+    let ents = dirents(&m[1000..1000 + used]);
+    assert_eq!(ents[0].1, b"a.txt");
+    assert_eq!(ents[0].0, 4);
+    // Config files cannot replace the device, but may share its directory.
+    assert_eq!(w.add_file(URANDOM_PATH, b"x"), Err(TreeError::Conflict));
+    assert_eq!(w.add_file(b"dev", b"x"), Err(TreeError::Conflict));
+    w.add_file(b"dev/null.txt", b"").unwrap();
+    assert_eq!(
+        w.add_file(b".vmm/prelude.js", b"x"),
+        Err(TreeError::Conflict)
+    );
 }
