@@ -151,6 +151,13 @@ pub enum WriteError {
         "template {name} already exists ({path}): remove it first or use begin_template_replacing"
     )]
     AlreadyExists { name: TemplateName, path: PathBuf },
+    #[error("template {name} not found (no {path}); `vmm-store ls` shows the available templates")]
+    NotFound { name: TemplateName, path: PathBuf },
+    #[error("template {name} cannot be rewritten: {source}")]
+    Manifest {
+        name: TemplateName,
+        source: Box<ManifestError>,
+    },
     #[error("cannot layer on {parent}: {source}")]
     Parent {
         parent: TemplateName,
@@ -202,4 +209,88 @@ pub enum RemoveError {
         path: PathBuf,
         source: io::Error,
     },
+}
+
+/// Garbage collection.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error("gc: taking the store write lock {path}: {source} (check permissions of the store directory)")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("gc: listing templates: {0}")]
+    Templates(LoadError),
+    #[error("gc refused: template manifest {path} is unreadable ({source}), so the pages it needs are unknown; run `vmm-store verify`, then remove or restore that template and run gc again")]
+    UnreadableTemplate {
+        path: PathBuf,
+        source: Box<LoadError>,
+    },
+    #[error("gc: {step} ({path}): {source}; the store stays consistent (run `vmm-store verify`), free space or fix permissions and run gc again")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("gc: re-reading pack indexes: {0}")]
+    Index(IndexError),
+    #[error("gc: {0}")]
+    Injected(String),
+}
+
+/// Exporting a template to a file.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("export: {0}")]
+    Load(#[from] LoadError),
+    #[error("export: taking the store read lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("export: reading manifest {path}: {source}")]
+    ReadManifest { path: PathBuf, source: io::Error },
+    #[error("export: template {name} changed while being exported; retry")]
+    Changed { name: TemplateName },
+    #[error("export: page {page} of template {template} is missing or damaged; run `vmm-store verify` and re-create the template")]
+    DamagedPage {
+        template: TemplateName,
+        page: PageId,
+    },
+    #[error(
+        "export: writing the export file: {source} (check free space and the destination path)"
+    )]
+    Write { source: io::Error },
+}
+
+/// Importing an exported template file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error(
+        "import: not a template export file (bad magic); pass a file written by `vmm-store export`"
+    )]
+    NotAnExport,
+    #[error("import: the file has export format version {found}, this build supports {supported}: upgrade vmm-store")]
+    FutureVersion { found: u16, supported: u16 },
+    #[error("import: the file is truncated (ended inside the {what}); copy it again")]
+    Truncated { what: &'static str },
+    #[error("import: reading the {what}: {source}")]
+    Read {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("import: the file is damaged ({what}: {reason}); nothing was imported, copy it again")]
+    Corrupt { what: String, reason: String },
+    #[error("import: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("import: {0}")]
+    Name(#[from] NameError),
+    #[error("import: a different template named {name} already exists in this store ({reason}); nothing was imported: remove it first (`vmm-store` cannot rename on import)")]
+    Conflict { name: TemplateName, reason: String },
+    #[error("import: taking the store write lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("import: {step} ({path}): {source}; check free space and permissions and retry (the store stays consistent)")]
+    Store {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("import: writing pages: {0}")]
+    Write(#[from] WriteError),
+    #[error("import: {0}")]
+    Index(#[from] IndexError),
 }

@@ -87,10 +87,16 @@
 //! ```
 
 mod error;
+#[cfg(any(test, feature = "fixtures"))]
+#[doc(hidden)]
+pub mod fixtures;
 mod format;
+mod gc;
+mod inspect;
 mod store;
 #[cfg(test)]
 mod tests;
+mod transfer;
 
 /// The byte-format decoders, for the fuzz targets in `fuzz/` only: not a stable API.
 #[doc(hidden)]
@@ -105,12 +111,16 @@ pub mod fuzzing {
 }
 
 pub use error::{
-    IndexError, LoadError, ManifestError, NameError, OpenError, RemoveError, WriteError,
+    ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError, OpenError,
+    RemoveError, WriteError,
 };
+pub use gc::GcReport;
+pub use inspect::{Diff, DiffRange, LayerReport, SharedPair};
 pub use store::{
     CommitInfo, Frame, Problem, Resolved, Severity, Stats, Store, Template, TemplateInfo,
     TemplateStats, TemplateWriter,
 };
+pub use transfer::{ExportReport, ImportReport, ImportedTemplate};
 
 use std::fmt;
 use std::path::PathBuf;

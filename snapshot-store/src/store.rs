@@ -24,7 +24,7 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 /// The page hash is already keyed and uniformly distributed: use it directly.
 #[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
@@ -41,12 +41,12 @@ impl Hasher for IdHasher {
         self.0 ^= u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
-type IdMap<V> = HashMap<PageId, V, BuildHasherDefault<IdHasher>>;
+pub(crate) type IdMap<V> = HashMap<PageId, V, BuildHasherDefault<IdHasher>>;
 
-#[derive(Clone, Copy, Debug)]
-struct Loc {
-    pack: u32,
-    offset: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub(crate) pack: u32,
+    pub(crate) offset: u64,
 }
 
 type Stamp = (u64, u64, i64, i64);
@@ -59,6 +59,13 @@ struct Pack {
     idx_stamp: Option<Stamp>,
     loaded: bool,
     problem: Option<String>,
+    /// Inode of the pack file when loaded: a different inode means the pack
+    /// was deleted (by `gc`) and its id reused.
+    pack_ino: Option<u64>,
+    /// Deleted or replaced on disk: its entries are gone from the index, its
+    /// mapping is kept (until no writer can hold a location in it) so an
+    /// in-flight writer can still copy pages it had deduplicated against.
+    retired: bool,
 }
 
 /// An open store. Cheap reads go through `&self`; anything that changes the
@@ -67,25 +74,25 @@ struct Pack {
 /// For concurrent writers open one `Store` per thread/process: they
 /// serialise on the store's `LOCK` file.
 pub struct Store {
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     secret: Box<[u8; SECRET_LEN]>,
     packs: Vec<Pack>,
     pack_pos: HashMap<PackId, u32>,
-    index: IdMap<Loc>,
+    pub(crate) index: IdMap<Loc>,
     #[cfg(test)]
     pub(crate) force_hash: Option<u128>,
     #[cfg(test)]
     pub(crate) fail_at: Option<&'static str>,
 }
 
-struct Lock(File);
+pub(crate) struct Lock(File);
 impl Drop for Lock {
     fn drop(&mut self) {
         let _ = self.0.unlock();
     }
 }
 
-fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
+pub(crate) fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -100,18 +107,18 @@ fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
     Ok(Lock(f))
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     b.iter().fold(0u8, |a, &x| a | x) == 0
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
+pub(crate) fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
     let (stem, is_idx) = if let Some(s) = name.strip_suffix(".idx") {
         (s, true)
     } else {
@@ -126,7 +133,7 @@ fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
 }
 
 /// Maps the first `len` bytes of `path` read-only.
-fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
+pub(crate) fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
     let f = File::open(path)?;
     let len = usize::try_from(len).map_err(|_| io::Error::other("pack too large to map"))?;
     // SAFETY: the mapping is read-only and covers only bytes the store never
@@ -139,25 +146,25 @@ fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
 }
 
 impl Store {
-    fn cfg_path(&self) -> PathBuf {
+    pub(crate) fn cfg_path(&self) -> PathBuf {
         self.dir.join("store.cfg")
     }
-    fn packs_dir(&self) -> PathBuf {
+    pub(crate) fn packs_dir(&self) -> PathBuf {
         self.dir.join("packs")
     }
-    fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.dir.join("tmp")
     }
-    fn templates_dir(&self) -> PathBuf {
+    pub(crate) fn templates_dir(&self) -> PathBuf {
         self.dir.join("templates")
     }
-    fn pack_path(&self, id: PackId) -> PathBuf {
+    pub(crate) fn pack_path(&self, id: PackId) -> PathBuf {
         self.packs_dir().join(format!("{id}.pack"))
     }
-    fn idx_path(&self, id: PackId) -> PathBuf {
+    pub(crate) fn idx_path(&self, id: PackId) -> PathBuf {
         self.packs_dir().join(format!("{id}.idx"))
     }
-    fn manifest_path(&self, name: &TemplateName) -> PathBuf {
+    pub(crate) fn manifest_path(&self, name: &TemplateName) -> PathBuf {
         self.templates_dir().join(format!("{name}.tmpl"))
     }
 
@@ -243,7 +250,14 @@ impl Store {
     }
 
     /// Re-reads pack indexes changed by other processes (cheap when nothing changed).
+    /// Packs deleted or replaced on disk (by `gc`) drop out of the index.
     pub fn refresh(&mut self) -> Result<(), IndexError> {
+        self.refresh_inner(true)
+    }
+
+    /// `release`: also unmap retired packs (only when no writer can hold a
+    /// [`Loc`] into them, i.e. not during a commit).
+    pub(crate) fn refresh_inner(&mut self, release: bool) -> Result<(), IndexError> {
         let pdir = self.packs_dir();
         let rd = fs::read_dir(&pdir).map_err(|source| IndexError::ListPacks {
             path: pdir.clone(),
@@ -259,7 +273,30 @@ impl Store {
                 ids.insert(id);
             }
         }
+        // Packs gone from disk: their pages are no longer available for dedup.
+        let gone: Vec<u32> = self
+            .packs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.retired && !ids.contains(&p.id))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for pos in gone {
+            self.retire(pos);
+        }
         for id in ids {
+            let existing = self.pack_pos.get(&id).copied();
+            if let Some(pos) = existing {
+                let p = &self.packs[pos as usize];
+                if p.loaded {
+                    let ino = fs::metadata(self.pack_path(id)).ok().map(|m| m.ino());
+                    let idx_gone = p.idx_stamp.is_some() && !self.idx_path(id).exists();
+                    let replaced = p.pack_ino.is_some() && ino != p.pack_ino;
+                    if idx_gone || replaced {
+                        self.retire(pos);
+                    }
+                }
+            }
             let pos = match self.pack_pos.get(&id) {
                 Some(&p) => p,
                 None => {
@@ -270,6 +307,8 @@ impl Store {
                         idx_stamp: None,
                         loaded: false,
                         problem: None,
+                        pack_ino: None,
+                        retired: false,
                     });
                     let p = (self.packs.len() - 1) as u32;
                     self.pack_pos.insert(id, p);
@@ -278,7 +317,20 @@ impl Store {
             };
             self.load_pack(pos);
         }
+        if release {
+            for p in self.packs.iter_mut().filter(|p| p.retired) {
+                p.map = None;
+            }
+        }
         Ok(())
+    }
+
+    /// Forgets a pack that was deleted or replaced on disk.
+    fn retire(&mut self, pos: u32) {
+        self.index.retain(|_, l| l.pack != pos);
+        let p = &mut self.packs[pos as usize];
+        p.retired = true;
+        self.pack_pos.remove(&p.id);
     }
 
     /// (Re)loads one pack's index and mapping. Problems are recorded on the pack.
@@ -319,12 +371,14 @@ impl Store {
             }
         }
         let mut map = None;
+        let mut pack_ino = None;
         match fs::metadata(&pack_path) {
             Err(_) if indexed_end > 0 => {
                 problem = Some(format!("pack file {} is missing", pack_path.display()))
             }
             Err(_) => {}
             Ok(m) => {
+                pack_ino = Some(m.ino());
                 let len = m.len().min(indexed_end);
                 if len < indexed_end {
                     problem = Some(format!(
@@ -347,6 +401,7 @@ impl Store {
         pack.idx_stamp = stamp;
         pack.loaded = true;
         pack.problem = problem;
+        pack.pack_ino = pack_ino;
     }
 
     pub(crate) fn hash_page(&self, b: &[u8]) -> u128 {
@@ -358,7 +413,7 @@ impl Store {
     }
 
     #[cfg(test)]
-    fn fail(&self, at: &'static str) -> Result<(), WriteError> {
+    pub(crate) fn fail(&self, at: &'static str) -> Result<(), WriteError> {
         if self.fail_at == Some(at) {
             return Err(WriteError::Injected(at));
         }
@@ -366,11 +421,11 @@ impl Store {
     }
     #[cfg(not(test))]
     #[inline(always)]
-    fn fail(&self, _at: &'static str) -> Result<(), WriteError> {
+    pub(crate) fn fail(&self, _at: &'static str) -> Result<(), WriteError> {
         Ok(())
     }
 
-    fn loc_bytes(&self, loc: Loc) -> Option<&[u8; PAGE_SIZE]> {
+    pub(crate) fn loc_bytes(&self, loc: Loc) -> Option<&[u8; PAGE_SIZE]> {
         let m = self.packs.get(loc.pack as usize)?.map.as_ref()?;
         let s = usize::try_from(loc.offset).ok()?;
         m.get(s..s.checked_add(PAGE_SIZE)?)?.try_into().ok()
@@ -461,7 +516,7 @@ impl Store {
         Ok(())
     }
 
-    fn read_template(&self, name: &TemplateName) -> Result<Template, LoadError> {
+    pub(crate) fn read_template(&self, name: &TemplateName) -> Result<Template, LoadError> {
         let path = self.manifest_path(name);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -493,7 +548,7 @@ impl Store {
         Ok(t)
     }
 
-    fn template_names(&self) -> Result<Vec<TemplateName>, LoadError> {
+    pub(crate) fn template_names(&self) -> Result<Vec<TemplateName>, LoadError> {
         let dir = self.templates_dir();
         let rd = fs::read_dir(&dir).map_err(|source| LoadError::List {
             path: dir.clone(),
@@ -523,6 +578,52 @@ impl Store {
             .iter()
             .map(|n| self.read_template(n).map(|t| t.info()))
             .collect()
+    }
+
+    /// Atomically rewrites template `name`'s manifest with a new working set
+    /// (guest frame numbers in first-touch order); pages and state are
+    /// unchanged. Runs under the writer lock: temp file, fsync, rename.
+    pub fn set_working_set(&mut self, name: &str, frames: Vec<u64>) -> Result<(), WriteError> {
+        let name = TemplateName::new(name)?;
+        let _lock = take_lock(&self.dir, true).map_err(|source| WriteError::Lock {
+            path: self.dir.join("LOCK"),
+            source,
+        })?;
+        let path = self.manifest_path(&name);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(WriteError::NotFound { name, path })
+            }
+            Err(source) => {
+                return Err(WriteError::Io {
+                    step: "reading manifest",
+                    path,
+                    source,
+                })
+            }
+        };
+        let mut m = format::decode_manifest(&path, &bytes).map_err(|e| WriteError::Manifest {
+            name: name.clone(),
+            source: Box::new(e),
+        })?;
+        let nframes = m.mem_size / PAGE;
+        if let Some(&frame) = frames.iter().find(|&&f| f >= nframes) {
+            return Err(WriteError::WorkingSetOutOfRange {
+                frame,
+                frames: nframes,
+            });
+        }
+        m.working_set = frames;
+        let out = format::encode_manifest(&m);
+        format::write_atomic(&self.tmp_dir(), &path, &out, || true).map_err(|source| {
+            WriteError::Io {
+                step: "writing manifest",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        Ok(())
     }
 
     /// Removes a template. Refuses if other templates are layered on it.
@@ -566,7 +667,7 @@ impl Store {
     }
 
     /// Walks the parent chain of `t`: returns ancestors from root to direct parent.
-    fn ancestors(&self, t: &Template) -> Result<Vec<Template>, LoadError> {
+    pub(crate) fn ancestors(&self, t: &Template) -> Result<Vec<Template>, LoadError> {
         let mut seen = vec![t.name.clone()];
         let mut out: Vec<Template> = Vec::new();
         let mut next = t.parent.clone();
@@ -605,7 +706,7 @@ impl Store {
         Ok(out)
     }
 
-    fn clean_tmp(&self) {
+    pub(crate) fn clean_tmp(&self) {
         if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
             for e in rd.flatten() {
                 let _ = fs::remove_file(e.path());
@@ -657,20 +758,36 @@ impl Store {
                 unique_bytes: unique * PAGE,
             });
         }
-        let mut physical_bytes = 0;
+        let (mut pack_bytes, mut index_bytes, mut manifest_bytes) = (0, 0, 0);
         for d in [self.packs_dir(), self.templates_dir()] {
             if let Ok(rd) = fs::read_dir(&d) {
                 for e in rd.flatten() {
-                    physical_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    if name.ends_with(".pack") {
+                        pack_bytes += len;
+                    } else if name.ends_with(".idx") {
+                        index_bytes += len;
+                    } else {
+                        manifest_bytes += len;
+                    }
                 }
             }
         }
-        physical_bytes += fs::metadata(self.cfg_path()).map(|m| m.len()).unwrap_or(0);
+        let config_bytes = fs::metadata(self.cfg_path()).map(|m| m.len()).unwrap_or(0);
+        let physical_bytes = pack_bytes + index_bytes + manifest_bytes + config_bytes;
+        let shared_pairs = crate::inspect::shared_pairs(&all, 10);
         Ok(Stats {
             templates,
             logical_bytes,
             logical_nonzero_bytes,
             physical_bytes,
+            pack_bytes,
+            index_bytes,
+            manifest_bytes,
+            config_bytes,
+            shared_pairs,
             stored_pages: self.index.len() as u64,
             referenced_pages: users.len() as u64,
         })
@@ -1059,7 +1176,8 @@ impl PageBuf {
 #[derive(Clone, Copy)]
 enum Slot {
     Zero,
-    Known(PageId),
+    /// Already stored at this location when recorded.
+    Known(PageId, Loc),
     Pending(u32),
 }
 
@@ -1120,7 +1238,9 @@ impl TemplateWriter<'_> {
         let mut slot = 0;
         while let Some(loc) = self.store.index.get(&PageId::new(h, slot)) {
             if self.store.loc_bytes(*loc) == Some(bytes) {
-                self.frames.insert(frame, Slot::Known(PageId::new(h, slot)));
+                let loc = *loc;
+                self.frames
+                    .insert(frame, Slot::Known(PageId::new(h, slot), loc));
                 return Ok(());
             }
             slot += 1;
@@ -1186,16 +1306,14 @@ impl TemplateWriter<'_> {
             parent,
             replace,
             mem_size,
-            frames: map,
-            pending,
-            pending_hash,
+            frames: mut map,
+            mut pending,
+            mut pending_hash,
             pending_map: _,
             vcpu_state,
             device_state,
             working_set,
         } = self;
-        let page = |i: u32| pending.get(i);
-
         let lock_path = store.dir.join("LOCK");
         let _lock = take_lock(&store.dir, true).map_err(|source| WriteError::Lock {
             path: lock_path,
@@ -1203,7 +1321,33 @@ impl TemplateWriter<'_> {
         })?;
         store.fail("locked")?;
         store.clean_tmp();
-        store.refresh()?;
+        store.refresh_inner(false)?;
+        // Pages deduplicated against a pack that `gc` has since removed or
+        // rewritten: still there under another location, or copied again from
+        // the (still mapped) old pack.
+        for slot in map.values_mut() {
+            let Slot::Known(id, loc) = *slot else {
+                continue;
+            };
+            if store
+                .index
+                .get(&id)
+                .is_some_and(|l| store.loc_bytes(*l).is_some())
+            {
+                continue;
+            }
+            let Some(bytes) = store.loc_bytes(loc) else {
+                return Err(WriteError::BadPack {
+                    path: store.packs_dir(),
+                    reason: format!("page {id} vanished while the template was being written"),
+                });
+            };
+            let i = pending_hash.len() as u32;
+            pending.push(bytes);
+            pending_hash.push(id.hash());
+            *slot = Slot::Pending(i);
+        }
+        let page = |i: u32| pending.get(i);
         let mpath = store.manifest_path(&name);
         if !replace && mpath.exists() {
             return Err(WriteError::AlreadyExists { name, path: mpath });
@@ -1268,7 +1412,7 @@ impl TemplateWriter<'_> {
                     }
                     continue;
                 }
-                Slot::Known(id) => *id,
+                Slot::Known(id, _) => *id,
                 Slot::Pending(i) => match final_id[*i as usize] {
                     Some(id) => id,
                     None => continue, // unreachable: referenced pages all got ids
@@ -1325,12 +1469,17 @@ impl TemplateWriter<'_> {
 impl Store {
     /// Appends pages to the newest pack (or a new one) and atomically
     /// replaces its index. Caller holds the exclusive lock and has refreshed.
-    fn append_pages<'p>(
+    pub(crate) fn append_pages<'p>(
         &mut self,
         new_pages: &[(PageId, u32)],
         page: &dyn Fn(u32) -> &'p [u8],
     ) -> Result<(), WriteError> {
-        let (pack_id, start) = match self.packs.iter().max_by_key(|p| p.id) {
+        let (pack_id, start) = match self
+            .packs
+            .iter()
+            .filter(|p| !p.retired)
+            .max_by_key(|p| p.id)
+        {
             Some(p) if p.problem.is_none() && p.indexed_end < PACK_TARGET => (p.id, p.indexed_end),
             Some(p) => (PackId::new(p.id.get() + 1), 0),
             None => (PackId::new(1), 0),
@@ -1423,7 +1572,7 @@ impl Store {
             self.fail("before-idx-rename")?;
         }
         self.fail("after-idx")?;
-        self.refresh()?;
+        self.refresh_inner(false)?;
         Ok(())
     }
 }
@@ -1442,8 +1591,8 @@ pub struct Template {
     pub device_state: Vec<u8>,
     /// Guest frame numbers in first-touch order.
     pub working_set: Vec<u64>,
-    zero_runs: Vec<(u64, u64)>,
-    page_runs: Vec<(u64, Vec<PageId>)>,
+    pub(crate) zero_runs: Vec<(u64, u64)>,
+    pub(crate) page_runs: Vec<(u64, Vec<PageId>)>,
 }
 
 /// Summary of a template.
@@ -1460,7 +1609,7 @@ pub struct TemplateInfo {
 }
 
 impl Template {
-    fn from_manifest(m: ManifestV1, path: &Path) -> Result<Template, LoadError> {
+    pub(crate) fn from_manifest(m: ManifestV1, path: &Path) -> Result<Template, LoadError> {
         let bad = |reason: String| ManifestError::Invalid {
             path: path.to_path_buf(),
             reason,
@@ -1497,7 +1646,7 @@ impl Template {
             .flat_map(|(s, v)| v.iter().enumerate().map(move |(i, id)| (s + i as u64, *id)))
     }
 
-    fn own_page_count(&self) -> u64 {
+    pub(crate) fn own_page_count(&self) -> u64 {
         self.page_runs.iter().map(|(_, v)| v.len() as u64).sum()
     }
 
@@ -1718,8 +1867,15 @@ pub struct Stats {
     pub logical_bytes: u64,
     /// Sum over templates of non-zero frames x 4096: what sparse full snapshots would take.
     pub logical_nonzero_bytes: u64,
-    /// Bytes on disk (packs, indexes, manifests, config).
+    /// Bytes on disk (packs, indexes, manifests, config): the sum of the four below.
     pub physical_bytes: u64,
+    /// Sizes of the `.pack` files, the `.idx` files, files in `templates/`, and `store.cfg`.
+    pub pack_bytes: u64,
+    pub index_bytes: u64,
+    pub manifest_bytes: u64,
+    pub config_bytes: u64,
+    /// Template pairs sharing the most of their own (stored) pages, most first.
+    pub shared_pairs: Vec<crate::inspect::SharedPair>,
     /// Distinct pages in the indexes.
     pub stored_pages: u64,
     /// Distinct pages referenced by at least one template.

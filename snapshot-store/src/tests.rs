@@ -1,43 +1,10 @@
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::Instant;
 
-use crate::format::{self, ManifestV1};
+use crate::fixtures::*;
+use crate::format;
 use crate::*;
-
-const MEM: u64 = 64 * PAGE_SIZE as u64;
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "snapshot-store-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn page(seed: u64) -> [u8; PAGE_SIZE] {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut p = [0u8; PAGE_SIZE];
-    for c in p.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    p
-}
 
 fn corruptions(store: &Store) -> Vec<Problem> {
     store
@@ -50,25 +17,6 @@ fn corruptions(store: &Store) -> Vec<Problem> {
 fn assert_healthy(store: &Store) {
     let c = corruptions(store);
     assert!(c.is_empty(), "unexpected corruption: {c:#?}");
-}
-
-/// base: frames 0..10 = page(i); fn: frames 3,4 new, frame 5 zeroed.
-fn make_base_and_fn(store: &mut Store) {
-    let mut w = store.begin_template("base", None, MEM).unwrap();
-    for i in 0..10 {
-        w.put_page(i, &page(i)).unwrap();
-    }
-    w.set_vcpu_state(b"vcpu-base".to_vec());
-    w.set_device_state(b"dev-base".to_vec());
-    w.set_working_set(vec![2, 1, 0]);
-    w.commit().unwrap();
-    let mut w = store.begin_template("fn", Some("base"), MEM).unwrap();
-    w.put_page(3, &page(103)).unwrap();
-    w.put_page(4, &page(104)).unwrap();
-    w.set_zero(5).unwrap();
-    w.set_vcpu_state(b"vcpu-fn".to_vec());
-    w.set_working_set(vec![4, 3, 9]);
-    w.commit().unwrap();
 }
 
 fn check_fn(store: &mut Store) {
@@ -409,31 +357,9 @@ fn expect_problem(s: &Store, needle: &str) {
     }
 }
 
-fn read_manifest(dir: &Path, name: &str) -> ManifestV1 {
-    let p = dir.join(format!("templates/{name}.tmpl"));
-    format::decode_manifest(&p, &fs::read(&p).unwrap()).unwrap()
-}
-
-fn write_manifest(dir: &Path, m: &ManifestV1) {
-    fs::write(
-        dir.join(format!("templates/{}.tmpl", m.name)),
-        format::encode_manifest(m),
-    )
-    .unwrap();
-}
-
 #[test]
 fn damaged_truncated_pack() {
-    let (_d, mut s) = store_with_fixture(|d| {
-        let p = d.join("packs/0000000000000001.pack");
-        let len = fs::metadata(&p).unwrap().len();
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_len(len - 6000)
-            .unwrap();
-    });
+    let (_d, mut s) = store_with_fixture(truncated_pack);
     expect_problem(&s, "truncated");
     // Resolving a template that needs the lost page fails clearly instead of faulting.
     let t = s.load("fn").unwrap();
@@ -443,25 +369,14 @@ fn damaged_truncated_pack() {
 
 #[test]
 fn damaged_flipped_bit() {
-    let (_d, s) = store_with_fixture(|d| {
-        let p = d.join("packs/0000000000000001.pack");
-        let mut b = fs::read(&p).unwrap();
-        b[5 * PAGE_SIZE + 17] ^= 0x10;
-        fs::write(&p, b).unwrap();
-    });
+    let (_d, s) = store_with_fixture(flipped_bit);
     expect_problem(&s, "is damaged");
     expect_problem(&s, "missing or damaged");
 }
 
 #[test]
 fn damaged_manifest_checksum() {
-    let (d, mut s) = store_with_fixture(|d| {
-        let p = d.join("templates/fn.tmpl");
-        let mut b = fs::read(&p).unwrap();
-        let n = b.len();
-        b[n - 3] ^= 1;
-        fs::write(&p, b).unwrap();
-    });
+    let (d, mut s) = store_with_fixture(bad_manifest_checksum);
     expect_problem(&s, "checksum mismatch");
     let e = s.load("fn").unwrap_err();
     assert!(
@@ -473,8 +388,7 @@ fn damaged_manifest_checksum() {
 
 #[test]
 fn damaged_missing_parent() {
-    let (_d, mut s) =
-        store_with_fixture(|d| fs::remove_file(d.join("templates/base.tmpl")).unwrap());
+    let (_d, mut s) = store_with_fixture(missing_parent);
     expect_problem(&s, "parent template base does not exist");
     let e = s.load("fn").unwrap().resolve(&s).err().unwrap();
     assert!(matches!(e, LoadError::MissingParent { .. }), "{e}");
@@ -482,33 +396,13 @@ fn damaged_missing_parent() {
 
 #[test]
 fn damaged_index_entry_past_end() {
-    let (_d, s) = store_with_fixture(|d| {
-        let p = d.join("packs/0000000000000001.idx");
-        let b = fs::read(&p).unwrap();
-        let mut body = b[format::IDX_HEADER..].to_vec();
-        let id = PageId::new(123, 0);
-        format::idx_entry_bytes(
-            &mut body,
-            &format::IdxEntry {
-                id,
-                offset: 1 << 30,
-            },
-        );
-        fs::write(&p, format::encode_idx(PackId::new(1), &body)).unwrap();
-    });
+    let (_d, s) = store_with_fixture(index_entry_past_end);
     expect_problem(&s, "past the end of its pack");
 }
 
 #[test]
 fn damaged_future_format_version() {
-    let (_d, mut s) = store_with_fixture(|d| {
-        let m = read_manifest(d, "fn");
-        fs::write(
-            d.join("templates/fn.tmpl"),
-            format::encode_manifest_version(&m, 7),
-        )
-        .unwrap();
-    });
+    let (_d, mut s) = store_with_fixture(future_format_version);
     expect_problem(&s, "format version 7");
     let e = s.load("fn").unwrap_err();
     assert!(
@@ -523,11 +417,7 @@ fn damaged_future_format_version() {
 
 #[test]
 fn damaged_parent_cycle() {
-    let (_d, mut s) = store_with_fixture(|d| {
-        let mut m = read_manifest(d, "base");
-        m.parent = Some("fn".into());
-        write_manifest(d, &m);
-    });
+    let (_d, mut s) = store_with_fixture(parent_cycle);
     expect_problem(&s, "cycle");
     let e = s.load("fn").unwrap().resolve(&s).err().unwrap();
     assert!(matches!(e, LoadError::ParentCycle { .. }), "{e}");
@@ -536,11 +426,7 @@ fn damaged_parent_cycle() {
 
 #[test]
 fn damaged_working_set_outside_ram() {
-    let (_d, s) = store_with_fixture(|d| {
-        let mut m = read_manifest(d, "fn");
-        m.working_set.push(1 << 40);
-        write_manifest(d, &m);
-    });
+    let (_d, s) = store_with_fixture(working_set_outside_ram);
     expect_problem(&s, "working set frame");
 }
 
