@@ -1,7 +1,10 @@
 //! `vmm`: run serverless functions in a KVM unikernel, cold or from snapshots.
 
 use clap::{Parser, Subcommand};
+use snapshot_store::Store;
+use std::path::PathBuf;
 use vmm::cli::{self, FunctionArgs, InvokeArgs};
+use vmm::snapshot::{self, MemoryStrategy};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +31,88 @@ enum Command {
         #[arg(long, value_name = "MIB", default_value_t = vmm_abi::layout::DEFAULT_MEM_MIB)]
         mem: u64,
     },
+    /// Create, list and remove templates (snapshots that later invocations start from).
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Start a function from its template and serve one request: request on stdin,
+    /// response on stdout.
+    ///
+    /// Example: echo '{"name":"x"}' | vmm restore hello
+    Restore {
+        /// The function template (see `vmm template ls`).
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        invoke: InvokeArgs,
+        /// How guest memory is filled: `prefetch` copies the template's recorded working set
+        /// before the vCPU runs and serves the rest on demand through userfaultfd; `eager`
+        /// copies everything; `lazy` serves every page on demand.
+        #[arg(long, value_enum, default_value = "prefetch")]
+        memory: MemoryStrategy,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct StoreArg {
+    /// The template store [default: $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn dir(&self) -> Result<PathBuf, String> {
+        self.store
+            .clone()
+            .or_else(snapshot_store::default_store_dir)
+            .ok_or_else(|| "no store directory: pass --store DIR or set $VMM_STORE".to_string())
+    }
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Create a function template: boots (or restores) the runtime base for the module,
+    /// gives it the function, runs the function to its first read of stdin and snapshots it.
+    /// The runtime base is created on first use and shared by every function of that module.
+    ///
+    /// Example: vmm template create hello --module qjs-wasi-reactor.wasm --runtime qjs --file hello.js --arg hello.js
+    Create {
+        /// Name of the new template (letters, digits, `-`, `_`, `.`).
+        name: String,
+        #[command(flatten)]
+        function: FunctionArgs,
+        /// Layer on this template instead of the module's runtime base.
+        #[arg(long, value_name = "TEMPLATE")]
+        base: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+        /// The request of the trial invocation that records the template's working set
+        /// (default: an empty request).
+        #[arg(long, value_name = "PATH")]
+        trial_input: Option<PathBuf>,
+        /// Guest RAM in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = vmm_abi::layout::DEFAULT_MEM_MIB)]
+        mem: u64,
+        /// Stop the guest after this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        timeout: f64,
+        /// Print what was created as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the templates in the store.
+    Ls {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a template (refused while other templates are layered on it).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
 }
 
 fn main() {
@@ -52,6 +137,179 @@ fn main() {
                 }
             }
         }
+        Command::Template(cmd) => template(cmd),
+        Command::Restore {
+            name,
+            store,
+            invoke,
+            memory,
+        } => restore(&name, &store, &invoke, memory),
     };
     std::process::exit(code);
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("vmm: error: {msg}");
+    cli::EXIT_FAILURE
+}
+
+fn open_store(arg: &StoreArg, create: bool) -> Result<Store, String> {
+    let dir = arg.dir()?;
+    let r = if create {
+        Store::create_or_open(&dir)
+    } else {
+        Store::open(&dir)
+    };
+    r.map_err(|e| format!("open the template store {}: {e}", dir.display()))
+}
+
+fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStrategy) -> i32 {
+    let prepared = (|| {
+        let store = open_store(store, false)?;
+        let input = invoke.read_input().map_err(|e| e.to_string())?;
+        let limits = invoke
+            .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((store, input, limits))
+    })();
+    let (mut store, input, limits) = match prepared {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    match snapshot::restore_and_run(&mut store, name, memory, &input, &limits) {
+        Ok((report, rs)) => {
+            let code = cli::finish(&report, invoke);
+            if invoke.stats && !invoke.json {
+                eprintln!(
+                    "{:>16}: {:>9.3} ms\n{:>16}: {:>9.3} ms\n{:>16}: {:>9.3} ms\n{:>16}: {:>9.3} ms\n{:>16}: {:>9}\n{:>16}: {:>9}\n{:>16}: {:>9}",
+                    "load template", rs.load_ms, "install memory", rs.install_ms, "restore vcpu", rs.vm_restore_ms,
+                    "run to response", rs.run_ms, "pages installed", rs.pages_installed, "uffd faults", rs.uffd_faults,
+                    "bytes from store", rs.bytes_from_store
+                );
+            }
+            code
+        }
+        Err(e) => fail(format!("restore {name}: {e}")),
+    }
+}
+
+fn template(cmd: TemplateCommand) -> i32 {
+    match cmd {
+        TemplateCommand::Create {
+            name,
+            function,
+            base,
+            store,
+            trial_input,
+            mem,
+            timeout,
+            json,
+        } => {
+            let prepared = (|| {
+                let spec = function.to_spec().map_err(|e| e.to_string())?;
+                let trial = match &trial_input {
+                    Some(p) => std::fs::read(p)
+                        .map_err(|e| format!("read --trial-input {}: {e}", p.display()))?,
+                    None => Vec::new(),
+                };
+                if !(timeout > 0.0 && timeout.is_finite()) {
+                    return Err(format!(
+                        "--timeout {timeout}: must be a positive number of seconds"
+                    ));
+                }
+                let limits = vmm::run::RunLimits {
+                    timeout: std::time::Duration::from_secs_f64(timeout),
+                    mem_mib: mem,
+                    ..Default::default()
+                };
+                Ok::<_, String>((spec, trial, limits, open_store(&store, true)?))
+            })();
+            let (spec, trial, limits, mut store) = match prepared {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            match snapshot::create_template(
+                &mut store,
+                &name,
+                &spec,
+                base.as_deref(),
+                &trial,
+                &limits,
+            ) {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    0
+                }
+                Ok(r) => {
+                    if r.base_created {
+                        eprintln!(
+                            "created runtime base {} ({} pages)",
+                            r.base, r.base_new_pages
+                        );
+                    } else {
+                        eprintln!("reused runtime base {}", r.base);
+                    }
+                    eprintln!(
+                        "created template {} on {}: {} new pages, {} shared, working set {} pages, in {:.1} ms",
+                        r.name, r.base, r.new_pages, r.reused_pages, r.working_set_pages, r.create_ms
+                    );
+                    0
+                }
+                Err(e) => fail(format!("template create {name}: {e}")),
+            }
+        }
+        TemplateCommand::Ls { store, json } => {
+            let store = match open_store(&store, false) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let list = match store.list() {
+                Ok(l) => l,
+                Err(e) => return fail(format!("list templates: {e}")),
+            };
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "name": t.name.as_str(),
+                            "parent": t.parent.as_ref().map(|p| p.as_str()),
+                            "mem_size": t.mem_size,
+                            "own_pages": t.own_pages,
+                            "created_unix_ms": t.created_unix_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<32} {:<32} {:>10} {:>8}",
+                    "NAME", "PARENT", "OWN PAGES", "MEM MiB"
+                );
+                for t in &list {
+                    println!(
+                        "{:<32} {:<32} {:>10} {:>8}",
+                        t.name.as_str(),
+                        t.parent.as_ref().map(|p| p.as_str()).unwrap_or("-"),
+                        t.own_pages,
+                        t.mem_size >> 20
+                    );
+                }
+            }
+            0
+        }
+        TemplateCommand::Rm { name, store } => {
+            let mut store = match open_store(&store, false) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            match store.remove(&name) {
+                Ok(()) => {
+                    eprintln!("removed template {name}");
+                    0
+                }
+                Err(e) => fail(format!("template rm {name}: {e}")),
+            }
+        }
+    }
 }

@@ -5,6 +5,8 @@
 
 use std::ptr::NonNull;
 
+const HUGE_PAGE: usize = 2 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("map {size} bytes of guest RAM: {source} (lower --mem or check `ulimit -v`)")]
@@ -32,26 +34,45 @@ unsafe impl Sync for GuestMemory {}
 
 impl GuestMemory {
     pub fn new(size: usize) -> Result<Self, MemoryError> {
+        // Reserve 2 MiB more than needed and trim, so that guest 2 MiB pages line up with
+        // host huge pages (KVM maps a guest huge page in one go only if the host's is too).
+        let align = HUGE_PAGE;
+        let reserve = size + align;
         // SAFETY: an anonymous private mapping with no address hint; the result is
         // checked against MAP_FAILED before use.
-        let ptr = unsafe {
+        let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size,
+                reserve,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        if ptr == libc::MAP_FAILED {
+        if raw == libc::MAP_FAILED {
             return Err(MemoryError::Map {
                 size,
                 source: std::io::Error::last_os_error(),
             });
         }
-        // SAFETY: ptr/size describe the mapping just created; madvise only changes
-        // paging policy. Failure is harmless (no huge pages), so it is ignored.
+        let start = raw as usize;
+        let aligned = (start + align - 1) & !(align - 1);
+        let head = aligned - start;
+        let tail = reserve - head - size;
+        // SAFETY: both ranges lie inside the reservation just made and outside
+        // [aligned, aligned+size), which is what this GuestMemory keeps.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + size) as *mut libc::c_void, tail);
+            }
+        }
+        let ptr = aligned as *mut libc::c_void;
+        // SAFETY: ptr/size describe the mapping kept above; madvise only changes paging
+        // policy. Failure is harmless (no huge pages), so it is ignored.
         unsafe { libc::madvise(ptr, size, libc::MADV_HUGEPAGE) };
         Ok(GuestMemory {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null"),
