@@ -9,6 +9,35 @@ use alloc::vec::Vec;
 use vmm_abi::{ERR_CONFIG, ERR_INSTANTIATE, ERR_MODULE_INVALID, ERR_RUNTIME_INIT, ERR_TRAP};
 use wasmi::{Engine, Error, Instance, Linker, Module, Store, TypedFunc};
 
+/// Where the QuickJS prelude is served, relative to the preopen `/` (hidden from
+/// directory listings).
+pub const QJS_PRELUDE_PATH: &str = ".vmm/prelude.js";
+
+/// Evaluated by QuickJS (`-I`) after `--std` and before the function's script.
+///
+/// QuickJS-NG seeds Math.random's xorshift from the clock when the context is created,
+/// which is before the function template is taken, so every restore of a template
+/// would replay the same sequence. This Math.random draws 53 bits per call from
+/// `/dev/urandom` instead, which takes fresh host entropy on every read. It reads the
+/// raw fd (`os.read`), never a stdio `FILE`, whose libc buffer would hold bytes
+/// across a snapshot and replay them after every restore.
+pub const QJS_PRELUDE: &str = r#"(() => {
+  const fd = os.open('/dev/urandom', os.O_RDONLY);
+  if (fd < 0) throw new Error('cannot open /dev/urandom: ' + std.strerror(-fd));
+  const buf = new ArrayBuffer(8);
+  const words = new Uint32Array(buf);
+  const read = os.read;
+  const random = function random() {
+    if (read(fd, buf, 0, 8) !== 8) throw new Error('cannot read /dev/urandom');
+    // 21 + 32 = 53 random bits, scaled into [0, 1).
+    return ((words[1] >>> 11) * 4294967296 + words[0]) / 9007199254740992;
+  };
+  Object.defineProperty(Math, 'random', {
+    value: random, writable: true, enumerable: false, configurable: true,
+  });
+})();
+"#;
+
 fn err(code: u64, message: String) -> RunError {
     RunError { code, message }
 }
@@ -130,6 +159,17 @@ pub fn run<H: Host>(
         Ok(c) => c,
         Err(e) => return Err(fail(&mut store, ERR_CONFIG, e.to_string())),
     };
+    if runtime == Runtime::Qjs {
+        // Before the function's files, so a config file at this path is a conflict.
+        if let Err(e) = store
+            .data_mut()
+            .wasi
+            .add_hidden_file(QJS_PRELUDE_PATH.as_bytes(), QJS_PRELUDE.as_bytes())
+        {
+            let msg = format!("cannot install the QuickJS prelude: {e:?}");
+            return Err(fail(&mut store, ERR_CONFIG, msg));
+        }
+    }
     if let Err(e) = store.data_mut().wasi.configure(&config) {
         return Err(fail(&mut store, ERR_CONFIG, e.to_string()));
     }
@@ -162,7 +202,8 @@ fn run_start<H: Host>(
     start.call(&mut *store, ()).map(|()| 0).map_err(classify)
 }
 
-/// QuickJS reactor: `qjs_init_argv(argc, argv)` with argv = `qjs --std <args[1..]>`,
+/// QuickJS reactor: `qjs_init_argv(argc, argv)` with argv =
+/// `qjs --std -I .vmm/prelude.js <args[1..]>` (see [`QJS_PRELUDE`]),
 /// the strings and the array allocated with the module's `malloc`. A non-zero return
 /// means the script threw (QuickJS has printed the exception): exit code 1.
 fn run_qjs<H: Host>(
@@ -181,9 +222,11 @@ fn run_qjs<H: Host>(
         .get_memory(&*store, "memory")
         .ok_or_else(|| missing("memory"))?;
 
-    let mut argv: Vec<&[u8]> = Vec::with_capacity(args.len() + 1);
+    let mut argv: Vec<&[u8]> = Vec::with_capacity(args.len() + 3);
     argv.push(b"qjs");
     argv.push(b"--std");
+    argv.push(b"-I");
+    argv.push(QJS_PRELUDE_PATH.as_bytes());
     argv.extend(args.iter().skip(1).copied());
 
     let alloc = |store: &mut Store<StoreData<'_, H>>, len: usize| -> Result<u32, Stop> {

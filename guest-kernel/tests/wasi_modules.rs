@@ -306,3 +306,50 @@ fn random_get_uses_host_entropy() {
     assert_ne!(oa.stdout, ob.stdout);
     assert_eq!(a.entropy_calls, 1);
 }
+
+#[test]
+fn dev_urandom_reads_return_fresh_bytes() {
+    // Open dev/urandom relative to the preopen, read 16 bytes twice (into 100 and 116),
+    // write all 32 to stdout. fdstat's filetype goes to byte 300 of the output region.
+    let wat = r#"(module
+      (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 200) "dev/urandom")
+      (func $read16 (param $fd i32) (param $at i32)
+        (i32.store (i32.const 0) (local.get $at))
+        (i32.store (i32.const 4) (i32.const 16))
+        (if (call $read (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))
+          (then (call $exit (i32.const 90))))
+        (if (i32.ne (i32.load (i32.const 8)) (i32.const 16))
+          (then (call $exit (i32.const 91)))))
+      (func (export "_start") (local $e i32) (local $fd i32)
+        (local.set $e (call $open (i32.const 3) (i32.const 0) (i32.const 200) (i32.const 11)
+                                  (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 96)))
+        (if (local.get $e) (then (call $exit (local.get $e))))
+        (local.set $fd (i32.load (i32.const 96)))
+        (drop (call $fdstat (local.get $fd) (i32.const 400)))
+        (i32.store8 (i32.const 132) (i32.load8_u (i32.const 400)))
+        (call $read16 (local.get $fd) (i32.const 100))
+        (call $read16 (local.get $fd) (i32.const 116))
+        (i32.store (i32.const 0) (i32.const 100))
+        (i32.store (i32.const 4) (i32.const 33))
+        (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+    let mut a = TestHost::new(&["p"], &[], &[], b"");
+    a.entropy = Some([1; 32]);
+    let oa = run_wat(&mut a, wat).unwrap();
+    assert_eq!(oa.exit_code, 0);
+    assert_eq!(oa.stdout.len(), 33);
+    assert_ne!(oa.stdout[..16], oa.stdout[16..32], "two reads, fresh bytes");
+    assert_ne!(oa.stdout[..16], [0; 16]);
+    assert_eq!(oa.stdout[32], 2, "a character device");
+    assert_eq!(a.entropy_calls, 2, "entropy is asked for before every read");
+    // Other host entropy, other bytes.
+    let mut b = TestHost::new(&["p"], &[], &[], b"");
+    b.entropy = Some([2; 32]);
+    let ob = run_wat(&mut b, wat).unwrap();
+    assert_ne!(oa.stdout[..32], ob.stdout[..32]);
+}

@@ -21,6 +21,9 @@ pub struct TestHost {
     pub clock: u64,
     pub clock_calls: usize,
     pub entropy: Option<[u8; 32]>,
+    /// Handed out by the first take_entropy call after stdin was first read, as the
+    /// VMM does after restoring a function template (taken at the first stdin read).
+    pub entropy_after_stdin: Option<[u8; 32]>,
     pub entropy_calls: usize,
     pub raw: Vec<(u64, [u64; 4])>,
     pub get_function_calls: usize,
@@ -67,6 +70,9 @@ impl Host for TestHost {
     }
     fn take_entropy(&mut self) -> Option<[u8; 32]> {
         self.entropy_calls += 1;
+        if self.stdin_reads > 0 && self.entropy_after_stdin.is_some() {
+            return self.entropy_after_stdin.take();
+        }
         self.entropy.take()
     }
     fn get_function(&mut self) -> Vec<u8> {
