@@ -600,9 +600,16 @@ pub fn create_template(
             module_name: spec.module_name.clone(),
             args: vec![],
         };
-        let info = write_layer(store, &base_name, None, &vm, &state, &device, false)?;
-        base_created = true;
-        base_new_pages = info.new_pages;
+        match write_layer(store, &base_name, None, &vm, &state, &device, false) {
+            Ok(info) => {
+                base_created = true;
+                base_new_pages = info.new_pages;
+            }
+            // A concurrent `template create` wrote the same base first: layer on theirs (the
+            // function layer is a diff against whatever the parent holds).
+            Err(TemplateError::Write(snapshot_store::WriteError::AlreadyExists { .. })) => {}
+            Err(e) => return Err(e),
+        }
         layer(&mut vm, buf, store)?
     };
 

@@ -1,0 +1,336 @@
+//! End-to-end tests of templates and restore: the real `vmm` binary, a real store on
+//! disk, the real QuickJS reactor, on /dev/kvm.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct TempStore(PathBuf);
+
+impl TempStore {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmm-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempStore(p)
+    }
+    fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn qjs_function_args(script: &str, extra: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "--module".into(),
+        workload("qjs-wasi-reactor.wasm"),
+        "--runtime".into(),
+        "qjs".into(),
+        "--file".into(),
+        if script.contains('/') {
+            path(script)
+        } else {
+            path(&format!("examples/{script}"))
+        },
+        "--arg".into(),
+        Path::new(script)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+    ];
+    for f in extra {
+        a.push("--file".into());
+        a.push(f.clone());
+    }
+    a
+}
+
+fn create(store: &TempStore, name: &str, function: &[String]) -> Run {
+    let mut cmd = vmm();
+    cmd.args(["template", "create", name, "--store", &store.arg()])
+        .args(function);
+    run_with_input(cmd, b"")
+}
+
+fn restore(store: &TempStore, name: &str, memory: &str, input: &[u8]) -> Run {
+    let mut cmd = vmm();
+    cmd.args(["restore", name, "--store", &store.arg(), "--memory", memory]);
+    run_with_input(cmd, input)
+}
+
+fn run_cold(function: &[String], input: &[u8]) -> Run {
+    let mut cmd = vmm();
+    cmd.arg("run").args(function);
+    run_with_input(cmd, input)
+}
+
+fn marked() -> String {
+    format!("{}:marked.esm.js", workload("marked.esm.js"))
+}
+
+#[test]
+fn restore_prints_what_run_prints_for_every_example_and_strategy() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempStore::new("examples");
+    let cases: Vec<(&str, Vec<String>, &[u8])> = vec![
+        (
+            "hello",
+            qjs_function_args("hello.js", &[]),
+            br#"{"name":"x"}"#,
+        ),
+        (
+            "markdown",
+            qjs_function_args("markdown.js", &[marked()]),
+            b"# Title\n\n*em* and `code`\n",
+        ),
+        (
+            "upper",
+            vec![
+                "--module".into(),
+                path("examples/upper.wat"),
+                "--arg".into(),
+                "one".into(),
+            ],
+            b"some text\n",
+        ),
+    ];
+    for (name, function, input) in &cases {
+        let c = create(&store, name, function);
+        assert_eq!(c.code(), 0, "template create {name}: {}", c.stderr());
+        let cold = run_cold(function, input);
+        assert_eq!(cold.code(), 0, "{}", cold.stderr());
+        assert!(!cold.stdout().is_empty());
+        for memory in ["prefetch", "eager", "lazy"] {
+            let r = restore(&store, name, memory, input);
+            assert_eq!(
+                r.stdout(),
+                cold.stdout(),
+                "restore {name} --memory {memory}: {}",
+                r.stderr()
+            );
+            assert_eq!(r.code(), 0);
+        }
+    }
+    // A second function of the same module reuses the runtime base: one base in all.
+    let mut ls = vmm();
+    ls.args(["template", "ls", "--json", "--store", &store.arg()]);
+    let v: serde_json::Value = serde_json::from_str(&run_with_input(ls, b"").stdout()).unwrap();
+    let bases = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["parent"].is_null())
+        .count();
+    assert_eq!(
+        bases, 2,
+        "one base for the qjs module, one for upper.wat: {v}"
+    );
+}
+
+#[test]
+fn restores_draw_fresh_entropy_and_see_the_current_time() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempStore::new("entropy");
+    let c = create(
+        &store,
+        "entropy",
+        &["--module".into(), path("tests/guests/entropy.wat")],
+    );
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    let a = restore(&store, "entropy", "prefetch", b"go");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let b = restore(&store, "entropy", "prefetch", b"go");
+    let (ra, rb) = (&a.output.stdout, &b.output.stdout);
+    assert_eq!(ra.len(), 24, "{}", a.stderr());
+    assert_eq!(rb.len(), 24, "{}", b.stderr());
+    assert_ne!(
+        ra[..16],
+        rb[..16],
+        "two restores drew the same random bytes"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128;
+    for out in [ra, rb] {
+        let t = u64::from_le_bytes(out[16..24].try_into().unwrap()) as i128;
+        assert!(
+            (now - t).abs() < 30_000_000_000,
+            "guest clock {t} is not the current time {now}"
+        );
+    }
+    let ta = u64::from_le_bytes(ra[16..24].try_into().unwrap());
+    let tb = u64::from_le_bytes(rb[16..24].try_into().unwrap());
+    assert!(tb > ta, "the second restore must see a later time");
+
+    // QuickJS: Math.random must not repeat across restores of one template.
+    let c = create(
+        &store,
+        "random",
+        &qjs_function_args("tests/guests/random.js", &[]),
+    );
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    let outs: Vec<serde_json::Value> = (0..2)
+        .map(|_| {
+            let r = restore(&store, "random", "prefetch", b"");
+            serde_json::from_str(r.stdout().trim())
+                .unwrap_or_else(|e| panic!("{e}: {} {}", r.stdout(), r.stderr()))
+        })
+        .collect();
+    assert_ne!(
+        outs[0]["random"], outs[1]["random"],
+        "Math.random repeated across restores: {outs:?}"
+    );
+    let now_ms = (now / 1_000_000) as f64;
+    for o in &outs {
+        assert!(
+            (o["now"].as_f64().unwrap() - now_ms).abs() < 30_000.0,
+            "Date.now() is stale: {o}"
+        );
+    }
+}
+
+#[test]
+fn template_errors_are_clear() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempStore::new("errors");
+    let r = restore(&store, "nothing", "prefetch", b"");
+    assert_ne!(r.code(), 0);
+    assert!(r.stderr().contains("store"), "{}", r.stderr());
+    let c = create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    let r = restore(&store, "missing", "prefetch", b"");
+    assert!(
+        r.code() != 0 && r.stderr().contains("does not exist"),
+        "{}",
+        r.stderr()
+    );
+    // The base cannot serve requests, and cannot be removed while hello is layered on it.
+    let mut ls = vmm();
+    ls.args(["template", "ls", "--json", "--store", &store.arg()]);
+    let v: serde_json::Value = serde_json::from_str(&run_with_input(ls, b"").stdout()).unwrap();
+    let base = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["parent"].is_null())
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = restore(&store, &base, "prefetch", b"");
+    assert!(
+        r.code() != 0 && r.stderr().contains("runtime base"),
+        "{}",
+        r.stderr()
+    );
+    let mut rm = vmm();
+    rm.args(["template", "rm", &base, "--store", &store.arg()]);
+    let r = run_with_input(rm, b"");
+    assert!(
+        r.code() != 0 && r.stderr().contains("hello"),
+        "rm must refuse and name the child: {}",
+        r.stderr()
+    );
+    let c = create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    assert!(
+        c.code() != 0 && c.stderr().contains("already exists"),
+        "{}",
+        c.stderr()
+    );
+    let mut rm = vmm();
+    rm.args(["template", "rm", "hello", "--store", &store.arg()]);
+    assert_eq!(run_with_input(rm, b"").code(), 0);
+}
+
+#[test]
+fn concurrent_creates_of_different_names_both_succeed() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempStore::new("concurrent");
+    let spawn = |name: &str, script: &str, extra: &[String]| {
+        let mut cmd: Command = vmm();
+        cmd.args(["template", "create", name, "--store", &store.arg()])
+            .args(qjs_function_args(script, extra));
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn("a", "hello.js", &[]);
+    let b = spawn("b", "markdown.js", &[marked()]);
+    for (name, child) in [("a", a), ("b", b)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        restore(&store, "a", "prefetch", br#"{"name":"y"}"#).stdout(),
+        "{\"greeting\":\"Hello, y!\",\"length\":1}\n"
+    );
+    assert_eq!(
+        restore(&store, "b", "prefetch", b"*x*").stdout(),
+        "<p><em>x</em></p>\n\n"
+    );
+}
+
+#[test]
+fn killing_template_create_never_corrupts_the_store() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempStore::new("kill");
+    let c = create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    // Kill creates of new templates at spread-out moments (from "at once" to "nearly done").
+    for (i, delay_ms) in [0u64, 5, 20, 60, 120, 200, 300, 450].iter().enumerate() {
+        let mut cmd = vmm();
+        cmd.args([
+            "template",
+            "create",
+            &format!("victim{i}"),
+            "--store",
+            &store.arg(),
+        ])
+        .args(qjs_function_args("markdown.js", &[marked()]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let s = snapshot_store::Store::open(&store.0).expect("the store still opens");
+        let corrupt: Vec<_> = s
+            .verify()
+            .into_iter()
+            .filter(|p| p.is_corruption())
+            .collect();
+        assert!(
+            corrupt.is_empty(),
+            "after a kill at {delay_ms} ms: {corrupt:?}"
+        );
+        let r = restore(&store, "hello", "prefetch", br#"{"name":"k"}"#);
+        assert_eq!(
+            r.stdout(),
+            "{\"greeting\":\"Hello, k!\",\"length\":1}\n",
+            "{}",
+            r.stderr()
+        );
+    }
+}
