@@ -796,6 +796,11 @@ impl Store {
     /// Checks everything, layer by layer, and returns every problem found
     /// (empty = healthy). Reads the disk afresh under a shared lock.
     pub fn verify(&self) -> Vec<Problem> {
+        self.verify_with_progress(&mut |_, _| {})
+    }
+
+    /// [`Store::verify`] calling `progress(packs done, packs total)`.
+    pub fn verify_with_progress(&self, progress: &mut dyn FnMut(u64, u64)) -> Vec<Problem> {
         let mut probs = Vec::new();
         let _lock = match take_lock(&self.dir, false) {
             Ok(l) => Some(l),
@@ -827,7 +832,7 @@ impl Store {
             }
         }
         // 2. packs and indexes
-        let valid = self.verify_packs(&mut probs);
+        let valid = self.verify_packs(&mut probs, progress);
         // 3. manifests
         self.verify_templates(&valid, &mut probs);
         // 4. temp files
@@ -844,7 +849,11 @@ impl Store {
     }
 
     /// Returns the set of valid pages (present, in bounds, hash matches) and per-pack ids.
-    fn verify_packs(&self, probs: &mut Vec<Problem>) -> IdMap<PackId> {
+    fn verify_packs(
+        &self,
+        probs: &mut Vec<Problem>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> IdMap<PackId> {
         let mut valid: IdMap<PackId> = IdMap::default();
         let pdir = self.packs_dir();
         let rd = match fs::read_dir(&pdir) {
@@ -871,7 +880,9 @@ impl Store {
                 )),
             }
         }
-        for id in ids {
+        let total = ids.len() as u64;
+        for (k, id) in ids.into_iter().enumerate() {
+            progress(k as u64, total);
             let idx_path = self.idx_path(id);
             let pack_path = self.pack_path(id);
             let pack_len = fs::metadata(&pack_path).map(|m| m.len()).ok();
@@ -987,6 +998,7 @@ impl Store {
                 valid.insert(e.id, id);
             }
         }
+        progress(total, total);
         valid
     }
 

@@ -660,3 +660,339 @@ fn throughput() {
         mib / t_load.as_secs_f64()
     );
 }
+
+fn resolved_bytes(s: &mut Store, name: &str) -> Vec<u8> {
+    let t = s.load(name).unwrap();
+    let r = t.resolve(s).unwrap();
+    let mut g = vec![0u8; r.mem_size() as usize];
+    r.copy_to(&mut g).unwrap();
+    g
+}
+
+#[test]
+fn set_working_set_rewrites_only_the_working_set() {
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let before = s.load("fn").unwrap();
+    let bytes = resolved_bytes(&mut s, "fn");
+    s.set_working_set("fn", vec![9, 8, 7, 3]).unwrap();
+    let after = s.load("fn").unwrap();
+    assert_eq!(after.working_set, vec![9, 8, 7, 3]);
+    assert_eq!(after.vcpu_state, before.vcpu_state);
+    assert_eq!(after.created_unix_ms, before.created_unix_ms);
+    assert_eq!(after.info(), before.info());
+    assert_eq!(resolved_bytes(&mut s, "fn"), bytes);
+    assert!(matches!(
+        s.set_working_set("fn", vec![64]),
+        Err(WriteError::WorkingSetOutOfRange { frame: 64, .. })
+    ));
+    assert!(matches!(
+        s.set_working_set("nope", vec![1]),
+        Err(WriteError::NotFound { .. })
+    ));
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    assert_eq!(fs::read_dir(d.0.join("tmp")).unwrap().count(), 0);
+}
+
+/// base + fn + "gone" (its own pages 40..50), then "gone" removed.
+fn store_with_orphans(d: &Path) -> Store {
+    let mut s = healthy_store(d);
+    let mut w = s.begin_template("gone", Some("base"), MEM).unwrap();
+    for f in 40..50 {
+        w.put_page(f, &page(4000 + f)).unwrap();
+    }
+    w.put_page(11, &page(103)).unwrap(); // shared with fn: must survive
+    w.commit().unwrap();
+    let mut w = s.begin_template("later", None, MEM).unwrap();
+    w.put_page(0, &page(5000)).unwrap();
+    w.commit().unwrap();
+    s.remove("gone").unwrap();
+    s
+}
+
+#[test]
+fn gc_removes_orphans_keeps_referenced() {
+    let d = TempDir::new();
+    let mut s = store_with_orphans(&d.0);
+    fs::write(d.0.join("tmp/x.tmp"), b"junk").unwrap();
+    let want: Vec<(String, Vec<u8>)> = ["base", "fn", "later"]
+        .iter()
+        .map(|n| (n.to_string(), resolved_bytes(&mut s, n)))
+        .collect();
+    let before = s.stats().unwrap().physical_bytes;
+    let dry = s.gc(true).unwrap();
+    assert_eq!(dry.removed_pages, 10);
+    assert_eq!((dry.tmp_files, dry.packs_rewritten), (1, 1));
+    assert!(d.0.join("tmp/x.tmp").exists(), "dry run changed nothing");
+    assert_eq!(s.stats().unwrap().physical_bytes, before);
+    let rep = s.gc(false).unwrap();
+    assert_eq!(rep.removed_pages, dry.removed_pages);
+    assert_eq!(rep.bytes_after, dry.bytes_after);
+    assert!(rep.bytes_freed() >= 10 * PAGE_SIZE as u64, "{rep:?}");
+    assert!(!d.0.join("tmp/x.tmp").exists());
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    for (n, bytes) in &want {
+        assert_eq!(&resolved_bytes(&mut s, n), bytes, "{n}");
+    }
+    // Reopened from disk too.
+    let mut s2 = Store::open(&d.0).unwrap();
+    for (n, bytes) in &want {
+        assert_eq!(&resolved_bytes(&mut s2, n), bytes, "{n}");
+    }
+    // Nothing left to do.
+    let again = s.gc(false).unwrap();
+    assert_eq!((again.removed_pages, again.packs_rewritten), (0, 0));
+    // Remove everything: all packs go.
+    for n in ["fn", "base", "later"] {
+        s.remove(n).unwrap();
+    }
+    let rep = s.gc(false).unwrap();
+    assert!(rep.packs_deleted >= 1);
+    assert_eq!(fs::read_dir(d.0.join("packs")).unwrap().count(), 0);
+    assert!(s.verify().is_empty());
+    // And the store keeps working (pack ids may be reused).
+    make_base_and_fn(&mut s);
+    check_fn(&mut s);
+}
+
+#[test]
+fn gc_killed_at_any_step_leaves_usable_store() {
+    for step in [
+        "gc-after-new-pack",
+        "gc-after-new-idx",
+        "gc-after-idx-delete",
+    ] {
+        let d = TempDir::new();
+        let mut s = store_with_orphans(&d.0);
+        let want = resolved_bytes(&mut s, "fn");
+        s.fail_at = Some(step);
+        assert!(s.gc(false).is_err(), "{step}");
+        drop(s);
+        let mut s = Store::open(&d.0).unwrap();
+        assert_healthy(&s);
+        assert_eq!(resolved_bytes(&mut s, "fn"), want, "{step}");
+        check_fn(&mut s);
+        s.gc(false).unwrap();
+        assert!(s.verify().is_empty(), "{step}: {:#?}", s.verify());
+        assert_eq!(resolved_bytes(&mut s, "fn"), want, "{step}");
+    }
+}
+
+#[test]
+fn gc_refuses_with_unreadable_manifest_and_skips_damaged_packs() {
+    let (_d, mut s) = store_with_fixture(bad_manifest_checksum);
+    let e = s.gc(false).unwrap_err();
+    assert!(matches!(e, GcError::UnreadableTemplate { .. }), "{e}");
+    assert!(e.to_string().contains("verify"), "{e}");
+    let (_d, mut s) = store_with_fixture(truncated_pack);
+    let rep = s.gc(false).unwrap();
+    assert_eq!(rep.skipped.len(), 1, "{rep:?}");
+    assert_eq!(rep.packs_deleted + rep.packs_rewritten, 0);
+}
+
+#[test]
+fn writer_survives_concurrent_gc() {
+    // A writer deduplicates against pages, gc (another Store) moves them, commit still works.
+    let d = TempDir::new();
+    let mut s = store_with_orphans(&d.0);
+    let mut w = s.begin_template("new", Some("fn"), MEM).unwrap();
+    w.put_page(20, &page(103)).unwrap(); // known: in the pack gc rewrites
+    w.put_page(21, &page(4041)).unwrap(); // known now, garbage for gc
+    w.put_page(22, &page(777)).unwrap(); // new
+    let mut other = Store::open(&d.0).unwrap();
+    let rep = other.gc(false).unwrap();
+    assert!(rep.packs_rewritten + rep.packs_deleted >= 1, "{rep:?}");
+    w.commit().unwrap();
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    let mut s = Store::open(&d.0).unwrap();
+    let t = s.load("new").unwrap();
+    let r = t.resolve(&s).unwrap();
+    assert_eq!(r.frame(20), Some(Frame::Data(&page(103))));
+    assert_eq!(r.frame(21), Some(Frame::Data(&page(4041))));
+    assert_eq!(r.frame(22), Some(Frame::Data(&page(777))));
+    drop(r);
+    // The other store sees the move after a refresh.
+    other.refresh().unwrap();
+    let t = other.load("new").unwrap();
+    assert_eq!(
+        t.resolve(&other).unwrap().frame(21),
+        Some(Frame::Data(&page(4041)))
+    );
+}
+
+#[test]
+fn diff_merges_runs() {
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let df = s.diff("base", "fn").unwrap();
+    assert_eq!(
+        df.ranges,
+        vec![DiffRange {
+            first_frame: 3,
+            frames: 3
+        }]
+    );
+    assert_eq!(df.differing_frames, 3);
+    assert_eq!(df.ranges[0].start_addr(), 3 * PAGE_SIZE as u64);
+    assert_eq!(df.ranges[0].end_addr(), 6 * PAGE_SIZE as u64);
+    assert!(s.diff("fn", "fn").unwrap().ranges.is_empty());
+    let mut w = s.begin_template("other", None, MEM).unwrap();
+    for f in 0..10 {
+        w.put_page(f, &page(f)).unwrap();
+    }
+    w.put_page(30, &page(1)).unwrap();
+    w.commit().unwrap();
+    let df = s.diff("base", "other").unwrap();
+    assert_eq!(
+        df.ranges,
+        vec![DiffRange {
+            first_frame: 30,
+            frames: 1
+        }]
+    );
+}
+
+#[test]
+fn inspect_counts_per_layer() {
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let mut w = s.begin_template("twin", None, MEM).unwrap();
+    w.put_page(0, &page(104)).unwrap(); // shares fn's page 104
+    w.commit().unwrap();
+    let l = s.inspect("fn").unwrap();
+    assert_eq!(l.len(), 2);
+    assert_eq!(l[0].name.as_str(), "base");
+    assert_eq!(
+        (l[0].own_pages, l[0].inherited_pages, l[0].zero_frames),
+        (10, 0, 54)
+    );
+    assert_eq!(l[0].working_set, 3);
+    let f = &l[1];
+    assert_eq!(f.own_pages, 2);
+    assert_eq!(f.inherited_pages, 7); // 0..10 minus 3,4 (own) and 5 (zeroed)
+    assert_eq!(f.zero_frames, 55);
+    assert_eq!(f.explicit_zero_frames, 1);
+    assert_eq!((f.shared_pages, f.unique_pages), (1, 1));
+    assert_eq!(f.own_bytes, 2 * PAGE_SIZE as u64);
+    assert_eq!(f.resolved_bytes, 9 * PAGE_SIZE as u64);
+    assert_eq!(f.working_set, 3);
+    assert!(f.manifest_bytes > 0);
+    let st = s.stats().unwrap();
+    assert_eq!(
+        st.physical_bytes,
+        st.pack_bytes + st.index_bytes + st.manifest_bytes + st.config_bytes
+    );
+    assert_eq!(st.shared_pairs.len(), 1);
+    assert_eq!(
+        (
+            st.shared_pairs[0].a.as_str(),
+            st.shared_pairs[0].b.as_str(),
+            st.shared_pairs[0].pages
+        ),
+        ("fn", "twin", 1)
+    );
+}
+
+#[test]
+fn export_import_round_trip_dedups() {
+    let (a, b) = (TempDir::new(), TempDir::new());
+    let mut sa = healthy_store(&a.0);
+    let mut w = sa.begin_template("fn2", Some("fn"), MEM).unwrap();
+    w.put_page(30, &page(3000)).unwrap();
+    w.put_page(31, &page(3)).unwrap(); // same bytes as base frame 3
+    w.set_device_state(b"dev2".to_vec());
+    w.commit().unwrap();
+    let mut file = Vec::new();
+    let ex = sa.export("fn2", &mut file).unwrap();
+    assert_eq!(ex.pages, 10 + 2 + 1);
+    assert_eq!(ex.bytes, file.len() as u64);
+    let names: Vec<&str> = ex.templates.iter().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["base", "fn", "fn2"]);
+
+    // The target already has base's pages under another template.
+    let mut sb = Store::create_or_open(&b.0).unwrap();
+    let mut w = sb.begin_template("unrelated", None, MEM).unwrap();
+    for f in 0..10 {
+        w.put_page(f + 20, &page(f)).unwrap();
+    }
+    w.commit().unwrap();
+    let im = sb.import(&file[..]).unwrap();
+    assert_eq!((im.pages, im.new_pages), (13, 3));
+    assert!(im.templates.iter().all(|t| t.created));
+    for n in ["base", "fn", "fn2"] {
+        assert_eq!(
+            resolved_bytes(&mut sa, n),
+            resolved_bytes(&mut sb, n),
+            "{n}"
+        );
+        let (x, y) = (sa.load(n).unwrap(), sb.load(n).unwrap());
+        assert_eq!(
+            (
+                &x.vcpu_state,
+                &x.device_state,
+                &x.working_set,
+                x.created_unix_ms
+            ),
+            (
+                &y.vcpu_state,
+                &y.device_state,
+                &y.working_set,
+                y.created_unix_ms
+            )
+        );
+    }
+    assert!(sb.verify().is_empty(), "{:#?}", sb.verify());
+    // Twice: nothing added.
+    let size = sb.stats().unwrap().physical_bytes;
+    let im = sb.import(&file[..]).unwrap();
+    assert_eq!(im.new_pages, 0);
+    assert!(im.templates.iter().all(|t| !t.created));
+    assert_eq!(sb.stats().unwrap().physical_bytes, size);
+
+    // A different template of the same name is refused, nothing written.
+    let c = TempDir::new();
+    let mut sc = Store::create_or_open(&c.0).unwrap();
+    let mut w = sc.begin_template("base", None, MEM).unwrap();
+    w.put_page(0, &page(1)).unwrap();
+    w.commit().unwrap();
+    let e = sc.import(&file[..]).unwrap_err();
+    assert!(matches!(e, ImportError::Conflict { .. }), "{e}");
+    assert!(e.to_string().contains("base"), "{e}");
+    assert_eq!(sc.list().unwrap().len(), 1);
+}
+
+#[test]
+fn import_rejects_damaged_files_without_panicking() {
+    let (a, b) = (TempDir::new(), TempDir::new());
+    let mut sa = healthy_store(&a.0);
+    let mut file = Vec::new();
+    sa.export("fn", &mut file).unwrap();
+    let mut sb = Store::create_or_open(&b.0).unwrap();
+    for cut in (0..file.len()).step_by(97) {
+        assert!(sb.import(&file[..cut]).is_err(), "cut {cut}");
+    }
+    let mut x = 7u64;
+    for _ in 0..300 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut f = file.clone();
+        let i = (x as usize) % f.len();
+        f[i] ^= 1 << (x >> 60 & 7);
+        assert!(sb.import(&f[..]).is_err(), "flip at {i}");
+    }
+    // Huge counts and lengths in a header with a valid checksum.
+    let mut f = file[..32].to_vec();
+    f[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&f[..24]);
+    f[24..32].copy_from_slice(&sum.to_le_bytes());
+    f.extend_from_slice(&u64::MAX.to_le_bytes());
+    assert!(sb.import(&f[..]).is_err());
+    let e = sb.import(&b"not an export"[..]).unwrap_err();
+    assert!(e.to_string().contains("not a template export"), "{e}");
+    assert!(sb.list().unwrap().is_empty());
+    assert!(sb.verify().iter().all(|p| !p.is_corruption()));
+    // Still importable afterwards.
+    sb.import(&file[..]).unwrap();
+    assert!(sb.verify().iter().all(|p| !p.is_corruption()));
+}

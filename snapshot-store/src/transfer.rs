@@ -236,10 +236,28 @@ impl Store {
         };
         // Header.
         let mut hdr = [0u8; HEADER];
-        r.get(&mut hdr, "header")?;
-        if &hdr[..8] != MAGIC {
+        let mut got = 0;
+        while got < HEADER {
+            match r.r.read(&mut hdr[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(ImportError::Read {
+                        what: "header",
+                        source,
+                    })
+                }
+            }
+        }
+        let m = got.min(8);
+        if hdr[..m] != MAGIC[..m] || got == 0 {
             return Err(ImportError::NotAnExport);
         }
+        if got < HEADER {
+            return Err(ImportError::Truncated { what: "header" });
+        }
+        r.h.update(&hdr);
         let major = u16::from_le_bytes([hdr[8], hdr[9]]);
         if major != MAJOR {
             return Err(ImportError::FutureVersion {
