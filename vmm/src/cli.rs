@@ -210,18 +210,28 @@ pub fn finish(report: &RunReport, args: &InvokeArgs) -> i32 {
 
 pub fn print_stats(s: &crate::run::Stats) {
     eprintln!("--- {} start on {} KVM ---", s.mode, s.backend);
-    let rows = [
-        ("vm create", s.vm_create_ms),
-        ("guest boot", s.boot_ms),
-        ("module compile", s.compile_ms),
-        ("instantiate", s.instantiate_ms),
-        ("runtime init", s.runtime_init_ms),
-        ("function run", s.function_ms),
-        ("total", s.total_ms),
-    ];
-    for (name, v) in rows {
-        eprintln!("{name:>16}: {v:>9.3} ms");
+    let row = |name: &str, v: f64| eprintln!("{name:>18}: {v:>9.3} ms");
+    let count = |name: &str, v: u64| eprintln!("{name:>18}: {v:>9}");
+    match &s.restore {
+        None => {
+            row("vm create", s.vm_create_ms);
+            row("guest boot", s.boot_ms);
+            row("module compile", s.compile_ms);
+            row("instantiate", s.instantiate_ms);
+            row("runtime init", s.runtime_init_ms);
+            row("function run", s.function_ms);
+        }
+        Some(r) => {
+            row("load template", r.load_ms);
+            row("install memory", r.install_ms);
+            row("restore vm+vcpu", r.vm_restore_ms);
+            row("run to response", r.run_ms);
+            count("pages installed", r.pages_installed);
+            count("uffd faults", r.uffd_faults);
+            count("KiB from store", r.bytes_from_store / 1024);
+        }
     }
-    eprintln!("{:>16}: {:>9}", "exits", s.exits);
-    eprintln!("{:>16}: {:>9}", "hostcalls", s.hostcalls);
+    row("total", s.total_ms);
+    count("exits", s.exits);
+    count("hostcalls", s.hostcalls);
 }

@@ -31,6 +31,9 @@ enum Command {
         #[arg(long, value_name = "MIB", default_value_t = vmm_abi::layout::DEFAULT_MEM_MIB)]
         mem: u64,
     },
+    /// Measure cold runs against restores, store dedup, restore throughput and native
+    /// speed, side by side in one run, and print the tables the README quotes.
+    Bench(vmm::bench::BenchArgs),
     /// Create, list and remove templates (snapshots that later invocations start from).
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -138,6 +141,10 @@ fn main() {
             }
         }
         Command::Template(cmd) => template(cmd),
+        Command::Bench(args) => match vmm::bench::bench(&args) {
+            Ok(()) => 0,
+            Err(e) => fail(format!("bench: {e}")),
+        },
         Command::Restore {
             name,
             store,
@@ -177,18 +184,7 @@ fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStra
         Err(e) => return fail(e),
     };
     match snapshot::restore_and_run(&mut store, name, memory, &input, &limits) {
-        Ok((report, rs)) => {
-            let code = cli::finish(&report, invoke);
-            if invoke.stats && !invoke.json {
-                eprintln!(
-                    "{:>16}: {:>9.3} ms\n{:>16}: {:>9.3} ms\n{:>16}: {:>9.3} ms\n{:>16}: {:>9.3} ms\n{:>16}: {:>9}\n{:>16}: {:>9}\n{:>16}: {:>9}",
-                    "load template", rs.load_ms, "install memory", rs.install_ms, "restore vcpu", rs.vm_restore_ms,
-                    "run to response", rs.run_ms, "pages installed", rs.pages_installed, "uffd faults", rs.uffd_faults,
-                    "bytes from store", rs.bytes_from_store
-                );
-            }
-            code
-        }
+        Ok((report, _)) => cli::finish(&report, invoke),
         Err(e) => fail(format!("restore {name}: {e}")),
     }
 }

@@ -103,6 +103,9 @@ pub struct Stats {
     pub total_ms: f64,
     pub exits: u64,
     pub hostcalls: u64,
+    /// Set for `vmm restore`: how the template was restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::snapshot::RestoreStats>,
 }
 
 /// The outcome of one invocation. Output produced before a failure is kept.

@@ -412,6 +412,7 @@ pub fn restore_and_run(
     let mut report = report;
     report.stats.total_ms = ms(t0.elapsed());
     report.stats.vm_create_ms = rs.load_ms + rs.install_ms + rs.vm_restore_ms;
+    report.stats.restore = Some(rs.clone());
     Ok((report, rs))
 }
 
@@ -457,7 +458,6 @@ fn run_restored(
         );
         stats.hostcalls = mb.stats.hostcalls;
     }
-    stats.function_ms = 0.0; // the function started before the snapshot; run_ms covers the rest
     Ok(RunReport {
         result,
         stdout: out.stdout,
