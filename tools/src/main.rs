@@ -1,1 +1,643 @@
-fn main() {}
+//! `vmm-store`: inspect and maintain the VMM's template store.
+//!
+//! Exit codes: 0 ok, 1 problems found (`verify`), 2 usage or other errors.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
+use snapshot_store::{
+    ExportError, GcError, ImportError, LoadError, OpenError, Severity, Store, PAGE_SIZE,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "vmm-store",
+    version,
+    about = "Inspect and maintain the VMM template store"
+)]
+struct Cli {
+    /// Store directory [default: $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Machine-readable JSON on stdout instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List templates with parent, size and creation time
+    Ls,
+    /// Show a template's layer chain with per-layer page accounting
+    Inspect { template: String },
+    /// Logical vs physical bytes, dedup ratio, unique bytes, sharing
+    Stats,
+    /// Guest address ranges whose contents differ between two templates
+    Diff { a: String, b: String },
+    /// Check every pack, index and manifest (exit 1 on corruption)
+    Verify,
+    /// Remove pages and packs no template references, and temp files
+    Gc {
+        /// Report what would be removed without changing anything
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a template and its parents into one self-contained file
+    Export { template: String, file: PathBuf },
+    /// Import a file written by `export` (pages already present are not written again)
+    Import { file: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("no store directory: set $VMM_STORE or $HOME, or pass --store DIR")]
+    NoStoreDir,
+    #[error("opening the store: {0}")]
+    Open(#[from] OpenError),
+    #[error("{step}: {source}")]
+    Load {
+        step: &'static str,
+        source: LoadError,
+    },
+    #[error(transparent)]
+    Gc(#[from] GcError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error("{step} {path}: {source}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn load_err(step: &'static str) -> impl FnOnce(LoadError) -> CliError {
+    move |source| CliError::Load { step, source }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vmm-store: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn store_dir(cli: &Cli) -> Result<PathBuf, CliError> {
+    cli.store
+        .clone()
+        .or_else(snapshot_store::default_store_dir)
+        .ok_or(CliError::NoStoreDir)
+}
+
+fn progress_bar(what: &'static str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
+    if io::stderr().is_terminal() {
+        pb.set_draw_target(ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{msg:8} [{bar:40}] {pos}/{len} ({eta})") {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(what);
+    }
+    pb
+}
+
+fn run(cli: &Cli) -> Result<u8, CliError> {
+    let dir = store_dir(cli)?;
+    let open = || Store::open(&dir).map_err(CliError::from);
+    let out = match &cli.cmd {
+        Cmd::Ls => ls(&open()?, cli.json)?,
+        Cmd::Inspect { template } => inspect(&open()?, template, cli.json)?,
+        Cmd::Stats => stats(&open()?, cli.json)?,
+        Cmd::Diff { a, b } => diff(&mut open()?, a, b, cli.json)?,
+        Cmd::Verify => return verify(&open()?, cli.json),
+        Cmd::Gc { dry_run } => gc(&mut open()?, *dry_run, cli.json)?,
+        Cmd::Export { template, file } => export(&mut open()?, template, file, cli.json)?,
+        Cmd::Import { file } => {
+            let mut s = Store::create_or_open(&dir)?;
+            import(&mut s, file, cli.json)?
+        }
+    };
+    print!("{out}");
+    Ok(0)
+}
+
+// ---------------------------------------------------------------- formatting
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` UTC.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Left-aligned first column, right-aligned others.
+fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 0 {
+                s += &format!("{c:<w$}", w = w[0]);
+            } else {
+                s += &format!("  {c:>w$}", w = w[i]);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut s = line(head.to_vec());
+    for r in rows {
+        s += &line(r.iter().map(|c| c.as_str()).collect());
+    }
+    s
+}
+
+fn to_json(v: Value) -> String {
+    serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+}
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+// ---------------------------------------------------------------- commands
+
+fn ls(s: &Store, as_json: bool) -> Result<String, CliError> {
+    let list = s.list().map_err(load_err("listing templates"))?;
+    if as_json {
+        return Ok(to_json(Value::Array(
+            list.iter()
+                .map(|t| {
+                    json!({
+                        "name": t.name.as_str(),
+                        "parent": t.parent.as_ref().map(|p| p.as_str()),
+                        "mem_size": t.mem_size,
+                        "own_pages": t.own_pages,
+                        "own_bytes": t.own_pages * PAGE,
+                        "zero_frames": t.zero_frames,
+                        "created_unix_ms": t.created_unix_ms,
+                    })
+                })
+                .collect(),
+        )));
+    }
+    if list.is_empty() {
+        return Ok(format!("no templates in {}\n", s.dir().display()));
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.to_string(),
+                t.parent.as_ref().map_or("-".into(), |p| p.to_string()),
+                human(t.mem_size),
+                human(t.own_pages * PAGE),
+                utc(t.created_unix_ms),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &["TEMPLATE", "PARENT", "MEMORY", "OWN PAGES", "CREATED (UTC)"],
+        &rows,
+    ))
+}
+
+fn inspect(s: &Store, name: &str, as_json: bool) -> Result<String, CliError> {
+    let layers = s.inspect(name).map_err(load_err("inspecting template"))?;
+    if as_json {
+        return Ok(to_json(json!({
+            "template": name,
+            "layers": layers.iter().map(|l| json!({
+                "name": l.name.as_str(),
+                "parent": l.parent.as_ref().map(|p| p.as_str()),
+                "mem_size": l.mem_size,
+                "created_unix_ms": l.created_unix_ms,
+                "own_pages": l.own_pages,
+                "own_distinct_pages": l.own_distinct_pages,
+                "inherited_pages": l.inherited_pages,
+                "zero_frames": l.zero_frames,
+                "explicit_zero_frames": l.explicit_zero_frames,
+                "shared_pages": l.shared_pages,
+                "unique_pages": l.unique_pages,
+                "own_bytes": l.own_bytes,
+                "resolved_bytes": l.resolved_bytes,
+                "working_set": l.working_set,
+                "vcpu_state_bytes": l.vcpu_state_bytes,
+                "device_state_bytes": l.device_state_bytes,
+                "manifest_bytes": l.manifest_bytes,
+            })).collect::<Vec<_>>(),
+        })));
+    }
+    let chain: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    let mut out = format!(
+        "template {name}: {} layer(s): {}\nmemory {}, created {} UTC\n\n",
+        layers.len(),
+        chain.join(" -> "),
+        human(layers[0].mem_size),
+        utc(layers.last().map_or(0, |l| l.created_unix_ms)),
+    );
+    let rows: Vec<Vec<String>> = layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.to_string(),
+                l.own_pages.to_string(),
+                l.inherited_pages.to_string(),
+                l.zero_frames.to_string(),
+                l.shared_pages.to_string(),
+                human(l.own_bytes),
+                human(l.resolved_bytes),
+                l.working_set.to_string(),
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "LAYER",
+            "OWN",
+            "INHERITED",
+            "ZERO",
+            "SHARED",
+            "OWN BYTES",
+            "RESOLVED",
+            "WORKING SET",
+        ],
+        &rows,
+    );
+    out += "\n(pages; SHARED = own pages other templates also store)\n";
+    Ok(out)
+}
+
+fn stats(s: &Store, as_json: bool) -> Result<String, CliError> {
+    let st = s.stats().map_err(load_err("computing stats"))?;
+    let ratio = |l: u64| {
+        if st.physical_bytes == 0 {
+            0.0
+        } else {
+            l as f64 / st.physical_bytes as f64
+        }
+    };
+    if as_json {
+        return Ok(to_json(json!({
+            "templates": st.templates.iter().map(|t| json!({
+                "name": t.name.as_str(),
+                "mem_size": t.mem_size,
+                "own_pages": t.own_pages,
+                "nonzero_frames": t.nonzero_frames,
+                "unique_bytes": t.unique_bytes,
+            })).collect::<Vec<_>>(),
+            "logical_bytes": st.logical_bytes,
+            "logical_nonzero_bytes": st.logical_nonzero_bytes,
+            "physical_bytes": st.physical_bytes,
+            "pack_bytes": st.pack_bytes,
+            "index_bytes": st.index_bytes,
+            "manifest_bytes": st.manifest_bytes,
+            "config_bytes": st.config_bytes,
+            "dedup_ratio": ratio(st.logical_bytes),
+            "sparse_dedup_ratio": ratio(st.logical_nonzero_bytes),
+            "stored_pages": st.stored_pages,
+            "referenced_pages": st.referenced_pages,
+            "shared_pairs": st.shared_pairs.iter().map(|p| json!({
+                "a": p.a.as_str(), "b": p.b.as_str(), "pages": p.pages,
+                "bytes": p.pages * PAGE,
+            })).collect::<Vec<_>>(),
+        })));
+    }
+    let mut out = format!(
+        "templates          {}\n\
+         logical (full)     {} ({} bytes)\n\
+         logical (non-zero) {} ({} bytes)\n\
+         physical on disk   {} ({} bytes: packs {}, indexes {}, manifests {}, config {})\n\
+         dedup ratio        {:.2}x full, {:.2}x non-zero\n\
+         pages              {} stored, {} referenced\n\n",
+        st.templates.len(),
+        human(st.logical_bytes),
+        st.logical_bytes,
+        human(st.logical_nonzero_bytes),
+        st.logical_nonzero_bytes,
+        human(st.physical_bytes),
+        st.physical_bytes,
+        st.pack_bytes,
+        st.index_bytes,
+        st.manifest_bytes,
+        st.config_bytes,
+        ratio(st.logical_bytes),
+        ratio(st.logical_nonzero_bytes),
+        st.stored_pages,
+        st.referenced_pages,
+    );
+    let rows: Vec<Vec<String>> = st
+        .templates
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.to_string(),
+                human(t.mem_size),
+                human(t.nonzero_frames * PAGE),
+                t.own_pages.to_string(),
+                human(t.unique_bytes),
+            ]
+        })
+        .collect();
+    out += &table(
+        &["TEMPLATE", "MEMORY", "NON-ZERO", "OWN PAGES", "UNIQUE"],
+        &rows,
+    );
+    if !st.shared_pairs.is_empty() {
+        out += "\nmost shared (own pages stored once for both):\n";
+        let rows: Vec<Vec<String>> = st
+            .shared_pairs
+            .iter()
+            .map(|p| {
+                vec![
+                    format!("{} + {}", p.a, p.b),
+                    p.pages.to_string(),
+                    human(p.pages * PAGE),
+                ]
+            })
+            .collect();
+        out += &table(&["TEMPLATES", "PAGES", "BYTES"], &rows);
+    }
+    Ok(out)
+}
+
+fn diff(s: &mut Store, a: &str, b: &str, as_json: bool) -> Result<String, CliError> {
+    let d = s.diff(a, b).map_err(load_err("diffing templates"))?;
+    if as_json {
+        return Ok(to_json(json!({
+            "a": d.a.as_str(),
+            "b": d.b.as_str(),
+            "differing_frames": d.differing_frames,
+            "differing_bytes": d.differing_frames * PAGE,
+            "ranges": d.ranges.iter().map(|r| json!({
+                "start": r.start_addr(), "end": r.end_addr(),
+                "first_frame": r.first_frame, "frames": r.frames,
+            })).collect::<Vec<_>>(),
+        })));
+    }
+    let mut out = format!(
+        "{} vs {}: {} page(s) differ ({}) in {} range(s)\n",
+        d.a,
+        d.b,
+        d.differing_frames,
+        human(d.differing_frames * PAGE),
+        d.ranges.len()
+    );
+    if !d.ranges.is_empty() {
+        let rows: Vec<Vec<String>> = d
+            .ranges
+            .iter()
+            .map(|r| {
+                vec![
+                    format!("{:#014x}", r.start_addr()),
+                    format!("{:#014x}", r.end_addr()),
+                    r.frames.to_string(),
+                ]
+            })
+            .collect();
+        out += &table(&["START", "END", "PAGES"], &rows);
+    }
+    Ok(out)
+}
+
+fn verify(s: &Store, as_json: bool) -> Result<u8, CliError> {
+    let pb = progress_bar("verify");
+    let probs = s.verify_with_progress(&mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let corrupt = probs.iter().filter(|p| p.is_corruption()).count();
+    let garbage = probs.len() - corrupt;
+    let mut out = String::new();
+    if as_json {
+        out = to_json(json!({
+            "ok": corrupt == 0,
+            "corruption": corrupt,
+            "garbage": garbage,
+            "problems": probs.iter().map(|p| json!({
+                "severity": match p.severity { Severity::Corruption => "corruption", Severity::Garbage => "garbage" },
+                "path": p.path.display().to_string(),
+                "what": p.what,
+                "hint": p.hint,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        for p in &probs {
+            let sev = if p.is_corruption() {
+                "error"
+            } else {
+                "warning"
+            };
+            out += &format!(
+                "{sev}: {}: {}\n  hint: {}\n",
+                p.path.display(),
+                p.what,
+                p.hint
+            );
+        }
+        out += &if corrupt > 0 {
+            format!(
+                "{}: {corrupt} corruption problem(s), {garbage} garbage warning(s)\n",
+                s.dir().display()
+            )
+        } else if garbage > 0 {
+            format!(
+                "{}: healthy; {garbage} garbage warning(s) (`vmm-store gc` reclaims the space)\n",
+                s.dir().display()
+            )
+        } else {
+            format!("{}: healthy\n", s.dir().display())
+        };
+    }
+    print!("{out}");
+    let _ = io::stdout().flush();
+    Ok(if corrupt > 0 { 1 } else { 0 })
+}
+
+fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
+    let pb = progress_bar("gc");
+    let r = s.gc_with_progress(dry_run, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let r = r?;
+    if as_json {
+        return Ok(to_json(json!({
+            "dry_run": r.dry_run,
+            "templates": r.templates,
+            "referenced_pages": r.referenced_pages,
+            "removed_pages": r.removed_pages,
+            "packs_deleted": r.packs_deleted,
+            "packs_rewritten": r.packs_rewritten,
+            "pages_copied": r.pages_copied,
+            "packs_created": r.packs_created.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "tail_bytes": r.tail_bytes,
+            "tmp_files": r.tmp_files,
+            "tmp_bytes": r.tmp_bytes,
+            "bytes_before": r.bytes_before,
+            "bytes_after": r.bytes_after,
+            "bytes_freed": r.bytes_freed(),
+            "skipped": r.skipped,
+        })));
+    }
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    let mut out = format!(
+        "{verb} {} unreferenced page(s): {} pack(s) deleted, {} rewritten ({} live page(s) copied), {} temp file(s), {} torn tail byte(s)\n\
+         {} kept for {} template(s); packs+indexes {} -> {} ({} freed)\n",
+        r.removed_pages,
+        r.packs_deleted,
+        r.packs_rewritten,
+        r.pages_copied,
+        r.tmp_files,
+        r.tail_bytes,
+        r.referenced_pages,
+        r.templates,
+        human(r.bytes_before),
+        human(r.bytes_after),
+        human(r.bytes_freed()),
+    );
+    for sk in &r.skipped {
+        out += &format!("warning: left damaged pack alone: {sk}\n  hint: run `vmm-store verify`\n");
+    }
+    Ok(out)
+}
+
+fn export(s: &mut Store, name: &str, file: &Path, as_json: bool) -> Result<String, CliError> {
+    // Written beside the target and renamed, so a failed export leaves no partial file.
+    let tmp = file.with_file_name(format!(
+        ".{}.partial",
+        file.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into())
+    ));
+    let io_err = |step: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CliError::Io { step, path, source }
+    };
+    let f = File::create(&tmp).map_err(io_err("creating export file", &tmp))?;
+    let pb = progress_bar("export");
+    let r = s.export_with_progress(name, &f, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let r = match r.and_then(|r| {
+        f.sync_all()
+            .map(|_| r)
+            .map_err(|source| ExportError::Write { source })
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    fs::rename(&tmp, file).map_err(io_err("renaming export file into place", file))?;
+    let chain: Vec<&str> = r.templates.iter().map(|n| n.as_str()).collect();
+    if as_json {
+        return Ok(to_json(json!({
+            "file": file.display().to_string(),
+            "templates": chain,
+            "pages": r.pages,
+            "bytes": r.bytes,
+        })));
+    }
+    Ok(format!(
+        "exported {} ({} pages, {}) to {}\n",
+        chain.join(" -> "),
+        r.pages,
+        human(r.bytes),
+        file.display()
+    ))
+}
+
+fn import(s: &mut Store, file: &Path, as_json: bool) -> Result<String, CliError> {
+    let f = File::open(file).map_err(|source| CliError::Io {
+        step: "opening import file",
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let pb = progress_bar("import");
+    let r = s.import_with_progress(BufReader::new(f), &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let r = r?;
+    if as_json {
+        return Ok(to_json(json!({
+            "templates": r.templates.iter().map(|t| json!({
+                "name": t.name.as_str(), "created": t.created,
+            })).collect::<Vec<_>>(),
+            "pages": r.pages,
+            "new_pages": r.new_pages,
+        })));
+    }
+    let mut out = String::new();
+    for t in &r.templates {
+        out += &format!(
+            "{} {}\n",
+            if t.created {
+                "imported"
+            } else {
+                "already present"
+            },
+            t.name
+        );
+    }
+    out += &format!(
+        "{} page(s) in file, {} written, {} already in the store\n",
+        r.pages,
+        r.new_pages,
+        r.pages - r.new_pages
+    );
+    Ok(out)
+}
