@@ -1,0 +1,49 @@
+//! Template vCPU state (`vmm::persist::VcpuState::decode`) and device state.
+//!
+//! Input: a mode byte, then the state bytes. Even mode: `VcpuState::decode`. Odd
+//! mode: the device state decoder of vmm/src/snapshot.rs. `DeviceState::decode`
+//! is private, so this mirrors it exactly (bincode standard config, 1 MiB limit,
+//! no trailing bytes, version 1) over the public `DeviceState` type.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmm::persist::{VcpuState, VCPU_STATE_VERSION};
+use vmm::snapshot::DeviceState;
+
+fn decode_device_state(b: &[u8]) -> Option<DeviceState> {
+    let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+    let (d, used): (DeviceState, usize) = bincode::decode_from_slice(b, cfg).ok()?;
+    (used == b.len() && d.version == 1).then_some(d)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        match VcpuState::decode(rest) {
+            Ok(s) => {
+                assert_eq!(s.version, VCPU_STATE_VERSION);
+                let enc = s.encode();
+                assert!(
+                    enc.len() <= rest.len(),
+                    "canonical encoding is not the shortest"
+                );
+                let s2 = VcpuState::decode(&enc).expect("re-encoded vCPU state does not decode");
+                assert_eq!(s2.encode(), enc, "vCPU state round trip");
+            }
+            Err(e) => {
+                let _ = e.to_string();
+            }
+        }
+    } else if let Some(d) = decode_device_state(rest) {
+        let enc = bincode::encode_to_vec(&d, bincode::config::standard()).unwrap();
+        assert!(enc.len() <= rest.len());
+        let d2 = decode_device_state(&enc).expect("re-encoded device state does not decode");
+        assert_eq!(
+            bincode::encode_to_vec(&d2, bincode::config::standard()).unwrap(),
+            enc,
+            "device state round trip"
+        );
+    }
+});
