@@ -70,6 +70,9 @@ pub const ABI_VERSION: u64 = 1;
 
 /// Boot flags (`Mailbox::flags`).
 pub const FLAG_TEST_HOSTCALLS: u64 = 1 << 0;
+/// Translate the whole module before running it (set when creating a runtime base, so that
+/// restores never translate functions again).
+pub const FLAG_EAGER_COMPILE: u64 = 1 << 1;
 
 /// `Mailbox::runtime`.
 pub const RUNTIME_WASI: u64 = 1;

@@ -139,7 +139,11 @@ pub extern "C" fn kernel_main() -> ! {
         selftest(module);
     }
 
-    match guest_kernel::runner::run(&mut host, module, runtime, test_hostcalls) {
+    let opts = guest_kernel::runner::RunOptions {
+        test_hostcalls,
+        eager_compile: hostcall::read(MB_FLAGS) & vmm_abi::FLAG_EAGER_COMPILE != 0,
+    };
+    match guest_kernel::runner::run_with(&mut host, module, runtime, opts) {
         Ok(out) => {
             host.call(
                 Op::Exit,

@@ -84,7 +84,41 @@ pub fn run<H: Host>(
     runtime: Runtime,
     test_hostcalls: bool,
 ) -> Result<RunOutput, RunError> {
-    let engine = Engine::default();
+    run_with(
+        host,
+        module,
+        runtime,
+        RunOptions {
+            test_hostcalls,
+            eager_compile: false,
+        },
+    )
+}
+
+/// How [`run_with`] treats the module.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Provide the raw `vmm_test.hostcall` import.
+    pub test_hostcalls: bool,
+    /// Translate every function to wasmi bytecode before running anything. A cold run is
+    /// fastest with wasmi's default lazy translation; a runtime base that is snapshotted
+    /// wants everything translated, or every restore translates again what it calls.
+    pub eager_compile: bool,
+}
+
+/// [`run`] with options.
+pub fn run_with<H: Host>(
+    host: &mut H,
+    module: &[u8],
+    runtime: Runtime,
+    opts: RunOptions,
+) -> Result<RunOutput, RunError> {
+    let test_hostcalls = opts.test_hostcalls;
+    let mut config = wasmi::Config::default();
+    if opts.eager_compile {
+        config.compilation_mode(wasmi::CompilationMode::Eager);
+    }
+    let engine = Engine::new(&config);
     let module = Module::new(&engine, module).map_err(|e| {
         err(
             ERR_MODULE_INVALID,

@@ -160,9 +160,17 @@ impl VcpuState {
         restore("KVM_SET_REGS", vcpu.set_regs(&regs))?;
         restore("KVM_SET_VCPU_EVENTS", vcpu.set_vcpu_events(&events))?;
         restore("KVM_SET_DEBUGREGS", vcpu.set_debug_regs(&debugregs))?;
-        // MSRs: write them all at once; KVM stops at the first it refuses. The back end's
-        // extra MSRs (PVM VIF) must be accepted; others KVM refuses are skipped.
-        let mut rest: &[(u32, u64)] = &self.msrs;
+        // MSRs: write them all at once; KVM stops at the first it refuses, which is
+        // skipped. The back end's own MSRs (PVM VIF) come last, in `apply_backend_msrs`,
+        // because KVM checks them against guest memory, which may not be registered yet.
+        let extra = backend.extra_msrs();
+        let msrs: Vec<(u32, u64)> = self
+            .msrs
+            .iter()
+            .copied()
+            .filter(|(i, _)| !extra.contains(i))
+            .collect();
+        let mut rest: &[(u32, u64)] = &msrs;
         while !rest.is_empty() {
             let entries: Vec<kvm_msr_entry> = rest
                 .iter()
@@ -175,16 +183,33 @@ impl VcpuState {
             let msrs = Msrs::from_entries(&entries)
                 .map_err(|e| PersistError::Damaged(format!("MSR list: {e:?}")))?;
             let n = vcpu.set_msrs(&msrs).unwrap_or(0);
-            if n < rest.len() {
-                let refused = rest[n].0;
-                if backend.extra_msrs().contains(&refused) {
-                    return Err(PersistError::Msr { index: refused });
-                }
-            }
             rest = &rest[(n + 1).min(rest.len())..];
         }
         let clock = kvm_clock_data { flags: 0, ..clock };
         restore("KVM_SET_CLOCK", vm.set_clock(&clock))?;
+        Ok(())
+    }
+
+    /// Write the back end's own MSRs exactly as saved (PVM: the VIF page; without it the
+    /// restored vCPU silently runs emulated). Call after guest memory is registered.
+    pub fn apply_backend_msrs(&self, vcpu: &VcpuFd, backend: Backend) -> Result<(), PersistError> {
+        for &index in backend.extra_msrs() {
+            let data = self
+                .msrs
+                .iter()
+                .find(|&&(i, _)| i == index)
+                .map(|&(_, d)| d)
+                .ok_or_else(|| PersistError::Damaged(format!("MSR {index:#x} missing")))?;
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }])
+            .map_err(|e| PersistError::Damaged(format!("MSR list: {e:?}")))?;
+            if vcpu.set_msrs(&msrs).unwrap_or(0) != 1 {
+                return Err(PersistError::Msr { index });
+            }
+        }
         Ok(())
     }
 

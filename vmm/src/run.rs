@@ -76,6 +76,8 @@ pub struct RunLimits {
     pub max_output: usize,
     /// Expose the raw `vmm_test.hostcall` import to the module (hostile-guest tests).
     pub test_hostcalls: bool,
+    /// Translate the whole module up front (runtime bases; see `FLAG_EAGER_COMPILE`).
+    pub eager_compile: bool,
 }
 
 impl Default for RunLimits {
@@ -85,6 +87,7 @@ impl Default for RunLimits {
             mem_mib: layout::DEFAULT_MEM_MIB,
             max_output: 64 << 20,
             test_hostcalls: std::env::var_os("VMM_TEST_HOSTCALLS").is_some(),
+            eager_compile: std::env::var_os("VMM_EAGER_COMPILE").is_some(),
         }
     }
 }
@@ -184,11 +187,15 @@ pub fn boot_vm(module: &[u8], runtime: RuntimeKind, limits: &RunLimits) -> Resul
     let mailbox = Mailbox {
         magic: vmm_abi::MAILBOX_MAGIC,
         abi_version: vmm_abi::ABI_VERSION,
-        flags: if limits.test_hostcalls {
+        flags: (if limits.test_hostcalls {
             vmm_abi::FLAG_TEST_HOSTCALLS
         } else {
             0
-        },
+        }) | (if limits.eager_compile {
+            vmm_abi::FLAG_EAGER_COMPILE
+        } else {
+            0
+        }),
         mem_size,
         tsc_khz: vm.tsc_khz,
         module_gpa,

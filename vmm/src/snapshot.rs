@@ -17,7 +17,7 @@ use crate::run::{self, boot_vm, ms, FunctionSpec, RunLimits, RunReport, RuntimeK
 use crate::uffd::{Uffd, UffdError};
 use crate::vm::{GuestError, Hostcall, Output, RunError, Vm, VmError};
 use snapshot_store::{Frame, Resolved, Store, PAGE_SIZE};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use vmm_abi::{layout, GuestRange, Op};
@@ -222,6 +222,8 @@ pub struct RestoreStats {
     pub load_ms: f64,
     pub install_ms: f64,
     pub vm_restore_ms: f64,
+    /// VM creation, memory install and vCPU restore (the last two overlap).
+    pub setup_ms: f64,
     pub run_ms: f64,
     pub pages_installed: u64,
     pub uffd_faults: u64,
@@ -278,7 +280,7 @@ struct FaultServer<'a> {
     uffd: &'a Uffd,
     base: *mut u8,
     resolved: &'a Resolved<'a>,
-    stop: AtomicBool,
+    wake: std::os::fd::OwnedFd,
     faults: AtomicU64,
     bytes: AtomicU64,
     touched: Mutex<Vec<u64>>,
@@ -290,10 +292,7 @@ unsafe impl Sync for FaultServer<'_> {}
 
 impl FaultServer<'_> {
     fn serve(&self) -> Result<(), UffdError> {
-        while !self.stop.load(Ordering::Relaxed) {
-            let Some(addr) = self.uffd.next_fault(20)? else {
-                continue;
-            };
+        while let Some(addr) = self.uffd.next_fault(&self.wake)? {
             let off = (addr - self.base as u64) & !(PAGE - 1);
             let gfn = off / PAGE;
             // SAFETY: `off` lies inside guest RAM: the kernel only reports faults in the
@@ -335,48 +334,74 @@ fn with_restored<T>(
     stats.load_ms = ms(t0.elapsed());
     stats.strategy = Some(strategy);
 
+    // Create the VM, then fill its memory on a second thread while this one writes the
+    // vCPU state: the two do not touch each other (the vCPU does not run until both end).
     let t1 = Instant::now();
     let mem = GuestMemory::new(tmpl.mem_size as usize)?;
-    stats.pages_installed = install(&mem, &resolved, strategy, &tmpl.working_set)?;
-    stats.bytes_from_store = stats.pages_installed * PAGE;
-    let uffd = match strategy {
-        MemoryStrategy::Eager => None,
-        _ => {
-            let u = Uffd::new()?;
-            u.register(mem.host_addr(), mem.size() as usize)?;
-            Some(u)
-        }
-    };
-    stats.install_ms = ms(t1.elapsed());
-    let base = mem.host_addr();
-
-    let server = uffd.as_ref().map(|u| FaultServer {
-        uffd: u,
-        base,
-        resolved: &resolved,
-        stop: AtomicBool::new(false),
-        faults: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        touched: Mutex::new(Vec::new()),
+    let vm = Vm::new_unregistered(mem)?;
+    let working_set = &tmpl.working_set;
+    let resolved_ref = &resolved;
+    let vm_ref = &vm;
+    let (installed, vcpu_ready) = std::thread::scope(|scope| {
+        let installer = scope.spawn(move || {
+            let t = Instant::now();
+            let pages = install(&vm_ref.mem, resolved_ref, strategy, working_set)?;
+            // Register for faults only after the copies: our own writes into a registered,
+            // missing page would otherwise wait for a fault handler.
+            let uffd = match strategy {
+                MemoryStrategy::Eager => None,
+                _ => {
+                    let u = Uffd::new()?;
+                    u.register(vm_ref.mem.host_addr(), vm_ref.mem.size() as usize)?;
+                    Some(u)
+                }
+            };
+            Ok::<_, TemplateError>((pages, uffd, ms(t.elapsed())))
+        });
+        let t2 = Instant::now();
+        let ready = vm
+            .backend
+            .prepare_restore(&vm.kvm, &vm.vcpu)
+            .map_err(|e| TemplateError::from(VmError::from(e)))
+            .and_then(|()| Ok(state.apply(&vm.vm, &vm.vcpu, vm.backend)?))
+            .map(|()| ms(t2.elapsed()));
+        let installed = installer.join().unwrap_or_else(|_| {
+            Err(TemplateError::Damaged(
+                "the memory installer panicked".into(),
+            ))
+        });
+        (installed, ready)
     });
+    let (pages, uffd, install_ms) = installed?;
+    stats.vm_restore_ms = vcpu_ready?;
+    vm.register_memory()?;
+    state.apply_backend_msrs(&vm.vcpu, vm.backend)?;
+    stats.install_ms = install_ms;
+    stats.pages_installed = pages;
+    stats.bytes_from_store = pages * PAGE;
+    stats.setup_ms = ms(t1.elapsed());
+    let base = vm.mem.host_addr();
+
+    let server = match &uffd {
+        Some(u) => Some(FaultServer {
+            uffd: u,
+            base,
+            resolved: &resolved,
+            wake: crate::uffd::wake_fd()?,
+            faults: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            touched: Mutex::new(Vec::new()),
+        }),
+        None => None,
+    };
     std::thread::scope(|scope| {
         let handle = server.as_ref().map(|s| scope.spawn(move || s.serve()));
-        let result = (|| {
-            let t2 = Instant::now();
-            let vm = Vm::new(mem)?;
-            vm.backend
-                .prepare_restore(&vm.kvm, &vm.vcpu)
-                .map_err(VmError::from)?;
-            state.apply(&vm.vm, &vm.vcpu, vm.backend)?;
-            stats.vm_restore_ms = ms(t2.elapsed());
-            let mut restored = Restored { vm, device };
-            let t3 = Instant::now();
-            let out = body(&mut restored);
-            stats.run_ms = ms(t3.elapsed());
-            Ok::<_, TemplateError>(out)
-        })();
+        let mut restored = Restored { vm, device };
+        let t3 = Instant::now();
+        let result = body(&mut restored);
+        stats.run_ms = ms(t3.elapsed());
         if let Some(s) = &server {
-            s.stop.store(true, Ordering::Relaxed);
+            crate::uffd::wake(&s.wake);
         }
         let served = handle.map(|h| h.join());
         if let Some(s) = &server {
@@ -391,7 +416,7 @@ fn with_restored<T>(
             Some(Err(_)) => Err(TemplateError::Damaged(
                 "the page fault server panicked".into(),
             )),
-            _ => result,
+            _ => Ok(result),
         }
     })
 }
@@ -411,7 +436,7 @@ pub fn restore_and_run(
     })??;
     let mut report = report;
     report.stats.total_ms = ms(t0.elapsed());
-    report.stats.vm_create_ms = rs.load_ms + rs.install_ms + rs.vm_restore_ms;
+    report.stats.vm_create_ms = rs.load_ms + rs.setup_ms;
     report.stats.restore = Some(rs.clone());
     Ok((report, rs))
 }
@@ -577,7 +602,11 @@ pub fn create_template(
     } else if base.is_some() {
         return Err(TemplateError::Missing(base_name));
     } else {
-        let mut vm = boot_vm(&spec.module, spec.runtime, limits)?;
+        let base_limits = RunLimits {
+            eager_compile: true,
+            ..limits.clone()
+        };
+        let mut vm = boot_vm(&spec.module, spec.runtime, &base_limits)?;
         let mut boot_out = Output::new(limits.max_output);
         let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
             Ok(run::Next::Stop)
@@ -625,7 +654,7 @@ pub fn create_template(
         |r| run_restored(r, name, trial_input, limits),
     )?;
     let ws = touched.len();
-    let _ = touched; // TODO-WS store.set_working_set(name, touched)?;
+    store.set_working_set(name, touched)?;
     Ok(CreateReport {
         name: name.into(),
         base: base_name,

@@ -166,37 +166,83 @@ impl Uffd {
         }
     }
 
-    /// Wait up to `timeout_ms` for the next page fault; returns its address.
-    pub fn next_fault(&self, timeout_ms: i32) -> Result<Option<u64>, UffdError> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, count 1.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n <= 0 {
-            return Ok(None);
-        }
-        let mut msg = UffdMsg::default();
-        // SAFETY: reads at most size_of::<UffdMsg>() bytes into a local #[repr(C)] struct.
-        let r = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut msg as *mut UffdMsg).cast(),
-                std::mem::size_of::<UffdMsg>(),
-            )
-        };
-        if r != std::mem::size_of::<UffdMsg>() as isize {
-            let e = std::io::Error::last_os_error();
-            if r < 0 && e.raw_os_error() == Some(libc::EAGAIN) {
-                return Ok(None);
+    /// Wait for the next page fault and return its address, or `None` once `wake` (an
+    /// eventfd) has been signalled.
+    pub fn next_fault(&self, wake: &OwnedFd) -> Result<Option<u64>, UffdError> {
+        loop {
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds, count 2.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(UffdError::Ioctl {
+                    step: "poll",
+                    source: e,
+                });
             }
-            return Err(UffdError::Ioctl {
-                step: "read fault message",
-                source: e,
-            });
+            if pfds[0].revents & libc::POLLIN == 0 {
+                if pfds[1].revents != 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let mut msg = UffdMsg::default();
+            // SAFETY: reads at most size_of::<UffdMsg>() bytes into a local #[repr(C)] struct.
+            let r = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut msg as *mut UffdMsg).cast(),
+                    std::mem::size_of::<UffdMsg>(),
+                )
+            };
+            if r != std::mem::size_of::<UffdMsg>() as isize {
+                let e = std::io::Error::last_os_error();
+                if r < 0 && e.raw_os_error() == Some(libc::EAGAIN) {
+                    continue;
+                }
+                return Err(UffdError::Ioctl {
+                    step: "read fault message",
+                    source: e,
+                });
+            }
+            if msg.event == UFFD_EVENT_PAGEFAULT {
+                return Ok(Some(msg.arg1));
+            }
         }
-        Ok((msg.event == UFFD_EVENT_PAGEFAULT).then_some(msg.arg1))
     }
+}
+
+/// An eventfd that stops a fault server blocked in [`Uffd::next_fault`].
+pub fn wake_fd() -> Result<OwnedFd, UffdError> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(UffdError::Ioctl {
+            step: "eventfd",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Signal an eventfd made by [`wake_fd`].
+pub fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local u64, as eventfd requires.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }

@@ -135,19 +135,18 @@ pub struct Vm {
 impl Vm {
     /// Create a VM over `mem` (slot 0 at GPA 0) with one vCPU.
     pub fn new(mem: GuestMemory) -> Result<Vm, VmError> {
+        let vm = Self::new_unregistered(mem)?;
+        vm.register_memory()?;
+        Ok(vm)
+    }
+
+    /// Create the VM and its vCPU without telling KVM about guest RAM yet: memory can then
+    /// be filled while the vCPU state is written, without KVM's MMU notifiers firing on
+    /// every page the host touches (which makes filling registered memory ~10x slower).
+    /// Call [`Vm::register_memory`] before running the vCPU.
+    pub fn new_unregistered(mem: GuestMemory) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: mem.size(),
-            userspace_addr: mem.host_addr() as u64,
-        };
-        // SAFETY: the region describes `mem`'s mapping, which this Vm owns and keeps
-        // alive for as long as the VM fd exists (fields drop in declaration order: vcpu
-        // and vm before mem).
-        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         let backend = Backend::detect(&vcpu);
         let tsc_khz = backend.tsc_khz(&vcpu)?;
@@ -160,6 +159,21 @@ impl Vm {
             tsc_khz,
             exits: 0,
         })
+    }
+
+    /// Register guest RAM as memory slot 0 at GPA 0.
+    pub fn register_memory(&self) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: self.mem.size(),
+            userspace_addr: self.mem.host_addr() as u64,
+        };
+        // SAFETY: the region describes `self.mem`'s mapping, which this Vm owns and keeps
+        // alive for as long as the VM fd exists (fields drop in declaration order: vcpu
+        // and vm before mem).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
     }
 
     /// Load the kernel, build page tables and the mailbox, and set the start state.
