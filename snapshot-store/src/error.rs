@@ -100,6 +100,8 @@ pub enum ManifestError {
 pub enum LoadError {
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error("the stored page of guest frame {frame} does not match its hash: a pack is damaged; run `vmm-store verify` and recreate the affected templates")]
+    PageCorrupt { frame: u64 },
     #[error("template {name} not found (no {path}); `list` shows the available templates")]
     NotFound { name: TemplateName, path: PathBuf },
     #[error(transparent)]

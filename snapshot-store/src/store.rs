@@ -1679,6 +1679,7 @@ impl Template {
         let ancestors = store.ancestors(self)?;
         let n = self.frames() as usize;
         let mut frames = vec![Src::ZERO; n];
+        let mut hashes = HashMap::new();
         let mut layers = Vec::with_capacity(ancestors.len() + 1);
         for t in ancestors.iter().chain(std::iter::once(self)) {
             layers.push(t.name.clone());
@@ -1700,6 +1701,7 @@ impl Template {
                     pack: loc.pack,
                     offset: loc.offset,
                 };
+                hashes.insert(frame, id);
             }
         }
         Ok(Resolved {
@@ -1707,6 +1709,7 @@ impl Template {
             mem_size: self.mem_size,
             frames,
             layers,
+            hashes,
         })
     }
 }
@@ -1737,6 +1740,8 @@ pub struct Resolved<'s> {
     mem_size: u64,
     frames: Vec<Src>,
     layers: Vec<TemplateName>,
+    /// The page id each data frame must hash to (for verified reads).
+    hashes: HashMap<u64, PageId>,
 }
 
 impl<'s> Resolved<'s> {
@@ -1774,6 +1779,24 @@ impl<'s> Resolved<'s> {
     pub fn frame(&self, gfn: u64) -> Option<Frame<'s>> {
         let s = *self.frames.get(usize::try_from(gfn).ok()?)?;
         Some(self.get(s))
+    }
+
+    /// Contents of frame `gfn`, with a data page re-hashed and checked against its id:
+    /// what a restore uses, so that a damaged pack is refused instead of run.
+    pub fn frame_verified(&self, gfn: u64) -> Result<Option<Frame<'s>>, LoadError> {
+        let Some(f) = self.frame(gfn) else {
+            return Ok(None);
+        };
+        if let Frame::Data(bytes) = f {
+            let ok = self
+                .hashes
+                .get(&gfn)
+                .is_some_and(|id| self.store.hash_page(bytes) == id.hash());
+            if !ok {
+                return Err(LoadError::PageCorrupt { frame: gfn });
+            }
+        }
+        Ok(Some(f))
     }
 
     /// All frames in order.

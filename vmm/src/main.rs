@@ -84,7 +84,8 @@ enum TemplateCommand {
         name: String,
         #[command(flatten)]
         function: FunctionArgs,
-        /// Layer on this template instead of the module's runtime base.
+        /// Layer on this template instead of the module's automatically named runtime base;
+        /// if no template has this name yet, the runtime base is created under it.
         #[arg(long, value_name = "TEMPLATE")]
         base: Option<String>,
         #[command(flatten)]

@@ -247,8 +247,8 @@ fn install(
     match strategy {
         MemoryStrategy::Lazy => {}
         MemoryStrategy::Eager => {
-            for (gfn, f) in resolved.iter() {
-                if let Frame::Data(p) = f {
+            for gfn in 0..resolved.frame_count() {
+                if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
                     mem.write(gfn * PAGE, p)?;
                     copied += 1;
                 }
@@ -263,7 +263,7 @@ fn install(
             regions.dedup();
             for r in regions {
                 for gfn in r * per_region..((r + 1) * per_region).min(resolved.frame_count()) {
-                    if let Some(Frame::Data(p)) = resolved.frame(gfn) {
+                    if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
                         mem.write(gfn * PAGE, p)?;
                         copied += 1;
                     }
@@ -284,6 +284,8 @@ struct FaultServer<'a> {
     faults: AtomicU64,
     bytes: AtomicU64,
     touched: Mutex<Vec<u64>>,
+    /// The first damaged page met, if any.
+    corrupt: Mutex<Option<String>>,
 }
 
 // SAFETY: `base` is the start of guest RAM, which outlives the server (scoped thread);
@@ -298,7 +300,14 @@ impl FaultServer<'_> {
             // SAFETY: `off` lies inside guest RAM: the kernel only reports faults in the
             // registered range, which is exactly guest RAM.
             let dst = unsafe { self.base.add(off as usize) };
-            match self.resolved.frame(gfn) {
+            let frame = self.resolved.frame_verified(gfn).unwrap_or_else(|e| {
+                // Serve zeros so the guest does not hang; the restore reports the damage.
+                if let Ok(mut c) = self.corrupt.lock() {
+                    c.get_or_insert(e.to_string());
+                }
+                None
+            });
+            match frame {
                 Some(Frame::Data(p)) => {
                     self.uffd.copy(dst, p)?;
                     self.bytes.fetch_add(PAGE, Ordering::Relaxed);
@@ -391,6 +400,7 @@ fn with_restored<T>(
             faults: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             touched: Mutex::new(Vec::new()),
+            corrupt: Mutex::new(None),
         }),
         None => None,
     };
@@ -410,6 +420,12 @@ fn with_restored<T>(
             if let (Some(t), Ok(rec)) = (touched, s.touched.lock()) {
                 t.clone_from(&rec);
             }
+        }
+        if let Some(Some(msg)) = server
+            .as_ref()
+            .and_then(|s| s.corrupt.lock().ok().map(|c| c.clone()))
+        {
+            return Err(TemplateError::Damaged(msg));
         }
         match served {
             Some(Ok(Err(e))) => Err(e.into()),
@@ -599,8 +615,6 @@ pub fn create_template(
                 layer(&mut r.vm, buf, store)
             },
         )??
-    } else if base.is_some() {
-        return Err(TemplateError::Missing(base_name));
     } else {
         let base_limits = RunLimits {
             eager_compile: true,
