@@ -3,10 +3,10 @@
 //! `cargo run --manifest-path fuzz/Cargo.toml --bin make-seeds -- [OUT_DIR]`
 //! (default `fuzz/corpus`) writes `OUT_DIR/<target>/<seed>` for every target:
 //! a real store built through the snapshot-store API (templates base <- fn <- x,
-//! and an unrelated y), its files one by one, and the damaged fixtures of
-//! snapshot-store's tests (truncated pack, flipped bit, bad checksum, missing
-//! parent, index entry past the end of the pack, future version, parent cycle,
-//! ...) as store directory images.
+//! and an unrelated y), its files one by one, and damaged versions of it (truncated
+//! pack, flipped bit, bad checksum, missing parent, index entry past the end of the
+//! pack, future version, parent cycle, ...) as store directory images, plus the
+//! damaged fixtures of snapshot-store's own tests (`snapshot_store::fixtures`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -258,6 +258,27 @@ fn store_seeds(out: &mut Out, files: &Files) {
     out.put(t, "appended", &a);
 }
 
+/// The damaged stores of snapshot-store's own tests (`snapshot_store::fixtures`),
+/// as store directory images.
+fn fixture_seeds(out: &mut Out) {
+    use snapshot_store::fixtures;
+    for damage in fixtures::DAMAGES {
+        let scratch = Scratch::new(&format!("make-seeds-{}", damage.name));
+        let dir = scratch.fresh();
+        drop(fixtures::healthy_store(dir));
+        (damage.apply)(dir);
+        let files: Files = vmm_fuzz::FILES
+            .iter()
+            .filter_map(|f| fs::read(dir.join(f)).ok().map(|b| (*f, b)))
+            .collect();
+        out.put(
+            "store_dir",
+            &format!("fixture-{}", damage.name),
+            &archive(&files, 0),
+        );
+    }
+}
+
 fn file_seeds(out: &mut Out, files: &Files) {
     for (p, b) in files {
         let tag = p.replace('/', "_");
@@ -428,6 +449,7 @@ fn main() {
     let files = build_store(scratch.fresh());
     let mut out = Out { root, n: 0 };
     store_seeds(&mut out, &files);
+    fixture_seeds(&mut out);
     file_seeds(&mut out, &files);
     mailbox_seeds(&mut out);
     state_seeds(&mut out);
