@@ -507,6 +507,28 @@ fn run_restored(
     })
 }
 
+/// Snapshot the vCPU of `vm`, stopped at hostcall `pending` whose buffer is `buf`.
+fn capture(
+    vm: &mut Vm,
+    pending: Op,
+    buf: GuestRange,
+    spec: &FunctionSpec,
+    args: Vec<String>,
+) -> Result<(VcpuState, DeviceState), TemplateError> {
+    vm.settle()?;
+    let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
+    let device = DeviceState {
+        version: DEVICE_STATE_VERSION,
+        pending_op: pending as u64,
+        buf_gpa: buf.gpa,
+        buf_len: buf.len,
+        runtime: format!("{:?}", spec.runtime).to_lowercase(),
+        module_name: spec.module_name.clone(),
+        args,
+    };
+    Ok((state, device))
+}
+
 /// What `template create` did.
 #[derive(Debug, serde::Serialize)]
 pub struct CreateReport {
@@ -539,7 +561,6 @@ pub fn create_template(
     let mut base_new_pages = 0;
     let config = spec.config_blob();
     let mut out = Output::new(limits.max_output);
-    let runtime = format!("{:?}", spec.runtime).to_lowercase();
 
     // The function layer, from a live VM stopped at GetFunction: give it the function
     // and run it to its first read of stdin.
@@ -575,17 +596,7 @@ pub fn create_template(
             }
             Hostcall::GetFunction { .. } => return Err(TemplateError::UnexpectedHostcall),
         };
-        vm.settle()?;
-        let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
-        let device = DeviceState {
-            version: DEVICE_STATE_VERSION,
-            pending_op: Op::ReadStdin as u64,
-            buf_gpa: stdin_buf.gpa,
-            buf_len: stdin_buf.len,
-            runtime: runtime.clone(),
-            module_name: spec.module_name.clone(),
-            args: spec.args.clone(),
-        };
+        let (state, device) = capture(vm, Op::ReadStdin, stdin_buf, spec, spec.args.clone())?;
         write_layer(store, name, Some(&base_name), vm, &state, &device, false)
     };
 
@@ -632,17 +643,7 @@ pub fn create_template(
                 )),
             )));
         };
-        vm.settle()?;
-        let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
-        let device = DeviceState {
-            version: DEVICE_STATE_VERSION,
-            pending_op: Op::GetFunction as u64,
-            buf_gpa: buf.gpa,
-            buf_len: buf.len,
-            runtime: runtime.clone(),
-            module_name: spec.module_name.clone(),
-            args: vec![],
-        };
+        let (state, device) = capture(&mut vm, Op::GetFunction, buf, spec, vec![])?;
         match write_layer(store, &base_name, None, &vm, &state, &device, false) {
             Ok(info) => {
                 base_created = true;
