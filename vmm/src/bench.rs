@@ -29,7 +29,7 @@ pub struct BenchArgs {
     /// Seconds per restores-per-second measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Only some sections: any of latency, native, store, throughput.
+    /// Only some sections: any of latency, throughput, store, floor, native.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print the results as JSON instead of tables.
@@ -199,6 +199,13 @@ fn run_sections(
                 }
             }
             let cold_median = percentile(&samples[0].iter().map(|x| x.ms).collect::<Vec<_>>(), 0.5);
+            let cold_inproc_median = percentile(
+                &samples[0]
+                    .iter()
+                    .filter_map(|x| x.json["stats"]["total_ms"].as_f64())
+                    .collect::<Vec<_>>(),
+                0.5,
+            );
             for (m, mode) in modes.iter().enumerate() {
                 let times: Vec<f64> = samples[m].iter().map(|x| x.ms).collect();
                 let last = &samples[m]
@@ -207,9 +214,16 @@ fn run_sections(
                     .unwrap_or_default();
                 let r = &last["stats"]["restore"];
                 let median = percentile(&times, 0.5);
+                let inproc: Vec<f64> = samples[m]
+                    .iter()
+                    .filter_map(|x| x.json["stats"]["total_ms"].as_f64())
+                    .collect();
+                let inproc_median = percentile(&inproc, 0.5);
                 rows.push(serde_json::json!({
                     "function": f.name,
                     "mode": mode,
+                    "vmm_median_ms": inproc_median,
+                    "vmm_speedup": cold_inproc_median / inproc_median,
                     "median_ms": median,
                     "p90_ms": percentile(&times, 0.9),
                     "speedup": cold_median / median,
@@ -229,12 +243,14 @@ fn run_sections(
             println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
             for r in &rows {
                 println!(
-                    "| {} | {} | {:.2} | {:.2} | {:.1}x | {} | {} | {} | {} |",
+                    "| {} | {} | {:.2} | {:.2} | {:.1}x | {:.2} | {:.1}x | {} | {} | {} | {} |",
                     r["function"].as_str().unwrap_or(""),
                     r["mode"].as_str().unwrap_or(""),
                     r["median_ms"].as_f64().unwrap_or(0.0),
                     r["p90_ms"].as_f64().unwrap_or(0.0),
                     r["speedup"].as_f64().unwrap_or(0.0),
+                    r["vmm_median_ms"].as_f64().unwrap_or(0.0),
+                    r["vmm_speedup"].as_f64().unwrap_or(0.0),
                     r["pages_installed"]
                         .as_u64()
                         .map(|v| v.to_string())
@@ -410,6 +426,58 @@ fn run_sections(
         report.insert("store".into(), row);
     }
 
+    if want("floor") {
+        // VM creation alone, in this process: KVM_CREATE_VM, memory slot, vCPU.
+        let mut create = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let mem = crate::memory::GuestMemory::new(64 << 20).map_err(|e| e.to_string())?;
+            let vm = crate::vm::Vm::new(mem).map_err(|e| e.to_string())?;
+            create.push(ms(t.elapsed()));
+            drop(vm);
+        }
+        // One exit: a guest that makes N hostcalls, against one that makes none.
+        let dir = std::env::temp_dir().join(format!("vmm-bench-exits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let per_exit = |n: u32| -> Result<f64, String> {
+            let file = dir.join(format!("exits{n}.wat"));
+            std::fs::write(&file, EXITS_WAT.replace("COUNT", &n.to_string()))
+                .map_err(|e| e.to_string())?;
+            let mut t = Vec::new();
+            for _ in 0..5 {
+                let mut cmd = Command::new(exe());
+                cmd.env("VMM_TEST_HOSTCALLS", "1");
+                let out = cmd
+                    .args(["run", "--json", "--module", &s(&file)])
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+                t.push(v["stats"]["function_ms"].as_f64().unwrap_or(0.0));
+            }
+            Ok(percentile(&t, 0.5))
+        };
+        let (with, without) = (per_exit(2000)?, per_exit(0)?);
+        let _ = std::fs::remove_dir_all(&dir);
+        let exit_us = (with - without) * 1e3 / 2000.0;
+        let row = serde_json::json!({"vm_create_ms": percentile(&create, 0.5), "exit_us": exit_us});
+        if !a.json {
+            println!("## Floor on this machine\n");
+            println!(
+                "| VM creation (VM + memory slot + vCPU) | one exit (guest -> vmm -> guest) |"
+            );
+            println!("|---:|---:|");
+            println!(
+                "| {:.3} ms | {:.1} us |",
+                row["vm_create_ms"].as_f64().unwrap_or(0.0),
+                exit_us
+            );
+            println!();
+        }
+        report.insert("floor".into(), row);
+    }
+
     if want("native") {
         let wasm =
             crate::cli::read_module(&a.examples.join("compute.wat")).map_err(|e| e.to_string())?;
@@ -442,6 +510,17 @@ fn run_sections(
     }
     Ok(serde_json::Value::Object(report))
 }
+
+/// A guest that makes COUNT hostcalls (GetFunction with an empty buffer: the VMM answers
+/// with the config length and writes nothing) through the test-only raw hostcall import.
+const EXITS_WAT: &str = r#"(module
+  (import "vmm_test" "hostcall" (func $hc (param i64 i64 i64 i64 i64) (result i64)))
+  (func (export "_start") (local $i i32)
+    (block $d (loop $l
+      (br_if $d (i32.ge_u (local.get $i) (i32.const COUNT)))
+      (drop (call $hc (i64.const 1) (i64.const 0) (i64.const 0) (i64.const 0) (i64.const 0)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))))"#;
 
 /// Run `_start` of `wasm` with wasmi in this process; returns its duration in ms.
 fn host_wasmi_ms(wasm: &[u8]) -> Result<f64, String> {

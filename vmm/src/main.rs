@@ -119,7 +119,19 @@ enum TemplateCommand {
     },
 }
 
+/// When the process started (as near as main gets): `total_ms` in --stats/--json is
+/// measured from here to the response, for cold runs and restores alike.
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn since_start_ms() -> f64 {
+    STARTED
+        .get()
+        .map(|t| t.elapsed().as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
 fn main() {
+    STARTED.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run {
@@ -132,7 +144,8 @@ fn main() {
                 .and_then(|spec| Ok((spec, invoke.read_input()?, invoke.limits(mem)?)));
             match prepared {
                 Ok((spec, input, limits)) => {
-                    let report = vmm::run::run_cold(&spec, &input, &limits);
+                    let mut report = vmm::run::run_cold(&spec, &input, &limits);
+                    report.stats.total_ms = since_start_ms();
                     cli::finish(&report, &invoke)
                 }
                 Err(e) => {
@@ -185,7 +198,10 @@ fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStra
         Err(e) => return fail(e),
     };
     match snapshot::restore_and_run(&mut store, name, memory, &input, &limits) {
-        Ok((report, _)) => cli::finish(&report, invoke),
+        Ok((mut report, _)) => {
+            report.stats.total_ms = since_start_ms();
+            cli::finish(&report, invoke)
+        }
         Err(e) => fail(format!("restore {name}: {e}")),
     }
 }
