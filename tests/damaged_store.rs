@@ -1,0 +1,354 @@
+//! End-to-end tests of damaged template stores: a REAL store (the QuickJS hello function
+//! on its runtime base, made by the real `vmm template create`) is damaged in every way
+//! `snapshot_store::fixtures::DAMAGES` knows, and then
+//! - `vmm-store verify` must exit 1 and name the damage, and
+//! - `vmm restore` (every --memory strategy) must refuse cleanly: non-zero exit, a clear
+//!   error, no panic, no hang. A damaged store must never run a function.
+
+mod common;
+use common::*;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use snapshot_store::fixtures::{self, Damage};
+
+const REQUEST: &[u8] = br#"{"name":"store"}"#;
+const RESPONSE: &str = "{\"greeting\":\"Hello, store!\",\"length\":5}\n";
+const STRATEGIES: [&str; 3] = ["prefetch", "eager", "lazy"];
+/// A hang is a failure: no single command may take longer than this.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmm-damaged-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+    fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `vmm-store` binary of the same build as `vmm` (another package of the workspace,
+/// so cargo does not build it for this test: the README builds the workspace first).
+fn vmm_store_bin() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_vmm")).parent().unwrap();
+    let p = dir.join("vmm-store");
+    assert!(
+        p.exists(),
+        "{} is missing: build the whole workspace first (`cargo build --release --workspace`, \
+         or `cargo build --workspace` for a debug test run)",
+        p.display()
+    );
+    p
+}
+
+/// Run `cmd` with `input` on stdin; kill it and fail if it outlives `DEADLINE`.
+fn run_deadline(mut cmd: Command, input: &[u8], what: &str) -> Run {
+    use std::io::Write;
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {DEADLINE:?} (a hang)");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = writer.join();
+    Run {
+        output: std::process::Output {
+            status,
+            stdout: out_t.join().unwrap(),
+            stderr: err_t.join().unwrap(),
+        },
+        elapsed: t0.elapsed(),
+    }
+}
+
+fn restore(store: &Path, memory: &str) -> Run {
+    let mut cmd = vmm();
+    cmd.args(["restore", "fn", "--store"])
+        .arg(store)
+        .args(["--memory", memory, "--timeout", "10"]);
+    run_deadline(cmd, REQUEST, &format!("restore --memory {memory}"))
+}
+
+fn verify(store: &Path) -> Run {
+    let mut cmd = Command::new(vmm_store_bin());
+    cmd.arg("verify").arg("--store").arg(store);
+    run_deadline(cmd, b"", "vmm-store verify")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+/// Flips one bit in every page of the first pack: whatever frames a restore reads, with
+/// whichever strategy, it reads a damaged one.
+fn flipped_bit_all(d: &Path) {
+    let p = d.join("packs/0000000000000001.pack");
+    let mut b = std::fs::read(&p).unwrap();
+    for page in b.chunks_mut(4096) {
+        if let Some(x) = page.get_mut(17) {
+            *x ^= 0x10;
+        }
+    }
+    std::fs::write(&p, b).unwrap();
+}
+
+/// Points EVERY entry of the first pack's index 1 GiB past the end of the pack (the
+/// index itself stays well-formed, checksum included): unlike the fixture's
+/// `index_entry_past_end`, which adds an entry for a page no template uses, this one
+/// breaks pages restore must read.
+fn index_all_past_end(d: &Path) {
+    use snapshot_store::fuzzing as f;
+    let p = d.join("packs/0000000000000001.idx");
+    let b = std::fs::read(&p).unwrap();
+    let mut body = b[f::IDX_HEADER..].to_vec();
+    assert_eq!(body.len() % f::IDX_ENTRY, 0, "unexpected index layout");
+    for e in body.chunks_exact_mut(f::IDX_ENTRY) {
+        let o = u64::from_le_bytes(e[20..28].try_into().unwrap());
+        e[20..28].copy_from_slice(&(o + (1 << 30)).to_le_bytes());
+    }
+    std::fs::write(&p, f::encode_idx(f::pack_id(1), &body)).unwrap();
+}
+
+/// What `vmm restore` must do with each damage.
+enum Expect {
+    /// Fail cleanly, with this text in the error.
+    Refuse(&'static str),
+    /// The damage provably lies outside everything restore reads: exact output.
+    Unaffected,
+}
+
+fn restore_expect(damage: &str) -> Expect {
+    Expect::Refuse(match damage {
+        "truncated-pack" => "is not in any pack index (or lies past the end of its pack)",
+        "flipped-bit" | "flipped-bit-all" => "does not match its hash",
+        "manifest-checksum" => "checksum mismatch",
+        "missing-parent" => "layered on base, which does not exist",
+        // The fixture ADDS an index entry for page id 123.0, which no template references
+        // (real page ids are content hashes): restore never looks it up, so it must run
+        // the function exactly as before. `index-all-past-end` covers damaged entries that
+        // restore does use.
+        "index-past-end" => return Expect::Unaffected,
+        "index-all-past-end" => "past the end of its pack",
+        "future-version" => "format version 7",
+        "parent-cycle" => "cycle",
+        "working-set-outside-ram" => "working set frame",
+        // A damage added to the fixtures later: at least a clear `vmm: error:` line.
+        _ => "vmm: error:",
+    })
+}
+
+fn vmm_panicked(stderr: &str) -> bool {
+    stderr.contains("panicked") || stderr.contains("RUST_BACKTRACE")
+}
+
+/// The healthy store: `fn` (QuickJS hello.js) on the runtime base `base`.
+fn make_healthy(dir: &TempDir) {
+    let mut cmd = vmm();
+    cmd.args([
+        "template",
+        "create",
+        "fn",
+        "--base",
+        "base",
+        "--store",
+        &dir.arg(),
+    ])
+    .args([
+        "--module",
+        &workload("qjs-wasi-reactor.wasm"),
+        "--runtime",
+        "qjs",
+        "--file",
+        &path("examples/hello.js"),
+        "--arg",
+        "hello.js",
+    ]);
+    let c = run_deadline(cmd, b"", "template create");
+    assert_eq!(c.code(), 0, "template create: {}", c.stderr());
+    // The fixtures hard-code the first pack's name and the template names.
+    for f in [
+        "packs/0000000000000001.pack",
+        "packs/0000000000000001.idx",
+        "templates/base.tmpl",
+        "templates/fn.tmpl",
+    ] {
+        assert!(dir.0.join(f).exists(), "a fresh store has no {f}");
+    }
+    let v = verify(&dir.0);
+    assert_eq!(v.code(), 0, "the fresh store must verify: {}", v.stdout());
+}
+
+/// Applies `damage` to a copy of `healthy` and checks verify and every restore strategy.
+/// Returns the problems found (empty: as it should be).
+fn check_damage(healthy: &TempDir, name: &str, apply: fn(&Path), expect: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let dir = TempDir::new(name);
+    copy_dir(&healthy.0, &dir.0);
+    let ok = restore(&dir.0, "prefetch");
+    if ok.code() != 0 || ok.stdout() != RESPONSE {
+        problems.push(format!(
+            "{name}: the healthy copy does not restore: {} {}",
+            ok.stdout(),
+            ok.stderr()
+        ));
+        return problems;
+    }
+    apply(&dir.0);
+
+    let v = verify(&dir.0);
+    let report = format!("{}{}", v.stdout(), v.stderr());
+    eprintln!(
+        "[{name}] vmm-store verify exit {}: {}",
+        v.code(),
+        report.trim()
+    );
+    if v.code() != 1 {
+        problems.push(format!(
+            "{name}: verify exited {}, not 1: {report}",
+            v.code()
+        ));
+    }
+    if !report.contains(expect) {
+        problems.push(format!(
+            "{name}: verify does not mention {expect:?}: {report}"
+        ));
+    }
+    if vmm_panicked(&report) {
+        problems.push(format!("{name}: verify panicked: {report}"));
+    }
+
+    for memory in STRATEGIES {
+        let r = restore(&dir.0, memory);
+        let err = r.stderr();
+        eprintln!(
+            "[{name}] restore --memory {memory}: exit {} in {:?}: {}",
+            r.code(),
+            r.elapsed,
+            err.trim()
+        );
+        if vmm_panicked(&err) {
+            problems.push(format!("{name}: restore --memory {memory} panicked: {err}"));
+        }
+        match restore_expect(name) {
+            Expect::Unaffected => {
+                if r.code() != 0 || r.stdout() != RESPONSE {
+                    problems.push(format!(
+                        "{name}: restore --memory {memory} must be unaffected, got exit {} stdout {:?}: {err}",
+                        r.code(),
+                        r.stdout()
+                    ));
+                }
+            }
+            Expect::Refuse(want) => {
+                if r.code() == 0 {
+                    problems.push(format!(
+                        "{name}: restore --memory {memory} ran the damaged template (exit 0, stdout {:?})",
+                        r.stdout()
+                    ));
+                } else if !err.contains("vmm: error:") || !err.contains(want) {
+                    problems.push(format!(
+                        "{name}: restore --memory {memory} (exit {}) should fail with {want:?}: {err}",
+                        r.code()
+                    ));
+                }
+                if !r.stdout().is_empty() {
+                    problems.push(format!(
+                        "{name}: restore --memory {memory} printed a response from a damaged store: {:?}",
+                        r.stdout()
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn every_damage_is_reported_by_verify_and_refused_by_restore() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = vmm_store_bin();
+    let t0 = Instant::now();
+    let healthy = TempDir::new("healthy");
+    make_healthy(&healthy);
+
+    let mut damages: Vec<(&str, fn(&Path), &str)> = fixtures::DAMAGES
+        .iter()
+        .map(|d: &Damage| (d.name, d.apply, d.expect))
+        .collect();
+    damages.push(("flipped-bit-all", flipped_bit_all, "is damaged"));
+    damages.push((
+        "index-all-past-end",
+        index_all_past_end,
+        "past the end of its pack",
+    ));
+    assert!(damages.len() >= 10);
+
+    // The damages are independent (one copy each): check them side by side.
+    let problems: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = damages
+            .iter()
+            .map(|&(name, apply, expect)| {
+                let healthy = &healthy;
+                s.spawn(move || check_damage(healthy, name, apply, expect))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a damage check panicked"))
+            .collect()
+    });
+    eprintln!("checked {} damages in {:?}", damages.len(), t0.elapsed());
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
