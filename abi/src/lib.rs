@@ -128,7 +128,7 @@ pub struct GuestStats {
 const STATS_WORDS: usize = 8;
 const _: () = assert!(core::mem::size_of::<GuestStats>() == STATS_WORDS * 8);
 const _: () = assert!(core::mem::size_of::<Mailbox>() <= MAILBOX_BYTES);
-const _: () = assert!(layout::MAILBOX_GPA % layout::PAGE_SIZE == 0);
+const _: () = assert!(layout::MAILBOX_GPA.is_multiple_of(layout::PAGE_SIZE));
 
 impl Mailbox {
     /// Serialise to the mailbox page's words.
