@@ -313,6 +313,9 @@ fn check_damage(healthy: &TempDir, name: &str, apply: fn(&Path), expect: &str) -
     problems
 }
 
+/// A damage: its name, how to apply it, what `vmm-store verify` must say about it.
+type Case = (&'static str, fn(&Path), &'static str);
+
 #[test]
 fn every_damage_is_reported_by_verify_and_refused_by_restore() {
     if !kvm_available() {
@@ -323,7 +326,7 @@ fn every_damage_is_reported_by_verify_and_refused_by_restore() {
     let healthy = TempDir::new("healthy");
     make_healthy(&healthy);
 
-    let mut damages: Vec<(&str, fn(&Path), &str)> = fixtures::DAMAGES
+    let mut damages: Vec<Case> = fixtures::DAMAGES
         .iter()
         .map(|d: &Damage| (d.name, d.apply, d.expect))
         .collect();
