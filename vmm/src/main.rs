@@ -268,7 +268,20 @@ fn template(cmd: TemplateCommand) -> i32 {
                     );
                     0
                 }
-                Err(e) => fail(format!("template create {name}: {e}")),
+                Err(e) => {
+                    let timeout = matches!(
+                        e,
+                        snapshot::TemplateError::Run(vmm::vm::RunError::Guest(
+                            vmm::vm::GuestError::Timeout(_)
+                        ))
+                    );
+                    let code = fail(format!("template create {name}: {e}"));
+                    if timeout {
+                        cli::EXIT_TIMEOUT
+                    } else {
+                        code
+                    }
+                }
             }
         }
         TemplateCommand::Ls { store, json } => {

@@ -162,7 +162,8 @@ pub fn apply_guest_stats(stats: &mut Stats, g: &GuestStats, tsc_khz: u64) {
 /// Create a VM with the kernel and `module` loaded, ready for its first KVM_RUN.
 pub fn boot_vm(module: &[u8], runtime: RuntimeKind, limits: &RunLimits) -> Result<Vm, RunError> {
     let mem_mib = limits.mem_mib;
-    if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) || !mem_mib.is_multiple_of(2) {
+    if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) || !mem_mib.is_multiple_of(2)
+    {
         return Err(GuestError::Runtime(SetupError::BadMemSize(mem_mib).to_string()).into());
     }
     let mem_size = mem_mib << 20;
