@@ -113,7 +113,14 @@ pub fn run_with<H: Host>(
     runtime: Runtime,
     opts: RunOptions,
 ) -> Result<RunOutput, RunError> {
-    let test_hostcalls = opts.test_hostcalls;
+    let (engine, module) = compile(module, opts)?;
+    host.mark(Phase::Compiled);
+    run_compiled(host, &engine, &module, runtime, opts)
+}
+
+/// Compile `module` (the first phase of [`run_with`]). The bytes are not needed afterwards:
+/// the kernel zeroes them so that they cost nothing in snapshots.
+pub fn compile(module: &[u8], opts: RunOptions) -> Result<(Engine, Module), RunError> {
     let mut config = wasmi::Config::default();
     if opts.eager_compile {
         config.compilation_mode(wasmi::CompilationMode::Eager);
@@ -125,19 +132,29 @@ pub fn run_with<H: Host>(
             format!("module is not valid WebAssembly: {e}"),
         )
     })?;
-    host.mark(Phase::Compiled);
+    Ok((engine, module))
+}
 
-    let mut linker = Linker::<StoreData<'_, H>>::new(&engine);
+/// The phases of [`run_with`] after compilation (the caller marks [`Phase::Compiled`]).
+pub fn run_compiled<H: Host>(
+    host: &mut H,
+    engine: &Engine,
+    module: &Module,
+    runtime: Runtime,
+    opts: RunOptions,
+) -> Result<RunOutput, RunError> {
+    let test_hostcalls = opts.test_hostcalls;
+    let mut linker = Linker::<StoreData<'_, H>>::new(engine);
     link::add_to_linker(&mut linker, test_hostcalls)
         .map_err(|e| err(ERR_INSTANTIATE, format!("cannot set up WASI: {e}")))?;
-    if let Some(name) = missing_import(&module, test_hostcalls) {
+    if let Some(name) = missing_import(module, test_hostcalls) {
         return Err(err(
             ERR_INSTANTIATE,
             format!("module imports {name}, which this runtime does not provide"),
         ));
     }
-    let mut store = Store::new(&engine, StoreData::new(host));
-    let instance = match linker.instantiate_and_start(&mut store, &module) {
+    let mut store = Store::new(engine, StoreData::new(host));
+    let instance = match linker.instantiate_and_start(&mut store, module) {
         Ok(i) => i,
         Err(e) => {
             let msg = match classify(e) {
