@@ -108,7 +108,7 @@ fn restore_prints_what_run_prints_for_every_example_and_strategy() {
         let cold = run_cold(function, input);
         assert_eq!(cold.code(), 0, "{}", cold.stderr());
         assert!(!cold.stdout().is_empty());
-        for memory in ["prefetch", "eager", "lazy"] {
+        for memory in ["prefetch", "eager", "lazy", "shared"] {
             let r = restore(&store, name, memory, input);
             assert_eq!(
                 r.stdout(),

@@ -5,6 +5,7 @@
 //! falls on every mode alike. Ratios are only meaningful within one run.
 
 use crate::run::ms;
+use crate::snapshot::MemoryStrategy;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -176,7 +177,7 @@ fn run_sections(
             create.extend(store_args.clone());
             create.extend(f.args.clone());
             invoke(&create, b"")?;
-            let modes = ["cold", "eager", "prefetch", "lazy"];
+            let modes = ["cold", "eager", "prefetch", "lazy", "shared"];
             let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
             for _ in 0..a.iterations {
                 for (m, mode) in modes.iter().enumerate() {
@@ -276,7 +277,63 @@ fn run_sections(
             }
             println!();
         }
-        report.insert("latency".into(), rows.into());
+        report.insert("latency".into(), rows.clone().into());
+
+        // A worker that keeps its store open: restores in this process, one after another,
+        // each a fresh VM (manifest load, page install, vCPU restore, run to response).
+        let mut warm = Vec::new();
+        let mut st = snapshot_store::Store::open(store).map_err(|e| e.to_string())?;
+        for f in &functions {
+            for strategy in [MemoryStrategy::Eager, MemoryStrategy::Prefetch] {
+                let mut t = Vec::new();
+                for _ in 0..a.iterations {
+                    let t0 = Instant::now();
+                    let (report, _) = crate::snapshot::restore_and_run(
+                        &mut st,
+                        f.name,
+                        strategy,
+                        f.input,
+                        &crate::run::RunLimits::default(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    report.result.map_err(|e| e.to_string())?;
+                    t.push(ms(t0.elapsed()));
+                }
+                let cold = rows
+                    .iter()
+                    .find(|r| r["function"] == f.name && r["mode"] == "cold")
+                    .and_then(|r| r["vmm_median_ms"].as_f64())
+                    .unwrap_or(0.0);
+                let median = percentile(&t, 0.5);
+                warm.push(serde_json::json!({
+                    "function": f.name,
+                    "strategy": strategy,
+                    "median_ms": median,
+                    "p90_ms": percentile(&t, 0.9),
+                    "vs_cold_in_vmm": cold / median,
+                }));
+            }
+        }
+        if !a.json {
+            println!(
+                "## Restores in one process with the store kept open ({} each)\n",
+                a.iterations
+            );
+            println!("| function | memory | median ms | p90 ms | vs cold (in vmm) |");
+            println!("|---|---|---:|---:|---:|");
+            for r in &warm {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.1}x |",
+                    r["function"].as_str().unwrap_or(""),
+                    r["strategy"].as_str().unwrap_or(""),
+                    r["median_ms"].as_f64().unwrap_or(0.0),
+                    r["p90_ms"].as_f64().unwrap_or(0.0),
+                    r["vs_cold_in_vmm"].as_f64().unwrap_or(0.0)
+                );
+            }
+            println!();
+        }
+        report.insert("warm".into(), warm.into());
     }
 
     if want("throughput") {

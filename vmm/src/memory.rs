@@ -80,6 +80,48 @@ impl GuestMemory {
         })
     }
 
+    /// Guest RAM as a private (copy-on-write) mapping of `file`, 2 MiB aligned: pages are
+    /// shared with every other mapping of the file through the page cache until written.
+    pub fn from_file_private(file: &std::fs::File, size: usize) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let anon = Self::new(size)?;
+        // SAFETY: MAP_FIXED over the reservation that `anon` owns (same address and
+        // size), so nothing else is replaced; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                anon.ptr.as_ptr().cast(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                size,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(anon)
+    }
+
+    /// Map the pages of `[gpa, gpa+len)` now (MADV_POPULATE_READ), so that the guest's first
+    /// touch does not wait for the host fault. Advisory: failures are ignored.
+    pub fn populate_read(&self, gpa: u64, len: u64) {
+        const MADV_POPULATE_READ: libc::c_int = 22;
+        if let Ok(off) = self.check(gpa, len) {
+            // SAFETY: the range lies inside this mapping; populating only faults pages in.
+            unsafe {
+                libc::madvise(
+                    self.ptr.as_ptr().add(off).cast(),
+                    len as usize,
+                    MADV_POPULATE_READ,
+                )
+            };
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.size as u64
     }
@@ -124,6 +166,21 @@ impl GuestMemory {
         let mut v = vec![0u8; len as usize];
         self.read_into(gpa, &mut v)?;
         Ok(v)
+    }
+
+    /// Ask for small pages in `[gpa, gpa+len)` (a sparse region not worth a 2 MiB zero
+    /// fill). Advisory: out-of-range or failing requests are ignored.
+    pub fn advise_small_pages(&self, gpa: u64, len: u64) {
+        if let Ok(off) = self.check(gpa, len) {
+            // SAFETY: the range lies inside this mapping; madvise only changes paging policy.
+            unsafe {
+                libc::madvise(
+                    self.ptr.as_ptr().add(off).cast(),
+                    len as usize,
+                    libc::MADV_NOHUGEPAGE,
+                )
+            };
+        }
     }
 
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {

@@ -107,6 +107,11 @@ pub enum MemoryStrategy {
     Prefetch,
     /// Nothing up front: every page arrives on demand through userfaultfd.
     Lazy,
+    /// A copy-on-write mapping of the template's memory image, cached in the store's
+    /// `cache/` directory and shared by all instances through the page cache: nothing is
+    /// copied, the working set is mapped before the vCPU runs, written pages are copied on
+    /// first write.
+    Shared,
 }
 
 /// Name of the runtime base for a module: it depends on the module, the runtime and the
@@ -215,6 +220,52 @@ fn write_layer(
     Ok(w.commit()?)
 }
 
+/// The template's memory image for `--memory shared`: a sparse file in `<store>/cache/`
+/// holding every data page at its guest offset, built (from verified pages) on first use
+/// and named after the template and its creation time, so a replaced template never meets
+/// a stale image. It is derived data: deleting `cache/` is always safe.
+fn memory_image(
+    store_dir: &std::path::Path,
+    tmpl: &snapshot_store::Template,
+    resolved: &Resolved<'_>,
+) -> Result<std::fs::File, TemplateError> {
+    use std::os::unix::fs::FileExt;
+    let dir = store_dir.join("cache");
+    let path = dir.join(format!(
+        "{}.{}.img",
+        tmpl.name.as_str(),
+        tmpl.created_unix_ms
+    ));
+    let io = |step: &'static str, e: std::io::Error| {
+        TemplateError::Damaged(format!("{step} {}: {e}", path.display()))
+    };
+    if let Ok(f) = std::fs::File::open(&path) {
+        if f.metadata()
+            .map(|m| m.len() == tmpl.mem_size)
+            .unwrap_or(false)
+        {
+            return Ok(f);
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| io("create the image cache", e))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        tmpl.name.as_str(),
+        std::process::id()
+    ));
+    let f = std::fs::File::create(&tmp).map_err(|e| io("create memory image", e))?;
+    f.set_len(tmpl.mem_size)
+        .map_err(|e| io("size memory image", e))?;
+    for gfn in 0..resolved.frame_count() {
+        if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
+            f.write_all_at(p, gfn * PAGE)
+                .map_err(|e| io("write memory image", e))?;
+        }
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| io("install memory image", e))?;
+    std::fs::File::open(&path).map_err(|e| io("open memory image", e))
+}
+
 /// Counters of one restore.
 #[derive(Debug, Default, serde::Serialize, Clone)]
 pub struct RestoreStats {
@@ -236,42 +287,80 @@ pub struct Restored {
     pub device: DeviceState,
 }
 
-/// Fill `mem` from `resolved` according to `strategy`; returns pages copied.
+/// Data frames in a 2 MiB region below which `eager` maps the region with 4 KiB pages: a
+/// huge page costs a 2 MiB zero fill, which is not worth it for a handful of pages.
+const SPARSE_REGION_PAGES: usize = 32;
+
+/// Fill `mem` from `resolved` according to `strategy`; returns pages copied. Every page is
+/// re-hashed against its id on the way. The regions are split between two threads.
 fn install(
     mem: &GuestMemory,
     resolved: &Resolved<'_>,
     strategy: MemoryStrategy,
     working_set: &[u64],
 ) -> Result<u64, TemplateError> {
-    let mut copied = 0;
-    match strategy {
-        MemoryStrategy::Lazy => {}
-        MemoryStrategy::Eager => {
-            for gfn in 0..resolved.frame_count() {
+    let per_region = layout::HUGE_PAGE_SIZE / PAGE;
+    let mut regions: Vec<u64> = match strategy {
+        MemoryStrategy::Lazy => return Ok(0),
+        MemoryStrategy::Shared => {
+            // Map the working set's pages from the page cache (runs of frames at once).
+            let mut frames = working_set.to_vec();
+            frames.sort_unstable();
+            frames.dedup();
+            let mut i = 0;
+            while i < frames.len() {
+                let mut j = i + 1;
+                while j < frames.len() && frames[j] == frames[j - 1] + 1 {
+                    j += 1;
+                }
+                mem.populate_read(frames[i] * PAGE, (j - i) as u64 * PAGE);
+                i = j;
+            }
+            return Ok(0);
+        }
+        MemoryStrategy::Eager => resolved
+            .iter()
+            .filter(|(_, f)| matches!(f, Frame::Data(_)))
+            .map(|(g, _)| g / per_region)
+            .collect(),
+        // Whole 2 MiB regions: with MADV_HUGEPAGE, touching one page of a region makes the
+        // whole region present (zero-filled), so all its data pages must be copied.
+        MemoryStrategy::Prefetch => working_set.iter().map(|g| g / per_region).collect(),
+    };
+    regions.sort_unstable();
+    regions.dedup();
+    // Sparse regions may use small pages only where nothing is left to userfaultfd.
+    let allow_sparse = strategy == MemoryStrategy::Eager;
+    let fill = |part: usize| -> Result<u64, TemplateError> {
+        let mut copied = 0;
+        for &r in regions.iter().skip(part).step_by(2) {
+            let frames = r * per_region..((r + 1) * per_region).min(resolved.frame_count());
+            let mut pages = Vec::with_capacity(per_region as usize);
+            for gfn in frames {
                 if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
-                    mem.write(gfn * PAGE, p)?;
-                    copied += 1;
+                    pages.push((gfn, p));
                 }
             }
-        }
-        MemoryStrategy::Prefetch => {
-            // Whole 2 MiB regions: with MADV_HUGEPAGE, touching one page of a region makes
-            // the whole region present (zero-filled), so its other pages must be copied too.
-            let per_region = layout::HUGE_PAGE_SIZE / PAGE;
-            let mut regions: Vec<u64> = working_set.iter().map(|g| g / per_region).collect();
-            regions.sort_unstable();
-            regions.dedup();
-            for r in regions {
-                for gfn in r * per_region..((r + 1) * per_region).min(resolved.frame_count()) {
-                    if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
-                        mem.write(gfn * PAGE, p)?;
-                        copied += 1;
-                    }
-                }
+            if allow_sparse && pages.len() < SPARSE_REGION_PAGES {
+                mem.advise_small_pages(r * layout::HUGE_PAGE_SIZE, layout::HUGE_PAGE_SIZE);
+            }
+            for (gfn, p) in pages {
+                mem.write(gfn * PAGE, p)?;
+                copied += 1;
             }
         }
-    }
-    Ok(copied)
+        Ok(copied)
+    };
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| fill(1));
+        let mine = fill(0);
+        let theirs = other.join().unwrap_or_else(|_| {
+            Err(TemplateError::Damaged(
+                "the memory installer panicked".into(),
+            ))
+        });
+        Ok(mine? + theirs?)
+    })
 }
 
 /// Serves userfaultfd faults from the store until `stop` is set, recording the order in
@@ -346,7 +435,13 @@ fn with_restored<T>(
     // Create the VM, then fill its memory on a second thread while this one writes the
     // vCPU state: the two do not touch each other (the vCPU does not run until both end).
     let t1 = Instant::now();
-    let mem = GuestMemory::new(tmpl.mem_size as usize)?;
+    let mem = match strategy {
+        MemoryStrategy::Shared => {
+            let image = memory_image(store.dir(), &tmpl, &resolved)?;
+            GuestMemory::from_file_private(&image, tmpl.mem_size as usize)?
+        }
+        _ => GuestMemory::new(tmpl.mem_size as usize)?,
+    };
     let vm = Vm::new_unregistered(mem)?;
     let working_set = &tmpl.working_set;
     let resolved_ref = &resolved;
@@ -358,7 +453,7 @@ fn with_restored<T>(
             // Register for faults only after the copies: our own writes into a registered,
             // missing page would otherwise wait for a fault handler.
             let uffd = match strategy {
-                MemoryStrategy::Eager => None,
+                MemoryStrategy::Eager | MemoryStrategy::Shared => None,
                 _ => {
                     let u = Uffd::new()?;
                     u.register(vm_ref.mem.host_addr(), vm_ref.mem.size() as usize)?;
