@@ -1,9 +1,7 @@
 //! Template vCPU state (`vmm::persist::VcpuState::decode`) and device state.
 //!
 //! Input: a mode byte, then the state bytes. Even mode: `VcpuState::decode`. Odd
-//! mode: the device state decoder of vmm/src/snapshot.rs. `DeviceState::decode`
-//! is private, so this mirrors it exactly (bincode standard config, 1 MiB limit,
-//! no trailing bytes, version 1) over the public `DeviceState` type.
+//! mode: the device state decoder of vmm/src/snapshot.rs (`DeviceState::decode`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,9 +9,7 @@ use vmm::persist::{VcpuState, VCPU_STATE_VERSION};
 use vmm::snapshot::DeviceState;
 
 fn decode_device_state(b: &[u8]) -> Option<DeviceState> {
-    let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
-    let (d, used): (DeviceState, usize) = bincode::decode_from_slice(b, cfg).ok()?;
-    (used == b.len() && d.version == 1).then_some(d)
+    DeviceState::decode(b).ok()
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -141,7 +141,7 @@ pub enum LoadError {
 pub enum WriteError {
     #[error(transparent)]
     Name(#[from] NameError),
-    #[error("guest memory size {mem_size} is not a non-zero multiple of 4096 (at most 1 TiB)")]
+    #[error("guest memory size {mem_size} is not a non-zero multiple of 4096 (at most 4 GiB)")]
     BadMemSize { mem_size: u64 },
     #[error("frame {frame} is outside guest memory ({frames} frames)")]
     FrameOutOfRange { frame: u64, frames: u64 },

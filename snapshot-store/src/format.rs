@@ -161,7 +161,9 @@ pub const MAN_HEADER: usize = 8 + 2 + 2 + 8 + 16;
 /// Largest payload we accept, and the bincode allocation limit.
 pub const MAN_LIMIT: usize = 1 << 30;
 /// Largest guest memory a template may describe.
-pub const MAX_MEM: u64 = 1 << 40;
+/// Largest guest memory a manifest may describe: the VMM maps at most 4 GiB, and resolving
+/// a template allocates per frame, so a larger size in a hostile manifest is refused.
+pub const MAX_MEM: u64 = 4 << 30;
 
 fn bincode_cfg() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAN_LIMIT>()

@@ -43,7 +43,8 @@ impl DeviceState {
     fn encode(&self) -> Vec<u8> {
         bincode::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
     }
-    fn decode(b: &[u8]) -> Result<Self, TemplateError> {
+    #[doc(hidden)] // public for the fuzz target
+    pub fn decode(b: &[u8]) -> Result<Self, TemplateError> {
         let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
         let (d, used): (DeviceState, usize) = bincode::decode_from_slice(b, cfg)
             .map_err(|e| TemplateError::Damaged(format!("device state: {e}")))?;
