@@ -1678,13 +1678,14 @@ impl Template {
     pub fn resolve<'s>(&self, store: &'s Store) -> Result<Resolved<'s>, LoadError> {
         let ancestors = store.ancestors(self)?;
         let n = self.frames() as usize;
-        let mut frames = vec![Src::ZERO; n];
+        // A zeroed u64 allocation: pages of the map that no data frame touches stay unmapped.
+        let mut frames: Vec<u64> = vec![0; n];
         let mut hashes = HashMap::new();
         let mut layers = Vec::with_capacity(ancestors.len() + 1);
         for t in ancestors.iter().chain(std::iter::once(self)) {
             layers.push(t.name.clone());
             for &(s, k) in &t.zero_runs {
-                frames[s as usize..(s + k) as usize].fill(Src::ZERO);
+                frames[s as usize..(s + k) as usize].fill(Src::ZERO.0);
             }
             for (frame, id) in t.own_pages() {
                 let loc = store
@@ -1697,10 +1698,7 @@ impl Template {
                         frame,
                         page: id,
                     })?;
-                frames[frame as usize] = Src {
-                    pack: loc.pack,
-                    offset: loc.offset,
-                };
+                frames[frame as usize] = Src::new(loc.pack, loc.offset)?.0;
                 hashes.insert(frame, id);
             }
         }
@@ -1714,16 +1712,30 @@ impl Template {
     }
 }
 
+/// Where a frame's page lives, packed in a u64 so that a resolved map of mostly zero
+/// frames is a zeroed allocation (the OS maps it lazily): 0 = zero frame, else
+/// `(pack + 1) << 40 | offset / PAGE_SIZE`.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Src {
-    pack: u32,
-    offset: u64,
-}
+#[repr(transparent)]
+struct Src(u64);
 impl Src {
-    const ZERO: Src = Src {
-        pack: u32::MAX,
-        offset: 0,
-    };
+    const ZERO: Src = Src(0);
+    fn new(pack: u32, offset: u64) -> Result<Src, LoadError> {
+        let page = offset / PAGE;
+        if offset % PAGE != 0 || page >= 1 << 40 || pack >= (1 << 23) {
+            return Err(LoadError::BufferSize {
+                expected: page,
+                found: offset,
+            });
+        }
+        Ok(Src(((pack as u64 + 1) << 40) | page))
+    }
+    fn pack(self) -> u32 {
+        ((self.0 >> 40) - 1) as u32
+    }
+    fn offset(self) -> u64 {
+        (self.0 & ((1 << 40) - 1)) * PAGE
+    }
 }
 
 /// Contents of one guest frame.
@@ -1738,7 +1750,8 @@ pub enum Frame<'a> {
 pub struct Resolved<'s> {
     store: &'s Store,
     mem_size: u64,
-    frames: Vec<Src>,
+    /// `Src` words, one per frame.
+    frames: Vec<u64>,
     layers: Vec<TemplateName>,
     /// The page id each data frame must hash to (for verified reads).
     hashes: HashMap<u64, PageId>,
@@ -1757,7 +1770,7 @@ impl<'s> Resolved<'s> {
     }
     /// Number of frames that are not zero.
     pub fn nonzero_frames(&self) -> u64 {
-        self.frames.iter().filter(|s| **s != Src::ZERO).count() as u64
+        self.frames.iter().filter(|&&s| Src(s) != Src::ZERO).count() as u64
     }
 
     fn get(&self, s: Src) -> Frame<'s> {
@@ -1767,8 +1780,8 @@ impl<'s> Resolved<'s> {
         // In range: checked by resolve(), and the store cannot be remapped
         // while borrowed.
         match self.store.loc_bytes(Loc {
-            pack: s.pack,
-            offset: s.offset,
+            pack: s.pack(),
+            offset: s.offset(),
         }) {
             Some(b) => Frame::Data(b),
             None => Frame::Zero,
@@ -1777,7 +1790,7 @@ impl<'s> Resolved<'s> {
 
     /// Contents of frame `gfn` (None past the end of guest memory).
     pub fn frame(&self, gfn: u64) -> Option<Frame<'s>> {
-        let s = *self.frames.get(usize::try_from(gfn).ok()?)?;
+        let s = Src(*self.frames.get(usize::try_from(gfn).ok()?)?);
         Some(self.get(s))
     }
 
@@ -1799,12 +1812,18 @@ impl<'s> Resolved<'s> {
         Ok(Some(f))
     }
 
+    /// The frames that hold data (not zero), in no particular order: cheaper than
+    /// [`Resolved::iter`] when most of guest memory is zero.
+    pub fn data_frames(&self) -> impl Iterator<Item = u64> + '_ {
+        self.hashes.keys().copied()
+    }
+
     /// All frames in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, Frame<'s>)> + '_ {
         self.frames
             .iter()
             .enumerate()
-            .map(|(i, s)| (i as u64, self.get(*s)))
+            .map(|(i, s)| (i as u64, self.get(Src(*s))))
     }
 
     /// Fills `guest` (exactly `mem_size` bytes) with the template memory, zeroing zero frames.
@@ -1826,7 +1845,7 @@ impl<'s> Resolved<'s> {
             });
         }
         for (dst, s) in guest.chunks_exact_mut(PAGE_SIZE).zip(&self.frames) {
-            match self.get(*s) {
+            match self.get(Src(*s)) {
                 Frame::Data(b) => dst.copy_from_slice(b),
                 Frame::Zero if write_zeros => dst.fill(0),
                 Frame::Zero => {}

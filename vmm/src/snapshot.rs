@@ -319,11 +319,7 @@ fn install(
             }
             return Ok(0);
         }
-        MemoryStrategy::Eager => resolved
-            .iter()
-            .filter(|(_, f)| matches!(f, Frame::Data(_)))
-            .map(|(g, _)| g / per_region)
-            .collect(),
+        MemoryStrategy::Eager => resolved.data_frames().map(|g| g / per_region).collect(),
         // Whole 2 MiB regions: with MADV_HUGEPAGE, touching one page of a region makes the
         // whole region present (zero-filled), so all its data pages must be copied.
         MemoryStrategy::Prefetch => working_set.iter().map(|g| g / per_region).collect(),
