@@ -224,7 +224,7 @@ pub fn print_stats(s: &crate::run::Stats) {
         Some(r) => {
             row("load template", r.load_ms);
             row("install memory", r.install_ms);
-            row("restore vcpu", r.vm_restore_ms);
+            row("vm+vcpu restore", r.vm_restore_ms);
             row("vm ready", r.setup_ms);
             row("run to response", r.run_ms);
             count("pages installed", r.pages_installed);

@@ -439,42 +439,46 @@ fn with_restored<T>(
         }
         _ => GuestMemory::new(tmpl.mem_size as usize)?,
     };
-    let vm = Vm::new_unregistered(mem)?;
     let working_set = &tmpl.working_set;
     let resolved_ref = &resolved;
-    let vm_ref = &vm;
-    let (installed, vcpu_ready) = std::thread::scope(|scope| {
+    let mem_ref = &mem;
+    let (installed, parts) = std::thread::scope(|scope| {
         let installer = scope.spawn(move || {
             let t = Instant::now();
-            let pages = install(&vm_ref.mem, resolved_ref, strategy, working_set)?;
+            let pages = install(mem_ref, resolved_ref, strategy, working_set)?;
             // Register for faults only after the copies: our own writes into a registered,
             // missing page would otherwise wait for a fault handler.
             let uffd = match strategy {
                 MemoryStrategy::Eager | MemoryStrategy::Shared => None,
                 _ => {
                     let u = Uffd::new()?;
-                    u.register(vm_ref.mem.host_addr(), vm_ref.mem.size() as usize)?;
+                    u.register(mem_ref.host_addr(), mem_ref.size() as usize)?;
                     Some(u)
                 }
             };
             Ok::<_, TemplateError>((pages, uffd, ms(t.elapsed())))
         });
         let t2 = Instant::now();
-        let ready = vm
-            .backend
-            .prepare_restore(&vm.kvm, &vm.vcpu)
-            .map_err(|e| TemplateError::from(VmError::from(e)))
-            .and_then(|()| Ok(state.apply(&vm.vm, &vm.vcpu, vm.backend)?))
-            .map(|()| ms(t2.elapsed()));
+        let parts = crate::vm::VmParts::create()
+            .map_err(TemplateError::from)
+            .and_then(|p| {
+                p.backend
+                    .prepare_restore(&p.kvm, &p.vcpu)
+                    .map_err(|e| TemplateError::from(VmError::from(e)))?;
+                state.apply(&p.vm, &p.vcpu, p.backend)?;
+                Ok((p, ms(t2.elapsed())))
+            });
         let installed = installer.join().unwrap_or_else(|_| {
             Err(TemplateError::Damaged(
                 "the memory installer panicked".into(),
             ))
         });
-        (installed, ready)
+        (installed, parts)
     });
+    let (parts, vcpu_ms) = parts?;
+    let vm = parts.with_memory(mem);
     let (pages, uffd, install_ms) = installed?;
-    stats.vm_restore_ms = vcpu_ready?;
+    stats.vm_restore_ms = vcpu_ms;
     vm.register_memory()?;
     state.apply_backend_msrs(&vm.vcpu, vm.backend)?;
     stats.install_ms = install_ms;

@@ -121,6 +121,53 @@ impl Output {
     }
 }
 
+/// A VM and its vCPU before guest RAM is attached (see [`Vm::new_unregistered`]): lets a
+/// restore create them while another thread fills the memory.
+pub struct VmParts {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub vcpu: VcpuFd,
+    pub backend: Backend,
+    pub tsc_khz: u64,
+}
+
+impl VmParts {
+    pub fn create() -> Result<VmParts, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
+        let backend = Backend::detect(&vcpu);
+        let tsc_khz = backend.tsc_khz(&vcpu)?;
+        Ok(VmParts {
+            kvm,
+            vm,
+            vcpu,
+            backend,
+            tsc_khz,
+        })
+    }
+
+    /// Attach guest RAM (not yet registered with KVM: see [`Vm::register_memory`]).
+    pub fn with_memory(self, mem: GuestMemory) -> Vm {
+        let VmParts {
+            kvm,
+            vm,
+            vcpu,
+            backend,
+            tsc_khz,
+        } = self;
+        Vm {
+            kvm,
+            vm,
+            vcpu,
+            mem,
+            backend,
+            tsc_khz,
+            exits: 0,
+        }
+    }
+}
+
 pub struct Vm {
     pub kvm: Kvm,
     pub vm: VmFd,
@@ -145,20 +192,7 @@ impl Vm {
     /// every page the host touches (which makes filling registered memory ~10x slower).
     /// Call [`Vm::register_memory`] before running the vCPU.
     pub fn new_unregistered(mem: GuestMemory) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
-        let backend = Backend::detect(&vcpu);
-        let tsc_khz = backend.tsc_khz(&vcpu)?;
-        Ok(Vm {
-            kvm,
-            vm,
-            vcpu,
-            mem,
-            backend,
-            tsc_khz,
-            exits: 0,
-        })
+        Ok(VmParts::create()?.with_memory(mem))
     }
 
     /// Register guest RAM as memory slot 0 at GPA 0.
