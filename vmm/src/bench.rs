@@ -288,7 +288,7 @@ fn run_sections(
                 let mut t = Vec::new();
                 for _ in 0..a.iterations {
                     let t0 = Instant::now();
-                    let (report, _) = crate::snapshot::restore_and_run(
+                    let (report, _, _) = crate::snapshot::restore_and_run(
                         &mut st,
                         f.name,
                         strategy,

@@ -199,9 +199,11 @@ fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStra
         Err(e) => return fail(e),
     };
     match snapshot::restore_and_run(&mut store, name, memory, &input, &limits) {
-        Ok((mut report, _)) => {
+        Ok((mut report, _, finished)) => {
             report.stats.total_ms = since_start_ms();
-            cli::finish(&report, invoke)
+            let code = cli::finish(&report, invoke);
+            drop(finished); // tear the VM down after the response is out
+            code
         }
         Err(e) => fail(format!("restore {name}: {e}")),
     }

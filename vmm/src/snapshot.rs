@@ -418,6 +418,20 @@ fn with_restored<T>(
     touched: Option<&mut Vec<u64>>,
     body: impl FnOnce(&mut Restored) -> T,
 ) -> Result<T, TemplateError> {
+    with_restored_keep(store, name, strategy, stats, touched, None, body)
+}
+
+/// [`with_restored`] that can hand the finished VM to the caller (`keep`), so that tearing
+/// it down (unmapping guest RAM, destroying the KVM VM: ~1 ms) happens after the response.
+fn with_restored_keep<T>(
+    store: &mut Store,
+    name: &str,
+    strategy: MemoryStrategy,
+    stats: &mut RestoreStats,
+    touched: Option<&mut Vec<u64>>,
+    keep: Option<&mut Option<Vm>>,
+    body: impl FnOnce(&mut Restored) -> T,
+) -> Result<T, TemplateError> {
     let t0 = Instant::now();
     let tmpl = store.load(name).map_err(|e| match e {
         snapshot_store::LoadError::NotFound { .. } => TemplateError::Missing(name.into()),
@@ -523,6 +537,9 @@ fn with_restored<T>(
         {
             return Err(TemplateError::Damaged(msg));
         }
+        if let Some(k) = keep {
+            *k = Some(restored.vm);
+        }
         match served {
             Some(Ok(Err(e))) => Err(e.into()),
             Some(Err(_)) => Err(TemplateError::Damaged(
@@ -533,6 +550,9 @@ fn with_restored<T>(
     })
 }
 
+/// A finished instance whose teardown the caller may postpone until after the response.
+pub struct Finished(#[allow(dead_code)] Option<Vm>);
+
 /// Restore a function template and serve one request.
 pub fn restore_and_run(
     store: &mut Store,
@@ -540,17 +560,18 @@ pub fn restore_and_run(
     strategy: MemoryStrategy,
     stdin: &[u8],
     limits: &RunLimits,
-) -> Result<(RunReport, RestoreStats), TemplateError> {
+) -> Result<(RunReport, RestoreStats, Finished), TemplateError> {
     let t0 = Instant::now();
     let mut rs = RestoreStats::default();
-    let report = with_restored(store, name, strategy, &mut rs, None, |r| {
+    let mut vm = None;
+    let report = with_restored_keep(store, name, strategy, &mut rs, None, Some(&mut vm), |r| {
         run_restored(r, name, stdin, limits)
     })??;
     let mut report = report;
     report.stats.total_ms = ms(t0.elapsed());
     report.stats.vm_create_ms = rs.load_ms + rs.setup_ms;
     report.stats.restore = Some(rs.clone());
-    Ok((report, rs))
+    Ok((report, rs, Finished(vm)))
 }
 
 fn run_restored(
