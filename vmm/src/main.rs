@@ -145,9 +145,11 @@ fn main() {
                 .and_then(|spec| Ok((spec, invoke.read_input()?, invoke.limits(mem)?)));
             match prepared {
                 Ok((spec, input, limits)) => {
-                    let mut report = vmm::run::run_cold(&spec, &input, &limits);
+                    let (mut report, finished) = vmm::run::run_cold_keep(&spec, &input, &limits);
                     report.stats.total_ms = since_start_ms();
-                    cli::finish(&report, &invoke)
+                    let code = cli::finish(&report, &invoke);
+                    drop(finished); // tear the VM down after the response is out
+                    code
                 }
                 Err(e) => {
                     eprintln!("vmm: error: {e}");

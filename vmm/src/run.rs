@@ -292,6 +292,15 @@ pub fn serve_from(
 
 /// Boot cold and run one invocation.
 pub fn run_cold(spec: &FunctionSpec, stdin: &[u8], limits: &RunLimits) -> RunReport {
+    run_cold_keep(spec, stdin, limits).0
+}
+
+/// [`run_cold`] that hands the finished VM back, to be torn down after the response.
+pub fn run_cold_keep(
+    spec: &FunctionSpec,
+    stdin: &[u8],
+    limits: &RunLimits,
+) -> (RunReport, crate::vm::Finished) {
     let t0 = Instant::now();
     let mut stats = Stats {
         mode: "cold",
@@ -300,12 +309,13 @@ pub fn run_cold(spec: &FunctionSpec, stdin: &[u8], limits: &RunLimits) -> RunRep
     let mut vm = match boot_vm(&spec.module, spec.runtime, limits) {
         Ok(vm) => vm,
         Err(e) => {
-            return RunReport {
+            let report = RunReport {
                 result: Err(e),
                 stdout: vec![],
                 stderr: vec![],
                 stats,
-            }
+            };
+            return (report, crate::vm::Finished(None));
         }
     };
     stats.backend = format!("{:?}", vm.backend).to_lowercase();
@@ -317,10 +327,11 @@ pub fn run_cold(spec: &FunctionSpec, stdin: &[u8], limits: &RunLimits) -> RunRep
     if let Ok(mb) = vm.read_mailbox() {
         apply_guest_stats(&mut stats, &mb.stats, vm.tsc_khz);
     }
-    RunReport {
+    let report = RunReport {
         result,
         stdout: out.stdout,
         stderr: out.stderr,
         stats,
-    }
+    };
+    (report, crate::vm::Finished(Some(vm)))
 }

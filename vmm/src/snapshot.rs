@@ -550,9 +550,6 @@ fn with_restored_keep<T>(
     })
 }
 
-/// A finished instance whose teardown the caller may postpone until after the response.
-pub struct Finished(#[allow(dead_code)] Option<Vm>);
-
 /// Restore a function template and serve one request.
 pub fn restore_and_run(
     store: &mut Store,
@@ -560,7 +557,7 @@ pub fn restore_and_run(
     strategy: MemoryStrategy,
     stdin: &[u8],
     limits: &RunLimits,
-) -> Result<(RunReport, RestoreStats, Finished), TemplateError> {
+) -> Result<(RunReport, RestoreStats, crate::vm::Finished), TemplateError> {
     let t0 = Instant::now();
     let mut rs = RestoreStats::default();
     let mut vm = None;
@@ -571,7 +568,7 @@ pub fn restore_and_run(
     report.stats.total_ms = ms(t0.elapsed());
     report.stats.vm_create_ms = rs.load_ms + rs.setup_ms;
     report.stats.restore = Some(rs.clone());
-    Ok((report, rs, Finished(vm)))
+    Ok((report, rs, crate::vm::Finished(vm)))
 }
 
 fn run_restored(

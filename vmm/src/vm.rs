@@ -168,6 +168,10 @@ impl VmParts {
     }
 }
 
+/// A finished instance whose teardown (unmapping guest RAM, destroying the KVM VM: ~1 ms)
+/// the caller may postpone until after the response is out, by holding this.
+pub struct Finished(pub Option<Vm>);
+
 pub struct Vm {
     pub kvm: Kvm,
     pub vm: VmFd,
