@@ -26,7 +26,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
 cd "$ROOT"
 
-ALL_TARGETS="manifest pack_index store_dir mailbox vcpu_state"
+ALL_TARGETS="manifest pack_index store_dir import mailbox vcpu_state"
 TARGETS="${FUZZ_TARGETS:-$ALL_TARGETS}"
 JOBS="${FUZZ_JOBS:-1}"
 
@@ -34,6 +34,7 @@ JOBS="${FUZZ_JOBS:-1}"
 max_len() {
     case "$1" in
     store_dir) echo 131072 ;;
+    import) echo 262144 ;;
     vcpu_state) echo 16384 ;;
     *) echo 8192 ;;
     esac
@@ -53,7 +54,7 @@ echo "run.sh: $(cargo fuzz --version), $(cargo +nightly --version)"
 # targets only use its decoders, so embed nothing.
 export VMM_GUEST_KERNEL="${VMM_GUEST_KERNEL:-none}"
 
-# Scratch directories of the store_dir target (one per process), removed at exit.
+# Scratch directories of the store_dir and import targets (one per process), removed at exit.
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/vmm-fuzz.XXXXXX")"
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then
     rmdir "$SCRATCH"

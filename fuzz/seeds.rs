@@ -6,7 +6,8 @@
 //! and an unrelated y), its files one by one, and damaged versions of it (truncated
 //! pack, flipped bit, bad checksum, missing parent, index entry past the end of the
 //! pack, future version, parent cycle, ...) as store directory images, plus the
-//! damaged fixtures of snapshot-store's own tests (`snapshot_store::fixtures`).
+//! damaged fixtures of snapshot-store's own tests (`snapshot_store::fixtures`);
+//! for `import`, real exports of the store's templates and damaged variants.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,21 +15,7 @@ use std::path::{Path, PathBuf};
 use snapshot_store::fuzzing as fmt;
 use snapshot_store::{Store, PAGE_SIZE};
 use vmm_abi::{ConfigFile, FunctionConfig, Mailbox, Op, MAILBOX_MAGIC};
-use vmm_fuzz::{push_record, Scratch, FLAG_APPEND, FLAG_FIX};
-
-const MEM: u64 = 32 * PAGE_SIZE as u64;
-
-fn page(seed: u64) -> [u8; PAGE_SIZE] {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut p = [0u8; PAGE_SIZE];
-    for c in p.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    p
-}
+use vmm_fuzz::{push_record, seed_page as page, Scratch, FLAG_APPEND, FLAG_FIX, SEED_MEM as MEM};
 
 struct Out {
     root: PathBuf,
@@ -49,29 +36,7 @@ type Files = Vec<(&'static str, Vec<u8>)>;
 
 fn build_store(dir: &Path) -> Files {
     let mut s = Store::create_or_open(dir).expect("create store");
-    let mut w = s.begin_template("base", None, MEM).unwrap();
-    for i in 0..6 {
-        w.put_page(i, &page(i)).unwrap();
-    }
-    w.put_page(20, &page(1)).unwrap(); // dedup inside a template
-    w.set_vcpu_state(b"vcpu-base".to_vec());
-    w.set_device_state(b"dev-base".to_vec());
-    w.set_working_set(vec![2, 1, 0, 20]);
-    w.commit().unwrap();
-    let mut w = s.begin_template("fn", Some("base"), MEM).unwrap();
-    w.put_page(3, &page(103)).unwrap();
-    w.put_page(4, &page(104)).unwrap();
-    w.set_zero(5).unwrap();
-    w.set_vcpu_state(b"vcpu-fn".to_vec());
-    w.set_working_set(vec![4, 3, 9]);
-    w.commit().unwrap();
-    let mut w = s.begin_template("x", Some("fn"), MEM).unwrap();
-    w.put_page(7, &page(2)).unwrap(); // dedup against base
-    w.set_zero(3).unwrap();
-    w.commit().unwrap();
-    let mut w = s.begin_template("y", None, 8 * PAGE_SIZE as u64).unwrap();
-    w.put_page(0, &page(200)).unwrap();
-    w.commit().unwrap();
+    vmm_fuzz::build_seed_templates(&mut s);
     assert!(s.verify().is_empty(), "fresh seed store is not clean");
     drop(s);
     vmm_fuzz::FILES
@@ -440,6 +405,125 @@ fn state_seeds(out: &mut Out) {
     }
 }
 
+/// `import`: mode byte (bit 0 = fix checksums, bit 1 = import into a copy of the
+/// seed store) + real exports of the seed store's templates (base alone, the fn
+/// chain, base <- fn <- x, y), then truncated and bit-flipped variants of the fn
+/// chain's export, and templates that conflict with the seed store's.
+fn import_seeds(out: &mut Out, dir: &Path) {
+    let t = "import";
+    let mut s = Store::open(dir).expect("reopen the seed store");
+    let mut exports = Vec::new();
+    for name in ["base", "fn", "x", "y"] {
+        let mut f = Vec::new();
+        s.export(name, &mut f).expect("export a seed template");
+        for mode in [0u8, 1, 2, 3] {
+            let mut b = vec![mode];
+            b.extend_from_slice(&f);
+            out.put(t, &format!("export-{name}-{mode}"), &b);
+        }
+        exports.push((name, f));
+    }
+    // Importing each export into a fresh store must work (sanity of the seeds).
+    let check = Scratch::new("make-seeds-import");
+    for (name, f) in &exports {
+        let mut s = Store::create_or_open(check.fresh()).expect("create store");
+        s.import(&f[..])
+            .unwrap_or_else(|e| panic!("seed export of {name} does not import: {e}"));
+    }
+    let f = &exports[1].1;
+    let n = f.len();
+    // Cut inside the header, a manifest length, a manifest, the first/last page
+    // record and the trailer; and one byte short / one byte too many.
+    for cut in [
+        0,
+        7,
+        20,
+        32,
+        36,
+        60,
+        300,
+        n / 2,
+        n - 4200,
+        n - 17,
+        n - 9,
+        n - 1,
+    ] {
+        if cut < n {
+            for mode in [0u8, 1] {
+                let mut b = vec![mode];
+                b.extend_from_slice(&f[..cut]);
+                out.put(t, &format!("trunc-{cut}-{mode}"), &b);
+            }
+        }
+    }
+    let mut long = vec![0u8];
+    long.extend_from_slice(f);
+    long.push(0);
+    out.put(t, "trailing-byte", &long);
+    // Flipped bits: header fields (version, counts), manifest length and body,
+    // a page hash/slot/byte/checksum, the trailer.
+    for at in [
+        9,
+        12,
+        16,
+        24,
+        32,
+        40,
+        80,
+        n / 2,
+        n - 4200,
+        n - 4110,
+        n - 10,
+        n - 12,
+        n - 1,
+    ] {
+        for mode in [0u8, 1] {
+            let mut b = vec![mode];
+            b.extend_from_slice(f);
+            b[1 + at] ^= 1 << (at % 8);
+            out.put(t, &format!("flip-{at}-{mode}"), &b);
+        }
+    }
+    // Zero the page count / raise the template count, checksums fixed by the target.
+    let mut b = vec![1u8];
+    b.extend_from_slice(f);
+    b[1 + 16..1 + 24].copy_from_slice(&0u64.to_le_bytes());
+    out.put(t, "zero-pages", &b);
+    let mut b = vec![1u8];
+    b.extend_from_slice(f);
+    b[1 + 12..1 + 16].copy_from_slice(&300u32.to_le_bytes());
+    out.put(t, "many-templates", &b);
+    // Two concatenated exports (trailing bytes) and an empty file.
+    let mut b = vec![0u8];
+    b.extend_from_slice(&exports[0].1);
+    b.extend_from_slice(&exports[3].1);
+    out.put(t, "two-exports", &b);
+    out.put(t, "empty", &[1u8]);
+    // Conflicts with the seed store: a base of other pages; fn on a y; x of another size.
+    let conflict = Scratch::new("make-seeds-conflict");
+    let mut s = Store::create_or_open(conflict.fresh()).expect("create store");
+    let mut w = s.begin_template("base", None, MEM).unwrap();
+    w.put_page(0, &page(999)).unwrap();
+    w.commit().unwrap();
+    let mut w = s.begin_template("y", None, 8 * PAGE_SIZE as u64).unwrap();
+    w.put_page(0, &page(200)).unwrap();
+    w.commit().unwrap();
+    let mut w = s
+        .begin_template("fn", Some("y"), 8 * PAGE_SIZE as u64)
+        .unwrap();
+    w.put_page(1, &page(103)).unwrap();
+    w.commit().unwrap();
+    let mut w = s.begin_template("x", None, 2 * MEM).unwrap();
+    w.put_page(7, &page(2)).unwrap();
+    w.commit().unwrap();
+    for name in ["base", "fn", "x"] {
+        let mut f = vec![3u8];
+        s.export(name, &mut f)
+            .expect("export a conflicting template");
+        out.put(t, &format!("conflict-{name}"), &f);
+    }
+}
+
 fn main() {
     let root = std::env::args_os()
         .nth(1)
@@ -449,6 +533,7 @@ fn main() {
     let files = build_store(scratch.fresh());
     let mut out = Out { root, n: 0 };
     store_seeds(&mut out, &files);
+    import_seeds(&mut out, &scratch.dir);
     fixture_seeds(&mut out);
     file_seeds(&mut out, &files);
     mailbox_seeds(&mut out);

@@ -185,3 +185,51 @@ impl Drop for Scratch {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Guest memory of the seed store's templates base, fn and x.
+pub const SEED_MEM: u64 = 32 * snapshot_store::PAGE_SIZE as u64;
+
+/// A deterministic pseudo-random page.
+pub fn seed_page(seed: u64) -> [u8; snapshot_store::PAGE_SIZE] {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut p = [0u8; snapshot_store::PAGE_SIZE];
+    for c in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
+/// Commits the seed store's templates into `s`: base <- fn <- x (dedup inside a
+/// template and against base, explicit zero frames) and an unrelated y. Used by
+/// make-seeds and by the `import` target (to pre-populate a store).
+pub fn build_seed_templates(s: &mut snapshot_store::Store) {
+    use snapshot_store::PAGE_SIZE;
+    const MEM: u64 = SEED_MEM;
+    let page = seed_page;
+    let mut w = s.begin_template("base", None, MEM).unwrap();
+    for i in 0..6 {
+        w.put_page(i, &page(i)).unwrap();
+    }
+    w.put_page(20, &page(1)).unwrap(); // dedup inside a template
+    w.set_vcpu_state(b"vcpu-base".to_vec());
+    w.set_device_state(b"dev-base".to_vec());
+    w.set_working_set(vec![2, 1, 0, 20]);
+    w.commit().unwrap();
+    let mut w = s.begin_template("fn", Some("base"), MEM).unwrap();
+    w.put_page(3, &page(103)).unwrap();
+    w.put_page(4, &page(104)).unwrap();
+    w.set_zero(5).unwrap();
+    w.set_vcpu_state(b"vcpu-fn".to_vec());
+    w.set_working_set(vec![4, 3, 9]);
+    w.commit().unwrap();
+    let mut w = s.begin_template("x", Some("fn"), MEM).unwrap();
+    w.put_page(7, &page(2)).unwrap(); // dedup against base
+    w.set_zero(3).unwrap();
+    w.commit().unwrap();
+    let mut w = s.begin_template("y", None, 8 * PAGE_SIZE as u64).unwrap();
+    w.put_page(0, &page(200)).unwrap();
+    w.commit().unwrap();
+}
