@@ -1722,7 +1722,7 @@ impl Src {
     const ZERO: Src = Src(0);
     fn new(pack: u32, offset: u64) -> Result<Src, LoadError> {
         let page = offset / PAGE;
-        if offset % PAGE != 0 || page >= 1 << 40 || pack >= (1 << 23) {
+        if !offset.is_multiple_of(PAGE) || page >= 1 << 40 || pack >= (1 << 23) {
             return Err(LoadError::BufferSize {
                 expected: page,
                 found: offset,
