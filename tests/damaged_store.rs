@@ -7,9 +7,8 @@
 
 mod common;
 use common::*;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use snapshot_store::fixtures::{self, Damage};
@@ -55,51 +54,19 @@ fn vmm_store_bin() -> PathBuf {
 
 /// Run `cmd` with `input` on stdin; kill it and fail if it outlives `DEADLINE`.
 fn run_deadline(mut cmd: Command, input: &[u8], what: &str) -> Run {
-    use std::io::Write;
-    let t0 = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
+    let mut p = Piped::spawn(&mut cmd, input);
     let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = p.child.try_wait().expect("wait") {
             break s;
         }
-        if t0.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
+        if p.started.elapsed() > DEADLINE {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
             panic!("{what}: still running after {DEADLINE:?} (a hang)");
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let _ = writer.join();
-    Run {
-        output: std::process::Output {
-            status,
-            stdout: out_t.join().unwrap(),
-            stderr: err_t.join().unwrap(),
-        },
-        elapsed: t0.elapsed(),
-    }
+    p.finish(status)
 }
 
 fn restore(store: &Path, memory: &str) -> Run {

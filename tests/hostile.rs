@@ -5,10 +5,9 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `vmm`'s exit status for "the guest failed" and "stopped by --timeout".
 const EXIT_FAILURE: i32 = 125;
@@ -48,31 +47,8 @@ struct Measured {
 #[allow(clippy::zombie_processes)]
 fn run_measured(mut cmd: Command, input: &[u8]) -> Measured {
     use std::os::unix::process::ExitStatusExt;
-    let t0 = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm");
-    let pid = child.id() as libc::pid_t;
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
+    let mut p = Piped::spawn(&mut cmd, input);
+    let pid = p.child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: plain-old-data out parameter for wait4.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -83,24 +59,16 @@ fn run_measured(mut cmd: Command, input: &[u8]) -> Measured {
             break;
         }
         assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
-        if t0.elapsed() > DEADLINE {
-            let _ = child.kill();
+        if p.started.elapsed() > DEADLINE {
+            let _ = p.child.kill();
             // SAFETY: as above; reaps the killed child.
             unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
             panic!("{cmd:?} still running after {DEADLINE:?}: a hang");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let _ = writer.join();
     Measured {
-        run: Run {
-            output: std::process::Output {
-                status: std::process::ExitStatus::from_raw(status),
-                stdout: out_t.join().unwrap(),
-                stderr: err_t.join().unwrap(),
-            },
-            elapsed: t0.elapsed(),
-        },
+        run: p.finish(std::process::ExitStatus::from_raw(status)),
         max_rss_kib: ru.ru_maxrss as u64,
     }
 }

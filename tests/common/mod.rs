@@ -69,6 +69,63 @@ impl Run {
     }
 }
 
+/// A spawned child whose stdin is fed and whose stdout/stderr are drained on threads, so
+/// that neither side can block on a full pipe whatever the child writes.
+pub struct Piped {
+    pub child: std::process::Child,
+    pub started: Instant,
+    writer: std::thread::JoinHandle<()>,
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Piped {
+    pub fn spawn(cmd: &mut Command, input: &[u8]) -> Piped {
+        use std::io::Read;
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().unwrap()));
+        let err = drain(Box::new(child.stderr.take().unwrap()));
+        Piped {
+            child,
+            started,
+            writer,
+            out,
+            err,
+        }
+    }
+
+    /// Collect the output once the child has exited with `status`.
+    pub fn finish(self, status: std::process::ExitStatus) -> Run {
+        let _ = self.writer.join();
+        Run {
+            output: Output {
+                status,
+                stdout: self.out.join().unwrap(),
+                stderr: self.err.join().unwrap(),
+            },
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
 /// Run `cmd` with `input` on stdin.
 pub fn run_with_input(mut cmd: Command, input: &[u8]) -> Run {
     let t0 = Instant::now();
