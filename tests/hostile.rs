@@ -430,7 +430,8 @@ fn other_instances_are_unaffected_by_hostile_ones() {
             .spawn()
             .expect("spawn hostile vmm")
     };
-    let mut flood = spawn_hostile(run_guest("flood.wat", &["--timeout", "3"]));
+    // Long enough to outlast the normal instances even on a loaded CI machine.
+    let mut flood = spawn_hostile(run_guest("flood.wat", &["--timeout", "8"]));
     let mut oom_cmd = vmm();
     oom_cmd
         .env("VMM_TEST_HOSTCALLS", "1")
