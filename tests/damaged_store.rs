@@ -19,25 +19,6 @@ const STRATEGIES: [&str; 3] = ["prefetch", "eager", "lazy"];
 /// A hang is a failure: no single command may take longer than this.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vmm-damaged-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-    fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The `vmm-store` binary of the same build as `vmm` (another package of the workspace,
 /// so cargo does not build it for this test: the README builds the workspace first).
 fn vmm_store_bin() -> PathBuf {
@@ -199,7 +180,7 @@ fn make_healthy(dir: &TempDir) {
 /// Returns the problems found (empty: as it should be).
 fn check_damage(healthy: &TempDir, name: &str, apply: fn(&Path), expect: &str) -> Vec<String> {
     let mut problems = Vec::new();
-    let dir = TempDir::new(name);
+    let dir = TempDir::new(&format!("damaged-{name}"));
     copy_dir(&healthy.0, &dir.0);
     let ok = restore(&dir.0, "prefetch");
     if ok.code() != 0 || ok.stdout() != RESPONSE {
@@ -290,7 +271,7 @@ fn every_damage_is_reported_by_verify_and_refused_by_restore() {
     }
     let _ = vmm_store_bin();
     let t0 = Instant::now();
-    let healthy = TempDir::new("healthy");
+    let healthy = TempDir::new("damaged-healthy");
     make_healthy(&healthy);
 
     let mut damages: Vec<Case> = fixtures::DAMAGES

@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -14,26 +14,6 @@ const EXIT_FAILURE: i32 = 125;
 const EXIT_TIMEOUT: i32 = 124;
 /// No single command may take longer than this: beyond it, it is a hang.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vmm-hostile-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A finished child with its peak resident set size (from `wait4`'s rusage).
 struct Measured {
@@ -241,7 +221,7 @@ fn template_create_refuses_functions_that_never_read_their_request() {
     if !kvm_available() {
         return;
     }
-    let store = TempDir::new("noread");
+    let store = TempDir::created("hostile-noread");
     let create = |name: &str, guest_file: &str| {
         let mut cmd = vmm();
         cmd.args(["template", "create", name, "--store", &store.arg()])
@@ -335,7 +315,7 @@ fn guest_kernel_faults_are_reported_with_vector_rip_and_cr2() {
     if !kvm_available() {
         return;
     }
-    let dir = TempDir::new("selftest");
+    let dir = TempDir::created("hostile-selftest");
     for (what, expect) in [
         (
             "ud",
@@ -403,7 +383,7 @@ fn other_instances_are_unaffected_by_hostile_ones() {
     if !kvm_available() {
         return;
     }
-    let store = TempDir::new("isolation");
+    let store = TempDir::created("hostile-isolation");
     let hello_args = [
         "--module".to_string(),
         workload("qjs-wasi-reactor.wasm"),
@@ -421,7 +401,7 @@ fn other_instances_are_unaffected_by_hostile_ones() {
     assert_eq!(c.code(), 0, "template create hello: {}", c.stderr());
 
     // Hostile neighbours: an output flood and a guest that eats all its memory.
-    let dir = TempDir::new("isolation-oom");
+    let dir = TempDir::created("hostile-isolation-oom");
     let oom = selftest_module(&dir, "oom");
     let spawn_hostile = |mut cmd: Command| {
         cmd.stdin(Stdio::null())

@@ -3,27 +3,8 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-struct TempStore(PathBuf);
-
-impl TempStore {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vmm-e2e-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        TempStore(p)
-    }
-    fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempStore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn qjs_function_args(script: &str, extra: &[String]) -> Vec<String> {
     let mut a = vec![
@@ -51,14 +32,14 @@ fn qjs_function_args(script: &str, extra: &[String]) -> Vec<String> {
     a
 }
 
-fn create(store: &TempStore, name: &str, function: &[String]) -> Run {
+fn create(store: &TempDir, name: &str, function: &[String]) -> Run {
     let mut cmd = vmm();
     cmd.args(["template", "create", name, "--store", &store.arg()])
         .args(function);
     run_with_input(cmd, b"")
 }
 
-fn restore(store: &TempStore, name: &str, memory: &str, input: &[u8]) -> Run {
+fn restore(store: &TempDir, name: &str, memory: &str, input: &[u8]) -> Run {
     let mut cmd = vmm();
     cmd.args(["restore", name, "--store", &store.arg(), "--memory", memory]);
     run_with_input(cmd, input)
@@ -79,7 +60,7 @@ fn restore_prints_what_run_prints_for_every_example_and_strategy() {
     if !kvm_available() {
         return;
     }
-    let store = TempStore::new("examples");
+    let store = TempDir::new("examples");
     let cases: Vec<(&str, Vec<String>, &[u8])> = vec![
         (
             "hello",
@@ -140,7 +121,7 @@ fn restores_draw_fresh_entropy_and_see_the_current_time() {
     if !kvm_available() {
         return;
     }
-    let store = TempStore::new("entropy");
+    let store = TempDir::new("entropy");
     let c = create(
         &store,
         "entropy",
@@ -205,7 +186,7 @@ fn template_errors_are_clear() {
     if !kvm_available() {
         return;
     }
-    let store = TempStore::new("errors");
+    let store = TempDir::new("errors");
     let r = restore(&store, "nothing", "prefetch", b"");
     assert_ne!(r.code(), 0);
     assert!(r.stderr().contains("store"), "{}", r.stderr());
@@ -260,7 +241,7 @@ fn concurrent_creates_of_different_names_both_succeed() {
     if !kvm_available() {
         return;
     }
-    let store = TempStore::new("concurrent");
+    let store = TempDir::new("concurrent");
     let spawn = |name: &str, script: &str, extra: &[String]| {
         let mut cmd: Command = vmm();
         cmd.args(["template", "create", name, "--store", &store.arg()])
@@ -295,7 +276,7 @@ fn killing_template_create_never_corrupts_the_store() {
     if !kvm_available() {
         return;
     }
-    let store = TempStore::new("kill");
+    let store = TempDir::new("kill");
     let c = create(&store, "hello", &qjs_function_args("hello.js", &[]));
     assert_eq!(c.code(), 0, "{}", c.stderr());
     // Kill creates of new templates at spread-out moments (from "at once" to "nearly done").

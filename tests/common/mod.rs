@@ -69,6 +69,33 @@ impl Run {
     }
 }
 
+/// A scratch directory under the system temp dir, removed (with its contents) on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A path for `tag`, not yet created (anything left there by an earlier run is removed).
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmm-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+    /// Like [`TempDir::new`], and the directory exists.
+    pub fn created(tag: &str) -> Self {
+        let d = Self::new(tag);
+        std::fs::create_dir_all(&d.0).expect("create a temp dir");
+        d
+    }
+    pub fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A spawned child whose stdin is fed and whose stdout/stderr are drained on threads, so
 /// that neither side can block on a full pipe whatever the child writes.
 pub struct Piped {

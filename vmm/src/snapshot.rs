@@ -257,7 +257,7 @@ fn memory_image(
     let f = std::fs::File::create(&tmp).map_err(|e| io("create memory image", e))?;
     f.set_len(tmpl.mem_size)
         .map_err(|e| io("size memory image", e))?;
-    for gfn in 0..resolved.frame_count() {
+    for gfn in resolved.data_frames() {
         if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
             f.write_all_at(p, gfn * PAGE)
                 .map_err(|e| io("write memory image", e))?;
