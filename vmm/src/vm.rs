@@ -377,7 +377,10 @@ impl Vm {
             let mut seed = [0u8; 32];
             fill_random(&mut seed);
             self.mem.write(base + offsets::ENTROPY as u64, &seed)?;
-            let gen = self.read_mailbox()?.entropy_gen.wrapping_add(1);
+            let mut word = [0u8; 8];
+            self.mem
+                .read_into(base + offsets::ENTROPY_GEN as u64, &mut word)?;
+            let gen = u64::from_le_bytes(word).wrapping_add(1);
             self.mem
                 .write_u64(base + offsets::ENTROPY_GEN as u64, gen)?;
         }
