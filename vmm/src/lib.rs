@@ -3,6 +3,8 @@
 
 pub mod bench;
 pub mod cli;
+pub mod error;
+pub mod instance;
 pub mod loader;
 pub mod memory;
 pub mod persist;

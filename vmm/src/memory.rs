@@ -183,6 +183,33 @@ impl GuestMemory {
         }
     }
 
+    /// Zero `[gpa, gpa+len)` in place (the pages stay resident: no new zero fill later).
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let off = self.check(gpa, len)?;
+        // SAFETY: range checked above; the vCPU is stopped while the host rewrites RAM.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off), 0, len as usize) };
+        Ok(())
+    }
+
+    /// Which 2 MiB regions hold at least one page resident in the host (mincore(2)):
+    /// a region never touched since the mapping was made is still all zero. On failure
+    /// every region is reported resident (callers then treat all of RAM as touched).
+    pub fn resident_regions(&self) -> Vec<bool> {
+        let pages = self.size / 4096;
+        let per_region = HUGE_PAGE / 4096;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is exactly this mapping (page aligned); `vec` has one byte per
+        // page as mincore requires.
+        let r = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.size, vec.as_mut_ptr()) };
+        let regions = self.size.div_ceil(HUGE_PAGE);
+        if r != 0 {
+            return vec![true; regions];
+        }
+        vec.chunks(per_region)
+            .map(|c| c.iter().any(|b| b & 1 == 1))
+            .collect()
+    }
+
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         self.write(gpa, &v.to_le_bytes())
     }

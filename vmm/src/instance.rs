@@ -1,0 +1,360 @@
+//! Templates loaded once and instances restored from them, reset in place between
+//! invocations: the objects a long-running invoker (`vmm serve`) keeps.
+//!
+//! * A [`Template`] is a function template read from the store once: every page verified
+//!   against its id and laid out as the 2 MiB regions of guest RAM that hold data, plus
+//!   the decoded vCPU state and the guest's pending stdin read. It is immutable,
+//!   `Send + Sync` and shared by `Arc` among all instances of the template.
+//! * An [`Instance`] owns a VM (its vCPU and guest RAM) restored from a template and
+//!   stopped at the function's pending read of stdin. [`Instance::invoke`] serves one
+//!   request; [`Instance::reset`] then puts the instance back into the template's exact
+//!   state in place: every 2 MiB region that holds template data is copied again from the
+//!   template, every other region the guest touched is zeroed (the pages stay resident, so
+//!   no zero fill and no new host page faults), and the whole vCPU state is written again.
+//!   Nothing a request left behind survives a reset. An instance whose invocation failed
+//!   (timeout, guest fault) is not reset: the caller drops it.
+
+use crate::error::{Error, ErrorKind};
+use crate::memory::GuestMemory;
+use crate::persist::VcpuState;
+use crate::run::{self, ms, RunLimits};
+use crate::snapshot::DeviceState;
+use crate::vm::{Hostcall, Output, Vm, VmParts};
+use snapshot_store::{Frame, Store, PAGE_SIZE};
+use std::sync::Arc;
+use std::time::Instant;
+use vmm_abi::{layout, GuestRange, Op};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const REGION: u64 = layout::HUGE_PAGE_SIZE;
+
+/// A function template loaded from the store, verified, ready to instantiate.
+pub struct Template {
+    name: String,
+    created_unix_ms: u64,
+    mem_size: u64,
+    /// One entry per 2 MiB region of guest RAM: the region's bytes if it holds data.
+    regions: Vec<Option<Box<[u8]>>>,
+    state: VcpuState,
+    stdin_buf: GuestRange,
+    data_pages: u64,
+}
+
+/// What loading a template cost.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LoadStats {
+    pub load_ms: f64,
+    pub data_pages: u64,
+    pub data_regions: u64,
+}
+
+impl Template {
+    /// Read `name` from `store`, verify every page and lay it out in memory.
+    pub fn load(store: &mut Store, name: &str) -> Result<(Template, LoadStats), Error> {
+        let t0 = Instant::now();
+        let step = "load template";
+        let tmpl = store.load(name).map_err(|e| match e {
+            snapshot_store::LoadError::NotFound { .. } => Error::new(ErrorKind::NotFound, step, e),
+            e => Error::new(ErrorKind::Damaged, step, e),
+        })?;
+        let state = VcpuState::decode(&tmpl.vcpu_state)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        let device = DeviceState::decode(&tmpl.device_state)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        if device.pending_op != Op::ReadStdin as u64 {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                step,
+                format!("{name} is a runtime base: it waits for a function, not a request"),
+            ));
+        }
+        let stdin_buf = GuestRange::checked(
+            "stdin buffer",
+            device.buf_gpa,
+            device.buf_len,
+            tmpl.mem_size,
+            tmpl.mem_size,
+        )
+        .map_err(|e| Error::new(ErrorKind::Damaged, step, e.to_string()))?;
+        let resolved = tmpl
+            .resolve(store)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        let n_regions = tmpl.mem_size.div_ceil(REGION) as usize;
+        let mut regions: Vec<Option<Box<[u8]>>> = (0..n_regions).map(|_| None).collect();
+        let mut data_pages = 0;
+        for gfn in resolved.data_frames() {
+            let frame = resolved
+                .frame_verified(gfn)
+                .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+            if let Some(Frame::Data(p)) = frame {
+                let off = gfn * PAGE;
+                let r = (off / REGION) as usize;
+                let region = regions
+                    .get_mut(r)
+                    .ok_or_else(|| Error::new(ErrorKind::Damaged, step, "frame past guest RAM"))?
+                    .get_or_insert_with(|| vec![0u8; REGION as usize].into_boxed_slice());
+                let at = (off % REGION) as usize;
+                region[at..at + PAGE_SIZE].copy_from_slice(p);
+                data_pages += 1;
+            }
+        }
+        let stats = LoadStats {
+            load_ms: ms(t0.elapsed()),
+            data_pages,
+            data_regions: regions.iter().filter(|r| r.is_some()).count() as u64,
+        };
+        Ok((
+            Template {
+                name: name.to_string(),
+                created_unix_ms: tmpl.created_unix_ms,
+                mem_size: tmpl.mem_size,
+                regions,
+                state,
+                stdin_buf,
+                data_pages,
+            },
+            stats,
+        ))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// When the template was created (a template replaced under the same name differs).
+    pub fn created_unix_ms(&self) -> u64 {
+        self.created_unix_ms
+    }
+
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    pub fn data_pages(&self) -> u64 {
+        self.data_pages
+    }
+
+    /// Host memory the template's verified image holds.
+    pub fn image_bytes(&self) -> u64 {
+        self.regions.iter().flatten().count() as u64 * REGION
+    }
+
+    /// Restore a new instance of this template, stopped at its pending read of stdin.
+    pub fn instantiate(self: &Arc<Self>) -> Result<Instance, Error> {
+        Instance::new(self.clone())
+    }
+}
+
+/// What one invocation produced. Output written before a failure is kept.
+#[derive(Debug)]
+pub struct Response {
+    /// The function's exit code, or why the guest produced no response.
+    pub result: Result<i32, Error>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub timings: InvokeTimings,
+}
+
+/// Timing of one invocation inside an instance.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct InvokeTimings {
+    /// From writing the request into the guest to the guest's exit.
+    pub run_ms: f64,
+    /// The function's own run, measured by the guest's clock.
+    pub function_ms: f64,
+    pub exits: u64,
+}
+
+/// Timing of one reset.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ResetStats {
+    pub reset_ms: f64,
+    pub regions_copied: u64,
+    pub regions_zeroed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    /// Stopped at the template's pending read of stdin, in the template's exact state.
+    Ready,
+    /// Served a request: must be reset before the next one.
+    Used,
+    /// Failed in a way that leaves it unusable; drop it.
+    Broken,
+}
+
+/// A VM restored from a [`Template`].
+pub struct Instance {
+    template: Arc<Template>,
+    vm: Vm,
+    status: Status,
+    invocations: u64,
+}
+
+impl Instance {
+    fn new(template: Arc<Template>) -> Result<Instance, Error> {
+        let step = "create instance";
+        let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
+        let mem = GuestMemory::new(template.mem_size as usize).map_err(|e| host(e.into()))?;
+        // Fill RAM before KVM sees it (registered memory is filled ~10x slower).
+        for (r, bytes) in template.regions.iter().enumerate() {
+            if let Some(b) = bytes {
+                mem.write(r as u64 * REGION, b).map_err(|e| host(e.into()))?;
+            }
+        }
+        let parts = VmParts::create().map_err(|e| host(e.into()))?;
+        parts
+            .backend
+            .prepare_restore(&parts.kvm, &parts.vcpu)
+            .map_err(|e| host(e.into()))?;
+        template
+            .state
+            .apply(&parts.vm, &parts.vcpu, parts.backend)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        let vm = parts.with_memory(mem);
+        vm.register_memory().map_err(|e| host(e.into()))?;
+        template
+            .state
+            .apply_backend_msrs(&vm.vcpu, vm.backend)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        Ok(Instance {
+            template,
+            vm,
+            status: Status::Ready,
+            invocations: 0,
+        })
+    }
+
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+
+    /// Whether the instance can serve a request now (it is in the template's state).
+    pub fn is_ready(&self) -> bool {
+        self.status == Status::Ready
+    }
+
+    /// Whether the instance failed and must be dropped.
+    pub fn is_broken(&self) -> bool {
+        self.status == Status::Broken
+    }
+
+    /// Requests served by this instance so far.
+    pub fn invocations(&self) -> u64 {
+        self.invocations
+    }
+
+    /// Serve one request: write `stdin` where the guest's pending read expects it, resume,
+    /// and run to the function's exit (or failure). The instance must be ready; afterwards
+    /// it must be [reset](Instance::reset) (or dropped, if the invocation failed).
+    pub fn invoke(&mut self, stdin: &[u8], limits: &RunLimits) -> Response {
+        let fail = |e: Error| Response {
+            result: Err(e),
+            stdout: vec![],
+            stderr: vec![],
+            timings: InvokeTimings::default(),
+        };
+        if self.status != Status::Ready {
+            return fail(Error::new(
+                ErrorKind::Host,
+                "invoke",
+                "the instance was not reset after its last request",
+            ));
+        }
+        self.status = Status::Used;
+        self.invocations += 1;
+        let t0 = Instant::now();
+        let exits_before = self.vm.exits;
+        let mut out = Output::new(limits.max_output);
+        let result = run::serve_from(
+            &mut self.vm,
+            Some(Hostcall::ReadStdin {
+                buf: self.template.stdin_buf,
+            }),
+            &[],
+            stdin,
+            &mut out,
+            limits,
+        )
+        .map_err(|e| {
+            self.status = Status::Broken;
+            Error::from_run("run the function", e)
+        });
+        let mut timings = InvokeTimings {
+            run_ms: ms(t0.elapsed()),
+            exits: self.vm.exits - exits_before,
+            ..Default::default()
+        };
+        if let Ok(mb) = self.vm.read_mailbox() {
+            timings.function_ms = run::tsc_ms(
+                mb.stats.function_start.max(1),
+                mb.stats.function_end,
+                self.vm.tsc_khz,
+            );
+        }
+        Response {
+            result,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            timings,
+        }
+    }
+
+    /// Put the instance back into its template's exact state: guest RAM and vCPU.
+    pub fn reset(&mut self) -> Result<ResetStats, Error> {
+        let step = "reset instance";
+        if self.status == Status::Broken {
+            return Err(Error::new(
+                ErrorKind::Host,
+                step,
+                "the instance failed and cannot be reset",
+            ));
+        }
+        let t0 = Instant::now();
+        let r = self.reset_memory_and_vcpu();
+        match r {
+            Ok((copied, zeroed)) => {
+                self.status = Status::Ready;
+                Ok(ResetStats {
+                    reset_ms: ms(t0.elapsed()),
+                    regions_copied: copied,
+                    regions_zeroed: zeroed,
+                })
+            }
+            Err(e) => {
+                self.status = Status::Broken;
+                Err(e)
+            }
+        }
+    }
+
+    fn reset_memory_and_vcpu(&mut self) -> Result<(u64, u64), Error> {
+        let step = "reset instance";
+        let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
+        let resident = self.vm.mem.resident_regions();
+        let (mut copied, mut zeroed) = (0, 0);
+        for (r, bytes) in self.template.regions.iter().enumerate() {
+            let gpa = r as u64 * REGION;
+            match bytes {
+                Some(b) => {
+                    self.vm.mem.write(gpa, b).map_err(|e| host(e.into()))?;
+                    copied += 1;
+                }
+                None if resident.get(r).copied().unwrap_or(true) => {
+                    let len = REGION.min(self.vm.mem.size() - gpa);
+                    self.vm.mem.zero(gpa, len).map_err(|e| host(e.into()))?;
+                    zeroed += 1;
+                }
+                None => {}
+            }
+        }
+        let state = &self.template.state;
+        state
+            .apply(&self.vm.vm, &self.vm.vcpu, self.vm.backend)
+            .map_err(|e| host(e.into()))?;
+        state
+            .apply_backend_msrs(&self.vm.vcpu, self.vm.backend)
+            .map_err(|e| host(e.into()))?;
+        Ok((copied, zeroed))
+    }
+}
