@@ -9,6 +9,7 @@ pub mod loader;
 pub mod memory;
 pub mod persist;
 pub mod platform;
+pub mod pool;
 pub mod run;
 pub mod snapshot;
 pub mod uffd;

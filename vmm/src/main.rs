@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use vmm::cli::{self, FunctionArgs, InvokeArgs};
 use vmm::snapshot::{self, MemoryStrategy};
 
+mod serve;
+
 #[derive(Parser)]
 #[command(
     name = "vmm",
@@ -55,6 +57,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: MemoryStrategy,
     },
+    /// Serve functions over HTTP from pools of ready instances, each reset to its
+    /// template after every request.
+    ///
+    /// POST /v1/functions/NAME/invoke (body: the request; response: the function's
+    /// stdout; 200 exit 0, 500 non-zero exit, x-vmm-exit-code header; 404 unknown template,
+    /// 413 body too large, 429 queue full, 502 guest failed, 503 draining, 504 timeout;
+    /// `Accept: application/json` for {stdout, stderr, exit_code, timings}),
+    /// GET /v1/functions, GET /healthz, GET /metrics (Prometheus text).
+    ///
+    /// Example: vmm serve --listen 127.0.0.1:8080 & curl --data-binary '{"name":"x"}' localhost:8080/v1/functions/hello/invoke
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -168,6 +181,15 @@ fn main() {
             invoke,
             memory,
         } => restore(&name, &store, &invoke, memory),
+        Command::Serve(args) => {
+            let store = StoreArg {
+                store: args.store.clone(),
+            };
+            match store.dir() {
+                Ok(dir) => serve::serve(args, dir),
+                Err(e) => fail(e),
+            }
+        }
     };
     std::process::exit(code);
 }

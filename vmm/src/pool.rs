@@ -1,0 +1,489 @@
+//! Pools of ready instances per template, for a long-running invoker.
+//!
+//! [`Pools`] loads each function template once (verified into memory, see
+//! [`Template`]), keeps up to `pool` instances of it ready (restored, stopped at the
+//! function's pending read of stdin), hands one to each request and, after the response,
+//! resets it in place and puts it back. Instances that failed are dropped. The store is
+//! watched: a template created later is found on its first request, a replaced one is
+//! reloaded, a removed one is refused (requests already running finish).
+//!
+//! Everything here is blocking and runs on the caller's threads (vCPUs never run on an
+//! async executor): [`Pools::invoke`] runs the guest on the calling thread and returns
+//! the response before the instance is reset; [`Checkout`] puts it back on drop.
+
+use crate::error::{Error, ErrorKind};
+use crate::instance::{Instance, InvokeTimings, ResetStats, Response, Template};
+use crate::run::{ms, RunLimits};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the pools are sized.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Ready instances kept per template (0: restore on demand, destroy after use).
+    pub pool: usize,
+    /// Most instances alive at once, over all templates (busy and ready).
+    pub max_instances: usize,
+    /// Host memory (resident set of the process, bytes) above which idle instances of
+    /// the least recently used templates are destroyed.
+    pub memory_limit: u64,
+    /// Idle instances beyond `pool` are destroyed after this long unused.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            pool: 2,
+            max_instances: 256,
+            memory_limit: 16 << 30,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Identity of a template's manifest on disk: a change means it was replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileId {
+        ino: m.ino(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        len: m.len(),
+    })
+}
+
+/// One template and its ready instances.
+pub struct Entry {
+    template: Arc<Template>,
+    file: Option<FileId>,
+    ready: Mutex<Vec<(Instance, Instant)>>,
+    busy: AtomicUsize,
+    last_used: Mutex<Instant>,
+    served: AtomicU64,
+}
+
+impl Entry {
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+    pub fn ready(&self) -> usize {
+        self.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+/// What [`Pools::invoke`] measured, beside the response.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    /// Finding the template and taking (or creating) an instance.
+    pub acquire_ms: f64,
+    /// Whether a new instance had to be restored for this request (no ready one).
+    pub restored_on_demand: bool,
+    #[serde(flatten)]
+    pub invoke: InvokeTimings,
+}
+
+/// The pools of every template of one store.
+pub struct Pools {
+    store_dir: PathBuf,
+    config: PoolConfig,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Serialises template loads (one per template at a time) and store access.
+    loading: Mutex<()>,
+    live: Mutex<usize>,
+    released: Condvar,
+    /// Observers of resets (for metrics), called after each reset.
+    on_reset: Mutex<Option<Box<dyn Fn(&str, &ResetStats) + Send + Sync>>>,
+}
+
+/// An instance taken from a pool for one request; returned (reset) or destroyed on drop.
+pub struct Checkout<'p> {
+    pools: &'p Pools,
+    entry: Arc<Entry>,
+    instance: Option<Instance>,
+}
+
+impl Pools {
+    pub fn new(store_dir: impl Into<PathBuf>, config: PoolConfig) -> Pools {
+        Pools {
+            store_dir: store_dir.into(),
+            config,
+            entries: Mutex::new(HashMap::new()),
+            loading: Mutex::new(()),
+            live: Mutex::new(0),
+            released: Condvar::new(),
+            on_reset: Mutex::new(None),
+        }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// Call `f` after every reset with the template name and what the reset cost.
+    pub fn set_reset_observer(&self, f: impl Fn(&str, &ResetStats) + Send + Sync + 'static) {
+        if let Ok(mut o) = self.on_reset.lock() {
+            *o = Some(Box::new(f));
+        }
+    }
+
+    fn manifest_path(&self, name: &str) -> PathBuf {
+        self.store_dir.join("templates").join(format!("{name}.tmpl"))
+    }
+
+    /// Instances alive now (ready and busy, all templates).
+    pub fn live_instances(&self) -> usize {
+        self.live.lock().map(|l| *l).unwrap_or(0)
+    }
+
+    /// The templates loaded so far, by name.
+    pub fn entries(&self) -> Vec<(String, Arc<Entry>)> {
+        let mut v: Vec<_> = self
+            .entries
+            .lock()
+            .map(|e| e.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The entry for `name`, loading the template if it is new or was replaced on disk.
+    pub fn entry(&self, name: &str) -> Result<Arc<Entry>, Error> {
+        let step = "find template";
+        if snapshot_store::TemplateName::new(name).is_err() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                step,
+                format!("no template named {name:?}"),
+            ));
+        }
+        let now = file_id(&self.manifest_path(name));
+        let Some(now) = now else {
+            // Removed (or never there): forget it; running requests keep their Arc.
+            self.forget(name);
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                step,
+                format!("no template named {name:?} in {}", self.store_dir.display()),
+            ));
+        };
+        if let Some(e) = self.entries.lock().ok().and_then(|m| m.get(name).cloned()) {
+            if e.file == Some(now) {
+                return Ok(e);
+            }
+        }
+        let _guard = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have loaded it while this one waited.
+        if let Some(e) = self.entries.lock().ok().and_then(|m| m.get(name).cloned()) {
+            if e.file == Some(now) {
+                return Ok(e);
+            }
+        }
+        let mut store = snapshot_store::Store::open(&self.store_dir)
+            .map_err(|e| Error::new(ErrorKind::Damaged, "open the template store", e))?;
+        let (template, _stats) = Template::load(&mut store, name)?;
+        let entry = Arc::new(Entry {
+            template: Arc::new(template),
+            file: Some(now),
+            ready: Mutex::new(Vec::new()),
+            busy: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+            served: AtomicU64::new(0),
+        });
+        let old = self
+            .entries
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Host, step, "pool lock poisoned"))?
+            .insert(name.to_string(), entry.clone());
+        if let Some(old) = old {
+            self.destroy_ready(&old, usize::MAX);
+        }
+        Ok(entry)
+    }
+
+    fn forget(&self, name: &str) {
+        let old = self.entries.lock().ok().and_then(|mut m| m.remove(name));
+        if let Some(old) = old {
+            self.destroy_ready(&old, usize::MAX);
+        }
+    }
+
+    /// Destroy up to `n` ready instances of `entry`; returns how many.
+    fn destroy_ready(&self, entry: &Entry, n: usize) -> usize {
+        let taken: Vec<_> = match entry.ready.lock() {
+            Ok(mut r) => {
+                let k = n.min(r.len());
+                r.drain(..k).collect()
+            }
+            Err(_) => vec![],
+        };
+        let k = taken.len();
+        drop(taken);
+        self.release(k);
+        k
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut l) = self.live.lock() {
+            *l = l.saturating_sub(n);
+        }
+        self.released.notify_all();
+    }
+
+    /// Reserve room for one more instance, destroying idle ones of other templates (least
+    /// recently used first) when at a limit; waits up to `wait` for a busy one to end.
+    fn reserve(&self, wait: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + wait;
+        loop {
+            {
+                let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                if *live < self.config.max_instances && !self.over_memory() {
+                    *live += 1;
+                    return Ok(());
+                }
+            }
+            if self.evict_lru(1) > 0 {
+                continue;
+            }
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Host,
+                    "acquire an instance",
+                    format!(
+                        "every one of the {} instances allowed is busy (or the memory limit is reached)",
+                        self.config.max_instances
+                    ),
+                ));
+            }
+            let _ = self
+                .released
+                .wait_timeout(live, (deadline - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    fn over_memory(&self) -> bool {
+        resident_bytes().is_some_and(|r| r > self.config.memory_limit)
+    }
+
+    /// Destroy up to `n` idle instances, least recently used templates first.
+    pub fn evict_lru(&self, n: usize) -> usize {
+        let mut entries = self.entries();
+        entries.sort_by_key(|(_, e)| e.last_used.lock().map(|t| *t).unwrap_or_else(|_| Instant::now()));
+        let mut done = 0;
+        for (_, e) in entries {
+            if done >= n {
+                break;
+            }
+            done += self.destroy_ready(&e, n - done);
+        }
+        done
+    }
+
+    /// Take a ready instance of `name`, or restore a new one.
+    pub fn checkout(&self, name: &str, wait: Duration) -> Result<(Checkout<'_>, bool), Error> {
+        let entry = self.entry(name)?;
+        if let Ok(mut t) = entry.last_used.lock() {
+            *t = Instant::now();
+        }
+        let ready = entry.ready.lock().ok().and_then(|mut r| r.pop());
+        let (instance, fresh) = match ready {
+            Some((i, _)) => (i, false),
+            None => {
+                self.reserve(wait)?;
+                match entry.template.instantiate() {
+                    Ok(i) => (i, true),
+                    Err(e) => {
+                        self.release(1);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        entry.busy.fetch_add(1, Ordering::Relaxed);
+        Ok((
+            Checkout {
+                pools: self,
+                entry,
+                instance: Some(instance),
+            },
+            fresh,
+        ))
+    }
+
+    /// Serve one request of template `name`: take an instance, run, and return the
+    /// response. The instance is reset and returned to its pool when the returned
+    /// [`Checkout`] is dropped, which the caller does after sending the response.
+    pub fn invoke(
+        &self,
+        name: &str,
+        stdin: &[u8],
+        limits: &RunLimits,
+    ) -> Result<(Response, Timings, Checkout<'_>), Error> {
+        let t0 = Instant::now();
+        let (mut co, fresh) = self.checkout(name, limits.timeout)?;
+        let acquire_ms = ms(t0.elapsed());
+        let resp = co.instance_mut().invoke(stdin, limits);
+        co.entry.served.fetch_add(1, Ordering::Relaxed);
+        let timings = Timings {
+            acquire_ms,
+            restored_on_demand: fresh,
+            invoke: resp.timings.clone(),
+        };
+        Ok((resp, timings, co))
+    }
+
+    /// Bring every loaded template's pool up to `pool` ready instances and destroy idle
+    /// ones beyond it that were unused for `idle_timeout`; load function templates found
+    /// in the store when `discover` is set. Returns instances created.
+    pub fn maintain(&self, discover: bool) -> usize {
+        if discover {
+            for name in self.function_templates_on_disk() {
+                let _ = self.entry(&name);
+            }
+        }
+        // Forget templates removed from disk.
+        for (name, _) in self.entries() {
+            if file_id(&self.manifest_path(&name)).is_none() {
+                self.forget(&name);
+            }
+        }
+        let mut created = 0;
+        for (_, e) in self.entries() {
+            // Idle shrink.
+            let now = Instant::now();
+            let stale: Vec<_> = match e.ready.lock() {
+                Ok(mut r) => {
+                    let mut keep = Vec::new();
+                    let mut drop_ = Vec::new();
+                    for (i, t) in r.drain(..) {
+                        if keep.len() >= self.config.pool && now - t > self.config.idle_timeout {
+                            drop_.push(i);
+                        } else {
+                            keep.push((i, t));
+                        }
+                    }
+                    *r = keep;
+                    drop_
+                }
+                Err(_) => vec![],
+            };
+            let k = stale.len();
+            drop(stale);
+            self.release(k);
+            // Refill.
+            while e.ready() + e.busy() < self.config.pool {
+                if self.reserve(Duration::ZERO).is_err() {
+                    break;
+                }
+                match e.template.instantiate() {
+                    Ok(i) => {
+                        if let Ok(mut r) = e.ready.lock() {
+                            r.push((i, Instant::now()));
+                        }
+                        created += 1;
+                    }
+                    Err(err) => {
+                        self.release(1);
+                        tracing::warn!(template = e.template.name(), "refill failed: {err}");
+                        break;
+                    }
+                }
+            }
+        }
+        created
+    }
+
+    /// Names of the function templates in the store (runtime bases are skipped).
+    fn function_templates_on_disk(&self) -> Vec<String> {
+        let Ok(store) = snapshot_store::Store::open(&self.store_dir) else {
+            return vec![];
+        };
+        let Ok(list) = store.list() else {
+            return vec![];
+        };
+        list.into_iter()
+            .filter(|t| t.parent.is_some())
+            .map(|t| t.name.as_str().to_string())
+            .collect()
+    }
+}
+
+impl Checkout<'_> {
+    pub fn instance_mut(&mut self) -> &mut Instance {
+        self.instance.as_mut().expect("instance present until drop")
+    }
+    pub fn template_name(&self) -> &str {
+        self.entry.template.name()
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        self.entry.busy.fetch_sub(1, Ordering::Relaxed);
+        let Some(mut inst) = self.instance.take() else {
+            return;
+        };
+        let pools = self.pools;
+        // The entry may have been replaced or forgotten meanwhile: then destroy.
+        let current = pools
+            .entries
+            .lock()
+            .ok()
+            .and_then(|m| m.get(self.entry.template.name()).cloned())
+            .is_some_and(|e| Arc::ptr_eq(&e, &self.entry));
+        let keep = current && pools.config.pool > 0 && !inst.is_broken();
+        if keep {
+            match inst.reset() {
+                Ok(stats) => {
+                    if let Ok(o) = pools.on_reset.lock() {
+                        if let Some(f) = o.as_ref() {
+                            f(self.entry.template.name(), &stats);
+                        }
+                    }
+                    if let Ok(mut r) = self.entry.ready.lock() {
+                        r.push((inst, Instant::now()));
+                        pools.released.notify_all();
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(template = self.entry.template.name(), "reset failed: {e}");
+                }
+            }
+        }
+        drop(inst);
+        pools.release(1);
+    }
+}
+
+/// Resident set size of this process in bytes (/proc/self/statm).
+pub fn resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

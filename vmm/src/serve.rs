@@ -1,0 +1,719 @@
+//! `vmm serve`: a long-running invoker. HTTP/1.1 (hyper on a small tokio runtime) in
+//! front, a fixed set of worker threads behind it that run the vCPUs (never on the async
+//! executor), and [`vmm::pool::Pools`] keeping instances of every template ready.
+//!
+//! A request is queued (bounded: 429 when full), a worker takes a ready instance of its
+//! template, writes the body into the guest's pending read, runs it to its exit, sends the
+//! response back, and only then resets the instance in place for the next request.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use vmm::error::ErrorKind;
+use vmm::pool::{PoolConfig, Pools, Timings};
+use vmm::run::RunLimits;
+
+/// Largest request body accepted by default (413 above it).
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where to listen: HOST:PORT, or unix:PATH for a Unix socket.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// The template store [default: $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Ready instances kept per template (0: restore one per request, destroy it after).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub pool: usize,
+    /// Most instances alive at once, over all templates.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_instances: usize,
+    /// Host memory (resident, e.g. 512M, 8G) above which idle instances are destroyed,
+    /// least recently used templates first.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    pub memory_limit: u64,
+    /// Worker threads running vCPUs [default: the number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Stop a function's guest after this many seconds (504).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Largest request body in bytes (413 above it).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
+    pub max_body: usize,
+    /// Requests waiting for a worker before new ones get 429.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub queue: usize,
+    /// Seconds a client has to send its request headers.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub header_timeout: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                u => return Err(format!("unknown unit {u:?}: use K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512M or 8G"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?}: too large"))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    template: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TemplateLabels {
+    template: String,
+}
+
+struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    queue_wait: Histogram,
+    acquire: Histogram,
+    run: Histogram,
+    reset: Histogram,
+    ready: Family<TemplateLabels, Gauge>,
+    busy: Family<TemplateLabels, Gauge>,
+    live: Gauge,
+    resident: Gauge,
+    queued: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("vmm");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let seconds = || Histogram::new(exponential_buckets(0.000_025, 2.0, 20));
+        let (queue_wait, acquire, run, reset) = (seconds(), seconds(), seconds(), seconds());
+        let ready = Family::<TemplateLabels, Gauge>::default();
+        let busy = Family::<TemplateLabels, Gauge>::default();
+        let (live, resident, queued) = (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register("requests", "HTTP invocations by template and status", requests.clone());
+        registry.register("queue_wait_seconds", "Time a request waited for a worker", queue_wait.clone());
+        registry.register("acquire_seconds", "Time to take a ready instance (or restore one)", acquire.clone());
+        registry.register("run_seconds", "Time from writing the request into the guest to its exit", run.clone());
+        registry.register("reset_seconds", "Time to reset an instance to its template after a request", reset.clone());
+        registry.register("pool_ready_instances", "Ready instances per template", ready.clone());
+        registry.register("pool_busy_instances", "Instances serving a request, per template", busy.clone());
+        registry.register("instances_live", "Instances alive (ready and busy)", live.clone());
+        registry.register("host_resident_bytes", "Resident memory of the vmm serve process", resident.clone());
+        registry.register("queued_requests", "Requests waiting for a worker", queued.clone());
+        Metrics {
+            registry,
+            requests,
+            queue_wait,
+            acquire,
+            run,
+            reset,
+            ready,
+            busy,
+            live,
+            resident,
+            queued,
+        }
+    }
+}
+
+/// One queued invocation.
+struct Job {
+    name: String,
+    body: Bytes,
+    enqueued: Instant,
+    reply: oneshot::Sender<JobResult>,
+}
+
+enum JobResult {
+    Done {
+        exit: Result<i32, (ErrorKind, String)>,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        timings: Timings,
+        queue_ms: f64,
+    },
+    Refused(ErrorKind, String),
+}
+
+struct State {
+    pools: Arc<Pools>,
+    jobs: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    queued: Arc<AtomicU64>,
+    max_body: usize,
+}
+
+pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    if !(args.timeout > 0.0 && args.timeout <= 86_400.0) {
+        eprintln!("vmm: error: --timeout {}: must be a number of seconds in (0, 86400]", args.timeout);
+        return 2;
+    }
+    if !store_dir.join("store.cfg").exists() {
+        eprintln!(
+            "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
+            store_dir.display()
+        );
+        return 2;
+    }
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .max(1);
+    let pools = Arc::new(Pools::new(
+        store_dir.clone(),
+        PoolConfig {
+            pool: args.pool,
+            max_instances: args.max_instances.max(1),
+            memory_limit: args.memory_limit,
+            ..PoolConfig::default()
+        },
+    ));
+    let metrics = Arc::new(Metrics::new());
+    {
+        let m = metrics.clone();
+        pools.set_reset_observer(move |_, s| m.reset.observe(s.reset_ms / 1e3));
+    }
+    let limits = RunLimits {
+        timeout: Duration::from_secs_f64(args.timeout),
+        test_hostcalls: false,
+        eager_compile: false,
+        ..RunLimits::default()
+    };
+    let (tx, rx) = sync_channel::<Job>(args.queue.max(1));
+    let rx = Arc::new(Mutex::new(rx));
+    let queued = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for i in 0..workers {
+        let (rx, pools, metrics, limits, queued) =
+            (rx.clone(), pools.clone(), metrics.clone(), limits.clone(), queued.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vmm-worker-{i}"))
+                .spawn(move || worker(&rx, &pools, &metrics, &limits, &queued))
+                .expect("spawn a worker thread"),
+        );
+    }
+    // Pools: fill at start, then keep them filled and follow the store.
+    {
+        let t = Instant::now();
+        let created = pools.maintain(true);
+        tracing::info!(
+            store = %store_dir.display(),
+            templates = pools.entries().len(),
+            instances = created,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "pools ready"
+        );
+        let (pools, stop) = (pools.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("vmm-pool-keeper".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    pools.maintain(true);
+                }
+            })
+            .expect("spawn the pool keeper");
+    }
+    let state = Arc::new(State {
+        pools: pools.clone(),
+        jobs: tx,
+        metrics,
+        draining: AtomicBool::new(false),
+        queued,
+        max_body: args.max_body,
+    });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vmm-http")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmm: error: start the HTTP runtime: {e}");
+            return 1;
+        }
+    };
+    let drain_for = Duration::from_secs_f64(args.timeout + 5.0);
+    let code = rt.block_on(accept_loop(
+        args.listen.clone(),
+        state.clone(),
+        Duration::from_secs(args.header_timeout.max(1)),
+        drain_for,
+    ));
+    stop.store(true, Ordering::Relaxed);
+    drop(state);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+fn worker(
+    rx: &Mutex<Receiver<Job>>,
+    pools: &Pools,
+    metrics: &Metrics,
+    limits: &RunLimits,
+    queued: &AtomicU64,
+) {
+    loop {
+        let job = {
+            let Ok(rx) = rx.lock() else { return };
+            match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        };
+        queued.fetch_sub(1, Ordering::Relaxed);
+        let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
+        metrics.queue_wait.observe(queue_ms / 1e3);
+        if job.reply.is_closed() {
+            continue; // the client went away while the request waited
+        }
+        match pools.invoke(&job.name, &job.body, limits) {
+            Ok((resp, timings, checkout)) => {
+                metrics.acquire.observe(timings.acquire_ms / 1e3);
+                metrics.run.observe(timings.invoke.run_ms / 1e3);
+                let exit = resp.result.map_err(|e| (e.kind(), e.to_string()));
+                let _ = job.reply.send(JobResult::Done {
+                    exit,
+                    stdout: resp.stdout,
+                    stderr: resp.stderr,
+                    timings,
+                    queue_ms,
+                });
+                drop(checkout); // reset (or destroy) after the response is on its way
+            }
+            Err(e) => {
+                let _ = job.reply.send(JobResult::Refused(e.kind(), e.to_string()));
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listen: String,
+    state: Arc<State>,
+    header_timeout: Duration,
+    drain_for: Duration,
+) -> i32 {
+    enum Listener {
+        Tcp(tokio::net::TcpListener),
+        Unix(tokio::net::UnixListener, PathBuf),
+    }
+    let listener = if let Some(path) = listen.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                eprintln!("vmm: error: --listen {listen}: exists and is not a socket; refusing to replace it");
+                return 2;
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        match tokio::net::UnixListener::bind(&path) {
+            Ok(l) => Listener::Unix(l, path),
+            Err(e) => {
+                eprintln!("vmm: error: listen on {listen}: {e}");
+                return 1;
+            }
+        }
+    } else {
+        match tokio::net::TcpListener::bind(&listen).await {
+            Ok(l) => Listener::Tcp(l),
+            Err(e) => {
+                eprintln!("vmm: error: listen on {listen}: {e} (is another server on that port? pass --listen)");
+                return 1;
+            }
+        }
+    };
+    let shown = match &listener {
+        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()),
+        Listener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
+    tracing::info!(listen = %shown, "serving");
+    // Machine-readable line for scripts and tests that pass port 0.
+    eprintln!("vmm serve: listening on {shown}");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: error: install the SIGTERM handler: {e}");
+            return 1;
+        }
+    };
+    let builder = {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+        b
+    };
+    loop {
+        let stream: Box<dyn IoStream> = tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            accepted = async {
+                match &listener {
+                    Listener::Tcp(l) => l.accept().await.map(|(s, _)| { let _ = s.set_nodelay(true); Box::new(s) as Box<dyn IoStream> }),
+                    Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Box::new(s) as Box<dyn IoStream>),
+                }
+            } => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let st = state.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |req| handle(st.clone(), req)),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    state.draining.store(true, Ordering::SeqCst);
+    tracing::info!("draining: no new connections; waiting for requests in flight");
+    listener_cleanup(&listener_path(&listen));
+    match tokio::time::timeout(drain_for, graceful.shutdown()).await {
+        Ok(()) => {
+            tracing::info!("drained; bye");
+            0
+        }
+        Err(_) => {
+            tracing::warn!("requests still running after {drain_for:?}; exiting");
+            0
+        }
+    }
+}
+
+fn listener_path(listen: &str) -> Option<PathBuf> {
+    listen.strip_prefix("unix:").map(PathBuf::from)
+}
+
+fn listener_cleanup(p: &Option<PathBuf>) {
+    if let Some(p) = p {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> IoStream for T {}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.into() + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "text/plain; charset=utf-8".parse().expect("static header"));
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("static header"));
+    r
+}
+
+fn wants_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"))
+}
+
+fn error_status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::GuestFault | ErrorKind::Damaged => StatusCode::BAD_GATEWAY,
+        ErrorKind::Host => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, std::convert::Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let r = match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            if state.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining")
+            } else {
+                text(StatusCode::OK, "ok")
+            }
+        }
+        (&Method::GET, "/metrics") => metrics(&state),
+        (&Method::GET, "/v1/functions") => functions(&state),
+        (_, p) if p.starts_with("/v1/functions/") && p.ends_with("/invoke") => {
+            let name = &p["/v1/functions/".len()..p.len() - "/invoke".len()];
+            if method != Method::POST {
+                text(StatusCode::METHOD_NOT_ALLOWED, "use POST to invoke a function")
+            } else {
+                let name = name.to_string();
+                invoke(&state, name, req).await
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: POST /v1/functions/NAME/invoke, GET /v1/functions, /healthz, /metrics",
+        ),
+    };
+    Ok(r)
+}
+
+async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
+    let t0 = Instant::now();
+    let as_json = wants_json(&req);
+    let count = |status: StatusCode| {
+        state
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                template: name.clone(),
+                status: status.as_u16(),
+            })
+            .inc();
+    };
+    if state.draining.load(Ordering::Relaxed) {
+        count(StatusCode::SERVICE_UNAVAILABLE);
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining: the server is shutting down");
+    }
+    if req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > state.max_body as u64)
+    {
+        count(StatusCode::PAYLOAD_TOO_LARGE);
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over the {}-byte limit", state.max_body),
+        );
+    }
+    let body = match Limited::new(req.into_body(), state.max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+            let status = if too_large {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            count(status);
+            return text(
+                status,
+                if too_large {
+                    format!("request body over the {}-byte limit", state.max_body)
+                } else {
+                    format!("read the request body: {e}")
+                },
+            );
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    let job = Job {
+        name: name.clone(),
+        body,
+        enqueued: Instant::now(),
+        reply: tx,
+    };
+    state.queued.fetch_add(1, Ordering::Relaxed);
+    match state.jobs.try_send(job) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            state.queued.fetch_sub(1, Ordering::Relaxed);
+            count(StatusCode::TOO_MANY_REQUESTS);
+            let mut r = text(StatusCode::TOO_MANY_REQUESTS, "the request queue is full; retry");
+            r.headers_mut().insert("retry-after", "1".parse().expect("static header"));
+            return r;
+        }
+    }
+    let result = match rx.await {
+        Ok(r) => r,
+        Err(_) => JobResult::Refused(ErrorKind::Host, "the worker stopped".into()),
+    };
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match result {
+        JobResult::Refused(kind, msg) => {
+            let status = error_status(kind);
+            count(status);
+            tracing::info!(template = %name, status = status.as_u16(), total_ms, "refused: {msg}");
+            let mut r = if as_json {
+                json(status, &serde_json::json!({"error": msg, "kind": kind}))
+            } else {
+                text(status, msg)
+            };
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut().insert("retry-after", "1".parse().expect("static header"));
+            }
+            r
+        }
+        JobResult::Done {
+            exit,
+            stdout,
+            stderr,
+            timings,
+            queue_ms,
+        } => {
+            let (status, code, error) = match &exit {
+                Ok(0) => (StatusCode::OK, Some(0), None),
+                Ok(c) => (StatusCode::INTERNAL_SERVER_ERROR, Some(*c), None),
+                Err((kind, msg)) => (error_status(*kind), None, Some((*kind, msg.clone()))),
+            };
+            count(status);
+            tracing::info!(
+                template = %name,
+                status = status.as_u16(),
+                exit_code = code,
+                queue_ms,
+                acquire_ms = timings.acquire_ms,
+                run_ms = timings.invoke.run_ms,
+                total_ms,
+                on_demand = timings.restored_on_demand,
+                "invoke"
+            );
+            let mut r = if as_json {
+                json(
+                    status,
+                    &serde_json::json!({
+                        "stdout": String::from_utf8_lossy(&stdout),
+                        "stderr": String::from_utf8_lossy(&stderr),
+                        "exit_code": code,
+                        "error": error.as_ref().map(|e| &e.1),
+                        "error_kind": error.as_ref().map(|e| e.0),
+                        "timings": {
+                            "queue_ms": queue_ms,
+                            "acquire_ms": timings.acquire_ms,
+                            "run_ms": timings.invoke.run_ms,
+                            "total_ms": total_ms,
+                            "exits": timings.invoke.exits,
+                            "restored_on_demand": timings.restored_on_demand,
+                        },
+                    }),
+                )
+            } else {
+                let mut body = stdout;
+                if let Some((_, msg)) = &error {
+                    if body.is_empty() {
+                        body = format!("{msg}\n").into_bytes();
+                    }
+                }
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                *r.status_mut() = status;
+                r
+            };
+            let h = r.headers_mut();
+            if let Some(c) = code {
+                h.insert("x-vmm-exit-code", c.into());
+            }
+            if let Some((kind, _)) = &error {
+                if let Ok(v) = serde_json::to_value(kind) {
+                    if let Some(s) = v.as_str().and_then(|s| s.parse().ok()) {
+                        h.insert("x-vmm-error", s);
+                    }
+                }
+            }
+            if let Ok(v) = format!("{:.3}", timings.invoke.run_ms).parse() {
+                h.insert("x-vmm-run-ms", v);
+            }
+            r
+        }
+    }
+}
+
+fn functions(state: &State) -> Resp {
+    let list: Vec<_> = state
+        .pools
+        .entries()
+        .into_iter()
+        .map(|(name, e)| {
+            serde_json::json!({
+                "name": name,
+                "ready": e.ready(),
+                "busy": e.busy(),
+                "served": e.served(),
+                "data_pages": e.template().data_pages(),
+                "image_bytes": e.template().image_bytes(),
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "functions": list,
+            "live_instances": state.pools.live_instances(),
+            "pool": state.pools.config().pool,
+        }),
+    )
+}
+
+fn metrics(state: &State) -> Resp {
+    let m = &state.metrics;
+    for (name, e) in state.pools.entries() {
+        let l = TemplateLabels { template: name };
+        m.ready.get_or_create(&l).set(e.ready() as i64);
+        m.busy.get_or_create(&l).set(e.busy() as i64);
+    }
+    m.live.set(state.pools.live_instances() as i64);
+    m.resident
+        .set(vmm::pool::resident_bytes().unwrap_or(0) as i64);
+    m.queued.set(state.queued.load(Ordering::Relaxed) as i64);
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &m.registry) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encode metrics: {e}"));
+    }
+    let mut r = Response::new(Full::new(Bytes::from(out)));
+    r.headers_mut().insert(
+        "content-type",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            .parse()
+            .expect("static header"),
+    );
+    r
+}
