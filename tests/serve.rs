@@ -1,0 +1,396 @@
+//! End-to-end tests of `vmm serve`: the real daemon on /dev/kvm, a real store on disk, the
+//! real QuickJS reactor, and a real HTTP client (ureq) or raw sockets for misbehaving
+//! clients.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn qjs_args(script: &str, extra: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "--module".into(),
+        workload("qjs-wasi-reactor.wasm"),
+        "--runtime".into(),
+        "qjs".into(),
+        "--file".into(),
+        path(script),
+        "--arg".into(),
+        Path::new(script).file_name().unwrap().to_string_lossy().into_owned(),
+    ];
+    for f in extra {
+        a.push("--file".into());
+        a.push(f.clone());
+    }
+    a
+}
+
+fn upper_args() -> Vec<String> {
+    vec![
+        "--module".into(),
+        path("examples/upper.wat"),
+        "--arg".into(),
+        "one".into(),
+        "--arg".into(),
+        "two".into(),
+    ]
+}
+
+fn behave_args() -> Vec<String> {
+    vec!["--module".into(), path("tests/guests/behave.wat")]
+}
+
+fn marked() -> String {
+    format!("{}:marked.esm.js", workload("marked.esm.js"))
+}
+
+fn create(store: &TempDir, name: &str, function: &[String]) {
+    let mut cmd = vmm();
+    cmd.args(["template", "create", name, "--store", &store.arg()])
+        .args(function);
+    let r = run_with_input(cmd, b"");
+    assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
+}
+
+fn run_cold(function: &[String], input: &[u8]) -> String {
+    let mut cmd = vmm();
+    cmd.arg("run").args(function);
+    let r = run_with_input(cmd, input);
+    assert_eq!(r.code(), 0, "vmm run: {}", r.stderr());
+    r.stdout()
+}
+
+/// A running `vmm serve` on a free loopback port; killed on drop.
+struct Daemon {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(store: &TempDir, extra: &[&str]) -> Daemon {
+        let mut child = vmm()
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", &store.arg()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("vmm serve: listening on ") {
+                    let _ = tx.send(a.to_string());
+                }
+                l.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("vmm serve did not start: {}", log.lock().unwrap()));
+        Daemon { child, addr, log }
+    }
+
+    fn url(&self, p: &str) -> String {
+        format!("http://{}{p}", self.addr)
+    }
+
+    fn invoke(&self, name: &str, body: &[u8]) -> (u16, String, Option<String>) {
+        let r = ureq::post(&self.url(&format!("/v1/functions/{name}/invoke")))
+            .timeout(Duration::from_secs(60))
+            .send_bytes(body);
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {name}: {e}; daemon log:\n{}", self.log()),
+        };
+        let status = resp.status();
+        let code = resp.header("x-vmm-exit-code").map(str::to_string);
+        let body = resp.into_string().unwrap_or_default();
+        (status, body, code)
+    }
+
+    fn get(&self, p: &str) -> (u16, String) {
+        match ureq::get(&self.url(p)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("GET {p}: {e}"),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: sends SIGTERM to our own child process, which is still running or a
+        // zombie (not yet waited for), so the pid cannot have been reused.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "vmm serve did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn every_example_answers_over_http_exactly_as_vmm_run_does() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-examples");
+    let hello = qjs_args("examples/hello.js", &[]);
+    let markdown = qjs_args("examples/markdown.js", &[marked()]);
+    create(&store, "hello", &hello);
+    create(&store, "markdown", &markdown);
+    create(&store, "upper", &upper_args());
+    let d = Daemon::start(&store, &[]);
+    let cases: [(&str, &Vec<String>, &[u8]); 4] = [
+        ("hello", &hello, br#"{"name":"http"}"#),
+        ("markdown", &markdown, b"# Title\n\n*em* and `code`\n"),
+        ("markdown", &markdown, b"- a\n- b\n"),
+        ("upper", &upper_args(), b"some text\n"),
+    ];
+    for (name, function, input) in cases {
+        let want = run_cold(function, input);
+        for _ in 0..3 {
+            let (status, body, code) = d.invoke(name, input);
+            assert_eq!(status, 200, "{name}: {body}");
+            assert_eq!(code.as_deref(), Some("0"));
+            assert_eq!(body, want, "{name} over HTTP differs from vmm run");
+        }
+    }
+    // JSON form.
+    let r = ureq::post(&d.url("/v1/functions/hello/invoke"))
+        .set("accept", "application/json")
+        .send_bytes(br#"{"name":"j"}"#)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert_eq!(v["exit_code"], 0);
+    assert_eq!(v["stdout"], "{\"greeting\":\"Hello, j!\",\"length\":1}\n");
+    assert!(v["timings"]["run_ms"].as_f64().unwrap() > 0.0);
+    let (s, list) = d.get("/v1/functions");
+    assert_eq!(s, 200);
+    assert!(list.contains("\"hello\"") && list.contains("\"markdown\""), "{list}");
+    let (s, metrics) = d.get("/metrics");
+    assert_eq!(s, 200);
+    assert!(
+        metrics.contains(r#"vmm_requests_total{template="hello",status="200"} 4"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vmm_reset_seconds_count"), "{metrics}");
+    assert_eq!(d.get("/healthz").0, 200);
+}
+
+#[test]
+fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-isolation");
+    create(&store, "iso", &qjs_args("tests/guests/isolation.js", &[]));
+    // What a fresh restore answers: the function sees only its own request.
+    let mut cmd = vmm();
+    cmd.args(["restore", "iso", "--store", &store.arg()]);
+    let fresh = run_with_input(cmd, b"req-fresh");
+    assert_eq!(fresh.code(), 0, "{}", fresh.stderr());
+    // One worker and a pool of one: every request runs in the same instance, reset between.
+    let d = Daemon::start(&store, &["--pool", "1", "--workers", "1", "--max-instances", "1"]);
+    for i in 0..60 {
+        let req = format!("req-{i}");
+        let (status, body, _) = d.invoke("iso", req.as_bytes());
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body,
+            fresh.stdout().replace("req-fresh", &req),
+            "request {i} saw state left by an earlier request"
+        );
+    }
+    let (_, list) = d.get("/v1/functions");
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v["live_instances"], 1, "the one instance was reused: {list}");
+    assert_eq!(v["functions"][0]["served"], 60);
+}
+
+#[test]
+fn failures_get_their_status_and_the_daemon_keeps_serving() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-status");
+    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "behave", &behave_args());
+    let d = Daemon::start(
+        &store,
+        &["--timeout", "1", "--max-body", "1000", "--header-timeout", "1"],
+    );
+    let ok = |d: &Daemon| {
+        let (s, b, _) = d.invoke("hello", br#"{"name":"ok"}"#);
+        assert_eq!(s, 200, "{b}");
+        assert!(b.contains("Hello, ok!"));
+    };
+    assert_eq!(d.invoke("nope", b"x").0, 404);
+    assert_eq!(d.invoke("bad/name", b"x").0, 404);
+    assert_eq!(d.invoke("hello", &vec![b'a'; 2000]).0, 413);
+    ok(&d);
+    let (s, _, code) = d.invoke("behave", b"e");
+    assert_eq!((s, code.as_deref()), (500, Some("3")), "a non-zero exit is a 500 with its code");
+    let (s, b, _) = d.invoke("behave", b"t");
+    assert_eq!(s, 502, "a trapping guest: {b}");
+    ok(&d);
+    let t0 = Instant::now();
+    let (s, b, _) = d.invoke("behave", b"loop");
+    assert_eq!(s, 504, "an endless guest is stopped by --timeout: {b}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    ok(&d);
+    assert_eq!(d.invoke("behave", b"hi").1, "hi");
+
+    // A client that never finishes its headers is dropped after --header-timeout.
+    let mut slow = TcpStream::connect(&d.addr).unwrap();
+    slow.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    ok(&d);
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let head = String::from_utf8_lossy(&buf);
+    assert!(head.is_empty() || head.starts_with("HTTP/1.1 408"), "{head}");
+
+    // A client that disconnects mid-body, and one that leaves while its function runs.
+    let mut gone = TcpStream::connect(&d.addr).unwrap();
+    gone.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"na")
+        .unwrap();
+    drop(gone);
+    let mut gone = TcpStream::connect(&d.addr).unwrap();
+    gone.write_all(b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nspin")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(gone);
+    ok(&d);
+    assert_eq!(d.invoke("behave", b"again").1, "again");
+}
+
+#[test]
+fn concurrent_requests_to_one_and_to_many_templates_all_get_their_own_answer() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-concurrent");
+    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "markdown", &qjs_args("examples/markdown.js", &[marked()]));
+    create(&store, "upper", &upper_args());
+    let d = Arc::new(Daemon::start(&store, &["--pool", "2"]));
+    let threads: Vec<_> = (0..12)
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                for i in 0..15 {
+                    let (name, req, want): (&str, String, String) = match (t + i) % 3 {
+                        0 => (
+                            "hello",
+                            format!(r#"{{"name":"t{t}i{i}"}}"#),
+                            format!("{{\"greeting\":\"Hello, t{t}i{i}!\",\"length\":{}}}\n", format!("t{t}i{i}").len()),
+                        ),
+                        1 => ("markdown", format!("# h{t}x{i}\n"), format!("<h1>h{t}x{i}</h1>\n\n")),
+                        _ => ("upper", format!("t{t}i{i}\n"), format!("T{t}I{i}\none\ntwo\n")),
+                    };
+                    let (s, body, _) = d.invoke(name, req.as_bytes());
+                    assert_eq!(s, 200, "{name}: {body}");
+                    assert_eq!(body, want, "{name} thread {t} request {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}
+
+#[test]
+fn templates_created_and_removed_while_serving_are_followed() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-follow");
+    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "behave", &behave_args());
+    let d = Daemon::start(&store, &[]);
+    assert_eq!(d.invoke("upper", b"x").0, 404);
+    create(&store, "upper", &upper_args());
+    let (s, b, _) = d.invoke("upper", b"late\n");
+    assert_eq!((s, b.as_str()), (200, "LATE\none\ntwo\n"));
+    // A request in flight when its template is removed finishes; later ones are 404.
+    let addr = d.addr.clone();
+    let inflight = std::thread::spawn(move || {
+        ureq::post(&format!("http://{addr}/v1/functions/behave/invoke"))
+            .send_bytes(b"spin")
+            .map(|r| (r.status(), r.into_string().unwrap()))
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let mut rm = vmm();
+    rm.args(["template", "rm", "behave", "--store", &store.arg()]);
+    let r = run_with_input(rm, b"");
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let (s, b) = inflight.join().unwrap().expect("in-flight request");
+    assert_eq!((s, b.as_str()), (200, "spin"));
+    assert_eq!(d.invoke("behave", b"x").0, 404);
+    assert_eq!(d.invoke("hello", b"{}").0, 200);
+}
+
+#[test]
+fn sigterm_drains_requests_in_flight_and_exits_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-drain");
+    create(&store, "behave", &behave_args());
+    let mut d = Daemon::start(&store, &[]);
+    let addr = d.addr.clone();
+    let inflight = std::thread::spawn(move || {
+        ureq::post(&format!("http://{addr}/v1/functions/behave/invoke"))
+            .send_bytes(b"spin")
+            .map(|r| (r.status(), r.into_string().unwrap()))
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    let (s, b) = inflight.join().unwrap().expect("the in-flight request is answered");
+    assert_eq!((s, b.as_str()), (200, "spin"));
+    assert!(TcpStream::connect(&d.addr).is_err(), "no new connections after drain");
+    assert!(d.log().contains("drain"), "{}", d.log());
+}
+
+#[test]
+fn serve_refuses_a_missing_store_and_a_bad_listen_address_with_a_clear_error() {
+    let store = TempDir::new("serve-nostore");
+    let r = run_with_input(
+        {
+            let mut c = vmm();
+            c.args(["serve", "--store", &store.arg(), "--listen", "127.0.0.1:0"]);
+            c
+        },
+        b"",
+    );
+    assert_ne!(r.code(), 0);
+    assert!(r.stderr().contains("no template store"), "{}", r.stderr());
+    let _ = Command::new("true");
+}
