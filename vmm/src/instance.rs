@@ -33,8 +33,12 @@ pub struct Template {
     name: String,
     created_unix_ms: u64,
     mem_size: u64,
-    /// One entry per 2 MiB region of guest RAM: the region's bytes if it holds data.
-    regions: Vec<Option<Box<[u8]>>>,
+    /// Every data page, in frame order, in one huge-page backed buffer.
+    data: GuestMemory,
+    /// Runs of consecutive data frames: (first frame, pages, byte offset in `data`).
+    runs: Vec<(u64, u64, u64)>,
+    /// Per 2 MiB region of guest RAM: the range of `runs` that lies in it (empty: none).
+    region_runs: Vec<std::ops::Range<usize>>,
     state: VcpuState,
     stdin_buf: GuestRange,
     data_pages: u64,
@@ -80,35 +84,56 @@ impl Template {
             .resolve(store)
             .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         let n_regions = tmpl.mem_size.div_ceil(REGION) as usize;
-        let mut regions: Vec<Option<Box<[u8]>>> = (0..n_regions).map(|_| None).collect();
-        let mut data_pages = 0;
-        for gfn in resolved.data_frames() {
+        let mut frames: Vec<u64> = resolved.data_frames().collect();
+        frames.sort_unstable();
+        let data_len = (frames.len() as u64 * PAGE).div_ceil(REGION).max(1) * REGION;
+        let data = GuestMemory::new(data_len as usize)
+            .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        let mut data_pages = 0u64;
+        for gfn in frames {
             let frame = resolved
                 .frame_verified(gfn)
                 .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
-            if let Some(Frame::Data(p)) = frame {
-                let off = gfn * PAGE;
-                let r = (off / REGION) as usize;
-                let region = regions
-                    .get_mut(r)
-                    .ok_or_else(|| Error::new(ErrorKind::Damaged, step, "frame past guest RAM"))?
-                    .get_or_insert_with(|| vec![0u8; REGION as usize].into_boxed_slice());
-                let at = (off % REGION) as usize;
-                region[at..at + PAGE_SIZE].copy_from_slice(p);
-                data_pages += 1;
+            let Some(Frame::Data(p)) = frame else {
+                continue;
+            };
+            if gfn * PAGE >= tmpl.mem_size {
+                return Err(Error::new(ErrorKind::Damaged, step, "frame past guest RAM"));
             }
+            let off = data_pages * PAGE;
+            data.write(off, p)
+                .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
+            data_pages += 1;
+            // A run never crosses a 2 MiB region boundary (resets work region by region).
+            match runs.last_mut() {
+                Some((first, n, _)) if *first + *n == gfn && (gfn * PAGE) % REGION != 0 => *n += 1,
+                _ => runs.push((gfn, 1, off)),
+            }
+        }
+        let mut region_runs = vec![0..0; n_regions];
+        let mut i = 0;
+        while i < runs.len() {
+            let r = (runs[i].0 * PAGE / REGION) as usize;
+            let start = i;
+            while i < runs.len() && (runs[i].0 * PAGE / REGION) as usize == r {
+                i += 1;
+            }
+            region_runs[r] = start..i;
         }
         let stats = LoadStats {
             load_ms: ms(t0.elapsed()),
             data_pages,
-            data_regions: regions.iter().filter(|r| r.is_some()).count() as u64,
+            data_regions: region_runs.iter().filter(|r| !r.is_empty()).count() as u64,
         };
         Ok((
             Template {
                 name: name.to_string(),
                 created_unix_ms: tmpl.created_unix_ms,
                 mem_size: tmpl.mem_size,
-                regions,
+                data,
+                runs,
+                region_runs,
                 state,
                 stdin_buf,
                 data_pages,
@@ -136,7 +161,37 @@ impl Template {
 
     /// Host memory the template's verified image holds.
     pub fn image_bytes(&self) -> u64 {
-        self.regions.iter().flatten().count() as u64 * REGION
+        self.data_pages * PAGE
+    }
+
+    /// Regions of guest RAM that hold template data.
+    pub fn data_regions(&self) -> u64 {
+        self.region_runs.iter().filter(|r| !r.is_empty()).count() as u64
+    }
+
+    /// Write the template's data pages of region `r` into `mem`; with `zero_gaps`, also
+    /// zero every other page of the region (a reset: the guest may have written them).
+    fn write_region(
+        &self,
+        mem: &GuestMemory,
+        r: usize,
+        zero_gaps: bool,
+    ) -> Result<(), crate::memory::MemoryError> {
+        let region_start = r as u64 * REGION;
+        let region_end = (region_start + REGION).min(mem.size());
+        let mut cursor = region_start;
+        for &(gfn, n, off) in &self.runs[self.region_runs[r].clone()] {
+            let gpa = gfn * PAGE;
+            if zero_gaps && gpa > cursor {
+                mem.zero(cursor, gpa - cursor)?;
+            }
+            mem.write(gpa, self.data.slice(off, n * PAGE)?)?;
+            cursor = gpa + n * PAGE;
+        }
+        if zero_gaps && region_end > cursor {
+            mem.zero(cursor, region_end - cursor)?;
+        }
+        Ok(())
     }
 
     /// Restore a new instance of this template, stopped at its pending read of stdin.
@@ -160,8 +215,6 @@ pub struct Response {
 pub struct InvokeTimings {
     /// From writing the request into the guest to the guest's exit.
     pub run_ms: f64,
-    /// The function's own run, measured by the guest's clock.
-    pub function_ms: f64,
     pub exits: u64,
 }
 
@@ -169,6 +222,8 @@ pub struct InvokeTimings {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ResetStats {
     pub reset_ms: f64,
+    /// Of which rewriting the vCPU state.
+    pub vcpu_ms: f64,
     pub regions_copied: u64,
     pub regions_zeroed: u64,
 }
@@ -197,9 +252,11 @@ impl Instance {
         let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
         let mem = GuestMemory::new(template.mem_size as usize).map_err(|e| host(e.into()))?;
         // Fill RAM before KVM sees it (registered memory is filled ~10x slower).
-        for (r, bytes) in template.regions.iter().enumerate() {
-            if let Some(b) = bytes {
-                mem.write(r as u64 * REGION, b).map_err(|e| host(e.into()))?;
+        for r in 0..template.region_runs.len() {
+            if !template.region_runs[r].is_empty() {
+                template
+                    .write_region(&mem, r, false)
+                    .map_err(|e| host(e.into()))?;
             }
         }
         let parts = VmParts::create().map_err(|e| host(e.into()))?;
@@ -280,18 +337,10 @@ impl Instance {
             self.status = Status::Broken;
             Error::from_run("run the function", e)
         });
-        let mut timings = InvokeTimings {
+        let timings = InvokeTimings {
             run_ms: ms(t0.elapsed()),
             exits: self.vm.exits - exits_before,
-            ..Default::default()
         };
-        if let Ok(mb) = self.vm.read_mailbox() {
-            timings.function_ms = run::tsc_ms(
-                mb.stats.function_start.max(1),
-                mb.stats.function_end,
-                self.vm.tsc_khz,
-            );
-        }
         Response {
             result,
             stdout: out.stdout,
@@ -313,10 +362,11 @@ impl Instance {
         let t0 = Instant::now();
         let r = self.reset_memory_and_vcpu();
         match r {
-            Ok((copied, zeroed)) => {
+            Ok((copied, zeroed, vcpu_ms)) => {
                 self.status = Status::Ready;
                 Ok(ResetStats {
                     reset_ms: ms(t0.elapsed()),
+                    vcpu_ms,
                     regions_copied: copied,
                     regions_zeroed: zeroed,
                 })
@@ -328,26 +378,29 @@ impl Instance {
         }
     }
 
-    fn reset_memory_and_vcpu(&mut self) -> Result<(u64, u64), Error> {
+    fn reset_memory_and_vcpu(&mut self) -> Result<(u64, u64, f64), Error> {
         let step = "reset instance";
         let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
         let resident = self.vm.mem.resident_regions();
         let (mut copied, mut zeroed) = (0, 0);
-        for (r, bytes) in self.template.regions.iter().enumerate() {
+        let t = &self.template;
+        for r in 0..t.region_runs.len() {
             let gpa = r as u64 * REGION;
-            match bytes {
-                Some(b) => {
-                    self.vm.mem.write(gpa, b).map_err(|e| host(e.into()))?;
+            match t.region_runs[r].is_empty() {
+                false => {
+                    t.write_region(&self.vm.mem, r, true)
+                        .map_err(|e| host(e.into()))?;
                     copied += 1;
                 }
-                None if resident.get(r).copied().unwrap_or(true) => {
+                true if resident.get(r).copied().unwrap_or(true) => {
                     let len = REGION.min(self.vm.mem.size() - gpa);
                     self.vm.mem.zero(gpa, len).map_err(|e| host(e.into()))?;
                     zeroed += 1;
                 }
-                None => {}
+                true => {}
             }
         }
+        let tv = Instant::now();
         let state = &self.template.state;
         state
             .apply(&self.vm.vm, &self.vm.vcpu, self.vm.backend)
@@ -355,6 +408,6 @@ impl Instance {
         state
             .apply_backend_msrs(&self.vm.vcpu, self.vm.backend)
             .map_err(|e| host(e.into()))?;
-        Ok((copied, zeroed))
+        Ok((copied, zeroed, ms(tv.elapsed())))
     }
 }
