@@ -265,10 +265,13 @@ pub fn run_compiled<H: Host>(
         Err(Stop::Trap(t)) => return Err(fail(&mut store, ERR_TRAP, format!("wasm trap: {t}"))),
     };
     let data = store.data_mut();
+    let (stdout_truncated, stderr_truncated) = data.wasi.output_truncated();
     Ok(RunOutput {
         exit_code,
         stdout: data.wasi.take_stdout(),
         stderr: data.wasi.take_stderr(),
+        stdout_truncated,
+        stderr_truncated,
     })
 }
 

@@ -48,11 +48,16 @@ impl Watchdog {
         let (d, f) = (done.clone(), fired.clone());
         let thread = std::thread::spawn(move || {
             let run = run;
-            let deadline = Instant::now() + timeout;
+            // A timeout too far away to be represented as an instant never fires.
+            let deadline = Instant::now().checked_add(timeout);
             let (lock, cv) = &*d;
             let mut finished = lock.lock().unwrap_or_else(|e| e.into_inner());
             while !*finished {
                 let now = Instant::now();
+                let Some(deadline) = deadline else {
+                    finished = cv.wait(finished).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                };
                 if now >= deadline {
                     f.store(true, Ordering::SeqCst);
                     // SAFETY: see RunPtr; a single byte write to a field KVM polls.
