@@ -235,6 +235,22 @@ fn endless_request_is_refused_at_the_request_limit() {
 }
 
 #[test]
+fn an_endless_guest_kernel_override_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cmd = run_cmd(&["--module", &upper()]);
+    cmd.env("VMM_GUEST_KERNEL", "/dev/zero");
+    let m = run_bounded("VMM_GUEST_KERNEL=/dev/zero", cmd, Stdin::Bytes(vec![]), 400);
+    assert_refused(
+        "VMM_GUEST_KERNEL=/dev/zero",
+        &m,
+        &["$VMM_GUEST_KERNEL", "64 MiB"],
+    );
+    assert!(m.max_rss_mib < 150, "peak RSS {} MiB", m.max_rss_mib);
+}
+
+#[test]
 fn oversized_regular_files_are_refused_before_reading() {
     let dir = TempDir::created("inputs-big");
     // Sparse files: their size is known from metadata, nothing needs reading to refuse them.

@@ -136,11 +136,28 @@ pub enum SetupError {
     ModuleTooLarge { module: usize, mem_mib: u64 },
 }
 
-/// The guest kernel image built by `vmm/build.rs` (or `$VMM_GUEST_KERNEL` if set).
+/// Largest guest kernel image read from `$VMM_GUEST_KERNEL` (the built one is ~2 MB).
+pub const MAX_KERNEL_IMAGE_BYTES: u64 = 64 << 20;
+
+/// The guest kernel image built by `vmm/build.rs` (or `$VMM_GUEST_KERNEL` if set, read up
+/// to [`MAX_KERNEL_IMAGE_BYTES`]).
 pub fn guest_kernel_image() -> std::io::Result<std::borrow::Cow<'static, [u8]>> {
+    use std::io::Read;
     static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-kernel.elf"));
     match std::env::var_os("VMM_GUEST_KERNEL") {
-        Some(p) => std::fs::read(p).map(Into::into),
+        Some(p) => {
+            let mut image = Vec::new();
+            std::fs::File::open(p)?
+                .take(MAX_KERNEL_IMAGE_BYTES + 1)
+                .read_to_end(&mut image)?;
+            if image.len() as u64 > MAX_KERNEL_IMAGE_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("larger than {} MiB", MAX_KERNEL_IMAGE_BYTES >> 20),
+                ));
+            }
+            Ok(image.into())
+        }
         None => Ok(IMAGE.into()),
     }
 }
