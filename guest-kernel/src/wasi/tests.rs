@@ -411,10 +411,18 @@ fn output_cap_gives_efbig() {
     // zero-length writes still succeed
     m[4..8].copy_from_slice(&0u32.to_le_bytes());
     w.fd_write(&mut h, &mut m, 2, 0, 1, 8).unwrap();
-    assert_eq!(w.output_truncated(), (true, false), "an empty write loses nothing");
+    assert_eq!(
+        w.output_truncated(),
+        (true, false),
+        "an empty write loses nothing"
+    );
     m[4..8].copy_from_slice(&1u32.to_le_bytes());
     assert_eq!(w.fd_write(&mut h, &mut m, 2, 0, 1, 8), Err(errno::FBIG));
-    assert_eq!(w.output_truncated(), (true, true), "a refused stderr write too");
+    assert_eq!(
+        w.output_truncated(),
+        (true, true),
+        "a refused stderr write too"
+    );
 }
 
 #[test]
