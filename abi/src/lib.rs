@@ -618,10 +618,12 @@ mod tests {
 
     #[test]
     fn offsets_match_layout() {
-        let mut mb = Mailbox::default();
-        mb.op = 0xabc;
-        mb.ret = 0x123;
-        mb.entropy_gen = 5;
+        let mb = Mailbox {
+            op: 0xabc,
+            ret: 0x123,
+            entropy_gen: 5,
+            ..Default::default()
+        };
         let b = mb.to_bytes();
         assert_eq!(b[offsets::OP..offsets::OP + 8], 0xabcu64.to_le_bytes());
         assert_eq!(b[offsets::RET..offsets::RET + 8], 0x123u64.to_le_bytes());
