@@ -245,7 +245,9 @@ pub enum Op {
     ReadStdin = 2,
     /// args: [fd (1 or 2), gpa, len]. A flush of a full output buffer. ret = 0.
     Write = 3,
-    /// args: [exit code (i32), stdout gpa, stdout len, stderr gpa, stderr len].
+    /// args: [exit code (i32), stdout gpa, stdout len, stderr gpa, stderr len, flags].
+    /// flags: [`EXIT_STDOUT_TRUNCATED`] | [`EXIT_STDERR_TRUNCATED`] (0 from kernels that
+    /// predate them: unused args are written as 0).
     Exit = 4,
     /// args: [vector, error code, rip, cr2, rsp]. A CPU exception in the guest kernel.
     Fault = 5,
@@ -255,6 +257,11 @@ pub enum Op {
     /// (not wasm, unsupported import, trap...): the message says what and why.
     Error = 7,
 }
+
+/// `Op::Exit` flags: output to stdout / stderr was lost at the guest's output cap
+/// ([`MAX_TRANSFER_LEN`] bytes of stdout and stderr together).
+pub const EXIT_STDOUT_TRUNCATED: u64 = 1 << 0;
+pub const EXIT_STDERR_TRUNCATED: u64 = 1 << 1;
 
 pub const PANIC_GENERIC: u64 = 0;
 pub const PANIC_OUT_OF_MEMORY: u64 = 1;
@@ -289,6 +296,8 @@ pub enum Request {
         code: i32,
         stdout: GuestRange,
         stderr: GuestRange,
+        /// `EXIT_*_TRUNCATED` bits (unknown bits are dropped).
+        flags: u64,
     },
     Fault {
         vector: u64,
@@ -393,6 +402,7 @@ pub fn decode_request(mb: &Mailbox, mem_size: u64) -> Result<Request, AbiError> 
             code: a[0] as u32 as i32,
             stdout: range("stdout", a[1], a[2], MAX_TRANSFER_LEN)?,
             stderr: range("stderr", a[3], a[4], MAX_TRANSFER_LEN)?,
+            flags: a[5] & (EXIT_STDOUT_TRUNCATED | EXIT_STDERR_TRUNCATED),
         },
         5 => Request::Fault {
             vector: a[0],
@@ -608,10 +618,12 @@ mod tests {
 
     #[test]
     fn offsets_match_layout() {
-        let mut mb = Mailbox::default();
-        mb.op = 0xabc;
-        mb.ret = 0x123;
-        mb.entropy_gen = 5;
+        let mb = Mailbox {
+            op: 0xabc,
+            ret: 0x123,
+            entropy_gen: 5,
+            ..Default::default()
+        };
         let b = mb.to_bytes();
         assert_eq!(b[offsets::OP..offsets::OP + 8], 0xabcu64.to_le_bytes());
         assert_eq!(b[offsets::RET..offsets::RET + 8], 0x123u64.to_le_bytes());
@@ -650,9 +662,15 @@ mod tests {
                 stderr: GuestRange {
                     gpa: 0x2000,
                     len: 5
-                }
+                },
+                flags: 0
             })
         );
+        mb.args[5] = EXIT_STDOUT_TRUNCATED | EXIT_STDERR_TRUNCATED | 0xf0;
+        assert!(matches!(
+            decode_request(&mb, mem),
+            Ok(Request::Exit { flags: 3, .. })
+        ));
         mb.op = 99;
         assert_eq!(decode_request(&mb, mem), Err(AbiError::UnknownOp(99)));
         mb.op = Op::Write as u64;

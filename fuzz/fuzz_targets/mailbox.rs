@@ -66,8 +66,13 @@ fuzz_target!(|data: &[u8]| {
                 code,
                 stdout,
                 stderr,
+                flags,
             } => {
                 assert_eq!(mb.op, 4);
+                assert_eq!(
+                    flags,
+                    a[5] & (vmm_abi::EXIT_STDOUT_TRUNCATED | vmm_abi::EXIT_STDERR_TRUNCATED)
+                );
                 assert_eq!(code as u32, a[0] as u32);
                 assert_eq!((stdout.gpa, stdout.len), (a[1], a[2]));
                 assert_eq!((stderr.gpa, stderr.len), (a[3], a[4]));

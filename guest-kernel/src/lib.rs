@@ -65,6 +65,9 @@ pub struct RunOutput {
     pub exit_code: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Output to stdout / stderr was lost at the output cap (`wasi::OUTPUT_CAP`).
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
 }
 
 /// A run that could not complete. `code` is one of `vmm_abi::ERR_*`. Any buffered

@@ -162,6 +162,15 @@ pub extern "C" fn kernel_main() -> ! {
                     out.stdout.len() as u64,
                     out.stderr.as_ptr() as u64,
                     out.stderr.len() as u64,
+                    (if out.stdout_truncated {
+                        vmm_abi::EXIT_STDOUT_TRUNCATED
+                    } else {
+                        0
+                    }) | (if out.stderr_truncated {
+                        vmm_abi::EXIT_STDERR_TRUNCATED
+                    } else {
+                        0
+                    }),
                 ],
             );
         }

@@ -13,7 +13,17 @@ use wasmi::{Engine, Error, Instance, Linker, Module, Store, TypedFunc};
 /// directory listings).
 pub const QJS_PRELUDE_PATH: &str = ".vmm/prelude.js";
 
+/// Where the function's environment is served for the QuickJS prelude (hidden, like the
+/// prelude): every `KEY=VALUE` entry of the configuration followed by a NUL byte.
+pub const QJS_ENV_PATH: &str = ".vmm/env";
+
 /// Evaluated by QuickJS (`-I`) after `--std` and before the function's script.
+///
+/// The environment: wasi-libc reads `environ` (through `environ_sizes_get`/`environ_get`)
+/// once, in `_initialize`, which runs before the function's configuration exists (that is
+/// where the runtime base is taken), so QuickJS's libc starts with an empty environment.
+/// The prelude reads the function's entries from [`QJS_ENV_PATH`] and `std.setenv`s them,
+/// so that `std.getenv`/`std.getenviron` and the libc see them.
 ///
 /// QuickJS-NG seeds Math.random's xorshift from the clock when the context is created,
 /// which is before the function template is taken, so every restore of a template
@@ -22,6 +32,14 @@ pub const QJS_PRELUDE_PATH: &str = ".vmm/prelude.js";
 /// raw fd (`os.read`), never a stdio `FILE`, whose libc buffer would hold bytes
 /// across a snapshot and replay them after every restore.
 pub const QJS_PRELUDE: &str = r#"(() => {
+  const env = std.loadFile('.vmm/env');
+  if (env === null) throw new Error('cannot read the function environment (.vmm/env)');
+  for (const entry of env.split('\0')) {
+    const eq = entry.indexOf('=');
+    if (eq > 0) std.setenv(entry.slice(0, eq), entry.slice(eq + 1));
+  }
+})();
+(() => {
   const fd = os.open('/dev/urandom', os.O_RDONLY);
   if (fd < 0) throw new Error('cannot open /dev/urandom: ' + std.strerror(-fd));
   const buf = new ArrayBuffer(8);
@@ -220,6 +238,15 @@ pub fn run_compiled<H: Host>(
             let msg = format!("cannot install the QuickJS prelude: {e:?}");
             return Err(fail(&mut store, ERR_CONFIG, msg));
         }
+        let env = qjs_env_file(&config.env);
+        if let Err(e) = store
+            .data_mut()
+            .wasi
+            .add_hidden_file(QJS_ENV_PATH.as_bytes(), &env)
+        {
+            let msg = format!("cannot install the QuickJS environment file: {e:?}");
+            return Err(fail(&mut store, ERR_CONFIG, msg));
+        }
     }
     if let Err(e) = store.data_mut().wasi.configure(&config) {
         return Err(fail(&mut store, ERR_CONFIG, e.to_string()));
@@ -238,11 +265,24 @@ pub fn run_compiled<H: Host>(
         Err(Stop::Trap(t)) => return Err(fail(&mut store, ERR_TRAP, format!("wasm trap: {t}"))),
     };
     let data = store.data_mut();
+    let (stdout_truncated, stderr_truncated) = data.wasi.output_truncated();
     Ok(RunOutput {
         exit_code,
         stdout: data.wasi.take_stdout(),
         stderr: data.wasi.take_stderr(),
+        stdout_truncated,
+        stderr_truncated,
     })
+}
+
+/// The contents of [`QJS_ENV_PATH`]: each entry followed by a NUL byte.
+fn qjs_env_file(env: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(env.iter().map(|e| e.len() + 1).sum());
+    for e in env {
+        out.extend_from_slice(e);
+        out.push(0);
+    }
+    out
 }
 
 /// A WASI command: `_start`; returning normally is exit code 0.

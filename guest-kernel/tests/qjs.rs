@@ -285,3 +285,28 @@ fn entropy_after_the_template_point_changes_later_values() {
         "the new entropy was taken"
     );
 }
+
+/// `--env` reaches JavaScript: wasi-libc reads `environ` during `_initialize` (before the
+/// function's configuration exists: that is where the runtime base is taken), so the
+/// runner must hand the function's environment to QuickJS's libc afterwards.
+#[test]
+fn env_reaches_std_getenv_and_getenviron() {
+    let wasm = workload("qjs-wasi-reactor.wasm");
+    let script: &[u8] = b"print(std.getenv('FOO')); print(std.getenv('EQ')); \
+        print(std.getenv('EMPTY') === '' ? 'empty' : 'missing'); \
+        print(std.getenv('NOPE')); print(JSON.stringify(std.getenviron()));";
+    let mut host = TestHost::new(
+        &["qjs-wasi-reactor.wasm", "env.js"],
+        &["FOO=bar baz", "EQ=a=b", "EMPTY=", "UNI=\u{e9}\u{1f600}"],
+        &[("env.js", script)],
+        b"",
+    );
+    let out = run(&mut host, &wasm, Runtime::Qjs, false)
+        .unwrap_or_else(|e| panic!("run failed: {} ({})", e.message, e.code));
+    assert_eq!(out.exit_code, 0, "stderr: {}", all_stderr(&host, &out));
+    assert_eq!(
+        all_stdout(&host, &out),
+        "bar baz\na=b\nempty\nundefined\n\
+         {\"FOO\":\"bar baz\",\"EQ\":\"a=b\",\"EMPTY\":\"\",\"UNI\":\"\u{e9}\u{1f600}\"}\n"
+    );
+}

@@ -1,14 +1,31 @@
-//! Shared pieces of the command line: function options and how results are printed.
+//! Shared pieces of the command line: function options, how inputs are read (every one
+//! with a bound known before reading), and how results are printed and mapped to the
+//! process exit status.
 
-use crate::run::{FunctionSpec, GuestFile, RunLimits, RunReport, RuntimeKind};
+use crate::run::{FunctionSpec, GuestFile, RunLimits, RunReport, RuntimeKind, MAX_REQUEST_BYTES};
+use crate::vm::{GuestError, RunError};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Exit status when the VMM or the guest failed (not the function's own exit code).
+/// Exit status when the VMM or the guest failed, or the function's output was cut at the
+/// output cap (not the function's own exit code; the reason is on stderr and in `--json`).
 pub const EXIT_FAILURE: i32 = 125;
 /// Exit status when the guest was stopped by the timeout (as timeout(1) does).
 pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when the function's own exit code does not fit in an exit status (outside
+/// 0-255): a failure, never a code that wraps to 0.
+pub const EXIT_CODE_OUT_OF_RANGE: i32 = 1;
+
+/// Shortest and longest `--timeout`, in seconds.
+pub const MIN_TIMEOUT_SECS: f64 = 0.001;
+pub const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// `--help` text on exit statuses, shared by `run` and `restore`.
+pub const EXIT_STATUS_HELP: &str = "Exit status: the function's own exit code (0-255); \
+1 if its code is outside 0-255; 124 if the timeout stopped it; 125 if the VMM or the guest \
+failed, or if the function's output went past the 64 MiB cap and was cut. stderr says \
+which when the function's own code is 124 or 125; --json has the full code and the reason.";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FunctionArgs {
@@ -22,7 +39,8 @@ pub struct FunctionArgs {
     /// A host file to put in the guest's read-only tree, at GUEST (default: its file name).
     #[arg(long = "file", value_name = "HOST[:GUEST]")]
     pub files: Vec<String>,
-    /// An argument for the function (argv[1..]; argv[0] is the module's file name).
+    /// An argument for the function (argv[1..]; argv[0] is the module's file name). Under
+    /// `--runtime qjs` the first one is the script to run (required).
     #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     pub args: Vec<String>,
     /// An environment variable for the function.
@@ -32,16 +50,24 @@ pub struct FunctionArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct InvokeArgs {
-    /// Read the request from PATH instead of standard input.
+    /// Read the request from PATH instead of standard input (at most 64 MiB).
     #[arg(long, value_name = "PATH")]
     pub input: Option<PathBuf>,
-    /// Stop the guest after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    /// Stop the guest after this many seconds (0.001 to 86400).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30.0,
+        allow_hyphen_values = true
+    )]
     pub timeout: f64,
     /// Print a timing breakdown to stderr after the response.
     #[arg(long)]
     pub stats: bool,
-    /// Print the result (exit code, stdout, stderr, timings) as one JSON object on stdout.
+    /// Print the result as one JSON object on stdout: "status" (the process exit status),
+    /// "reason" (exit, output_truncated, timeout, guest_error, vmm_error), "exit_code" (the
+    /// function's own full code, or null), "error", "stdout", "stderr",
+    /// "stdout_truncated", "stderr_truncated" and "stats".
     #[arg(long)]
     pub json: bool,
 }
@@ -60,16 +86,72 @@ pub enum CliError {
     BadGuestPath(String),
     #[error("--env {0}: expected KEY=VALUE")]
     BadEnv(String),
-    #[error("--timeout {0}: must be a positive number of seconds")]
+    #[error("--timeout {0:?}: must be a number of seconds from {MIN_TIMEOUT_SECS} to {MAX_TIMEOUT_SECS}")]
     BadTimeout(f64),
+    #[error(transparent)]
+    Setup(#[from] crate::run::SetupError),
+    #[error("--module {path}: larger than the guest's {mem_mib} MiB of RAM, which must hold it (raise --mem)")]
+    ModuleTooLarge { path: PathBuf, mem_mib: u64 },
+    #[error("--file {path}: the module and files together are larger than the guest's {mem_mib} MiB of RAM, which must hold them (raise --mem)")]
+    FilesTooLarge { path: PathBuf, mem_mib: u64 },
+    #[error("{what}: the request is larger than the limit of {} MiB", limit >> 20)]
+    RequestTooLarge { what: String, limit: u64 },
+    #[error("--runtime qjs needs the script to run as the first --arg (for example --file hello.js --arg hello.js)")]
+    QjsWithoutScript,
 }
 
+/// What [`read_bounded`] found.
+enum Bounded {
+    Read(Vec<u8>),
+    /// More than the limit (nothing beyond limit + 1 bytes was read).
+    TooLarge,
+}
+
+/// Read all of `path` if it holds at most `limit` bytes. A regular file's size is checked
+/// before reading; anything else (a pipe, a FIFO, a device such as /dev/zero) is read
+/// through a `take(limit + 1)`, so host memory stays bounded by the limit whatever it is.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Bounded> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > limit {
+        return Ok(Bounded::TooLarge);
+    }
+    let hint = if meta.is_file() { meta.len() } else { 0 };
+    read_stream_bounded(file, limit, hint)
+}
+
+/// [`read_bounded`] for an open stream; `hint` is its expected size (0 if unknown).
+fn read_stream_bounded(r: impl Read, limit: u64, hint: u64) -> std::io::Result<Bounded> {
+    let mut buf = Vec::with_capacity(usize::try_from(hint.min(limit)).unwrap_or(0));
+    r.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
+    Ok(if buf.len() as u64 > limit {
+        Bounded::TooLarge
+    } else {
+        Bounded::Read(buf)
+    })
+}
+
+/// Read a module (binary, or `.wat` text) of at most the largest guest RAM.
 pub fn read_module(path: &Path) -> Result<Vec<u8>, CliError> {
-    let bytes = std::fs::read(path).map_err(|source| CliError::Read {
+    read_module_within(path, vmm_abi::layout::MAX_MEM_MIB)
+}
+
+/// Read a module that must fit in `mem_mib` MiB of guest RAM.
+pub fn read_module_within(path: &Path, mem_mib: u64) -> Result<Vec<u8>, CliError> {
+    let read_err = |source| CliError::Read {
         what: "module",
         path: path.into(),
         source,
-    })?;
+    };
+    let bytes = match read_bounded(path, mem_mib << 20).map_err(read_err)? {
+        Bounded::Read(b) => b,
+        Bounded::TooLarge => {
+            return Err(CliError::ModuleTooLarge {
+                path: path.into(),
+                mem_mib,
+            })
+        }
+    };
     let is_text = path.extension().is_some_and(|e| e == "wat")
         || bytes.trim_ascii_start().starts_with(b"(module");
     if is_text {
@@ -83,9 +165,52 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, CliError> {
     Ok(bytes)
 }
 
+/// A `--timeout` in seconds as a duration: a finite number from [`MIN_TIMEOUT_SECS`] to
+/// [`MAX_TIMEOUT_SECS`] (used by `run`, `restore` and `template create`).
+pub fn timeout(secs: f64) -> Result<Duration, CliError> {
+    if !(MIN_TIMEOUT_SECS..=MAX_TIMEOUT_SECS).contains(&secs) {
+        return Err(CliError::BadTimeout(secs));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| CliError::BadTimeout(secs))
+}
+
+/// Read a request (`--input PATH`, `--trial-input PATH`, or standard input when `path` is
+/// `None`) of at most [`MAX_REQUEST_BYTES`]; `flag` names the option in errors.
+pub fn read_request(flag: &str, path: Option<&Path>) -> Result<Vec<u8>, CliError> {
+    let limit = MAX_REQUEST_BYTES as u64;
+    let (what, read) = match path {
+        Some(p) => (format!("{flag} {}", p.display()), read_bounded(p, limit)),
+        None => (
+            "standard input".to_string(),
+            read_stream_bounded(std::io::stdin().lock(), limit, 0),
+        ),
+    };
+    match read {
+        Ok(Bounded::Read(b)) => Ok(b),
+        Ok(Bounded::TooLarge) => Err(CliError::RequestTooLarge { what, limit }),
+        Err(source) => Err(CliError::Read {
+            what: "request",
+            path: path.map_or_else(|| "<stdin>".into(), Path::to_path_buf),
+            source,
+        }),
+    }
+}
+
 impl FunctionArgs {
-    pub fn to_spec(&self) -> Result<FunctionSpec, CliError> {
-        let module = read_module(&self.module)?;
+    /// The function, with the module and files read within `mem_mib` MiB of guest RAM
+    /// (together: the guest must hold them all).
+    pub fn to_spec(&self, mem_mib: u64) -> Result<FunctionSpec, CliError> {
+        let mem_size = crate::run::check_mem(mem_mib)?;
+        if self.runtime == RuntimeKind::Qjs && self.args.is_empty() {
+            return Err(CliError::QjsWithoutScript);
+        }
+        for e in &self.env {
+            if !e.contains('=') || e.starts_with('=') {
+                return Err(CliError::BadEnv(e.clone()));
+            }
+        }
+        let module = read_module_within(&self.module, mem_mib)?;
+        let mut budget = mem_size.saturating_sub(module.len() as u64);
         let mut files = Vec::new();
         for f in &self.files {
             // HOST[:GUEST]; a HOST that exists as given wins over splitting at ':'.
@@ -103,20 +228,25 @@ impl FunctionArgs {
             if !vmm_abi::valid_guest_path(guest.as_bytes()) {
                 return Err(CliError::BadGuestPath(f.clone()));
             }
-            let data = std::fs::read(&host).map_err(|source| CliError::Read {
+            let read = read_bounded(Path::new(&host), budget).map_err(|source| CliError::Read {
                 what: "file",
-                path: host.into(),
+                path: host.clone().into(),
                 source,
             })?;
+            let data = match read {
+                Bounded::Read(d) => d,
+                Bounded::TooLarge => {
+                    return Err(CliError::FilesTooLarge {
+                        path: host.into(),
+                        mem_mib,
+                    })
+                }
+            };
+            budget -= data.len() as u64;
             files.push(GuestFile {
                 guest_path: guest,
                 data,
             });
-        }
-        for e in &self.env {
-            if !e.contains('=') || e.starts_with('=') {
-                return Err(CliError::BadEnv(e.clone()));
-            }
         }
         let module_name = self
             .module
@@ -135,77 +265,181 @@ impl FunctionArgs {
 }
 
 impl InvokeArgs {
+    /// The request: `--input PATH` or standard input, at most [`MAX_REQUEST_BYTES`].
     pub fn read_input(&self) -> Result<Vec<u8>, CliError> {
-        let mut buf = Vec::new();
-        match &self.input {
-            Some(p) => {
-                buf = std::fs::read(p).map_err(|source| CliError::Read {
-                    what: "input",
-                    path: p.clone(),
-                    source,
-                })?
-            }
-            None => {
-                std::io::stdin()
-                    .read_to_end(&mut buf)
-                    .map_err(|source| CliError::Read {
-                        what: "input",
-                        path: "<stdin>".into(),
-                        source,
-                    })?;
-            }
-        }
-        Ok(buf)
+        read_request("--input", self.input.as_deref())
     }
 
     pub fn limits(&self, mem_mib: u64) -> Result<RunLimits, CliError> {
-        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
-            return Err(CliError::BadTimeout(self.timeout));
-        }
         Ok(RunLimits {
-            timeout: Duration::from_secs_f64(self.timeout),
+            timeout: timeout(self.timeout)?,
             mem_mib,
             ..RunLimits::default()
         })
     }
 }
 
+/// Why an invocation ended (`"reason"` in `--json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The function exited with its own code and its output is complete.
+    Exit,
+    /// The function exited, but output went past the cap and was cut.
+    OutputTruncated,
+    /// The timeout stopped the guest.
+    Timeout,
+    /// The guest could not run the function (invalid module, trap, CPU exception, guest
+    /// kernel panic, guest out of memory, malformed hostcall...).
+    GuestError,
+    /// The VMM failed (KVM, host memory, the template store, an input it could not read).
+    VmmError,
+}
+
+/// How an invocation maps to the process: its exit status, the reason, and what to say.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: i32,
+    pub reason: Reason,
+    /// The function's own exit code, in full (not truncated to 8 bits).
+    pub exit_code: Option<i32>,
+    /// Why there is no (complete) response.
+    pub error: Option<String>,
+    /// Said on stderr when the status is ambiguous on its own.
+    pub note: Option<String>,
+}
+
+/// The process exit status for a function's own exit `code`, and a note when that status
+/// alone would mislead (a code that is also the VMM's own status, or one that does not fit).
+pub fn exit_status(code: i32) -> (i32, Option<String>) {
+    match code {
+        EXIT_TIMEOUT => (
+            code,
+            Some(format!(
+                "the function itself exited with code {code} (it was not stopped by the timeout)"
+            )),
+        ),
+        EXIT_FAILURE => (
+            code,
+            Some(format!(
+                "the function itself exited with code {code} (the VMM did not fail)"
+            )),
+        ),
+        0..=255 => (code, None),
+        _ => (
+            EXIT_CODE_OUT_OF_RANGE,
+            Some(format!(
+                "the function exited with code {code}, which does not fit in an exit status (0-255); exiting with {EXIT_CODE_OUT_OF_RANGE}"
+            )),
+        ),
+    }
+}
+
+/// Classify a finished invocation.
+pub fn outcome(report: &RunReport) -> Outcome {
+    match &report.result {
+        Ok(code) if report.truncated.any() => {
+            let which = match (report.truncated.stdout, report.truncated.stderr) {
+                (true, true) => "stdout and stderr",
+                (true, false) => "stdout",
+                _ => "stderr",
+            };
+            Outcome {
+                status: EXIT_FAILURE,
+                reason: Reason::OutputTruncated,
+                exit_code: Some(*code),
+                error: Some(format!(
+                    "the function wrote more than the {} MiB output cap; its {which} was cut there (the function exited with code {code})",
+                    vmm_abi::MAX_TRANSFER_LEN >> 20
+                )),
+                note: None,
+            }
+        }
+        Ok(code) => {
+            let (status, note) = exit_status(*code);
+            Outcome {
+                status,
+                reason: Reason::Exit,
+                exit_code: Some(*code),
+                error: None,
+                note,
+            }
+        }
+        Err(e) => {
+            let (status, reason) = match e {
+                RunError::Guest(GuestError::Timeout(_)) => (EXIT_TIMEOUT, Reason::Timeout),
+                RunError::Guest(_) => (EXIT_FAILURE, Reason::GuestError),
+                RunError::Vm(_) => (EXIT_FAILURE, Reason::VmmError),
+            };
+            Outcome {
+                status,
+                reason,
+                exit_code: None,
+                error: Some(e.to_string()),
+                note: None,
+            }
+        }
+    }
+}
+
+/// Report a failure before any function ran (unreadable input, store, bad option) the way
+/// the user asked, and return the exit status: with `--json`, one JSON object on stdout.
+pub fn fail_before_run(msg: &str, json: bool) -> i32 {
+    if json {
+        let v = serde_json::json!({
+            "status": EXIT_FAILURE,
+            "reason": Reason::VmmError,
+            "exit_code": null,
+            "error": msg,
+            "stdout": "",
+            "stderr": "",
+            "stdout_truncated": false,
+            "stderr_truncated": false,
+        });
+        println!("{v}");
+    } else {
+        eprintln!("vmm: error: {msg}");
+    }
+    EXIT_FAILURE
+}
+
 /// Print a report the way the user asked and return the process exit status.
 pub fn finish(report: &RunReport, args: &InvokeArgs) -> i32 {
-    let (code, error) = match &report.result {
-        Ok(code) => (*code, None),
-        Err(e) => {
-            let timeout = matches!(
-                e,
-                crate::vm::RunError::Guest(crate::vm::GuestError::Timeout(_))
-            );
-            (
-                if timeout { EXIT_TIMEOUT } else { EXIT_FAILURE },
-                Some(e.to_string()),
-            )
-        }
-    };
+    let o = outcome(report);
     if args.json {
         let v = serde_json::json!({
-            "exit_code": code,
-            "error": error,
+            "status": o.status,
+            "reason": o.reason,
+            "exit_code": o.exit_code,
+            "error": o.error,
             "stdout": String::from_utf8_lossy(&report.stdout),
             "stderr": String::from_utf8_lossy(&report.stderr),
+            "stdout_truncated": report.truncated.stdout,
+            "stderr_truncated": report.truncated.stderr,
             "stats": report.stats,
         });
         println!("{v}");
-        return code;
+        return o.status;
     }
     let _ = std::io::stdout().write_all(&report.stdout);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().write_all(&report.stderr);
-    if let Some(e) = &error {
+    if (o.error.is_some() || o.note.is_some())
+        && !report.stderr.is_empty()
+        && !report.stderr.ends_with(b"\n")
+    {
+        eprintln!(); // the VMM's own lines start on a line of their own
+    }
+    if let Some(e) = &o.error {
         eprintln!("vmm: error: {e}");
+    }
+    if let Some(n) = &o.note {
+        eprintln!("vmm: {n}");
     }
     if args.stats {
         print_stats(&report.stats);
     }
-    code
+    o.status
 }
 
 pub fn print_stats(s: &crate::run::Stats) {

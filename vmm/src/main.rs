@@ -24,12 +24,14 @@ enum Command {
     /// Boot the guest cold and run one function: request on stdin, response on stdout.
     ///
     /// Example: vmm run --module qjs-wasi-reactor.wasm --runtime qjs --file hello.js --arg hello.js < req.json
+    #[command(after_help = cli::EXIT_STATUS_HELP)]
     Run {
         #[command(flatten)]
         function: FunctionArgs,
         #[command(flatten)]
         invoke: InvokeArgs,
-        /// Guest RAM in MiB (sparse: untouched memory costs nothing).
+        /// Guest RAM in MiB (sparse: untouched memory costs nothing). The module and the
+        /// --file contents together must fit in it.
         #[arg(long, value_name = "MIB", default_value_t = vmm_abi::layout::DEFAULT_MEM_MIB)]
         mem: u64,
     },
@@ -43,6 +45,7 @@ enum Command {
     /// response on stdout.
     ///
     /// Example: echo '{"name":"x"}' | vmm restore hello
+    #[command(after_help = cli::EXIT_STATUS_HELP)]
     Restore {
         /// The function template (see `vmm template ls`).
         name: String,
@@ -105,14 +108,19 @@ enum TemplateCommand {
         #[command(flatten)]
         store: StoreArg,
         /// The request of the trial invocation that records the template's working set
-        /// (default: an empty request).
+        /// (default: an empty request; at most 64 MiB).
         #[arg(long, value_name = "PATH")]
         trial_input: Option<PathBuf>,
         /// Guest RAM in MiB.
         #[arg(long, value_name = "MIB", default_value_t = vmm_abi::layout::DEFAULT_MEM_MIB)]
         mem: u64,
-        /// Stop the guest after this many seconds.
-        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        /// Stop the guest after this many seconds (0.001 to 86400).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 60.0,
+            allow_hyphen_values = true
+        )]
         timeout: f64,
         /// Print what was created as JSON.
         #[arg(long)]
@@ -153,9 +161,12 @@ fn main() {
             invoke,
             mem,
         } => {
-            let prepared = function
-                .to_spec()
-                .and_then(|spec| Ok((spec, invoke.read_input()?, invoke.limits(mem)?)));
+            // Options first, then the module and files, then the request: every input is
+            // read with a bound (guest RAM, the request limit) known before reading it.
+            let prepared = invoke.limits(mem).and_then(|limits| {
+                let spec = function.to_spec(mem)?;
+                Ok((spec, invoke.read_input()?, limits))
+            });
             match prepared {
                 Ok((spec, input, limits)) => {
                     let (mut report, finished) = vmm::run::run_cold_keep(&spec, &input, &limits);
@@ -164,10 +175,7 @@ fn main() {
                     drop(finished); // tear the VM down after the response is out
                     code
                 }
-                Err(e) => {
-                    eprintln!("vmm: error: {e}");
-                    cli::EXIT_FAILURE
-                }
+                Err(e) => cli::fail_before_run(&e.to_string(), invoke.json),
             }
         }
         Command::Template(cmd) => template(cmd),
@@ -211,16 +219,16 @@ fn open_store(arg: &StoreArg, create: bool) -> Result<Store, String> {
 
 fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStrategy) -> i32 {
     let prepared = (|| {
-        let store = open_store(store, false)?;
-        let input = invoke.read_input().map_err(|e| e.to_string())?;
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
+        let store = open_store(store, false)?;
+        let input = invoke.read_input().map_err(|e| e.to_string())?;
         Ok::<_, String>((store, input, limits))
     })();
     let (mut store, input, limits) = match prepared {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return cli::fail_before_run(&e, invoke.json),
     };
     match snapshot::restore_and_run(&mut store, name, memory, &input, &limits) {
         Ok((mut report, _, finished)) => {
@@ -229,7 +237,7 @@ fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStra
             drop(finished); // tear the VM down after the response is out
             code
         }
-        Err(e) => fail(format!("restore {name}: {e}")),
+        Err(e) => cli::fail_before_run(&format!("restore {name}: {e}"), invoke.json),
     }
 }
 
@@ -246,21 +254,17 @@ fn template(cmd: TemplateCommand) -> i32 {
             json,
         } => {
             let prepared = (|| {
-                let spec = function.to_spec().map_err(|e| e.to_string())?;
-                let trial = match &trial_input {
-                    Some(p) => std::fs::read(p)
-                        .map_err(|e| format!("read --trial-input {}: {e}", p.display()))?,
-                    None => Vec::new(),
-                };
-                if !(timeout > 0.0 && timeout.is_finite()) {
-                    return Err(format!(
-                        "--timeout {timeout}: must be a positive number of seconds"
-                    ));
-                }
                 let limits = vmm::run::RunLimits {
-                    timeout: std::time::Duration::from_secs_f64(timeout),
+                    timeout: cli::timeout(timeout).map_err(|e| e.to_string())?,
                     mem_mib: mem,
                     ..Default::default()
+                };
+                let spec = function.to_spec(mem).map_err(|e| e.to_string())?;
+                let trial = match &trial_input {
+                    Some(p) => {
+                        cli::read_request("--trial-input", Some(p)).map_err(|e| e.to_string())?
+                    }
+                    None => Vec::new(),
                 };
                 Ok::<_, String>((spec, trial, limits, open_store(&store, true)?))
             })();

@@ -69,6 +69,11 @@ impl FunctionSpec {
     }
 }
 
+/// The largest request (`--input`, standard input, `--trial-input`) the VMM reads: the
+/// same as the output cap. The guest takes stdin in chunks of its own buffer size, so
+/// this is a host policy that keeps host memory bounded, not a guest limit.
+pub const MAX_REQUEST_BYTES: usize = vmm_abi::MAX_TRANSFER_LEN as usize;
+
 #[derive(Clone, Debug)]
 pub struct RunLimits {
     pub timeout: Duration,
@@ -118,6 +123,8 @@ pub struct RunReport {
     pub result: Result<i32, RunError>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Output that was lost at the output cap.
+    pub truncated: crate::vm::Truncated,
     pub stats: Stats,
 }
 
@@ -129,11 +136,28 @@ pub enum SetupError {
     ModuleTooLarge { module: usize, mem_mib: u64 },
 }
 
-/// The guest kernel image built by `vmm/build.rs` (or `$VMM_GUEST_KERNEL` if set).
+/// Largest guest kernel image read from `$VMM_GUEST_KERNEL` (the built one is ~2 MB).
+pub const MAX_KERNEL_IMAGE_BYTES: u64 = 64 << 20;
+
+/// The guest kernel image built by `vmm/build.rs` (or `$VMM_GUEST_KERNEL` if set, read up
+/// to [`MAX_KERNEL_IMAGE_BYTES`]).
 pub fn guest_kernel_image() -> std::io::Result<std::borrow::Cow<'static, [u8]>> {
+    use std::io::Read;
     static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-kernel.elf"));
     match std::env::var_os("VMM_GUEST_KERNEL") {
-        Some(p) => std::fs::read(p).map(Into::into),
+        Some(p) => {
+            let mut image = Vec::new();
+            std::fs::File::open(p)?
+                .take(MAX_KERNEL_IMAGE_BYTES + 1)
+                .read_to_end(&mut image)?;
+            if image.len() as u64 > MAX_KERNEL_IMAGE_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("larger than {} MiB", MAX_KERNEL_IMAGE_BYTES >> 20),
+                ));
+            }
+            Ok(image.into())
+        }
         None => Ok(IMAGE.into()),
     }
 }
@@ -159,14 +183,20 @@ pub fn apply_guest_stats(stats: &mut Stats, g: &GuestStats, tsc_khz: u64) {
     stats.hostcalls = g.hostcalls;
 }
 
+/// Guest RAM of `mem_mib` MiB in bytes, if that is a size the guest can have.
+pub fn check_mem(mem_mib: u64) -> Result<u64, SetupError> {
+    if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) || !mem_mib.is_multiple_of(2)
+    {
+        return Err(SetupError::BadMemSize(mem_mib));
+    }
+    Ok(mem_mib << 20)
+}
+
 /// Create a VM with the kernel and `module` loaded, ready for its first KVM_RUN.
 pub fn boot_vm(module: &[u8], runtime: RuntimeKind, limits: &RunLimits) -> Result<Vm, RunError> {
     let mem_mib = limits.mem_mib;
-    if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) || !mem_mib.is_multiple_of(2)
-    {
-        return Err(GuestError::Runtime(SetupError::BadMemSize(mem_mib).to_string()).into());
-    }
-    let mem_size = mem_mib << 20;
+    let mem_size =
+        check_mem(mem_mib).map_err(|e| RunError::from(GuestError::Runtime(e.to_string())))?;
     let module_gpa = (mem_size - module.len() as u64) & !(layout::PAGE_SIZE - 1);
     if module.len() as u64 >= mem_size || module_gpa < layout::HEAP_START + (16 << 20) {
         return Err(GuestError::Runtime(
@@ -313,6 +343,7 @@ pub fn run_cold_keep(
                 result: Err(e),
                 stdout: vec![],
                 stderr: vec![],
+                truncated: Default::default(),
                 stats,
             };
             return (report, crate::vm::Finished(None));
@@ -331,6 +362,7 @@ pub fn run_cold_keep(
         result,
         stdout: out.stdout,
         stderr: out.stderr,
+        truncated: out.truncated,
         stats,
     };
     (report, crate::vm::Finished(Some(vm)))

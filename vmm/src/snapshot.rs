@@ -617,6 +617,7 @@ fn run_restored(
         result,
         stdout: out.stdout,
         stderr: out.stderr,
+        truncated: out.truncated,
         stats,
     })
 }

@@ -91,12 +91,34 @@ pub enum Hostcall {
     Exit { code: i32 },
 }
 
+/// Which of the guest's outputs lost bytes at an output cap: the guest's own (reported in
+/// its exit hostcall) or the VMM's (a guest that writes past it is stopped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Truncated {
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+impl Truncated {
+    pub fn any(self) -> bool {
+        self.stdout || self.stderr
+    }
+    fn set(&mut self, fd: u32) {
+        if fd == 1 {
+            self.stdout = true;
+        } else {
+            self.stderr = true;
+        }
+    }
+}
+
 /// What the guest has written to stdout/stderr so far, with a cap on the total.
 #[derive(Debug, Default)]
 pub struct Output {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub limit: usize,
+    pub truncated: Truncated,
 }
 
 impl Output {
@@ -108,6 +130,7 @@ impl Output {
     }
     fn append(&mut self, fd: u32, mem: &GuestMemory, r: GuestRange) -> Result<(), RunError> {
         if self.stdout.len() + self.stderr.len() + r.len as usize > self.limit {
+            self.truncated.set(fd);
             return Err(GuestError::OutputLimit(self.limit).into());
         }
         let data = mem.slice(r.gpa, r.len)?;
@@ -306,9 +329,16 @@ impl Vm {
                     code,
                     stdout,
                     stderr,
+                    flags,
                 } => {
                     out.append(1, &self.mem, stdout)?;
                     out.append(2, &self.mem, stderr)?;
+                    if flags & vmm_abi::EXIT_STDOUT_TRUNCATED != 0 {
+                        out.truncated.set(1);
+                    }
+                    if flags & vmm_abi::EXIT_STDERR_TRUNCATED != 0 {
+                        out.truncated.set(2);
+                    }
                     return Ok(Hostcall::Exit { code });
                 }
                 Request::Fault {

@@ -26,6 +26,12 @@ fn install_handler() {
     });
 }
 
+/// When a watchdog armed at `now` for `timeout` fires: never, if that instant cannot be
+/// represented (a timeout of centuries), instead of panicking on the overflow.
+fn deadline(now: Instant, timeout: Duration) -> Option<Instant> {
+    now.checked_add(timeout)
+}
+
 struct RunPtr(*mut kvm_run);
 // SAFETY: the pointer is only used for one volatile byte write to `immediate_exit`, which
 // KVM reads at the next KVM_RUN; the mapping outlives the watchdog (stopped in Drop first).
@@ -48,11 +54,15 @@ impl Watchdog {
         let (d, f) = (done.clone(), fired.clone());
         let thread = std::thread::spawn(move || {
             let run = run;
-            let deadline = Instant::now() + timeout;
+            let deadline = deadline(Instant::now(), timeout);
             let (lock, cv) = &*d;
             let mut finished = lock.lock().unwrap_or_else(|e| e.into_inner());
             while !*finished {
                 let now = Instant::now();
+                let Some(deadline) = deadline else {
+                    finished = cv.wait(finished).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                };
                 if now >= deadline {
                     f.store(true, Ordering::SeqCst);
                     // SAFETY: see RunPtr; a single byte write to a field KVM polls.
@@ -90,5 +100,21 @@ impl Drop for Watchdog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_beyond_what_an_instant_holds_is_never() {
+        let now = Instant::now();
+        assert_eq!(deadline(now, Duration::MAX), None);
+        assert_eq!(deadline(now, Duration::from_secs_f64(1.8e19)), None);
+        assert_eq!(
+            deadline(now, Duration::from_secs(1)),
+            Some(now + Duration::from_secs(1))
+        );
     }
 }

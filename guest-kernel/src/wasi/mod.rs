@@ -311,6 +311,9 @@ pub struct WasiCtx {
     stderr: Vec<u8>,
     /// stdout + stderr bytes accepted so far (flushed or not).
     output_total: u64,
+    /// Whether a write to stdout / stderr was cut or refused at [`OUTPUT_CAP`].
+    stdout_truncated: bool,
+    stderr_truncated: bool,
     rng: Rng,
 }
 
@@ -345,6 +348,8 @@ impl WasiCtx {
             stdout: Vec::new(),
             stderr: Vec::new(),
             output_total: 0,
+            stdout_truncated: false,
+            stderr_truncated: false,
             // Deterministic until the host supplies entropy (random_get asks first).
             rng: Rng::new(*b"vmm-guest-kernel wasi rng seed!!"),
         }
@@ -395,6 +400,12 @@ impl WasiCtx {
 
     pub fn take_stderr(&mut self) -> Vec<u8> {
         core::mem::take(&mut self.stderr)
+    }
+
+    /// Whether output to stdout / stderr was lost at [`OUTPUT_CAP`] (a write was cut short
+    /// or refused with `EFBIG`).
+    pub fn output_truncated(&self) -> (bool, bool) {
+        (self.stdout_truncated, self.stderr_truncated)
     }
 
     /// Hand all buffered output to the host (used before reporting an error).
@@ -733,6 +744,13 @@ impl WasiCtx {
         };
         let total = validate_iovs(mem, iovs, iovs_len)?;
         let room = OUTPUT_CAP.saturating_sub(self.output_total);
+        if total > room {
+            if out_fd == 1 {
+                self.stdout_truncated = true;
+            } else {
+                self.stderr_truncated = true;
+            }
+        }
         if total > 0 && room == 0 {
             return Err(errno::FBIG);
         }

@@ -397,16 +397,32 @@ fn stdout_buffered_and_flushed_at_threshold() {
 fn output_cap_gives_efbig() {
     let mut w = ctx();
     let mut h = H::default();
-    w.output_total = OUTPUT_CAP - 3;
+    w.output_total = OUTPUT_CAP - 13;
     let mut m = vec![0u8; 256];
     m[0..4].copy_from_slice(&64u32.to_le_bytes());
     m[4..8].copy_from_slice(&10u32.to_le_bytes());
     w.fd_write(&mut h, &mut m, 1, 0, 1, 8).unwrap();
+    assert_eq!(u32_at(&m, 8), 10, "a write that fits");
+    assert_eq!(w.output_truncated(), (false, false), "nothing lost yet");
+    w.fd_write(&mut h, &mut m, 1, 0, 1, 8).unwrap();
     assert_eq!(u32_at(&m, 8), 3, "partial write up to the cap");
+    assert_eq!(w.output_truncated(), (true, false), "the cut is recorded");
     assert_eq!(w.fd_write(&mut h, &mut m, 1, 0, 1, 8), Err(errno::FBIG));
     // zero-length writes still succeed
     m[4..8].copy_from_slice(&0u32.to_le_bytes());
-    w.fd_write(&mut h, &mut m, 1, 0, 1, 8).unwrap();
+    w.fd_write(&mut h, &mut m, 2, 0, 1, 8).unwrap();
+    assert_eq!(
+        w.output_truncated(),
+        (true, false),
+        "an empty write loses nothing"
+    );
+    m[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert_eq!(w.fd_write(&mut h, &mut m, 2, 0, 1, 8), Err(errno::FBIG));
+    assert_eq!(
+        w.output_truncated(),
+        (true, true),
+        "a refused stderr write too"
+    );
 }
 
 #[test]
