@@ -207,6 +207,8 @@ pub struct Response {
     pub result: Result<i32, Error>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Whether the guest's output went past the output cap and was cut.
+    pub truncated: crate::vm::Truncated,
     pub timings: InvokeTimings,
 }
 
@@ -309,6 +311,7 @@ impl Instance {
             result: Err(e),
             stdout: vec![],
             stderr: vec![],
+            truncated: Default::default(),
             timings: InvokeTimings::default(),
         };
         if self.status != Status::Ready {
@@ -345,6 +348,7 @@ impl Instance {
             result,
             stdout: out.stdout,
             stderr: out.stderr,
+            truncated: out.truncated,
             timings,
         }
     }

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Stop a function's guest after this many seconds (504).
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, allow_negative_numbers = true)]
     pub timeout: f64,
     /// Largest request body in bytes (413 above it).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
@@ -161,6 +161,7 @@ enum JobResult {
         exit: Result<i32, (ErrorKind, String)>,
         stdout: Vec<u8>,
         stderr: Vec<u8>,
+        truncated: vmm::vm::Truncated,
         timings: Timings,
         queue_ms: f64,
     },
@@ -182,10 +183,13 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    if !(args.timeout > 0.0 && args.timeout <= 86_400.0) {
-        eprintln!("vmm: error: --timeout {}: must be a number of seconds in (0, 86400]", args.timeout);
-        return 2;
-    }
+    let timeout = match vmm::cli::timeout(args.timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return 2;
+        }
+    };
     if !store_dir.join("store.cfg").exists() {
         eprintln!(
             "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
@@ -212,7 +216,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         pools.set_reset_observer(move |_, s| m.reset.observe(s.reset_ms / 1e3));
     }
     let limits = RunLimits {
-        timeout: Duration::from_secs_f64(args.timeout),
+        timeout,
         test_hostcalls: false,
         eager_compile: false,
         ..RunLimits::default()
@@ -317,6 +321,7 @@ fn worker(
                     exit,
                     stdout: resp.stdout,
                     stderr: resp.stderr,
+                    truncated: resp.truncated,
                     timings,
                     queue_ms,
                 });
@@ -598,10 +603,13 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
             exit,
             stdout,
             stderr,
+            truncated,
             timings,
             queue_ms,
         } => {
             let (status, code, error) = match &exit {
+                // Output cut at the cap is not a success, whatever the exit code.
+                Ok(c) if truncated.any() => (StatusCode::INTERNAL_SERVER_ERROR, Some(*c), None),
                 Ok(0) => (StatusCode::OK, Some(0), None),
                 Ok(c) => (StatusCode::INTERNAL_SERVER_ERROR, Some(*c), None),
                 Err((kind, msg)) => (error_status(*kind), None, Some((*kind, msg.clone()))),
@@ -625,6 +633,8 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
                         "stdout": String::from_utf8_lossy(&stdout),
                         "stderr": String::from_utf8_lossy(&stderr),
                         "exit_code": code,
+                        "stdout_truncated": truncated.stdout,
+                        "stderr_truncated": truncated.stderr,
                         "error": error.as_ref().map(|e| &e.1),
                         "error_kind": error.as_ref().map(|e| e.0),
                         "timings": {
@@ -658,6 +668,9 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
                         h.insert("x-vmm-error", s);
                     }
                 }
+            }
+            if truncated.any() {
+                h.insert("x-vmm-output-truncated", "true".parse().expect("static header"));
             }
             if let Ok(v) = format!("{:.3}", timings.invoke.run_ms).parse() {
                 h.insert("x-vmm-run-ms", v);
