@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: fetch the pinned workloads, build the VMM (which builds the guest kernel),
-# then serve the JavaScript example functions: the first time cold (`vmm run`) while their
-# templates are created in the default store, then from the templates (`vmm restore`),
-# printing the response and a timing breakdown of each.
+# make sure the example functions have templates in the default store (the first time: a
+# cold `vmm run` of each, then `vmm template create`), restore each once from the CLI, then
+# start `vmm serve` on that store, invoke every example over HTTP with curl (a real client),
+# print each response with the client's and the server's timings, and stop the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/fetch-workloads.sh
@@ -12,7 +13,7 @@ qjs=workloads/qjs-wasi-reactor.wasm
 store="${VMM_STORE:-${XDG_DATA_HOME:-$HOME/.local/share}/vmm/store}"
 echo "store: $store"
 
-serve() { # name request -- function args...
+ensure() { # name request -- function args...
   local name=$1 request=$2
   shift 3
   if ! $vmm template ls --store "$store" 2>/dev/null | grep -q "^$name "; then
@@ -25,7 +26,45 @@ serve() { # name request -- function args...
   printf '%s' "$request" | $vmm restore "$name" --store "$store" --stats
 }
 
-serve hello '{"name":"world"}' -- \
+ensure hello '{"name":"world"}' -- \
   --module $qjs --runtime qjs --file examples/hello.js --arg hello.js
-serve markdown $'# Title\n\nSome *markdown*, rendered by [marked](https://marked.js.org).\n' -- \
+ensure markdown $'# Title\n\nSome *markdown*, rendered by [marked](https://marked.js.org).\n' -- \
   --module $qjs --runtime qjs --file examples/markdown.js --file workloads/marked.esm.js --arg markdown.js
+ensure upper $'text for a WASI command module\n' -- --module examples/upper.wat --arg one --arg two
+
+command -v curl >/dev/null || { echo "demo: curl is needed for the HTTP part (apt-get install curl)" >&2; exit 1; }
+echo "== vmm serve: pools of ready instances, each reset to its template after every request =="
+log="$(mktemp)"
+$vmm serve --store "$store" --listen 127.0.0.1:0 2>"$log" &
+daemon=$!
+trap 'kill $daemon 2>/dev/null || true; rm -f "$log"' EXIT
+addr=""
+for _ in $(seq 1 300); do
+  addr="$(sed -n 's/^vmm serve: listening on //p' "$log")"
+  [ -n "$addr" ] && break
+  kill -0 $daemon 2>/dev/null || { cat "$log" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$addr" ] || { echo "demo: vmm serve did not start" >&2; cat "$log" >&2; exit 1; }
+echo "listening on $addr"
+
+invoke() { # name request
+  local name=$1 request=$2 i
+  echo "-- POST /v1/functions/$name/invoke"
+  printf '%s' "$request" | curl -sS --data-binary @- "http://$addr/v1/functions/$name/invoke"
+  for i in 1 2 3 4 5; do
+    printf '%s' "$request" | curl -sS -o /dev/null --data-binary @- \
+      -w "   client: %{http_code} in %{time_total}s" \
+      -D - "http://$addr/v1/functions/$name/invoke" | tr -d '\r' | sed -n 's/^x-vmm-run-ms: \(.*\)/   (server: guest run \1 ms)/p;/client:/p' | tr '\n' ' '
+    echo
+  done
+}
+invoke hello '{"name":"world"}'
+invoke markdown $'# Title\n\nSome *markdown*, rendered by [marked](https://marked.js.org).\n'
+invoke upper $'text for a WASI command module\n'
+echo "-- GET /v1/functions"
+curl -sS "http://$addr/v1/functions"; echo
+echo "-- SIGTERM: drain and stop"
+kill -TERM $daemon
+wait $daemon && echo "vmm serve exited 0"
+grep -E 'invoke|drain' "$log" | tail -4 || true
