@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use std::sync::Arc;
-use vmm::instance::Template;
 use vmm::run::RunLimits;
 
 fn create(store: &TempDir, name: &str, script: &str) {
@@ -39,15 +38,14 @@ fn an_instance_reset_in_place_answers_like_a_fresh_restore_every_time() {
     let store = TempDir::new("instance-reset");
     create(&store, "iso", "tests/guests/isolation.js");
     create(&store, "hello", "examples/hello.js");
-    let mut s = snapshot_store::Store::open(&store.0).unwrap();
+    let engine = Arc::new(vmm::engine::Engine::new(vmm::engine::Config::new(&store.0)).unwrap());
     let limits = RunLimits::default();
     for (name, mk) in [
         ("iso", (|i: usize| format!("request-{i}")) as fn(usize) -> String),
         ("hello", |i: usize| format!(r#"{{"name":"n{i}"}}"#)),
     ] {
-        let (t, stats) = Template::load(&mut s, name).unwrap();
+        let (t, stats) = engine.load_template_with_stats(name).unwrap();
         eprintln!("{name}: {stats:?}");
-        let t = Arc::new(t);
         let mut inst = t.instantiate().unwrap();
         for i in 0..30 {
             let req = mk(i);

@@ -274,8 +274,19 @@ impl InvokeArgs {
         Ok(RunLimits {
             timeout: timeout(self.timeout)?,
             mem_mib,
-            ..RunLimits::default()
+            ..limits_from_env()
         })
+    }
+}
+
+/// Default limits with the test switches the environment asks for: `VMM_TEST_HOSTCALLS`
+/// (expose the raw hostcall import, for hostile-guest tests) and `VMM_EAGER_COMPILE`.
+/// Only the CLI reads the environment; the library takes explicit values.
+pub fn limits_from_env() -> RunLimits {
+    RunLimits {
+        test_hostcalls: std::env::var_os("VMM_TEST_HOSTCALLS").is_some(),
+        eager_compile: std::env::var_os("VMM_EAGER_COMPILE").is_some(),
+        ..RunLimits::default()
     }
 }
 

@@ -19,7 +19,7 @@ use crate::memory::GuestMemory;
 use crate::persist::VcpuState;
 use crate::run::{self, ms, RunLimits};
 use crate::snapshot::DeviceState;
-use crate::vm::{Hostcall, Output, Vm, VmParts};
+use crate::vm::{Hostcall, Output, Vm};
 use snapshot_store::{Frame, Store, PAGE_SIZE};
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +30,7 @@ const REGION: u64 = layout::HUGE_PAGE_SIZE;
 
 /// A function template loaded from the store, verified, ready to instantiate.
 pub struct Template {
+    engine: Arc<crate::engine::Engine>,
     name: String,
     created_unix_ms: u64,
     mem_size: u64,
@@ -54,7 +55,11 @@ pub struct LoadStats {
 
 impl Template {
     /// Read `name` from `store`, verify every page and lay it out in memory.
-    pub fn load(store: &mut Store, name: &str) -> Result<(Template, LoadStats), Error> {
+    pub fn load(
+        engine: Arc<crate::engine::Engine>,
+        store: &mut Store,
+        name: &str,
+    ) -> Result<(Template, LoadStats), Error> {
         let t0 = Instant::now();
         let step = "load template";
         let tmpl = store.load(name).map_err(|e| match e {
@@ -128,6 +133,7 @@ impl Template {
         };
         Ok((
             Template {
+                engine,
                 name: name.to_string(),
                 created_unix_ms: tmpl.created_unix_ms,
                 mem_size: tmpl.mem_size,
@@ -261,7 +267,7 @@ impl Instance {
                     .map_err(|e| host(e.into()))?;
             }
         }
-        let parts = VmParts::create().map_err(|e| host(e.into()))?;
+        let parts = template.engine.vm_parts().map_err(|e| host(e.into()))?;
         parts
             .backend
             .prepare_restore(&parts.kvm, &parts.vcpu)

@@ -257,7 +257,7 @@ fn template(cmd: TemplateCommand) -> i32 {
                 let limits = vmm::run::RunLimits {
                     timeout: cli::timeout(timeout).map_err(|e| e.to_string())?,
                     mem_mib: mem,
-                    ..Default::default()
+                    ..cli::limits_from_env()
                 };
                 let spec = function.to_spec(mem).map_err(|e| e.to_string())?;
                 let trial = match &trial_input {

@@ -101,6 +101,7 @@ pub struct Timings {
 
 /// The pools of every template of one store.
 pub struct Pools {
+    engine: Arc<crate::engine::Engine>,
     store_dir: PathBuf,
     config: PoolConfig,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
@@ -120,9 +121,10 @@ pub struct Checkout<'p> {
 }
 
 impl Pools {
-    pub fn new(store_dir: impl Into<PathBuf>, config: PoolConfig) -> Pools {
+    pub fn new(engine: Arc<crate::engine::Engine>, config: PoolConfig) -> Pools {
         Pools {
-            store_dir: store_dir.into(),
+            store_dir: engine.store_dir().to_path_buf(),
+            engine,
             config,
             entries: Mutex::new(HashMap::new()),
             loading: Mutex::new(()),
@@ -199,11 +201,9 @@ impl Pools {
                 return Ok(e);
             }
         }
-        let mut store = snapshot_store::Store::open(&self.store_dir)
-            .map_err(|e| Error::new(ErrorKind::Damaged, "open the template store", e))?;
-        let (template, _stats) = Template::load(&mut store, name)?;
+        let template = self.engine.load_template(name)?;
         let entry = Arc::new(Entry {
-            template: Arc::new(template),
+            template,
             file: Some(now),
             ready: Mutex::new(Vec::new()),
             busy: AtomicUsize::new(0),

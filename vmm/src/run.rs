@@ -91,8 +91,8 @@ impl Default for RunLimits {
             timeout: Duration::from_secs(30),
             mem_mib: layout::DEFAULT_MEM_MIB,
             max_output: 64 << 20,
-            test_hostcalls: std::env::var_os("VMM_TEST_HOSTCALLS").is_some(),
-            eager_compile: std::env::var_os("VMM_EAGER_COMPILE").is_some(),
+            test_hostcalls: false,
+            eager_compile: false,
         }
     }
 }

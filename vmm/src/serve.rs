@@ -201,8 +201,15 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
         .max(1);
+    let engine = match vmm::engine::Engine::new(vmm::engine::Config::new(store_dir.clone())) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            eprintln!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");
+            return 1;
+        }
+    };
     let pools = Arc::new(Pools::new(
-        store_dir.clone(),
+        engine,
         PoolConfig {
             pool: args.pool,
             max_instances: args.max_instances.max(1),

@@ -147,7 +147,7 @@ impl Output {
 /// A VM and its vCPU before guest RAM is attached (see [`Vm::new_unregistered`]): lets a
 /// restore create them while another thread fills the memory.
 pub struct VmParts {
-    pub kvm: Kvm,
+    pub kvm: std::sync::Arc<Kvm>,
     pub vm: VmFd,
     pub vcpu: VcpuFd,
     pub backend: Backend,
@@ -156,13 +156,31 @@ pub struct VmParts {
 
 impl VmParts {
     pub fn create() -> Result<VmParts, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let kvm = std::sync::Arc::new(Kvm::new().map_err(VmError::OpenKvm)?);
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         let backend = Backend::detect(&vcpu);
         let tsc_khz = backend.tsc_khz(&vcpu)?;
         Ok(VmParts {
             kvm,
+            vm,
+            vcpu,
+            backend,
+            tsc_khz,
+        })
+    }
+
+    /// Create a VM and its vCPU on an open /dev/kvm whose back end is already known (an
+    /// [`Engine`](crate::engine::Engine) detects it once).
+    pub fn create_on(
+        kvm: &std::sync::Arc<Kvm>,
+        backend: Backend,
+        tsc_khz: u64,
+    ) -> Result<VmParts, VmError> {
+        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
+        Ok(VmParts {
+            kvm: kvm.clone(),
             vm,
             vcpu,
             backend,
@@ -196,7 +214,7 @@ impl VmParts {
 pub struct Finished(pub Option<Vm>);
 
 pub struct Vm {
-    pub kvm: Kvm,
+    pub kvm: std::sync::Arc<Kvm>,
     pub vm: VmFd,
     pub vcpu: VcpuFd,
     pub mem: GuestMemory,
