@@ -394,3 +394,48 @@ fn serve_refuses_a_missing_store_and_a_bad_listen_address_with_a_clear_error() {
     assert!(r.stderr().contains("no template store"), "{}", r.stderr());
     let _ = Command::new("true");
 }
+
+#[test]
+fn pools_stay_within_max_instances_and_memory_limit_evicting_the_least_recently_used() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-limits");
+    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "upper", &upper_args());
+    create(&store, "behave", &behave_args());
+    let live = |d: &Daemon| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&d.get("/v1/functions").1).unwrap();
+        let sum: u64 = v["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["ready"].as_u64().unwrap() + f["busy"].as_u64().unwrap())
+            .sum();
+        // An instance being reset after its response counts as live but neither ready nor busy.
+        let live = v["live_instances"].as_u64().unwrap();
+        assert!(sum <= live, "{v}");
+        live
+    };
+    for (flags, max) in [
+        (vec!["--pool", "2", "--max-instances", "3"], 3),
+        // A memory limit below the daemon's own floor: one instance at a time, still served.
+        (vec!["--pool", "2", "--memory-limit", "1M"], 1),
+    ] {
+        let d = Daemon::start(&store, &flags);
+        for round in 0..3 {
+            for (name, req, want) in [
+                ("hello", &br#"{"name":"l"}"#[..], "{\"greeting\":\"Hello, l!\",\"length\":1}\n"),
+                ("upper", b"abc\n", "ABC\none\ntwo\n"),
+                ("behave", b"xyz", "xyz"),
+            ] {
+                let (s, body, _) = d.invoke(name, req);
+                assert_eq!((s, body.as_str()), (200, want), "{flags:?} round {round}");
+                let n = live(&d);
+                assert!(n <= max, "{flags:?}: {n} instances alive, limit {max}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500)); // the pool keeper runs
+        assert!(live(&d) <= max, "{flags:?}: the keeper went past the limit");
+    }
+}

@@ -253,19 +253,22 @@ impl Pools {
         self.released.notify_all();
     }
 
-    /// Reserve room for one more instance, destroying idle ones of other templates (least
-    /// recently used first) when at a limit; waits up to `wait` for a busy one to end.
-    fn reserve(&self, wait: Duration) -> Result<(), Error> {
+    /// Reserve room for one more instance. At a limit, a request (`evict`) destroys idle
+    /// instances, least recently used templates first, then waits up to `wait` for a busy
+    /// one to end; the pool keeper (`!evict`) never takes room from others. An instance is
+    /// always allowed when none is alive (a memory limit below the daemon's own floor).
+    fn reserve(&self, wait: Duration, evict: bool) -> Result<(), Error> {
         let deadline = Instant::now() + wait;
         loop {
             {
                 let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-                if *live < self.config.max_instances && !self.over_memory() {
+                let room = *live < self.config.max_instances && !self.over_memory();
+                if room || (evict && *live == 0) {
                     *live += 1;
                     return Ok(());
                 }
             }
-            if self.evict_lru(1) > 0 {
+            if evict && self.evict_lru(1) > 0 {
                 continue;
             }
             let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -314,7 +317,7 @@ impl Pools {
         let (instance, fresh) = match ready {
             Some((i, _)) => (i, false),
             None => {
-                self.reserve(wait)?;
+                self.reserve(wait, true)?;
                 match entry.template.instantiate() {
                     Ok(i) => (i, true),
                     Err(e) => {
@@ -397,7 +400,7 @@ impl Pools {
             self.release(k);
             // Refill.
             while e.ready() + e.busy() < self.config.pool {
-                if self.reserve(Duration::ZERO).is_err() {
+                if self.reserve(Duration::ZERO, false).is_err() {
                     break;
                 }
                 match e.template.instantiate() {
