@@ -27,6 +27,8 @@ use vmm_abi::{layout, GuestRange, Op};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const REGION: u64 = layout::HUGE_PAGE_SIZE;
+/// Template data pages in a 2 MiB region below which the region gets 4 KiB host pages.
+const SPARSE_REGION_PAGES: u64 = 64;
 
 /// A function template loaded from the store, verified, ready to instantiate.
 pub struct Template {
@@ -175,29 +177,50 @@ impl Template {
         self.region_runs.iter().filter(|r| !r.is_empty()).count() as u64
     }
 
-    /// Write the template's data pages of region `r` into `mem`; with `zero_gaps`, also
-    /// zero every other page of the region (a reset: the guest may have written them).
+    /// Whether region `r` holds so little data that it is backed by 4 KiB host pages: a
+    /// 2 MiB host page would cost an instance 2 MiB of memory for a handful of pages.
+    fn sparse(&self, r: usize) -> bool {
+        let pages: u64 = self.runs[self.region_runs[r].clone()]
+            .iter()
+            .map(|&(_, n, _)| n)
+            .sum();
+        pages < SPARSE_REGION_PAGES
+    }
+
+    /// Write the template's data pages of region `r` into `mem`. With `resident` (a reset),
+    /// also zero every other page of the region that is resident in the host (the guest may
+    /// have written it; a page never touched is still zero).
     fn write_region(
         &self,
         mem: &GuestMemory,
         r: usize,
-        zero_gaps: bool,
+        resident: Option<&[bool]>,
     ) -> Result<(), crate::memory::MemoryError> {
-        let region_start = r as u64 * REGION;
-        let region_end = (region_start + REGION).min(mem.size());
-        let mut cursor = region_start;
-        for &(gfn, n, off) in &self.runs[self.region_runs[r].clone()] {
-            let gpa = gfn * PAGE;
-            if zero_gaps && gpa > cursor {
-                mem.zero(cursor, gpa - cursor)?;
+        let first = r as u64 * REGION / PAGE;
+        let end = ((r as u64 + 1) * REGION).min(mem.size()) / PAGE;
+        let zero_until = |from: u64, to: u64| -> Result<(), crate::memory::MemoryError> {
+            let Some(res) = resident else { return Ok(()) };
+            let mut f = from;
+            while f < to {
+                if !res.get(f as usize).copied().unwrap_or(true) {
+                    f += 1;
+                    continue;
+                }
+                let start = f;
+                while f < to && res.get(f as usize).copied().unwrap_or(true) {
+                    f += 1;
+                }
+                mem.zero(start * PAGE, (f - start) * PAGE)?;
             }
-            mem.write(gpa, self.data.slice(off, n * PAGE)?)?;
-            cursor = gpa + n * PAGE;
+            Ok(())
+        };
+        let mut cursor = first;
+        for &(gfn, n, off) in &self.runs[self.region_runs[r].clone()] {
+            zero_until(cursor, gfn)?;
+            mem.write(gfn * PAGE, self.data.slice(off, n * PAGE)?)?;
+            cursor = gfn + n;
         }
-        if zero_gaps && region_end > cursor {
-            mem.zero(cursor, region_end - cursor)?;
-        }
-        Ok(())
+        zero_until(cursor, end)
     }
 
     /// Restore a new instance of this template, stopped at its pending read of stdin.
@@ -262,8 +285,11 @@ impl Instance {
         // Fill RAM before KVM sees it (registered memory is filled ~10x slower).
         for r in 0..template.region_runs.len() {
             if !template.region_runs[r].is_empty() {
+                if template.sparse(r) {
+                    mem.advise_small_pages(r as u64 * REGION, REGION);
+                }
                 template
-                    .write_region(&mem, r, false)
+                    .write_region(&mem, r, None)
                     .map_err(|e| host(e.into()))?;
             }
         }
@@ -391,24 +417,22 @@ impl Instance {
     fn reset_memory_and_vcpu(&mut self) -> Result<(u64, u64, f64), Error> {
         let step = "reset instance";
         let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
-        let resident = self.vm.mem.resident_regions();
+        let resident = self.vm.mem.resident_pages();
+        let per_region = (REGION / PAGE) as usize;
         let (mut copied, mut zeroed) = (0, 0);
         let t = &self.template;
         for r in 0..t.region_runs.len() {
-            let gpa = r as u64 * REGION;
-            match t.region_runs[r].is_empty() {
-                false => {
-                    t.write_region(&self.vm.mem, r, true)
-                        .map_err(|e| host(e.into()))?;
-                    copied += 1;
-                }
-                true if resident.get(r).copied().unwrap_or(true) => {
-                    let len = REGION.min(self.vm.mem.size() - gpa);
-                    self.vm.mem.zero(gpa, len).map_err(|e| host(e.into()))?;
-                    zeroed += 1;
-                }
-                true => {}
+            let pages = resident.get(r * per_region..((r + 1) * per_region).min(resident.len()));
+            let touched = pages.is_none_or(|p| p.iter().any(|&x| x));
+            if !t.region_runs[r].is_empty() {
+                copied += 1;
+            } else if touched {
+                zeroed += 1;
+            } else {
+                continue;
             }
+            t.write_region(&self.vm.mem, r, Some(&resident))
+                .map_err(|e| host(e.into()))?;
         }
         let tv = Instant::now();
         let state = &self.template.state;

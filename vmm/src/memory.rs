@@ -191,23 +191,19 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Which 2 MiB regions hold at least one page resident in the host (mincore(2)):
-    /// a region never touched since the mapping was made is still all zero. On failure
-    /// every region is reported resident (callers then treat all of RAM as touched).
-    pub fn resident_regions(&self) -> Vec<bool> {
+    /// One flag per 4 KiB page: whether it is resident in the host (mincore(2)). A page
+    /// never touched since the mapping was made is still zero. On failure every page is
+    /// reported resident (callers then treat all of RAM as touched).
+    pub fn resident_pages(&self) -> Vec<bool> {
         let pages = self.size / 4096;
-        let per_region = HUGE_PAGE / 4096;
         let mut vec = vec![0u8; pages];
         // SAFETY: the range is exactly this mapping (page aligned); `vec` has one byte per
         // page as mincore requires.
         let r = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.size, vec.as_mut_ptr()) };
-        let regions = self.size.div_ceil(HUGE_PAGE);
         if r != 0 {
-            return vec![true; regions];
+            return vec![true; pages];
         }
-        vec.chunks(per_region)
-            .map(|c| c.iter().any(|b| b & 1 == 1))
-            .collect()
+        vec.iter().map(|b| b & 1 == 1).collect()
     }
 
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
