@@ -506,3 +506,90 @@ impl fmt::Display for Finding {
         self.error.fmt(f)
     }
 }
+
+/// Synthetic vCPU and device states that pass every check above, for tests of tools that
+/// build stores through the store API (`vmm-store`'s tests). Not a stable API.
+#[cfg(feature = "fixtures")]
+#[doc(hidden)]
+pub mod fixtures {
+    use super::*;
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use vmm_abi::layout;
+    use zerocopy::IntoBytes;
+
+    /// (vCPU state, device state) of a runtime base (`base` is `None`) or of a function
+    /// template made on `base`, for a guest of `mem_size` bytes (at least 64 KiB).
+    pub fn states(mem_size: u64, base: Option<BaseRef>) -> (Vec<u8>, Vec<u8>) {
+        let regs = kvm_regs {
+            rip: layout::KERNEL_BASE,
+            rsp: layout::INITIAL_RSP,
+            rflags: 2,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr0: 0x8000_0011,
+            cr3: layout::PML4_GPA,
+            cr4: 0x20,
+            efer: 0x500,
+            ..Default::default()
+        };
+        sregs.cs.l = 1;
+        sregs.cs.present = 1;
+        sregs.tr.present = 1;
+        for (t, at) in [(&mut sregs.gdt, 0x5000), (&mut sregs.idt, 0x6000)] {
+            t.base = at;
+            t.limit = 0xff;
+        }
+        sregs.tr.base = 0x7000;
+        sregs.tr.limit = 0x67;
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].value = 1;
+        let debugregs = kvm_debugregs {
+            dr7: 0x400,
+            ..Default::default()
+        };
+        let vcpu = VcpuState {
+            version: crate::persist::VCPU_STATE_VERSION,
+            backend: "pvm".into(),
+            tsc_khz: 2_000_000,
+            regs: regs.as_bytes().to_vec(),
+            sregs: sregs.as_bytes().to_vec(),
+            xsave: kvm_xsave::default().region.as_bytes().to_vec(),
+            xcrs: xcrs.as_bytes().to_vec(),
+            events: kvm_vcpu_events::default().as_bytes().to_vec(),
+            debugregs: debugregs.as_bytes().to_vec(),
+            msrs: vec![(crate::platform::MSR_PVM_VIF, layout::VIF_GPA | 0x400)],
+            clock: kvm_clock_data::default().as_bytes().to_vec(),
+        };
+        let op = if base.is_some() {
+            Op::ReadStdin
+        } else {
+            Op::GetFunction
+        };
+        let device = DeviceState {
+            version: DEVICE_STATE_VERSION,
+            pending_op: op as u64,
+            buf_gpa: 0x8000,
+            buf_len: 0x1000,
+            runtime: "wasi".into(),
+            module_name: "fixture.wasm".into(),
+            args: vec![],
+            provenance: Some(Provenance {
+                module_hash: 1,
+                module_name: "fixture.wasm".into(),
+                runtime: "wasi".into(),
+                engine: ENGINE.into(),
+                mem_size,
+                kernel_hash: 1,
+                abi_version: vmm_abi::ABI_VERSION,
+            }),
+            base,
+        };
+        (vcpu.encode(), device.encode())
+    }
+}
