@@ -430,10 +430,21 @@ pub fn check_base_for_layer(
     base_device: &DeviceState,
 ) -> Result<(), CheckError> {
     check_layering(base, base_device, None)?;
-    let Some(theirs) = &base_device.provenance else {
+    check_provenance(name, &base.name, ours, base_device.provenance.as_ref())
+}
+
+/// Check that what a new function layer `name` asks for (`ours`) is what its base `base`
+/// was made from (`theirs`; `None` for a base that did not record it).
+pub fn check_provenance(
+    name: &TemplateName,
+    base: &TemplateName,
+    ours: &Provenance,
+    theirs: Option<&Provenance>,
+) -> Result<(), CheckError> {
+    let Some(theirs) = theirs else {
         return Err(CheckError::UnrecordedBase {
             name: name.clone(),
-            base: base.name.clone(),
+            base: base.clone(),
         });
     };
     let differences = ours.differences(theirs);
@@ -442,7 +453,7 @@ pub fn check_base_for_layer(
     } else {
         Err(CheckError::BaseMismatch {
             name: name.clone(),
-            base: base.name.clone(),
+            base: base.clone(),
             differences,
         })
     }

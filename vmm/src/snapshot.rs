@@ -357,6 +357,8 @@ pub struct RestoreStats {
 pub struct Restored {
     pub vm: Vm,
     pub device: DeviceState,
+    /// When the restored template was created.
+    pub created_unix_ms: u64,
 }
 
 /// Data frames in a 2 MiB region below which `eager` maps the region with 4 KiB pages: a
@@ -592,7 +594,11 @@ fn with_restored_keep<T>(
     };
     std::thread::scope(|scope| {
         let handle = server.as_ref().map(|s| scope.spawn(move || s.serve()));
-        let mut restored = Restored { vm, device };
+        let mut restored = Restored {
+            vm,
+            device,
+            created_unix_ms: tmpl.created_unix_ms,
+        };
         let t3 = Instant::now();
         let result = body(&mut restored);
         stats.run_ms = ms(t3.elapsed());
@@ -763,22 +769,23 @@ pub fn create_template(
 ) -> Result<CreateReport, TemplateError> {
     let t0 = Instant::now();
     let tname = TemplateName::new(name)?;
-    let base_name = match base {
-        Some(b) => TemplateName::new(b)?.as_str().to_string(),
-        None => runtime_base_name(spec, limits.mem_mib),
+    let base_tname = match base {
+        Some(b) => TemplateName::new(b)?,
+        None => TemplateName::new(&runtime_base_name(spec, limits.mem_mib))?,
     };
+    let base_name = base_tname.as_str().to_string();
     let ours = Provenance::of(spec, limits.mem_mib);
     // The base as it is now, checked against what this layer asks for before anything runs.
-    let existing = match store.load(&base_name) {
+    let base_exists = match store.load(&base_name) {
         Ok(t) => {
             let device = checks::decode_device(&t)?;
             if device.pending_op != Op::GetFunction as u64 {
                 return Err(TemplateError::NotABase(base_name));
             }
             checks::check_base_for_layer(&tname, &ours, &t, &device)?;
-            Some(t)
+            true
         }
-        Err(snapshot_store::LoadError::NotFound { .. }) => None,
+        Err(snapshot_store::LoadError::NotFound { .. }) => false,
         Err(e) => return Err(e.into()),
     };
     let mut base_created = false;
@@ -833,13 +840,9 @@ pub fn create_template(
         write_layer(store, name, Some(&base_name), vm, &state, &device, false)
     };
 
-    let commit = if let Some(base_tmpl) = existing {
+    let commit = if base_exists {
         // Restore the base eagerly into a VM that stays alive for the function layer. The
         // restore borrows a second handle of the store; the layer is written through `store`.
-        let made_on = BaseRef {
-            name: base_name.clone(),
-            created_unix_ms: base_tmpl.created_unix_ms,
-        };
         let mut rs = RestoreStats::default();
         let mut base_store = Store::open(store.dir())?;
         with_restored(
@@ -849,12 +852,15 @@ pub fn create_template(
             &mut rs,
             None,
             |r| {
-                if r.device.pending_op != Op::GetFunction as u64
-                    || r.device.provenance.as_ref() != Some(&ours)
-                {
-                    // Replaced between the check above and this restore.
+                // What was restored may have replaced the base checked above.
+                if r.device.pending_op != Op::GetFunction as u64 {
                     return Err(TemplateError::NotABase(base_name.clone()));
                 }
+                checks::check_provenance(&tname, &base_tname, &ours, r.device.provenance.as_ref())?;
+                let made_on = BaseRef {
+                    name: base_name.clone(),
+                    created_unix_ms: r.created_unix_ms,
+                };
                 let buf = pending_buffer(&base_name, &r.device, r.vm.mem.size())?;
                 layer(&mut r.vm, buf, store, made_on)
             },
