@@ -303,3 +303,360 @@ fn every_damage_is_reported_by_verify_and_refused_by_restore() {
     eprintln!("checked {} damages in {:?}", damages.len(), t0.elapsed());
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
+
+// ------------------------------------------------------------------------------------
+// Forged manifests (valid checksums) whose vCPU state, device state or parent the VMM
+// would trip over: `vmm restore` must refuse them before running anything, with a message
+// that names the problem (no Rust debug text), and `vmm-store verify` must report them.
+
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
+use snapshot_store::fuzzing::ManifestV1;
+use vmm::persist::VcpuState;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Rewrites template `name`'s manifest in the store at `dir` through `edit`; the checksum
+/// stays valid, so only the VMM's own checks can tell.
+fn forge(dir: &Path, name: &str, edit: impl FnOnce(&mut ManifestV1)) {
+    let mut m = fixtures::read_manifest(dir, name);
+    edit(&mut m);
+    fixtures::write_manifest(dir, &m);
+}
+
+/// Decodes `m`'s vCPU state, lets `edit` change it and encodes it back.
+fn forge_vcpu(m: &mut ManifestV1, edit: impl FnOnce(&mut VcpuState)) {
+    let mut s = VcpuState::decode(&m.vcpu_state).expect("the healthy vCPU state decodes");
+    edit(&mut s);
+    m.vcpu_state = s.encode();
+}
+
+fn forge_regs(m: &mut ManifestV1, edit: impl FnOnce(&mut kvm_regs)) {
+    forge_vcpu(m, |s| {
+        let mut r = kvm_regs::read_from_bytes(&s.regs).unwrap();
+        edit(&mut r);
+        s.regs = r.as_bytes().to_vec();
+    })
+}
+
+fn forge_sregs(m: &mut ManifestV1, edit: impl FnOnce(&mut kvm_sregs)) {
+    forge_vcpu(m, |s| {
+        let mut r = kvm_sregs::read_from_bytes(&s.sregs).unwrap();
+        edit(&mut r);
+        s.sregs = r.as_bytes().to_vec();
+    })
+}
+
+/// Text that only Rust's `{:?}` formatting produces (struct/enum debug output).
+fn looks_like_debug_text(s: &str) -> bool {
+    [
+        " { ",
+        "Some(",
+        "None",
+        "Err(",
+        "UnexpectedEnd",
+        "LimitExceeded",
+        "SizeLimitExceeded",
+        "kvm_",
+        "\\u{",
+    ]
+    .iter()
+    .any(|p| s.contains(p))
+}
+
+/// `restore fn` must refuse with `want` in the message and verify must report `want`.
+fn check_refused(dir: &Path, case: &str, want: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let v = verify(dir);
+    let report = format!("{}{}", v.stdout(), v.stderr());
+    eprintln!(
+        "[{case}] vmm-store verify exit {}: {}",
+        v.code(),
+        report.trim()
+    );
+    if v.code() != 1 {
+        problems.push(format!(
+            "{case}: verify exited {}, not 1: {report}",
+            v.code()
+        ));
+    }
+    for w in want {
+        if !report.contains(w) {
+            problems.push(format!("{case}: verify does not mention {w:?}: {report}"));
+        }
+    }
+    if vmm_panicked(&report) || looks_like_debug_text(&report) {
+        problems.push(format!(
+            "{case}: verify printed a panic or debug text: {report}"
+        ));
+    }
+    for memory in ["prefetch", "eager", "lazy", "shared"] {
+        let r = restore(dir, memory);
+        let err = r.stderr();
+        eprintln!(
+            "[{case}] restore --memory {memory}: exit {}: {}",
+            r.code(),
+            err.trim()
+        );
+        if r.code() != 125 || !r.stdout().is_empty() {
+            problems.push(format!(
+                "{case}: restore --memory {memory} must refuse (exit 125, no output), got exit {} stdout {:?}: {err}",
+                r.code(),
+                r.stdout()
+            ));
+        }
+        if !err.contains("vmm: error: restore fn:") {
+            problems.push(format!(
+                "{case}: restore --memory {memory}: no clear error: {err}"
+            ));
+        }
+        for w in want {
+            if !err.contains(w) {
+                problems.push(format!(
+                    "{case}: restore --memory {memory} does not say {w:?}: {err}"
+                ));
+            }
+        }
+        if vmm_panicked(&err) || looks_like_debug_text(&err) {
+            problems.push(format!(
+                "{case}: restore --memory {memory} printed a panic or debug text: {err}"
+            ));
+        }
+    }
+    problems
+}
+
+/// A forgery of the healthy store: its name, how to apply it, what both must say.
+type Forgery = (&'static str, fn(&Path), &'static [&'static str]);
+
+fn run_forgeries(healthy: &TempDir, forgeries: &[Forgery]) {
+    let problems: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = forgeries
+            .iter()
+            .map(|&(case, apply, want)| {
+                s.spawn(move || {
+                    let dir = TempDir::new(&format!("forged-{case}"));
+                    copy_dir(&healthy.0, &dir.0);
+                    apply(&dir.0);
+                    check_refused(&dir.0, case, want)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a forgery check panicked"))
+            .collect()
+    });
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+#[test]
+fn forged_vcpu_state_is_refused_by_restore_and_reported_by_verify() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = vmm_store_bin();
+    let healthy = TempDir::new("forged-vcpu-healthy");
+    make_healthy(&healthy);
+    let forgeries: &[Forgery] = &[
+        (
+            "vcpu-garbage",
+            |d| {
+                forge(d, "fn", |m| {
+                    m.vcpu_state = b"\x01\x05not a vCPU state".to_vec()
+                })
+            },
+            &["fn", "vCPU state"],
+        ),
+        (
+            "vcpu-truncated",
+            |d| {
+                forge(d, "fn", |m| {
+                    let n = m.vcpu_state.len();
+                    m.vcpu_state.truncate(n - 9);
+                })
+            },
+            &["fn", "vCPU state"],
+        ),
+        (
+            "vcpu-rip",
+            |d| forge(d, "fn", |m| forge_regs(m, |r| r.rip = 0x7fff_dead_0000)),
+            &["fn", "vCPU state", "rip"],
+        ),
+        (
+            "vcpu-rsp",
+            |d| forge(d, "fn", |m| forge_regs(m, |r| r.rsp = 8)),
+            &["fn", "vCPU state", "rsp"],
+        ),
+        (
+            "vcpu-trap-flag",
+            |d| forge(d, "fn", |m| forge_regs(m, |r| r.rflags |= 1 << 8)),
+            &["fn", "vCPU state", "rflags"],
+        ),
+        (
+            "vcpu-cr3",
+            |d| forge(d, "fn", |m| forge_sregs(m, |s| s.cr3 = 0x7fff_f000)),
+            &["fn", "vCPU state", "cr3"],
+        ),
+        (
+            "vcpu-no-long-mode",
+            |d| forge(d, "fn", |m| forge_sregs(m, |s| s.efer = 0)),
+            &["fn", "vCPU state", "efer"],
+        ),
+        (
+            "vcpu-idt-outside-ram",
+            |d| forge(d, "fn", |m| forge_sregs(m, |s| s.idt.base = 1 << 40)),
+            &["fn", "vCPU state", "idt"],
+        ),
+        (
+            "vcpu-pending-exception",
+            |d| {
+                forge(d, "fn", |m| {
+                    forge_vcpu(m, |s| {
+                        let mut e = kvm_vcpu_events::read_from_bytes(&s.events).unwrap();
+                        e.exception.injected = 1;
+                        e.exception.nr = 13;
+                        s.events = e.as_bytes().to_vec();
+                    })
+                })
+            },
+            &["fn", "vCPU state", "exception"],
+        ),
+        (
+            "vcpu-too-many-msrs",
+            |d| {
+                forge(d, "fn", |m| {
+                    forge_vcpu(m, |s| s.msrs.extend((0..300).map(|i| (0x1000 + i, 0))))
+                })
+            },
+            &["fn", "vCPU state", "MSR"],
+        ),
+        (
+            "vcpu-vif-msr",
+            |d| {
+                forge(d, "fn", |m| {
+                    forge_vcpu(m, |s| {
+                        for e in &mut s.msrs {
+                            if e.0 == vmm::platform::MSR_PVM_VIF {
+                                e.1 = 0x7000_0400;
+                            }
+                        }
+                    })
+                })
+            },
+            &["fn", "vCPU state", "VIF"],
+        ),
+        (
+            "vcpu-backend",
+            |d| {
+                forge(d, "fn", |m| {
+                    forge_vcpu(m, |s| s.backend = "\u{1b}[31m".repeat(40))
+                })
+            },
+            &["fn", "vCPU state", "back end"],
+        ),
+        (
+            "vcpu-xsave-header",
+            |d| {
+                forge(d, "fn", |m| {
+                    forge_vcpu(m, |s| s.xsave[512..520].copy_from_slice(&[0xff; 8]))
+                })
+            },
+            &["fn", "vCPU state", "xsave"],
+        ),
+    ];
+    // The VIF MSR exists only on the PVM back end.
+    let m = fixtures::read_manifest(&healthy.0, "fn");
+    let pvm = VcpuState::decode(&m.vcpu_state).unwrap().backend == "pvm";
+    let forgeries: Vec<Forgery> = forgeries
+        .iter()
+        .copied()
+        .filter(|f| pvm || f.0 != "vcpu-vif-msr")
+        .collect();
+    run_forgeries(&healthy, &forgeries);
+}
+
+#[test]
+fn forged_device_state_and_parents_are_refused_by_restore_and_reported_by_verify() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = vmm_store_bin();
+    let healthy = TempDir::new("forged-parent-healthy");
+    make_healthy(&healthy);
+    // A second function on the same base, and a base of another module.
+    for (name, base, function) in [
+        (
+            "fn2",
+            "base",
+            vec![
+                "--module".to_string(),
+                workload("qjs-wasi-reactor.wasm"),
+                "--runtime".into(),
+                "qjs".into(),
+                "--file".into(),
+                path("examples/hello.js"),
+                "--arg".into(),
+                "hello.js".into(),
+            ],
+        ),
+        (
+            "up",
+            "base2",
+            vec!["--module".to_string(), path("examples/upper.wat")],
+        ),
+    ] {
+        let mut cmd = vmm();
+        cmd.args(["template", "create", name, "--base", base, "--store"])
+            .arg(&healthy.0)
+            .args(&function);
+        let c = run_deadline(cmd, b"", "template create");
+        assert_eq!(c.code(), 0, "template create {name}: {}", c.stderr());
+    }
+    let forgeries: &[Forgery] = &[
+        // The case: fn layered on another function template.
+        (
+            "parent-is-a-function",
+            |d| forge(d, "fn", |m| m.parent = Some("fn2".into())),
+            &["fn", "fn2", "function template", "not a runtime base"],
+        ),
+        // fn moved onto the base of another module.
+        (
+            "parent-is-another-base",
+            |d| forge(d, "fn", |m| m.parent = Some("base2".into())),
+            &["fn", "base2", "was made on runtime base base"],
+        ),
+        // fn without any base under it.
+        (
+            "function-without-base",
+            |d| forge(d, "fn", |m| m.parent = None),
+            &["fn", "no runtime base"],
+        ),
+        (
+            "device-garbage",
+            |d| forge(d, "fn", |m| m.device_state = vec![2, 0xff, 0xff, 0xff]),
+            &["fn", "device state"],
+        ),
+        (
+            "device-buffer-outside-ram",
+            |d| {
+                forge(d, "fn", |m| {
+                    let mut s = vmm::snapshot::DeviceState::decode(&m.device_state).unwrap();
+                    s.buf_gpa = 1 << 40;
+                    m.device_state = s.encode();
+                })
+            },
+            &["fn", "device state", "outside guest memory"],
+        ),
+        (
+            "device-newer-version",
+            |d| {
+                forge(d, "fn", |m| {
+                    let mut s = vmm::snapshot::DeviceState::decode(&m.device_state).unwrap();
+                    s.version = 9;
+                    m.device_state = s.encode();
+                })
+            },
+            &["fn", "newer vmm"],
+        ),
+    ];
+    run_forgeries(&healthy, forgeries);
+}

@@ -315,3 +315,224 @@ fn killing_template_create_never_corrupts_the_store() {
         );
     }
 }
+
+fn create_on(store: &TempDir, name: &str, base: &str, function: &[String]) -> Run {
+    let mut cmd = vmm();
+    cmd.args([
+        "template",
+        "create",
+        name,
+        "--base",
+        base,
+        "--store",
+        &store.arg(),
+    ])
+    .args(function);
+    run_with_input(cmd, b"")
+}
+
+fn template_names(store: &TempDir) -> Vec<String> {
+    let mut ls = vmm();
+    ls.args(["template", "ls", "--json", "--store", &store.arg()]);
+    let v: serde_json::Value = serde_json::from_str(&run_with_input(ls, b"").stdout()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Issue 7, item 5: `--base B` where B was made from another module used to run B's
+/// module under the new template's name. The base records what it was made from; a layer
+/// whose options differ is refused, naming each option.
+#[test]
+fn a_layer_whose_options_differ_from_its_base_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("provenance");
+    let hello = qjs_function_args("hello.js", &[]);
+    let c = create_on(&store, "hello", "B", &hello);
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+
+    // upper.wat with hello.js as its file and argument: under the old code this "worked"
+    // and ran QuickJS (B's module) on hello.js.
+    let mut upper = hello.clone();
+    upper[1] = path("examples/upper.wat");
+    upper.drain(2..4); // --runtime qjs
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "up",
+            upper,
+            vec![
+                "module upper.wat",
+                "differs from B's module qjs-wasi-reactor.wasm",
+                "runtime wasi differs from B's runtime qjs",
+            ],
+        ),
+        (
+            "js-as-wasi",
+            {
+                let mut f = hello.clone();
+                f[3] = "wasi".into();
+                f
+            },
+            vec!["runtime wasi differs from B's runtime qjs"],
+        ),
+        (
+            "smaller",
+            {
+                let mut f = hello.clone();
+                f.extend(["--mem".to_string(), "256".into()]);
+                f
+            },
+            vec!["guest memory size 256 MiB differs from B's 512 MiB"],
+        ),
+    ];
+    for (name, function, want) in &cases {
+        let c = create_on(&store, name, "B", function);
+        let err = c.stderr();
+        assert_eq!(c.code(), 125, "create {name} must be refused: {err}");
+        assert!(
+            err.contains(&format!(
+                "vmm: error: template create {name}: cannot layer {name} on B"
+            )),
+            "{err}"
+        );
+        for w in want {
+            assert!(err.contains(w), "create {name}: no {w:?} in: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !template_names(&store).contains(&name.to_string()),
+            "the refused {name} was stored"
+        );
+    }
+    // The same options as the base's: accepted, and it runs its own script.
+    let c = create_on(&store, "hello2", "B", &hello);
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    let r = restore(&store, "hello2", "prefetch", br#"{"name":"p"}"#);
+    assert_eq!(
+        r.stdout(),
+        "{\"greeting\":\"Hello, p!\",\"length\":1}\n",
+        "{}",
+        r.stderr()
+    );
+    // And upper.wat without a base gets a base of its own.
+    let c = create(
+        &store,
+        "up",
+        &["--module".into(), path("examples/upper.wat")],
+    );
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    let r = restore(&store, "up", "prefetch", b"abc\n");
+    assert_eq!(r.stdout(), "ABC\n", "{}", r.stderr());
+}
+
+/// The version 1 device state (before provenance was recorded), as older vmm builds wrote it.
+#[derive(bincode::Encode)]
+struct DeviceStateV1 {
+    version: u32,
+    pending_op: u64,
+    buf_gpa: u64,
+    buf_len: u64,
+    runtime: String,
+    module_name: String,
+    args: Vec<String>,
+}
+
+/// Rewrites `name`'s device state in the version 1 layout (checksum kept valid).
+fn make_v1(store: &TempDir, name: &str) {
+    let mut m = snapshot_store::fixtures::read_manifest(&store.0, name);
+    let d = vmm::snapshot::DeviceState::decode(&m.device_state).unwrap();
+    let v1 = DeviceStateV1 {
+        version: 1,
+        pending_op: d.pending_op,
+        buf_gpa: d.buf_gpa,
+        buf_len: d.buf_len,
+        runtime: d.runtime,
+        module_name: d.module_name,
+        args: d.args,
+    };
+    m.device_state = bincode::encode_to_vec(v1, bincode::config::standard()).unwrap();
+    snapshot_store::fixtures::write_manifest(&store.0, &m);
+}
+
+/// Templates made before provenance was recorded keep restoring, but nothing new is
+/// layered on such a base: what it runs cannot be checked, so the user is told to make a
+/// new base.
+#[test]
+fn templates_without_provenance_restore_but_take_no_new_layers() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("v1");
+    let hello = qjs_function_args("hello.js", &[]);
+    let c = create_on(&store, "hello", "B", &hello);
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    make_v1(&store, "B");
+    make_v1(&store, "hello");
+    for memory in ["prefetch", "eager", "lazy", "shared"] {
+        let r = restore(&store, "hello", memory, br#"{"name":"v1"}"#);
+        assert_eq!(
+            r.stdout(),
+            "{\"greeting\":\"Hello, v1!\",\"length\":2}\n",
+            "--memory {memory}: {}",
+            r.stderr()
+        );
+    }
+    let c = create_on(&store, "hello2", "B", &hello);
+    let err = c.stderr();
+    assert_eq!(c.code(), 125, "{err}");
+    assert!(
+        err.contains("cannot layer hello2 on B: B was made by an older vmm")
+            && err.contains("create them again"),
+        "{err}"
+    );
+    // Without a base named, the module gets a new base that records its provenance.
+    let c = create(&store, "hello3", &hello);
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    let r = restore(&store, "hello3", "prefetch", br#"{"name":"new"}"#);
+    assert_eq!(r.stdout(), "{\"greeting\":\"Hello, new!\",\"length\":3}\n");
+    let mut verify = Command::new(
+        Path::new(env!("CARGO_BIN_EXE_vmm"))
+            .parent()
+            .unwrap()
+            .join("vmm-store"),
+    );
+    verify.args(["verify", "--store", &store.arg()]);
+    let v = run_with_input(verify, b"");
+    assert_eq!(v.code(), 0, "old templates are not damage: {}", v.stdout());
+}
+
+/// Issue 7, item 11: an invalid name is an invalid name, not a damaged template.
+#[test]
+fn invalid_template_names_are_reported_as_such() {
+    let store = TempDir::new("names");
+    let upper = ["--module".to_string(), path("examples/upper.wat")];
+    for (name, base) in [
+        ("bad/name", None),
+        (".hidden", None),
+        ("ok", Some("bad name")),
+    ] {
+        let mut cmd = vmm();
+        cmd.args(["template", "create", name, "--store", &store.arg()])
+            .args(&upper);
+        if let Some(b) = base {
+            cmd.args(["--base", b]);
+        }
+        let c = run_with_input(cmd, b"");
+        let err = c.stderr();
+        let bad = base.unwrap_or(name);
+        assert_eq!(c.code(), 125, "{err}");
+        assert!(
+            err.contains(&format!("invalid template name {bad:?}"))
+                && err.contains("[A-Za-z0-9._-]"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("damaged") && !err.contains("verify"),
+            "an invalid name is not damage: {err}"
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! Template vCPU state (`vmm::persist::VcpuState::decode`) and device state.
 //!
-//! Input: a mode byte, then the state bytes. Even mode: `VcpuState::decode`. Odd
-//! mode: the device state decoder of vmm/src/snapshot.rs (`DeviceState::decode`).
+//! Input: a mode byte, then the state bytes. Even mode: `VcpuState::decode` and
+//! `VcpuState::validate`. Odd mode: the device state decoder of vmm/src/snapshot.rs
+//! (`DeviceState::decode`), whose encoding must round-trip in its own version's layout.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,6 +21,10 @@ fuzz_target!(|data: &[u8]| {
         match VcpuState::decode(rest) {
             Ok(s) => {
                 assert_eq!(s.version, VCPU_STATE_VERSION);
+                // The range checks restore and verify run must never panic either.
+                if let Err(e) = s.validate(512 << 20) {
+                    let _ = e.to_string();
+                }
                 let enc = s.encode();
                 assert!(
                     enc.len() <= rest.len(),
@@ -33,13 +38,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     } else if let Some(d) = decode_device_state(rest) {
-        let enc = bincode::encode_to_vec(&d, bincode::config::standard()).unwrap();
+        // Encoded in the layout of its own version (1 or 2).
+        let enc = d.encode();
         assert!(enc.len() <= rest.len());
         let d2 = decode_device_state(&enc).expect("re-encoded device state does not decode");
-        assert_eq!(
-            bincode::encode_to_vec(&d2, bincode::config::standard()).unwrap(),
-            enc,
-            "device state round trip"
-        );
+        assert_eq!(d2.encode(), enc, "device state round trip");
     }
 });

@@ -14,6 +14,8 @@ use snapshot_store::{
     ExportError, GcError, ImportError, LoadError, OpenError, Severity, Store, PAGE_SIZE,
 };
 
+mod vmm_checks;
+
 #[derive(Parser)]
 #[command(
     name = "vmm-store",
@@ -448,11 +450,12 @@ fn diff(s: &mut Store, a: &str, b: &str, as_json: bool) -> Result<String, CliErr
 
 fn verify(s: &Store, as_json: bool) -> Result<u8, CliError> {
     let pb = progress_bar("verify");
-    let probs = s.verify_with_progress(&mut |done, total| {
+    let mut probs = s.verify_with_progress(&mut |done, total| {
         pb.set_length(total);
         pb.set_position(done);
     });
     pb.finish_and_clear();
+    probs.extend(vmm_checks::problems(s));
     let corrupt = probs.iter().filter(|p| p.is_corruption()).count();
     let garbage = probs.len() - corrupt;
     let mut out = String::new();

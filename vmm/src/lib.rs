@@ -2,6 +2,7 @@
 //! WebAssembly behind WASI, and (with the snapshot store) restores it from templates.
 
 pub mod bench;
+pub mod checks;
 pub mod cli;
 pub mod engine;
 pub mod error;

@@ -6,14 +6,18 @@
 //! silently runs emulated) and the KVM clock. Each KVM struct is kept as its raw bytes
 //! (zerocopy: any byte pattern of these plain-integer structs is valid), and the whole
 //! state is encoded with bincode under a size limit, so a damaged template is an error,
-//! never a panic.
+//! never a panic. [`VcpuState::validate`] refuses values this VMM never saves (a forged
+//! or damaged state that KVM would take and the guest would crash on, or that KVM would
+//! refuse with a bare errno), so restore and `vmm-store verify` can name them.
 
 use crate::platform::Backend;
+use crate::platform::MSR_PVM_VIF;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs,
+    kvm_xsave, Msrs, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_abi::layout;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// Bump when the encoding changes; older states are refused with a clear error.
@@ -49,9 +53,16 @@ pub enum PersistError {
     },
     #[error("restore MSR {index:#x}: KVM refused it")]
     Msr { index: u32 },
-    #[error("the template's vCPU state is damaged ({0}); recreate the template")]
+    #[error("the vCPU state is damaged ({0}); recreate the template")]
     Damaged(String),
-    #[error("the template's vCPU state has version {0}, this vmm reads version {VCPU_STATE_VERSION}; recreate the template")]
+    /// A value this VMM never saves: the state was damaged or forged.
+    #[error("the vCPU state holds {what} {value}, which this vmm never saves ({why}); the template is damaged or forged: recreate it")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("the vCPU state has version {0}, this vmm reads version {VCPU_STATE_VERSION}; recreate the template")]
     Version(u32),
     #[error("the template was made on {made} KVM and cannot be restored on {here} KVM; create it on this machine")]
     Backend { made: String, here: String },
@@ -65,8 +76,37 @@ fn restore(step: &'static str, r: Result<(), kvm_ioctls::Error>) -> Result<(), P
 }
 
 fn read<T: FromBytes>(what: &str, b: &[u8]) -> Result<T, PersistError> {
-    T::read_from_bytes(b).map_err(|_| PersistError::Damaged(format!("{what}: {} bytes", b.len())))
+    T::read_from_bytes(b).map_err(|_| {
+        PersistError::Damaged(format!(
+            "{what} are {} bytes, not {}",
+            b.len(),
+            std::mem::size_of::<T>()
+        ))
+    })
 }
+
+fn invalid(what: &'static str, value: impl Into<String>, why: impl Into<String>) -> PersistError {
+    PersistError::Invalid {
+        what,
+        value: value.into(),
+        why: why.into(),
+    }
+}
+
+/// MSR IA32_EFER (also in the special registers).
+const MSR_EFER: u32 = 0xc000_0080;
+const CR0_PE: u64 = 1;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_FIXED: u64 = 1 << 1;
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_VM: u64 = 1 << 17;
+/// RFLAGS bits 22..63 are reserved (zero).
+const RFLAGS_RESERVED: u64 = !((1 << 22) - 1);
+/// DR7: the eight breakpoint enable bits and general detect.
+const DR7_ENABLES: u64 = 0xff | (1 << 13);
 
 /// Read as many of `indices` as KVM allows, skipping the ones it refuses.
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<(u32, u64)> {
@@ -180,8 +220,7 @@ impl VcpuState {
                     ..Default::default()
                 })
                 .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| PersistError::Damaged(format!("MSR list: {e:?}")))?;
+            let msrs = Msrs::from_entries(&entries).map_err(|_| too_many_msrs(entries.len()))?;
             let n = vcpu.set_msrs(&msrs).unwrap_or(0);
             rest = &rest[(n + 1).min(rest.len())..];
         }
@@ -205,7 +244,7 @@ impl VcpuState {
                 data,
                 ..Default::default()
             }])
-            .map_err(|e| PersistError::Damaged(format!("MSR list: {e:?}")))?;
+            .map_err(|_| too_many_msrs(1))?;
             if vcpu.set_msrs(&msrs).unwrap_or(0) != 1 {
                 return Err(PersistError::Msr { index });
             }
@@ -220,13 +259,231 @@ impl VcpuState {
     pub fn decode(bytes: &[u8]) -> Result<Self, PersistError> {
         let cfg = bincode::config::standard().with_limit::<MAX_STATE_BYTES>();
         let (state, used): (VcpuState, usize) = bincode::decode_from_slice(bytes, cfg)
-            .map_err(|e| PersistError::Damaged(e.to_string()))?;
+            .map_err(|e| PersistError::Damaged(crate::checks::decode_error_text(&e)))?;
         if used != bytes.len() {
-            return Err(PersistError::Damaged("trailing bytes".into()));
+            return Err(PersistError::Damaged(format!(
+                "{} bytes follow its end",
+                bytes.len() - used
+            )));
         }
         if state.version != VCPU_STATE_VERSION {
             return Err(PersistError::Version(state.version));
         }
         Ok(state)
+    }
+}
+
+fn too_many_msrs(n: usize) -> PersistError {
+    invalid(
+        "a list of",
+        format!("{n} MSRs"),
+        format!("KVM takes at most {KVM_MAX_MSR_ENTRIES}"),
+    )
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+impl VcpuState {
+    /// Refuse values this VMM never saves for a guest of `mem_size` bytes: the vCPU is
+    /// always stopped at a hostcall in the guest kernel, in 64-bit mode on the VMM's
+    /// identity page tables, on the kernel stack, with no event pending (the layout is
+    /// the ABI's). Checked without KVM, so `vmm-store verify` runs the same checks as
+    /// restore. KVM still validates what it takes; this catches what it would take and
+    /// the guest would crash on, and names what it would refuse with a bare errno.
+    pub fn validate(&self, mem_size: u64) -> Result<(), PersistError> {
+        if !matches!(self.backend.as_str(), "pvm" | "hardware") {
+            return Err(invalid(
+                "back end",
+                crate::checks::shown(&self.backend),
+                "it is pvm or hardware",
+            ));
+        }
+        if self.tsc_khz == 0 || self.tsc_khz > 100_000_000 {
+            return Err(invalid(
+                "TSC frequency",
+                format!("{} kHz", self.tsc_khz),
+                "a CPU clock between 1 kHz and 100 GHz",
+            ));
+        }
+        let regs: kvm_regs = read("regs", &self.regs)?;
+        let sregs: kvm_sregs = read("sregs", &self.sregs)?;
+        let xsave: kvm_xsave = read("xsave", &self.xsave)?;
+        let xcrs: kvm_xcrs = read("xcrs", &self.xcrs)?;
+        let events: kvm_vcpu_events = read("vcpu events", &self.events)?;
+        let debugregs: kvm_debugregs = read("debugregs", &self.debugregs)?;
+        let _: kvm_clock_data = read("clock", &self.clock)?;
+
+        let kernel = layout::KERNEL_BASE..layout::KERNEL_END_MAX;
+        if !kernel.contains(&regs.rip) {
+            return Err(invalid(
+                "rip",
+                hex(regs.rip),
+                format!(
+                    "the guest kernel's code is at {:#x}..{:#x}",
+                    kernel.start, kernel.end
+                ),
+            ));
+        }
+        if !(layout::STACK_BOTTOM..=layout::STACK_TOP).contains(&regs.rsp) {
+            return Err(invalid(
+                "rsp",
+                hex(regs.rsp),
+                format!(
+                    "the guest kernel's stack is at {:#x}..{:#x}",
+                    layout::STACK_BOTTOM,
+                    layout::STACK_TOP
+                ),
+            ));
+        }
+        let f = regs.rflags;
+        if f & RFLAGS_FIXED == 0 || f & (RFLAGS_TF | RFLAGS_VM | RFLAGS_RESERVED) != 0 {
+            return Err(invalid(
+                "rflags",
+                hex(f),
+                "bit 1 set; no trap flag, virtual-8086 mode or reserved bits",
+            ));
+        }
+
+        // Long mode on the VMM's identity page tables.
+        if sregs.cr0 & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
+            return Err(invalid("cr0", hex(sregs.cr0), "protection and paging on"));
+        }
+        if sregs.cr4 & CR4_PAE == 0 {
+            return Err(invalid("cr4", hex(sregs.cr4), "PAE on"));
+        }
+        if sregs.efer & (EFER_LME | EFER_LMA) != EFER_LME | EFER_LMA {
+            return Err(invalid("efer", hex(sregs.efer), "long mode on"));
+        }
+        if sregs.cr3 != layout::PML4_GPA {
+            return Err(invalid(
+                "cr3",
+                hex(sregs.cr3),
+                format!("the guest's page tables are at {:#x}", layout::PML4_GPA),
+            ));
+        }
+        if sregs.cs.l != 1 || sregs.cs.present != 1 {
+            return Err(invalid(
+                "code segment",
+                format!("selector {:#x}", sregs.cs.selector),
+                "a present 64-bit code segment",
+            ));
+        }
+        let in_ram = |base: u64, limit: u64| base.checked_add(limit).is_some_and(|e| e < mem_size);
+        let ram = format!("inside the {} MiB of guest memory", mem_size >> 20);
+        if !in_ram(sregs.gdt.base, sregs.gdt.limit.into()) {
+            return Err(invalid("gdt base", hex(sregs.gdt.base), ram));
+        }
+        if !in_ram(sregs.idt.base, sregs.idt.limit.into()) {
+            return Err(invalid("idt base", hex(sregs.idt.base), ram));
+        }
+        if sregs.tr.present != 1 || !in_ram(sregs.tr.base, sregs.tr.limit.into()) {
+            return Err(invalid("task state segment at", hex(sregs.tr.base), ram));
+        }
+        if sregs.interrupt_bitmap.iter().any(|&w| w != 0) {
+            return Err(invalid(
+                "a pending interrupt",
+                "in the interrupt bitmap",
+                "the guest has no interrupt sources",
+            ));
+        }
+
+        // Nothing pending: the vCPU stopped at a hostcall, not in the middle of an event.
+        let ev = &events;
+        if ev.exception.injected != 0 || ev.exception.pending != 0 {
+            return Err(invalid(
+                "a pending exception",
+                format!("(vector {})", ev.exception.nr),
+                "the vCPU is saved at a hostcall, with no exception under way",
+            ));
+        }
+        if ev.interrupt.injected != 0
+            || ev.nmi.injected != 0
+            || ev.nmi.pending != 0
+            || ev.smi.smm != 0
+            || ev.smi.pending != 0
+            || ev.triple_fault.pending != 0
+        {
+            return Err(invalid(
+                "a pending event",
+                "(interrupt, NMI, SMI or triple fault)",
+                "the vCPU is saved at a hostcall, with no event under way",
+            ));
+        }
+        if debugregs.dr7 & DR7_ENABLES != 0 {
+            return Err(invalid(
+                "dr7",
+                hex(debugregs.dr7),
+                "no hardware breakpoint enabled",
+            ));
+        }
+
+        // Extended state: XCR0 always enables x87; the XSAVE header is the standard
+        // (uncompacted) one KVM_GET_XSAVE returns, naming only enabled components.
+        let n = xcrs.nr_xcrs as usize;
+        if n > xcrs.xcrs.len() {
+            return Err(invalid(
+                "xcrs count",
+                n.to_string(),
+                format!("KVM has at most {}", xcrs.xcrs.len()),
+            ));
+        }
+        let xcr0 = xcrs.xcrs[..n].iter().find(|x| x.xcr == 0).map(|x| x.value);
+        if xcr0.is_some_and(|v| v & 1 == 0) {
+            return Err(invalid("xcr0", hex(xcr0.unwrap_or(0)), "x87 state enabled"));
+        }
+        let x = xsave.region.as_bytes();
+        let word = |o: usize| u64::from_le_bytes(x[o..o + 8].try_into().unwrap_or([0; 8]));
+        let mxcsr = word(24) & 0xffff_ffff;
+        if mxcsr >> 16 != 0 {
+            return Err(invalid("xsave MXCSR", hex(mxcsr), "reserved bits clear"));
+        }
+        // x87 and SSE state are always valid in XSTATE_BV; anything else must be enabled.
+        let (xstate_bv, xcomp_bv) = (word(512), word(520));
+        if xstate_bv & !(xcr0.unwrap_or(1) | 0b11) != 0 || xcomp_bv != 0 {
+            return Err(invalid(
+                "xsave header",
+                format!("XSTATE_BV {xstate_bv:#x}, XCOMP_BV {xcomp_bv:#x}"),
+                "the standard format naming only components XCR0 enables",
+            ));
+        }
+        if x[528..576].iter().any(|&b| b != 0) {
+            return Err(invalid(
+                "xsave header",
+                "with reserved bytes set",
+                "they are zero",
+            ));
+        }
+
+        // MSRs: as many as KVM takes; EFER (if listed) agrees with the special registers;
+        // on PVM the VIF page is the one the ABI places.
+        if self.msrs.len() > KVM_MAX_MSR_ENTRIES {
+            return Err(too_many_msrs(self.msrs.len()));
+        }
+        if let Some(&(_, efer)) = self.msrs.iter().find(|(i, _)| *i == MSR_EFER) {
+            if efer != sregs.efer {
+                return Err(invalid(
+                    "MSR EFER",
+                    hex(efer),
+                    format!("the same as the special registers' {:#x}", sregs.efer),
+                ));
+            }
+        }
+        if self.backend == "pvm" {
+            let vif = MSR_PVM_VIF;
+            match self.msrs.iter().find(|(i, _)| *i == vif) {
+                None => return Err(PersistError::Damaged(format!("MSR {vif:#x} is missing"))),
+                Some(&(_, v)) if v & !0xfff != layout::VIF_GPA => {
+                    return Err(invalid(
+                        "PVM VIF page",
+                        hex(v),
+                        format!("the ABI places it at {:#x}", layout::VIF_GPA),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 }

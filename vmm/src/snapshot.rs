@@ -11,19 +11,22 @@
 //! * Restore fills guest RAM with one of several strategies, applies the vCPU state,
 //!   writes the request where the guest's pending `ReadStdin` expects it, and resumes.
 
+use crate::checks::{self, BaseRef, CheckError, Provenance};
 use crate::memory::GuestMemory;
 use crate::persist::{PersistError, VcpuState};
-use crate::run::{self, boot_vm, ms, FunctionSpec, RunLimits, RunReport, RuntimeKind, Stats};
+use crate::run::{self, boot_vm, ms, FunctionSpec, RunLimits, RunReport, Stats};
 use crate::uffd::{Uffd, UffdError};
 use crate::vm::{GuestError, Hostcall, Output, RunError, Vm, VmError};
-use snapshot_store::{Frame, Resolved, Store, PAGE_SIZE};
+use snapshot_store::{Frame, Resolved, Store, TemplateName, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use vmm_abi::{layout, GuestRange, Op};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-const DEVICE_STATE_VERSION: u32 = 1;
+/// Version 2 added `provenance` and `base`; version 1 states still decode (without them).
+pub const DEVICE_STATE_VERSION: u32 = 2;
+const MAX_DEVICE_STATE_BYTES: usize = 1 << 20;
 
 /// What the guest was waiting for when the template was taken, and how it was set up.
 #[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
@@ -37,24 +40,87 @@ pub struct DeviceState {
     pub module_name: String,
     /// The function's arguments (empty for a runtime base), for `template ls`.
     pub args: Vec<String>,
+    /// What the runtime base under this template was made from (version 2 on).
+    pub provenance: Option<Provenance>,
+    /// Function templates: the runtime base they were made on (version 2 on).
+    pub base: Option<BaseRef>,
+}
+
+/// The version 1 encoding: the fields up to `args` (also the start of every later one).
+#[derive(bincode::Encode, bincode::Decode)]
+struct DeviceStateV1 {
+    version: u32,
+    pending_op: u64,
+    buf_gpa: u64,
+    buf_len: u64,
+    runtime: String,
+    module_name: String,
+    args: Vec<String>,
+}
+
+/// A device state that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("{0}")]
+    Damaged(String),
+    #[error("version {0}, from a newer vmm")]
+    Newer(u32),
 }
 
 impl DeviceState {
-    fn encode(&self) -> Vec<u8> {
-        bincode::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
-    }
-    #[doc(hidden)] // public for the fuzz target
-    pub fn decode(b: &[u8]) -> Result<Self, TemplateError> {
-        let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
-        let (d, used): (DeviceState, usize) = bincode::decode_from_slice(b, cfg)
-            .map_err(|e| TemplateError::Damaged(format!("device state: {e}")))?;
-        if used != b.len() || d.version != DEVICE_STATE_VERSION {
-            return Err(TemplateError::Damaged(format!(
-                "device state version {} or length",
-                d.version
-            )));
+    /// The encoding of `self.version` (version 1 without the fields it did not have).
+    pub fn encode(&self) -> Vec<u8> {
+        let cfg = bincode::config::standard();
+        if self.version == 1 {
+            let v1 = DeviceStateV1 {
+                version: 1,
+                pending_op: self.pending_op,
+                buf_gpa: self.buf_gpa,
+                buf_len: self.buf_len,
+                runtime: self.runtime.clone(),
+                module_name: self.module_name.clone(),
+                args: self.args.clone(),
+            };
+            return bincode::encode_to_vec(v1, cfg).unwrap_or_default();
         }
-        Ok(d)
+        bincode::encode_to_vec(self, cfg).unwrap_or_default()
+    }
+
+    /// Decode a version 1 or 2 state (bounded: at most 1 MiB is decoded).
+    pub fn decode(b: &[u8]) -> Result<Self, DeviceStateError> {
+        let cfg = bincode::config::standard().with_limit::<MAX_DEVICE_STATE_BYTES>();
+        let damaged = |e: bincode::error::DecodeError| {
+            DeviceStateError::Damaged(checks::decode_error_text(&e))
+        };
+        let trailing = |used: usize| {
+            DeviceStateError::Damaged(format!("{} bytes follow its end", b.len() - used))
+        };
+        let (v1, used): (DeviceStateV1, usize) =
+            bincode::decode_from_slice(b, cfg).map_err(damaged)?;
+        match v1.version {
+            1 if used == b.len() => Ok(DeviceState {
+                version: 1,
+                pending_op: v1.pending_op,
+                buf_gpa: v1.buf_gpa,
+                buf_len: v1.buf_len,
+                runtime: v1.runtime,
+                module_name: v1.module_name,
+                args: v1.args,
+                provenance: None,
+                base: None,
+            }),
+            1 => Err(trailing(used)),
+            DEVICE_STATE_VERSION => {
+                let (d, used): (DeviceState, usize) =
+                    bincode::decode_from_slice(b, cfg).map_err(damaged)?;
+                if used != b.len() {
+                    return Err(trailing(used));
+                }
+                Ok(d)
+            }
+            v if v > DEVICE_STATE_VERSION => Err(DeviceStateError::Newer(v)),
+            v => Err(DeviceStateError::Damaged(format!("version {v}"))),
+        }
     }
 }
 
@@ -72,8 +138,15 @@ pub enum TemplateError {
     IsBase(String),
     #[error("template {0:?} waits for a request, so nothing can be layered on it; use its runtime base as --base")]
     NotABase(String),
+    #[error(transparent)]
+    Name(#[from] snapshot_store::NameError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
     #[error("the template is damaged: {0}; run `vmm-store verify` and recreate it")]
     Damaged(String),
+    /// A bug in this VMM, not a problem of the template or the request.
+    #[error("internal error: {0} (a bug in vmm; please report it)")]
+    Internal(&'static str),
     #[error(transparent)]
     Persist(#[from] PersistError),
     #[error(transparent)]
@@ -115,21 +188,19 @@ pub enum MemoryStrategy {
     Shared,
 }
 
-/// Name of the runtime base for a module: it depends on the module, the runtime and the
-/// guest kernel (a new kernel must not restore an old base).
+/// Name of the runtime base for a module: it depends on the module, the runtime, the
+/// engine and the guest kernel (a new kernel must not restore an old base), and on the
+/// device state version, so that bases which do not record their provenance (version 1)
+/// are never picked up again.
 pub fn runtime_base_name(spec: &FunctionSpec, mem_mib: u64) -> String {
-    let kernel = run::guest_kernel_image()
-        .map(|k| xxhash_rust::xxh3::xxh3_64(&k))
-        .unwrap_or(0);
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(&spec.module);
-    h.update(&kernel.to_le_bytes());
+    h.update(&checks::kernel_hash().to_le_bytes());
     h.update(&mem_mib.to_le_bytes());
     h.update(&vmm_abi::ABI_VERSION.to_le_bytes());
-    let rt = match spec.runtime {
-        RuntimeKind::Wasi => "wasi",
-        RuntimeKind::Qjs => "qjs",
-    };
+    h.update(checks::ENGINE.as_bytes());
+    h.update(&DEVICE_STATE_VERSION.to_le_bytes());
+    let rt = checks::runtime_name(spec.runtime);
     format!("base-{rt}-{:016x}", h.digest())
 }
 
@@ -212,7 +283,7 @@ fn write_layer(
                 .mem
                 .slice(gfn * PAGE, PAGE)?
                 .try_into()
-                .map_err(|_| TemplateError::Damaged("page slice".into()))?;
+                .map_err(|_| TemplateError::Internal("a guest page is not 4096 bytes"))?;
             w.put_page(gfn, page)?;
         }
     }
@@ -286,6 +357,8 @@ pub struct RestoreStats {
 pub struct Restored {
     pub vm: Vm,
     pub device: DeviceState,
+    /// When the restored template was created.
+    pub created_unix_ms: u64,
 }
 
 /// Data frames in a 2 MiB region below which `eager` maps the region with 4 KiB pages: a
@@ -351,11 +424,9 @@ fn install(
     std::thread::scope(|scope| {
         let other = scope.spawn(|| fill(1));
         let mine = fill(0);
-        let theirs = other.join().unwrap_or_else(|_| {
-            Err(TemplateError::Damaged(
-                "the memory installer panicked".into(),
-            ))
-        });
+        let theirs = other.join().unwrap_or(Err(TemplateError::Internal(
+            "a memory installer thread panicked",
+        )));
         Ok(mine? + theirs?)
     })
 }
@@ -371,7 +442,7 @@ struct FaultServer<'a> {
     bytes: AtomicU64,
     touched: Mutex<Vec<u64>>,
     /// The first damaged page met, if any.
-    corrupt: Mutex<Option<String>>,
+    corrupt: Mutex<Option<snapshot_store::LoadError>>,
 }
 
 // SAFETY: `base` is the start of guest RAM, which outlives the server (scoped thread);
@@ -389,7 +460,7 @@ impl FaultServer<'_> {
             let frame = self.resolved.frame_verified(gfn).unwrap_or_else(|e| {
                 // Serve zeros so the guest does not hang; the restore reports the damage.
                 if let Ok(mut c) = self.corrupt.lock() {
-                    c.get_or_insert(e.to_string());
+                    c.get_or_insert(e);
                 }
                 None
             });
@@ -437,9 +508,18 @@ fn with_restored_keep<T>(
         snapshot_store::LoadError::NotFound { .. } => TemplateError::Missing(name.into()),
         e => e.into(),
     })?;
-    let state = VcpuState::decode(&tmpl.vcpu_state)?;
-    let device = DeviceState::decode(&tmpl.device_state)?;
+    // Everything restore would trip over is refused before a VM exists.
+    let (state, device) = checks::check_states(&tmpl)?;
+    // The parent as it is now (if it does not load, resolving says why).
+    let parent = tmpl
+        .parent
+        .as_ref()
+        .and_then(|p| store.load(p.as_str()).ok());
     let resolved = tmpl.resolve(store)?;
+    let parent = parent
+        .map(|pt| checks::decode_device(&pt).map(|pd| (pt, pd)))
+        .transpose()?;
+    checks::check_layering(&tmpl, &device, parent.as_ref().map(|(t, d)| (t, d)))?;
     stats.load_ms = ms(t0.elapsed());
     stats.strategy = Some(strategy);
 
@@ -482,11 +562,9 @@ fn with_restored_keep<T>(
                 state.apply(&p.vm, &p.vcpu, p.backend)?;
                 Ok((p, ms(t2.elapsed())))
             });
-        let installed = installer.join().unwrap_or_else(|_| {
-            Err(TemplateError::Damaged(
-                "the memory installer panicked".into(),
-            ))
-        });
+        let installed = installer.join().unwrap_or(Err(TemplateError::Internal(
+            "the memory installer panicked",
+        )));
         (installed, parts)
     });
     let (parts, vcpu_ms) = parts?;
@@ -516,7 +594,11 @@ fn with_restored_keep<T>(
     };
     std::thread::scope(|scope| {
         let handle = server.as_ref().map(|s| scope.spawn(move || s.serve()));
-        let mut restored = Restored { vm, device };
+        let mut restored = Restored {
+            vm,
+            device,
+            created_unix_ms: tmpl.created_unix_ms,
+        };
         let t3 = Instant::now();
         let result = body(&mut restored);
         stats.run_ms = ms(t3.elapsed());
@@ -531,20 +613,18 @@ fn with_restored_keep<T>(
                 t.clone_from(&rec);
             }
         }
-        if let Some(Some(msg)) = server
+        if let Some(Some(e)) = server
             .as_ref()
-            .and_then(|s| s.corrupt.lock().ok().map(|c| c.clone()))
+            .and_then(|s| s.corrupt.lock().ok().map(|mut c| c.take()))
         {
-            return Err(TemplateError::Damaged(msg));
+            return Err(TemplateError::Load(e));
         }
         if let Some(k) = keep {
             *k = Some(restored.vm);
         }
         match served {
             Some(Ok(Err(e))) => Err(e.into()),
-            Some(Err(_)) => Err(TemplateError::Damaged(
-                "the page fault server panicked".into(),
-            )),
+            Some(Err(_)) => Err(TemplateError::Internal("the page fault server panicked")),
             _ => Ok(result),
         }
     })
@@ -581,14 +661,7 @@ fn run_restored(
         return Err(TemplateError::IsBase(name.into()));
     }
     let vm = &mut r.vm;
-    let buf = GuestRange::checked(
-        "stdin buffer",
-        r.device.buf_gpa,
-        r.device.buf_len,
-        vm.mem.size(),
-        vm.mem.size(),
-    )
-    .map_err(|e| TemplateError::Damaged(e.to_string()))?;
+    let buf = pending_buffer(name, &r.device, vm.mem.size())?;
     let mut out = Output::new(limits.max_output);
     let exits_before = vm.exits;
     let result = run::serve_from(
@@ -622,13 +695,31 @@ fn run_restored(
     })
 }
 
-/// Snapshot the vCPU of `vm`, stopped at hostcall `pending` whose buffer is `buf`.
+/// The buffer of the hostcall a restored template waits in (already range-checked by
+/// `checks::check_states`; checked again here because guest memory is indexed with it).
+fn pending_buffer(name: &str, d: &DeviceState, mem_size: u64) -> Result<GuestRange, TemplateError> {
+    GuestRange::checked("pending buffer", d.buf_gpa, d.buf_len, mem_size, mem_size).map_err(|e| {
+        match TemplateName::new(name) {
+            Ok(template) => CheckError::Device {
+                template,
+                reason: e.to_string(),
+            }
+            .into(),
+            Err(e) => e.into(),
+        }
+    })
+}
+
+/// Snapshot the vCPU of `vm`, stopped at hostcall `pending` whose buffer is `buf`; the
+/// template records `provenance` and, for a function template, the `base` it is made on.
 fn capture(
     vm: &mut Vm,
     pending: Op,
     buf: GuestRange,
     spec: &FunctionSpec,
     args: Vec<String>,
+    provenance: &Provenance,
+    base: Option<BaseRef>,
 ) -> Result<(VcpuState, DeviceState), TemplateError> {
     vm.settle()?;
     let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
@@ -637,11 +728,19 @@ fn capture(
         pending_op: pending as u64,
         buf_gpa: buf.gpa,
         buf_len: buf.len,
-        runtime: format!("{:?}", spec.runtime).to_lowercase(),
+        runtime: checks::runtime_name(spec.runtime).into(),
         module_name: spec.module_name.clone(),
         args,
+        provenance: Some(provenance.clone()),
+        base,
     };
     Ok((state, device))
+}
+
+fn unexpected(what: &str) -> TemplateError {
+    TemplateError::Run(RunError::Guest(GuestError::UnexpectedExit(format!(
+        "the guest {what}"
+    ))))
 }
 
 /// What `template create` did.
@@ -657,7 +756,10 @@ pub struct CreateReport {
     pub create_ms: f64,
 }
 
-/// Create (or reuse) the runtime base and layer a function template on it.
+/// Create (or reuse) the runtime base and layer a function template on it. An existing
+/// base is used only if it was made from what `spec` and `limits` ask for (module,
+/// runtime, engine, memory size, guest kernel and ABI); otherwise the error names each
+/// option that differs.
 pub fn create_template(
     store: &mut Store,
     name: &str,
@@ -667,11 +769,26 @@ pub fn create_template(
     limits: &RunLimits,
 ) -> Result<CreateReport, TemplateError> {
     let t0 = Instant::now();
-    snapshot_store::TemplateName::new(name).map_err(|e| TemplateError::Damaged(e.to_string()))?;
-    let base_name = base
-        .map(str::to_string)
-        .unwrap_or_else(|| runtime_base_name(spec, limits.mem_mib));
-    let exists = store.list()?.iter().any(|t| t.name.as_str() == base_name);
+    let tname = TemplateName::new(name)?;
+    let base_tname = match base {
+        Some(b) => TemplateName::new(b)?,
+        None => TemplateName::new(&runtime_base_name(spec, limits.mem_mib))?,
+    };
+    let base_name = base_tname.as_str().to_string();
+    let ours = Provenance::of(spec, limits.mem_mib);
+    // The base as it is now, checked against what this layer asks for before anything runs.
+    let base_exists = match store.load(&base_name) {
+        Ok(t) => {
+            let device = checks::decode_device(&t)?;
+            if device.pending_op != Op::GetFunction as u64 {
+                return Err(TemplateError::NotABase(base_name));
+            }
+            checks::check_base_for_layer(&tname, &ours, &t, &device)?;
+            true
+        }
+        Err(snapshot_store::LoadError::NotFound { .. }) => false,
+        Err(e) => return Err(e.into()),
+    };
     let mut base_created = false;
     let mut base_new_pages = 0;
     let config = spec.config_blob();
@@ -681,7 +798,8 @@ pub fn create_template(
     // and run it to its first read of stdin.
     let mut layer = |vm: &mut Vm,
                      buf: GuestRange,
-                     store: &mut Store|
+                     store: &mut Store,
+                     made_on: BaseRef|
      -> Result<snapshot_store::CommitInfo, TemplateError> {
         let mut given = false;
         let stop = run::drive(
@@ -711,11 +829,19 @@ pub fn create_template(
             }
             Hostcall::GetFunction { .. } => return Err(TemplateError::UnexpectedHostcall),
         };
-        let (state, device) = capture(vm, Op::ReadStdin, stdin_buf, spec, spec.args.clone())?;
+        let (state, device) = capture(
+            vm,
+            Op::ReadStdin,
+            stdin_buf,
+            spec,
+            spec.args.clone(),
+            &ours,
+            Some(made_on),
+        )?;
         write_layer(store, name, Some(&base_name), vm, &state, &device, false)
     };
 
-    let commit = if exists {
+    let commit = if base_exists {
         // Restore the base eagerly into a VM that stays alive for the function layer. The
         // restore borrows a second handle of the store; the layer is written through `store`.
         let mut rs = RestoreStats::default();
@@ -727,18 +853,17 @@ pub fn create_template(
             &mut rs,
             None,
             |r| {
+                // What was restored may have replaced the base checked above.
                 if r.device.pending_op != Op::GetFunction as u64 {
                     return Err(TemplateError::NotABase(base_name.clone()));
                 }
-                let buf = GuestRange::checked(
-                    "function buffer",
-                    r.device.buf_gpa,
-                    r.device.buf_len,
-                    r.vm.mem.size(),
-                    r.vm.mem.size(),
-                )
-                .map_err(|e| TemplateError::Damaged(e.to_string()))?;
-                layer(&mut r.vm, buf, store)
+                checks::check_provenance(&tname, &base_tname, &ours, r.device.provenance.as_ref())?;
+                let made_on = BaseRef {
+                    name: base_name.clone(),
+                    created_unix_ms: r.created_unix_ms,
+                };
+                let buf = pending_buffer(&base_name, &r.device, r.vm.mem.size())?;
+                layer(&mut r.vm, buf, store, made_on)
             },
         )??
     } else {
@@ -751,25 +876,40 @@ pub fn create_template(
         let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
             Ok(run::Next::Stop)
         })?;
-        let Hostcall::GetFunction { buf } = stop else {
-            return Err(TemplateError::Run(RunError::Guest(
-                GuestError::UnexpectedExit(format!(
-                    "the guest stopped at {stop:?} before asking for its function"
-                )),
-            )));
+        let buf = match stop {
+            Hostcall::GetFunction { buf } => buf,
+            Hostcall::ReadStdin { .. } => {
+                return Err(unexpected(
+                    "read its request before asking for its function",
+                ))
+            }
+            Hostcall::Exit { code } => {
+                return Err(unexpected(&format!(
+                    "exited (code {code}) before asking for its function"
+                )))
+            }
         };
-        let (state, device) = capture(&mut vm, Op::GetFunction, buf, spec, vec![])?;
+        let (state, device) = capture(&mut vm, Op::GetFunction, buf, spec, vec![], &ours, None)?;
         match write_layer(store, &base_name, None, &vm, &state, &device, false) {
             Ok(info) => {
                 base_created = true;
                 base_new_pages = info.new_pages;
             }
             // A concurrent `template create` wrote the same base first: layer on theirs (the
-            // function layer is a diff against whatever the parent holds).
-            Err(TemplateError::Write(snapshot_store::WriteError::AlreadyExists { .. })) => {}
+            // function layer is a diff against whatever the parent holds) if it was made
+            // from the same things.
+            Err(TemplateError::Write(snapshot_store::WriteError::AlreadyExists { .. })) => {
+                let theirs = store.load(&base_name)?;
+                let device = checks::decode_device(&theirs)?;
+                checks::check_base_for_layer(&tname, &ours, &theirs, &device)?;
+            }
             Err(e) => return Err(e),
         }
-        layer(&mut vm, buf, store)?
+        let made_on = BaseRef {
+            name: base_name.clone(),
+            created_unix_ms: store.load(&base_name)?.created_unix_ms,
+        };
+        layer(&mut vm, buf, store, made_on)?
     };
 
     // Record the working set: a trial invocation with every page arriving on demand.

@@ -1,0 +1,606 @@
+//! What a template must be before the VMM restores it or layers a function on it, checked
+//! from its manifest alone (no KVM needed). `vmm restore` and `vmm template create` run
+//! these checks before anything runs in a VM, and `vmm-store verify` runs the same code
+//! ([`check_store`]), so verify reports exactly what restore would refuse.
+//!
+//! * **Provenance**: a runtime base records what it was made from ([`Provenance`]: module
+//!   hash, runtime, engine, guest memory size, guest kernel and ABI); a function layer is
+//!   refused when its options disagree with its base's, naming each option that differs.
+//!   A function template records the base it was made on ([`BaseRef`]).
+//! * **vCPU state**: decoded under a size limit and range-checked
+//!   ([`VcpuState::validate`]).
+//! * **Device state**: a known pending hostcall whose buffer lies inside guest memory.
+//! * **Layering**: a runtime base has no parent; a function template is layered on the very
+//!   runtime base it was made on (its pages are a diff against that base's).
+//!
+//! Templates from before provenance was recorded (device state version 1) still restore
+//! (there is nothing to compare a restore against), but no new function is layered on such
+//! a base: what it runs cannot be checked ([`CheckError::UnrecordedBase`]).
+
+use crate::persist::{PersistError, VcpuState};
+use crate::run::{FunctionSpec, RuntimeKind};
+use crate::snapshot::{DeviceState, DeviceStateError, DEVICE_STATE_VERSION};
+use snapshot_store::{Store, Template, TemplateName};
+use std::fmt;
+use vmm_abi::{GuestRange, Op};
+
+/// The WebAssembly engine inside the guest kernel. The kernel's hash (also recorded) pins
+/// its exact build; the name tells engines apart in messages.
+pub const ENGINE: &str = "wasmi";
+
+/// What a runtime base was made from. Two bases with equal provenance run the same code.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct Provenance {
+    /// xxh3-128 of the module's bytes (the binary, after `.wat` text is compiled).
+    pub module_hash: u128,
+    /// The module's file name, for messages.
+    pub module_name: String,
+    /// `wasi` or `qjs`.
+    pub runtime: String,
+    pub engine: String,
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// xxh3-64 of the guest kernel image.
+    pub kernel_hash: u64,
+    pub abi_version: u64,
+}
+
+/// The runtime base a function template was made on: its name and creation time.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct BaseRef {
+    pub name: String,
+    pub created_unix_ms: u64,
+}
+
+pub fn runtime_name(r: RuntimeKind) -> &'static str {
+    match r {
+        RuntimeKind::Wasi => "wasi",
+        RuntimeKind::Qjs => "qjs",
+    }
+}
+
+/// xxh3-64 of the guest kernel this VMM boots (0 if it cannot be read).
+pub fn kernel_hash() -> u64 {
+    crate::run::guest_kernel_image()
+        .map(|k| xxhash_rust::xxh3::xxh3_64(&k))
+        .unwrap_or(0)
+}
+
+impl Provenance {
+    /// The provenance a base made now for `spec` with `mem_mib` MiB of guest memory has.
+    pub fn of(spec: &FunctionSpec, mem_mib: u64) -> Provenance {
+        Provenance {
+            module_hash: xxhash_rust::xxh3::xxh3_128(&spec.module),
+            module_name: spec.module_name.clone(),
+            runtime: runtime_name(spec.runtime).into(),
+            engine: ENGINE.into(),
+            mem_size: mem_mib.saturating_mul(1 << 20),
+            kernel_hash: kernel_hash(),
+            abi_version: vmm_abi::ABI_VERSION,
+        }
+    }
+
+    /// Every way `self` (what a new layer asks for) differs from `base`'s provenance.
+    pub fn differences(&self, base: &Provenance) -> Vec<Difference> {
+        let mut d = Vec::new();
+        if self.module_hash != base.module_hash {
+            d.push(Difference::Module {
+                ours: shown(&self.module_name),
+                ours_hash: self.module_hash,
+                base: shown(&base.module_name),
+                base_hash: base.module_hash,
+            });
+        }
+        if self.runtime != base.runtime {
+            d.push(Difference::Runtime {
+                ours: shown(&self.runtime),
+                base: shown(&base.runtime),
+            });
+        }
+        if self.engine != base.engine {
+            d.push(Difference::Engine {
+                ours: shown(&self.engine),
+                base: shown(&base.engine),
+            });
+        }
+        if self.mem_size != base.mem_size {
+            d.push(Difference::MemSize {
+                ours: self.mem_size,
+                base: base.mem_size,
+            });
+        }
+        if self.kernel_hash != base.kernel_hash {
+            d.push(Difference::Kernel {
+                ours: self.kernel_hash,
+                base: base.kernel_hash,
+            });
+        }
+        if self.abi_version != base.abi_version {
+            d.push(Difference::Abi {
+                ours: self.abi_version,
+                base: base.abi_version,
+            });
+        }
+        d
+    }
+}
+
+/// One option in which a new function layer differs from its base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    Module {
+        ours: String,
+        ours_hash: u128,
+        base: String,
+        base_hash: u128,
+    },
+    Runtime {
+        ours: String,
+        base: String,
+    },
+    Engine {
+        ours: String,
+        base: String,
+    },
+    MemSize {
+        ours: u64,
+        base: u64,
+    },
+    Kernel {
+        ours: u64,
+        base: u64,
+    },
+    Abi {
+        ours: u64,
+        base: u64,
+    },
+}
+
+impl Difference {
+    /// Differences that come from the vmm build, not from the function's options: only a
+    /// base made again with this vmm can fix them.
+    fn needs_new_base(&self) -> bool {
+        matches!(
+            self,
+            Difference::Engine { .. } | Difference::Kernel { .. } | Difference::Abi { .. }
+        )
+    }
+
+    fn describe(&self, base_name: &str) -> String {
+        match self {
+            Difference::Module {
+                ours,
+                ours_hash,
+                base,
+                base_hash,
+            } => format!(
+                "the module {ours} (xxh3-128 {ours_hash:032x}) differs from {base_name}'s module {base} (xxh3-128 {base_hash:032x})"
+            ),
+            Difference::Runtime { ours, base } => {
+                format!("the runtime {ours} differs from {base_name}'s runtime {base}")
+            }
+            Difference::Engine { ours, base } => format!(
+                "this vmm's WebAssembly engine {ours} differs from {base_name}'s engine {base}"
+            ),
+            Difference::MemSize { ours, base } => format!(
+                "the guest memory size {} MiB differs from {base_name}'s {} MiB",
+                ours >> 20,
+                base >> 20
+            ),
+            Difference::Kernel { ours, base } => format!(
+                "this vmm's guest kernel (xxh3-64 {ours:016x}) differs from the one {base_name} was made with ({base:016x})"
+            ),
+            Difference::Abi { ours, base } => format!(
+                "this vmm's guest ABI version {ours} differs from {base_name}'s version {base}"
+            ),
+        }
+    }
+}
+
+fn describe_all(differences: &[Difference], base: &TemplateName) -> String {
+    let list: Vec<String> = differences
+        .iter()
+        .map(|d| d.describe(base.as_str()))
+        .collect();
+    let remedy = if differences.iter().any(Difference::needs_new_base) {
+        format!(
+            "{base} must be made again by this vmm (or the function layered on a base made by it)"
+        )
+    } else {
+        format!(
+            "a function layer runs its base's module, so give it the module, runtime and memory size {base} was made with, or layer it on a base made from its own (without a base named, each module gets its own runtime base)"
+        )
+    };
+    format!("{}; {remedy}", list.join("; "))
+}
+
+/// Why a template cannot be restored, or a function cannot be layered on a base.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("template {template}: {source}")]
+    Vcpu {
+        template: TemplateName,
+        source: PersistError,
+    },
+    #[error("template {template}: the device state is damaged or forged ({reason}); recreate the template")]
+    Device {
+        template: TemplateName,
+        reason: String,
+    },
+    #[error("template {template} was made by a newer vmm (device state version {version}; this vmm reads versions 1 to {DEVICE_STATE_VERSION}): use that vmm, or recreate the template with this one")]
+    NewerDevice {
+        template: TemplateName,
+        version: u32,
+    },
+    #[error("template {child} is layered on {parent}, which is a function template, not a runtime base: {child}'s memory is a diff against the base it was made on, so it cannot be restored; remove {child} and create it again")]
+    ParentNotABase {
+        child: TemplateName,
+        parent: TemplateName,
+    },
+    #[error("template {child} is a function template with no runtime base under it: its memory is a diff against the base it was made on, so it cannot be restored; remove {child} and create it again")]
+    NoBase { child: TemplateName },
+    #[error("runtime base {base} is layered on {parent}, but a runtime base is a whole snapshot of its own; remove {base} and create it again")]
+    BaseHasParent {
+        base: TemplateName,
+        parent: TemplateName,
+    },
+    #[error("template {child} was made on runtime base {made_on}, but its manifest names {parent} as its parent: its memory is a diff against {made_on}'s, so it cannot be restored; remove {child} and create it again")]
+    WrongBase {
+        child: TemplateName,
+        made_on: String,
+        parent: TemplateName,
+    },
+    #[error("template {child} was made on an earlier runtime base named {parent}, which has since been replaced: its memory is a diff against the old base's, so it cannot be restored; remove {child} and create it again")]
+    ReplacedBase {
+        child: TemplateName,
+        parent: TemplateName,
+    },
+    #[error("cannot layer {name} on {base}: {}", describe_all(.differences, .base))]
+    BaseMismatch {
+        name: TemplateName,
+        base: TemplateName,
+        differences: Vec<Difference>,
+    },
+    #[error("cannot layer {name} on {base}: {base} was made by an older vmm that did not record its module, runtime and memory size, so what {name} would run cannot be checked; layer {name} on a base made by this vmm (without a base named, each module gets its own), or remove {base} and the templates on it and create them again")]
+    UnrecordedBase {
+        name: TemplateName,
+        base: TemplateName,
+    },
+}
+
+/// `s` for a message: control characters replaced and at most 64 characters, since the
+/// text may come from a damaged or forged template.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// A bincode decode error in words (its `Display` is Rust debug text).
+pub(crate) fn decode_error_text(e: &bincode::error::DecodeError) -> String {
+    use bincode::error::DecodeError as E;
+    match e {
+        E::UnexpectedEnd { additional } => format!("it ends {additional} byte(s) too early"),
+        E::LimitExceeded => "it is larger than the size limit".into(),
+        E::Utf8 { .. } | E::InvalidCharEncoding(_) => "a text field is not UTF-8".into(),
+        E::OutsideUsizeRange(n) => format!("a length of {n} is out of range"),
+        _ => "a field holds a value of the wrong type".into(),
+    }
+}
+
+/// Decode the vCPU and device state of `tmpl` and refuse any value restore would trip over.
+pub fn check_states(tmpl: &Template) -> Result<(VcpuState, DeviceState), CheckError> {
+    let vcpu = |source| CheckError::Vcpu {
+        template: tmpl.name.clone(),
+        source,
+    };
+    let state = VcpuState::decode(&tmpl.vcpu_state).map_err(vcpu)?;
+    state.validate(tmpl.mem_size).map_err(vcpu)?;
+    let device = decode_device(tmpl)?;
+    check_device(&device, tmpl.mem_size).map_err(|reason| CheckError::Device {
+        template: tmpl.name.clone(),
+        reason,
+    })?;
+    Ok((state, device))
+}
+
+/// Decode `tmpl`'s device state (not yet range-checked: see [`check_states`]).
+pub fn decode_device(tmpl: &Template) -> Result<DeviceState, CheckError> {
+    DeviceState::decode(&tmpl.device_state).map_err(|e| match e {
+        DeviceStateError::Newer(version) => CheckError::NewerDevice {
+            template: tmpl.name.clone(),
+            version,
+        },
+        DeviceStateError::Damaged(reason) => CheckError::Device {
+            template: tmpl.name.clone(),
+            reason,
+        },
+    })
+}
+
+fn check_device(d: &DeviceState, mem_size: u64) -> Result<(), String> {
+    let what = match d.pending_op {
+        op if op == Op::GetFunction as u64 => "function buffer",
+        op if op == Op::ReadStdin as u64 => "request buffer",
+        op => {
+            return Err(format!(
+                "it waits for hostcall {op}, which is not a snapshot point"
+            ))
+        }
+    };
+    GuestRange::checked(what, d.buf_gpa, d.buf_len, mem_size, mem_size)
+        .map_err(|e| e.to_string())?;
+    if !matches!(d.runtime.as_str(), "wasi" | "qjs") {
+        return Err(format!("runtime {}", shown(&d.runtime)));
+    }
+    if d.version < 2 {
+        return Ok(()); // nothing more was recorded
+    }
+    let Some(p) = &d.provenance else {
+        return Err("it records no provenance".into());
+    };
+    if p.runtime != d.runtime || p.module_name != d.module_name || p.mem_size != mem_size {
+        return Err(format!(
+            "its provenance ({} module {}, {} MiB) disagrees with the template ({} module {}, {} MiB)",
+            shown(&p.runtime),
+            shown(&p.module_name),
+            p.mem_size >> 20,
+            shown(&d.runtime),
+            shown(&d.module_name),
+            mem_size >> 20
+        ));
+    }
+    let is_base = d.pending_op == Op::GetFunction as u64;
+    match &d.base {
+        Some(_) if is_base => Err("a runtime base that names a base of its own".into()),
+        None if !is_base => Err("a function template that does not name its base".into()),
+        Some(b) if TemplateName::new(&b.name).is_err() => {
+            Err(format!("base name {}", shown(&b.name)))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn is_base(d: &DeviceState) -> bool {
+    d.pending_op == Op::GetFunction as u64
+}
+
+/// Check that `child` (whose device state is `device`) sits on the right parent: a runtime
+/// base has none; a function template is layered on the runtime base it was made on.
+/// `parent` is the parent's manifest and device state when they could be read (without
+/// them only the kind of `child` itself is checked).
+pub fn check_layering(
+    child: &Template,
+    device: &DeviceState,
+    parent: Option<(&Template, &DeviceState)>,
+) -> Result<(), CheckError> {
+    let name = || child.name.clone();
+    match (&child.parent, is_base(device)) {
+        (None, true) => Ok(()),
+        (Some(p), true) => Err(CheckError::BaseHasParent {
+            base: name(),
+            parent: p.clone(),
+        }),
+        (None, false) => Err(CheckError::NoBase { child: name() }),
+        (Some(p), false) => {
+            let Some((pt, pd)) = parent else {
+                return Ok(());
+            };
+            if !is_base(pd) {
+                return Err(CheckError::ParentNotABase {
+                    child: name(),
+                    parent: p.clone(),
+                });
+            }
+            if let Some(b) = &device.base {
+                if b.name != p.as_str() {
+                    return Err(CheckError::WrongBase {
+                        child: name(),
+                        made_on: shown(&b.name),
+                        parent: p.clone(),
+                    });
+                }
+                if b.created_unix_ms != pt.created_unix_ms
+                    || (device.provenance.is_some() && device.provenance != pd.provenance)
+                {
+                    return Err(CheckError::ReplacedBase {
+                        child: name(),
+                        parent: p.clone(),
+                    });
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Check that a new function layer `name`, asking for `ours`, may be layered on `base`
+/// (whose device state is `base_device`).
+pub fn check_base_for_layer(
+    name: &TemplateName,
+    ours: &Provenance,
+    base: &Template,
+    base_device: &DeviceState,
+) -> Result<(), CheckError> {
+    check_layering(base, base_device, None)?;
+    check_provenance(name, &base.name, ours, base_device.provenance.as_ref())
+}
+
+/// Check that what a new function layer `name` asks for (`ours`) is what its base `base`
+/// was made from (`theirs`; `None` for a base that did not record it).
+pub fn check_provenance(
+    name: &TemplateName,
+    base: &TemplateName,
+    ours: &Provenance,
+    theirs: Option<&Provenance>,
+) -> Result<(), CheckError> {
+    let Some(theirs) = theirs else {
+        return Err(CheckError::UnrecordedBase {
+            name: name.clone(),
+            base: base.clone(),
+        });
+    };
+    let differences = ours.differences(theirs);
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckError::BaseMismatch {
+            name: name.clone(),
+            base: base.clone(),
+            differences,
+        })
+    }
+}
+
+/// A template that restore would refuse, found by [`check_store`].
+#[derive(Debug)]
+pub struct Finding {
+    pub template: TemplateName,
+    pub error: CheckError,
+}
+
+/// Run the checks restore runs on every template in `store` whose manifest loads
+/// (manifests, packs and parent chains themselves are the store's own `verify`'s job).
+pub fn check_store(store: &mut Store) -> Vec<Finding> {
+    let mut names: Vec<TemplateName> = std::fs::read_dir(store.dir().join("templates"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let f = e.file_name();
+                    let stem = f.to_str()?.strip_suffix(".tmpl")?;
+                    TemplateName::new(stem).ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut findings = Vec::new();
+    for name in names {
+        let Ok(t) = store.load(name.as_str()) else {
+            continue;
+        };
+        let device = match check_states(&t) {
+            Ok((_, d)) => d,
+            Err(error) => {
+                findings.push(Finding {
+                    template: name,
+                    error,
+                });
+                continue;
+            }
+        };
+        // A parent that does not load or decode is reported on its own.
+        let parent = t.parent.as_ref().and_then(|p| {
+            let pt = store.load(p.as_str()).ok()?;
+            let pd = decode_device(&pt).ok()?;
+            Some((pt, pd))
+        });
+        if let Err(error) = check_layering(&t, &device, parent.as_ref().map(|(t, d)| (t, d))) {
+            findings.push(Finding {
+                template: name,
+                error,
+            });
+        }
+    }
+    findings
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Synthetic vCPU and device states that pass every check above, for tests of tools that
+/// build stores through the store API (`vmm-store`'s tests). Not a stable API.
+#[cfg(feature = "fixtures")]
+#[doc(hidden)]
+pub mod fixtures {
+    use super::*;
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use vmm_abi::layout;
+    use zerocopy::IntoBytes;
+
+    /// (vCPU state, device state) of a runtime base (`base` is `None`) or of a function
+    /// template made on `base`, for a guest of `mem_size` bytes (at least 64 KiB).
+    pub fn states(mem_size: u64, base: Option<BaseRef>) -> (Vec<u8>, Vec<u8>) {
+        let regs = kvm_regs {
+            rip: layout::KERNEL_BASE,
+            rsp: layout::INITIAL_RSP,
+            rflags: 2,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr0: 0x8000_0011,
+            cr3: layout::PML4_GPA,
+            cr4: 0x20,
+            efer: 0x500,
+            ..Default::default()
+        };
+        sregs.cs.l = 1;
+        sregs.cs.present = 1;
+        sregs.tr.present = 1;
+        for (t, at) in [(&mut sregs.gdt, 0x5000), (&mut sregs.idt, 0x6000)] {
+            t.base = at;
+            t.limit = 0xff;
+        }
+        sregs.tr.base = 0x7000;
+        sregs.tr.limit = 0x67;
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].value = 1;
+        let debugregs = kvm_debugregs {
+            dr7: 0x400,
+            ..Default::default()
+        };
+        let vcpu = VcpuState {
+            version: crate::persist::VCPU_STATE_VERSION,
+            backend: "pvm".into(),
+            tsc_khz: 2_000_000,
+            regs: regs.as_bytes().to_vec(),
+            sregs: sregs.as_bytes().to_vec(),
+            xsave: kvm_xsave::default().region.as_bytes().to_vec(),
+            xcrs: xcrs.as_bytes().to_vec(),
+            events: kvm_vcpu_events::default().as_bytes().to_vec(),
+            debugregs: debugregs.as_bytes().to_vec(),
+            msrs: vec![(crate::platform::MSR_PVM_VIF, layout::VIF_GPA | 0x400)],
+            clock: kvm_clock_data::default().as_bytes().to_vec(),
+        };
+        let op = if base.is_some() {
+            Op::ReadStdin
+        } else {
+            Op::GetFunction
+        };
+        let device = DeviceState {
+            version: DEVICE_STATE_VERSION,
+            pending_op: op as u64,
+            buf_gpa: 0x8000,
+            buf_len: 0x1000,
+            runtime: "wasi".into(),
+            module_name: "fixture.wasm".into(),
+            args: vec![],
+            provenance: Some(Provenance {
+                module_hash: 1,
+                module_name: "fixture.wasm".into(),
+                runtime: "wasi".into(),
+                engine: ENGINE.into(),
+                mem_size,
+                kernel_hash: 1,
+                abi_version: vmm_abi::ABI_VERSION,
+            }),
+            base,
+        };
+        (vcpu.encode(), device.encode())
+    }
+}
