@@ -18,7 +18,6 @@ use crate::error::{Error, ErrorKind};
 use crate::memory::GuestMemory;
 use crate::persist::VcpuState;
 use crate::run::{self, ms, RunLimits};
-use crate::snapshot::DeviceState;
 use crate::vm::{Hostcall, Output, Vm};
 use snapshot_store::{Frame, Store, PAGE_SIZE};
 use std::sync::Arc;
@@ -68,10 +67,19 @@ impl Template {
             snapshot_store::LoadError::NotFound { .. } => Error::new(ErrorKind::NotFound, step, e),
             e => Error::new(ErrorKind::Damaged, step, e),
         })?;
-        let state = VcpuState::decode(&tmpl.vcpu_state)
-            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
-        let device = DeviceState::decode(&tmpl.device_state)
-            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        // The same checks as `vmm restore` and `vmm-store verify`: everything a restore
+        // would trip over is refused before a VM exists.
+        let damaged = |e: crate::checks::CheckError| Error::new(ErrorKind::Damaged, step, e);
+        let (state, device) = crate::checks::check_states(&tmpl).map_err(damaged)?;
+        let parent = tmpl
+            .parent
+            .as_ref()
+            .and_then(|p| store.load(p.as_str()).ok())
+            .map(|pt| crate::checks::decode_device(&pt).map(|pd| (pt, pd)))
+            .transpose()
+            .map_err(damaged)?;
+        crate::checks::check_layering(&tmpl, &device, parent.as_ref().map(|(t, d)| (t, d)))
+            .map_err(damaged)?;
         if device.pending_op != Op::ReadStdin as u64 {
             return Err(Error::new(
                 ErrorKind::BadRequest,
