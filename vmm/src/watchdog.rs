@@ -1,10 +1,12 @@
-//! Wall-clock timeout for a running vCPU: a thread that, at the deadline, sets the vCPU's
-//! `immediate_exit` and signals the vCPU thread until KVM_RUN returns with EINTR.
+//! Wall-clock timeout for a running vCPU. One timer thread per process serves every
+//! armed watchdog (a daemon runs many invocations a second: no thread per invocation); at
+//! a deadline it sets that vCPU's `immediate_exit` and signals the vCPU thread, again every
+//! 2 ms, until the watchdog is dropped (KVM_RUN returned with EINTR and the caller saw it).
 
 use kvm_bindings::kvm_run;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 const KICK_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
@@ -34,57 +36,108 @@ fn deadline(now: Instant, timeout: Duration) -> Option<Instant> {
 
 struct RunPtr(*mut kvm_run);
 // SAFETY: the pointer is only used for one volatile byte write to `immediate_exit`, which
-// KVM reads at the next KVM_RUN; the mapping outlives the watchdog (stopped in Drop first).
+// KVM reads at the next KVM_RUN; the timer touches it only while the watchdog is armed
+// (under the timer's lock), and the watchdog is disarmed in Drop before the vCPU goes.
 unsafe impl Send for RunPtr {}
 
-pub struct Watchdog {
-    done: Arc<(Mutex<bool>, Condvar)>,
+/// One armed watchdog, as the timer thread sees it.
+struct Armed {
+    run: RunPtr,
+    target: nix::sys::pthread::Pthread,
     fired: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Timers {
+    next_id: u64,
+    /// By (next time to act, id): the deadline, or the next re-kick once fired.
+    armed: BTreeMap<(Instant, u64), Armed>,
+    /// Where each id sits in `armed`.
+    when: BTreeMap<u64, Instant>,
+}
+
+struct Timer {
+    state: Mutex<Timers>,
+    cv: Condvar,
+}
+
+fn timer() -> &'static Timer {
+    static TIMER: OnceLock<&'static Timer> = OnceLock::new();
+    TIMER.get_or_init(|| {
+        install_handler();
+        let t: &'static Timer = Box::leak(Box::new(Timer {
+            state: Mutex::new(Timers::default()),
+            cv: Condvar::new(),
+        }));
+        std::thread::Builder::new()
+            .name("vmm-watchdog".into())
+            .spawn(move || t.run())
+            .expect("spawn the watchdog timer thread");
+        t
+    })
+}
+
+impl Timer {
+    fn run(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = Instant::now();
+            let Some((&(at, id), _)) = st.armed.iter().next() else {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            if at > now {
+                st = self
+                    .cv
+                    .wait_timeout(st, at - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
+            let Some(a) = st.armed.remove(&(at, id)) else {
+                continue;
+            };
+            a.fired.store(true, Ordering::SeqCst);
+            // SAFETY: see RunPtr; the watchdog is armed (it is in the map, under the lock),
+            // so its vCPU and run area exist; a single byte write to a field KVM polls.
+            unsafe { std::ptr::addr_of_mut!((*a.run.0).immediate_exit).write_volatile(1) };
+            // The vCPU thread is alive: it disarms (under this lock) before it returns.
+            let _ = nix::sys::pthread::pthread_kill(a.target, KICK_SIGNAL);
+            let again = now + Duration::from_millis(2);
+            st.when.insert(id, again);
+            st.armed.insert((again, id), a);
+        }
+    }
+}
+
+/// A wall-clock deadline for the vCPU running on the thread that armed it.
+pub struct Watchdog {
+    id: u64,
+    fired: Arc<AtomicBool>,
 }
 
 impl Watchdog {
     /// Arm a watchdog for the vCPU whose run area is `run`, running on the calling thread.
     pub fn start(timeout: Duration, run: *mut kvm_run) -> Watchdog {
-        install_handler();
-        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let t = timer();
         let fired = Arc::new(AtomicBool::new(false));
-        let target = nix::sys::pthread::pthread_self();
-        let run = RunPtr(run);
-        let (d, f) = (done.clone(), fired.clone());
-        let thread = std::thread::spawn(move || {
-            let run = run;
-            let deadline = deadline(Instant::now(), timeout);
-            let (lock, cv) = &*d;
-            let mut finished = lock.lock().unwrap_or_else(|e| e.into_inner());
-            while !*finished {
-                let now = Instant::now();
-                let Some(deadline) = deadline else {
-                    finished = cv.wait(finished).unwrap_or_else(|e| e.into_inner());
-                    continue;
-                };
-                if now >= deadline {
-                    f.store(true, Ordering::SeqCst);
-                    // SAFETY: see RunPtr; a single byte write to a field KVM polls.
-                    unsafe { std::ptr::addr_of_mut!((*run.0).immediate_exit).write_volatile(1) };
-                    let _ = nix::sys::pthread::pthread_kill(target, KICK_SIGNAL);
-                    finished = cv
-                        .wait_timeout(finished, Duration::from_millis(2))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                } else {
-                    finished = cv
-                        .wait_timeout(finished, deadline - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-            }
-        });
-        Watchdog {
-            done,
-            fired,
-            thread: Some(thread),
+        let mut st = t.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.next_id += 1;
+        let id = st.next_id;
+        // A deadline too far away to represent never fires: it is simply not armed.
+        if let Some(at) = deadline(Instant::now(), timeout) {
+            st.when.insert(id, at);
+            st.armed.insert(
+                (at, id),
+                Armed {
+                    run: RunPtr(run),
+                    target: nix::sys::pthread::pthread_self(),
+                    fired: fired.clone(),
+                },
+            );
+            t.cv.notify_one();
         }
+        Watchdog { id, fired }
     }
 
     pub fn fired(&self) -> bool {
@@ -94,11 +147,10 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        let (lock, cv) = &*self.done;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let t = timer();
+        let mut st = t.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = st.when.remove(&self.id) {
+            st.armed.remove(&(at, self.id));
         }
     }
 }
