@@ -439,3 +439,29 @@ fn pools_stay_within_max_instances_and_memory_limit_evicting_the_least_recently_
         assert!(live(&d) <= max, "{flags:?}: the keeper went past the limit");
     }
 }
+
+#[test]
+fn a_client_that_goes_away_stops_its_guest_and_frees_the_worker() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-interrupt");
+    create(&store, "behave", &behave_args());
+    // One worker and a long timeout: if the endless guest were not stopped when its client
+    // leaves, the next request would wait a minute behind it.
+    let d = Daemon::start(&store, &["--workers", "1", "--timeout", "60"]);
+    let mut gone = TcpStream::connect(&d.addr).unwrap();
+    gone.write_all(b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nloop")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(gone);
+    let r = ureq::post(&d.url("/v1/functions/behave/invoke"))
+        .timeout(Duration::from_secs(20))
+        .send_bytes(b"next");
+    let body = r
+        .unwrap_or_else(|e| panic!("the worker is still busy with the abandoned guest: {e}\n{}", d.log()))
+        .into_string()
+        .unwrap();
+    assert_eq!(body, "next");
+    assert!(d.log().contains("status=499"), "{}", d.log());
+}

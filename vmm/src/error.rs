@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Damaged,
     /// The host failed: KVM, memory, threads, I/O.
     Host,
+    /// The caller interrupted the invocation (e.g. its client went away).
+    Interrupted,
 }
 
 /// A failure of one step of the library, with its kind and cause.
@@ -58,6 +60,7 @@ impl Error {
         use crate::vm::{GuestError, RunError};
         let kind = match &e {
             RunError::Guest(GuestError::Timeout(_)) => ErrorKind::Timeout,
+            RunError::Guest(GuestError::Interrupted) => ErrorKind::Interrupted,
             RunError::Guest(_) => ErrorKind::GuestFault,
             RunError::Vm(_) => ErrorKind::Host,
         };

@@ -83,6 +83,8 @@ pub struct RunLimits {
     pub test_hostcalls: bool,
     /// Translate the whole module up front (runtime bases; see `FLAG_EAGER_COMPILE`).
     pub eager_compile: bool,
+    /// Lets another thread stop the run (see [`crate::watchdog::InterruptHandle`]).
+    pub interrupt: Option<crate::watchdog::InterruptHandle>,
 }
 
 impl Default for RunLimits {
@@ -93,6 +95,7 @@ impl Default for RunLimits {
             max_output: 64 << 20,
             test_hostcalls: false,
             eager_compile: false,
+            interrupt: None,
         }
     }
 }
@@ -263,7 +266,7 @@ pub fn drive(
     mut on: impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError>,
 ) -> Result<Hostcall, RunError> {
     let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
-    let watchdog = Watchdog::start(limits.timeout, run_ptr);
+    let watchdog = Watchdog::start_interruptible(limits.timeout, run_ptr, limits.interrupt.as_ref());
     let mut pending = first;
     loop {
         let call = match pending.take() {

@@ -152,6 +152,8 @@ impl Metrics {
 struct Job {
     name: String,
     body: Bytes,
+    /// Fired when the client goes away, to stop the guest early.
+    interrupt: vmm::watchdog::InterruptHandle,
     enqueued: Instant,
     reply: oneshot::Sender<JobResult>,
 }
@@ -316,14 +318,32 @@ fn worker(
         queued.fetch_sub(1, Ordering::Relaxed);
         let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
         metrics.queue_wait.observe(queue_ms / 1e3);
+        let gone = |step: &str| {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    template: job.name.clone(),
+                    status: 499,
+                })
+                .inc();
+            tracing::info!(template = %job.name, status = 499, "the client went away {step}");
+        };
         if job.reply.is_closed() {
-            continue; // the client went away while the request waited
+            gone("while its request waited");
+            continue;
         }
-        match pools.invoke(&job.name, &job.body, limits) {
+        let limits = RunLimits {
+            interrupt: Some(job.interrupt.clone()),
+            ..limits.clone()
+        };
+        match pools.invoke(&job.name, &job.body, &limits) {
             Ok((resp, timings, checkout)) => {
                 metrics.acquire.observe(timings.acquire_ms / 1e3);
                 metrics.run.observe(timings.invoke.run_ms / 1e3);
                 let exit = resp.result.map_err(|e| (e.kind(), e.to_string()));
+                if matches!(exit, Err((ErrorKind::Interrupted, _))) {
+                    gone("during its run: guest stopped, instance destroyed");
+                }
                 let _ = job.reply.send(JobResult::Done {
                     exit,
                     stdout: resp.stdout,
@@ -485,6 +505,8 @@ fn error_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::GuestFault | ErrorKind::Damaged => StatusCode::BAD_GATEWAY,
         ErrorKind::Host => StatusCode::SERVICE_UNAVAILABLE,
+        // The client went away: nobody reads this (499 as nginx logs it).
+        ErrorKind::Interrupted => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
     }
 }
 
@@ -569,9 +591,21 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
         }
     };
     let (tx, rx) = oneshot::channel();
+    // If this future is dropped (the client disconnected), stop the guest.
+    struct InterruptOnDrop(Option<vmm::watchdog::InterruptHandle>);
+    impl Drop for InterruptOnDrop {
+        fn drop(&mut self) {
+            if let Some(h) = self.0.take() {
+                h.interrupt();
+            }
+        }
+    }
+    let interrupt = vmm::watchdog::InterruptHandle::new();
+    let mut guard = InterruptOnDrop(Some(interrupt.clone()));
     let job = Job {
         name: name.clone(),
         body,
+        interrupt,
         enqueued: Instant::now(),
         reply: tx,
     };
@@ -590,6 +624,7 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
         Ok(r) => r,
         Err(_) => JobResult::Refused(ErrorKind::Host, "the worker stopped".into()),
     };
+    guard.0 = None; // answered: nothing to interrupt
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     match result {
         JobResult::Refused(kind, msg) => {

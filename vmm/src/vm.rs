@@ -44,6 +44,8 @@ pub enum VmError {
 pub enum GuestError {
     #[error("the guest did not finish within the {0:?} timeout and was stopped (raise --timeout if the function needs longer)")]
     Timeout(Duration),
+    #[error("the invocation was interrupted (its caller went away) and the guest was stopped")]
+    Interrupted,
     #[error("guest CPU exception: {name} (vector {vector}) error code {error_code:#x} at rip {rip:#x}, cr2 {cr2:#x}, rsp {rsp:#x}")]
     Fault {
         vector: u64,
@@ -327,6 +329,9 @@ impl Vm {
                 Ok(other) => return Err(GuestError::UnexpectedExit(format!("{other:?}")).into()),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     if watchdog.fired() {
+                        if watchdog.interrupted() {
+                            return Err(GuestError::Interrupted.into());
+                        }
                         return Err(GuestError::Timeout(timeout).into());
                     }
                     continue;

@@ -40,6 +40,38 @@ struct RunPtr(*mut kvm_run);
 // (under the timer's lock), and the watchdog is disarmed in Drop before the vCPU goes.
 unsafe impl Send for RunPtr {}
 
+/// Stops a running invocation from another thread (a request whose client went away):
+/// the vCPU is kicked out of KVM_RUN as by a timeout, and the run ends with
+/// `GuestError::Interrupted`. Interrupting before the run starts stops it at once;
+/// interrupting when nothing runs is harmless.
+#[derive(Clone, Debug, Default)]
+pub struct InterruptHandle(Arc<InterruptState>);
+
+#[derive(Debug, Default)]
+struct InterruptState {
+    requested: AtomicBool,
+    /// The watchdog of the run in progress, if any.
+    armed: Mutex<Option<u64>>,
+}
+
+impl InterruptHandle {
+    pub fn new() -> InterruptHandle {
+        InterruptHandle::default()
+    }
+
+    pub fn interrupt(&self) {
+        self.0.requested.store(true, Ordering::SeqCst);
+        let armed = *self.0.armed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = armed {
+            timer().fire_now(id);
+        }
+    }
+
+    pub fn is_interrupted(&self) -> bool {
+        self.0.requested.load(Ordering::SeqCst)
+    }
+}
+
 /// One armed watchdog, as the timer thread sees it.
 struct Armed {
     run: RunPtr,
@@ -78,6 +110,19 @@ fn timer() -> &'static Timer {
 }
 
 impl Timer {
+    /// Make watchdog `id` fire now (if it is still armed).
+    fn fire_now(&self, id: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = st.when.get(&id).copied() {
+            if let Some(a) = st.armed.remove(&(at, id)) {
+                let now = Instant::now();
+                st.when.insert(id, now);
+                st.armed.insert((now, id), a);
+                self.cv.notify_one();
+            }
+        }
+    }
+
     fn run(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -114,18 +159,29 @@ impl Timer {
 pub struct Watchdog {
     id: u64,
     fired: Arc<AtomicBool>,
+    interrupt: Option<InterruptHandle>,
 }
 
 impl Watchdog {
     /// Arm a watchdog for the vCPU whose run area is `run`, running on the calling thread.
     pub fn start(timeout: Duration, run: *mut kvm_run) -> Watchdog {
+        Self::start_interruptible(timeout, run, None)
+    }
+
+    /// [`Watchdog::start`] that `interrupt` can also fire, from any thread.
+    pub fn start_interruptible(
+        timeout: Duration,
+        run: *mut kvm_run,
+        interrupt: Option<&InterruptHandle>,
+    ) -> Watchdog {
         let t = timer();
         let fired = Arc::new(AtomicBool::new(false));
         let mut st = t.state.lock().unwrap_or_else(|e| e.into_inner());
         st.next_id += 1;
         let id = st.next_id;
-        // A deadline too far away to represent never fires: it is simply not armed.
-        if let Some(at) = deadline(Instant::now(), timeout) {
+        // A deadline too far away to represent never fires, unless interrupted.
+        let never = interrupt.map(|_| Instant::now() + Duration::from_secs(365 * 86400));
+        if let Some(at) = deadline(Instant::now(), timeout).or(never) {
             st.when.insert(id, at);
             st.armed.insert(
                 (at, id),
@@ -137,16 +193,35 @@ impl Watchdog {
             );
             t.cv.notify_one();
         }
-        Watchdog { id, fired }
+        drop(st);
+        if let Some(h) = interrupt {
+            *h.0.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+            if h.is_interrupted() {
+                t.fire_now(id);
+            }
+        }
+        Watchdog {
+            id,
+            fired,
+            interrupt: interrupt.cloned(),
+        }
     }
 
     pub fn fired(&self) -> bool {
         self.fired.load(Ordering::SeqCst)
     }
+
+    /// Whether it fired because of an interrupt (not the deadline).
+    pub fn interrupted(&self) -> bool {
+        self.interrupt.as_ref().is_some_and(|h| h.is_interrupted())
+    }
 }
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
+        if let Some(h) = &self.interrupt {
+            *h.0.armed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         let t = timer();
         let mut st = t.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(at) = st.when.remove(&self.id) {
