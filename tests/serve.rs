@@ -199,6 +199,14 @@ fn every_example_answers_over_http_exactly_as_vmm_run_does() {
     );
     assert!(metrics.contains("vmm_reset_seconds_count"), "{metrics}");
     assert_eq!(d.get("/healthz").0, 200);
+    // Every pool is back at exactly --pool (2) ready instances: resets never made the
+    // pool keeper restore extra ones.
+    std::thread::sleep(Duration::from_millis(600));
+    let v: serde_json::Value = serde_json::from_str(&d.get("/v1/functions").1).unwrap();
+    for f in v["functions"].as_array().unwrap() {
+        assert_eq!((f["ready"].as_u64(), f["busy"].as_u64()), (Some(2), Some(0)), "{v}");
+    }
+    assert_eq!(v["live_instances"], 6, "{v}");
 }
 
 #[test]

@@ -107,8 +107,10 @@ pub struct Pools {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     /// Serialises template loads (one per template at a time) and store access.
     loading: Mutex<()>,
-    live: Mutex<usize>,
-    released: Condvar,
+    live: Arc<Live>,
+    /// Instances to destroy off the request path (unmapping RAM and destroying the KVM VM
+    /// takes a few ms); the reaper thread drops them and releases their count.
+    reaper: Mutex<std::sync::mpsc::Sender<Instance>>,
     /// Observers of resets (for metrics), called after each reset.
     on_reset: Mutex<Option<Box<dyn Fn(&str, &ResetStats) + Send + Sync>>>,
 }
@@ -122,14 +124,15 @@ pub struct Checkout<'p> {
 
 impl Pools {
     pub fn new(engine: Arc<crate::engine::Engine>, config: PoolConfig) -> Pools {
+        let live = Arc::new(Live::default());
         Pools {
             store_dir: engine.store_dir().to_path_buf(),
             engine,
             config,
             entries: Mutex::new(HashMap::new()),
             loading: Mutex::new(()),
-            live: Mutex::new(0),
-            released: Condvar::new(),
+            reaper: Mutex::new(spawn_reaper(live.clone())),
+            live,
             on_reset: Mutex::new(None),
         }
     }
@@ -155,7 +158,7 @@ impl Pools {
 
     /// Instances alive now (ready and busy, all templates).
     pub fn live_instances(&self) -> usize {
-        self.live.lock().map(|l| *l).unwrap_or(0)
+        self.live.count.lock().map(|l| *l).unwrap_or(0)
     }
 
     /// The templates loaded so far, by name.
@@ -244,13 +247,19 @@ impl Pools {
     }
 
     fn release(&self, n: usize) {
-        if n == 0 {
-            return;
+        self.live.release(n);
+    }
+
+    /// Destroy `inst` on the reaper thread (inline if that thread is gone).
+    fn destroy(&self, inst: Instance) {
+        let failed = match self.reaper.lock() {
+            Ok(tx) => tx.send(inst).err().map(|e| e.0),
+            Err(_) => Some(inst),
+        };
+        if let Some(inst) = failed {
+            drop(inst);
+            self.release(1);
         }
-        if let Ok(mut l) = self.live.lock() {
-            *l = l.saturating_sub(n);
-        }
-        self.released.notify_all();
     }
 
     /// Reserve room for one more instance. At a limit, a request (`evict`) destroys idle
@@ -261,7 +270,7 @@ impl Pools {
         let deadline = Instant::now() + wait;
         loop {
             {
-                let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                let mut live = self.live.count.lock().unwrap_or_else(|e| e.into_inner());
                 let room = *live < self.config.max_instances && !self.over_memory();
                 if room || (evict && *live == 0) {
                     *live += 1;
@@ -271,7 +280,7 @@ impl Pools {
             if evict && self.evict_lru(1) > 0 {
                 continue;
             }
-            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            let live = self.live.count.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::new(
@@ -284,6 +293,7 @@ impl Pools {
                 ));
             }
             let _ = self
+                .live
                 .released
                 .wait_timeout(live, (deadline - now).min(Duration::from_millis(50)));
         }
@@ -447,8 +457,8 @@ impl Checkout<'_> {
 
 impl Drop for Checkout<'_> {
     fn drop(&mut self) {
-        self.entry.busy.fetch_sub(1, Ordering::Relaxed);
         let Some(mut inst) = self.instance.take() else {
+            self.entry.busy.fetch_sub(1, Ordering::Relaxed);
             return;
         };
         let pools = self.pools;
@@ -470,7 +480,10 @@ impl Drop for Checkout<'_> {
                     }
                     if let Ok(mut r) = self.entry.ready.lock() {
                         r.push((inst, Instant::now()));
-                        pools.released.notify_all();
+                        // Busy ends only once the instance is ready again, so the pool
+                        // keeper never sees a gap to refill while it is being reset.
+                        self.entry.busy.fetch_sub(1, Ordering::Relaxed);
+                        pools.live.released.notify_all();
                         return;
                     }
                 }
@@ -479,9 +492,44 @@ impl Drop for Checkout<'_> {
                 }
             }
         }
-        drop(inst);
-        pools.release(1);
+        self.entry.busy.fetch_sub(1, Ordering::Relaxed);
+        pools.destroy(inst);
     }
+}
+
+/// The count of live instances, and a condition to wait on for one to go.
+#[derive(Default)]
+struct Live {
+    count: Mutex<usize>,
+    released: Condvar,
+}
+
+impl Live {
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut l) = self.count.lock() {
+            *l = l.saturating_sub(n);
+        }
+        self.released.notify_all();
+    }
+}
+
+fn spawn_reaper(live: Arc<Live>) -> std::sync::mpsc::Sender<Instance> {
+    let (tx, rx) = std::sync::mpsc::channel::<Instance>();
+    let spawned = std::thread::Builder::new()
+        .name("vmm-reaper".into())
+        .spawn(move || {
+            for inst in rx {
+                drop(inst);
+                live.release(1);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no reaper thread ({e}): instances are destroyed inline");
+    }
+    tx
 }
 
 /// Resident set size of this process in bytes (/proc/self/statm).

@@ -180,7 +180,11 @@ struct State {
 }
 
 pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
+    // One line per request at `info`; RUST_LOG=warn quiets them (RUST_LOG=debug for more).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
