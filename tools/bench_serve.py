@@ -233,15 +233,23 @@ class Daemon:
             time.sleep(0.1)
 
     def wait_idle(self, timeout: float = 30) -> dict:
-        """Wait until no instance is busy (resets and destroys after responses are done)."""
+        """Wait until no instance is busy and the live count holds still for 0.2 s (an
+        instance is no longer busy once its response is sent, before its reset or
+        destruction is over)."""
         deadline = time.monotonic() + timeout
+        last = None
         while True:
             f = self.functions()
-            if all(e["busy"] == 0 for e in f["functions"]):
-                return f
             if time.monotonic() > deadline:
                 raise BenchError(f"instances still busy after {timeout} s: {f}")
-            time.sleep(0.05)
+            if all(e["busy"] == 0 for e in f["functions"]):
+                if last is not None and last["live_instances"] == f["live_instances"]:
+                    return f
+                last = f
+                time.sleep(0.2)
+            else:
+                last = None
+                time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- helpers
