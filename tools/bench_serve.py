@@ -1,0 +1,778 @@
+#!/usr/bin/env python3
+"""Load benchmark of `vmm serve` (issue 8, section 4). Python 3.11 standard library only.
+
+Run through tools/bench-serve.sh, which builds the binaries, fetches the workloads and
+installs oha first. In one run it measures, on a store in a temporary directory:
+
+1. load: hello and markdown over HTTP with oha (keep-alive connections, a fixed duration
+   per point) at several concurrencies, with a warm pool (--pool 2) and with --pool 0:
+   requests per second, p50/p99/p99.9 time to response at the client, non-200 count;
+2. cli: `vmm restore NAME` and cold `vmm run` as whole processes (median and p90 wall
+   time), to set the served p50 against;
+3. burst: 10 distinct function templates, 100 requests each, all 1000 fired at once
+   (10 concurrent oha processes, -n 100 -c 100), the pool at its default;
+4. memory: host memory per idle instance, from /proc/PID/smaps_rollup of a daemon with
+   100 ready hello instances minus one with none (--pool 0, after one request).
+
+Markdown tables on stdout (or one JSON object with --json), progress on stderr. Every
+process it starts is killed when it ends, on error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QJS = ROOT / "workloads" / "qjs-wasi-reactor.wasm"
+
+HELLO_BODY = b'{"name":"world"}'
+MARKDOWN_BODY = b"# Title\n\nSome *markdown*, rendered by [marked](https://marked.js.org).\n"
+
+# name -> (template create / vmm run arguments, request body, text the response must hold)
+FUNCTIONS = {
+    "hello": (
+        ["--module", str(QJS), "--runtime", "qjs",
+         "--file", str(ROOT / "examples" / "hello.js"), "--arg", "hello.js"],
+        HELLO_BODY,
+        b'"greeting":"Hello, world!"',
+    ),
+    "markdown": (
+        ["--module", str(QJS), "--runtime", "qjs",
+         "--file", str(ROOT / "examples" / "markdown.js"),
+         "--file", str(ROOT / "workloads" / "marked.esm.js"), "--arg", "markdown.js"],
+        MARKDOWN_BODY,
+        b"<h1>Title</h1>",
+    ),
+}
+
+BURST_TEMPLATES = 10
+BURST_PER_TEMPLATE = 100
+MEMORY_INSTANCES = 100
+
+_children: list[subprocess.Popen] = []
+_pidfile: Path | None = None
+
+
+def log(msg: str) -> None:
+    print(f"bench-serve: {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- processes
+
+
+def spawn(args: list[str], **kw) -> subprocess.Popen:
+    p = subprocess.Popen([str(a) for a in args], **kw)
+    _children.append(p)
+    return p
+
+
+def reap(p: subprocess.Popen) -> None:
+    if p in _children:
+        _children.remove(p)
+
+
+def run(args: list[str], stdin: bytes = b"", timeout: float = 300) -> tuple[int, bytes, bytes, float]:
+    """Run a process to its end; returns (code, stdout, stderr, wall seconds)."""
+    t0 = time.perf_counter()
+    p = spawn(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise BenchError(f"timed out after {timeout} s: {' '.join(map(str, args))}")
+    finally:
+        reap(p)
+    return p.returncode, out, err, time.perf_counter() - t0
+
+
+def record_pid(pid: int, add: bool) -> None:
+    """Keep the daemons' PIDs where tools/bench-serve.sh's trap can find them."""
+    if _pidfile is None:
+        return
+    pids = _pidfile.read_text().split() if _pidfile.exists() else []
+    pids = [p for p in pids if p != str(pid)] + ([str(pid)] if add else [])
+    _pidfile.write_text("".join(p + "\n" for p in pids))
+
+
+def kill_all() -> None:
+    """Stop every child still running: daemons get SIGTERM then SIGKILL, the rest SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for p in list(_children):
+        if p.poll() is None:
+            try:
+                p.terminate()
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        record_pid(p.pid, False)
+        reap(p)
+
+
+class Daemon:
+    """A `vmm serve` on a free loopback port, stopped on exit from the `with` block."""
+
+    def __init__(self, vmm: Path, store: Path, tmp: Path, tag: str, pool: int | None):
+        self.log_path = tmp / f"serve-{tag}.log"
+        args = [vmm, "serve", "--listen", "127.0.0.1:0", "--store", store]
+        if pool is not None:
+            args += ["--pool", str(pool)]
+        self.args = args
+        with open(self.log_path, "wb") as logf:
+            self.proc = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
+        record_pid(self.proc.pid, True)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 120
+        while True:
+            m = re.search(rb"vmm serve: listening on (\S+)", self.log_path.read_bytes())
+            if m:
+                self.host, port = m.group(1).decode().rsplit(":", 1)
+                self.port = int(port)
+                break
+            if self.proc.poll() is not None:
+                raise BenchError(f"vmm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"vmm serve did not listen within 120 s:\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        record_pid(self.pid, False)
+        reap(self.proc)
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"vmm serve died (exit {self.proc.returncode}):\n{self.log_tail()}")
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        c = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        try:
+            c.request(method, path, body=body)
+            r = c.getresponse()
+            return r.status, r.read()
+        finally:
+            c.close()
+
+    def functions(self) -> dict:
+        status, body = self.request("GET", "/v1/functions")
+        if status != 200:
+            raise BenchError(f"GET /v1/functions: {status} {body[:200]!r}")
+        return json.loads(body)
+
+    def invoke(self, name: str, body: bytes) -> tuple[int, bytes]:
+        return self.request("POST", f"/v1/functions/{name}/invoke", body)
+
+    def metrics(self) -> dict[str, float]:
+        status, body = self.request("GET", "/metrics")
+        if status != 200:
+            raise BenchError(f"GET /metrics: {status}")
+        out = {}
+        for line in body.decode().splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            key, _, val = line.rpartition(" ")
+            try:
+                out[key] = float(val)
+            except ValueError:
+                pass
+        return out
+
+    def wait_pool(self, want: dict[str, int], timeout: float = 120) -> dict:
+        """Wait until each named template has at least `want[name]` ready instances."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            f = self.functions()
+            ready = {e["name"]: e["ready"] for e in f["functions"]}
+            if all(ready.get(n, 0) >= k for n, k in want.items()):
+                return f
+            if time.monotonic() > deadline:
+                raise BenchError(f"pools not filled within {timeout} s: want {want}, have {ready}")
+            time.sleep(0.1)
+
+    def wait_idle(self, timeout: float = 30) -> dict:
+        """Wait until no instance is busy and the live count holds still for 0.2 s (an
+        instance is no longer busy once its response is sent, before its reset or
+        destruction is over)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            f = self.functions()
+            if time.monotonic() > deadline:
+                raise BenchError(f"instances still busy after {timeout} s: {f}")
+            if all(e["busy"] == 0 for e in f["functions"]):
+                if last is not None and last["live_instances"] == f["live_instances"]:
+                    return f
+                last = f
+                time.sleep(0.2)
+            else:
+                last = None
+                time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in loadavg())
+
+
+def percentile(sorted_xs: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of an ascending list."""
+    if not sorted_xs:
+        return None
+    k = max(0, min(len(sorted_xs) - 1, -(-len(sorted_xs) * q // 100) - 1))
+    return sorted_xs[int(k)]
+
+
+def create_template(vmm: Path, store: Path, name: str, function: list[str]) -> None:
+    code, out, err, _ = run([vmm, "template", "create", name, "--store", store, *function])
+    if code != 0:
+        raise BenchError(f"template create {name}: exit {code}\n{err.decode(errors='replace')}")
+
+
+def verify(d: Daemon, name: str, body: bytes, expect: bytes) -> None:
+    status, resp = d.invoke(name, body)
+    if status != 200 or expect not in resp:
+        raise BenchError(f"{name}: expected 200 with {expect!r}, got {status}: {resp[:300]!r}\n{d.log_tail()}")
+
+
+SERVER_HISTOGRAMS = ("queue_wait", "acquire", "run", "reset")
+
+
+def server_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean of each server-side histogram over the requests between two /metrics scrapes."""
+    out: dict[str, float | None] = {}
+    for h in SERVER_HISTOGRAMS:
+        s = after.get(f"vmm_{h}_seconds_sum", 0) - before.get(f"vmm_{h}_seconds_sum", 0)
+        n = after.get(f"vmm_{h}_seconds_count", 0) - before.get(f"vmm_{h}_seconds_count", 0)
+        out[f"{h}_ms"] = s / n * 1e3 if n > 0 else None
+    return out
+
+
+def oha_summary(d: dict) -> dict:
+    codes = {str(k): int(v) for k, v in (d.get("statusCodeDistribution") or {}).items()}
+    errors = {str(k): int(v) for k, v in (d.get("errorDistribution") or {}).items()}
+    lat = d.get("latencyPercentiles") or {}
+
+    def ms(k: str) -> float | None:
+        v = lat.get(k)
+        return None if v is None else v * 1e3
+
+    non200 = sum(v for k, v in codes.items() if k != "200")
+    return {
+        "responses": sum(codes.values()),
+        "ok": codes.get("200", 0),
+        "status_codes": codes,
+        "errors": errors,
+        # Responses with another status plus requests that got no response at all.
+        "non_200": non200 + sum(errors.values()),
+        "rps": d["summary"].get("requestsPerSec"),
+        "duration_s": d["summary"].get("total"),
+        "p50_ms": ms("p50"),
+        "p90_ms": ms("p90"),
+        "p99_ms": ms("p99"),
+        "p99_9_ms": ms("p99.9"),
+        "max_ms": None if d["summary"].get("slowest") is None else d["summary"]["slowest"] * 1e3,
+    }
+
+
+def oha_args(oha: Path, body_file: Path) -> list:
+    return [oha, "--no-tui", "--output-format", "json", "-t", "60s", "-m", "POST", "-D", body_file]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_load(a, tmp: Path, store: Path, concurrencies: list[int]) -> list[dict]:
+    points = []
+    for name in ("hello", "markdown"):
+        _, body, expect = FUNCTIONS[name]
+        body_file = tmp / f"{name}.body"
+        body_file.write_bytes(body)
+        for pool in (2, 0):
+            with Daemon(a.vmm, store, tmp, f"load-{name}-pool{pool}", pool) as d:
+                d.wait_pool({name: pool})
+                verify(d, name, body, expect)
+                for c in concurrencies:
+                    log(f"load: {name}, --pool {pool}, concurrency {c}, {a.seconds:g} s")
+                    d.wait_idle()
+                    before = d.metrics()
+                    code, out, err, _ = run(
+                        [*oha_args(a.oha, body_file), "-z", f"{int(a.seconds * 1000)}ms", "-w",
+                         "-c", str(c), d.url(f"/v1/functions/{name}/invoke")],
+                        timeout=a.seconds + 180,
+                    )
+                    if code != 0:
+                        raise BenchError(f"oha exit {code}: {err.decode(errors='replace')}")
+                    d.check_alive()
+                    d.wait_idle()
+                    after = d.metrics()
+                    f = d.functions()
+                    p = {"function": name, "pool": pool, "concurrency": c}
+                    p.update(oha_summary(json.loads(out)))
+                    p["server"] = server_means(before, after)
+                    p["live_instances_after"] = f["live_instances"]
+                    p["load1_after"] = loadavg()[0]
+                    points.append(p)
+                    log(f"  {p['rps']:.0f} req/s, p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms, "
+                        f"non-200 {p['non_200']}")
+    return points
+
+
+def section_cli(a, store: Path) -> list[dict]:
+    rows = []
+    for name in ("hello", "markdown"):
+        function, body, expect = FUNCTIONS[name]
+        cmds = {
+            "restore": [a.vmm, "restore", name, "--store", store],
+            "cold": [a.vmm, "run", *function],
+        }
+        times: dict[str, list[float]] = {k: [] for k in cmds}
+        log(f"cli: {name}: {a.runs} x vmm restore and vmm run, interleaved")
+        for _ in range(a.runs):
+            for mode, cmd in cmds.items():
+                code, out, err, dt = run(cmd, stdin=body)
+                if code != 0 or expect not in out:
+                    raise BenchError(f"{name} {mode}: exit {code}, stdout {out[:200]!r}, "
+                                     f"stderr {err.decode(errors='replace')[-500:]}")
+                times[mode].append(dt * 1e3)
+        for mode, ts in times.items():
+            ts.sort()
+            rows.append({
+                "function": name,
+                "mode": mode,
+                "runs": len(ts),
+                "median_ms": statistics.median(ts),
+                "p90_ms": percentile(ts, 90),
+                "min_ms": ts[0],
+                "max_ms": ts[-1],
+            })
+    return rows
+
+
+BURST_JS = """// bench-serve burst function {i}: a hello variant with its own constants.
+const K = {k};
+const req = JSON.parse(std.in.readAsString() || "{{}}");
+const name = typeof req.name === "string" ? req.name : "world";
+print(JSON.stringify({{ fn: {i}, greeting: `Hello {i}, ${{name}}!`, k: K, mix: (K * name.length + {i}) % 997 }}));
+"""
+
+
+def section_burst(a, tmp: Path) -> dict:
+    store = tmp / "store-burst"
+    fndir = tmp / "burst-functions"
+    fndir.mkdir()
+    names = []
+    log(f"burst: creating {BURST_TEMPLATES} templates")
+    for i in range(BURST_TEMPLATES):
+        js = fndir / f"burst{i}.js"
+        js.write_text(BURST_JS.format(i=i, k=1000 + 37 * i))
+        name = f"burst-{i}"
+        create_template(a.vmm, store, name,
+                        ["--module", QJS, "--runtime", "qjs", "--file", js, "--arg", js.name])
+        names.append(name)
+    body_file = tmp / "burst.body"
+    body_file.write_bytes(HELLO_BODY)
+    with Daemon(a.vmm, store, tmp, "burst", None) as d:
+        f = d.functions()
+        default_pool = f["pool"]
+        d.wait_pool({n: default_pool for n in names})
+        for i, n in enumerate(names):
+            verify(d, n, HELLO_BODY, f'"fn":{i},'.encode())
+        d.wait_idle()
+        f = d.functions()
+        live_before = f["live_instances"]
+        log_offset = d.log_path.stat().st_size
+        before = d.metrics()
+        load1 = loadavg()[0]
+        log(f"burst: {BURST_TEMPLATES} oha processes x -n {BURST_PER_TEMPLATE} -c {BURST_PER_TEMPLATE}, at once")
+        procs = []
+        t0 = time.perf_counter()
+        for i, n in enumerate(names):
+            out = tmp / f"burst-{i}.json"
+            db = tmp / f"burst-{i}.sqlite"
+            cmd = [*oha_args(a.oha, body_file), "-n", str(BURST_PER_TEMPLATE), "-c", str(BURST_PER_TEMPLATE),
+                   "--db-url", db, "-o", out, d.url(f"/v1/functions/{n}/invoke")]
+            procs.append((spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE), out, db))
+        errs = []
+        for p, _, _ in procs:
+            try:
+                _, err = p.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                raise BenchError("burst: an oha process did not finish within 300 s")
+            finally:
+                reap(p)
+            if p.returncode != 0:
+                errs.append(err.decode(errors="replace"))
+        wall = time.perf_counter() - t0
+        if errs:
+            raise BenchError("burst: oha failed:\n" + "\n".join(errs))
+        d.check_alive()
+        d.wait_idle()
+        after = d.metrics()
+        f_after = d.functions()
+        durations: list[float] = []
+        statuses: dict[str, int] = {}
+        per_oha = []
+        errors: dict[str, int] = {}
+        for _, out, db in procs:
+            s = oha_summary(json.loads(out.read_text()))
+            per_oha.append(s)
+            for k, v in s["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            con = sqlite3.connect(db)
+            try:
+                for dur, st in con.execute("SELECT duration, status FROM oha"):
+                    durations.append(dur * 1e3)
+                    statuses[str(st)] = statuses.get(str(st), 0) + 1
+            finally:
+                con.close()
+        durations.sort()
+        # Instances restored because no ready one was there, from the daemon's request log.
+        with open(d.log_path, "rb") as lf:
+            lf.seek(log_offset)
+            on_demand = len(re.findall(rb"on_demand=true", lf.read()))
+    oha_codes: dict[str, int] = {}
+    for s in per_oha:
+        for k, v in s["status_codes"].items():
+            oha_codes[k] = oha_codes.get(k, 0) + v
+    non200 = sum(v for k, v in oha_codes.items() if k != "200") + sum(errors.values())
+    return {
+        "templates": BURST_TEMPLATES,
+        "requests": BURST_TEMPLATES * BURST_PER_TEMPLATE,
+        "pool": default_pool,
+        "wall_s": wall,
+        "longest_oha_s": max(s["duration_s"] for s in per_oha),
+        "responses": sum(oha_codes.values()),
+        "ok": oha_codes.get("200", 0),
+        "non_200": non200,
+        "status_codes": oha_codes,
+        "errors": errors,
+        "recorded": len(durations),
+        "p50_ms": percentile(durations, 50),
+        "p99_ms": percentile(durations, 99),
+        "max_ms": durations[-1] if durations else None,
+        "restored_on_demand": on_demand,
+        "live_instances_before": live_before,
+        "live_instances_after": f_after["live_instances"],
+        "server": server_means(before, after),
+        "load1_before": load1,
+    }
+
+
+SMAPS_KEYS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "AnonHugePages")
+
+
+def smaps_rollup(pid: int) -> dict[str, float]:
+    """Fields of /proc/PID/smaps_rollup in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        m = re.match(r"(\w+):\s+(\d+) kB", line)
+        if m and m.group(1) in SMAPS_KEYS:
+            out[m.group(1)] = int(m.group(2)) / 1024
+    out["Private"] = out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)
+    out["Shared"] = out.get("Shared_Clean", 0) + out.get("Shared_Dirty", 0)
+    return out
+
+
+def section_memory(a, tmp: Path) -> dict:
+    store = tmp / "store-memory"
+    function, body, expect = FUNCTIONS["hello"]
+    log("memory: a store with only hello")
+    create_template(a.vmm, store, "hello", function)
+    n = MEMORY_INSTANCES
+    log(f"memory: vmm serve --pool {n}")
+    with Daemon(a.vmm, store, tmp, "memory-full", n) as d:
+        t0 = time.perf_counter()
+        f = d.wait_pool({"hello": n})
+        fill_s = time.perf_counter() - t0
+        time.sleep(0.5)
+        full = smaps_rollup(d.pid)
+        live = d.functions()["live_instances"]
+    log("memory: vmm serve --pool 0, one request")
+    with Daemon(a.vmm, store, tmp, "memory-empty", 0) as d:
+        verify(d, "hello", body, expect)
+        f = d.wait_idle()
+        time.sleep(0.5)
+        f = d.functions()
+        if f["live_instances"] != 0:
+            raise BenchError(f"--pool 0 still has {f['live_instances']} instances after its request")
+        empty = smaps_rollup(d.pid)
+    per = {k: (full[k] - empty.get(k, 0)) / n for k in full}
+    return {
+        "instances": n,
+        "live_instances": live,
+        "wait_for_ready_s": fill_s,
+        "pool_full_mib": full,
+        "pool_0_mib": empty,
+        "per_instance_mib": per,
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}f}"
+
+
+def ratio(num, den) -> str:
+    if num is None or den in (None, 0):
+        return "-"
+    return f"{num / den:.1f}x"
+
+
+def print_markdown(r: dict) -> None:
+    m = r["meta"]
+    print("# vmm serve: load benchmark (tools/bench-serve.sh)")
+    print()
+    print(f"commit {m['commit']}, {m['date']}, {m['cpus']} CPUs, Linux {m['kernel']}, {m['oha']}, "
+          f"{m['seconds']:g} s per load point, {m['runs']} CLI runs")
+    print()
+    print(f"* at start: `{m['uptime_start']}`")
+    print(f"* at end:   `{m['uptime_end']}`")
+    cli = {(c["function"], c["mode"]): c for c in r.get("cli", [])}
+    points = r.get("load", [])
+    if points:
+        print()
+        print(f"## Requests over HTTP (oha, keep-alive connections, {m['seconds']:g} s per point)")
+        print()
+        print("Time to response at the client. `restore/p50` and `cold/p50`: the median wall time of a "
+              "`vmm restore` / `vmm run` process of the same function over the served p50. "
+              "In the server (means, ms): queue wait / acquire (take a ready instance, or restore one) "
+              "/ run / reset after the response.")
+        print()
+        print("| function | pool | conc | req/s | p50 ms | p99 ms | p99.9 ms | non-200 | responses "
+              "| restore/p50 | cold/p50 | server: queue / acquire / run / reset ms | live after | load1 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+        for p in points:
+            s = p["server"]
+            rest = cli.get((p["function"], "restore"), {}).get("median_ms")
+            cold = cli.get((p["function"], "cold"), {}).get("median_ms")
+            srv = " / ".join(fmt(s[f"{h}_ms"]) for h in SERVER_HISTOGRAMS)
+            print(f"| {p['function']} | {p['pool']} | {p['concurrency']} | {fmt(p['rps'], 0)} "
+                  f"| {fmt(p['p50_ms'])} | {fmt(p['p99_ms'])} | {fmt(p['p99_9_ms'])} | {p['non_200']} "
+                  f"| {p['responses']} | {ratio(rest, p['p50_ms'])} | {ratio(cold, p['p50_ms'])} "
+                  f"| {srv} | {p['live_instances_after']} | {fmt(p['load1_after'])} |")
+    if cli:
+        print()
+        print("## One request at a time: served against a process per request")
+        print()
+        print("Served: p50 and p90 of all responses at concurrency 1. CLI: wall time of the whole "
+              f"process (spawn to exit, {m['runs']} runs each, restore and cold interleaved).")
+        print()
+        print("| function | how | median ms | p90 ms | cold / this | this / served (pool 2) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for name in ("hello", "markdown"):
+            served = {p["pool"]: p for p in points if p["function"] == name and p["concurrency"] == 1}
+            cold = cli.get((name, "cold"), {}).get("median_ms")
+            base = served.get(2, {}).get("p50_ms")
+            rows = []
+            for pool in (2, 0):
+                if pool in served:
+                    rows.append((f"served, `--pool {pool}`", served[pool]["p50_ms"], served[pool]["p90_ms"]))
+            for mode, label in (("restore", f"`vmm restore {name}`"), ("cold", "`vmm run` (cold)")):
+                if (name, mode) in cli:
+                    rows.append((label, cli[(name, mode)]["median_ms"], cli[(name, mode)]["p90_ms"]))
+            for label, med, p90 in rows:
+                print(f"| {name} | {label} | {fmt(med)} | {fmt(p90)} | {ratio(cold, med)} | {ratio(med, base)} |")
+    b = r.get("burst")
+    if b:
+        s = b["server"]
+        print()
+        print(f"## Burst: {b['templates']} templates x {b['requests'] // b['templates']} requests fired at once "
+              f"(default pool: {b['pool']})")
+        print()
+        print("10 concurrent oha processes, `-n 100 -c 100` each, one per template. Wall: from starting the "
+              "first to the exit of the last. p50/p99/max over all responses (oha's per-request records).")
+        print()
+        print("| requests | wall s | longest oha s | p50 ms | p99 ms | max ms | 200 | non-200 "
+              "| restored on demand | live before / after | server: queue / acquire / run / reset ms | load1 before |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+        srv = " / ".join(fmt(s[f"{h}_ms"]) for h in SERVER_HISTOGRAMS)
+        print(f"| {b['requests']} | {fmt(b['wall_s'], 3)} | {fmt(b['longest_oha_s'], 3)} | {fmt(b['p50_ms'])} "
+              f"| {fmt(b['p99_ms'])} | {fmt(b['max_ms'])} | {b['ok']} | {b['non_200']} | {b['restored_on_demand']} "
+              f"| {b['live_instances_before']} / {b['live_instances_after']} | {srv} | {fmt(b['load1_before'])} |")
+        if b["non_200"]:
+            print()
+            print(f"non-200: status codes {b['status_codes']}, errors {b['errors']}")
+    mem = r.get("memory")
+    if mem:
+        print()
+        print(f"## Host memory per idle instance (hello, {mem['instances']} ready instances)")
+        print()
+        print(f"`/proc/PID/smaps_rollup` of `vmm serve --pool {mem['instances']}` once "
+              f"{mem['live_instances']} instances were ready, minus `--pool 0` after one request "
+              "(template loaded, no instance), divided by the instances. MiB.")
+        print()
+        print("| | Rss | Pss | Private (clean+dirty) | Shared (clean+dirty) | AnonHugePages |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, v in ((f"`--pool {mem['instances']}`", mem["pool_full_mib"]),
+                         ("`--pool 0`", mem["pool_0_mib"]),
+                         ("**per instance**", mem["per_instance_mib"])):
+            print(f"| {label} | {fmt(v['Rss'])} | {fmt(v['Pss'])} | {fmt(v['Private'])} | {fmt(v['Shared'])} "
+                  f"| {fmt(v.get('AnonHugePages'))} |")
+
+
+# ---------------------------------------------------------------- main
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vmm", type=Path, default=ROOT / "target" / "release" / "vmm", help="the vmm binary")
+    ap.add_argument("--oha", type=Path, default=Path("oha"), help="the oha 1.16.0 binary")
+    ap.add_argument("--seconds", type=float, default=None, help="duration of each load point (default 5, --quick 1)")
+    ap.add_argument("--runs", type=int, default=None, help="processes per CLI measurement (default 20, --quick 5)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 s per point, concurrency 1 and 16 only")
+    ap.add_argument("--json", action="store_true", help="print everything as one JSON object instead of tables")
+    ap.add_argument("--sections", default="load,cli,burst,memory",
+                    help="comma-separated subset of load,cli,burst,memory (default: all)")
+    a = ap.parse_args()
+    if a.seconds is None:
+        a.seconds = 1.0 if a.quick else 5.0
+    if a.runs is None:
+        a.runs = 5 if a.quick else 20
+    if a.seconds <= 0 or a.runs < 1:
+        ap.error("--seconds must be positive and --runs at least 1")
+    sections = set(a.sections.split(","))
+    unknown = sections - {"load", "cli", "burst", "memory"}
+    if unknown:
+        ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    concurrencies = [1, 16] if a.quick else [1, 2, 16, 64]
+    a.vmm = a.vmm.resolve()
+    for need in (a.vmm, QJS, ROOT / "workloads" / "marked.esm.js"):
+        if not need.exists():
+            ap.error(f"{need} is missing: run tools/bench-serve.sh (it builds and fetches first)")
+    oha_version = run([a.oha, "--version"])[1].decode().strip()
+
+    # Ctrl-C and SIGTERM end the run through the `finally` below, which kills every child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    global _pidfile
+    own_tmp = None
+    if os.environ.get("BENCH_SERVE_TMP"):
+        tmp = Path(os.environ["BENCH_SERVE_TMP"])
+    else:
+        own_tmp = tempfile.TemporaryDirectory(prefix="bench-serve.")
+        tmp = Path(own_tmp.name)
+    _pidfile = tmp / "pids"
+    store = tmp / "store"
+    # Never the user's default store, whatever a child resolves.
+    os.environ["VMM_STORE"] = str(store)
+
+    result: dict = {"meta": {
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "oha": oha_version,
+        "seconds": a.seconds,
+        "runs": a.runs,
+        "concurrencies": concurrencies,
+        "uptime_start": uptime(),
+        "loadavg_start": loadavg(),
+    }}
+    log(f"start: {result['meta']['uptime_start']}")
+    try:
+        if sections & {"load", "cli"}:
+            for name, (function, _, _) in FUNCTIONS.items():
+                log(f"creating template {name} in {store}")
+                create_template(a.vmm, store, name, function)
+        if "load" in sections:
+            result["load"] = section_load(a, tmp, store, concurrencies)
+        if "cli" in sections:
+            result["cli"] = section_cli(a, store)
+        if "burst" in sections:
+            result["burst"] = section_burst(a, tmp)
+        if "memory" in sections:
+            result["memory"] = section_memory(a, tmp)
+    except BenchError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        kill_all()
+        if own_tmp is not None:
+            own_tmp.cleanup()
+    result["meta"]["uptime_end"] = uptime()
+    result["meta"]["loadavg_end"] = loadavg()
+    log(f"end: {result['meta']['uptime_end']}")
+    if a.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print_markdown(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
