@@ -169,6 +169,11 @@ fn hostile_guest_loops_forever() {
     assert_clean_failure(&r, "timeout");
     assert_eq!(r.code(), 124);
     assert!(
+        r.stderr().contains("raise --timeout"),
+        "the CLI names the flag that helps: {}",
+        r.stderr()
+    );
+    assert!(
         r.elapsed.as_secs() < 20,
         "stopped long after the timeout: {:?}",
         r.elapsed

@@ -268,6 +268,7 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
     let t0 = Instant::now();
     let (s, b, _) = d.invoke("behave", b"loop");
     assert_eq!(s, 504, "an endless guest is stopped by --timeout: {b}");
+    assert!(!b.contains("--"), "a CLI flag hint reached an HTTP client: {b}");
     assert!(t0.elapsed() < Duration::from_secs(30));
     ok(&d);
     assert_eq!(d.invoke("behave", b"hi").1, "hi");

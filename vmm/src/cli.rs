@@ -386,10 +386,28 @@ pub fn outcome(report: &RunReport) -> Outcome {
                 status,
                 reason,
                 exit_code: None,
-                error: Some(e.to_string()),
+                error: Some(with_hint(e)),
                 note: None,
             }
         }
+    }
+}
+
+/// The message of a failed run, with what the user can change on the command line.
+pub fn with_hint(e: &RunError) -> String {
+    use crate::memory::MemoryError;
+    use crate::run::SetupError;
+    use crate::vm::VmError;
+    let hint = match e {
+        RunError::Guest(GuestError::Timeout(_)) => Some("raise --timeout if the function needs longer"),
+        RunError::Vm(VmError::Setup(SetupError::ModuleTooLarge { .. })) => Some("raise --mem"),
+        RunError::Vm(VmError::Setup(SetupError::BadMemSize(_))) => Some("see --mem in --help"),
+        RunError::Vm(VmError::Memory(MemoryError::Map { .. })) => Some("or lower --mem"),
+        _ => None,
+    };
+    match hint {
+        Some(h) => format!("{e} ({h})"),
+        None => e.to_string(),
     }
 }
 

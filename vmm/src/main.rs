@@ -306,7 +306,11 @@ fn template(cmd: TemplateCommand) -> i32 {
                             vmm::vm::GuestError::Timeout(_)
                         ))
                     );
-                    let code = fail(format!("template create {name}: {e}"));
+                    let msg = match &e {
+                        snapshot::TemplateError::Run(r) => cli::with_hint(r),
+                        e => e.to_string(),
+                    };
+                    let code = fail(format!("template create {name}: {msg}"));
                     if timeout {
                         cli::EXIT_TIMEOUT
                     } else {

@@ -9,7 +9,7 @@ const HUGE_PAGE: usize = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("map {size} bytes of guest RAM: {source} (lower --mem or check `ulimit -v`)")]
+    #[error("map {size} bytes of guest RAM: {source} (is the host short of memory, or is `ulimit -v` set?)")]
     Map { size: usize, source: std::io::Error },
     #[error(
         "guest memory access out of range: gpa {gpa:#x} + {len:#x} exceeds RAM size {size:#x}"

@@ -133,9 +133,9 @@ pub struct RunReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("--mem {0} MiB: must be an even number between {min} and {max}", min = layout::MIN_MEM_MIB, max = layout::MAX_MEM_MIB)]
+    #[error("guest RAM of {0} MiB: must be an even number of MiB between {min} and {max}", min = layout::MIN_MEM_MIB, max = layout::MAX_MEM_MIB)]
     BadMemSize(u64),
-    #[error("the module ({module} bytes) does not fit in {mem_mib} MiB of guest RAM; raise --mem")]
+    #[error("the module ({module} bytes) does not fit in {mem_mib} MiB of guest RAM")]
     ModuleTooLarge { module: usize, mem_mib: u64 },
 }
 
@@ -198,17 +198,13 @@ pub fn check_mem(mem_mib: u64) -> Result<u64, SetupError> {
 /// Create a VM with the kernel and `module` loaded, ready for its first KVM_RUN.
 pub fn boot_vm(module: &[u8], runtime: RuntimeKind, limits: &RunLimits) -> Result<Vm, RunError> {
     let mem_mib = limits.mem_mib;
-    let mem_size =
-        check_mem(mem_mib).map_err(|e| RunError::from(GuestError::Runtime(e.to_string())))?;
+    let mem_size = check_mem(mem_mib).map_err(VmError::Setup)?;
     let module_gpa = (mem_size - module.len() as u64) & !(layout::PAGE_SIZE - 1);
     if module.len() as u64 >= mem_size || module_gpa < layout::HEAP_START + (16 << 20) {
-        return Err(GuestError::Runtime(
-            SetupError::ModuleTooLarge {
-                module: module.len(),
-                mem_mib,
-            }
-            .to_string(),
-        )
+        return Err(VmError::Setup(SetupError::ModuleTooLarge {
+            module: module.len(),
+            mem_mib,
+        })
         .into());
     }
     let mem = GuestMemory::new(mem_size as usize).map_err(VmError::Memory)?;

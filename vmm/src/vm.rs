@@ -37,12 +37,14 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error("run the vCPU (KVM_RUN): {0}")]
     Run(kvm_ioctls::Error),
+    #[error(transparent)]
+    Setup(crate::run::SetupError),
 }
 
 /// Why a guest stopped without producing a response.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
-    #[error("the guest did not finish within the {0:?} timeout and was stopped (raise --timeout if the function needs longer)")]
+    #[error("the guest did not finish within the {0:?} timeout and was stopped")]
     Timeout(Duration),
     #[error("the invocation was interrupted (its caller went away) and the guest was stopped")]
     Interrupted,
