@@ -27,6 +27,51 @@ pub const EXIT_STATUS_HELP: &str = "Exit status: the function's own exit code (0
 failed, or if the function's output went past the 64 MiB cap and was cut. stderr says \
 which when the function's own code is 124 or 125; --json has the full code and the reason.";
 
+/// `--runtime`: how to drive the module (the library's [`RuntimeKind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeArg {
+    /// A WASI command module (`_start`).
+    Wasi,
+    /// QuickJS-NG's WASI reactor: `qjs --std <script>`.
+    Qjs,
+}
+
+impl From<RuntimeArg> for RuntimeKind {
+    fn from(r: RuntimeArg) -> RuntimeKind {
+        match r {
+            RuntimeArg::Wasi => RuntimeKind::Wasi,
+            RuntimeArg::Qjs => RuntimeKind::Qjs,
+        }
+    }
+}
+
+/// `--memory`: how guest RAM is filled on restore (the library's
+/// [`MemoryStrategy`](crate::snapshot::MemoryStrategy)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryArg {
+    /// Copy every non-zero page before the vCPU runs.
+    Eager,
+    /// Copy the 2 MiB regions holding the template's recorded working set before the vCPU
+    /// runs; the rest arrives on demand through userfaultfd.
+    Prefetch,
+    /// Nothing up front: every page arrives on demand through userfaultfd.
+    Lazy,
+    /// A copy-on-write mapping of the template's memory image, cached in the store.
+    Shared,
+}
+
+impl From<MemoryArg> for crate::snapshot::MemoryStrategy {
+    fn from(m: MemoryArg) -> Self {
+        use crate::snapshot::MemoryStrategy as M;
+        match m {
+            MemoryArg::Eager => M::Eager,
+            MemoryArg::Prefetch => M::Prefetch,
+            MemoryArg::Lazy => M::Lazy,
+            MemoryArg::Shared => M::Shared,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct FunctionArgs {
     /// The WebAssembly module (.wasm, or .wat text).
@@ -35,7 +80,7 @@ pub struct FunctionArgs {
     /// How to drive the module: `wasi` runs a command's `_start`; `qjs` drives QuickJS-NG's
     /// WASI reactor as `qjs --std <first --arg>`.
     #[arg(long, value_enum, default_value = "wasi")]
-    pub runtime: RuntimeKind,
+    pub runtime: RuntimeArg,
     /// A host file to put in the guest's read-only tree, at GUEST (default: its file name).
     #[arg(long = "file", value_name = "HOST[:GUEST]")]
     pub files: Vec<String>,
@@ -201,7 +246,7 @@ impl FunctionArgs {
     /// (together: the guest must hold them all).
     pub fn to_spec(&self, mem_mib: u64) -> Result<FunctionSpec, CliError> {
         let mem_size = crate::run::check_mem(mem_mib)?;
-        if self.runtime == RuntimeKind::Qjs && self.args.is_empty() {
+        if self.runtime == RuntimeArg::Qjs && self.args.is_empty() {
             return Err(CliError::QjsWithoutScript);
         }
         for e in &self.env {
@@ -256,7 +301,7 @@ impl FunctionArgs {
         Ok(FunctionSpec {
             module,
             module_name,
-            runtime: self.runtime,
+            runtime: self.runtime.into(),
             files,
             args: self.args.clone(),
             env: self.env.clone(),

@@ -58,7 +58,7 @@ enum Command {
         /// through userfaultfd; `eager` copies everything; `lazy` serves every page on demand;
         /// `shared` maps a memory image cached in the store copy-on-write (see `vmm bench`).
         #[arg(long, value_enum, default_value = "prefetch")]
-        memory: MemoryStrategy,
+        memory: cli::MemoryArg,
     },
     /// Serve functions over HTTP from pools of ready instances, each reset to its
     /// template after every request.
@@ -217,7 +217,8 @@ fn open_store(arg: &StoreArg, create: bool) -> Result<Store, String> {
     r.map_err(|e| format!("open the template store {}: {e}", dir.display()))
 }
 
-fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: MemoryStrategy) -> i32 {
+fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: cli::MemoryArg) -> i32 {
+    let memory = MemoryStrategy::from(memory);
     let prepared = (|| {
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use vmm_abi::{layout, ConfigFile, FunctionConfig, GuestStats, Mailbox};
 
 /// How the module is driven (mirrors `guest_kernel::Runtime`).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// A WASI command module (`_start`).

@@ -171,7 +171,7 @@ impl From<crate::memory::MemoryError> for TemplateError {
 }
 
 /// How guest RAM is filled on restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryStrategy {
     /// Copy every non-zero page before the vCPU runs.
