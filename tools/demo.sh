@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job: fetch the pinned workloads, build the VMM (which builds the guest kernel),
-# then serve the JavaScript example functions: the first time cold (`vmm run`) while their
+# The main job: install missing system packages (tools/setup.sh), fetch the pinned
+# workloads, build the VMM (which builds the guest kernel), then serve the JavaScript
+# example functions: the first time cold (`vmm run`) while their
 # templates are created in the default store, then from the templates (`vmm restore`),
 # printing the response and a timing breakdown of each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./tools/setup.sh
 ./tools/fetch-workloads.sh
 cargo build --release --locked -p vmm
 vmm=target/release/vmm
