@@ -25,7 +25,7 @@ use userfaultfd::{Event, UffdBuilder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    #[error("create a userfaultfd: {0} (as non-root, allow it with `sysctl vm.unprivileged_userfaultfd=1`)")]
+    #[error("create a userfaultfd: {0} (as non-root, allow it with `sysctl vm.unprivileged_userfaultfd=1` or read-write access to /dev/userfaultfd)")]
     Create(io::Error),
     #[error("userfaultfd {step}: {source}")]
     Ioctl {
@@ -60,6 +60,7 @@ fn os_error(e: userfaultfd::Error) -> io::Error {
     }
 }
 
+/// A userfaultfd: non-blocking, close-on-exec, reporting kernel-mode faults too.
 pub struct Uffd(userfaultfd::Uffd);
 
 impl Uffd {
@@ -91,7 +92,8 @@ impl Uffd {
         if fd < 0 {
             return Err(UffdError::Create(io::Error::last_os_error()));
         }
-        let fd = i32::try_from(fd).map_err(|_| UffdError::Create(io::Error::other("bad fd")))?;
+        let fd = i32::try_from(fd)
+            .map_err(|_| UffdError::Create(io::Error::other("descriptor number out of range")))?;
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut api = userfaultfd_sys::uffdio_api {
@@ -137,7 +139,11 @@ impl Uffd {
     /// reference covers it while the kernel fills it.
     pub unsafe fn copy(&self, dst: *mut u8, src: &[u8]) -> Result<(), UffdError> {
         // SAFETY: `src` is a live slice of `src.len()` bytes; `dst` as the caller promised.
-        match unsafe { self.0.copy(src.as_ptr().cast(), dst.cast(), src.len(), true) } {
+        let copied = unsafe {
+            self.0
+                .copy(src.as_ptr().cast(), dst.cast(), src.len(), true)
+        };
+        match copied {
             Ok(_) => Ok(()),
             Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => Ok(()),
             Err(e) => Err(step("UFFDIO_COPY")(e)),
@@ -151,7 +157,8 @@ impl Uffd {
     /// As for [`Uffd::copy`]: the range is registered memory no Rust reference covers.
     pub unsafe fn zeropage(&self, dst: *mut u8, len: usize) -> Result<(), UffdError> {
         // SAFETY: the range is as the caller promised.
-        match unsafe { self.0.zeropage(dst.cast(), len, true) } {
+        let zeroed = unsafe { self.0.zeropage(dst.cast(), len, true) };
+        match zeroed {
             Ok(_) => Ok(()),
             Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => Ok(()),
             Err(e) => Err(step("UFFDIO_ZEROPAGE")(e)),
@@ -178,8 +185,7 @@ impl Uffd {
             }
             let fault = pfds[0].revents().unwrap_or(PollFlags::empty());
             if !fault.contains(PollFlags::POLLIN) {
-                if fault.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL)
-                {
+                if fault.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL) {
                     return Err(UffdError::Ioctl {
                         step: "poll",
                         source: io::Error::other(format!("descriptor reports {fault:?}")),
@@ -313,6 +319,9 @@ mod tests {
         assert!(msg.contains("Invalid argument"), "{msg}");
         // SAFETY: `mem` is not registered, so the kernel refuses the copy.
         let e = unsafe { u.copy(mem.0, &[0u8; PAGE]) }.unwrap_err();
-        assert!(e.to_string().starts_with("userfaultfd UFFDIO_COPY: "), "{e}");
+        assert!(
+            e.to_string().starts_with("userfaultfd UFFDIO_COPY: "),
+            "{e}"
+        );
     }
 }
