@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The main job: fetch the pinned workloads, build the VMM (which builds the guest kernel),
-# make sure the example functions have templates in the default store (the first time: a
-# cold `vmm run` of each, then `vmm template create`), restore each once from the CLI, then
-# start `vmm serve` on that store, invoke every example over HTTP with curl (a real client),
-# print each response with the client's and the server's timings, and stop the daemon.
+# The main job: install missing system packages (tools/setup.sh), fetch the pinned
+# workloads, build the VMM (which builds the guest kernel), make sure the example functions
+# have templates in the default store (the first time: a cold `vmm run` of each, then
+# `vmm template create`), restore each once from the CLI, then start `vmm serve` on that
+# store, invoke every example over HTTP with curl (a real client), print each response with
+# the client's and the server's timings, and stop the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./tools/setup.sh
 ./tools/fetch-workloads.sh
 cargo build --release --locked -p vmm
 vmm=target/release/vmm

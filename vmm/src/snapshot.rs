@@ -15,7 +15,7 @@ use crate::checks::{self, BaseRef, CheckError, Provenance};
 use crate::memory::GuestMemory;
 use crate::persist::{PersistError, VcpuState};
 use crate::run::{self, boot_vm, ms, FunctionSpec, RunLimits, RunReport, Stats};
-use crate::uffd::{Uffd, UffdError};
+use crate::uffd::{Uffd, UffdError, Waker};
 use crate::vm::{GuestError, Hostcall, Output, RunError, Vm, VmError};
 use snapshot_store::{Frame, Resolved, Store, TemplateName, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -437,7 +437,7 @@ struct FaultServer<'a> {
     uffd: &'a Uffd,
     base: *mut u8,
     resolved: &'a Resolved<'a>,
-    wake: std::os::fd::OwnedFd,
+    wake: Waker,
     faults: AtomicU64,
     bytes: AtomicU64,
     touched: Mutex<Vec<u64>>,
@@ -466,10 +466,14 @@ impl FaultServer<'_> {
             });
             match frame {
                 Some(Frame::Data(p)) => {
-                    self.uffd.copy(dst, p)?;
+                    // SAFETY: `dst` is the faulting page of guest RAM, which is registered
+                    // with this userfaultfd; the host holds no reference into guest RAM
+                    // while the vCPU runs (GuestMemory reads and writes through copies).
+                    unsafe { self.uffd.copy(dst, p)? };
                     self.bytes.fetch_add(PAGE, Ordering::Relaxed);
                 }
-                _ => self.uffd.zeropage(dst, PAGE as usize)?,
+                // SAFETY: as for the copy above.
+                _ => unsafe { self.uffd.zeropage(dst, PAGE as usize)? },
             }
             self.faults.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut t) = self.touched.lock() {
@@ -584,7 +588,7 @@ fn with_restored_keep<T>(
             uffd: u,
             base,
             resolved: &resolved,
-            wake: crate::uffd::wake_fd()?,
+            wake: Waker::new()?,
             faults: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             touched: Mutex::new(Vec::new()),
@@ -603,7 +607,7 @@ fn with_restored_keep<T>(
         let result = body(&mut restored);
         stats.run_ms = ms(t3.elapsed());
         if let Some(s) = &server {
-            crate::uffd::wake(&s.wake);
+            s.wake.wake();
         }
         let served = handle.map(|h| h.join());
         if let Some(s) = &server {
