@@ -889,3 +889,210 @@ fn host_wasmi_ms(wasm: &[u8]) -> Result<f64, String> {
     start.call(&mut store, ()).map_err(|e| e.to_string())?;
     Ok(ms(t0.elapsed()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split(' ').map(String::from).collect()
+    }
+
+    /// What `vmm run --json` / `vmm restore --json` print (`cli::finish`), around real `Stats`.
+    fn printed(stats: &crate::run::Stats) -> Vec<u8> {
+        serde_json::json!({
+            "status": 0,
+            "reason": "exit",
+            "exit_code": 0,
+            "error": null,
+            "stdout": "{}",
+            "stderr": "",
+            "stdout_truncated": false,
+            "stderr_truncated": false,
+            "stats": stats,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn reads_the_stats_that_run_and_restore_print() {
+        let mut stats = crate::run::Stats {
+            mode: "cold",
+            total_ms: 12.5,
+            function_ms: 3.25,
+            exits: 7,
+            ..Default::default()
+        };
+        let cold = parse_stats(&args("run --json"), &printed(&stats)).unwrap();
+        assert_eq!(
+            (cold.total_ms, cold.function_ms, cold.exits),
+            (12.5, 3.25, 7)
+        );
+        assert!(cold.restore.is_none());
+
+        stats.restore = Some(crate::snapshot::RestoreStats {
+            strategy: Some(MemoryStrategy::Lazy),
+            pages_installed: 11,
+            uffd_faults: 13,
+            bytes_from_store: 17 * 4096,
+            ..Default::default()
+        });
+        let restored = parse_stats(&args("restore hello --json"), &printed(&stats)).unwrap();
+        let r = restored.restore.unwrap();
+        assert_eq!(
+            (r.pages_installed, r.uffd_faults, r.bytes_from_store),
+            (11, 13, 17 * 4096)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_report_is_an_error_naming_the_command() {
+        for stdout in [
+            &b"Hello, bench!"[..],
+            b"",
+            // What a failure before any run prints: no stats.
+            br#"{"status":1,"reason":"vmm_error","exit_code":null,"error":"x"}"#,
+            br#"{"stats":{"total_ms":"fast","function_ms":1.0,"exits":1}}"#,
+        ] {
+            let e = parse_stats(&args("restore hello --json"), stdout).unwrap_err();
+            assert!(
+                e.contains("JSON report of `vmm restore hello --json`"),
+                "{e}"
+            );
+        }
+    }
+
+    fn timed(ms: f64, total_ms: f64, restore: Option<(u64, u64, u64)>) -> Timed {
+        Timed {
+            ms,
+            stats: StatsJson {
+                total_ms,
+                function_ms: 0.0,
+                exits: if restore.is_some() { 1 } else { 3 },
+                restore: restore.map(|(p, f, b)| RestoreStatsJson {
+                    pages_installed: p,
+                    uffd_faults: f,
+                    bytes_from_store: b,
+                }),
+            },
+        }
+    }
+
+    #[test]
+    fn latency_rows_compare_every_mode_with_cold() {
+        let samples: Vec<Vec<Timed>> = MODES
+            .iter()
+            .enumerate()
+            .map(|(m, _)| {
+                let restore = (m > 0).then_some((m as u64, 10 * m as u64, 4096 * m as u64));
+                // Process times 40, 20, 60 ms over the modes' divisor; in vmm a constant 4 less.
+                [40.0, 20.0, 60.0]
+                    .iter()
+                    .map(|t| timed(t / (m + 1) as f64, t / (m + 1) as f64 - 4.0, restore))
+                    .collect()
+            })
+            .collect();
+        let rows = latency_rows("f", &samples);
+        assert_eq!(rows.len(), MODES.len());
+        let cold = &rows[0];
+        assert_eq!(
+            (cold.mode, cold.median_ms, cold.p90_ms),
+            ("cold", 40.0, 60.0)
+        );
+        assert_eq!(
+            (cold.speedup, cold.vmm_median_ms, cold.vmm_speedup),
+            (1.0, 36.0, 1.0)
+        );
+        assert_eq!(
+            (
+                cold.pages_installed,
+                cold.uffd_faults,
+                cold.bytes_from_store,
+                cold.guest_exits
+            ),
+            (None, None, None, Some(3))
+        );
+        let eager = &rows[1];
+        assert_eq!(
+            (eager.mode, eager.median_ms, eager.speedup),
+            ("eager", 20.0, 2.0)
+        );
+        assert_eq!(
+            (eager.vmm_median_ms, eager.vmm_speedup),
+            (16.0, 36.0 / 16.0)
+        );
+        assert_eq!(
+            (
+                eager.pages_installed,
+                eager.uffd_faults,
+                eager.bytes_from_store,
+                eager.guest_exits
+            ),
+            (Some(1), Some(10), Some(4096), Some(1))
+        );
+    }
+
+    #[test]
+    fn the_json_report_keeps_its_shape() {
+        let samples: Vec<Vec<Timed>> = MODES.iter().map(|_| Vec::new()).collect();
+        let report = BenchReport {
+            latency: Some(latency_rows("hello", &samples)),
+            warm: Some(vec![WarmRow {
+                function: "hello",
+                strategy: MemoryStrategy::Eager,
+                median_ms: 2.0,
+                p90_ms: 3.0,
+                vs_cold_in_vmm: f64::NAN,
+            }]),
+            floor: Some(FloorReport {
+                vm_create_ms: 0.25,
+                exit_us: 40.0,
+            }),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        // Sections left out are absent, not null; keys are sorted as they always were.
+        assert_eq!(keys(&v), ["floor", "latency", "warm"]);
+        let row = &v["latency"][0];
+        assert_eq!(
+            keys(row),
+            [
+                "bytes_from_store",
+                "function",
+                "guest_exits",
+                "median_ms",
+                "mode",
+                "p90_ms",
+                "pages_installed",
+                "speedup",
+                "uffd_faults",
+                "vmm_median_ms",
+                "vmm_speedup"
+            ]
+        );
+        // No samples: no counters, and ratios that are undefined are null.
+        assert!(row["pages_installed"].is_null() && row["guest_exits"].is_null());
+        assert!(row["speedup"].is_null() && row["vmm_speedup"].is_null());
+        assert_eq!(row["median_ms"], 0.0);
+        let warm = &v["warm"][0];
+        assert_eq!(
+            keys(warm),
+            [
+                "function",
+                "median_ms",
+                "p90_ms",
+                "strategy",
+                "vs_cold_in_vmm"
+            ]
+        );
+        // The JSON and the table name a strategy as `--memory` does.
+        assert_eq!(warm["strategy"], "eager");
+        assert_eq!(strategy_name(MemoryStrategy::Eager), "eager");
+        assert!(warm["vs_cold_in_vmm"].is_null());
+        assert_eq!(keys(&v["floor"]), ["exit_us", "vm_create_ms"]);
+    }
+}
