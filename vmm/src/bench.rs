@@ -575,9 +575,7 @@ fn in_process_restores(
 
 /// The name `--memory` takes for `strategy`.
 fn strategy_name(strategy: MemoryStrategy) -> String {
-    clap::ValueEnum::to_possible_value(&strategy)
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
+    strategy.name().to_string()
 }
 
 fn print_warm(iterations: usize, rows: &[WarmRow]) {

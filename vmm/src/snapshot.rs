@@ -188,6 +188,18 @@ pub enum MemoryStrategy {
     Shared,
 }
 
+impl MemoryStrategy {
+    /// The strategy's name as `vmm restore --memory` and `--json` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryStrategy::Eager => "eager",
+            MemoryStrategy::Prefetch => "prefetch",
+            MemoryStrategy::Lazy => "lazy",
+            MemoryStrategy::Shared => "shared",
+        }
+    }
+}
+
 /// Name of the runtime base for a module: it depends on the module, the runtime, the
 /// engine and the guest kernel (a new kernel must not restore an old base), and on the
 /// device state version, so that bases which do not record their provenance (version 1)
