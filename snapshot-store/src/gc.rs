@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::GcError;
 use crate::format::{self, IdxEntry, IDX_ENTRY, IDX_HEADER};
-use crate::store::{map_file, parse_pack_file, take_lock, Store};
+use crate::store::Store;
+use crate::util::{map_file, parse_pack_file, take_lock};
 use crate::{PackId, PageId, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;

@@ -93,10 +93,15 @@ pub mod fixtures;
 mod format;
 mod gc;
 mod inspect;
+mod packs;
+mod resolve;
 mod store;
 #[cfg(test)]
 mod tests;
 mod transfer;
+mod util;
+mod verify;
+mod writer;
 
 /// The byte-format decoders, for the fuzz targets in `fuzz/` only: not a stable API.
 #[doc(hidden)]
@@ -115,12 +120,12 @@ pub use error::{
     RemoveError, WriteError,
 };
 pub use gc::GcReport;
-pub use inspect::{Diff, DiffRange, LayerReport, SharedPair};
-pub use store::{
-    CommitInfo, Frame, Problem, Resolved, Severity, Stats, Store, Template, TemplateInfo,
-    TemplateStats, TemplateWriter,
-};
+pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
+pub use resolve::{Frame, Resolved, Template, TemplateInfo};
+pub use store::Store;
 pub use transfer::{ExportReport, ImportReport, ImportedTemplate};
+pub use verify::{Problem, Severity};
+pub use writer::{CommitInfo, TemplateWriter};
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,0 +1,94 @@
+//! Small helpers shared by the store's modules: the page-id hash map, the store lock,
+//! file mapping and pack file names.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use memmap2::{Mmap, MmapOptions};
+
+use crate::{PackId, PageId};
+
+/// The page hash is already keyed and uniformly distributed: use it directly.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, i: u128) {
+        self.0 ^= (i as u64) ^ ((i >> 64) as u64);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 ^= u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+pub(crate) type IdMap<V> = HashMap<PageId, V, BuildHasherDefault<IdHasher>>;
+
+pub(crate) struct Lock(File);
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+pub(crate) fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("LOCK"))?;
+    if exclusive {
+        f.lock()?;
+    } else {
+        f.lock_shared()?;
+    }
+    Ok(Lock(f))
+}
+
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |a, &x| a | x) == 0
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
+    let (stem, is_idx) = if let Some(s) = name.strip_suffix(".idx") {
+        (s, true)
+    } else {
+        (name.strip_suffix(".pack")?, false)
+    };
+    if stem.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(stem, 16)
+        .ok()
+        .map(|v| (PackId::new(v), is_idx))
+}
+
+/// Maps the first `len` bytes of `path` read-only.
+pub(crate) fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
+    let f = File::open(path)?;
+    let len = usize::try_from(len).map_err(|_| io::Error::other("pack too large to map"))?;
+    // SAFETY: the mapping is read-only and covers only bytes the store never
+    // rewrites: packs are append-only and writers only ever truncate the
+    // unindexed tail beyond the index's end, and callers pass a `len` no larger
+    // than both the indexed end and the file size observed just before. If the
+    // file is damaged externally (truncated below the index) accesses could
+    // fault; `verify` detects that state and `refresh` maps only what exists.
+    unsafe { MmapOptions::new().len(len).map(&f) }
+}
