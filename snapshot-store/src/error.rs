@@ -18,8 +18,18 @@ pub struct NameError {
 pub enum OpenError {
     #[error("creating store directory {path}: {source} (check permissions, or set $VMM_STORE to a writable directory)")]
     CreateDir { path: PathBuf, source: io::Error },
-    #[error("no store at {path} (store.cfg missing): use Store::create_or_open to create one")]
+    #[error("no store at {path} (it has no store.cfg)")]
     NotAStore { path: PathBuf },
+    #[error("{path} holds {packs} file(s) in packs/ and {templates} in templates/ but no store.cfg: the store is damaged, not new, and its page secret was in that file. Restore store.cfg from a backup; a new config would make every stored template unreadable, so none is created (to start a new store, use another directory or move this one away)")]
+    MissingConfig {
+        path: PathBuf,
+        packs: u64,
+        templates: u64,
+    },
+    #[error("{path} is not a store (no store.cfg) and is not empty (it holds {entry:?}); a new store is only created in an empty or new directory: choose another directory")]
+    NotEmpty { path: PathBuf, entry: String },
+    #[error("listing {path}: {source} (check permissions of the store directory)")]
+    ListDir { path: PathBuf, source: io::Error },
     #[error("locking {path}: {source} (check permissions of the store directory)")]
     Lock { path: PathBuf, source: io::Error },
     #[error("reading store config {path}: {source}")]

@@ -167,6 +167,11 @@ pub fn working_set_outside_ram(d: &Path) {
     write_manifest(d, &m);
 }
 
+/// Deletes `store.cfg` (and with it the page secret).
+pub fn missing_config(d: &Path) {
+    fs::remove_file(d.join("store.cfg")).unwrap();
+}
+
 /// A way of damaging a store made by [`healthy_store`], with a substring
 /// the corruption report is expected to contain.
 pub struct Damage {

@@ -74,7 +74,11 @@ impl Store {
         let bytes = match fs::read(&cfg) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(OpenError::NotAStore { path: dir })
+                // Store data without a config is a damaged store, not a missing one.
+                return Err(match uninitialised(&dir) {
+                    Err(e @ OpenError::MissingConfig { .. }) => e,
+                    _ => OpenError::NotAStore { path: dir },
+                });
             }
             Err(source) => return Err(OpenError::ReadConfig { path: cfg, source }),
         };
@@ -110,7 +114,11 @@ impl Store {
         Ok(s)
     }
 
-    /// Opens the store at `dir`, creating it (with a fresh random secret) if needed.
+    /// Opens the store at `dir`, creating it (with a fresh random secret) if
+    /// `dir` does not exist or is empty. A directory that holds packs or
+    /// manifests but no `store.cfg` is a damaged store and is refused with
+    /// [`OpenError::MissingConfig`] (a new secret would make every page in it
+    /// unreadable); any other non-empty directory with [`OpenError::NotEmpty`].
     pub fn create_or_open(dir: impl AsRef<Path>) -> Result<Store, OpenError> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
@@ -118,12 +126,13 @@ impl Store {
             source,
         })?;
         let cfg = dir.join("store.cfg");
-        if !cfg.exists() {
+        if !config_exists(&cfg)? {
             let _lock = take_lock(dir, true).map_err(|source| OpenError::Lock {
                 path: dir.join("LOCK"),
                 source,
             })?;
-            if !cfg.exists() {
+            if !config_exists(&cfg)? {
+                uninitialised(dir)?;
                 let tmp = dir.join("tmp");
                 fs::create_dir_all(&tmp).map_err(|source| OpenError::CreateDir {
                     path: tmp.clone(),
@@ -364,4 +373,77 @@ impl Store {
             }
         }
     }
+}
+
+fn config_exists(cfg: &Path) -> Result<bool, OpenError> {
+    match fs::symlink_metadata(cfg) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(OpenError::ReadConfig {
+            path: cfg.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Checks that `dir` (which has no `store.cfg`) holds nothing but what an
+/// interrupted creation leaves: `LOCK`, `tmp/` and empty `packs/`,
+/// `templates/`, `cache/`. Packs or manifests mean a store that lost its
+/// config ([`OpenError::MissingConfig`]); anything else a directory that is
+/// not a store ([`OpenError::NotEmpty`]).
+fn uninitialised(dir: &Path) -> Result<(), OpenError> {
+    let list = |d: &Path| -> Result<Vec<String>, OpenError> {
+        match fs::read_dir(d) {
+            Ok(rd) => rd
+                .map(|e| {
+                    e.map(|e| e.file_name().to_string_lossy().into_owned())
+                        .map_err(|source| OpenError::ListDir {
+                            path: d.to_path_buf(),
+                            source,
+                        })
+                })
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(OpenError::ListDir {
+                path: d.to_path_buf(),
+                source,
+            }),
+        }
+    };
+    let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    let packs = if is_dir(&dir.join("packs")) {
+        list(&dir.join("packs"))?.len() as u64
+    } else {
+        0
+    };
+    let templates = if is_dir(&dir.join("templates")) {
+        list(&dir.join("templates"))?.len() as u64
+    } else {
+        0
+    };
+    if packs > 0 || templates > 0 {
+        return Err(OpenError::MissingConfig {
+            path: dir.to_path_buf(),
+            packs,
+            templates,
+        });
+    }
+    let mut names = list(dir)?;
+    names.sort();
+    for name in names {
+        let p = dir.join(&name);
+        let ours = match name.as_str() {
+            "LOCK" => fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()),
+            "tmp" => is_dir(&p),
+            "packs" | "templates" | "cache" => is_dir(&p) && list(&p)?.is_empty(),
+            _ => false,
+        };
+        if !ours {
+            return Err(OpenError::NotEmpty {
+                path: dir.to_path_buf(),
+                entry: name,
+            });
+        }
+    }
+    Ok(())
 }

@@ -996,3 +996,79 @@ fn import_rejects_damaged_files_without_panicking() {
     sb.import(&file[..]).unwrap();
     assert!(sb.verify().iter().all(|p| !p.is_corruption()));
 }
+
+#[test]
+fn missing_config_is_damage_not_a_new_store() {
+    // Issue 7 item 4: a store that lost store.cfg must not get a new secret.
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let want = resolved_bytes(&mut s, "fn");
+    drop(s);
+    let cfg = fs::read(d.0.join("store.cfg")).unwrap();
+    missing_config(&d.0);
+    for r in [Store::create_or_open(&d.0), Store::open(&d.0)] {
+        match r {
+            Err(
+                e @ OpenError::MissingConfig {
+                    packs: 2,
+                    templates: 2,
+                    ..
+                },
+            ) => {
+                let m = e.to_string();
+                assert!(m.contains("no store.cfg") && m.contains("backup"), "{m}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a store without store.cfg was opened"),
+        }
+    }
+    assert!(!d.0.join("store.cfg").exists(), "a new config was written");
+    // Manifests alone are enough to recognise a store.
+    let m = TempDir::new();
+    fs::create_dir_all(m.0.join("templates")).unwrap();
+    fs::copy(d.0.join("templates/fn.tmpl"), m.0.join("templates/fn.tmpl")).unwrap();
+    assert!(matches!(
+        Store::create_or_open(&m.0),
+        Err(OpenError::MissingConfig {
+            packs: 0,
+            templates: 1,
+            ..
+        })
+    ));
+    // The remedy works: with the config back, every template reads as before.
+    fs::write(d.0.join("store.cfg"), cfg).unwrap();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    assert_healthy(&s);
+    assert_eq!(resolved_bytes(&mut s, "fn"), want);
+}
+
+#[test]
+fn only_empty_or_new_directories_become_stores() {
+    // New directory: created.
+    let d = TempDir::new();
+    Store::create_or_open(d.0.join("a/b")).unwrap();
+    assert!(d.0.join("a/b/store.cfg").exists());
+    // Empty directory, and what an interrupted creation leaves: created.
+    let e = TempDir::new();
+    fs::create_dir_all(e.0.join("tmp")).unwrap();
+    fs::create_dir_all(e.0.join("packs")).unwrap();
+    fs::write(e.0.join("LOCK"), b"").unwrap();
+    fs::write(e.0.join("tmp/store.cfg.1.0.tmp"), b"half").unwrap();
+    Store::create_or_open(&e.0).unwrap();
+    // A directory holding something else: refused, nothing written.
+    let f = TempDir::new();
+    fs::create_dir_all(&f.0).unwrap();
+    fs::write(f.0.join("notes.txt"), b"mine").unwrap();
+    match Store::create_or_open(&f.0) {
+        Err(e @ OpenError::NotEmpty { .. }) => {
+            assert!(e.to_string().contains("notes.txt"), "{e}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a store was created in a non-empty directory"),
+    }
+    assert!(!f.0.join("store.cfg").exists());
+    assert!(matches!(
+        Store::open(&f.0),
+        Err(OpenError::NotAStore { .. })
+    ));
+}
