@@ -95,6 +95,7 @@ mod gc;
 mod inspect;
 mod packs;
 mod resolve;
+mod scan;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -117,11 +118,12 @@ pub mod fuzzing {
 
 pub use error::{
     ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError, OpenError,
-    RemoveError, WriteError,
+    ReindexError, RemoveError, WriteError,
 };
 pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
-pub use resolve::{Frame, Resolved, Template, TemplateInfo};
+pub use resolve::{Frame, Resolved, Template, TemplateInfo, TemplateList};
+pub use scan::ReindexReport;
 pub use store::Store;
 pub use transfer::{ExportReport, ImportReport, ImportedTemplate};
 pub use verify::{Problem, Severity};
@@ -178,6 +180,27 @@ impl PackId {
         PackId(v)
     }
 }
+/// A pack named by its id (1 to 16 hex digits) or by one of its files
+/// (`0000000000000001.pack` or `.idx`, with or without a directory).
+impl std::str::FromStr for PackId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PackId, String> {
+        let base = s.rsplit('/').next().unwrap_or(s);
+        let stem = base
+            .strip_suffix(".pack")
+            .or_else(|| base.strip_suffix(".idx"))
+            .unwrap_or(base);
+        if stem.is_empty() || stem.len() > 16 || !stem.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{s:?} is not a pack: give its id (16 hex digits, as in packs/0000000000000001.pack) or the path of its .pack or .idx file"
+            ));
+        }
+        u64::from_str_radix(stem, 16)
+            .map(PackId)
+            .map_err(|e| format!("{s:?} is not a pack id: {e}"))
+    }
+}
+
 impl fmt::Display for PackId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)

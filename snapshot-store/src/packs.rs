@@ -35,6 +35,10 @@ pub(crate) struct Pack {
     pub(crate) idx_stamp: Option<Stamp>,
     pub(crate) loaded: bool,
     pub(crate) problem: Option<String>,
+    /// The index exists but cannot be read or decoded (the error).
+    pub(crate) idx_error: Option<String>,
+    /// The pack's bytes cannot be read or mapped (the error).
+    pub(crate) map_error: Option<String>,
     /// Inode of the pack file when loaded: a different inode means the pack
     /// was deleted (by `gc`) and its id reused.
     pub(crate) pack_ino: Option<u64>,
@@ -45,6 +49,7 @@ pub(crate) struct Pack {
 }
 
 impl Store {
+    /// Re-reads pack indexes changed by other processes (cheap when nothing changed).
     /// Packs deleted or replaced on disk (by `gc`) drop out of the index.
     pub fn refresh(&mut self) -> Result<(), IndexError> {
         self.refresh_inner(true)
@@ -102,6 +107,8 @@ impl Store {
                         idx_stamp: None,
                         loaded: false,
                         problem: None,
+                        idx_error: None,
+                        map_error: None,
                         pack_ino: None,
                         retired: false,
                     });
@@ -142,6 +149,8 @@ impl Store {
         }
         let mut indexed_end = 0u64;
         let mut problem = None;
+        let mut idx_error = None;
+        let mut map_error = None;
         if stamp.is_some() {
             let res = fs::read(&idx_path)
                 .map_err(|source| IndexError::Read {
@@ -162,7 +171,10 @@ impl Store {
                         );
                     }
                 }
-                Err(e) => problem = Some(e.to_string()),
+                Err(e) => {
+                    problem = Some(e.to_string());
+                    idx_error = Some(e.to_string());
+                }
             }
         }
         let mut map = None;
@@ -185,7 +197,11 @@ impl Store {
                 if len > 0 {
                     match map_file(&pack_path, len) {
                         Ok(m) => map = Some(m),
-                        Err(e) => problem = Some(format!("mapping {}: {e}", pack_path.display())),
+                        Err(e) => {
+                            let e = format!("reading pack {}: {e}", pack_path.display());
+                            problem = Some(e.clone());
+                            map_error = Some(e);
+                        }
                     }
                 }
             }
@@ -196,6 +212,8 @@ impl Store {
         pack.idx_stamp = stamp;
         pack.loaded = true;
         pack.problem = problem;
+        pack.idx_error = idx_error;
+        pack.map_error = map_error;
         pack.pack_ino = pack_ino;
     }
 
@@ -203,6 +221,19 @@ impl Store {
         let m = self.packs.get(loc.pack as usize)?.map.as_ref()?;
         let s = usize::try_from(loc.offset).ok()?;
         m.get(s..s.checked_add(PAGE_SIZE)?)?.try_into().ok()
+    }
+
+    /// Why the bytes of pack `pos` cannot be read, if that is why they are missing.
+    pub(crate) fn pack_read_error(&self, pos: u32) -> Option<&str> {
+        self.packs.get(pos as usize)?.map_error.as_deref()
+    }
+
+    /// The first pack index that exists but cannot be read or decoded.
+    pub(crate) fn index_read_error(&self) -> Option<&str> {
+        self.packs
+            .iter()
+            .filter(|p| !p.retired)
+            .find_map(|p| p.idx_error.as_deref())
     }
 
     /// The bytes of a stored page, straight from the pack mapping (no hashing).
@@ -219,15 +250,25 @@ impl Store {
         new_pages: &[(PageId, u32)],
         page: &dyn Fn(u32) -> &'p [u8],
     ) -> Result<(), WriteError> {
-        let (pack_id, start) = match self
+        // Append to the newest pack only where its file ends exactly at its
+        // index's end. Bytes past the index are never truncated here: they may
+        // be a killed writer's torn tail, or pages that templates still need
+        // but a lost, stale or forged index no longer lists; gc decides which
+        // from the manifests. Otherwise start a new pack.
+        let newest = self
             .packs
             .iter()
             .filter(|p| !p.retired)
-            .max_by_key(|p| p.id)
-        {
-            Some(p) if p.problem.is_none() && p.indexed_end < PACK_TARGET => (p.id, p.indexed_end),
-            Some(p) => (PackId::new(p.id.get() + 1), 0),
-            None => (PackId::new(1), 0),
+            .max_by_key(|p| p.id);
+        let appendable = newest.filter(|p| {
+            p.problem.is_none()
+                && p.indexed_end < PACK_TARGET
+                && fs::metadata(self.pack_path(p.id)).is_ok_and(|m| m.len() == p.indexed_end)
+        });
+        let (pack_id, start, existed) = match (appendable, newest) {
+            (Some(p), _) => (p.id, p.indexed_end, true),
+            (None, Some(p)) => (PackId::new(p.id.get() + 1), 0, false),
+            (None, None) => (PackId::new(1), 0, false),
         };
         let ppath = self.pack_path(pack_id);
         let ipath = self.idx_path(pack_id);
@@ -235,28 +276,20 @@ impl Store {
             let path = path.to_path_buf();
             move |source| WriteError::Io { step, path, source }
         };
-        let existed = ppath.exists();
         let mut f = OpenOptions::new()
-            .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
+            .create_new(!existed)
             .open(&ppath)
             .map_err(io_err("opening pack", &ppath))?;
         let flen = f
             .metadata()
             .map_err(io_err("reading pack size", &ppath))?
             .len();
-        if flen < start {
+        if flen != start {
             return Err(WriteError::BadPack {
                 path: ppath,
-                reason: format!("{flen} bytes but index needs {start}"),
+                reason: format!("it changed while locked: {flen} bytes, its index ends at {start}"),
             });
-        }
-        if flen > start {
-            // Torn tail from an interrupted writer: never indexed, drop it.
-            f.set_len(start)
-                .map_err(io_err("truncating torn pack tail", &ppath))?;
         }
         f.seek(SeekFrom::Start(start))
             .map_err(io_err("seeking pack", &ppath))?;

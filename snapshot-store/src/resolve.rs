@@ -41,6 +41,15 @@ pub struct TemplateInfo {
     pub created_unix_ms: u64,
 }
 
+/// Result of [`Store::list_all`].
+#[derive(Debug, Default)]
+pub struct TemplateList {
+    /// Readable templates, sorted by name.
+    pub templates: Vec<TemplateInfo>,
+    /// Templates whose manifest cannot be read, sorted by name, with the reason.
+    pub unreadable: Vec<(TemplateName, LoadError)>,
+}
+
 impl Template {
     pub(crate) fn from_manifest(m: ManifestV1, path: &Path) -> Result<Template, LoadError> {
         let bad = |reason: String| ManifestError::Invalid {
@@ -109,16 +118,33 @@ impl Template {
                 frames[s as usize..(s + k) as usize].fill(Src::ZERO.0);
             }
             for (frame, id) in t.own_pages() {
-                let loc = store
-                    .index
-                    .get(&id)
-                    .copied()
-                    .filter(|l| store.loc_bytes(*l).is_some())
-                    .ok_or_else(|| LoadError::PageMissing {
-                        template: t.name.clone(),
-                        frame,
-                        page: id,
-                    })?;
+                let loc = match store.index.get(&id) {
+                    Some(l) if store.loc_bytes(*l).is_some() => *l,
+                    found => {
+                        let (template, page) = (t.name.clone(), id);
+                        let pack_err = found.and_then(|l| store.pack_read_error(l.pack));
+                        let idx_err = store.index_read_error().filter(|_| found.is_none());
+                        return Err(match (pack_err, idx_err) {
+                            (Some(reason), _) => LoadError::PackUnreadable {
+                                template,
+                                frame,
+                                page,
+                                reason: reason.to_string(),
+                            },
+                            (None, Some(reason)) => LoadError::IndexUnreadable {
+                                template,
+                                frame,
+                                page,
+                                reason: reason.to_string(),
+                            },
+                            (None, None) => LoadError::PageMissing {
+                                template,
+                                frame,
+                                page,
+                            },
+                        });
+                    }
+                };
                 frames[frame as usize] = Src::new(loc.pack, loc.offset)?.0;
                 hashes.insert(frame, id);
             }

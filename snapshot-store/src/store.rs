@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::xxh3_128_with_secret;
 use crate::error::{LoadError, ManifestError, OpenError, RemoveError, WriteError};
 use crate::format::{self, ConfigProblem, SECRET_LEN};
 use crate::packs::{Loc, Pack};
-use crate::resolve::{Template, TemplateInfo};
+use crate::resolve::{Template, TemplateInfo, TemplateList};
 use crate::util::{take_lock, IdMap};
 use crate::{PackId, TemplateName, PAGE_SIZE};
 
@@ -232,12 +232,27 @@ impl Store {
         Ok(names)
     }
 
-    /// All templates, sorted by name. Fails on the first unreadable manifest (run `verify`).
+    /// All templates, sorted by name. Fails on the first unreadable manifest;
+    /// [`Store::list_all`] lists the readable ones and the unreadable ones apart.
     pub fn list(&self) -> Result<Vec<TemplateInfo>, LoadError> {
         self.template_names()?
             .iter()
             .map(|n| self.read_template(n).map(|t| t.info()))
             .collect()
+    }
+
+    /// Every template, sorted by name: the readable ones, and apart, those
+    /// whose manifest cannot be read, with the reason. Fails only when the
+    /// templates directory itself cannot be listed.
+    pub fn list_all(&self) -> Result<TemplateList, LoadError> {
+        let mut out = TemplateList::default();
+        for n in self.template_names()? {
+            match self.read_template(&n) {
+                Ok(t) => out.templates.push(t.info()),
+                Err(e) => out.unreadable.push((n, e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Atomically rewrites template `name`'s manifest with a new working set

@@ -41,12 +41,26 @@ impl Drop for Lock {
 }
 
 pub(crate) fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join("LOCK"))?;
+    let path = dir.join("LOCK");
+    let open_rw = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+    };
+    // A shared lock needs only read access, so users who may read the store
+    // but not write it can still verify, export and restore.
+    let f = if exclusive {
+        open_rw()?
+    } else {
+        match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => open_rw()?,
+            Err(e) => return Err(e),
+        }
+    };
     if exclusive {
         f.lock()?;
     } else {
@@ -84,11 +98,12 @@ pub(crate) fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
 pub(crate) fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
     let f = File::open(path)?;
     let len = usize::try_from(len).map_err(|_| io::Error::other("pack too large to map"))?;
-    // SAFETY: the mapping is read-only and covers only bytes the store never
-    // rewrites: packs are append-only and writers only ever truncate the
-    // unindexed tail beyond the index's end, and callers pass a `len` no larger
-    // than both the indexed end and the file size observed just before. If the
-    // file is damaged externally (truncated below the index) accesses could
-    // fault; `verify` detects that state and `refresh` maps only what exists.
+    // SAFETY: the mapping is read-only and `len` is no larger than the file
+    // size the caller observed just before. Packs are append-only: the only
+    // writer that shrinks one is gc, under the exclusive store lock, and only
+    // past every index entry; mappings that reach past a pack's indexed end
+    // are taken under the store lock (verify, gc, reindex). If the file is
+    // damaged externally (truncated below its index) accesses could fault;
+    // `verify` detects that state and `refresh` maps only what exists.
     unsafe { MmapOptions::new().len(len).map(&f) }
 }

@@ -1,16 +1,18 @@
 //! Checking a store: config, every pack page against its id, every manifest
-//! and parent chain, leftovers. See [`Store::verify`].
+//! and parent chain, leftovers. See [`Store::verify`]. What is garbage is
+//! decided from the manifests: bytes that may hold a page some template needs
+//! are never called harmless.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::format;
 use crate::resolve::Template;
+use crate::scan::{name_list, BadEntry, IdxState, PackScan, Scan, Unaccounted};
 use crate::store::{Store, MAX_DEPTH};
-use crate::util::{map_file, parse_pack_file, take_lock, IdMap};
+use crate::util::{take_lock, IdMap};
 use crate::{PackId, PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -72,6 +74,7 @@ impl fmt::Display for Problem {
 }
 
 impl Store {
+    /// Checks everything, layer by layer, and returns every problem found
     /// (empty = healthy). Reads the disk afresh under a shared lock.
     pub fn verify(&self) -> Vec<Problem> {
         self.verify_with_progress(&mut |_, _| {})
@@ -109,11 +112,49 @@ impl Store {
                 }
             }
         }
-        // 2. packs and indexes
-        let valid = self.verify_packs(&mut probs, progress);
-        // 3. manifests
-        self.verify_templates(&valid, &mut probs);
-        // 4. temp files
+        // 2. packs and indexes, every entry against its bytes
+        let pdir = self.packs_dir();
+        let scan = self.scan_packs(progress).unwrap_or_else(|e| {
+            probs.push(Problem::corrupt(
+                &pdir,
+                format!("cannot list packs: {e}"),
+                "check the store directory",
+            ));
+            Scan::default()
+        });
+        // 3. manifests and parent chains
+        let mut tprobs = Vec::new();
+        let good = self.verify_templates(&mut tprobs);
+        // 4. pages templates need that no index accounts for, and where they are
+        let all: Vec<Template> = good.values().cloned().collect();
+        let missing = Unaccounted::find(&all, &scan.valid);
+        let holders = if missing.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.find_unaccounted(&scan, &missing)
+        };
+        self.report_packs(&scan, &missing, &holders, &mut probs);
+        self.report_missing_pages(&all, &scan.valid, &missing, &holders, &mut probs);
+        probs.append(&mut tprobs);
+        // 5. pages nobody needs
+        let referenced: HashSet<PageId> = all
+            .iter()
+            .flat_map(|t| t.own_pages().map(|(_, id)| id))
+            .collect();
+        let mut per_pack: BTreeMap<PackId, u64> = BTreeMap::new();
+        for (id, pack) in &scan.valid {
+            if !referenced.contains(id) {
+                *per_pack.entry(*pack).or_insert(0) += 1;
+            }
+        }
+        for (pack, n) in per_pack {
+            probs.push(Problem::garbage(
+                self.pack_path(pack),
+                format!("{n} pages ({} bytes) are referenced by no template", n * PAGE),
+                "left by removed templates or an interrupted commit; harmless (space is not reclaimed yet)",
+            ));
+        }
+        // 6. temp files
         if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
             for e in rd.flatten() {
                 probs.push(Problem::garbage(
@@ -126,162 +167,244 @@ impl Store {
         probs
     }
 
-    /// Returns the set of valid pages (present, in bounds, hash matches) and per-pack ids.
-    fn verify_packs(
+    /// Problems of each pack and index. `holders`: packs whose bytes hold
+    /// pages that templates need but no index accounts for.
+    fn report_packs(
         &self,
+        scan: &Scan,
+        missing: &Unaccounted,
+        holders: &BTreeMap<PackId, Vec<u128>>,
         probs: &mut Vec<Problem>,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> IdMap<PackId> {
-        let mut valid: IdMap<PackId> = IdMap::default();
-        let pdir = self.packs_dir();
-        let rd = match fs::read_dir(&pdir) {
-            Ok(rd) => rd,
-            Err(e) => {
-                probs.push(Problem::corrupt(
-                    &pdir,
-                    format!("cannot list packs: {e}"),
-                    "check the store directory",
-                ));
-                return valid;
-            }
-        };
-        let mut ids = BTreeSet::new();
-        for e in rd.flatten() {
-            match e.file_name().to_str().and_then(parse_pack_file) {
-                Some((id, _)) => {
-                    ids.insert(id);
-                }
-                None => probs.push(Problem::garbage(
-                    e.path(),
-                    "unknown file in packs/".into(),
-                    "delete it",
-                )),
-            }
+    ) {
+        for path in &scan.strays {
+            probs.push(Problem::garbage(
+                path,
+                "unknown file in packs/".into(),
+                "delete it",
+            ));
         }
-        let total = ids.len() as u64;
-        for (k, id) in ids.into_iter().enumerate() {
-            progress(k as u64, total);
-            let idx_path = self.idx_path(id);
-            let pack_path = self.pack_path(id);
-            let pack_len = fs::metadata(&pack_path).map(|m| m.len()).ok();
-            let entries = match fs::read(&idx_path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if pack_len.unwrap_or(0) > 0 {
+        for p in &scan.packs {
+            let (idx_path, pack_path) = (self.idx_path(p.id), self.pack_path(p.id));
+            let held = holders.get(&p.id);
+            if let Some(h) = held {
+                let names = missing.names(Some(h));
+                probs.push(Problem::corrupt(
+                    &pack_path,
+                    format!(
+                        "holds {} page(s) that templates {} need, but no index accounts for them ({})",
+                        h.len(),
+                        name_list(&names, 8),
+                        match &p.idx {
+                            IdxState::Missing => "the pack has no index",
+                            IdxState::Bad { .. } => "its index is damaged",
+                            IdxState::Ok { .. } => "its index is stale, forged or from another store",
+                        }
+                    ),
+                    format!(
+                        "rebuild the index from the pack (`vmm-store reindex {}`); until then gc refuses to run",
+                        p.id
+                    ),
+                ));
+            }
+            match &p.idx {
+                IdxState::Missing => {
+                    let len = p.pack_len.unwrap_or(0);
+                    if len > 0 && held.is_none() {
                         probs.push(Problem::garbage(
                             &pack_path,
-                            format!("{} bytes in a pack with no index (interrupted first write)", pack_len.unwrap_or(0)),
-                            "harmless; reused by the next write if it is the newest pack, else delete it",
+                            format!("{len} bytes in a pack with no index (interrupted first write); no template needs them"),
+                            "harmless; gc deletes it",
                         ));
                     }
                     continue;
                 }
-                Err(e) => {
-                    probs.push(Problem::corrupt(
-                        &idx_path,
-                        format!("unreadable: {e}"),
-                        "check permissions; restore from backup",
-                    ));
+                IdxState::Bad { reason, unreadable } => {
+                    let hint = if *unreadable {
+                        "check the permissions of the index file; restore it from a backup"
+                    } else {
+                        "restore this index (and its pack) from a backup, or rebuild it from the pack with `vmm-store reindex`; templates using its pages must otherwise be re-created"
+                    };
+                    probs.push(Problem::corrupt(&idx_path, reason.clone(), hint));
                     continue;
                 }
-                Ok(b) => match format::decode_idx(&idx_path, id, &b) {
-                    Ok(es) => es,
-                    Err(e) => {
-                        probs.push(Problem::corrupt(
-                            &idx_path,
-                            e.to_string(),
-                            "restore this index (and its pack) from a backup; templates using its pages must be re-created",
-                        ));
-                        continue;
-                    }
-                },
+                IdxState::Ok { .. } => {}
+            }
+            let entries = match &p.idx {
+                IdxState::Ok { entries, .. } => entries.len(),
+                _ => 0,
             };
-            let indexed_end = entries
-                .iter()
-                .map(|e| e.offset.saturating_add(PAGE))
-                .max()
-                .unwrap_or(0);
-            let Some(pack_len) = pack_len else {
-                if !entries.is_empty() {
+            let Some(pack_len) = p.pack_len else {
+                if entries > 0 {
                     probs.push(Problem::corrupt(
                         &pack_path,
-                        format!("pack file missing but its index lists {} pages", entries.len()),
+                        format!("pack file missing but its index lists {entries} pages"),
                         "restore the pack from a backup; templates using its pages must be re-created",
                     ));
                 }
                 continue;
             };
-            let entry_end_max = indexed_end;
-            if pack_len < entry_end_max {
+            if let Some(e) = &p.unreadable {
                 probs.push(Problem::corrupt(
                     &pack_path,
-                    format!("pack is truncated: {pack_len} bytes, index needs {entry_end_max}"),
+                    format!("cannot read the pack: {e}"),
+                    "fix the permissions of the pack file (whoever restores templates must be able to read it), or restore it from a backup",
+                ));
+                continue;
+            }
+            if pack_len < p.indexed_end {
+                probs.push(Problem::corrupt(
+                    &pack_path,
+                    format!(
+                        "pack is truncated: {pack_len} bytes, index needs {}",
+                        p.indexed_end
+                    ),
                     "restore the pack from a backup; templates using the lost pages must be re-created",
                 ));
-            } else if pack_len > entry_end_max {
+            } else if p.tail() > 0 && held.is_none() {
                 probs.push(Problem::garbage(
                     &pack_path,
                     format!(
-                        "{} unindexed bytes at the pack tail (interrupted write)",
-                        pack_len - entry_end_max
+                        "{} unindexed bytes at the pack tail (interrupted write); no template needs them",
+                        p.tail()
                     ),
-                    "harmless; truncated by the next write to this pack",
+                    "harmless; gc truncates it",
                 ));
             }
-            let map = if pack_len.min(entry_end_max) > 0 {
-                match map_file(&pack_path, pack_len.min(entry_end_max)) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        probs.push(Problem::corrupt(
-                            &pack_path,
-                            format!("cannot map: {e}"),
-                            "check permissions",
-                        ));
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            let mut seen_offsets = HashSet::new();
-            for e in &entries {
-                let start = e.offset as usize;
-                let bytes = map
-                    .as_ref()
-                    .and_then(|m| m.get(start..start.saturating_add(PAGE_SIZE)));
-                let Some(bytes) = bytes else {
-                    probs.push(Problem::corrupt(
-                        &idx_path,
-                        format!("index entry for page {} at offset {} lies past the end of its pack ({pack_len} bytes)", e.id, e.offset),
-                        "restore the pack from a backup; templates using this page must be re-created",
-                    ));
-                    continue;
-                };
-                if !seen_offsets.insert(e.offset) {
-                    probs.push(Problem::corrupt(
-                        &idx_path,
-                        format!("two index entries point at offset {}", e.offset),
-                        "restore the index from a backup",
-                    ));
-                    continue;
-                }
-                let h = self.hash_page(bytes);
-                if h != e.id.hash() {
-                    probs.push(Problem::corrupt(
-                        &pack_path,
-                        format!("page {} at offset {} is damaged: its bytes hash to {h:032x}", e.id, e.offset),
-                        "restore the pack from a backup; templates using this page must be re-created",
-                    ));
-                    continue;
-                }
-                valid.insert(e.id, id);
-            }
+            self.report_bad_entries(p, pack_len, probs);
         }
-        progress(total, total);
-        valid
     }
 
-    fn verify_templates(&self, valid: &IdMap<PackId>, probs: &mut Vec<Problem>) {
+    /// Index entries that do not point at their page, one problem per kind
+    /// (a forged or foreign index would otherwise give one per entry).
+    fn report_bad_entries(&self, p: &PackScan, pack_len: u64, probs: &mut Vec<Problem>) {
+        let (idx_path, pack_path) = (self.idx_path(p.id), self.pack_path(p.id));
+        let more = |n: usize| {
+            if n > 1 {
+                format!(" ({} more like it)", n - 1)
+            } else {
+                String::new()
+            }
+        };
+        let past: Vec<_> = p
+            .bad
+            .iter()
+            .filter_map(|b| match b {
+                BadEntry::PastEnd { id, offset } => Some((id, offset)),
+                _ => None,
+            })
+            .collect();
+        if let Some((id, offset)) = past.first() {
+            probs.push(Problem::corrupt(
+                &idx_path,
+                format!("index entry for page {id} at offset {offset} lies past the end of its pack ({pack_len} bytes){}", more(past.len())),
+                "restore the pack from a backup; templates using this page must be re-created",
+            ));
+        }
+        let dups: Vec<u64> = p
+            .bad
+            .iter()
+            .filter_map(|b| match b {
+                BadEntry::DupOffset { offset } => Some(*offset),
+                _ => None,
+            })
+            .collect();
+        if let Some(offset) = dups.first() {
+            probs.push(Problem::corrupt(
+                &idx_path,
+                format!(
+                    "two index entries point at offset {offset}{}",
+                    more(dups.len())
+                ),
+                format!("the index is damaged or forged: rebuild it from the pack (`vmm-store reindex {}`) or restore it from a backup", p.id),
+            ));
+        }
+        let bad: Vec<_> = p
+            .bad
+            .iter()
+            .filter_map(|b| match b {
+                BadEntry::Mismatch {
+                    id,
+                    offset,
+                    computed,
+                } => Some((id, offset, computed)),
+                _ => None,
+            })
+            .collect();
+        if let Some((id, offset, h)) = bad.first() {
+            let hint = if bad.len() > 1 && p.verified.is_empty() {
+                format!("no entry of this index matches its bytes: it may come from another store; rebuild it from the pack (`vmm-store reindex {}`)", p.id)
+            } else {
+                "restore the pack from a backup; templates using this page must be re-created"
+                    .to_string()
+            };
+            probs.push(Problem::corrupt(
+                &pack_path,
+                format!(
+                    "page {id} at offset {offset} is damaged: its bytes hash to {h:032x}{}",
+                    more(bad.len())
+                ),
+                hint,
+            ));
+        }
+    }
+
+    /// One problem per template whose own pages no index accounts for.
+    fn report_missing_pages(
+        &self,
+        all: &[Template],
+        valid: &IdMap<PackId>,
+        missing: &Unaccounted,
+        holders: &BTreeMap<PackId, Vec<u128>>,
+        probs: &mut Vec<Problem>,
+    ) {
+        if missing.is_empty() {
+            return;
+        }
+        for t in all {
+            let mut bad_pages = 0u64;
+            let mut first_bad = None;
+            let mut found_in = BTreeSet::new();
+            for (frame, id) in t.own_pages() {
+                if !valid.contains_key(&id) {
+                    bad_pages += 1;
+                    first_bad.get_or_insert((frame, id));
+                    for (pack, hs) in holders {
+                        if hs.binary_search(&id.hash()).is_ok() {
+                            found_in.insert(*pack);
+                        }
+                    }
+                }
+            }
+            let Some((frame, id)) = first_bad else {
+                continue;
+            };
+            let hint = if found_in.is_empty() {
+                "re-create this template (and templates layered on it)".to_string()
+            } else {
+                let cmds: Vec<String> = found_in
+                    .iter()
+                    .map(|p| format!("`vmm-store reindex {p}`"))
+                    .collect();
+                format!(
+                    "its pages are still in the bytes of {} pack(s) whose index does not list them: rebuild the index ({}); else re-create this template (and templates layered on it)",
+                    found_in.len(),
+                    cmds.join(", ")
+                )
+            };
+            probs.push(Problem::corrupt(
+                self.manifest_path(&t.name),
+                format!(
+                    "{bad_pages} pages are missing or damaged (first: frame {frame}, page {id})"
+                ),
+                hint,
+            ));
+        }
+    }
+
+    /// Reads every manifest and checks the parent chains; returns the readable templates.
+    fn verify_templates(&self, probs: &mut Vec<Problem>) -> BTreeMap<TemplateName, Template> {
         let tdir = self.templates_dir();
+        let mut good: BTreeMap<TemplateName, Template> = BTreeMap::new();
         let rd = match fs::read_dir(&tdir) {
             Ok(rd) => rd,
             Err(e) => {
@@ -290,10 +413,9 @@ impl Store {
                     format!("cannot list templates: {e}"),
                     "check the store directory",
                 ));
-                return;
+                return good;
             }
         };
-        let mut good: BTreeMap<TemplateName, Template> = BTreeMap::new();
         let mut broken: BTreeSet<TemplateName> = BTreeSet::new();
         for e in rd.flatten() {
             let path = e.path();
@@ -324,26 +446,9 @@ impl Store {
                 }
             }
         }
-        let mut referenced: HashSet<PageId> = HashSet::new();
         let mut cycles_reported: BTreeSet<Vec<TemplateName>> = BTreeSet::new();
         for t in good.values() {
             let path = self.manifest_path(&t.name);
-            let mut bad_pages = 0u64;
-            let mut first_bad = None;
-            for (frame, id) in t.own_pages() {
-                referenced.insert(id);
-                if !valid.contains_key(&id) {
-                    bad_pages += 1;
-                    first_bad.get_or_insert((frame, id));
-                }
-            }
-            if let Some((frame, id)) = first_bad {
-                probs.push(Problem::corrupt(
-                    &path,
-                    format!("{bad_pages} pages are missing or damaged (first: frame {frame}, page {id})"),
-                    "re-create this template (and templates layered on it)",
-                ));
-            }
             // parent chain
             let mut chain = vec![t.name.clone()];
             let mut cur = t;
@@ -419,18 +524,6 @@ impl Store {
                 }
             }
         }
-        let mut per_pack: BTreeMap<PackId, u64> = BTreeMap::new();
-        for (id, pack) in valid {
-            if !referenced.contains(id) {
-                *per_pack.entry(*pack).or_insert(0) += 1;
-            }
-        }
-        for (pack, n) in per_pack {
-            probs.push(Problem::garbage(
-                self.pack_path(pack),
-                format!("{n} pages ({} bytes) are referenced by no template", n * PAGE),
-                "left by removed templates or an interrupted commit; harmless (space is not reclaimed yet)",
-            ));
-        }
+        good
     }
 }
