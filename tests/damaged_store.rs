@@ -303,3 +303,58 @@ fn every_damage_is_reported_by_verify_and_refused_by_restore() {
     eprintln!("checked {} damages in {:?}", damages.len(), t0.elapsed());
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
+
+/// Issue 7 item 4: `template create` into a store that lost its store.cfg is refused; no
+/// new secret is written (it would make every stored template unreadable). No KVM
+/// needed: the store is opened before any VM.
+#[test]
+fn template_create_refuses_a_store_without_its_config() {
+    let dir = TempDir::new("no-config");
+    drop(fixtures::healthy_store(&dir.0));
+    fixtures::missing_config(&dir.0);
+    let mut cmd = vmm();
+    cmd.args(["template", "create", "new", "--module"])
+        .arg(path("examples/upper.wat"))
+        .arg("--store")
+        .arg(&dir.0);
+    let r = run_deadline(cmd, b"", "template create");
+    assert_ne!(r.code(), 0, "{}", r.stderr());
+    let err = r.stderr();
+    assert!(
+        err.contains("vmm: error:") && err.contains("no store.cfg") && err.contains("backup"),
+        "{err}"
+    );
+    assert!(!dir.0.join("store.cfg").exists(), "a new config was written");
+    assert!(!dir.0.join("templates/new.tmpl").exists());
+}
+
+/// Issue 7 item 11: one unreadable manifest does not hide the others from `template ls`;
+/// it is flagged, and the listing exits non-zero. No KVM needed.
+#[test]
+fn template_ls_lists_the_readable_templates_and_flags_a_damaged_one() {
+    let dir = TempDir::new("ls-damaged");
+    drop(fixtures::healthy_store(&dir.0));
+    fixtures::bad_manifest_checksum(&dir.0); // fn
+    let mut cmd = vmm();
+    cmd.args(["template", "ls", "--store"]).arg(&dir.0);
+    let r = run_deadline(cmd, b"", "template ls");
+    assert_ne!(r.code(), 0, "{}", r.stdout());
+    let out = r.stdout();
+    assert!(out.lines().any(|l| l.starts_with("base ")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("fn ") && l.contains("UNREADABLE")),
+        "{out}"
+    );
+    let err = r.stderr();
+    assert!(
+        err.contains("template fn cannot be read") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    let mut cmd = vmm();
+    cmd.args(["template", "ls", "--json", "--store"]).arg(&dir.0);
+    let r = run_deadline(cmd, b"", "template ls --json");
+    let j: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    assert_eq!(j[0]["name"], "base");
+    assert_eq!((&j[1]["name"], &j[1]["unreadable"]), (&"fn".into(), &true.into()));
+}
