@@ -266,6 +266,19 @@ pub enum GcError {
     Injected(String),
 }
 
+/// Building a template's memory image in the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{step} {path}: {source} (the image cache is derived data: free space or fix permissions of the store's cache/ directory, or use another memory strategy)")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
 /// Rebuilding a pack's index from the pack.
 #[derive(Debug, thiserror::Error)]
 pub enum ReindexError {

@@ -3,7 +3,9 @@
 //! Runs under the exclusive writer lock, so no commit interleaves. Crash
 //! safety, step by step (each leaves a store that opens and verifies):
 //!
-//! 1. temp files in `tmp/` are deleted (leftovers of dead writers);
+//! 1. temp files in `tmp/` are deleted (leftovers of dead writers), and in
+//!    `cache/` memory images of removed or replaced templates and temp files
+//!    of dead processes;
 //! 2. live pages of packs that are partly garbage are copied into a new pack
 //!    (written, fsynced) whose index is then written atomically — a crash
 //!    before the index leaves an unindexed pack (garbage), after it every live
@@ -19,17 +21,19 @@
 //! damaged pages): deleting or truncating a pack then could lose it. Packs
 //! whose index or data is damaged in pages nobody needs are left untouched.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::cache::{parse_cache_file, process_alive, CacheFile};
 use crate::error::GcError;
 use crate::format::{self, IdxEntry, IDX_ENTRY, IDX_HEADER};
 use crate::scan::{BadEntry, IdxState, PackScan, Unaccounted};
 use crate::store::Store;
 use crate::util::{map_file, take_lock};
-use crate::{PackId, PageId, PAGE_SIZE};
+use crate::{PackId, PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Live pages copied into one new pack before starting another.
@@ -58,6 +62,10 @@ pub struct GcReport {
     /// Temp files removed from `tmp/` and their bytes.
     pub tmp_files: u64,
     pub tmp_bytes: u64,
+    /// Files removed from `cache/` (memory images of removed or replaced
+    /// templates, temp files of killed restores) and their bytes (allocated).
+    pub cache_files: u64,
+    pub cache_bytes: u64,
     /// Bytes of packs, indexes and temp files before and after.
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -160,6 +168,26 @@ impl Store {
                 rep.tmp_files += 1;
                 rep.tmp_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
                 tmp_files.push(e.path());
+            }
+        }
+
+        // 2b. Cache files of templates that are gone or replaced, and temp files
+        // of dead processes.
+        let created: HashMap<&TemplateName, u64> =
+            all.iter().map(|t| (&t.name, t.created_unix_ms)).collect();
+        let mut cache_files = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.cache_dir()) {
+            for e in rd.flatten() {
+                let doomed = match parse_cache_file(&e.file_name().to_string_lossy()) {
+                    CacheFile::Image { name, created: c } => created.get(&name) != Some(&c),
+                    CacheFile::Temp { pid, .. } => !process_alive(pid),
+                    CacheFile::Unknown => false,
+                };
+                if doomed {
+                    rep.cache_files += 1;
+                    rep.cache_bytes += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                    cache_files.push(e.path());
+                }
             }
         }
 
@@ -288,7 +316,7 @@ impl Store {
         }
 
         // 4. Do it.
-        for f in &tmp_files {
+        for f in tmp_files.iter().chain(&cache_files) {
             let _ = fs::remove_file(f);
         }
         let live: Vec<(PackId, IdxEntry)> = plans

@@ -230,7 +230,7 @@ impl Store {
 
     /// Per frame, the page id after flattening the chain (None = zero).
     /// Equal ids mean equal bytes (ids are unique per content in a store).
-    fn page_ids(&self, t: &Template) -> Result<Vec<Option<PageId>>, LoadError> {
+    pub(crate) fn page_ids(&self, t: &Template) -> Result<Vec<Option<PageId>>, LoadError> {
         let mut chain = self.ancestors(t)?;
         chain.push(t.clone());
         let mut v = vec![None; t.frames() as usize];

@@ -86,6 +86,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod cache;
 mod error;
 #[cfg(any(test, feature = "fixtures"))]
 #[doc(hidden)]
@@ -116,9 +117,10 @@ pub mod fuzzing {
     }
 }
 
+pub use cache::MemoryImage;
 pub use error::{
-    ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError, OpenError,
-    ReindexError, RemoveError, WriteError,
+    CacheError, ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError,
+    OpenError, ReindexError, RemoveError, WriteError,
 };
 pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};

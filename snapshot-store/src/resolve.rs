@@ -116,6 +116,12 @@ impl Template {
             layers.push(t.name.clone());
             for &(s, k) in &t.zero_runs {
                 frames[s as usize..(s + k) as usize].fill(Src::ZERO.0);
+                // A parent's page this layer zeroes is no data frame any more.
+                if !hashes.is_empty() {
+                    for f in s..s + k {
+                        hashes.remove(&f);
+                    }
+                }
             }
             for (frame, id) in t.own_pages() {
                 let loc = match store.index.get(&id) {
@@ -257,6 +263,13 @@ impl<'s> Resolved<'s> {
             }
         }
         Ok(Some(f))
+    }
+
+    /// The data frames with the id of their page, sorted by frame.
+    pub(crate) fn data_ids(&self) -> Vec<(u64, PageId)> {
+        let mut v: Vec<(u64, PageId)> = self.hashes.iter().map(|(f, id)| (*f, *id)).collect();
+        v.sort_unstable_by_key(|d| d.0);
+        v
     }
 
     /// The frames that hold data (not zero), in no particular order: cheaper than

@@ -302,7 +302,8 @@ impl Store {
     }
 
     /// Removes a template. Refuses if other templates are layered on it.
-    /// Its pages stay in the packs (reported as garbage by `verify`).
+    /// Its pages stay in the packs (reported as garbage by `verify`); its
+    /// cached memory images go.
     pub fn remove(&mut self, name: &str) -> Result<(), RemoveError> {
         let name = TemplateName::new(name)?;
         let _lock = take_lock(&self.dir, true).map_err(|source| RemoveError::Lock {
@@ -338,6 +339,7 @@ impl Store {
             path: tdir,
             source,
         })?;
+        self.remove_cached_images(&name);
         Ok(())
     }
 

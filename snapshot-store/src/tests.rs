@@ -1236,3 +1236,83 @@ fn reindex_of_a_missing_pack_is_a_clear_error() {
     );
     assert!("../x".parse::<PackId>().is_err());
 }
+
+#[test]
+fn memory_images_are_checked_before_use_and_cleaned_up() {
+    // Issue 7 item 6, at the store level.
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let t = s.load("fn").unwrap();
+    let r = t.resolve(&s).unwrap();
+    let mut want = vec![0u8; MEM as usize];
+    r.copy_to(&mut want).unwrap();
+    let img = s.memory_image(&t, &r).unwrap();
+    assert!(img.built && img.rejected.is_none());
+    assert_eq!(fs::read(&img.path).unwrap(), want);
+    let again = s.memory_image(&t, &r).unwrap();
+    assert!(!again.built, "a good image is reused");
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    let path = img.path.clone();
+    drop((img, again));
+
+    // Altered data page, data in a zero frame, wrong size: each rejected and rebuilt.
+    type Alter = (&'static str, fn(&mut Vec<u8>));
+    let alter: [Alter; 3] = [
+        ("data page", |b| b[4 * PAGE_SIZE + 9] ^= 1),
+        ("zero frame", |b| b[40 * PAGE_SIZE] = 1),
+        ("size", |b| b.truncate(b.len() - PAGE_SIZE)),
+    ];
+    for (what, f) in alter {
+        let mut b = fs::read(&path).unwrap();
+        f(&mut b);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, &b).unwrap();
+        let probs = s.verify();
+        assert!(
+            probs.iter().any(|p| p.is_corruption()
+                && p.what.contains("memory image")
+                && p.hint.contains("delete it")),
+            "{what}: {probs:#?}"
+        );
+        let img = s.memory_image(&t, &r).unwrap();
+        assert!(img.built && img.rejected.is_some(), "{what}: {img:?}");
+        assert_eq!(fs::read(&img.path).unwrap(), want, "{what}");
+        assert!(s.verify().is_empty(), "{what}: {:#?}", s.verify());
+    }
+    drop(r);
+
+    // gc: stale images and dead processes' temp files go; a live one and the current image stay.
+    let cache = d.0.join("cache");
+    let live = cache.join(format!(".fn.{}.tmp", std::process::id()));
+    fs::write(cache.join("fn.1.img"), b"old").unwrap();
+    fs::write(cache.join("gone.5.img"), b"removed").unwrap();
+    fs::write(cache.join(".fn.2147483647.tmp"), b"killed").unwrap();
+    fs::write(&live, b"building").unwrap();
+    let probs = s.verify();
+    assert_eq!(
+        probs.iter().filter(|p| p.path.starts_with(&cache)).count(),
+        3,
+        "{probs:#?}"
+    );
+    assert!(probs.iter().all(|p| !p.is_corruption()), "{probs:#?}");
+    let rep = s.gc(false).unwrap();
+    assert_eq!(rep.cache_files, 3, "{rep:?}");
+    let mut left: Vec<String> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let image_name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        left,
+        [format!(".fn.{}.tmp", std::process::id()), image_name]
+    );
+    // remove: the template's images go (a live builder's temp file stays).
+    fs::write(cache.join(".fn.2147483647.tmp"), b"killed").unwrap();
+    s.remove("fn").unwrap();
+    let left: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, [live]);
+}

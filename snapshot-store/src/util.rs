@@ -96,14 +96,19 @@ pub(crate) fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
 
 /// Maps the first `len` bytes of `path` read-only.
 pub(crate) fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
-    let f = File::open(path)?;
-    let len = usize::try_from(len).map_err(|_| io::Error::other("pack too large to map"))?;
+    map_opened(&File::open(path)?, len)
+}
+
+/// Maps the first `len` bytes of the open file `f` read-only.
+pub(crate) fn map_opened(f: &File, len: u64) -> io::Result<Mmap> {
+    let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
     // SAFETY: the mapping is read-only and `len` is no larger than the file
     // size the caller observed just before. Packs are append-only: the only
     // writer that shrinks one is gc, under the exclusive store lock, and only
     // past every index entry; mappings that reach past a pack's indexed end
-    // are taken under the store lock (verify, gc, reindex). If the file is
-    // damaged externally (truncated below its index) accesses could fault;
-    // `verify` detects that state and `refresh` maps only what exists.
-    unsafe { MmapOptions::new().len(len).map(&f) }
+    // are taken under the store lock (verify, gc, reindex). Cache images are
+    // never written in place (a rebuild renames a new file over them). If a
+    // file is damaged externally (truncated) accesses could fault; `verify`
+    // detects that state and `refresh` maps only what exists.
+    unsafe { MmapOptions::new().len(len).map(f) }
 }

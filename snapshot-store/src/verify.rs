@@ -8,6 +8,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::cache::{parse_cache_file, process_alive, CacheFile};
 use crate::format;
 use crate::resolve::Template;
 use crate::scan::{name_list, BadEntry, IdxState, PackScan, Scan, Unaccounted};
@@ -154,7 +155,9 @@ impl Store {
                 "left by removed templates or an interrupted commit; harmless (space is not reclaimed yet)",
             ));
         }
-        // 6. temp files
+        // 6. memory-image cache
+        self.verify_cache(&good, &mut probs);
+        // 7. temp files
         if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
             for e in rd.flatten() {
                 probs.push(Problem::garbage(
@@ -165,6 +168,64 @@ impl Store {
             }
         }
         probs
+    }
+
+    /// Checks every cached memory image of a current template against its
+    /// page ids; reports stale images and temp files of dead processes.
+    fn verify_cache(&self, good: &BTreeMap<TemplateName, Template>, probs: &mut Vec<Problem>) {
+        let Ok(rd) = fs::read_dir(self.cache_dir()) else {
+            return;
+        };
+        let mut entries: Vec<_> = rd.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            match parse_cache_file(&e.file_name().to_string_lossy()) {
+                CacheFile::Image { name, created } => {
+                    let Some(t) = good.get(&name).filter(|t| t.created_unix_ms == created) else {
+                        probs.push(Problem::garbage(
+                            &path,
+                            "memory image of a removed or replaced template".into(),
+                            "harmless; gc deletes it",
+                        ));
+                        continue;
+                    };
+                    // A template whose chain is broken is reported above.
+                    let Ok(ids) = self.page_ids(t) else {
+                        continue;
+                    };
+                    let data: Vec<(u64, PageId)> = ids
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(f, id)| id.map(|id| (f as u64, id)))
+                        .collect();
+                    let res = fs::File::open(&path)
+                        .map_err(|e| format!("cannot open it: {e}"))
+                        .and_then(|f| self.check_image(&f, t.mem_size, &data));
+                    if let Err(why) = res {
+                        probs.push(Problem::corrupt(
+                            &path,
+                            format!("the cached memory image of template {name} is altered or damaged: {why}"),
+                            "it is derived data: delete it (restores check an image before use and rebuild one that does not match, from the verified pages)",
+                        ));
+                    }
+                }
+                CacheFile::Temp { pid, .. } => {
+                    if !process_alive(pid) {
+                        probs.push(Problem::garbage(
+                            &path,
+                            format!("memory image left half-built by process {pid}, which is gone"),
+                            "harmless; gc (or removing the template) deletes it",
+                        ));
+                    }
+                }
+                CacheFile::Unknown => probs.push(Problem::garbage(
+                    &path,
+                    "unknown file in cache/".into(),
+                    "delete it",
+                )),
+            }
+        }
     }
 
     /// Problems of each pack and index. `holders`: packs whose bytes hold

@@ -596,6 +596,8 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
             "tail_bytes": r.tail_bytes,
             "tmp_files": r.tmp_files,
             "tmp_bytes": r.tmp_bytes,
+            "cache_files": r.cache_files,
+            "cache_bytes": r.cache_bytes,
             "bytes_before": r.bytes_before,
             "bytes_after": r.bytes_after,
             "bytes_freed": r.bytes_freed(),
@@ -604,7 +606,7 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
     }
     let verb = if r.dry_run { "would remove" } else { "removed" };
     let mut out = format!(
-        "{verb} {} unreferenced page(s): {} pack(s) deleted, {} rewritten ({} live page(s) copied), {} temp file(s), {} torn tail byte(s)\n\
+        "{verb} {} unreferenced page(s): {} pack(s) deleted, {} rewritten ({} live page(s) copied), {} temp file(s), {} torn tail byte(s), {} stale cache file(s)\n\
          {} kept for {} template(s); packs+indexes {} -> {} ({} freed)\n",
         r.removed_pages,
         r.packs_deleted,
@@ -612,6 +614,7 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
         r.pages_copied,
         r.tmp_files,
         r.tail_bytes,
+        r.cache_files,
         r.referenced_pages,
         r.templates,
         human(r.bytes_before),
