@@ -130,6 +130,8 @@ fn restore_expect(damage: &str) -> Expect {
         "future-version" => "format version 7",
         "parent-cycle" => "cycle",
         "working-set-outside-ram" => "working set frame",
+        "deleted-index" | "foreign-index" | "stale-index" => "is not in any pack index",
+        "forged-offsets" => "does not match its hash",
         // A damage added to the fixtures later: at least a clear `vmm: error:` line.
         _ => "vmm: error:",
     })

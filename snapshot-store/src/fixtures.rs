@@ -281,4 +281,24 @@ pub const DAMAGES: &[Damage] = &[
         apply: working_set_outside_ram,
         expect: "working set frame",
     },
+    Damage {
+        name: "deleted-index",
+        apply: deleted_index,
+        expect: "no index accounts for them",
+    },
+    Damage {
+        name: "foreign-index",
+        apply: foreign_index,
+        expect: "no index accounts for them",
+    },
+    Damage {
+        name: "forged-offsets",
+        apply: forged_offsets,
+        expect: "no index accounts for them",
+    },
+    Damage {
+        name: "stale-index",
+        apply: stale_index,
+        expect: "no index accounts for them",
+    },
 ];
