@@ -30,6 +30,8 @@
 //! │                               header: magic "VMMPKIDX", major u16, minor u16,
 //! │                                       pack id u64, count u64, xxh3-64(entries) u64
 //! │                               entries[count]: hash u128 LE, slot u32 LE, offset u64 LE
+//! ├── cache/             memory images for copy-on-write restores (derived data, see
+//! │                       [`Store::memory_image`]): <name>.<created ms>.img, .<name>.<pid>.tmp
 //! └── templates/
 //!     └── <name>.tmpl    manifest:
 //!                        header: magic "VMMTMPL1", major u16, minor u16,
@@ -51,9 +53,18 @@
 //! append new pages to the current pack -> fsync pack -> write the pack's new
 //! index to `tmp/`, fsync, rename over the old one, fsync `packs/` -> same for
 //! the manifest into `templates/`. A writer killed at any point leaves either
-//! unindexed bytes at a pack tail (ignored; truncated by the next writer),
-//! indexed pages no manifest references, or temp files: all reported by
-//! [`Store::verify`] as [`Severity::Garbage`], never as corruption.
+//! unindexed bytes at a pack tail (ignored: the next writer starts a new pack
+//! rather than truncate them), indexed pages no manifest references, or temp
+//! files: all reported by [`Store::verify`] as [`Severity::Garbage`], never as
+//! corruption, and reclaimed by [`Store::gc`].
+//!
+//! What is garbage is decided from the manifests: a page counts as stored only
+//! where an index entry points at bytes that hash to its id. While a template
+//! needs a page no index accounts for (an index lost, damaged, stale or copied
+//! from another store, forged offsets), `verify` reports the packs that still
+//! hold it, `gc` refuses to delete or truncate anything, and
+//! [`Store::reindex`] rebuilds the index from the pack. A directory holding
+//! packs or manifests but no `store.cfg` is a damaged store, never a new one.
 //!
 //! # Example
 //!

@@ -1316,3 +1316,45 @@ fn memory_images_are_checked_before_use_and_cleaned_up() {
         .collect();
     assert_eq!(left, [live]);
 }
+
+#[test]
+fn error_messages_name_no_internal_functions() {
+    // Issue 7 item 11: messages named Store::create_or_open, begin_template_replacing,
+    // Store::refresh and a `list` command that does not exist.
+    let internal = [
+        "create_or_open",
+        "begin_template",
+        "Store::",
+        "refresh",
+        "`list`",
+    ];
+    let check = |m: String| {
+        for w in internal {
+            assert!(!m.contains(w), "{w:?} in: {m}");
+        }
+        m
+    };
+    let d = TempDir::new();
+    let m = check(Store::open(d.0.join("none")).err().unwrap().to_string());
+    assert!(m.contains("no store at"), "{m}");
+    let mut s = healthy_store(&d.0);
+    let mut w = s.begin_template("fn", Some("base"), MEM).unwrap();
+    w.put_page(1, &page(1)).unwrap();
+    let m = check(w.commit().unwrap_err().to_string());
+    assert!(
+        m.contains("already exists") && m.contains("remove it first"),
+        "{m}"
+    );
+    let m = check(s.load("nope").unwrap_err().to_string());
+    assert!(m.contains("not found"), "{m}");
+    let m = check(s.set_working_set("nope", vec![]).unwrap_err().to_string());
+    assert!(m.contains("not found"), "{m}");
+    drop(s);
+    deleted_index(&d.0);
+    let mut s = Store::open(&d.0).unwrap();
+    let t = s.load("fn").unwrap();
+    let e = t.resolve(&s).err().unwrap();
+    assert!(matches!(e, LoadError::PageMissing { .. }), "{e}");
+    let m = check(e.to_string());
+    assert!(m.contains("vmm-store verify"), "{m}");
+}

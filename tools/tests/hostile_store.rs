@@ -401,6 +401,47 @@ fn an_unreadable_pack_is_reported_as_unreadable() {
     fs::set_permissions(&pack, fs::Permissions::from_mode(0o644)).unwrap();
     let o = run_unprivileged(d.path(), &["verify"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // An unreadable index: said so, not "not in any pack index".
+    let idx = d.path().join("packs/0000000000000001.idx");
+    fs::set_permissions(&idx, fs::Permissions::from_mode(0o000)).unwrap();
+    let o = run_unprivileged(d.path(), &["export", "fn", "-"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        err.contains("no readable pack index") && err.contains("ermission denied"),
+        "{err}"
+    );
+    let o = run_unprivileged(d.path(), &["verify"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("check the permissions of the index"),
+        "{}",
+        text(&o)
+    );
+    fs::set_permissions(&idx, fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+#[test]
+fn errors_point_at_commands_that_exist() {
+    let d = TempDir::new();
+    drop(healthy_store(d.path()));
+    let o = run(d.path(), &["inspect", "nope"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        err.contains("not found") && err.contains("`vmm-store ls`"),
+        "{err}"
+    );
+    let o = run(&d.path().join("none"), &["ls"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("no store at") && err.contains("--store"),
+        "{err}"
+    );
+    for o in [run(d.path(), &["inspect", "nope"]), o] {
+        let err = stderr(&o);
+        assert!(!err.contains("Store::") && !err.contains("`list`"), "{err}");
+    }
 }
 
 #[test]
