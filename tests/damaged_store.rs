@@ -130,6 +130,8 @@ fn restore_expect(damage: &str) -> Expect {
         "future-version" => "format version 7",
         "parent-cycle" => "cycle",
         "working-set-outside-ram" => "working set frame",
+        "deleted-index" | "foreign-index" | "stale-index" => "is not in any pack index",
+        "forged-offsets" => "does not match its hash",
         // A damage added to the fixtures later: at least a clear `vmm: error:` line.
         _ => "vmm: error:",
     })
@@ -659,4 +661,187 @@ fn forged_device_state_and_parents_are_refused_by_restore_and_reported_by_verify
         ),
     ];
     run_forgeries(&healthy, forgeries);
+}
+
+/// Issue 7 item 4: `template create` into a store that lost its store.cfg is refused; no
+/// new secret is written (it would make every stored template unreadable). No KVM
+/// needed: the store is opened before any VM.
+#[test]
+fn template_create_refuses_a_store_without_its_config() {
+    let dir = TempDir::new("no-config");
+    drop(fixtures::healthy_store(&dir.0));
+    fixtures::missing_config(&dir.0);
+    let mut cmd = vmm();
+    cmd.args(["template", "create", "new", "--module"])
+        .arg(path("examples/upper.wat"))
+        .arg("--store")
+        .arg(&dir.0);
+    let r = run_deadline(cmd, b"", "template create");
+    assert_ne!(r.code(), 0, "{}", r.stderr());
+    let err = r.stderr();
+    assert!(
+        err.contains("vmm: error:") && err.contains("no store.cfg") && err.contains("backup"),
+        "{err}"
+    );
+    assert!(
+        !dir.0.join("store.cfg").exists(),
+        "a new config was written"
+    );
+    assert!(!dir.0.join("templates/new.tmpl").exists());
+}
+
+/// Issue 7 item 11: one unreadable manifest does not hide the others from `template ls`;
+/// it is flagged, and the listing exits non-zero. No KVM needed.
+#[test]
+fn template_ls_lists_the_readable_templates_and_flags_a_damaged_one() {
+    let dir = TempDir::new("ls-damaged");
+    drop(fixtures::healthy_store(&dir.0));
+    fixtures::bad_manifest_checksum(&dir.0); // fn
+    let mut cmd = vmm();
+    cmd.args(["template", "ls", "--store"]).arg(&dir.0);
+    let r = run_deadline(cmd, b"", "template ls");
+    assert_ne!(r.code(), 0, "{}", r.stdout());
+    let out = r.stdout();
+    assert!(out.lines().any(|l| l.starts_with("base ")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("fn ") && l.contains("UNREADABLE")),
+        "{out}"
+    );
+    let err = r.stderr();
+    assert!(
+        err.contains("template fn cannot be read") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    let mut cmd = vmm();
+    cmd.args(["template", "ls", "--json", "--store"])
+        .arg(&dir.0);
+    let r = run_deadline(cmd, b"", "template ls --json");
+    let j: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    assert_eq!(j[0]["name"], "base");
+    assert_eq!(
+        (&j[1]["name"], &j[1]["unreadable"]),
+        (&"fn".into(), &true.into())
+    );
+}
+
+/// Issue 7 item 6: the `--memory shared` image cache is checked before use. Its bytes are
+/// altered (the greeting in a data page, then a page that must be zero): `vmm-store verify`
+/// reports it, and `restore --memory shared` never runs the altered bytes (it rebuilds the
+/// image from the verified pages). `template rm` and `gc` remove the images and the temp
+/// files of killed restores.
+#[test]
+fn altered_shared_memory_image_is_detected_and_never_run() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = vmm_store_bin();
+    let dir = TempDir::new("shared-cache");
+    make_healthy(&dir);
+    let r = restore(&dir.0, "shared");
+    assert_eq!(
+        (r.code(), r.stdout()),
+        (0, RESPONSE.to_string()),
+        "{}",
+        r.stderr()
+    );
+    let images: Vec<PathBuf> = std::fs::read_dir(dir.0.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    let image = &images[0];
+    let make_writable = || {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(image, std::fs::Permissions::from_mode(0o644)).unwrap();
+    };
+
+    // 1. The greeting in the template's data pages.
+    make_writable();
+    let mut bytes = std::fs::read(image).unwrap();
+    let mut altered = 0;
+    for i in 0..bytes.len().saturating_sub(5) {
+        if &bytes[i..i + 5] == b"Hello" {
+            bytes[i] = b'J';
+            altered += 1;
+        }
+    }
+    assert!(altered > 0, "no greeting found in the image");
+    std::fs::write(image, &bytes).unwrap();
+    drop(bytes);
+    let v = verify(&dir.0);
+    assert_eq!(
+        v.code(),
+        1,
+        "verify must report the altered image: {}",
+        v.stdout()
+    );
+    assert!(
+        v.stdout().contains("memory image") && v.stdout().contains("delete it"),
+        "{}",
+        v.stdout()
+    );
+    let r = restore(&dir.0, "shared");
+    assert!(
+        !r.stdout().contains("Jello"),
+        "altered output: {}",
+        r.stdout()
+    );
+    assert!(
+        (r.code() == 0 && r.stdout() == RESPONSE) || (r.code() != 0 && r.stdout().is_empty()),
+        "exit {}: {} {}",
+        r.code(),
+        r.stdout(),
+        r.stderr()
+    );
+    assert!(r.stderr().contains("did not match"), "{}", r.stderr());
+    let v = verify(&dir.0);
+    assert_eq!(v.code(), 0, "the rebuilt image must verify: {}", v.stdout());
+
+    // 2. Data where the template has zeros (the image's last page).
+    make_writable();
+    let len = std::fs::metadata(image).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let mut last = vec![0u8; 4096];
+        f.read_exact_at(&mut last, len - 4096).unwrap();
+        assert!(last.iter().all(|&b| b == 0), "the last page is not zero");
+        f.write_all_at(b"planted", len - 4096).unwrap();
+    }
+    drop(f);
+    let v = verify(&dir.0);
+    assert_eq!(v.code(), 1, "{}", v.stdout());
+    assert!(v.stdout().contains("must be zero"), "{}", v.stdout());
+    let r = restore(&dir.0, "shared");
+    assert_eq!(
+        (r.code(), r.stdout()),
+        (0, RESPONSE.to_string()),
+        "{}",
+        r.stderr()
+    );
+
+    // 3. gc removes stale images and dead restores' temp files; `template rm` the rest.
+    let cache = dir.0.join("cache");
+    std::fs::write(cache.join("gone.1.img"), b"stale").unwrap();
+    std::fs::write(cache.join(".fn.2147483647.tmp"), b"half").unwrap();
+    let mut gc = Command::new(vmm_store_bin());
+    gc.arg("gc").arg("--store").arg(&dir.0);
+    let g = run_deadline(gc, b"", "vmm-store gc");
+    assert_eq!(g.code(), 0, "{}", g.stderr());
+    assert!(!cache.join("gone.1.img").exists());
+    assert!(!cache.join(".fn.2147483647.tmp").exists());
+    assert!(image.exists(), "gc removed the current image");
+    std::fs::write(cache.join(".fn.2147483647.tmp"), b"half").unwrap();
+    let mut rm = vmm();
+    rm.args(["template", "rm", "fn", "--store"]).arg(&dir.0);
+    let r = run_deadline(rm, b"", "template rm");
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let left: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -18,8 +18,18 @@ pub struct NameError {
 pub enum OpenError {
     #[error("creating store directory {path}: {source} (check permissions, or set $VMM_STORE to a writable directory)")]
     CreateDir { path: PathBuf, source: io::Error },
-    #[error("no store at {path} (store.cfg missing): use Store::create_or_open to create one")]
+    #[error("no store at {path} (it has no store.cfg)")]
     NotAStore { path: PathBuf },
+    #[error("{path} holds {packs} file(s) in packs/ and {templates} in templates/ but no store.cfg: the store is damaged, not new, and its page secret was in that file. Restore store.cfg from a backup; a new config would make every stored template unreadable, so none is created (to start a new store, use another directory or move this one away)")]
+    MissingConfig {
+        path: PathBuf,
+        packs: u64,
+        templates: u64,
+    },
+    #[error("{path} is not a store (no store.cfg) and is not empty (it holds {entry:?}); a new store is only created in an empty or new directory: choose another directory")]
+    NotEmpty { path: PathBuf, entry: String },
+    #[error("listing {path}: {source} (check permissions of the store directory)")]
+    ListDir { path: PathBuf, source: io::Error },
     #[error("locking {path}: {source} (check permissions of the store directory)")]
     Lock { path: PathBuf, source: io::Error },
     #[error("reading store config {path}: {source}")]
@@ -48,7 +58,7 @@ pub enum IndexError {
     #[error("reading pack index {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error(
-        "pack index {path} is damaged: {reason}; run `verify` and restore the pack from a backup"
+        "pack index {path} is damaged: {reason}; run `vmm-store verify`, which says how to repair it"
     )]
     Corrupt { path: PathBuf, reason: String },
     #[error("pack index {path} has format version {found}, this build supports {supported}: upgrade the VMM")]
@@ -102,7 +112,7 @@ pub enum LoadError {
     Name(#[from] NameError),
     #[error("the stored page of guest frame {frame} does not match its hash: a pack is damaged; run `vmm-store verify` and recreate the affected templates")]
     PageCorrupt { frame: u64 },
-    #[error("template {name} not found (no {path}); `list` shows the available templates")]
+    #[error("template {name} not found (no {path})")]
     NotFound { name: TemplateName, path: PathBuf },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -124,11 +134,25 @@ pub enum LoadError {
         parent: TemplateName,
         parent_size: u64,
     },
-    #[error("template {template} frame {frame} uses page {page} which is not in any pack index (or lies past the end of its pack); run `verify`. If another process just wrote it, call Store::refresh")]
+    #[error("template {template} frame {frame} uses page {page} which is not in any pack index (or lies past the end of its pack): the store is damaged; run `vmm-store verify`")]
     PageMissing {
         template: TemplateName,
         frame: u64,
         page: PageId,
+    },
+    #[error("template {template} frame {frame} uses page {page}, whose pack cannot be read ({reason}): fix the pack file's permissions (whoever restores must be able to read it) or restore it from a backup")]
+    PackUnreadable {
+        template: TemplateName,
+        frame: u64,
+        page: PageId,
+        reason: String,
+    },
+    #[error("template {template} frame {frame} uses page {page}, which is in no readable pack index; an index cannot be used ({reason}): fix its permissions, or run `vmm-store verify`")]
+    IndexUnreadable {
+        template: TemplateName,
+        frame: u64,
+        page: PageId,
+        reason: String,
     },
     #[error("guest memory buffer is {found} bytes but template has {expected}")]
     BufferSize { expected: u64, found: u64 },
@@ -149,11 +173,9 @@ pub enum WriteError {
     UnalignedSlice { len: usize },
     #[error("working set frame {frame} is outside guest memory ({frames} frames)")]
     WorkingSetOutOfRange { frame: u64, frames: u64 },
-    #[error(
-        "template {name} already exists ({path}): remove it first or use begin_template_replacing"
-    )]
+    #[error("template {name} already exists ({path}): remove it first, or choose another name")]
     AlreadyExists { name: TemplateName, path: PathBuf },
-    #[error("template {name} not found (no {path}); `vmm-store ls` shows the available templates")]
+    #[error("template {name} not found (no {path})")]
     NotFound { name: TemplateName, path: PathBuf },
     #[error("template {name} cannot be rewritten: {source}")]
     Manifest {
@@ -184,7 +206,7 @@ pub enum WriteError {
     },
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error("pack {path} cannot be extended: {reason}; run `verify`")]
+    #[error("pack {path} cannot be extended: {reason}; run `vmm-store verify`")]
     BadPack { path: PathBuf, reason: String },
     #[cfg(test)]
     #[error("injected failure at {0}")]
@@ -225,6 +247,13 @@ pub enum GcError {
         path: PathBuf,
         source: Box<LoadError>,
     },
+    #[error("gc refused, nothing was changed: templates {} need {pages} page(s) that no pack index accounts for (an index is missing, damaged, stale or from another store, or the pages are damaged), so deleting or truncating a pack could lose them; {}. Run `vmm-store verify` for details, then rebuild the index or remove or re-create these templates, and run gc again", crate::scan::name_list(templates, 8), if packs.is_empty() { "no pack holds them any more".to_string() } else { format!("pack(s) {} still hold them", packs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")) })]
+    Unaccounted {
+        templates: Vec<TemplateName>,
+        pages: u64,
+        /// Packs whose bytes hold some of those pages (their index can be rebuilt).
+        packs: Vec<crate::PackId>,
+    },
     #[error("gc: {step} ({path}): {source}; the store stays consistent (run `vmm-store verify`), free space or fix permissions and run gc again")]
     Io {
         step: &'static str,
@@ -235,6 +264,34 @@ pub enum GcError {
     Index(IndexError),
     #[error("gc: {0}")]
     Injected(String),
+}
+
+/// Building a template's memory image in the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{step} {path}: {source} (the image cache is derived data: free space or fix permissions of the store's cache/ directory, or use another memory strategy)")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// Rebuilding a pack's index from the pack.
+#[derive(Debug, thiserror::Error)]
+pub enum ReindexError {
+    #[error("reindex: taking the store write lock {path}: {source} (check permissions of the store directory)")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("reindex: there is no pack file {path}")]
+    NoPack { path: PathBuf },
+    #[error("reindex: reading pack {path}: {source} (check its permissions)")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("reindex: writing the new index {path}: {source}; the old index is unchanged: free space or fix permissions and retry")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("reindex: re-reading pack indexes: {0}")]
+    Index(#[from] IndexError),
 }
 
 /// Exporting a template to a file.

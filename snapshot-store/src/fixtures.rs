@@ -167,6 +167,70 @@ pub fn working_set_outside_ram(d: &Path) {
     write_manifest(d, &m);
 }
 
+/// Deletes `store.cfg` (and with it the page secret).
+pub fn missing_config(d: &Path) {
+    fs::remove_file(d.join("store.cfg")).unwrap();
+}
+
+/// Deletes the first pack's index.
+pub fn deleted_index(d: &Path) {
+    fs::remove_file(d.join(IDX1)).unwrap();
+}
+
+/// Replaces the first pack's index with the index of pack 1 of another store
+/// holding the same templates (a valid file, but its ids are keyed with
+/// another secret).
+pub fn foreign_index(d: &Path) {
+    let other = TempDir::new();
+    drop(healthy_store(other.path()));
+    fs::copy(other.path().join(IDX1), d.join(IDX1)).unwrap();
+}
+
+/// Rewrites every entry of the first pack's index to offset 0 (valid checksum).
+pub fn forged_offsets(d: &Path) {
+    let p = d.join(IDX1);
+    let entries = format::decode_idx(&p, PackId::new(1), &fs::read(&p).unwrap()).unwrap();
+    let mut body = Vec::new();
+    for e in entries {
+        format::idx_entry_bytes(
+            &mut body,
+            &format::IdxEntry {
+                id: e.id,
+                offset: 0,
+            },
+        );
+    }
+    fs::write(&p, format::encode_idx(PackId::new(1), &body)).unwrap();
+}
+
+/// Drops the second half of the first pack's index entries, as an index
+/// restored from an older backup would: the pages they listed now look like
+/// an unindexed ("torn") tail, but templates still need them.
+pub fn stale_index(d: &Path) {
+    let p = d.join(IDX1);
+    let mut entries = format::decode_idx(&p, PackId::new(1), &fs::read(&p).unwrap()).unwrap();
+    entries.sort_by_key(|e| e.offset);
+    entries.truncate(entries.len() / 2);
+    let mut body = Vec::new();
+    for e in &entries {
+        format::idx_entry_bytes(&mut body, e);
+    }
+    fs::write(&p, format::encode_idx(PackId::new(1), &body)).unwrap();
+}
+
+/// A named way of damaging the first pack's index.
+pub type IndexDamage = (&'static str, fn(&Path));
+
+/// Index damage that leaves referenced pages in pack 1 that no index accounts
+/// for: gc must refuse and change nothing, verify must report it, and
+/// rebuilding the index from the pack must repair it.
+pub const INDEX_DAMAGES: &[IndexDamage] = &[
+    ("deleted-index", deleted_index),
+    ("foreign-index", foreign_index),
+    ("forged-offsets", forged_offsets),
+    ("stale-index", stale_index),
+];
+
 /// A way of damaging a store made by [`healthy_store`], with a substring
 /// the corruption report is expected to contain.
 pub struct Damage {
@@ -216,5 +280,25 @@ pub const DAMAGES: &[Damage] = &[
         name: "working-set-outside-ram",
         apply: working_set_outside_ram,
         expect: "working set frame",
+    },
+    Damage {
+        name: "deleted-index",
+        apply: deleted_index,
+        expect: "no index accounts for them",
+    },
+    Damage {
+        name: "foreign-index",
+        apply: foreign_index,
+        expect: "no index accounts for them",
+    },
+    Damage {
+        name: "forged-offsets",
+        apply: forged_offsets,
+        expect: "no index accounts for them",
+    },
+    Damage {
+        name: "stale-index",
+        apply: stale_index,
+        expect: "no index accounts for them",
     },
 ];

@@ -329,15 +329,22 @@ pub fn write_atomic(
     before_rename: impl FnOnce() -> bool,
 ) -> io::Result<bool> {
     let tmp = tmp_path(tmp_dir, final_path);
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A full disk, say: leave no half-written temp file behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     if !before_rename() {
         return Ok(false);
     }
-    fs::rename(&tmp, final_path)?;
+    if let Err(e) = fs::rename(&tmp, final_path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(parent) = final_path.parent() {
         fsync_dir(parent)?;
     }

@@ -3,7 +3,9 @@
 //! Runs under the exclusive writer lock, so no commit interleaves. Crash
 //! safety, step by step (each leaves a store that opens and verifies):
 //!
-//! 1. temp files in `tmp/` are deleted (leftovers of dead writers);
+//! 1. temp files in `tmp/` are deleted (leftovers of dead writers), and in
+//!    `cache/` memory images of removed or replaced templates and temp files
+//!    of dead processes;
 //! 2. live pages of packs that are partly garbage are copied into a new pack
 //!    (written, fsynced) whose index is then written atomically — a crash
 //!    before the index leaves an unindexed pack (garbage), after it every live
@@ -11,19 +13,27 @@
 //! 3. the old packs' indexes are deleted, then the packs themselves — a crash
 //!    in between leaves unindexed packs (garbage).
 //!
-//! Packs whose index or data is damaged are left untouched (run `verify`),
-//! and gc refuses to run at all while a manifest is unreadable, since it
-//! cannot know which pages that template needs.
+//! What is referenced is decided from the manifests, and a page counts as
+//! stored only when an index entry points at bytes that hash to its id. gc
+//! refuses to run at all while a manifest is unreadable (it cannot know which
+//! pages that template needs) or while a template needs a page that no index
+//! accounts for (a deleted, damaged, stale or foreign index, forged offsets,
+//! damaged pages): deleting or truncating a pack then could lose it. Packs
+//! whose index or data is damaged in pages nobody needs are left untouched.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::cache::{parse_cache_file, process_alive, CacheFile};
 use crate::error::GcError;
 use crate::format::{self, IdxEntry, IDX_ENTRY, IDX_HEADER};
-use crate::store::{map_file, parse_pack_file, take_lock, Store};
-use crate::{PackId, PageId, PAGE_SIZE};
+use crate::scan::{BadEntry, IdxState, PackScan, Unaccounted};
+use crate::store::Store;
+use crate::util::{map_file, take_lock};
+use crate::{PackId, PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Live pages copied into one new pack before starting another.
@@ -52,6 +62,10 @@ pub struct GcReport {
     /// Temp files removed from `tmp/` and their bytes.
     pub tmp_files: u64,
     pub tmp_bytes: u64,
+    /// Files removed from `cache/` (memory images of removed or replaced
+    /// templates, temp files of killed restores) and their bytes (allocated).
+    pub cache_files: u64,
+    pub cache_bytes: u64,
     /// Bytes of packs, indexes and temp files before and after.
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -77,6 +91,28 @@ struct PackPlan {
     idx_len: u64,
     entries: usize,
     plan: Plan,
+}
+
+/// Why a pack is left alone, in a few words.
+fn describe_damage(p: &PackScan) -> String {
+    if let Some(e) = &p.unreadable {
+        return format!("cannot read the pack: {e}");
+    }
+    if p.pack_len.unwrap_or(0) < p.indexed_end {
+        return format!(
+            "pack missing or shorter than its index needs ({} bytes)",
+            p.indexed_end
+        );
+    }
+    let damaged = p
+        .bad
+        .iter()
+        .filter(|b| matches!(b, BadEntry::Mismatch { .. }))
+        .count();
+    format!(
+        "{} index entries do not match the pack's bytes ({damaged} damaged pages)",
+        p.bad.len()
+    )
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -107,7 +143,7 @@ impl Store {
 
         // 1. Referenced pages: every manifest must be readable.
         let names = self.template_names().map_err(GcError::Templates)?;
-        let mut referenced: HashSet<PageId> = HashSet::new();
+        let mut all = Vec::with_capacity(names.len());
         for n in &names {
             let t = self
                 .read_template(n)
@@ -115,8 +151,12 @@ impl Store {
                     path: self.manifest_path(n),
                     source: Box::new(e),
                 })?;
-            referenced.extend(t.own_pages().map(|(_, id)| id));
+            all.push(t);
         }
+        let referenced: HashSet<PageId> = all
+            .iter()
+            .flat_map(|t| t.own_pages().map(|(_, id)| id))
+            .collect();
         rep.templates = names.len() as u64;
         rep.referenced_pages = referenced.len() as u64;
 
@@ -131,21 +171,46 @@ impl Store {
             }
         }
 
-        // 3. Plan per pack.
+        // 2b. Cache files of templates that are gone or replaced, and temp files
+        // of dead processes.
+        let created: HashMap<&TemplateName, u64> =
+            all.iter().map(|t| (&t.name, t.created_unix_ms)).collect();
+        let mut cache_files = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.cache_dir()) {
+            for e in rd.flatten() {
+                let doomed = match parse_cache_file(&e.file_name().to_string_lossy()) {
+                    CacheFile::Image { name, created: c } => created.get(&name) != Some(&c),
+                    CacheFile::Temp { pid, .. } => !process_alive(pid),
+                    CacheFile::Unknown => false,
+                };
+                if doomed {
+                    rep.cache_files += 1;
+                    rep.cache_bytes += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                    cache_files.push(e.path());
+                }
+            }
+        }
+
+        // 3. Every index entry checked against its bytes. Nothing is deleted or
+        // truncated unless every page a template needs is accounted for.
         let pdir = self.packs_dir();
         let io_err = |step: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source: io::Error| GcError::Io { step, path, source }
         };
-        let mut ids = BTreeSet::new();
-        for e in fs::read_dir(&pdir)
-            .map_err(io_err("listing packs", &pdir))?
-            .flatten()
-        {
-            if let Some((id, _)) = e.file_name().to_str().and_then(parse_pack_file) {
-                ids.insert(id);
-            }
+        let scan = self
+            .scan_packs(&mut |done, total| progress(done, total * 2))
+            .map_err(io_err("listing packs", &pdir))?;
+        let missing = Unaccounted::find(&all, &scan.valid);
+        if !missing.is_empty() {
+            let holders = self.find_unaccounted(&scan, &missing);
+            return Err(GcError::Unaccounted {
+                templates: missing.names(None),
+                pages: missing.pages.len() as u64,
+                packs: holders.keys().copied().collect(),
+            });
         }
+        let ids: Vec<PackId> = scan.packs.iter().map(|p| p.id).collect();
         rep.bytes_before = rep.tmp_bytes
             + ids
                 .iter()
@@ -154,90 +219,58 @@ impl Store {
         let mut kept: HashSet<PageId> = HashSet::new();
         let mut plans = Vec::new();
         let total = ids.len() as u64;
-        for (k, &id) in ids.iter().enumerate() {
-            progress(k as u64, total * 2);
-            let (ppath, ipath) = (self.pack_path(id), self.idx_path(id));
-            let pack_len = fs::metadata(&ppath).map(|m| m.len()).ok();
-            let idx = match fs::read(&ipath) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    rep.skipped
-                        .push(format!("{}: unreadable index: {e}", ipath.display()));
+        for p in &scan.packs {
+            let pack_len = p.pack_len.unwrap_or(0);
+            let (entries, idx_len) = match &p.idx {
+                IdxState::Missing => {
+                    // No index: an interrupted first write, or an index lost
+                    // while no template needs the pages (checked above).
+                    plans.push(PackPlan {
+                        id: p.id,
+                        pack_len,
+                        idx_len: 0,
+                        entries: 0,
+                        plan: Plan::Delete,
+                    });
                     continue;
                 }
-                Ok(b) => match format::decode_idx(&ipath, id, &b) {
-                    Ok(es) => Some((es, b.len() as u64)),
-                    Err(e) => {
-                        rep.skipped.push(e.to_string());
-                        continue;
-                    }
-                },
+                IdxState::Bad { reason, .. } => {
+                    rep.skipped.push(reason.clone());
+                    continue;
+                }
+                IdxState::Ok { entries, bytes } => (entries.len(), *bytes),
             };
-            let Some((entries, idx_len)) = idx else {
-                // A pack without an index: an interrupted first write.
-                plans.push(PackPlan {
-                    id,
-                    pack_len: pack_len.unwrap_or(0),
-                    idx_len: 0,
-                    entries: 0,
-                    plan: Plan::Delete,
-                });
-                continue;
-            };
-            let end = entries
-                .iter()
-                .map(|e| e.offset.saturating_add(PAGE))
-                .max()
-                .unwrap_or(0);
-            let Some(pack_len) = pack_len.filter(|&l| l >= end) else {
+            if !p.intact() {
+                // Damaged (in pages no template needs, see above): left alone,
+                // and the good pages in it stay where they are.
+                kept.extend(p.verified.iter().map(|e| e.id));
                 rep.skipped.push(format!(
-                    "{}: pack missing or shorter than its index needs ({end} bytes)",
-                    ppath.display()
+                    "{}: {}",
+                    self.pack_path(p.id).display(),
+                    describe_damage(p)
                 ));
                 continue;
-            };
+            }
             let mut live = Vec::new();
-            for e in &entries {
+            for e in &p.verified {
                 if referenced.contains(&e.id) && kept.insert(e.id) {
                     live.push(*e);
                 }
             }
             let plan = if live.is_empty() {
                 Plan::Delete
-            } else if live.len() == entries.len() {
+            } else if live.len() == entries {
                 Plan::Keep {
-                    tail_to: (pack_len > end).then_some(end),
+                    tail_to: (p.tail() > 0).then_some(p.indexed_end),
                 }
             } else {
-                // Check the bytes we are about to copy: never launder a damaged page.
-                if end > 0 {
-                    let map = map_file(&ppath, end).map_err(io_err("mapping pack", &ppath))?;
-                    let bad = live.iter().find(|e| {
-                        let s = e.offset as usize;
-                        self.hash_page(&map[s..s + PAGE_SIZE]) != e.id.hash()
-                    });
-                    if let Some(e) = bad {
-                        rep.skipped.push(format!(
-                            "{}: page {} at offset {} is damaged",
-                            ppath.display(),
-                            e.id,
-                            e.offset
-                        ));
-                        // Leave the whole pack alone; later copies of its
-                        // pages (if any) are kept too.
-                        for e in &live {
-                            kept.remove(&e.id);
-                        }
-                        continue;
-                    }
-                }
                 Plan::Rewrite { live }
             };
             plans.push(PackPlan {
-                id,
+                id: p.id,
                 pack_len,
                 idx_len,
-                entries: entries.len(),
+                entries,
                 plan,
             });
         }
@@ -273,7 +306,7 @@ impl Store {
             .map(|&id| file_len(&self.pack_path(id)) + file_len(&self.idx_path(id)))
             .sum::<u64>();
         rep.bytes_after = after;
-        let mut next_id = ids.iter().next_back().map_or(1, |i| i.get() + 1);
+        let mut next_id = ids.iter().max().map_or(1, |i| i.get() + 1);
         for i in 0..rewrite_packs {
             rep.packs_created.push(PackId::new(next_id + i));
         }
@@ -283,7 +316,7 @@ impl Store {
         }
 
         // 4. Do it.
-        for f in &tmp_files {
+        for f in tmp_files.iter().chain(&cache_files) {
             let _ = fs::remove_file(f);
         }
         let live: Vec<(PackId, IdxEntry)> = plans
@@ -293,8 +326,20 @@ impl Store {
                 _ => Vec::new(),
             })
             .collect();
+        let mut created = Vec::new();
         for chunk in live.chunks(REWRITE_TARGET_PAGES) {
-            self.write_rewritten_pack(PackId::new(next_id), chunk)?;
+            let id = PackId::new(next_id);
+            created.push(id);
+            if let Err(e) = self.write_rewritten_pack(id, chunk) {
+                if matches!(e, GcError::Io { .. }) {
+                    // A real failure (a full disk, say): the old packs are
+                    // untouched, so remove what this run wrote and leave the
+                    // store as it was. (An injected crash leaves it, as a
+                    // killed gc would.)
+                    self.remove_new_packs(&created);
+                }
+                return Err(e);
+            }
             next_id += 1;
         }
         self.fail("gc-after-new-idx")
@@ -343,6 +388,17 @@ impl Store {
         Ok(rep)
     }
 
+    /// Removes packs (index first) that a failed run had started to write.
+    fn remove_new_packs(&self, ids: &[PackId]) {
+        for &id in ids {
+            let _ = fs::remove_file(self.idx_path(id));
+        }
+        for &id in ids {
+            let _ = fs::remove_file(self.pack_path(id));
+        }
+        let _ = format::fsync_dir(&self.packs_dir());
+    }
+
     /// Writes `pages` (copied from their old packs) as pack `id` with its index.
     fn write_rewritten_pack(
         &self,
@@ -386,6 +442,16 @@ impl Store {
                     path: self.pack_path(*src),
                     source: io::Error::other(format!("offset {} past the end", e.offset)),
                 })?;
+                if self.hash_page(bytes) != e.id.hash() {
+                    return Err(GcError::Io {
+                        step: "copying live page",
+                        path: self.pack_path(*src),
+                        source: io::Error::other(format!(
+                            "page {} at offset {} changed since it was checked",
+                            e.id, e.offset
+                        )),
+                    });
+                }
                 w.write_all(bytes)
                     .map_err(io_err("writing new pack", &ppath))?;
                 format::idx_entry_bytes(

@@ -1,10 +1,12 @@
-//! Read-only analysis: per-layer inspection, template diffs, sharing.
+//! Read-only analysis: per-layer inspection, template diffs, sharing, space accounting.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 
 use crate::error::LoadError;
-use crate::store::{Store, Template};
+use crate::resolve::Template;
+use crate::store::Store;
+use crate::util::IdMap;
 use crate::{PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -228,7 +230,7 @@ impl Store {
 
     /// Per frame, the page id after flattening the chain (None = zero).
     /// Equal ids mean equal bytes (ids are unique per content in a store).
-    fn page_ids(&self, t: &Template) -> Result<Vec<Option<PageId>>, LoadError> {
+    pub(crate) fn page_ids(&self, t: &Template) -> Result<Vec<Option<PageId>>, LoadError> {
         let mut chain = self.ancestors(t)?;
         chain.push(t.clone());
         let mut v = vec![None; t.frames() as usize];
@@ -241,5 +243,119 @@ impl Store {
             }
         }
         Ok(v)
+    }
+}
+
+/// Space accounting.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub templates: Vec<TemplateStats>,
+    /// Sum of guest memory sizes: what raw full snapshots would take.
+    pub logical_bytes: u64,
+    /// Sum over templates of non-zero frames x 4096: what sparse full snapshots would take.
+    pub logical_nonzero_bytes: u64,
+    /// Bytes on disk (packs, indexes, manifests, config): the sum of the four below.
+    pub physical_bytes: u64,
+    /// Sizes of the `.pack` files, the `.idx` files, files in `templates/`, and `store.cfg`.
+    pub pack_bytes: u64,
+    pub index_bytes: u64,
+    pub manifest_bytes: u64,
+    pub config_bytes: u64,
+    /// Template pairs sharing the most of their own (stored) pages, most first.
+    pub shared_pairs: Vec<SharedPair>,
+    /// Distinct pages in the indexes.
+    pub stored_pages: u64,
+    /// Distinct pages referenced by at least one template.
+    pub referenced_pages: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TemplateStats {
+    pub name: TemplateName,
+    pub mem_size: u64,
+    pub own_pages: u64,
+    pub nonzero_frames: u64,
+    /// Bytes of pages used by this template only (freed if it alone were removed).
+    pub unique_bytes: u64,
+}
+
+impl Store {
+    /// Space accounting. See [`Stats`].
+    pub fn stats(&self) -> Result<Stats, LoadError> {
+        let mut templates = Vec::new();
+        let all: Vec<Template> = self
+            .template_names()?
+            .iter()
+            .map(|n| self.read_template(n))
+            .collect::<Result<_, _>>()?;
+        let mut users: IdMap<u32> = IdMap::default();
+        for t in &all {
+            let own: HashSet<PageId> = t.own_pages().map(|(_, id)| id).collect();
+            for id in own {
+                *users.entry(id).or_insert(0) += 1;
+            }
+        }
+        let mut logical_bytes = 0;
+        let mut logical_nonzero_bytes = 0;
+        for t in &all {
+            let mut layers = self.ancestors(t)?;
+            let nonzero = {
+                let mut nz = vec![false; t.frames() as usize];
+                layers.push(t.clone());
+                for l in &layers {
+                    for &(s, n) in &l.zero_runs {
+                        nz[s as usize..(s + n) as usize].fill(false);
+                    }
+                    for (s, pages) in &l.page_runs {
+                        nz[*s as usize..*s as usize + pages.len()].fill(true);
+                    }
+                }
+                nz.iter().filter(|&&b| b).count() as u64
+            };
+            let own: HashSet<PageId> = t.own_pages().map(|(_, id)| id).collect();
+            let unique = own.iter().filter(|id| users.get(id) == Some(&1)).count() as u64;
+            logical_bytes += t.mem_size;
+            logical_nonzero_bytes += nonzero * PAGE;
+            templates.push(TemplateStats {
+                name: t.name.clone(),
+                mem_size: t.mem_size,
+                own_pages: t.own_page_count(),
+                nonzero_frames: nonzero,
+                unique_bytes: unique * PAGE,
+            });
+        }
+        let (mut pack_bytes, mut index_bytes, mut manifest_bytes) = (0, 0, 0);
+        for d in [self.packs_dir(), self.templates_dir()] {
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    if name.ends_with(".pack") {
+                        pack_bytes += len;
+                    } else if name.ends_with(".idx") {
+                        index_bytes += len;
+                    } else {
+                        manifest_bytes += len;
+                    }
+                }
+            }
+        }
+        let config_bytes = fs::metadata(self.cfg_path()).map(|m| m.len()).unwrap_or(0);
+        let physical_bytes = pack_bytes + index_bytes + manifest_bytes + config_bytes;
+        let shared_pairs = shared_pairs(&all, 10);
+        Ok(Stats {
+            templates,
+            logical_bytes,
+            logical_nonzero_bytes,
+            physical_bytes,
+            pack_bytes,
+            index_bytes,
+            manifest_bytes,
+            config_bytes,
+            shared_pairs,
+            stored_pages: self.index.len() as u64,
+            referenced_pages: users.len() as u64,
+        })
     }
 }

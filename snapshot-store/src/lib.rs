@@ -30,6 +30,8 @@
 //! │                               header: magic "VMMPKIDX", major u16, minor u16,
 //! │                                       pack id u64, count u64, xxh3-64(entries) u64
 //! │                               entries[count]: hash u128 LE, slot u32 LE, offset u64 LE
+//! ├── cache/             memory images for copy-on-write restores (derived data, see
+//! │                       [`Store::memory_image`]): <name>.<created ms>.img, .<name>.<pid>.tmp
 //! └── templates/
 //!     └── <name>.tmpl    manifest:
 //!                        header: magic "VMMTMPL1", major u16, minor u16,
@@ -51,9 +53,18 @@
 //! append new pages to the current pack -> fsync pack -> write the pack's new
 //! index to `tmp/`, fsync, rename over the old one, fsync `packs/` -> same for
 //! the manifest into `templates/`. A writer killed at any point leaves either
-//! unindexed bytes at a pack tail (ignored; truncated by the next writer),
-//! indexed pages no manifest references, or temp files: all reported by
-//! [`Store::verify`] as [`Severity::Garbage`], never as corruption.
+//! unindexed bytes at a pack tail (ignored: the next writer starts a new pack
+//! rather than truncate them), indexed pages no manifest references, or temp
+//! files: all reported by [`Store::verify`] as [`Severity::Garbage`], never as
+//! corruption, and reclaimed by [`Store::gc`].
+//!
+//! What is garbage is decided from the manifests: a page counts as stored only
+//! where an index entry points at bytes that hash to its id. While a template
+//! needs a page no index accounts for (an index lost, damaged, stale or copied
+//! from another store, forged offsets), `verify` reports the packs that still
+//! hold it, `gc` refuses to delete or truncate anything, and
+//! [`Store::reindex`] rebuilds the index from the pack. A directory holding
+//! packs or manifests but no `store.cfg` is a damaged store, never a new one.
 //!
 //! # Example
 //!
@@ -86,6 +97,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod cache;
 mod error;
 #[cfg(any(test, feature = "fixtures"))]
 #[doc(hidden)]
@@ -93,10 +105,16 @@ pub mod fixtures;
 mod format;
 mod gc;
 mod inspect;
+mod packs;
+mod resolve;
+mod scan;
 mod store;
 #[cfg(test)]
 mod tests;
 mod transfer;
+mod util;
+mod verify;
+mod writer;
 
 /// The byte-format decoders, for the fuzz targets in `fuzz/` only: not a stable API.
 #[doc(hidden)]
@@ -110,17 +128,19 @@ pub mod fuzzing {
     }
 }
 
+pub use cache::MemoryImage;
 pub use error::{
-    ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError, OpenError,
-    RemoveError, WriteError,
+    CacheError, ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError,
+    OpenError, ReindexError, RemoveError, WriteError,
 };
 pub use gc::GcReport;
-pub use inspect::{Diff, DiffRange, LayerReport, SharedPair};
-pub use store::{
-    CommitInfo, Frame, Problem, Resolved, Severity, Stats, Store, Template, TemplateInfo,
-    TemplateStats, TemplateWriter,
-};
+pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
+pub use resolve::{Frame, Resolved, Template, TemplateInfo, TemplateList};
+pub use scan::ReindexReport;
+pub use store::Store;
 pub use transfer::{ExportReport, ImportReport, ImportedTemplate};
+pub use verify::{Problem, Severity};
+pub use writer::{CommitInfo, TemplateWriter};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -173,6 +193,27 @@ impl PackId {
         PackId(v)
     }
 }
+/// A pack named by its id (1 to 16 hex digits) or by one of its files
+/// (`0000000000000001.pack` or `.idx`, with or without a directory).
+impl std::str::FromStr for PackId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PackId, String> {
+        let base = s.rsplit('/').next().unwrap_or(s);
+        let stem = base
+            .strip_suffix(".pack")
+            .or_else(|| base.strip_suffix(".idx"))
+            .unwrap_or(base);
+        if stem.is_empty() || stem.len() > 16 || !stem.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{s:?} is not a pack: give its id (16 hex digits, as in packs/0000000000000001.pack) or the path of its .pack or .idx file"
+            ));
+        }
+        u64::from_str_radix(stem, 16)
+            .map(PackId)
+            .map_err(|e| format!("{s:?} is not a pack id: {e}"))
+    }
+}
+
 impl fmt::Display for PackId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)

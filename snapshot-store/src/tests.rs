@@ -246,15 +246,17 @@ fn torn_tail_and_temp_garbage_tolerated() {
         "{probs:#?}"
     );
     check_fn(&mut s);
-    // The next write reclaims the orphan pack 2 (newest) and temp files.
+    // The next write removes the temp files but truncates nothing: the orphan
+    // pack 2 and pack 1's tail may hold pages that templates need (a lost or
+    // stale index looks the same), so it starts pack 3 and leaves them to gc.
     let mut w = s.begin_template("more", Some("fn"), MEM).unwrap();
     w.put_page(20, &page(20)).unwrap();
     w.commit().unwrap();
     assert_eq!(fs::metadata(&pack).unwrap().len(), len + junk.len() as u64);
-    let p2 = fs::metadata(d.0.join("packs/0000000000000002.pack"))
-        .unwrap()
-        .len();
-    assert_eq!(p2, PAGE_SIZE as u64);
+    let p2 = d.0.join("packs/0000000000000002.pack");
+    assert_eq!(fs::metadata(&p2).unwrap().len(), 100);
+    let p3 = d.0.join("packs/0000000000000003.pack");
+    assert_eq!(fs::metadata(&p3).unwrap().len(), PAGE_SIZE as u64);
     let probs = s.verify();
     assert!(probs.iter().all(|p| !p.is_corruption()), "{probs:#?}");
     assert!(
@@ -266,10 +268,18 @@ fn torn_tail_and_temp_garbage_tolerated() {
         s.load("more").unwrap().resolve(&s).unwrap().frame(20),
         Some(Frame::Data(&page(20)))
     );
+    // gc, which checks the manifests, reclaims both.
+    let rep = s.gc(false).unwrap();
+    assert_eq!(rep.tail_bytes, junk.len() as u64, "{rep:?}");
+    assert_eq!(rep.packs_deleted, 1, "{rep:?}");
+    assert!(!p2.exists());
+    assert_eq!(fs::metadata(&pack).unwrap().len(), len);
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    check_fn(&mut s);
 }
 
 #[test]
-fn torn_tail_of_current_pack_truncated_on_next_write() {
+fn torn_tail_left_to_gc_next_write_starts_a_new_pack() {
     let d = TempDir::new();
     let mut s = Store::create_or_open(&d.0).unwrap();
     make_base_and_fn(&mut s);
@@ -281,7 +291,16 @@ fn torn_tail_of_current_pack_truncated_on_next_write() {
     let mut w = s.begin_template("x", None, MEM).unwrap();
     w.put_page(0, &page(4242)).unwrap();
     w.commit().unwrap();
-    assert_eq!(fs::metadata(&pack).unwrap().len(), len + PAGE_SIZE as u64);
+    assert_eq!(fs::metadata(&pack).unwrap().len(), len + 1234);
+    let p2 = d.0.join("packs/0000000000000002.pack");
+    assert_eq!(fs::metadata(&p2).unwrap().len(), PAGE_SIZE as u64);
+    let probs = s.verify();
+    assert!(
+        probs.len() == 1 && probs[0].what.contains("unindexed bytes"),
+        "{probs:#?}"
+    );
+    assert_eq!(s.gc(false).unwrap().tail_bytes, 1234);
+    assert_eq!(fs::metadata(&pack).unwrap().len(), len);
     assert!(s.verify().is_empty(), "{:#?}", s.verify());
 }
 
@@ -327,10 +346,13 @@ fn writer_killed_at_any_step_leaves_usable_store() {
             probs.iter().all(|p| !p.is_corruption()),
             "{step}: {probs:#?}"
         );
-        assert!(
-            !probs.iter().any(|p| p.what.contains("unindexed")),
-            "{step}: {probs:#?}"
-        );
+        // What the killed writer left (a torn tail, unindexed pages) is garbage gc reclaims.
+        s.gc(false).unwrap();
+        assert!(s.verify().is_empty(), "{step}: {:#?}", s.verify());
+        let r = s.load("new").unwrap();
+        let r = r.resolve(&s).unwrap();
+        assert_eq!(r.frame(33), Some(Frame::Data(&page(303))), "{step}");
+        check_fn(&mut s);
     }
 }
 
@@ -784,10 +806,34 @@ fn gc_refuses_with_unreadable_manifest_and_skips_damaged_packs() {
     let e = s.gc(false).unwrap_err();
     assert!(matches!(e, GcError::UnreadableTemplate { .. }), "{e}");
     assert!(e.to_string().contains("verify"), "{e}");
-    let (_d, mut s) = store_with_fixture(truncated_pack);
+    // Pages a template needs are lost: gc changes nothing and says which templates.
+    let (d, mut s) = store_with_fixture(truncated_pack);
+    let before = fs::metadata(d.0.join("packs/0000000000000001.pack")).unwrap();
+    match s.gc(false).unwrap_err() {
+        GcError::Unaccounted {
+            templates, packs, ..
+        } => {
+            assert_eq!(templates, [TemplateName::new("fn").unwrap()]);
+            assert!(packs.is_empty(), "{packs:?}");
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    let after = fs::metadata(d.0.join("packs/0000000000000001.pack")).unwrap();
+    assert_eq!(before.len(), after.len());
+    // A damaged page nobody needs: that pack is left alone, the rest is collected.
+    let d = TempDir::new();
+    let mut s = store_with_orphans(&d.0);
+    let want = resolved_bytes(&mut s, "fn");
+    let pack = d.0.join("packs/0000000000000001.pack");
+    let mut b = fs::read(&pack).unwrap();
+    b[12 * PAGE_SIZE + 5] ^= 1; // the first page of the removed template "gone"
+    fs::write(&pack, &b).unwrap();
     let rep = s.gc(false).unwrap();
     assert_eq!(rep.skipped.len(), 1, "{rep:?}");
-    assert_eq!(rep.packs_deleted + rep.packs_rewritten, 0);
+    assert!(rep.skipped[0].contains("damaged"), "{rep:?}");
+    assert_eq!(rep.packs_deleted + rep.packs_rewritten, 0, "{rep:?}");
+    assert_eq!(fs::read(&pack).unwrap(), b);
+    assert_eq!(resolved_bytes(&mut s, "fn"), want);
 }
 
 #[test]
@@ -995,4 +1041,320 @@ fn import_rejects_damaged_files_without_panicking() {
     // Still importable afterwards.
     sb.import(&file[..]).unwrap();
     assert!(sb.verify().iter().all(|p| !p.is_corruption()));
+}
+
+#[test]
+fn missing_config_is_damage_not_a_new_store() {
+    // Issue 7 item 4: a store that lost store.cfg must not get a new secret.
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let want = resolved_bytes(&mut s, "fn");
+    drop(s);
+    let cfg = fs::read(d.0.join("store.cfg")).unwrap();
+    missing_config(&d.0);
+    for r in [Store::create_or_open(&d.0), Store::open(&d.0)] {
+        match r {
+            Err(
+                e @ OpenError::MissingConfig {
+                    packs: 2,
+                    templates: 2,
+                    ..
+                },
+            ) => {
+                let m = e.to_string();
+                assert!(m.contains("no store.cfg") && m.contains("backup"), "{m}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a store without store.cfg was opened"),
+        }
+    }
+    assert!(!d.0.join("store.cfg").exists(), "a new config was written");
+    // Manifests alone are enough to recognise a store.
+    let m = TempDir::new();
+    fs::create_dir_all(m.0.join("templates")).unwrap();
+    fs::copy(d.0.join("templates/fn.tmpl"), m.0.join("templates/fn.tmpl")).unwrap();
+    assert!(matches!(
+        Store::create_or_open(&m.0),
+        Err(OpenError::MissingConfig {
+            packs: 0,
+            templates: 1,
+            ..
+        })
+    ));
+    // The remedy works: with the config back, every template reads as before.
+    fs::write(d.0.join("store.cfg"), cfg).unwrap();
+    let mut s = Store::create_or_open(&d.0).unwrap();
+    assert_healthy(&s);
+    assert_eq!(resolved_bytes(&mut s, "fn"), want);
+}
+
+#[test]
+fn only_empty_or_new_directories_become_stores() {
+    // New directory: created.
+    let d = TempDir::new();
+    Store::create_or_open(d.0.join("a/b")).unwrap();
+    assert!(d.0.join("a/b/store.cfg").exists());
+    // Empty directory, and what an interrupted creation leaves: created.
+    let e = TempDir::new();
+    fs::create_dir_all(e.0.join("tmp")).unwrap();
+    fs::create_dir_all(e.0.join("packs")).unwrap();
+    fs::write(e.0.join("LOCK"), b"").unwrap();
+    fs::write(e.0.join("tmp/store.cfg.1.0.tmp"), b"half").unwrap();
+    Store::create_or_open(&e.0).unwrap();
+    // A directory holding something else: refused, nothing written.
+    let f = TempDir::new();
+    fs::create_dir_all(&f.0).unwrap();
+    fs::write(f.0.join("notes.txt"), b"mine").unwrap();
+    match Store::create_or_open(&f.0) {
+        Err(e @ OpenError::NotEmpty { .. }) => {
+            assert!(e.to_string().contains("notes.txt"), "{e}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a store was created in a non-empty directory"),
+    }
+    assert!(!f.0.join("store.cfg").exists());
+    assert!(matches!(
+        Store::open(&f.0),
+        Err(OpenError::NotAStore { .. })
+    ));
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in ["packs", "templates"] {
+        let mut v: Vec<_> = fs::read_dir(dir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        for p in v {
+            let b = fs::read(&p).unwrap();
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+#[test]
+fn gc_never_deletes_what_a_manifest_needs_when_an_index_is_lost_foreign_forged_or_stale() {
+    // Issue 7 item 3.
+    for (name, damage) in INDEX_DAMAGES {
+        let d = TempDir::new();
+        let mut s = healthy_store(&d.0);
+        let want: Vec<Vec<u8>> = ["base", "fn"]
+            .iter()
+            .map(|n| resolved_bytes(&mut s, n))
+            .collect();
+        drop(s);
+        damage(&d.0);
+        let mut s = Store::open(&d.0).unwrap();
+        let files = snapshot_files(&d.0);
+        for dry in [true, false] {
+            match s.gc(dry) {
+                Err(e @ GcError::Unaccounted { .. }) => {
+                    let GcError::Unaccounted {
+                        templates, packs, ..
+                    } = &e
+                    else {
+                        unreachable!()
+                    };
+                    assert!(
+                        templates.iter().any(|t| t.as_str() == "base"),
+                        "{name}: {e}"
+                    );
+                    assert_eq!(packs, &[PackId::new(1)], "{name}: {e}");
+                    let m = e.to_string();
+                    assert!(m.contains("refused") && m.contains("base"), "{name}: {m}");
+                }
+                Err(e) => panic!("{name}: wrong error: {e}"),
+                Ok(r) => panic!("{name}: gc ran on a store with unaccounted pages: {r:?}"),
+            }
+            assert_eq!(snapshot_files(&d.0), files, "{name}: gc changed files");
+        }
+        // verify: damaged (not garbage), names the templates and the remedy.
+        let probs = s.verify();
+        let p = probs
+            .iter()
+            .find(|p| p.what.contains("no index accounts for them"))
+            .unwrap_or_else(|| panic!("{name}: {probs:#?}"));
+        assert!(p.is_corruption(), "{name}: {p}");
+        assert!(
+            p.what.contains("base") && p.what.contains("fn"),
+            "{name}: {p}"
+        );
+        assert!(p.hint.contains("reindex 0000000000000001"), "{name}: {p}");
+        assert!(
+            !probs
+                .iter()
+                .any(|p| !p.is_corruption() && p.path.ends_with("0000000000000001.pack")),
+            "{name}: pack 1 called garbage: {probs:#?}"
+        );
+        // A writer does not truncate pack 1 either (it may append to it).
+        let len = fs::metadata(d.0.join("packs/0000000000000001.pack"))
+            .unwrap()
+            .len();
+        let mut w = s.begin_template("other", None, MEM).unwrap();
+        w.put_page(1, &page(31337)).unwrap();
+        w.commit().unwrap();
+        let len2 = fs::metadata(d.0.join("packs/0000000000000001.pack"))
+            .unwrap()
+            .len();
+        assert!(len2 >= len, "{name}: a writer truncated pack 1");
+        // The remedy: rebuild the index from the pack.
+        let rep = s.reindex(PackId::new(1)).unwrap();
+        assert_eq!(
+            rep.entries,
+            12 + (len2 - len) / PAGE_SIZE as u64,
+            "{name}: {rep:?}"
+        );
+        assert_healthy(&s);
+        for (n, w) in ["base", "fn"].iter().zip(&want) {
+            assert_eq!(&resolved_bytes(&mut s, n), w, "{name}: {n}");
+        }
+        let rep = s.gc(false).unwrap();
+        assert_eq!(rep.removed_pages, 0, "{name}: {rep:?}");
+        assert!(s.verify().is_empty(), "{name}: {:#?}", s.verify());
+        let mut s = Store::open(&d.0).unwrap();
+        for (n, w) in ["base", "fn"].iter().zip(&want) {
+            assert_eq!(&resolved_bytes(&mut s, n), w, "{name}: {n} reopened");
+        }
+    }
+}
+
+#[test]
+fn reindex_of_a_missing_pack_is_a_clear_error() {
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let e = s.reindex(PackId::new(9)).unwrap_err();
+    assert!(matches!(e, ReindexError::NoPack { .. }), "{e}");
+    assert!(e.to_string().contains("0000000000000009.pack"), "{e}");
+    assert_eq!("0000000000000001".parse::<PackId>(), Ok(PackId::new(1)));
+    assert_eq!(
+        "packs/000000000000000a.idx".parse::<PackId>(),
+        Ok(PackId::new(10))
+    );
+    assert!("../x".parse::<PackId>().is_err());
+}
+
+#[test]
+fn memory_images_are_checked_before_use_and_cleaned_up() {
+    // Issue 7 item 6, at the store level.
+    let d = TempDir::new();
+    let mut s = healthy_store(&d.0);
+    let t = s.load("fn").unwrap();
+    let r = t.resolve(&s).unwrap();
+    let mut want = vec![0u8; MEM as usize];
+    r.copy_to(&mut want).unwrap();
+    let img = s.memory_image(&t, &r).unwrap();
+    assert!(img.built && img.rejected.is_none());
+    assert_eq!(fs::read(&img.path).unwrap(), want);
+    let again = s.memory_image(&t, &r).unwrap();
+    assert!(!again.built, "a good image is reused");
+    assert!(s.verify().is_empty(), "{:#?}", s.verify());
+    let path = img.path.clone();
+    drop((img, again));
+
+    // Altered data page, data in a zero frame, wrong size: each rejected and rebuilt.
+    type Alter = (&'static str, fn(&mut Vec<u8>));
+    let alter: [Alter; 3] = [
+        ("data page", |b| b[4 * PAGE_SIZE + 9] ^= 1),
+        ("zero frame", |b| b[40 * PAGE_SIZE] = 1),
+        ("size", |b| b.truncate(b.len() - PAGE_SIZE)),
+    ];
+    for (what, f) in alter {
+        let mut b = fs::read(&path).unwrap();
+        f(&mut b);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, &b).unwrap();
+        let probs = s.verify();
+        assert!(
+            probs.iter().any(|p| p.is_corruption()
+                && p.what.contains("memory image")
+                && p.hint.contains("delete it")),
+            "{what}: {probs:#?}"
+        );
+        let img = s.memory_image(&t, &r).unwrap();
+        assert!(img.built && img.rejected.is_some(), "{what}: {img:?}");
+        assert_eq!(fs::read(&img.path).unwrap(), want, "{what}");
+        assert!(s.verify().is_empty(), "{what}: {:#?}", s.verify());
+    }
+    drop(r);
+
+    // gc: stale images and dead processes' temp files go; a live one and the current image stay.
+    let cache = d.0.join("cache");
+    let live = cache.join(format!(".fn.{}.tmp", std::process::id()));
+    fs::write(cache.join("fn.1.img"), b"old").unwrap();
+    fs::write(cache.join("gone.5.img"), b"removed").unwrap();
+    fs::write(cache.join(".fn.2147483647.tmp"), b"killed").unwrap();
+    fs::write(&live, b"building").unwrap();
+    let probs = s.verify();
+    assert_eq!(
+        probs.iter().filter(|p| p.path.starts_with(&cache)).count(),
+        3,
+        "{probs:#?}"
+    );
+    assert!(probs.iter().all(|p| !p.is_corruption()), "{probs:#?}");
+    let rep = s.gc(false).unwrap();
+    assert_eq!(rep.cache_files, 3, "{rep:?}");
+    let mut left: Vec<String> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let image_name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        left,
+        [format!(".fn.{}.tmp", std::process::id()), image_name]
+    );
+    // remove: the template's images go (a live builder's temp file stays).
+    fs::write(cache.join(".fn.2147483647.tmp"), b"killed").unwrap();
+    s.remove("fn").unwrap();
+    let left: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, [live]);
+}
+
+#[test]
+fn error_messages_name_no_internal_functions() {
+    // Issue 7 item 11: messages named Store::create_or_open, begin_template_replacing,
+    // Store::refresh and a `list` command that does not exist.
+    let internal = [
+        "create_or_open",
+        "begin_template",
+        "Store::",
+        "refresh",
+        "`list`",
+    ];
+    let check = |m: String| {
+        for w in internal {
+            assert!(!m.contains(w), "{w:?} in: {m}");
+        }
+        m
+    };
+    let d = TempDir::new();
+    let m = check(Store::open(d.0.join("none")).err().unwrap().to_string());
+    assert!(m.contains("no store at"), "{m}");
+    let mut s = healthy_store(&d.0);
+    let mut w = s.begin_template("fn", Some("base"), MEM).unwrap();
+    w.put_page(1, &page(1)).unwrap();
+    let m = check(w.commit().unwrap_err().to_string());
+    assert!(
+        m.contains("already exists") && m.contains("remove it first"),
+        "{m}"
+    );
+    let m = check(s.load("nope").unwrap_err().to_string());
+    assert!(m.contains("not found"), "{m}");
+    let m = check(s.set_working_set("nope", vec![]).unwrap_err().to_string());
+    assert!(m.contains("not found"), "{m}");
+    drop(s);
+    deleted_index(&d.0);
+    let mut s = Store::open(&d.0).unwrap();
+    let t = s.load("fn").unwrap();
+    let e = t.resolve(&s).err().unwrap();
+    assert!(matches!(e, LoadError::PageMissing { .. }), "{e}");
+    let m = check(e.to_string());
+    assert!(m.contains("vmm-store verify"), "{m}");
 }

@@ -25,7 +25,8 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::error::{ExportError, ImportError};
 use crate::format::{self, ManifestV1, MAN_LIMIT};
-use crate::store::{take_lock, IdMap, Store};
+use crate::store::Store;
+use crate::util::{is_zero, take_lock, IdMap};
 use crate::{PageId, TemplateName, PAGE_SIZE};
 
 const MAGIC: &[u8; 8] = b"VMMSTEXP";
@@ -399,7 +400,7 @@ impl Store {
                 });
             }
             let bytes = &rec[20..];
-            if crate::store::is_zero(bytes) {
+            if is_zero(bytes) {
                 return Err(ImportError::Corrupt {
                     what: format!("page record {k}"),
                     reason: "an all-zero page (never stored)".into(),

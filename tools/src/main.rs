@@ -1,6 +1,7 @@
 //! `vmm-store`: inspect and maintain the VMM's template store.
 //!
-//! Exit codes: 0 ok, 1 problems found (`verify`), 2 usage or other errors.
+//! Exit codes: 0 ok, 1 problems found (`verify`; `ls` with unreadable templates),
+//! 2 usage or other errors.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, IsTerminal, Write};
@@ -11,7 +12,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use snapshot_store::{
-    ExportError, GcError, ImportError, LoadError, OpenError, Severity, Store, PAGE_SIZE,
+    ExportError, GcError, ImportError, LoadError, OpenError, PackId, ReindexError, Severity, Store,
+    PAGE_SIZE,
 };
 
 mod vmm_checks;
@@ -51,25 +53,42 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Write a template and its parents into one self-contained file
-    Export { template: String, file: PathBuf },
+    /// Write a template and its parents into one self-contained file (`-`: stdout)
+    Export {
+        template: String,
+        /// A new file, an existing regular file with --force, or `-` for stdout
+        file: PathBuf,
+        /// Replace FILE if it is an existing regular file (never a link, device, FIFO or directory)
+        #[arg(long)]
+        force: bool,
+    },
     /// Import a file written by `export` (pages already present are not written again)
     Import { file: PathBuf },
+    /// Rebuild a pack's index from the pack's bytes (when `verify` says its index is
+    /// missing, damaged, stale or from another store)
+    Reindex {
+        /// The pack: its id (as in packs/0000000000000001.pack) or the path of its .pack or .idx file
+        pack: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 enum CliError {
     #[error("no store directory: set $VMM_STORE or $HOME, or pass --store DIR")]
     NoStoreDir,
-    #[error("opening the store: {0}")]
+    #[error("opening the store: {0}{hint}", hint = open_hint(.0))]
     Open(#[from] OpenError),
-    #[error("{step}: {source}")]
+    #[error("{}", load_message(step, source))]
     Load {
         step: &'static str,
         source: LoadError,
     },
-    #[error(transparent)]
+    #[error("{msg}", msg = gc_message(.0))]
     Gc(#[from] GcError),
+    #[error(transparent)]
+    Reindex(#[from] ReindexError),
+    #[error("{0}")]
+    Usage(String),
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error(transparent)]
@@ -82,8 +101,42 @@ enum CliError {
     },
 }
 
+/// The library's gc error with the command that repairs it.
+fn gc_message(e: &GcError) -> String {
+    match e {
+        GcError::Unaccounted { packs, .. } if !packs.is_empty() => format!(
+            "{e}\n  hint: {}",
+            packs
+                .iter()
+                .map(|p| format!("`vmm-store reindex {p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => e.to_string(),
+    }
+}
+
 fn load_err(step: &'static str) -> impl FnOnce(LoadError) -> CliError {
     move |source| CliError::Load { step, source }
+}
+
+/// The library's load error with what to do at this command line.
+fn load_message(step: &str, e: &LoadError) -> String {
+    match e {
+        LoadError::NotFound { .. } => {
+            format!("{step}: {e}; `vmm-store ls` lists the templates")
+        }
+        _ => format!("{step}: {e}"),
+    }
+}
+
+fn open_hint(e: &OpenError) -> &'static str {
+    match e {
+        OpenError::NotAStore { .. } => {
+            "; pass --store DIR (or set $VMM_STORE) to use another store"
+        }
+        _ => "",
+    }
 }
 
 fn main() -> ExitCode {
@@ -120,17 +173,22 @@ fn run(cli: &Cli) -> Result<u8, CliError> {
     let dir = store_dir(cli)?;
     let open = || Store::open(&dir).map_err(CliError::from);
     let out = match &cli.cmd {
-        Cmd::Ls => ls(&open()?, cli.json)?,
+        Cmd::Ls => return ls(&open()?, cli.json),
         Cmd::Inspect { template } => inspect(&open()?, template, cli.json)?,
         Cmd::Stats => stats(&open()?, cli.json)?,
         Cmd::Diff { a, b } => diff(&mut open()?, a, b, cli.json)?,
         Cmd::Verify => return verify(&open()?, cli.json),
         Cmd::Gc { dry_run } => gc(&mut open()?, *dry_run, cli.json)?,
-        Cmd::Export { template, file } => export(&mut open()?, template, file, cli.json)?,
+        Cmd::Export {
+            template,
+            file,
+            force,
+        } => export(&mut open()?, template, file, *force, cli.json)?,
         Cmd::Import { file } => {
             let mut s = Store::create_or_open(&dir)?;
             import(&mut s, file, cli.json)?
         }
+        Cmd::Reindex { pack } => reindex(&mut open()?, pack, cli.json)?,
     };
     print!("{out}");
     Ok(0)
@@ -210,44 +268,60 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 // ---------------------------------------------------------------- commands
 
-fn ls(s: &Store, as_json: bool) -> Result<String, CliError> {
-    let list = s.list().map_err(load_err("listing templates"))?;
-    if as_json {
-        return Ok(to_json(Value::Array(
-            list.iter()
-                .map(|t| {
-                    json!({
-                        "name": t.name.as_str(),
-                        "parent": t.parent.as_ref().map(|p| p.as_str()),
-                        "mem_size": t.mem_size,
-                        "own_pages": t.own_pages,
-                        "own_bytes": t.own_pages * PAGE,
-                        "zero_frames": t.zero_frames,
-                        "created_unix_ms": t.created_unix_ms,
-                    })
+fn ls(s: &Store, as_json: bool) -> Result<u8, CliError> {
+    let all = s.list_all().map_err(load_err("listing templates"))?;
+    let (list, bad) = (&all.templates, &all.unreadable);
+    let out = if as_json {
+        let mut v: Vec<Value> = list
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name.as_str(),
+                    "parent": t.parent.as_ref().map(|p| p.as_str()),
+                    "mem_size": t.mem_size,
+                    "own_pages": t.own_pages,
+                    "own_bytes": t.own_pages * PAGE,
+                    "zero_frames": t.zero_frames,
+                    "created_unix_ms": t.created_unix_ms,
                 })
-                .collect(),
-        )));
+            })
+            .collect();
+        v.extend(bad.iter().map(
+            |(n, e)| json!({ "name": n.as_str(), "unreadable": true, "error": e.to_string() }),
+        ));
+        to_json(Value::Array(v))
+    } else if list.is_empty() && bad.is_empty() {
+        format!("no templates in {}\n", s.dir().display())
+    } else {
+        let mut rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.to_string(),
+                    t.parent.as_ref().map_or("-".into(), |p| p.to_string()),
+                    human(t.mem_size),
+                    human(t.own_pages * PAGE),
+                    utc(t.created_unix_ms),
+                ]
+            })
+            .collect();
+        rows.extend(bad.iter().map(|(n, _)| {
+            let q = || "?".to_string();
+            vec![n.to_string(), q(), q(), q(), "UNREADABLE".into()]
+        }));
+        rows.sort_by(|a, b| a[0].cmp(&b[0]));
+        table(
+            &["TEMPLATE", "PARENT", "MEMORY", "OWN PAGES", "CREATED (UTC)"],
+            &rows,
+        )
+    };
+    print!("{out}");
+    for (n, e) in bad {
+        eprintln!(
+            "vmm-store: warning: template {n} cannot be read: {e}\n  hint: `vmm-store verify` says what is damaged"
+        );
     }
-    if list.is_empty() {
-        return Ok(format!("no templates in {}\n", s.dir().display()));
-    }
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|t| {
-            vec![
-                t.name.to_string(),
-                t.parent.as_ref().map_or("-".into(), |p| p.to_string()),
-                human(t.mem_size),
-                human(t.own_pages * PAGE),
-                utc(t.created_unix_ms),
-            ]
-        })
-        .collect();
-    Ok(table(
-        &["TEMPLATE", "PARENT", "MEMORY", "OWN PAGES", "CREATED (UTC)"],
-        &rows,
-    ))
+    Ok(if bad.is_empty() { 0 } else { 1 })
 }
 
 fn inspect(s: &Store, name: &str, as_json: bool) -> Result<String, CliError> {
@@ -525,6 +599,8 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
             "tail_bytes": r.tail_bytes,
             "tmp_files": r.tmp_files,
             "tmp_bytes": r.tmp_bytes,
+            "cache_files": r.cache_files,
+            "cache_bytes": r.cache_bytes,
             "bytes_before": r.bytes_before,
             "bytes_after": r.bytes_after,
             "bytes_freed": r.bytes_freed(),
@@ -533,7 +609,7 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
     }
     let verb = if r.dry_run { "would remove" } else { "removed" };
     let mut out = format!(
-        "{verb} {} unreferenced page(s): {} pack(s) deleted, {} rewritten ({} live page(s) copied), {} temp file(s), {} torn tail byte(s)\n\
+        "{verb} {} unreferenced page(s): {} pack(s) deleted, {} rewritten ({} live page(s) copied), {} temp file(s), {} torn tail byte(s), {} stale cache file(s)\n\
          {} kept for {} template(s); packs+indexes {} -> {} ({} freed)\n",
         r.removed_pages,
         r.packs_deleted,
@@ -541,6 +617,7 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
         r.pages_copied,
         r.tmp_files,
         r.tail_bytes,
+        r.cache_files,
         r.referenced_pages,
         r.templates,
         human(r.bytes_before),
@@ -553,53 +630,171 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
     Ok(out)
 }
 
-fn export(s: &mut Store, name: &str, file: &Path, as_json: bool) -> Result<String, CliError> {
-    // Written beside the target and renamed, so a failed export leaves no partial file.
-    let tmp = file.with_file_name(format!(
-        ".{}.partial",
-        file.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "export".into())
-    ));
+/// Refuses destinations export must not replace: anything but a regular file,
+/// and an existing regular file without `--force`. Returns whether it exists.
+fn check_export_dest(file: &Path, force: bool) -> Result<bool, CliError> {
+    use std::os::unix::fs::FileTypeExt;
+    let refuse = |what: &str| {
+        Err(CliError::Usage(format!(
+            "export: {} is {what}; export only writes a new regular file, or replaces one with --force",
+            file.display()
+        )))
+    };
+    let m = match fs::symlink_metadata(file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(CliError::Io {
+                step: "checking the export destination",
+                path: file.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let t = m.file_type();
+    if t.is_symlink() {
+        refuse("a symbolic link (give the path it points to, if that is what you mean)")
+    } else if t.is_dir() {
+        refuse("a directory (give a file name inside it)")
+    } else if t.is_char_device() || t.is_block_device() {
+        refuse("a device")
+    } else if t.is_fifo() {
+        refuse("a FIFO (to stream the export, give `-` and redirect stdout)")
+    } else if t.is_socket() {
+        refuse("a socket")
+    } else if !t.is_file() {
+        refuse("not a regular file")
+    } else if !force {
+        Err(CliError::Usage(format!(
+            "export: {} already exists; pass --force to replace it",
+            file.display()
+        )))
+    } else {
+        Ok(true)
+    }
+}
+
+fn export(
+    s: &mut Store,
+    name: &str,
+    file: &Path,
+    force: bool,
+    as_json: bool,
+) -> Result<String, CliError> {
+    let to_stdout = file.as_os_str() == "-";
     let io_err = |step: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| CliError::Io { step, path, source }
     };
-    let f = File::create(&tmp).map_err(io_err("creating export file", &tmp))?;
     let pb = progress_bar("export");
-    let r = s.export_with_progress(name, &f, &mut |done, total| {
+    let mut progress = |done, total| {
         pb.set_length(total);
         pb.set_position(done);
-    });
-    pb.finish_and_clear();
-    let r = match r.and_then(|r| {
-        f.sync_all()
-            .map(|_| r)
-            .map_err(|source| ExportError::Write { source })
-    }) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e.into());
+    };
+    let r = if to_stdout {
+        let out = io::stdout();
+        if out.is_terminal() {
+            return Err(CliError::Usage(
+                "export: stdout is a terminal; redirect it to a file or a pipe (or give a file name)"
+                    .into(),
+            ));
+        }
+        let r = s.export_with_progress(name, out.lock(), &mut progress);
+        pb.finish_and_clear();
+        r?
+    } else {
+        let existed = check_export_dest(file, force)?;
+        // Written beside the target and put in place at the end, so a failed export
+        // leaves no partial file. The temp name is new (O_EXCL: never a link).
+        let tmp = file.with_file_name(format!(
+            ".{}.{}.partial",
+            file.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "export".into()),
+            std::process::id()
+        ));
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("creating export file", &tmp))?;
+        let r = s.export_with_progress(name, &f, &mut progress);
+        pb.finish_and_clear();
+        let placed = r
+            .and_then(|r| {
+                f.sync_all()
+                    .map(|_| r)
+                    .map_err(|source| ExportError::Write { source })
+            })
+            .map_err(CliError::from)
+            .and_then(|r| place_export(&tmp, file, existed, force).map(|_| r));
+        match placed {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
         }
     };
-    fs::rename(&tmp, file).map_err(io_err("renaming export file into place", file))?;
     let chain: Vec<&str> = r.templates.iter().map(|n| n.as_str()).collect();
-    if as_json {
-        return Ok(to_json(json!({
-            "file": file.display().to_string(),
+    let dest = if to_stdout {
+        "stdout".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let summary = if as_json {
+        to_json(json!({
+            "file": dest,
             "templates": chain,
             "pages": r.pages,
             "bytes": r.bytes,
-        })));
+        }))
+    } else {
+        format!(
+            "exported {} ({} pages, {}) to {dest}\n",
+            chain.join(" -> "),
+            r.pages,
+            human(r.bytes),
+        )
+    };
+    if to_stdout {
+        // stdout holds the export itself.
+        eprint!("{summary}");
+        return Ok(String::new());
     }
-    Ok(format!(
-        "exported {} ({} pages, {}) to {}\n",
-        chain.join(" -> "),
-        r.pages,
-        human(r.bytes),
-        file.display()
-    ))
+    Ok(summary)
+}
+
+/// Moves the finished temp file to `file`: never over anything but the regular
+/// file checked before (`--force`), and over nothing at all otherwise.
+fn place_export(tmp: &Path, file: &Path, existed: bool, force: bool) -> Result<(), CliError> {
+    let io_err = |step: &'static str| {
+        let path = file.to_path_buf();
+        move |source| CliError::Io { step, path, source }
+    };
+    if existed && force {
+        // Checked again right before replacing it.
+        check_export_dest(file, true)?;
+        return fs::rename(tmp, file).map_err(io_err("putting the export file in place"));
+    }
+    // A hard link never replaces an existing name (whatever appeared there meanwhile).
+    match fs::hard_link(tmp, file) {
+        Ok(()) => fs::remove_file(tmp).map_err(io_err("removing the export temp file")),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            check_export_dest(file, force)?;
+            Err(io_err("putting the export file in place")(e))
+        }
+        Err(_) => {
+            // A file system without hard links.
+            if check_export_dest(file, force)? {
+                return Err(CliError::Usage(format!(
+                    "export: {} appeared meanwhile; pass --force to replace it",
+                    file.display()
+                )));
+            }
+            fs::rename(tmp, file).map_err(io_err("putting the export file in place"))
+        }
+    }
 }
 
 fn import(s: &mut Store, file: &Path, as_json: bool) -> Result<String, CliError> {
@@ -643,4 +838,30 @@ fn import(s: &mut Store, file: &Path, as_json: bool) -> Result<String, CliError>
         r.pages - r.new_pages
     );
     Ok(out)
+}
+
+fn reindex(s: &mut Store, pack: &str, as_json: bool) -> Result<String, CliError> {
+    let id: PackId = pack.parse().map_err(CliError::Usage)?;
+    let r = s.reindex(id)?;
+    if as_json {
+        return Ok(to_json(json!({
+            "pack": r.pack.to_string(),
+            "old_entries": r.old_entries,
+            "entries": r.entries,
+            "partial_tail": r.partial_tail,
+        })));
+    }
+    let old = r
+        .old_entries
+        .map_or("no readable index".to_string(), |n| format!("{n} entries"));
+    Ok(format!(
+        "rebuilt the index of pack {}: {} page(s) indexed (the old index had {old}){}\nrun `vmm-store verify` to check the store\n",
+        r.pack,
+        r.entries,
+        if r.partial_tail > 0 {
+            format!("; a partial page of {} bytes at its end stays unindexed", r.partial_tail)
+        } else {
+            String::new()
+        }
+    ))
 }

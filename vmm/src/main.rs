@@ -325,12 +325,14 @@ fn template(cmd: TemplateCommand) -> i32 {
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
-            let list = match store.list() {
+            // Unreadable manifests are flagged; the readable templates are still listed.
+            let all = match store.list_all() {
                 Ok(l) => l,
                 Err(e) => return fail(format!("list templates: {e}")),
             };
+            let (list, bad) = (&all.templates, &all.unreadable);
             if json {
-                let v: Vec<_> = list
+                let mut v: Vec<_> = list
                     .iter()
                     .map(|t| {
                         serde_json::json!({
@@ -342,23 +344,55 @@ fn template(cmd: TemplateCommand) -> i32 {
                         })
                     })
                     .collect();
+                v.extend(bad.iter().map(|(n, e)| {
+                    serde_json::json!({
+                        "name": n.as_str(),
+                        "unreadable": true,
+                        "error": e.to_string(),
+                    })
+                }));
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
                     "{:<32} {:<32} {:>10} {:>8}",
                     "NAME", "PARENT", "OWN PAGES", "MEM MiB"
                 );
-                for t in &list {
-                    println!(
-                        "{:<32} {:<32} {:>10} {:>8}",
-                        t.name.as_str(),
-                        t.parent.as_ref().map(|p| p.as_str()).unwrap_or("-"),
-                        t.own_pages,
-                        t.mem_size >> 20
-                    );
+                let mut rows: Vec<(&str, String)> = list
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.name.as_str(),
+                            format!(
+                                "{:<32} {:<32} {:>10} {:>8}",
+                                t.name.as_str(),
+                                t.parent.as_ref().map(|p| p.as_str()).unwrap_or("-"),
+                                t.own_pages,
+                                t.mem_size >> 20
+                            ),
+                        )
+                    })
+                    .collect();
+                rows.extend(bad.iter().map(|(n, _)| {
+                    (
+                        n.as_str(),
+                        format!("{:<32} UNREADABLE (see the error below)", n.as_str()),
+                    )
+                }));
+                rows.sort();
+                for (_, row) in rows {
+                    println!("{row}");
                 }
             }
-            0
+            for (n, e) in bad {
+                eprintln!(
+                    "vmm: error: template {n} cannot be read: {e}\n  `vmm-store verify` says what is damaged; `vmm template rm {n}` removes it"
+                );
+            }
+            if bad.is_empty() {
+                0
+            } else {
+                cli::EXIT_FAILURE
+            }
         }
         TemplateCommand::Rm { name, store } => {
             let mut store = match open_store(&store, false) {

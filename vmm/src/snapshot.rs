@@ -157,6 +157,8 @@ pub enum TemplateError {
     NoStdinRead { code: i32, stderr: String },
     #[error("the guest asked for its function twice")]
     UnexpectedHostcall,
+    #[error("memory image for --memory shared: {0}")]
+    Cache(snapshot_store::CacheError),
 }
 
 impl From<VmError> for TemplateError {
@@ -304,50 +306,27 @@ fn write_layer(
     Ok(w.commit()?)
 }
 
-/// The template's memory image for `--memory shared`: a sparse file in `<store>/cache/`
-/// holding every data page at its guest offset, built (from verified pages) on first use
-/// and named after the template and its creation time, so a replaced template never meets
-/// a stale image. It is derived data: deleting `cache/` is always safe.
+/// The template's memory image for `--memory shared`, from the store's image cache
+/// (`<store>/cache/`): checked against the template's page ids before it is mapped (every
+/// data page re-hashed, every other page zero), rebuilt from verified pages when missing or
+/// when it does not match. It is derived data: deleting `cache/` is always safe.
 fn memory_image(
-    store_dir: &std::path::Path,
+    store: &Store,
     tmpl: &snapshot_store::Template,
     resolved: &Resolved<'_>,
 ) -> Result<std::fs::File, TemplateError> {
-    use std::os::unix::fs::FileExt;
-    let dir = store_dir.join("cache");
-    let path = dir.join(format!(
-        "{}.{}.img",
-        tmpl.name.as_str(),
-        tmpl.created_unix_ms
-    ));
-    let io = |step: &'static str, e: std::io::Error| {
-        TemplateError::Damaged(format!("{step} {}: {e}", path.display()))
-    };
-    if let Ok(f) = std::fs::File::open(&path) {
-        if f.metadata()
-            .map(|m| m.len() == tmpl.mem_size)
-            .unwrap_or(false)
-        {
-            return Ok(f);
-        }
+    let image = store.memory_image(tmpl, resolved).map_err(|e| match e {
+        snapshot_store::CacheError::Load(e) => TemplateError::Load(e),
+        e => TemplateError::Cache(e),
+    })?;
+    if let Some(why) = &image.rejected {
+        eprintln!(
+            "vmm: warning: the cached memory image {} did not match template {} ({why}); rebuilt it from the store's verified pages",
+            image.path.display(),
+            tmpl.name
+        );
     }
-    std::fs::create_dir_all(&dir).map_err(|e| io("create the image cache", e))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        tmpl.name.as_str(),
-        std::process::id()
-    ));
-    let f = std::fs::File::create(&tmp).map_err(|e| io("create memory image", e))?;
-    f.set_len(tmpl.mem_size)
-        .map_err(|e| io("size memory image", e))?;
-    for gfn in resolved.data_frames() {
-        if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
-            f.write_all_at(p, gfn * PAGE)
-                .map_err(|e| io("write memory image", e))?;
-        }
-    }
-    std::fs::rename(&tmp, &path).map_err(|e| io("install memory image", e))?;
-    std::fs::File::open(&path).map_err(|e| io("open memory image", e))
+    Ok(image.file)
 }
 
 /// Counters of one restore.
@@ -544,7 +523,7 @@ fn with_restored_keep<T>(
     let t1 = Instant::now();
     let mem = match strategy {
         MemoryStrategy::Shared => {
-            let image = memory_image(store.dir(), &tmpl, &resolved)?;
+            let image = memory_image(store, &tmpl, &resolved)?;
             GuestMemory::from_file_private(&image, tmpl.mem_size as usize)?
         }
         _ => GuestMemory::new(tmpl.mem_size as usize)?,
