@@ -8,16 +8,21 @@ use vmm::run::RunLimits;
 
 fn create(store: &TempDir, name: &str, script: &str) {
     let mut cmd = vmm();
-    cmd.args(["template", "create", name, "--store", &store.arg()]).args([
-        "--module",
-        &workload("qjs-wasi-reactor.wasm"),
-        "--runtime",
-        "qjs",
-        "--file",
-        &path(script),
-        "--arg",
-        std::path::Path::new(script).file_name().unwrap().to_str().unwrap(),
-    ]);
+    cmd.args(["template", "create", name, "--store", &store.arg()])
+        .args([
+            "--module",
+            &workload("qjs-wasi-reactor.wasm"),
+            "--runtime",
+            "qjs",
+            "--file",
+            &path(script),
+            "--arg",
+            std::path::Path::new(script)
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+        ]);
     let r = run_with_input(cmd, b"");
     assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
 }
@@ -41,7 +46,10 @@ fn an_instance_reset_in_place_answers_like_a_fresh_restore_every_time() {
     let engine = Arc::new(vmm::engine::Engine::new(vmm::engine::Config::new(&store.0)).unwrap());
     let limits = RunLimits::default();
     for (name, mk) in [
-        ("iso", (|i: usize| format!("request-{i}")) as fn(usize) -> String),
+        (
+            "iso",
+            (|i: usize| format!("request-{i}")) as fn(usize) -> String,
+        ),
         ("hello", |i: usize| format!(r#"{{"name":"n{i}"}}"#)),
     ] {
         let (t, stats) = engine.load_template_with_stats(name).unwrap();
@@ -50,13 +58,21 @@ fn an_instance_reset_in_place_answers_like_a_fresh_restore_every_time() {
         for i in 0..30 {
             let req = mk(i);
             let r = inst.invoke(req.as_bytes(), &limits);
-            assert!(matches!(r.result, Ok(0)), "{name} #{i}: {:?} {}", r.result, String::from_utf8_lossy(&r.stderr));
+            assert!(
+                matches!(r.result, Ok(0)),
+                "{name} #{i}: {:?} {}",
+                r.result,
+                String::from_utf8_lossy(&r.stderr)
+            );
             let got = String::from_utf8_lossy(&r.stdout).into_owned();
             if i % 10 == 3 {
                 assert_eq!(got, restore(&store, name, req.as_bytes()), "{name} #{i}");
             }
             if name == "iso" {
-                assert!(got.contains(&format!(r#"{{"seen":["{req}"],"marks":0,"before":"","#)), "{got}");
+                assert!(
+                    got.contains(&format!(r#"{{"seen":["{req}"],"marks":0,"before":"","#)),
+                    "{got}"
+                );
             }
             let rs = inst.reset().unwrap();
             if i < 3 || i == 29 {

@@ -20,7 +20,11 @@ fn qjs_args(script: &str, extra: &[String]) -> Vec<String> {
         "--file".into(),
         path(script),
         "--arg".into(),
-        Path::new(script).file_name().unwrap().to_string_lossy().into_owned(),
+        Path::new(script)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
     ];
     for f in extra {
         a.push("--file".into());
@@ -139,7 +143,10 @@ impl Daemon {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "vmm serve did not exit after SIGTERM");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "vmm serve did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -190,7 +197,10 @@ fn every_example_answers_over_http_exactly_as_vmm_run_does() {
     assert!(v["timings"]["run_ms"].as_f64().unwrap() > 0.0);
     let (s, list) = d.get("/v1/functions");
     assert_eq!(s, 200);
-    assert!(list.contains("\"hello\"") && list.contains("\"markdown\""), "{list}");
+    assert!(
+        list.contains("\"hello\"") && list.contains("\"markdown\""),
+        "{list}"
+    );
     let (s, metrics) = d.get("/metrics");
     assert_eq!(s, 200);
     assert!(
@@ -204,7 +214,11 @@ fn every_example_answers_over_http_exactly_as_vmm_run_does() {
     std::thread::sleep(Duration::from_millis(600));
     let v: serde_json::Value = serde_json::from_str(&d.get("/v1/functions").1).unwrap();
     for f in v["functions"].as_array().unwrap() {
-        assert_eq!((f["ready"].as_u64(), f["busy"].as_u64()), (Some(2), Some(0)), "{v}");
+        assert_eq!(
+            (f["ready"].as_u64(), f["busy"].as_u64()),
+            (Some(2), Some(0)),
+            "{v}"
+        );
     }
     assert_eq!(v["live_instances"], 6, "{v}");
 }
@@ -222,7 +236,10 @@ fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
     let fresh = run_with_input(cmd, b"req-fresh");
     assert_eq!(fresh.code(), 0, "{}", fresh.stderr());
     // One worker and a pool of one: every request runs in the same instance, reset between.
-    let d = Daemon::start(&store, &["--pool", "1", "--workers", "1", "--max-instances", "1"]);
+    let d = Daemon::start(
+        &store,
+        &["--pool", "1", "--workers", "1", "--max-instances", "1"],
+    );
     for i in 0..60 {
         let req = format!("req-{i}");
         let (status, body, _) = d.invoke("iso", req.as_bytes());
@@ -235,7 +252,10 @@ fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
     }
     let (_, list) = d.get("/v1/functions");
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(v["live_instances"], 1, "the one instance was reused: {list}");
+    assert_eq!(
+        v["live_instances"], 1,
+        "the one instance was reused: {list}"
+    );
     assert_eq!(v["functions"][0]["served"], 60);
 }
 
@@ -249,7 +269,14 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
     create(&store, "behave", &behave_args());
     let d = Daemon::start(
         &store,
-        &["--timeout", "1", "--max-body", "1000", "--header-timeout", "1"],
+        &[
+            "--timeout",
+            "1",
+            "--max-body",
+            "1000",
+            "--header-timeout",
+            "1",
+        ],
     );
     let ok = |d: &Daemon| {
         let (s, b, _) = d.invoke("hello", br#"{"name":"ok"}"#);
@@ -261,14 +288,21 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
     assert_eq!(d.invoke("hello", &vec![b'a'; 2000]).0, 413);
     ok(&d);
     let (s, _, code) = d.invoke("behave", b"e");
-    assert_eq!((s, code.as_deref()), (500, Some("3")), "a non-zero exit is a 500 with its code");
+    assert_eq!(
+        (s, code.as_deref()),
+        (500, Some("3")),
+        "a non-zero exit is a 500 with its code"
+    );
     let (s, b, _) = d.invoke("behave", b"t");
     assert_eq!(s, 502, "a trapping guest: {b}");
     ok(&d);
     let t0 = Instant::now();
     let (s, b, _) = d.invoke("behave", b"loop");
     assert_eq!(s, 504, "an endless guest is stopped by --timeout: {b}");
-    assert!(!b.contains("--"), "a CLI flag hint reached an HTTP client: {b}");
+    assert!(
+        !b.contains("--"),
+        "a CLI flag hint reached an HTTP client: {b}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(30));
     ok(&d);
     assert_eq!(d.invoke("behave", b"hi").1, "hi");
@@ -277,21 +311,29 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
     let mut slow = TcpStream::connect(&d.addr).unwrap();
     slow.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     ok(&d);
     let mut buf = Vec::new();
     let _ = slow.read_to_end(&mut buf);
     let head = String::from_utf8_lossy(&buf);
-    assert!(head.is_empty() || head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 408"),
+        "{head}"
+    );
 
     // A client that disconnects mid-body, and one that leaves while its function runs.
     let mut gone = TcpStream::connect(&d.addr).unwrap();
-    gone.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"na")
-        .unwrap();
+    gone.write_all(
+        b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"na",
+    )
+    .unwrap();
     drop(gone);
     let mut gone = TcpStream::connect(&d.addr).unwrap();
-    gone.write_all(b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nspin")
-        .unwrap();
+    gone.write_all(
+        b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nspin",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(50));
     drop(gone);
     ok(&d);
@@ -305,7 +347,11 @@ fn concurrent_requests_to_one_and_to_many_templates_all_get_their_own_answer() {
     }
     let store = TempDir::new("serve-concurrent");
     create(&store, "hello", &qjs_args("examples/hello.js", &[]));
-    create(&store, "markdown", &qjs_args("examples/markdown.js", &[marked()]));
+    create(
+        &store,
+        "markdown",
+        &qjs_args("examples/markdown.js", &[marked()]),
+    );
     create(&store, "upper", &upper_args());
     let d = Arc::new(Daemon::start(&store, &["--pool", "2"]));
     let threads: Vec<_> = (0..12)
@@ -317,10 +363,21 @@ fn concurrent_requests_to_one_and_to_many_templates_all_get_their_own_answer() {
                         0 => (
                             "hello",
                             format!(r#"{{"name":"t{t}i{i}"}}"#),
-                            format!("{{\"greeting\":\"Hello, t{t}i{i}!\",\"length\":{}}}\n", format!("t{t}i{i}").len()),
+                            format!(
+                                "{{\"greeting\":\"Hello, t{t}i{i}!\",\"length\":{}}}\n",
+                                format!("t{t}i{i}").len()
+                            ),
                         ),
-                        1 => ("markdown", format!("# h{t}x{i}\n"), format!("<h1>h{t}x{i}</h1>\n\n")),
-                        _ => ("upper", format!("t{t}i{i}\n"), format!("T{t}I{i}\none\ntwo\n")),
+                        1 => (
+                            "markdown",
+                            format!("# h{t}x{i}\n"),
+                            format!("<h1>h{t}x{i}</h1>\n\n"),
+                        ),
+                        _ => (
+                            "upper",
+                            format!("t{t}i{i}\n"),
+                            format!("T{t}I{i}\none\ntwo\n"),
+                        ),
                     };
                     let (s, body, _) = d.invoke(name, req.as_bytes());
                     assert_eq!(s, 200, "{name}: {body}");
@@ -353,6 +410,7 @@ fn templates_created_and_removed_while_serving_are_followed() {
         ureq::post(&format!("http://{addr}/v1/functions/behave/invoke"))
             .send_bytes(b"spin")
             .map(|r| (r.status(), r.into_string().unwrap()))
+            .map_err(|e| e.to_string())
     });
     std::thread::sleep(Duration::from_millis(30));
     let mut rm = vmm();
@@ -378,13 +436,20 @@ fn sigterm_drains_requests_in_flight_and_exits_zero() {
         ureq::post(&format!("http://{addr}/v1/functions/behave/invoke"))
             .send_bytes(b"spin")
             .map(|r| (r.status(), r.into_string().unwrap()))
+            .map_err(|e| e.to_string())
     });
     std::thread::sleep(Duration::from_millis(30));
     let status = d.terminate();
     assert_eq!(status.code(), Some(0), "{}", d.log());
-    let (s, b) = inflight.join().unwrap().expect("the in-flight request is answered");
+    let (s, b) = inflight
+        .join()
+        .unwrap()
+        .expect("the in-flight request is answered");
     assert_eq!((s, b.as_str()), (200, "spin"));
-    assert!(TcpStream::connect(&d.addr).is_err(), "no new connections after drain");
+    assert!(
+        TcpStream::connect(&d.addr).is_err(),
+        "no new connections after drain"
+    );
     assert!(d.log().contains("drain"), "{}", d.log());
 }
 
@@ -434,7 +499,11 @@ fn pools_stay_within_max_instances_and_memory_limit_evicting_the_least_recently_
         let d = Daemon::start(&store, &flags);
         for round in 0..3 {
             for (name, req, want) in [
-                ("hello", &br#"{"name":"l"}"#[..], "{\"greeting\":\"Hello, l!\",\"length\":1}\n"),
+                (
+                    "hello",
+                    &br#"{"name":"l"}"#[..],
+                    "{\"greeting\":\"Hello, l!\",\"length\":1}\n",
+                ),
                 ("upper", b"abc\n", "ABC\none\ntwo\n"),
                 ("behave", b"xyz", "xyz"),
             ] {
@@ -460,15 +529,22 @@ fn a_client_that_goes_away_stops_its_guest_and_frees_the_worker() {
     // leaves, the next request would wait a minute behind it.
     let d = Daemon::start(&store, &["--workers", "1", "--timeout", "60"]);
     let mut gone = TcpStream::connect(&d.addr).unwrap();
-    gone.write_all(b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nloop")
-        .unwrap();
+    gone.write_all(
+        b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nloop",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(gone);
     let r = ureq::post(&d.url("/v1/functions/behave/invoke"))
         .timeout(Duration::from_secs(20))
         .send_bytes(b"next");
     let body = r
-        .unwrap_or_else(|e| panic!("the worker is still busy with the abandoned guest: {e}\n{}", d.log()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the worker is still busy with the abandoned guest: {e}\n{}",
+                d.log()
+            )
+        })
         .into_string()
         .unwrap();
     assert_eq!(body, "next");

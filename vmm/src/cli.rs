@@ -444,7 +444,9 @@ pub fn with_hint(e: &RunError) -> String {
     use crate::run::SetupError;
     use crate::vm::VmError;
     let hint = match e {
-        RunError::Guest(GuestError::Timeout(_)) => Some("raise --timeout if the function needs longer"),
+        RunError::Guest(GuestError::Timeout(_)) => {
+            Some("raise --timeout if the function needs longer")
+        }
         RunError::Vm(VmError::Setup(SetupError::ModuleTooLarge { .. })) => Some("raise --mem"),
         RunError::Vm(VmError::Setup(SetupError::BadMemSize(_))) => Some("see --mem in --help"),
         RunError::Vm(VmError::Memory(MemoryError::Map { .. })) => Some("or lower --mem"),

@@ -122,7 +122,11 @@ impl Template {
             data_pages += 1;
             // A run never crosses a 2 MiB region boundary (resets work region by region).
             match runs.last_mut() {
-                Some((first, n, _)) if *first + *n == gfn && (gfn * PAGE) % REGION != 0 => *n += 1,
+                Some((first, n, _))
+                    if *first + *n == gfn && !(gfn * PAGE).is_multiple_of(REGION) =>
+                {
+                    *n += 1
+                }
                 _ => runs.push((gfn, 1, off)),
             }
         }
@@ -288,7 +292,8 @@ pub struct Instance {
 impl Instance {
     fn new(template: Arc<Template>) -> Result<Instance, Error> {
         let step = "create instance";
-        let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
+        let host =
+            |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
         let mem = GuestMemory::new(template.mem_size as usize).map_err(|e| host(e.into()))?;
         // Fill RAM before KVM sees it (registered memory is filled ~10x slower).
         for r in 0..template.region_runs.len() {
@@ -424,7 +429,8 @@ impl Instance {
 
     fn reset_memory_and_vcpu(&mut self) -> Result<(u64, u64, f64), Error> {
         let step = "reset instance";
-        let host = |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
+        let host =
+            |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
         let resident = self.vm.mem.resident_pages();
         let per_region = (REGION / PAGE) as usize;
         let (mut copied, mut zeroed) = (0, 0);

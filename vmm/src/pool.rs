@@ -63,6 +63,9 @@ fn file_id(path: &Path) -> Option<FileId> {
     })
 }
 
+/// Called after every reset with the template's name and what the reset cost.
+type ResetObserver = Box<dyn Fn(&str, &ResetStats) + Send + Sync>;
+
 /// One template and its ready instances.
 pub struct Entry {
     template: Arc<Template>,
@@ -112,7 +115,7 @@ pub struct Pools {
     /// takes a few ms); the reaper thread drops them and releases their count.
     reaper: Mutex<std::sync::mpsc::Sender<Instance>>,
     /// Observers of resets (for metrics), called after each reset.
-    on_reset: Mutex<Option<Box<dyn Fn(&str, &ResetStats) + Send + Sync>>>,
+    on_reset: Mutex<Option<ResetObserver>>,
 }
 
 /// An instance taken from a pool for one request; returned (reset) or destroyed on drop.
@@ -153,7 +156,9 @@ impl Pools {
     }
 
     fn manifest_path(&self, name: &str) -> PathBuf {
-        self.store_dir.join("templates").join(format!("{name}.tmpl"))
+        self.store_dir
+            .join("templates")
+            .join(format!("{name}.tmpl"))
     }
 
     /// Instances alive now (ready and busy, all templates).
@@ -306,7 +311,12 @@ impl Pools {
     /// Destroy up to `n` idle instances, least recently used templates first.
     pub fn evict_lru(&self, n: usize) -> usize {
         let mut entries = self.entries();
-        entries.sort_by_key(|(_, e)| e.last_used.lock().map(|t| *t).unwrap_or_else(|_| Instant::now()));
+        entries.sort_by_key(|(_, e)| {
+            e.last_used
+                .lock()
+                .map(|t| *t)
+                .unwrap_or_else(|_| Instant::now())
+        });
         let mut done = 0;
         for (_, e) in entries {
             if done >= n {

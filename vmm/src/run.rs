@@ -260,7 +260,8 @@ pub fn drive(
     mut on: impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError>,
 ) -> Result<Hostcall, RunError> {
     let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
-    let watchdog = Watchdog::start_interruptible(limits.timeout, run_ptr, limits.interrupt.as_ref());
+    let watchdog =
+        Watchdog::start_interruptible(limits.timeout, run_ptr, limits.interrupt.as_ref());
     let mut pending = first;
     loop {
         let call = match pending.take() {

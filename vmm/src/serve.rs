@@ -52,7 +52,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Stop a function's guest after this many seconds (504).
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
     pub timeout: f64,
     /// Largest request body in bytes (413 above it).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
@@ -69,7 +74,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let m = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
@@ -85,7 +94,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?}: expected a size such as 512M or 8G"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?}: too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,16 +132,56 @@ impl Metrics {
         let ready = Family::<TemplateLabels, Gauge>::default();
         let busy = Family::<TemplateLabels, Gauge>::default();
         let (live, resident, queued) = (Gauge::default(), Gauge::default(), Gauge::default());
-        registry.register("requests", "HTTP invocations by template and status", requests.clone());
-        registry.register("queue_wait_seconds", "Time a request waited for a worker", queue_wait.clone());
-        registry.register("acquire_seconds", "Time to take a ready instance (or restore one)", acquire.clone());
-        registry.register("run_seconds", "Time from writing the request into the guest to its exit", run.clone());
-        registry.register("reset_seconds", "Time to reset an instance to its template after a request", reset.clone());
-        registry.register("pool_ready_instances", "Ready instances per template", ready.clone());
-        registry.register("pool_busy_instances", "Instances serving a request, per template", busy.clone());
-        registry.register("instances_live", "Instances alive (ready and busy)", live.clone());
-        registry.register("host_resident_bytes", "Resident memory of the vmm serve process", resident.clone());
-        registry.register("queued_requests", "Requests waiting for a worker", queued.clone());
+        registry.register(
+            "requests",
+            "HTTP invocations by template and status",
+            requests.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time a request waited for a worker",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "acquire_seconds",
+            "Time to take a ready instance (or restore one)",
+            acquire.clone(),
+        );
+        registry.register(
+            "run_seconds",
+            "Time from writing the request into the guest to its exit",
+            run.clone(),
+        );
+        registry.register(
+            "reset_seconds",
+            "Time to reset an instance to its template after a request",
+            reset.clone(),
+        );
+        registry.register(
+            "pool_ready_instances",
+            "Ready instances per template",
+            ready.clone(),
+        );
+        registry.register(
+            "pool_busy_instances",
+            "Instances serving a request, per template",
+            busy.clone(),
+        );
+        registry.register(
+            "instances_live",
+            "Instances alive (ready and busy)",
+            live.clone(),
+        );
+        registry.register(
+            "host_resident_bytes",
+            "Resident memory of the vmm serve process",
+            resident.clone(),
+        );
+        registry.register(
+            "queued_requests",
+            "Requests waiting for a worker",
+            queued.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -205,7 +255,11 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     }
     let workers = args
         .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
         .max(1);
     let engine = match vmm::engine::Engine::new(vmm::engine::Config::new(store_dir.clone())) {
         Ok(e) => Arc::new(e),
@@ -240,8 +294,13 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for i in 0..workers {
-        let (rx, pools, metrics, limits, queued) =
-            (rx.clone(), pools.clone(), metrics.clone(), limits.clone(), queued.clone());
+        let (rx, pools, metrics, limits, queued) = (
+            rx.clone(),
+            pools.clone(),
+            metrics.clone(),
+            limits.clone(),
+            queued.clone(),
+        );
         threads.push(
             std::thread::Builder::new()
                 .name(format!("vmm-worker-{i}"))
@@ -402,7 +461,10 @@ async fn accept_loop(
         }
     };
     let shown = match &listener {
-        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()),
+        Listener::Tcp(l) => l
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or(listen.clone()),
         Listener::Unix(_, p) => format!("unix:{}", p.display()),
     };
     tracing::info!(listen = %shown, "serving");
@@ -418,7 +480,8 @@ async fn accept_loop(
     };
     let builder = {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+        b.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
         b
     };
     loop {
@@ -482,16 +545,20 @@ type Resp = Response<Full<Bytes>>;
 fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.into() + "\n")));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert("content-type", "text/plain; charset=utf-8".parse().expect("static header"));
+    r.headers_mut().insert(
+        "content-type",
+        "text/plain; charset=utf-8".parse().expect("static header"),
+    );
     r
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().expect("static header"));
+    r.headers_mut().insert(
+        "content-type",
+        "application/json".parse().expect("static header"),
+    );
     r
 }
 
@@ -514,7 +581,10 @@ fn error_status(kind: ErrorKind) -> StatusCode {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, std::convert::Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Resp, std::convert::Infallible> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let r = match (&method, path.as_str()) {
@@ -530,7 +600,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, std::
         (_, p) if p.starts_with("/v1/functions/") && p.ends_with("/invoke") => {
             let name = &p["/v1/functions/".len()..p.len() - "/invoke".len()];
             if method != Method::POST {
-                text(StatusCode::METHOD_NOT_ALLOWED, "use POST to invoke a function")
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use POST to invoke a function",
+                )
             } else {
                 let name = name.to_string();
                 invoke(&state, name, req).await
@@ -559,7 +632,10 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
     };
     if state.draining.load(Ordering::Relaxed) {
         count(StatusCode::SERVICE_UNAVAILABLE);
-        return text(StatusCode::SERVICE_UNAVAILABLE, "draining: the server is shutting down");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: the server is shutting down",
+        );
     }
     if req
         .headers()
@@ -574,10 +650,15 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
             format!("request body over the {}-byte limit", state.max_body),
         );
     }
-    let body = match Limited::new(req.into_body(), state.max_body).collect().await {
+    let body = match Limited::new(req.into_body(), state.max_body)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
             let status = if too_large {
                 StatusCode::PAYLOAD_TOO_LARGE
             } else {
@@ -619,8 +700,12 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
             state.queued.fetch_sub(1, Ordering::Relaxed);
             count(StatusCode::TOO_MANY_REQUESTS);
-            let mut r = text(StatusCode::TOO_MANY_REQUESTS, "the request queue is full; retry");
-            r.headers_mut().insert("retry-after", "1".parse().expect("static header"));
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the request queue is full; retry",
+            );
+            r.headers_mut()
+                .insert("retry-after", "1".parse().expect("static header"));
             return r;
         }
     }
@@ -641,7 +726,8 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
                 text(status, msg)
             };
             if status == StatusCode::SERVICE_UNAVAILABLE {
-                r.headers_mut().insert("retry-after", "1".parse().expect("static header"));
+                r.headers_mut()
+                    .insert("retry-after", "1".parse().expect("static header"));
             }
             r
         }
@@ -716,7 +802,10 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
                 }
             }
             if truncated.any() {
-                h.insert("x-vmm-output-truncated", "true".parse().expect("static header"));
+                h.insert(
+                    "x-vmm-output-truncated",
+                    "true".parse().expect("static header"),
+                );
             }
             if let Ok(v) = format!("{:.3}", timings.invoke.run_ms).parse() {
                 h.insert("x-vmm-run-ms", v);
@@ -765,7 +854,10 @@ fn metrics(state: &State) -> Resp {
     m.queued.set(state.queued.load(Ordering::Relaxed) as i64);
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &m.registry) {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encode metrics: {e}"));
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encode metrics: {e}"),
+        );
     }
     let mut r = Response::new(Full::new(Bytes::from(out)));
     r.headers_mut().insert(

@@ -30,4 +30,3 @@ pub fn healthy_store(dir: &Path) -> Store {
     with_vmm_states(dir);
     s
 }
-
