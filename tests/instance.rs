@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use std::sync::Arc;
+use vmm::instance::Sharing;
 use vmm::run::RunLimits;
 
 fn create(store: &TempDir, name: &str, script: &str) {
@@ -54,29 +55,31 @@ fn an_instance_reset_in_place_answers_like_a_fresh_restore_every_time() {
     ] {
         let (t, stats) = engine.load_template_with_stats(name).unwrap();
         eprintln!("{name}: {stats:?}");
-        let mut inst = t.instantiate().unwrap();
-        for i in 0..30 {
-            let req = mk(i);
-            let r = inst.invoke(req.as_bytes(), &limits);
-            assert!(
-                matches!(r.result, Ok(0)),
-                "{name} #{i}: {:?} {}",
-                r.result,
-                String::from_utf8_lossy(&r.stderr)
-            );
-            let got = String::from_utf8_lossy(&r.stdout).into_owned();
-            if i % 10 == 3 {
-                assert_eq!(got, restore(&store, name, req.as_bytes()), "{name} #{i}");
-            }
-            if name == "iso" {
+        for sharing in [Sharing::Copy, Sharing::Shared] {
+            let mut inst = t.instantiate_with(sharing).unwrap();
+            for i in 0..30 {
+                let req = mk(i);
+                let r = inst.invoke(req.as_bytes(), &limits);
                 assert!(
-                    got.contains(&format!(r#"{{"seen":["{req}"],"marks":0,"before":"","#)),
-                    "{got}"
+                    matches!(r.result, Ok(0)),
+                    "{name} #{i}: {:?} {}",
+                    r.result,
+                    String::from_utf8_lossy(&r.stderr)
                 );
-            }
-            let rs = inst.reset().unwrap();
-            if i < 3 || i == 29 {
-                eprintln!("{name} #{i}: {:?} {rs:?}", r.timings);
+                let got = String::from_utf8_lossy(&r.stdout).into_owned();
+                if i % 10 == 3 {
+                    assert_eq!(got, restore(&store, name, req.as_bytes()), "{name} #{i}");
+                }
+                if name == "iso" {
+                    assert!(
+                        got.contains(&format!(r#"{{"seen":["{req}"],"marks":0,"before":"","#)),
+                        "{got}"
+                    );
+                }
+                let rs = inst.reset().unwrap();
+                if i < 3 || i == 29 {
+                    eprintln!("{name} {sharing:?} #{i}: {:?} {rs:?}", r.timings);
+                }
             }
         }
     }

@@ -235,28 +235,30 @@ fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
     cmd.args(["restore", "iso", "--store", &store.arg()]);
     let fresh = run_with_input(cmd, b"req-fresh");
     assert_eq!(fresh.code(), 0, "{}", fresh.stderr());
-    // One worker and a pool of one: every request runs in the same instance, reset between.
-    let d = Daemon::start(
-        &store,
-        &["--pool", "1", "--workers", "1", "--max-instances", "1"],
-    );
-    for i in 0..60 {
-        let req = format!("req-{i}");
-        let (status, body, _) = d.invoke("iso", req.as_bytes());
-        assert_eq!(status, 200, "{body}");
+    // One worker and a pool of one: every request runs in the same instance, reset between;
+    // with a private copy of the template's memory, and with a shared copy-on-write one.
+    for sharing in [&[][..], &["--share-memory"][..]] {
+        let mut flags = vec!["--pool", "1", "--workers", "1", "--max-instances", "1"];
+        flags.extend_from_slice(sharing);
+        let d = Daemon::start(&store, &flags);
+        for i in 0..60 {
+            let req = format!("req-{i}");
+            let (status, body, _) = d.invoke("iso", req.as_bytes());
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(
+                body,
+                fresh.stdout().replace("req-fresh", &req),
+                "{flags:?}: request {i} saw state left by an earlier request"
+            );
+        }
+        let (_, list) = d.get("/v1/functions");
+        let v: serde_json::Value = serde_json::from_str(&list).unwrap();
         assert_eq!(
-            body,
-            fresh.stdout().replace("req-fresh", &req),
-            "request {i} saw state left by an earlier request"
+            v["live_instances"], 1,
+            "the one instance was reused: {list}"
         );
+        assert_eq!(v["functions"][0]["served"], 60);
     }
-    let (_, list) = d.get("/v1/functions");
-    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(
-        v["live_instances"], 1,
-        "the one instance was reused: {list}"
-    );
-    assert_eq!(v["functions"][0]["served"], 60);
 }
 
 #[test]

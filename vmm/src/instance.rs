@@ -41,6 +41,9 @@ pub struct Template {
     runs: Vec<(u64, u64, u64)>,
     /// Per 2 MiB region of guest RAM: the range of `runs` that lies in it (empty: none).
     region_runs: Vec<std::ops::Range<usize>>,
+    /// The whole image at guest offsets in a memory file (sparse), for instances that map
+    /// it copy-on-write ([`Sharing::Shared`]), and a read-only view of it.
+    image: (std::fs::File, memmap2::Mmap),
     state: VcpuState,
     stdin_buf: GuestRange,
     data_pages: u64,
@@ -130,6 +133,8 @@ impl Template {
                 _ => runs.push((gfn, 1, off)),
             }
         }
+        let image = memory_file(name, tmpl.mem_size, &runs, &data)
+            .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
         let mut region_runs = vec![0..0; n_regions];
         let mut i = 0;
         while i < runs.len() {
@@ -154,6 +159,7 @@ impl Template {
                 data,
                 runs,
                 region_runs,
+                image,
                 state,
                 stdin_buf,
                 data_pages,
@@ -235,10 +241,61 @@ impl Template {
         zero_until(cursor, end)
     }
 
-    /// Restore a new instance of this template, stopped at its pending read of stdin.
+    /// Restore a new instance of this template, stopped at its pending read of stdin,
+    /// with its own copy of the template's memory.
     pub fn instantiate(self: &Arc<Self>) -> Result<Instance, Error> {
-        Instance::new(self.clone())
+        Instance::new(self.clone(), Sharing::Copy)
     }
+
+    /// [`Template::instantiate`] with the memory `sharing` asked for.
+    pub fn instantiate_with(self: &Arc<Self>, sharing: Sharing) -> Result<Instance, Error> {
+        Instance::new(self.clone(), sharing)
+    }
+}
+
+/// How an instance holds the template's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    /// Its own copy in 2 MiB host pages: no exits on first touches, ~2 MiB per region.
+    #[default]
+    Copy,
+    /// A copy-on-write mapping of the template's memory file, shared by all instances:
+    /// an instance holds privately only the pages its guest wrote (reset copies just
+    /// those back, found in /proc/self/pagemap); 4 KiB host pages, so each page's first
+    /// touch in an instance's life costs an exit.
+    Shared,
+}
+
+/// The template's memory as a sparse memory file (memfd) holding every data page at its
+/// guest offset, and a read-only mapping of it.
+fn memory_file(
+    name: &str,
+    mem_size: u64,
+    runs: &[(u64, u64, u64)],
+    data: &GuestMemory,
+) -> std::io::Result<(std::fs::File, memmap2::Mmap)> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
+    let cname = std::ffi::CString::new(format!("vmm-template-{name}")).unwrap_or_default();
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked before use.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(mem_size)?;
+    for &(gfn, n, off) in runs {
+        let bytes = data
+            .slice(off, n * PAGE)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        file.write_all_at(bytes, gfn * PAGE)?;
+    }
+    // SAFETY: a read-only shared mapping of a memory file only this module writes, and
+    // only before this point.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    Ok((file, map))
 }
 
 /// What one invocation produced. Output written before a failure is kept.
@@ -284,20 +341,34 @@ enum Status {
 /// A VM restored from a [`Template`].
 pub struct Instance {
     template: Arc<Template>,
+    sharing: Sharing,
+    /// /proc/self/pagemap, to find the pages a shared instance's guest wrote.
+    pagemap: Option<std::fs::File>,
     vm: Vm,
     status: Status,
     invocations: u64,
 }
 
 impl Instance {
-    fn new(template: Arc<Template>) -> Result<Instance, Error> {
+    fn new(template: Arc<Template>, sharing: Sharing) -> Result<Instance, Error> {
         let step = "create instance";
         let host =
             |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
         let mem = GuestMemory::new(template.mem_size as usize).map_err(|e| host(e.into()))?;
         // Fill RAM before KVM sees it (registered memory is filled ~10x slower).
+        let mut pagemap = None;
         for r in 0..template.region_runs.len() {
-            if !template.region_runs[r].is_empty() {
+            if template.region_runs[r].is_empty() {
+                continue;
+            }
+            if sharing == Sharing::Shared {
+                use std::os::fd::AsFd;
+                let len = REGION.min(mem.size() - r as u64 * REGION);
+                mem.map_file_range(r as u64 * REGION, len, template.image.0.as_fd())
+                    .map_err(|e| host(e.into()))?;
+                continue;
+            }
+            {
                 if template.sparse(r) {
                     mem.advise_small_pages(r as u64 * REGION, REGION);
                 }
@@ -305,6 +376,9 @@ impl Instance {
                     .write_region(&mem, r, None)
                     .map_err(|e| host(e.into()))?;
             }
+        }
+        if sharing == Sharing::Shared {
+            pagemap = Some(std::fs::File::open("/proc/self/pagemap").map_err(|e| host(e.into()))?);
         }
         let parts = template.engine.vm_parts().map_err(|e| host(e.into()))?;
         parts
@@ -323,6 +397,8 @@ impl Instance {
             .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         Ok(Instance {
             template,
+            sharing,
+            pagemap,
             vm,
             status: Status::Ready,
             invocations: 0,
@@ -435,7 +511,32 @@ impl Instance {
         let per_region = (REGION / PAGE) as usize;
         let (mut copied, mut zeroed) = (0, 0);
         let t = &self.template;
+        let mut private = Vec::new();
         for r in 0..t.region_runs.len() {
+            if self.sharing == Sharing::Shared && !t.region_runs[r].is_empty() {
+                // Mapped from the template's file: only pages the guest wrote are private;
+                // copy the template's bytes back into those (they stay private and mapped).
+                let Some(pm) = &self.pagemap else { continue };
+                let gpa = r as u64 * REGION;
+                let len = REGION.min(self.vm.mem.size() - gpa);
+                self.vm
+                    .mem
+                    .private_pages(pm, gpa, len, &mut private)
+                    .map_err(|e| host(e.into()))?;
+                for (i, _) in private.iter().enumerate().filter(|(_, &p)| p) {
+                    let at = gpa + i as u64 * PAGE;
+                    let src = t
+                        .image
+                        .1
+                        .get(at as usize..(at + PAGE) as usize)
+                        .ok_or_else(|| {
+                            Error::new(ErrorKind::Host, step, "page outside the template image")
+                        })?;
+                    self.vm.mem.write(at, src).map_err(|e| host(e.into()))?;
+                    copied += 1;
+                }
+                continue;
+            }
             let pages = resident.get(r * per_region..((r + 1) * per_region).min(resident.len()));
             let touched = pages.is_none_or(|p| p.iter().any(|&x| x));
             if !t.region_runs[r].is_empty() {

@@ -106,6 +106,68 @@ impl GuestMemory {
         Ok(anon)
     }
 
+    /// Replace `[gpa, gpa+len)` (2 MiB aligned) with a private, copy-on-write mapping of
+    /// `fd` at the same offset: its pages are shared with every other mapping of the file
+    /// until the guest writes one (see [`GuestMemory::private_pages`]).
+    pub fn map_file_range(
+        &self,
+        gpa: u64,
+        len: u64,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        let off = self.check(gpa, len)?;
+        // SAFETY: MAP_FIXED over a range inside this mapping (checked above), which this
+        // GuestMemory owns, so nothing else is replaced; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(off).cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                gpa as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                size: len as usize,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// For each 4 KiB page of `[gpa, gpa+len)`: whether it is a private page of this
+    /// mapping, i.e. present and not a page of the file it maps (the guest wrote it, or it
+    /// was never file-backed). Read from /proc/self/pagemap through `pagemap`.
+    pub fn private_pages(
+        &self,
+        pagemap: &std::fs::File,
+        gpa: u64,
+        len: u64,
+        out: &mut Vec<bool>,
+    ) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const FILE_OR_SHARED: u64 = 1 << 61;
+        let off = self.check(gpa, len)?;
+        let first = (self.ptr.as_ptr() as u64 + off as u64) / 4096;
+        let n = (len / 4096) as usize;
+        let mut buf = vec![0u8; n * 8];
+        let io = |source| MemoryError::Map {
+            size: len as usize,
+            source,
+        };
+        pagemap.read_exact_at(&mut buf, first * 8).map_err(io)?;
+        out.clear();
+        out.extend(buf.chunks_exact(8).map(|c| {
+            let e = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            e & PRESENT != 0 && e & FILE_OR_SHARED == 0
+        }));
+        Ok(())
+    }
+
     /// Map the pages of `[gpa, gpa+len)` now (MADV_POPULATE_READ), so that the guest's first
     /// touch does not wait for the host fault. Advisory: failures are ignored.
     pub fn populate_read(&self, gpa: u64, len: u64) {

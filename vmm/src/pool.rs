@@ -32,6 +32,8 @@ pub struct PoolConfig {
     pub memory_limit: u64,
     /// Idle instances beyond `pool` are destroyed after this long unused.
     pub idle_timeout: Duration,
+    /// How instances hold the template's memory.
+    pub sharing: crate::instance::Sharing,
 }
 
 impl Default for PoolConfig {
@@ -41,6 +43,7 @@ impl Default for PoolConfig {
             max_instances: 256,
             memory_limit: 16 << 30,
             idle_timeout: Duration::from_secs(30),
+            sharing: crate::instance::Sharing::Copy,
         }
     }
 }
@@ -338,7 +341,7 @@ impl Pools {
             Some((i, _)) => (i, false),
             None => {
                 self.reserve(wait, true)?;
-                match entry.template.instantiate() {
+                match entry.template.instantiate_with(self.config.sharing) {
                     Ok(i) => (i, true),
                     Err(e) => {
                         self.release(1);
@@ -423,8 +426,12 @@ impl Pools {
                 if self.reserve(Duration::ZERO, false).is_err() {
                     break;
                 }
-                match e.template.instantiate() {
+                match e.template.instantiate_with(self.config.sharing) {
                     Ok(i) => {
+                        let Some(i) = self.warm_up(i) else {
+                            self.release(1);
+                            break;
+                        };
                         if let Ok(mut r) = e.ready.lock() {
                             r.push((i, Instant::now()));
                         }
@@ -439,6 +446,27 @@ impl Pools {
             }
         }
         created
+    }
+
+    /// A shared instance pays one exit per page on its guest's first touch of it: give a
+    /// new one an empty request and reset it, off the request path, so that its first real
+    /// request does not pay that. If the warm-up fails (the function may not accept an
+    /// empty request), a fresh instance is used instead.
+    fn warm_up(&self, mut inst: Instance) -> Option<Instance> {
+        if self.config.sharing != crate::instance::Sharing::Shared {
+            return Some(inst);
+        }
+        let limits = RunLimits {
+            timeout: Duration::from_secs(2),
+            ..RunLimits::default()
+        };
+        let warmed = inst.invoke(b"", &limits).result.is_ok() && inst.reset().is_ok();
+        if warmed {
+            return Some(inst);
+        }
+        let t = inst.template().clone();
+        drop(inst);
+        t.instantiate_with(self.config.sharing).ok()
     }
 
     /// Names of the function templates in the store (runtime bases are skipped).
