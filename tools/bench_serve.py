@@ -132,11 +132,13 @@ def kill_all() -> None:
 class Daemon:
     """A `vmm serve` on a free loopback port, stopped on exit from the `with` block."""
 
-    def __init__(self, vmm: Path, store: Path, tmp: Path, tag: str, pool: int | None):
+    def __init__(self, vmm: Path, store: Path, tmp: Path, tag: str, pool: int | None,
+                 extra: list[str] | None = None):
         self.log_path = tmp / f"serve-{tag}.log"
         args = [vmm, "serve", "--listen", "127.0.0.1:0", "--store", store]
         if pool is not None:
             args += ["--pool", str(pool)]
+        args += extra or []
         self.args = args
         with open(self.log_path, "wb") as logf:
             self.proc = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
@@ -339,12 +341,15 @@ def section_load(a, tmp: Path, store: Path, concurrencies: list[int]) -> list[di
         _, body, expect = FUNCTIONS[name]
         body_file = tmp / f"{name}.body"
         body_file.write_bytes(body)
-        for pool in (2, 0):
-            with Daemon(a.vmm, store, tmp, f"load-{name}-pool{pool}", pool) as d:
+        modes = [(2, []), (0, [])] + ([(2, ["--share-memory"])] if name == "hello" else [])
+        for pool, extra in modes:
+            label = f"{pool} shared" if extra else pool
+            with Daemon(a.vmm, store, tmp, f"load-{name}-pool{pool}{'-shared' if extra else ''}",
+                        pool, extra) as d:
                 d.wait_pool({name: pool})
                 verify(d, name, body, expect)
                 for c in concurrencies:
-                    log(f"load: {name}, --pool {pool}, concurrency {c}, {a.seconds:g} s")
+                    log(f"load: {name}, --pool {label}, concurrency {c}, {a.seconds:g} s")
                     d.wait_idle()
                     before = d.metrics()
                     code, out, err, _ = run(
@@ -358,7 +363,7 @@ def section_load(a, tmp: Path, store: Path, concurrencies: list[int]) -> list[di
                     d.wait_idle()
                     after = d.metrics()
                     f = d.functions()
-                    p = {"function": name, "pool": pool, "concurrency": c}
+                    p = {"function": name, "pool": label, "concurrency": c}
                     p.update(oha_summary(json.loads(out)))
                     p["server"] = server_means(before, after)
                     p["live_instances_after"] = f["live_instances"]
@@ -532,14 +537,6 @@ def section_memory(a, tmp: Path) -> dict:
     log("memory: a store with only hello")
     create_template(a.vmm, store, "hello", function)
     n = MEMORY_INSTANCES
-    log(f"memory: vmm serve --pool {n}")
-    with Daemon(a.vmm, store, tmp, "memory-full", n) as d:
-        t0 = time.perf_counter()
-        f = d.wait_pool({"hello": n})
-        fill_s = time.perf_counter() - t0
-        time.sleep(0.5)
-        full = smaps_rollup(d.pid)
-        live = d.functions()["live_instances"]
     log("memory: vmm serve --pool 0, one request")
     with Daemon(a.vmm, store, tmp, "memory-empty", 0) as d:
         verify(d, "hello", body, expect)
@@ -549,15 +546,26 @@ def section_memory(a, tmp: Path) -> dict:
         if f["live_instances"] != 0:
             raise BenchError(f"--pool 0 still has {f['live_instances']} instances after its request")
         empty = smaps_rollup(d.pid)
-    per = {k: (full[k] - empty.get(k, 0)) / n for k in full}
-    return {
-        "instances": n,
-        "live_instances": live,
-        "wait_for_ready_s": fill_s,
-        "pool_full_mib": full,
-        "pool_0_mib": empty,
-        "per_instance_mib": per,
-    }
+    result = {"instances": n, "pool_0_mib": empty, "modes": []}
+    for mode, extra in (("copy", []), ("shared", ["--share-memory"])):
+        log(f"memory: vmm serve --pool {n} {' '.join(extra)}")
+        with Daemon(a.vmm, store, tmp, f"memory-full-{mode}", n, extra) as d:
+            t0 = time.perf_counter()
+            d.wait_pool({"hello": n})
+            fill_s = time.perf_counter() - t0
+            time.sleep(0.5)
+            full = smaps_rollup(d.pid)
+            live = d.functions()["live_instances"]
+        per = {k: (full[k] - empty.get(k, 0)) / n for k in full}
+        result["modes"].append({
+            "mode": mode,
+            "flags": extra,
+            "live_instances": live,
+            "wait_for_ready_s": fill_s,
+            "pool_full_mib": full,
+            "per_instance_mib": per,
+        })
+    return result
 
 
 # ---------------------------------------------------------------- output
@@ -623,9 +631,10 @@ def print_markdown(r: dict) -> None:
             cold = cli.get((name, "cold"), {}).get("median_ms")
             base = served.get(2, {}).get("p50_ms")
             rows = []
-            for pool in (2, 0):
+            for pool in (2, "2 shared", 0):
                 if pool in served:
-                    rows.append((f"served, `--pool {pool}`", served[pool]["p50_ms"], served[pool]["p90_ms"]))
+                    flags = "--pool 2 --share-memory" if pool == "2 shared" else f"--pool {pool}"
+                    rows.append((f"served, `{flags}`", served[pool]["p50_ms"], served[pool]["p90_ms"]))
             for mode, label in (("restore", f"`vmm restore {name}`"), ("cold", "`vmm run` (cold)")):
                 if (name, mode) in cli:
                     rows.append((label, cli[(name, mode)]["median_ms"], cli[(name, mode)]["p90_ms"]))
@@ -656,17 +665,18 @@ def print_markdown(r: dict) -> None:
         print()
         print(f"## Host memory per idle instance (hello, {mem['instances']} ready instances)")
         print()
-        print(f"`/proc/PID/smaps_rollup` of `vmm serve --pool {mem['instances']}` once "
-              f"{mem['live_instances']} instances were ready, minus `--pool 0` after one request "
-              "(template loaded, no instance), divided by the instances. MiB.")
+        print(f"`/proc/PID/smaps_rollup` of `vmm serve --pool {mem['instances']}` once all were ready, "
+              "minus `--pool 0` after one request (template loaded, no instance), divided by the "
+              "instances. MiB. `copy`: each instance has its own copy of the template's memory; "
+              "`shared` (`--share-memory`): instances map one image copy-on-write and hold only the "
+              "pages their guest wrote (each was warmed up with one empty request).")
         print()
-        print("| | Rss | Pss | Private (clean+dirty) | Shared (clean+dirty) | AnonHugePages |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for label, v in ((f"`--pool {mem['instances']}`", mem["pool_full_mib"]),
-                         ("`--pool 0`", mem["pool_0_mib"]),
-                         ("**per instance**", mem["per_instance_mib"])):
-            print(f"| {label} | {fmt(v['Rss'])} | {fmt(v['Pss'])} | {fmt(v['Private'])} | {fmt(v['Shared'])} "
-                  f"| {fmt(v.get('AnonHugePages'))} |")
+        print("| mode | instances ready | fill s | Rss | Pss | Private (clean+dirty) | Shared (clean+dirty) | AnonHugePages |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for m in mem["modes"]:
+            v = m["per_instance_mib"]
+            print(f"| {m['mode']} | {m['live_instances']} | {fmt(m['wait_for_ready_s'])} | {fmt(v['Rss'])} "
+                  f"| {fmt(v['Pss'])} | {fmt(v['Private'])} | {fmt(v['Shared'])} | {fmt(v.get('AnonHugePages'))} |")
 
 
 # ---------------------------------------------------------------- main
