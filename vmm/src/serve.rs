@@ -333,9 +333,13 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         std::thread::Builder::new()
             .name("vmm-pool-keeper".into())
             .spawn(move || {
+                // Refill every 200 ms; look for new templates in the store every 2 s (a
+                // request for one is served at once anyway: it is loaded on demand).
+                let mut tick = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(200));
-                    pools.maintain(true);
+                    tick += 1;
+                    pools.maintain(tick % 10 == 0);
                 }
             })
             .expect("spawn the pool keeper");
