@@ -427,7 +427,7 @@ fn state_seeds(out: &mut Out) {
 /// chain's export, and templates that conflict with the seed store's.
 fn import_seeds(out: &mut Out, dir: &Path) {
     let t = "import";
-    let mut s = Store::open(dir).expect("reopen the seed store");
+    let s = Store::open(dir).expect("reopen the seed store");
     let mut exports = Vec::new();
     for name in ["base", "fn", "x", "y"] {
         let mut f = Vec::new();

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let dir = SCRATCH.get_or_init(|| Scratch::new("store_dir")).fresh();
     vmm_fuzz::unpack(data, dir);
 
-    let Ok(mut store) = Store::open(dir) else {
+    let Ok(store) = Store::open(dir) else {
         return;
     };
     let problems = store.verify();

@@ -151,7 +151,7 @@ impl Store {
     /// image that does not match (altered, truncated, stale) is replaced and
     /// the reason returned in [`MemoryImage::rejected`]; nothing altered is
     /// ever handed out.
-    pub fn memory_image(&self, t: &Template, r: &Resolved<'_>) -> Result<MemoryImage, CacheError> {
+    pub fn memory_image(&self, t: &Template, r: &Resolved) -> Result<MemoryImage, CacheError> {
         let path = self.image_path(t);
         let mut rejected = None;
         let t0 = Instant::now();
@@ -238,7 +238,7 @@ impl Store {
     }
 
     /// Writes a new image of `t` from verified pages and renames it into place.
-    fn build_image(&self, t: &Template, r: &Resolved<'_>, path: &Path) -> Result<File, CacheError> {
+    fn build_image(&self, t: &Template, r: &Resolved, path: &Path) -> Result<File, CacheError> {
         let dir = self.cache_dir();
         let io = |step: &'static str, p: &Path| {
             let path = p.to_path_buf();

@@ -384,7 +384,7 @@ impl Store {
         }
         format::fsync_dir(&pdir).map_err(io_err("syncing packs directory", &pdir))?;
         progress(total * 2, total * 2);
-        self.refresh().map_err(GcError::Index)?;
+        self.refresh_mut().map_err(GcError::Index)?;
         Ok(rep)
     }
 

@@ -192,7 +192,7 @@ impl Store {
     /// Guest address ranges (merged runs of frames) whose resolved contents
     /// differ between templates `a` and `b`. Frames beyond the smaller
     /// template count as zero there.
-    pub fn diff(&mut self, a: &str, b: &str) -> Result<Diff, LoadError> {
+    pub fn diff(&self, a: &str, b: &str) -> Result<Diff, LoadError> {
         let ta = self.load(a)?;
         let tb = self.load(b)?;
         let ra = ta.resolve(self)?;
@@ -354,7 +354,7 @@ impl Store {
             manifest_bytes,
             config_bytes,
             shared_pairs,
-            stored_pages: self.index.len() as u64,
+            stored_pages: self.view().index.len() as u64,
             referenced_pages: users.len() as u64,
         })
     }

@@ -1,18 +1,27 @@
 //! The pack set: which packs exist, their indexes (page id -> location) and
 //! read-only mappings, kept in step with the disk; appending new pages.
+//!
+//! Readers never see the set change under them: the store holds an immutable
+//! [`PackSet`] behind an `Arc`, and a refresh that finds new, changed or
+//! deleted packs builds a new set and swaps it in under a lock. A
+//! [`Resolved`](crate::Resolved) template keeps the set it was resolved
+//! against (and so every pack mapping its pages come from) for as long as it
+//! lives, whatever happens to the store's current set meanwhile.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError};
 
 use memmap2::Mmap;
 
 use crate::error::{IndexError, WriteError};
 use crate::format::{self, IdxEntry, IDX_HEADER};
 use crate::store::Store;
-use crate::util::{map_file, parse_pack_file};
+use crate::util::{map_file, parse_pack_file, IdMap};
 use crate::{PackId, PageId, PAGE_SIZE};
 
 /// A pack is closed (a new one started) once it holds this many bytes.
@@ -21,19 +30,20 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Loc {
+    /// Position of the pack in [`PackSet::packs`] (stable across refreshes).
     pub(crate) pack: u32,
     pub(crate) offset: u64,
 }
 
 type Stamp = (u64, u64, i64, i64);
 
+/// One pack as last loaded. Never changed once built: a reload builds a new one.
 pub(crate) struct Pack {
     pub(crate) id: PackId,
     /// Mapping of the indexed part of the pack (None if empty or missing).
     pub(crate) map: Option<Mmap>,
     pub(crate) indexed_end: u64,
     pub(crate) idx_stamp: Option<Stamp>,
-    pub(crate) loaded: bool,
     pub(crate) problem: Option<String>,
     /// The index exists but cannot be read or decoded (the error).
     pub(crate) idx_error: Option<String>,
@@ -42,185 +52,51 @@ pub(crate) struct Pack {
     /// Inode of the pack file when loaded: a different inode means the pack
     /// was deleted (by `gc`) and its id reused.
     pub(crate) pack_ino: Option<u64>,
-    /// Deleted or replaced on disk: its entries are gone from the index, its
-    /// mapping is kept (until no writer can hold a location in it) so an
-    /// in-flight writer can still copy pages it had deduplicated against.
+    /// Deleted or replaced on disk: its entries are gone from the index and
+    /// its mapping from this set (sets taken before keep theirs).
     pub(crate) retired: bool,
 }
 
-impl Store {
-    /// Re-reads pack indexes changed by other processes (cheap when nothing changed).
-    /// Packs deleted or replaced on disk (by `gc`) drop out of the index.
-    pub fn refresh(&mut self) -> Result<(), IndexError> {
-        self.refresh_inner(true)
+impl Pack {
+    fn retired(id: PackId) -> Pack {
+        Pack {
+            id,
+            map: None,
+            indexed_end: 0,
+            idx_stamp: None,
+            problem: None,
+            idx_error: None,
+            map_error: None,
+            pack_ino: None,
+            retired: true,
+        }
     }
+}
 
-    /// `release`: also unmap retired packs (only when no writer can hold a
-    /// [`Loc`] into them, i.e. not during a commit).
-    pub(crate) fn refresh_inner(&mut self, release: bool) -> Result<(), IndexError> {
-        let pdir = self.packs_dir();
-        let rd = fs::read_dir(&pdir).map_err(|source| IndexError::ListPacks {
-            path: pdir.clone(),
-            source,
-        })?;
-        let mut ids = BTreeSet::new();
-        for e in rd {
-            let e = e.map_err(|source| IndexError::ListPacks {
-                path: pdir.clone(),
-                source,
-            })?;
-            if let Some((id, _)) = e.file_name().to_str().and_then(parse_pack_file) {
-                ids.insert(id);
-            }
-        }
-        // Packs gone from disk: their pages are no longer available for dedup.
-        let gone: Vec<u32> = self
-            .packs
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| !p.retired && !ids.contains(&p.id))
-            .map(|(i, _)| i as u32)
-            .collect();
-        for pos in gone {
-            self.retire(pos);
-        }
-        for id in ids {
-            let existing = self.pack_pos.get(&id).copied();
-            if let Some(pos) = existing {
-                let p = &self.packs[pos as usize];
-                if p.loaded {
-                    let ino = fs::metadata(self.pack_path(id)).ok().map(|m| m.ino());
-                    let idx_gone = p.idx_stamp.is_some() && !self.idx_path(id).exists();
-                    let replaced = p.pack_ino.is_some() && ino != p.pack_ino;
-                    if idx_gone || replaced {
-                        self.retire(pos);
-                    }
-                }
-            }
-            let pos = match self.pack_pos.get(&id) {
-                Some(&p) => p,
-                None => {
-                    self.packs.push(Pack {
-                        id,
-                        map: None,
-                        indexed_end: 0,
-                        idx_stamp: None,
-                        loaded: false,
-                        problem: None,
-                        idx_error: None,
-                        map_error: None,
-                        pack_ino: None,
-                        retired: false,
-                    });
-                    let p = (self.packs.len() - 1) as u32;
-                    self.pack_pos.insert(id, p);
-                    p
-                }
-            };
-            self.load_pack(pos);
-        }
-        if release {
-            for p in self.packs.iter_mut().filter(|p| p.retired) {
-                p.map = None;
-            }
-        }
-        Ok(())
-    }
+/// The bytes at `loc` in `packs` (None: no such pack, unmapped, or out of range).
+pub(crate) fn pack_bytes(packs: &[Arc<Pack>], loc: Loc) -> Option<&[u8; PAGE_SIZE]> {
+    let m = packs.get(loc.pack as usize)?.map.as_ref()?;
+    let s = usize::try_from(loc.offset).ok()?;
+    m.get(s..s.checked_add(PAGE_SIZE)?)?.try_into().ok()
+}
 
-    /// Forgets a pack that was deleted or replaced on disk.
-    fn retire(&mut self, pos: u32) {
-        self.index.retain(|_, l| l.pack != pos);
-        let p = &mut self.packs[pos as usize];
-        p.retired = true;
-        self.pack_pos.remove(&p.id);
-    }
+/// An immutable view of the packs: every pack seen (positions never reused;
+/// retired ones stay as placeholders), and the index of page id -> location.
+#[derive(Clone, Default)]
+pub(crate) struct PackSet {
+    pub(crate) packs: Vec<Arc<Pack>>,
+    pub(crate) pack_pos: HashMap<PackId, u32>,
+    pub(crate) index: IdMap<Loc>,
+}
 
-    /// (Re)loads one pack's index and mapping. Problems are recorded on the pack.
-    fn load_pack(&mut self, pos: u32) {
-        let id = self.packs[pos as usize].id;
-        let idx_path = self.idx_path(id);
-        let pack_path = self.pack_path(id);
-        let stamp = fs::metadata(&idx_path)
-            .ok()
-            .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
-        let pack = &self.packs[pos as usize];
-        if pack.loaded && pack.idx_stamp == stamp {
-            return;
-        }
-        let mut indexed_end = 0u64;
-        let mut problem = None;
-        let mut idx_error = None;
-        let mut map_error = None;
-        if stamp.is_some() {
-            let res = fs::read(&idx_path)
-                .map_err(|source| IndexError::Read {
-                    path: idx_path.clone(),
-                    source,
-                })
-                .and_then(|b| format::decode_idx(&idx_path, id, &b));
-            match res {
-                Ok(entries) => {
-                    for e in entries {
-                        indexed_end = indexed_end.max(e.offset.saturating_add(PAGE));
-                        self.index.insert(
-                            e.id,
-                            Loc {
-                                pack: pos,
-                                offset: e.offset,
-                            },
-                        );
-                    }
-                }
-                Err(e) => {
-                    problem = Some(e.to_string());
-                    idx_error = Some(e.to_string());
-                }
-            }
-        }
-        let mut map = None;
-        let mut pack_ino = None;
-        match fs::metadata(&pack_path) {
-            Err(_) if indexed_end > 0 => {
-                problem = Some(format!("pack file {} is missing", pack_path.display()))
-            }
-            Err(_) => {}
-            Ok(m) => {
-                pack_ino = Some(m.ino());
-                let len = m.len().min(indexed_end);
-                if len < indexed_end {
-                    problem = Some(format!(
-                        "pack {} is {} bytes but its index needs {indexed_end}",
-                        pack_path.display(),
-                        m.len()
-                    ));
-                }
-                if len > 0 {
-                    match map_file(&pack_path, len) {
-                        Ok(m) => map = Some(m),
-                        Err(e) => {
-                            let e = format!("reading pack {}: {e}", pack_path.display());
-                            problem = Some(e.clone());
-                            map_error = Some(e);
-                        }
-                    }
-                }
-            }
-        }
-        let pack = &mut self.packs[pos as usize];
-        pack.map = map;
-        pack.indexed_end = indexed_end;
-        pack.idx_stamp = stamp;
-        pack.loaded = true;
-        pack.problem = problem;
-        pack.idx_error = idx_error;
-        pack.map_error = map_error;
-        pack.pack_ino = pack_ino;
-    }
-
+impl PackSet {
     pub(crate) fn loc_bytes(&self, loc: Loc) -> Option<&[u8; PAGE_SIZE]> {
-        let m = self.packs.get(loc.pack as usize)?.map.as_ref()?;
-        let s = usize::try_from(loc.offset).ok()?;
-        m.get(s..s.checked_add(PAGE_SIZE)?)?.try_into().ok()
+        pack_bytes(&self.packs, loc)
+    }
+
+    /// The bytes of a stored page, straight from the pack mapping (no hashing).
+    pub(crate) fn page(&self, id: PageId) -> Option<&[u8; PAGE_SIZE]> {
+        self.loc_bytes(*self.index.get(&id)?)
     }
 
     /// Why the bytes of pack `pos` cannot be read, if that is why they are missing.
@@ -236,9 +112,209 @@ impl Store {
             .find_map(|p| p.idx_error.as_deref())
     }
 
-    /// The bytes of a stored page, straight from the pack mapping (no hashing).
-    pub fn page_bytes(&self, id: PageId) -> Option<&[u8; PAGE_SIZE]> {
-        self.loc_bytes(*self.index.get(&id)?)
+    /// Forgets a pack that was deleted or replaced on disk.
+    fn retire(&mut self, pos: u32) {
+        self.index.retain(|_, l| l.pack != pos);
+        if let Some(p) = self.packs.get_mut(pos as usize) {
+            let id = p.id;
+            *p = Arc::new(Pack::retired(id));
+            self.pack_pos.remove(&id);
+        }
+    }
+}
+
+fn pack_file(pdir: &Path, id: PackId, ext: &str) -> PathBuf {
+    pdir.join(format!("{id}.{ext}"))
+}
+
+/// Brings `set` in step with the packs in `pdir`. Leaves it borrowed (no copy
+/// made) when nothing changed on disk.
+fn update(pdir: &Path, set: &mut Cow<'_, PackSet>) -> Result<(), IndexError> {
+    let rd = fs::read_dir(pdir).map_err(|source| IndexError::ListPacks {
+        path: pdir.to_path_buf(),
+        source,
+    })?;
+    let mut ids = BTreeSet::new();
+    for e in rd {
+        let e = e.map_err(|source| IndexError::ListPacks {
+            path: pdir.to_path_buf(),
+            source,
+        })?;
+        if let Some((id, _)) = e.file_name().to_str().and_then(parse_pack_file) {
+            ids.insert(id);
+        }
+    }
+    // Packs gone from disk: their pages are no longer available for dedup.
+    let gone: Vec<u32> = set
+        .packs
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.retired && !ids.contains(&p.id))
+        .map(|(i, _)| i as u32)
+        .collect();
+    for pos in gone {
+        set.to_mut().retire(pos);
+    }
+    for id in ids {
+        if let Some(&pos) = set.pack_pos.get(&id) {
+            let p = &set.packs[pos as usize];
+            let ino = fs::metadata(pack_file(pdir, id, "pack"))
+                .ok()
+                .map(|m| m.ino());
+            let idx_gone = p.idx_stamp.is_some() && !pack_file(pdir, id, "idx").exists();
+            let replaced = p.pack_ino.is_some() && ino != p.pack_ino;
+            if idx_gone || replaced {
+                set.to_mut().retire(pos);
+            }
+        }
+        let pos = match set.pack_pos.get(&id) {
+            Some(&p) => p,
+            None => {
+                let s = set.to_mut();
+                let p = s.packs.len() as u32;
+                s.packs.push(Arc::new(Pack::retired(id)));
+                s.pack_pos.insert(id, p);
+                p
+            }
+        };
+        load_pack(pdir, set, pos);
+    }
+    Ok(())
+}
+
+/// (Re)loads one pack's index and mapping if its index changed since it was
+/// loaded (or it never was). Problems are recorded on the pack.
+fn load_pack(pdir: &Path, set: &mut Cow<'_, PackSet>, pos: u32) {
+    let Some(old) = set.packs.get(pos as usize) else {
+        return;
+    };
+    let id = old.id;
+    let idx_path = pack_file(pdir, id, "idx");
+    let pack_path = pack_file(pdir, id, "pack");
+    let stamp = fs::metadata(&idx_path)
+        .ok()
+        .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+    // A placeholder just added (retired, never loaded) always loads.
+    if !old.retired && old.idx_stamp == stamp {
+        return;
+    }
+    let s = set.to_mut();
+    let mut indexed_end = 0u64;
+    let mut problem = None;
+    let mut idx_error = None;
+    let mut map_error = None;
+    if stamp.is_some() {
+        let res = fs::read(&idx_path)
+            .map_err(|source| IndexError::Read {
+                path: idx_path.clone(),
+                source,
+            })
+            .and_then(|b| format::decode_idx(&idx_path, id, &b));
+        match res {
+            Ok(entries) => {
+                for e in entries {
+                    indexed_end = indexed_end.max(e.offset.saturating_add(PAGE));
+                    s.index.insert(
+                        e.id,
+                        Loc {
+                            pack: pos,
+                            offset: e.offset,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                problem = Some(e.to_string());
+                idx_error = Some(e.to_string());
+            }
+        }
+    }
+    let mut map = None;
+    let mut pack_ino = None;
+    match fs::metadata(&pack_path) {
+        Err(_) if indexed_end > 0 => {
+            problem = Some(format!("pack file {} is missing", pack_path.display()))
+        }
+        Err(_) => {}
+        Ok(m) => {
+            pack_ino = Some(m.ino());
+            let len = m.len().min(indexed_end);
+            if len < indexed_end {
+                problem = Some(format!(
+                    "pack {} is {} bytes but its index needs {indexed_end}",
+                    pack_path.display(),
+                    m.len()
+                ));
+            }
+            if len > 0 {
+                match map_file(&pack_path, len) {
+                    Ok(m) => map = Some(m),
+                    Err(e) => {
+                        let e = format!("reading pack {}: {e}", pack_path.display());
+                        problem = Some(e.clone());
+                        map_error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+    s.packs[pos as usize] = Arc::new(Pack {
+        id,
+        map,
+        indexed_end,
+        idx_stamp: stamp,
+        problem,
+        idx_error,
+        map_error,
+        pack_ino,
+        retired: false,
+    });
+}
+
+impl Store {
+    /// The current view of the packs. It never changes: a refresh swaps in a new one.
+    pub(crate) fn view(&self) -> Arc<PackSet> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads pack indexes changed by other processes (cheap when nothing changed).
+    /// Packs deleted or replaced on disk (by `gc`) drop out of the index.
+    /// Pages already handed out ([`Resolved`](crate::Resolved)) stay valid.
+    pub fn refresh(&self) -> Result<(), IndexError> {
+        // One refresh at a time, so a slower one never replaces a newer view.
+        let _serial = self
+            .refreshing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let cur = self.view();
+        let mut set = Cow::Borrowed(&*cur);
+        update(&self.packs_dir(), &mut set)?;
+        if let Cow::Owned(next) = set {
+            *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        }
+        Ok(())
+    }
+
+    /// [`Store::refresh`] for writers: updates the view in place (no copy of
+    /// the index) when nothing else holds it.
+    pub(crate) fn refresh_mut(&mut self) -> Result<(), IndexError> {
+        let pdir = self.packs_dir();
+        let view = self.view.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(set) = Arc::get_mut(view) {
+            let mut cow = Cow::Owned(std::mem::take(set));
+            let r = update(&pdir, &mut cow);
+            *set = cow.into_owned();
+            return r;
+        }
+        self.refresh()
+    }
+
+    /// The bytes of a stored page (a copy, straight from the pack: no hashing).
+    pub fn page_bytes(&self, id: PageId) -> Option<[u8; PAGE_SIZE]> {
+        self.view().page(id).copied()
     }
 }
 
@@ -255,7 +331,8 @@ impl Store {
         // be a killed writer's torn tail, or pages that templates still need
         // but a lost, stale or forged index no longer lists; gc decides which
         // from the manifests. Otherwise start a new pack.
-        let newest = self
+        let view = self.view();
+        let newest = view
             .packs
             .iter()
             .filter(|p| !p.retired)
@@ -270,6 +347,7 @@ impl Store {
             (None, Some(p)) => (PackId::new(p.id.get() + 1), 0, false),
             (None, None) => (PackId::new(1), 0, false),
         };
+        drop(view);
         let ppath = self.pack_path(pack_id);
         let ipath = self.idx_path(pack_id);
         let io_err = |step: &'static str, path: &Path| {
@@ -350,7 +428,7 @@ impl Store {
             self.fail("before-idx-rename")?;
         }
         self.fail("after-idx")?;
-        self.refresh_inner(false)?;
+        self.refresh_mut()?;
         Ok(())
     }
 }

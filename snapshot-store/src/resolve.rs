@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{LoadError, ManifestError};
 use crate::format::ManifestV1;
-use crate::packs::Loc;
-use crate::store::Store;
+use crate::packs::{Loc, PackSet};
+use crate::store::{PageHasher, Store};
 use crate::{PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -105,8 +106,11 @@ impl Template {
 
     /// Flattens the parent chain into a per-frame map of page locations.
     /// Errors on missing parents, cycles, size mismatches and missing pages.
-    pub fn resolve<'s>(&self, store: &'s Store) -> Result<Resolved<'s>, LoadError> {
+    /// The result keeps the store's current view of the packs: it does not
+    /// borrow the store, and its pages stay readable whatever the store does next.
+    pub fn resolve(&self, store: &Store) -> Result<Resolved, LoadError> {
         let ancestors = store.ancestors(self)?;
+        let view = store.view();
         let n = self.frames() as usize;
         // A zeroed u64 allocation: pages of the map that no data frame touches stay unmapped.
         let mut frames: Vec<u64> = vec![0; n];
@@ -124,12 +128,12 @@ impl Template {
                 }
             }
             for (frame, id) in t.own_pages() {
-                let loc = match store.index.get(&id) {
-                    Some(l) if store.loc_bytes(*l).is_some() => *l,
+                let loc = match view.index.get(&id) {
+                    Some(l) if view.loc_bytes(*l).is_some() => *l,
                     found => {
                         let (template, page) = (t.name.clone(), id);
-                        let pack_err = found.and_then(|l| store.pack_read_error(l.pack));
-                        let idx_err = store.index_read_error().filter(|_| found.is_none());
+                        let pack_err = found.and_then(|l| view.pack_read_error(l.pack));
+                        let idx_err = view.index_read_error().filter(|_| found.is_none());
                         return Err(match (pack_err, idx_err) {
                             (Some(reason), _) => LoadError::PackUnreadable {
                                 template,
@@ -156,7 +160,8 @@ impl Template {
             }
         }
         Ok(Resolved {
-            store,
+            view,
+            hasher: store.hasher.clone(),
             mem_size: self.mem_size,
             frames,
             layers,
@@ -200,8 +205,11 @@ pub enum Frame<'a> {
 }
 
 /// A template flattened over its parent chain: frame -> Zero | mmapped page.
-pub struct Resolved<'s> {
-    store: &'s Store,
+/// It owns the view of the packs it was resolved against (`'static`, `Send +
+/// Sync`: share it between threads, keep it while the store refreshes).
+pub struct Resolved {
+    view: Arc<PackSet>,
+    hasher: PageHasher,
     mem_size: u64,
     /// `Src` words, one per frame.
     frames: Vec<u64>,
@@ -210,7 +218,7 @@ pub struct Resolved<'s> {
     hashes: HashMap<u64, PageId>,
 }
 
-impl<'s> Resolved<'s> {
+impl Resolved {
     pub fn mem_size(&self) -> u64 {
         self.mem_size
     }
@@ -226,13 +234,12 @@ impl<'s> Resolved<'s> {
         self.frames.iter().filter(|&&s| Src(s) != Src::ZERO).count() as u64
     }
 
-    fn get(&self, s: Src) -> Frame<'s> {
+    fn get(&self, s: Src) -> Frame<'_> {
         if s == Src::ZERO {
             return Frame::Zero;
         }
-        // In range: checked by resolve(), and the store cannot be remapped
-        // while borrowed.
-        match self.store.loc_bytes(Loc {
+        // In range: checked by resolve() against this view, which never changes.
+        match self.view.loc_bytes(Loc {
             pack: s.pack(),
             offset: s.offset(),
         }) {
@@ -242,14 +249,14 @@ impl<'s> Resolved<'s> {
     }
 
     /// Contents of frame `gfn` (None past the end of guest memory).
-    pub fn frame(&self, gfn: u64) -> Option<Frame<'s>> {
+    pub fn frame(&self, gfn: u64) -> Option<Frame<'_>> {
         let s = Src(*self.frames.get(usize::try_from(gfn).ok()?)?);
         Some(self.get(s))
     }
 
     /// Contents of frame `gfn`, with a data page re-hashed and checked against its id:
     /// what a restore uses, so that a damaged pack is refused instead of run.
-    pub fn frame_verified(&self, gfn: u64) -> Result<Option<Frame<'s>>, LoadError> {
+    pub fn frame_verified(&self, gfn: u64) -> Result<Option<Frame<'_>>, LoadError> {
         let Some(f) = self.frame(gfn) else {
             return Ok(None);
         };
@@ -257,12 +264,17 @@ impl<'s> Resolved<'s> {
             let ok = self
                 .hashes
                 .get(&gfn)
-                .is_some_and(|id| self.store.hash_page(bytes) == id.hash());
+                .is_some_and(|id| self.hasher.hash(bytes) == id.hash());
             if !ok {
                 return Err(LoadError::PageCorrupt { frame: gfn });
             }
         }
         Ok(Some(f))
+    }
+
+    /// The view of the packs this template was resolved against.
+    pub(crate) fn view(&self) -> &PackSet {
+        &self.view
     }
 
     /// The data frames with the id of their page, sorted by frame.
@@ -279,7 +291,7 @@ impl<'s> Resolved<'s> {
     }
 
     /// All frames in order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, Frame<'s>)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Frame<'_>)> + '_ {
         self.frames
             .iter()
             .enumerate()

@@ -379,7 +379,7 @@ impl Store {
             source,
         })?;
         drop(_lock);
-        self.refresh()?;
+        self.refresh_mut()?;
         Ok(ReindexReport {
             pack,
             old_entries,

@@ -2,39 +2,59 @@
 //! manifests (read, list, remove, parent chains). Packs and their indexes are in
 //! `packs`, the writer in `writer`, resolving in `resolve`, checking in `verify`.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use xxhash_rust::xxh3::xxh3_128_with_secret;
 
 use crate::error::{LoadError, ManifestError, OpenError, RemoveError, WriteError};
 use crate::format::{self, ConfigProblem, SECRET_LEN};
-use crate::packs::{Loc, Pack};
+use crate::packs::PackSet;
 use crate::resolve::{Template, TemplateInfo, TemplateList};
-use crate::util::{take_lock, IdMap};
+use crate::util::take_lock;
 use crate::{PackId, TemplateName, PAGE_SIZE};
 
 /// Longest parent chain resolve() follows.
 pub(crate) const MAX_DEPTH: usize = 256;
 const PAGE: u64 = PAGE_SIZE as u64;
 
-/// An open store. Cheap reads go through `&self`; anything that changes the
-/// in-memory view of the packs (commit, refresh, load) needs `&mut self`, so
-/// page slices handed out by [`Resolved`](crate::Resolved) stay valid while borrowed.
-/// For concurrent writers open one `Store` per thread/process: they
-/// serialise on the store's `LOCK` file.
+/// An open store. Reading (load, list, resolve, verify, stats, export) goes
+/// through `&self` and may run on many threads at once (`Store` is `Send +
+/// Sync`): the view of the packs is an immutable snapshot that a refresh
+/// replaces, and a [`Resolved`](crate::Resolved) template keeps the snapshot it
+/// was resolved against. Writing (commit, remove, gc, import, reindex) takes
+/// `&mut self`; concurrent writers in other threads or processes open a
+/// `Store` of their own: they serialise on the store's `LOCK` file.
 pub struct Store {
     pub(crate) dir: PathBuf,
-    secret: Box<[u8; SECRET_LEN]>,
-    pub(crate) packs: Vec<Pack>,
-    pub(crate) pack_pos: HashMap<PackId, u32>,
-    pub(crate) index: IdMap<Loc>,
-    #[cfg(test)]
-    pub(crate) force_hash: Option<u128>,
+    pub(crate) hasher: PageHasher,
+    /// The current pack view, replaced whole by a refresh.
+    pub(crate) view: RwLock<Arc<PackSet>>,
+    /// Held by a refresh, so that refreshes do not race to install their views.
+    pub(crate) refreshing: Mutex<()>,
     #[cfg(test)]
     pub(crate) fail_at: Option<&'static str>,
+}
+
+/// The store's keyed page hash, shared with the templates resolved from it.
+#[derive(Clone)]
+pub(crate) struct PageHasher {
+    secret: Arc<[u8; SECRET_LEN]>,
+    /// Tests: every page "hashes" to this.
+    #[cfg(test)]
+    pub(crate) force: Option<u128>,
+}
+
+impl PageHasher {
+    pub(crate) fn hash(&self, b: &[u8]) -> u128 {
+        #[cfg(test)]
+        if let Some(h) = self.force {
+            return h;
+        }
+        xxh3_128_with_secret(b, &self.secret[..])
+    }
 }
 
 impl Store {
@@ -99,14 +119,15 @@ impl Store {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|source| OpenError::CreateDir { path: p, source })?;
         }
-        let mut s = Store {
+        let s = Store {
             dir,
-            secret,
-            packs: Vec::new(),
-            pack_pos: HashMap::new(),
-            index: IdMap::default(),
-            #[cfg(test)]
-            force_hash: None,
+            hasher: PageHasher {
+                secret: Arc::from(secret),
+                #[cfg(test)]
+                force: None,
+            },
+            view: RwLock::new(Arc::default()),
+            refreshing: Mutex::new(()),
             #[cfg(test)]
             fail_at: None,
         };
@@ -151,11 +172,7 @@ impl Store {
     }
 
     pub(crate) fn hash_page(&self, b: &[u8]) -> u128 {
-        #[cfg(test)]
-        if let Some(h) = self.force_hash {
-            return h;
-        }
-        xxh3_128_with_secret(b, &self.secret[..])
+        self.hasher.hash(b)
     }
 
     #[cfg(test)]
@@ -173,7 +190,7 @@ impl Store {
 
     /// Number of distinct pages in the store's index.
     pub fn page_count(&self) -> usize {
-        self.index.len()
+        self.view().index.len()
     }
 
     pub(crate) fn read_template(&self, name: &TemplateName) -> Result<Template, LoadError> {
@@ -201,7 +218,7 @@ impl Store {
 
     /// Loads and verifies (checksum, structure) a template manifest. Refreshes
     /// the pack view first so templates written by other processes resolve.
-    pub fn load(&mut self, name: &str) -> Result<Template, LoadError> {
+    pub fn load(&self, name: &str) -> Result<Template, LoadError> {
         let name = TemplateName::new(name)?;
         let t = self.read_template(&name)?;
         self.refresh()?;

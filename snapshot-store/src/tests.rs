@@ -185,7 +185,7 @@ fn zero_pages_not_stored() {
 fn collision_stored_apart() {
     let d = TempDir::new();
     let mut s = Store::create_or_open(&d.0).unwrap();
-    s.force_hash = Some(0x42); // every page "hashes" the same
+    s.hasher.force = Some(0x42); // every page "hashes" the same
     let mut w = s.begin_template("a", None, MEM).unwrap();
     w.put_page(0, &page(1)).unwrap();
     w.put_page(1, &page(2)).unwrap();
@@ -381,7 +381,7 @@ fn expect_problem(s: &Store, needle: &str) {
 
 #[test]
 fn damaged_truncated_pack() {
-    let (_d, mut s) = store_with_fixture(truncated_pack);
+    let (_d, s) = store_with_fixture(truncated_pack);
     expect_problem(&s, "truncated");
     // Resolving a template that needs the lost page fails clearly instead of faulting.
     let t = s.load("fn").unwrap();
@@ -398,7 +398,7 @@ fn damaged_flipped_bit() {
 
 #[test]
 fn damaged_manifest_checksum() {
-    let (d, mut s) = store_with_fixture(bad_manifest_checksum);
+    let (d, s) = store_with_fixture(bad_manifest_checksum);
     expect_problem(&s, "checksum mismatch");
     let e = s.load("fn").unwrap_err();
     assert!(
@@ -410,7 +410,7 @@ fn damaged_manifest_checksum() {
 
 #[test]
 fn damaged_missing_parent() {
-    let (_d, mut s) = store_with_fixture(missing_parent);
+    let (_d, s) = store_with_fixture(missing_parent);
     expect_problem(&s, "parent template base does not exist");
     let e = s.load("fn").unwrap().resolve(&s).err().unwrap();
     assert!(matches!(e, LoadError::MissingParent { .. }), "{e}");
@@ -424,7 +424,7 @@ fn damaged_index_entry_past_end() {
 
 #[test]
 fn damaged_future_format_version() {
-    let (_d, mut s) = store_with_fixture(future_format_version);
+    let (_d, s) = store_with_fixture(future_format_version);
     expect_problem(&s, "format version 7");
     let e = s.load("fn").unwrap_err();
     assert!(
@@ -439,7 +439,7 @@ fn damaged_future_format_version() {
 
 #[test]
 fn damaged_parent_cycle() {
-    let (_d, mut s) = store_with_fixture(parent_cycle);
+    let (_d, s) = store_with_fixture(parent_cycle);
     expect_problem(&s, "cycle");
     let e = s.load("fn").unwrap().resolve(&s).err().unwrap();
     assert!(matches!(e, LoadError::ParentCycle { .. }), "{e}");
@@ -526,7 +526,7 @@ fn concurrent_writers() {
         20 + 4 * 20,
         "shared pages stored once: {infos:?}"
     );
-    let mut s = Store::open(&d.0).unwrap();
+    let s = Store::open(&d.0).unwrap();
     assert!(s.verify().is_empty(), "{:#?}", s.verify());
     for t in 0..4u64 {
         let tpl = s.load(&format!("t{t}")).unwrap();
@@ -850,7 +850,7 @@ fn writer_survives_concurrent_gc() {
     assert!(rep.packs_rewritten + rep.packs_deleted >= 1, "{rep:?}");
     w.commit().unwrap();
     assert!(s.verify().is_empty(), "{:#?}", s.verify());
-    let mut s = Store::open(&d.0).unwrap();
+    let s = Store::open(&d.0).unwrap();
     let t = s.load("new").unwrap();
     let r = t.resolve(&s).unwrap();
     assert_eq!(r.frame(20), Some(Frame::Data(&page(103))));
@@ -1010,7 +1010,7 @@ fn export_import_round_trip_dedups() {
 #[test]
 fn import_rejects_damaged_files_without_panicking() {
     let (a, b) = (TempDir::new(), TempDir::new());
-    let mut sa = healthy_store(&a.0);
+    let sa = healthy_store(&a.0);
     let mut file = Vec::new();
     sa.export("fn", &mut file).unwrap();
     let mut sb = Store::create_or_open(&b.0).unwrap();
@@ -1351,10 +1351,106 @@ fn error_messages_name_no_internal_functions() {
     assert!(m.contains("not found"), "{m}");
     drop(s);
     deleted_index(&d.0);
-    let mut s = Store::open(&d.0).unwrap();
+    let s = Store::open(&d.0).unwrap();
     let t = s.load("fn").unwrap();
     let e = t.resolve(&s).err().unwrap();
     assert!(matches!(e, LoadError::PageMissing { .. }), "{e}");
     let m = check(e.to_string());
     assert!(m.contains("vmm-store verify"), "{m}");
+}
+
+/// Compile-time: a resolved template owns what it reads (no borrow of the
+/// store) and can be shared between threads, as can the store itself.
+#[test]
+fn resolved_and_store_are_send_sync_and_static() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<Resolved>();
+    shareable::<Store>();
+    shareable::<Template>();
+}
+
+#[test]
+fn readers_share_one_store_across_threads_while_another_process_writes() {
+    // One `Store` shared by reference: threads load and resolve through `&self`
+    // while another handle (as another process would) commits new templates
+    // into new packs; every reader sees them, with the right bytes.
+    let d = TempDir::new();
+    let mut w = healthy_store(&d.0);
+    let shared = std::sync::Arc::new(Store::open(&d.0).unwrap());
+    let n = 6u64;
+    std::thread::scope(|sc| {
+        let (txs, readers): (Vec<_>, Vec<_>) = (0..3)
+            .map(|_| {
+                let (tx, rx) = std::sync::mpsc::channel::<u64>();
+                let s = shared.clone();
+                let h = sc.spawn(move || {
+                    let mut seen = 0;
+                    // Told of each commit; loads it while the next ones are written.
+                    while let Ok(i) = rx.recv() {
+                        let t = s.load(&format!("t{i}")).unwrap();
+                        let r = t.resolve(&s).unwrap();
+                        assert_eq!(r.frame(2), Some(Frame::Data(&page(9000 + i))));
+                        assert_eq!(r.frame(3), Some(Frame::Data(&page(103))), "from fn");
+                        assert!(matches!(r.frame_verified(2), Ok(Some(Frame::Data(_)))));
+                        seen += 1;
+                    }
+                    seen
+                });
+                (tx, h)
+            })
+            .unzip();
+        for i in 0..n {
+            let mut tw = w.begin_template(&format!("t{i}"), Some("fn"), MEM).unwrap();
+            tw.put_page(2, &page(9000 + i)).unwrap();
+            tw.commit().unwrap();
+            for tx in &txs {
+                tx.send(i).unwrap();
+            }
+        }
+        drop(txs);
+        for r in readers {
+            assert_eq!(r.join().unwrap(), n);
+        }
+    });
+    assert_eq!(shared.page_count(), w.page_count());
+}
+
+#[test]
+fn resolved_template_outlives_refresh_and_gc_of_its_packs() {
+    // A template resolved from a shared store keeps the pack view it was resolved
+    // against: gc in another handle rewrites the pack its pages live in, the
+    // store refreshes (dropping that pack from its view), and the resolved
+    // template still reads (and verifies) the same bytes.
+    let d = TempDir::new();
+    let mut other = store_with_orphans(&d.0);
+    let s = Store::open(&d.0).unwrap();
+    let t = s.load("fn").unwrap();
+    let r = t.resolve(&s).unwrap();
+    let mut before = vec![0u8; MEM as usize];
+    r.copy_to(&mut before).unwrap();
+    let packs_before: Vec<_> = fs::read_dir(d.0.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let rep = other.gc(false).unwrap();
+    assert!(rep.packs_rewritten + rep.packs_deleted >= 1, "{rep:?}");
+    s.refresh().unwrap();
+    // The pack the template resolved against is gone from disk and from the view.
+    let packs_after: Vec<_> = fs::read_dir(d.0.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(packs_before.iter().any(|p| !packs_after.contains(p)));
+    let mut after = vec![0u8; MEM as usize];
+    r.copy_to(&mut after).unwrap();
+    assert_eq!(before, after);
+    for gfn in r.data_frames().collect::<Vec<_>>() {
+        assert!(r.frame_verified(gfn).unwrap().is_some());
+    }
+    // A new resolve goes through the refreshed view, with the same result.
+    let r2 = s.load("fn").unwrap().resolve(&s).unwrap();
+    let mut again = vec![0u8; MEM as usize];
+    r2.copy_to(&mut again).unwrap();
+    assert_eq!(before, again);
+    assert_healthy(&s);
 }

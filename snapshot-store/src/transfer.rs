@@ -114,13 +114,13 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 impl Store {
     /// Writes template `name` and all its ancestors (manifests and every page
     /// they reference) to `out` as one self-contained file.
-    pub fn export(&mut self, name: &str, out: impl Write) -> Result<ExportReport, ExportError> {
+    pub fn export(&self, name: &str, out: impl Write) -> Result<ExportReport, ExportError> {
         self.export_with_progress(name, out, &mut |_, _| {})
     }
 
     /// [`Store::export`] calling `progress(pages done, pages total)`.
     pub fn export_with_progress(
-        &mut self,
+        &self,
         name: &str,
         out: impl Write,
         progress: &mut dyn FnMut(u64, u64),
@@ -132,7 +132,7 @@ impl Store {
         })?;
         // Under the shared lock the chain cannot change; re-read it and check it resolves.
         let t = self.read_template(&t.name)?;
-        t.resolve(self)?;
+        let resolved = t.resolve(self)?;
         let mut chain = self.ancestors(&t)?;
         chain.push(t);
         let mut manifests = Vec::with_capacity(chain.len());
@@ -178,17 +178,17 @@ impl Store {
             w.put(m)?;
         }
         let total = pages.len() as u64;
+        // The view the chain resolved against: every page it needs is in it.
+        let view = resolved.view();
         let mut rec = Vec::with_capacity(REC + 8);
         for (k, (id, owner)) in pages.iter().enumerate() {
             if k % 256 == 0 {
                 progress(k as u64, total);
             }
-            let bytes = self
-                .page_bytes(*id)
-                .ok_or_else(|| ExportError::DamagedPage {
-                    template: owner.clone(),
-                    page: *id,
-                })?;
+            let bytes = view.page(*id).ok_or_else(|| ExportError::DamagedPage {
+                template: owner.clone(),
+                page: *id,
+            })?;
             if self.hash_page(bytes) != id.hash() {
                 return Err(ExportError::DamagedPage {
                     template: owner.clone(),
@@ -342,7 +342,7 @@ impl Store {
             source,
         })?;
         self.clean_tmp();
-        self.refresh_inner(true)?;
+        self.refresh_mut()?;
 
         // Existing templates of the same names: refuse early on any visible difference.
         let mut existing: Vec<Option<ManifestV1>> = Vec::new();
@@ -407,11 +407,12 @@ impl Store {
                 });
             }
             let hash = self.hash_page(bytes);
+            let view = self.view();
             let mut slot = 0;
             let id = loop {
                 let id = PageId::new(hash, slot);
-                if let Some(loc) = self.index.get(&id) {
-                    if self.loc_bytes(*loc).map(|b| &b[..]) == Some(bytes) {
+                if let Some(loc) = view.index.get(&id) {
+                    if view.loc_bytes(*loc).map(|b| &b[..]) == Some(bytes) {
                         break id;
                     }
                 } else if let Some(&j) = batch_map.get(&id) {
@@ -430,6 +431,8 @@ impl Store {
                 slot += 1;
             };
             map.insert(src, id);
+            // Unshared, the view is updated in place by the next flush.
+            drop(view);
             if batch_ids.len() >= BATCH {
                 self.flush_batch(&mut batch, &mut batch_ids, &mut batch_map)?;
             }
@@ -511,7 +514,7 @@ impl Store {
             });
         }
         progress(n_pages, n_pages);
-        self.refresh_inner(true)?;
+        self.refresh_mut()?;
         Ok(report)
     }
 

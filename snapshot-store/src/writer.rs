@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::Arc;
 
 use crate::error::WriteError;
 use crate::format::{self, ManifestV1};
-use crate::packs::Loc;
+use crate::packs::{pack_bytes, Loc, PackSet};
 use crate::resolve::{Template, TemplateInfo};
 use crate::store::Store;
 use crate::util::{is_zero, now_ms, take_lock, IdMap};
@@ -51,6 +52,7 @@ impl Store {
             self.check_parent(&name, p, mem_size)?;
         }
         Ok(TemplateWriter {
+            view: self.view(),
             store: self,
             name,
             parent,
@@ -129,6 +131,9 @@ enum Slot {
 /// New (not yet stored) pages are buffered in memory until commit.
 pub struct TemplateWriter<'a> {
     store: &'a mut Store,
+    /// The pack view pages are deduplicated against until commit (the
+    /// locations in [`Slot::Known`] are in it).
+    view: Arc<PackSet>,
     name: TemplateName,
     parent: Option<TemplateName>,
     replace: bool,
@@ -180,8 +185,8 @@ impl TemplateWriter<'_> {
         }
         let h = self.store.hash_page(bytes);
         let mut slot = 0;
-        while let Some(loc) = self.store.index.get(&PageId::new(h, slot)) {
-            if self.store.loc_bytes(*loc) == Some(bytes) {
+        while let Some(loc) = self.view.index.get(&PageId::new(h, slot)) {
+            if self.view.loc_bytes(*loc) == Some(bytes) {
                 let loc = *loc;
                 self.frames
                     .insert(frame, Slot::Known(PageId::new(h, slot), loc));
@@ -246,6 +251,7 @@ impl TemplateWriter<'_> {
         }
         let TemplateWriter {
             store,
+            view,
             name,
             parent,
             replace,
@@ -265,7 +271,11 @@ impl TemplateWriter<'_> {
         })?;
         store.fail("locked")?;
         store.clean_tmp();
-        store.refresh_inner(false)?;
+        // The packs the Known locations point into stay mapped while held here.
+        let old_packs = view.packs.clone();
+        drop(view);
+        store.refresh_mut()?;
+        let cur = store.view();
         // Pages deduplicated against a pack that `gc` has since removed or
         // rewritten: still there under another location, or copied again from
         // the (still mapped) old pack.
@@ -273,14 +283,14 @@ impl TemplateWriter<'_> {
             let Slot::Known(id, loc) = *slot else {
                 continue;
             };
-            if store
+            if cur
                 .index
                 .get(&id)
-                .is_some_and(|l| store.loc_bytes(*l).is_some())
+                .is_some_and(|l| cur.loc_bytes(*l).is_some())
             {
                 continue;
             }
-            let Some(bytes) = store.loc_bytes(loc) else {
+            let Some(bytes) = pack_bytes(&old_packs, loc) else {
                 return Err(WriteError::BadPack {
                     path: store.packs_dir(),
                     reason: format!("page {id} vanished while the template was being written"),
@@ -318,8 +328,8 @@ impl TemplateWriter<'_> {
             let mut slot = 0;
             let id = loop {
                 let id = PageId::new(h, slot);
-                if let Some(loc) = store.index.get(&id) {
-                    if store.loc_bytes(*loc).map(|b| &b[..]) == Some(bytes) {
+                if let Some(loc) = cur.index.get(&id) {
+                    if cur.loc_bytes(*loc).map(|b| &b[..]) == Some(bytes) {
                         break id;
                     }
                 } else if let Some(&j) = new_map.get(&id) {
@@ -336,6 +346,8 @@ impl TemplateWriter<'_> {
             final_id[i] = Some(id);
         }
 
+        // Unshared, the view is updated in place by the append below.
+        drop(cur);
         if !new_pages.is_empty() {
             store.append_pages(&new_pages, &page)?;
         }
@@ -394,7 +406,7 @@ impl TemplateWriter<'_> {
         }
         drop(_lock);
         // The commit is durable; a failed refresh only delays seeing it in memory.
-        let _ = store.refresh();
+        let _ = store.refresh_mut();
         let info = Template::from_manifest(m, &mpath)
             .map(|t| t.info())
             .map_err(|e| WriteError::Io {

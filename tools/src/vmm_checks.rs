@@ -7,13 +7,7 @@ use snapshot_store::{Problem, Severity, Store};
 
 /// One corruption problem per template that restore would refuse.
 pub fn problems(store: &Store) -> Vec<Problem> {
-    // The checks load manifests through a store handle of their own (loading refreshes
-    // the pack view, which needs `&mut`); if the store cannot be opened, its own checks
-    // have already said why.
-    let Ok(mut own) = Store::open(store.dir()) else {
-        return Vec::new();
-    };
-    vmm::checks::check_store(&mut own)
+    vmm::checks::check_store(store)
         .into_iter()
         .map(|f| Problem {
             severity: Severity::Corruption,

@@ -46,7 +46,7 @@ fn stderr(o: &Output) -> String {
 
 /// Every template's resolved memory (what a restore would see), by name.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut s = Store::open(dir).unwrap();
+    let s = Store::open(dir).unwrap();
     let names: Vec<String> = s
         .list()
         .unwrap()
@@ -179,7 +179,7 @@ fn reindex_rejects_what_is_not_a_pack() {
 #[test]
 fn a_store_without_its_config_is_refused_not_recreated() {
     let d = TempDir::new();
-    let mut s = healthy_store(d.path());
+    let s = healthy_store(d.path());
     let file = TempDir::new();
     fs::create_dir_all(file.path()).unwrap();
     let export = file.path().join("fn.vmmt");

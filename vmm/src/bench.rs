@@ -525,7 +525,7 @@ fn warm(
     functions: &[Function],
     latency: &[LatencyRow],
 ) -> Result<Vec<WarmRow>, String> {
-    let mut st = snapshot_store::Store::open(store)
+    let st = snapshot_store::Store::open(store)
         .map_err(|e| format!("open the store {}: {e}", store.display()))?;
     let mut rows = Vec::new();
     for f in functions {
@@ -535,7 +535,7 @@ fn warm(
             .map(|r| r.vmm_median_ms)
             .unwrap_or(0.0);
         for strategy in [MemoryStrategy::Eager, MemoryStrategy::Prefetch] {
-            let t = in_process_restores(&mut st, f, strategy, a.iterations)?;
+            let t = in_process_restores(&st, f, strategy, a.iterations)?;
             let median = percentile(&t, 0.5);
             rows.push(WarmRow {
                 function: f.label,
@@ -551,7 +551,7 @@ fn warm(
 
 /// Times in ms of `iterations` restores of `f` from `st`, each run to its response.
 fn in_process_restores(
-    st: &mut snapshot_store::Store,
+    st: &snapshot_store::Store,
     f: &Function,
     strategy: MemoryStrategy,
     iterations: usize,
@@ -735,7 +735,7 @@ fn create_function_templates(
 
 /// What full snapshots of templates `fn0`.. in `dedup_store` would take: their non-zero pages.
 fn logical_bytes(dedup_store: &Path, templates: usize) -> Result<u64, String> {
-    let mut st = snapshot_store::Store::open(dedup_store).map_err(|e| e.to_string())?;
+    let st = snapshot_store::Store::open(dedup_store).map_err(|e| e.to_string())?;
     let mut total = 0u64;
     for i in 0..templates {
         let t = st.load(&format!("fn{i}")).map_err(|e| e.to_string())?;

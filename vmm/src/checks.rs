@@ -468,7 +468,7 @@ pub struct Finding {
 
 /// Run the checks restore runs on every template in `store` whose manifest loads
 /// (manifests, packs and parent chains themselves are the store's own `verify`'s job).
-pub fn check_store(store: &mut Store) -> Vec<Finding> {
+pub fn check_store(store: &Store) -> Vec<Finding> {
     let mut names: Vec<TemplateName> = std::fs::read_dir(store.dir().join("templates"))
         .map(|rd| {
             rd.flatten()

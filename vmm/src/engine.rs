@@ -21,7 +21,7 @@ use crate::platform::Backend;
 use crate::vm::{VmError, VmParts};
 use kvm_ioctls::Kvm;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// What an [`Engine`] works with.
 #[derive(Clone, Debug)]
@@ -44,6 +44,9 @@ pub struct Engine {
     kvm: Arc<Kvm>,
     backend: Backend,
     tsc_khz: u64,
+    /// The store, opened on first use and shared by every load (reads take `&Store`;
+    /// each load refreshes it, so templates and packs written by other processes show).
+    store: OnceLock<snapshot_store::Store>,
 }
 
 impl Engine {
@@ -57,6 +60,7 @@ impl Engine {
             kvm: probe.kvm.clone(),
             backend: probe.backend,
             tsc_khz: probe.tsc_khz,
+            store: OnceLock::new(),
         })
     }
 
@@ -88,9 +92,18 @@ impl Engine {
         self: &Arc<Self>,
         name: &str,
     ) -> Result<(Arc<Template>, LoadStats), Error> {
-        let mut store = snapshot_store::Store::open(&self.config.store_dir)
-            .map_err(|e| Error::new(ErrorKind::Damaged, "open the template store", e))?;
-        let (t, stats) = Template::load(self.clone(), &mut store, name)?;
+        let (t, stats) = Template::load(self.clone(), self.store()?, name)?;
         Ok((Arc::new(t), stats))
+    }
+
+    /// The template store, opened on first use (until it opens, every call tries again).
+    pub fn store(&self) -> Result<&snapshot_store::Store, Error> {
+        if let Some(s) = self.store.get() {
+            return Ok(s);
+        }
+        let s = snapshot_store::Store::open(&self.config.store_dir)
+            .map_err(|e| Error::new(ErrorKind::Damaged, "open the template store", e))?;
+        // Two first uses at once: one handle wins, the other is dropped.
+        Ok(self.store.get_or_init(|| s))
     }
 }

@@ -61,7 +61,7 @@ impl Template {
     /// Read `name` from `store`, verify every page and lay it out in memory.
     pub fn load(
         engine: Arc<crate::engine::Engine>,
-        store: &mut Store,
+        store: &Store,
         name: &str,
     ) -> Result<(Template, LoadStats), Error> {
         let t0 = Instant::now();

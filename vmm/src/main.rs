@@ -227,11 +227,11 @@ fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: cli::Memor
         let input = invoke.read_input().map_err(|e| e.to_string())?;
         Ok::<_, String>((store, input, limits))
     })();
-    let (mut store, input, limits) = match prepared {
+    let (store, input, limits) = match prepared {
         Ok(p) => p,
         Err(e) => return cli::fail_before_run(&e, invoke.json),
     };
-    match snapshot::restore_and_run(&mut store, name, memory, &input, &limits) {
+    match snapshot::restore_and_run(&store, name, memory, &input, &limits) {
         Ok((mut report, _, finished)) => {
             report.stats.total_ms = since_start_ms();
             let code = cli::finish(&report, invoke);

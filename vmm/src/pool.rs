@@ -471,7 +471,7 @@ impl Pools {
 
     /// Names of the function templates in the store (runtime bases are skipped).
     fn function_templates_on_disk(&self) -> Vec<String> {
-        let Ok(store) = snapshot_store::Store::open(&self.store_dir) else {
+        let Ok(store) = self.engine.store() else {
             return vec![];
         };
         let Ok(list) = store.list() else {

@@ -313,7 +313,7 @@ fn write_layer(
 fn memory_image(
     store: &Store,
     tmpl: &snapshot_store::Template,
-    resolved: &Resolved<'_>,
+    resolved: &Resolved,
 ) -> Result<std::fs::File, TemplateError> {
     let image = store.memory_image(tmpl, resolved).map_err(|e| match e {
         snapshot_store::CacheError::Load(e) => TemplateError::Load(e),
@@ -360,7 +360,7 @@ const SPARSE_REGION_PAGES: usize = 32;
 /// re-hashed against its id on the way. The regions are split between two threads.
 fn install(
     mem: &GuestMemory,
-    resolved: &Resolved<'_>,
+    resolved: &Resolved,
     strategy: MemoryStrategy,
     working_set: &[u64],
 ) -> Result<u64, TemplateError> {
@@ -427,7 +427,7 @@ fn install(
 struct FaultServer<'a> {
     uffd: &'a Uffd,
     base: *mut u8,
-    resolved: &'a Resolved<'a>,
+    resolved: &'a Resolved,
     wake: Waker,
     faults: AtomicU64,
     bytes: AtomicU64,
@@ -477,7 +477,7 @@ impl FaultServer<'_> {
 
 /// Restore `name` and run `body` on the restored VM while faults are being served.
 fn with_restored<T>(
-    store: &mut Store,
+    store: &Store,
     name: &str,
     strategy: MemoryStrategy,
     stats: &mut RestoreStats,
@@ -490,7 +490,7 @@ fn with_restored<T>(
 /// [`with_restored`] that can hand the finished VM to the caller (`keep`), so that tearing
 /// it down (unmapping guest RAM, destroying the KVM VM: ~1 ms) happens after the response.
 fn with_restored_keep<T>(
-    store: &mut Store,
+    store: &Store,
     name: &str,
     strategy: MemoryStrategy,
     stats: &mut RestoreStats,
@@ -627,7 +627,7 @@ fn with_restored_keep<T>(
 
 /// Restore a function template and serve one request.
 pub fn restore_and_run(
-    store: &mut Store,
+    store: &Store,
     name: &str,
     strategy: MemoryStrategy,
     stdin: &[u8],
@@ -837,16 +837,18 @@ pub fn create_template(
     };
 
     let commit = if base_exists {
-        // Restore the base eagerly into a VM that stays alive for the function layer. The
-        // restore borrows a second handle of the store; the layer is written through `store`.
+        // Restore the base eagerly (no fault server: the VM outlives the restore) and
+        // keep the VM for the function layer, written through `store` once the restore,
+        // which reads the store, has returned.
         let mut rs = RestoreStats::default();
-        let mut base_store = Store::open(store.dir())?;
-        with_restored(
-            &mut base_store,
+        let mut vm = None;
+        let (buf, made_on) = with_restored_keep(
+            store,
             &base_name,
             MemoryStrategy::Eager,
             &mut rs,
             None,
+            Some(&mut vm),
             |r| {
                 // What was restored may have replaced the base checked above.
                 if r.device.pending_op != Op::GetFunction as u64 {
@@ -858,9 +860,11 @@ pub fn create_template(
                     created_unix_ms: r.created_unix_ms,
                 };
                 let buf = pending_buffer(&base_name, &r.device, r.vm.mem.size())?;
-                layer(&mut r.vm, buf, store, made_on)
+                Ok((buf, made_on))
             },
-        )??
+        )??;
+        let mut vm = vm.ok_or(TemplateError::Internal("the restored base VM was not kept"))?;
+        layer(&mut vm, buf, store, made_on)?
     } else {
         let base_limits = RunLimits {
             eager_compile: true,
