@@ -441,13 +441,18 @@ impl Heap {
     }
 
     /// Free `[h, h + size)` (already coalesced with free neighbours, unlinked): give it
-    /// back to the untouched space when it reaches a frontier, else to the free lists.
+    /// back to the untouched space when it reaches a frontier, else to the free lists. An
+    /// empty heap starts again at the split.
     unsafe fn release(&mut self, h: usize, size: usize) {
         // SAFETY: `h` is the header of the block being freed; its predecessor is used (or
         // it is the lowest block) and so is its successor (or it is the last block).
         unsafe {
             if h + size == self.top {
                 self.top = h;
+                if self.lo == h {
+                    self.lo = self.split;
+                    self.top = self.split;
+                }
             } else if h == self.lo {
                 self.lo = h + size;
                 mark_prev_used(self.lo, true);
@@ -859,7 +864,13 @@ mod tests {
 
     #[test]
     fn random_workload_matches_model() {
-        let mut t = heap(8 << 20);
+        random_workload(8 << 20, 200_000, 4000);
+    }
+
+    /// Random allocations (some of up to `big` bytes), frees and reallocs (to up to
+    /// `resize` bytes), checked against the contents each block must hold.
+    fn random_workload(bytes: usize, big: u64, resize: u64) {
+        let mut t = heap(bytes);
         let h = &mut t.heap;
         let mut rng = 0x1234_5678_9abc_def0u64;
         let mut next = || {
@@ -874,7 +885,7 @@ mod tests {
             match r % 4 {
                 0 | 1 => {
                     let size = if r % 64 == 0 {
-                        (next() % 200_000) as usize
+                        (next() % big) as usize
                     } else {
                         (next() % 300) as usize + 1
                     };
@@ -898,7 +909,7 @@ mod tests {
                 3 if !live.is_empty() => {
                     let i = (next() as usize) % live.len();
                     let (p, size, align, tag) = live[i];
-                    let new = (next() % 4000) as usize + 1;
+                    let new = (next() % resize) as usize + 1;
                     let q = unsafe { h.realloc(p, l(size, align), new) };
                     if !q.is_null() {
                         assert_eq!(q as usize % align, 0);
@@ -917,6 +928,231 @@ mod tests {
         }
         for (p, ..) in live {
             unsafe { h.dealloc(p) };
+        }
+        assert_eq!(h.check().0, 0);
+    }
+
+    #[test]
+    fn random_workload_on_a_split_heap() {
+        // Large enough to split; blocks of up to 3 MiB exhaust both sides, so requests
+        // fall back to the other side and fail cleanly.
+        random_workload(48 << 20, 3 << 20, 300_000);
+    }
+
+    /// Lowest and highest non-zero byte of the test heap's buffer (addresses).
+    fn written_span(t: &TestHeap) -> (usize, usize) {
+        let bytes =
+            unsafe { core::slice::from_raw_parts(t._buf.as_ptr() as *const u8, t._buf.len() * 16) };
+        let lo = bytes.iter().position(|&b| b != 0).unwrap();
+        let hi = bytes.iter().rposition(|&b| b != 0).unwrap();
+        let base = bytes.as_ptr() as usize;
+        (base + lo, base + hi + 1)
+    }
+
+    /// A freshly initialised heap has written nothing: blocks appear around the split.
+    #[test]
+    fn init_writes_nothing_and_blocks_start_at_the_split() {
+        let mut t = heap(64 << 20);
+        let bytes =
+            unsafe { core::slice::from_raw_parts(t._buf.as_ptr() as *const u8, t._buf.len() * 16) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        let h = &mut t.heap;
+        let split = h.split();
+        assert_eq!(
+            (split + HDR) % SPLIT_ALIGN,
+            0,
+            "split {split:#x} not 2 MiB-aligned"
+        );
+        assert!(split > h.start && split - h.start <= (64 << 20) / 8);
+        let small = h.alloc(l(100, 8)) as usize;
+        let large = h.alloc(l(LARGE_ALLOC, 16)) as usize;
+        // The small block ends at the split, the large one's payload starts at the 2 MiB
+        // boundary right above it.
+        assert_eq!(small - HDR + block_size(100).unwrap(), split);
+        assert_eq!(large, split + HDR);
+        assert_eq!(
+            h.span(),
+            small - HDR..large - HDR + block_size(LARGE_ALLOC).unwrap()
+        );
+        h.check();
+    }
+
+    /// A QuickJS-like sequence, as the kernel sees it: wasmi compiling (thousands of small
+    /// blocks, some freed, buffers growing by doubling), the wasm linear memory, a
+    /// function-config buffer taken and freed, stdin and output buffers, more small
+    /// blocks, and the linear memory growing. Everything it writes lies in one span a
+    /// little larger than the bytes written (the old policy put small blocks at the top of
+    /// the heap, the large ones at its start); the linear memory grows in place.
+    #[test]
+    fn quickjs_like_sequence_keeps_data_together_and_memory_growing_in_place() {
+        let mut t = heap(128 << 20);
+        let h = &mut t.heap;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut live: Vec<(*mut u8, usize)> = Vec::new();
+        let mut written = 0usize;
+        let fill = |p: *mut u8, n: usize, written: &mut usize| {
+            unsafe { ptr::write_bytes(p, 0x5a, n) };
+            *written += n;
+        };
+        // Compile: small blocks, a third of them freed again, and growing buffers.
+        let mut growing: Vec<(*mut u8, usize)> = Vec::new();
+        for i in 0..30_000usize {
+            let n = 16 + (next() % 240) as usize;
+            let p = h.alloc(l(n, 8));
+            assert!(!p.is_null());
+            fill(p, n, &mut written);
+            live.push((p, n));
+            if i % 3 == 0 {
+                let k = (next() as usize) % live.len();
+                let (p, _) = live.swap_remove(k);
+                unsafe { h.dealloc(p) };
+            }
+            if i % 5000 == 0 {
+                let p = h.alloc(l(8192, 8));
+                fill(p, 8192, &mut written);
+                growing.push((p, 8192));
+            }
+            if i % 1000 == 999 {
+                // Double every growing buffer (a Vec pushing instructions).
+                for g in growing.iter_mut() {
+                    if g.1 < 512 << 10 {
+                        let q = unsafe { h.realloc(g.0, l(g.1, 8), 2 * g.1) };
+                        assert!(!q.is_null());
+                        fill(unsafe { q.add(g.1) }, g.1, &mut written);
+                        *g = (q, 2 * g.1);
+                    }
+                }
+            }
+        }
+        h.check();
+        // Instantiate: a 34-page linear memory; the runtime touches its start.
+        let mut mem_size = 34 * 65536;
+        let mem = h.alloc(l(mem_size, 1));
+        assert!(!mem.is_null());
+        fill(mem, 128 << 10, &mut written);
+        // The function configuration: a 4 MiB buffer, copied out and freed.
+        let cfg_buf = h.alloc(l(4 << 20, 1));
+        fill(cfg_buf, 300, &mut written);
+        let cfg = h.alloc(l(300, 1));
+        fill(cfg, 300, &mut written);
+        unsafe { h.dealloc(cfg_buf) };
+        // Script files and the runtime's objects, then the memory doubles.
+        for _ in 0..2000 {
+            let n = 16 + (next() % 1000) as usize;
+            let p = h.alloc(l(n, 8));
+            fill(p, n, &mut written);
+            live.push((p, n));
+        }
+        let grown = unsafe { h.realloc(mem, l(mem_size, 1), 2 * mem_size) };
+        assert_eq!(grown, mem, "the linear memory moved");
+        fill(unsafe { mem.add(mem_size) }, 300 << 10, &mut written);
+        mem_size *= 2;
+        // stdin (zero-filled: nothing written but its header) and a small response.
+        let stdin = h.alloc(l(crate::wasi::STDIN_BUFFER, 1));
+        assert!(!stdin.is_null());
+        let out = h.alloc(l(4096, 1));
+        fill(out, 100, &mut written);
+        // The request makes the memory grow twice more: still in place.
+        for _ in 0..2 {
+            let grown = unsafe { h.realloc(mem, l(mem_size, 1), 2 * mem_size) };
+            assert_eq!(grown, mem, "the linear memory moved");
+            mem_size *= 2;
+        }
+        h.check();
+
+        // The written bytes (~8 MiB, freed ones included) lie in one span, which also
+        // holds the untouched middle of the linear memory (its first size, 2.1 MiB).
+        let (lo, hi) = written_span(&t);
+        assert!(
+            hi - lo < written + 34 * 65536 + (1 << 20),
+            "data spread over {} bytes for {written} written",
+            hi - lo
+        );
+        let _ = (stdin, out, cfg);
+    }
+
+    #[test]
+    fn freed_blocks_at_either_end_return_to_untouched_space() {
+        let mut t = heap(64 << 20);
+        let h = &mut t.heap;
+        let empty = h.span();
+        let a = h.alloc(l(1000, 8));
+        let b = h.alloc(l(1000, 8));
+        let big = h.alloc(l(2 << 20, 16));
+        let big2 = h.alloc(l(3 << 20, 16));
+        assert!(
+            b < a && a < big && big < big2,
+            "small grow down, large grow up"
+        );
+        let span = h.span();
+        // Freeing the lowest block and the last one shrinks the span.
+        unsafe { h.dealloc(b) };
+        assert_eq!(h.span().start, a as usize - HDR);
+        unsafe { h.dealloc(big2) };
+        assert_eq!(
+            h.span().end,
+            big as usize - HDR + block_size(2 << 20).unwrap()
+        );
+        h.check();
+        // A freed middle block is a hole; freeing its neighbours merges everything back.
+        unsafe { h.dealloc(a) };
+        assert_eq!(h.span().start, big as usize - HDR);
+        unsafe { h.dealloc(big) };
+        assert_eq!(h.check().0, 0);
+        assert!(h.span().is_empty());
+        assert!(span.start < empty.start && span.end > empty.end);
+        // A new large block takes the same place again.
+        let again = h.alloc(l(2 << 20, 16));
+        assert_eq!(again, big);
+    }
+
+    #[test]
+    fn a_full_side_borrows_the_other() {
+        let mut t = heap(64 << 20);
+        let h = &mut t.heap;
+        let below = h.split() - h.start;
+        let above = h.end - h.split();
+        // Small blocks until the space below the split is used up: the next ones go above.
+        let mut small = Vec::new();
+        let mut used_below = 0;
+        while used_below + 4096 <= below {
+            let p = h.alloc(l(4096 - HDR, 8));
+            assert!((p as usize) < h.split());
+            small.push(p);
+            used_below += 4096;
+        }
+        let p = h.alloc(l(4096 - HDR, 8));
+        assert!(
+            p as usize > h.split(),
+            "small block above the split once below is full"
+        );
+        small.push(p);
+        h.check();
+        // A large block larger than what is left above fails; one that fits goes above.
+        assert!(h.alloc(l(above, 16)).is_null());
+        let big = h.alloc(l(above - 2 * 4096, 16));
+        assert!(!big.is_null());
+        h.check();
+        for p in small.into_iter().chain([big]) {
+            unsafe { h.dealloc(p) };
+        }
+        assert_eq!(h.check().0, 0);
+        // Both sides empty: a large block as big as the space below fits there.
+        let below = h.split() - h.start;
+        let above = h.end - h.split();
+        let p = h.alloc(l(above - HDR, 16));
+        assert!(!p.is_null());
+        let q = h.alloc(l(below - HDR, 16));
+        assert!(!q.is_null() && (q as usize) < h.split());
+        unsafe {
+            h.dealloc(p);
+            h.dealloc(q);
         }
         assert_eq!(h.check().0, 0);
     }
