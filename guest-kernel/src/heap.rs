@@ -26,8 +26,9 @@
 //!
 //! Free blocks below 1 KiB sit in exact bins (one per 16 bytes); larger ones in 8
 //! sub-bins per power of two. A bitmap finds the first non-empty bin that is guaranteed
-//! to fit in O(1); if none, the one bin that may hold a fitting block is scanned, so an
-//! allocation fails only when no free block is large enough.
+//! to fit in O(1); if none, and the untouched space (see below) cannot take the request
+//! either, the one bin that may hold a fitting block is scanned, so an allocation fails
+//! only when no free block is large enough.
 //!
 //! # Placement policy (few 2 MiB regions, growth in place)
 //!
@@ -324,7 +325,25 @@ impl Heap {
         };
         // SAFETY: invariants hold (see `alloc`).
         unsafe {
-            if let Some((h, size)) = self.find(search) {
+            // A hole that surely fits, else untouched space, else a hole that may fit: O(1)
+            // unless the heap is nearly full.
+            let hole = match self.find_fit(search) {
+                Some(b) => Some(b),
+                None => {
+                    let h = if large {
+                        self.carve_top(need, align)
+                            .or_else(|| self.carve_bottom(need, align))
+                    } else {
+                        self.carve_bottom(need, align)
+                            .or_else(|| self.carve_top(need, align))
+                    };
+                    if let Some(h) = h {
+                        return (h + HDR) as *mut u8;
+                    }
+                    self.find_scan(search)
+                }
+            };
+            if let Some((h, size)) = hole {
                 self.remove_free(h, size);
                 // The placement picks a window of `search` bytes; the block lies in it.
                 let w = if !large && size - search >= SPLIT_HIGH_SLACK {
@@ -339,17 +358,7 @@ impl Heap {
                 self.carve(h, size, payload - HDR, need);
                 return payload as *mut u8;
             }
-            let h = if large {
-                self.carve_top(need, align)
-                    .or_else(|| self.carve_bottom(need, align))
-            } else {
-                self.carve_bottom(need, align)
-                    .or_else(|| self.carve_top(need, align))
-            };
-            match h {
-                Some(h) => (h + HDR) as *mut u8,
-                None => ptr::null_mut(),
-            }
+            ptr::null_mut()
         }
     }
 
@@ -484,17 +493,19 @@ impl Heap {
         }
     }
 
-    /// A free block of at least `need` bytes: (header, size).
-    fn find(&self, need: usize) -> Option<(usize, usize)> {
-        let idx = bin_ceil(need);
-        if let Some(b) = self.first_nonempty(idx) {
-            let h = self.bins[b];
-            // SAFETY: a linked free block has a valid header.
-            return Some((h, unsafe { word(h) } & !FLAGS));
-        }
-        // The bin below the guaranteed-fit one may still hold a big-enough block.
+    /// A free block of at least `need` bytes from the bins that surely fit: (header, size).
+    fn find_fit(&self, need: usize) -> Option<(usize, usize)> {
+        let b = self.first_nonempty(bin_ceil(need))?;
+        let h = self.bins[b];
+        // SAFETY: a linked free block has a valid header.
+        Some((h, unsafe { word(h) } & !FLAGS))
+    }
+
+    /// A free block of at least `need` bytes in the bin below the guaranteed-fit ones
+    /// (a linear scan of that bin: the last resort).
+    fn find_scan(&self, need: usize) -> Option<(usize, usize)> {
         let b = bin_floor(need);
-        if b < idx && b < NBINS {
+        if b < bin_ceil(need) && b < NBINS {
             let mut h = self.bins[b];
             while h != 0 {
                 // SAFETY: a linked free block has a valid header and link words.
