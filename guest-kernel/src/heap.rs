@@ -221,7 +221,8 @@ impl Heap {
         self.split
     }
 
-    /// The address range that holds blocks (everything outside it is untouched).
+    /// The address range that holds the blocks. Nothing outside it is written (freed
+    /// blocks given back to the untouched space keep what they held).
     pub fn span(&self) -> core::ops::Range<usize> {
         self.lo..self.top
     }
