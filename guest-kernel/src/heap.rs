@@ -3,7 +3,8 @@
 //! `realloc`.
 //!
 //! Plain Rust over a byte range, so the host tests run it over a `Vec<u8>`; the kernel
-//! runs it over `[HEAP_START, module_gpa)`.
+//! runs it over `[HEAP_START, module_gpa)`. Every page it writes ends up in the guest's
+//! snapshots, which cost per 2 MiB region that holds data: see the placement policy.
 //!
 //! # Block layout
 //!
@@ -16,22 +17,51 @@
 //! ```
 //!
 //! A used block has no footer: its successor's `PREV_USED` bit says so, and only a free
-//! predecessor's footer is ever read. A zero-sized, always-used sentinel header ends the
-//! heap so that coalescing stops there.
+//! predecessor's footer is ever read. The blocks tile `[lo, top)`: the lowest block has
+//! `PREV_USED` set, so that coalescing stops there, and `top` is an address the heap
+//! compares with, never a header it writes. Neither the lowest nor the last block is ever
+//! free.
 //!
 //! # Bins
 //!
 //! Free blocks below 1 KiB sit in exact bins (one per 16 bytes); larger ones in 8
 //! sub-bins per power of two. A bitmap finds the first non-empty bin that is guaranteed
-//! to fit in O(1); if none, the one bin that may hold a fitting block is scanned, so an
-//! allocation fails only when no free block is large enough.
+//! to fit in O(1); if none, and the untouched space (see below) cannot take the request
+//! either, the one bin that may hold a fitting block is scanned, so an allocation fails
+//! only when no free block is large enough.
 //!
-//! # Placement policy (why wasm memory grows in place)
+//! # Placement policy (few 2 MiB regions, growth in place)
 //!
-//! A small request carved out of a much larger free block (typically the untouched
-//! "wilderness") is taken from that block's high end; a large request from its low end.
-//! So large blocks (wasm linear memories, value stacks) tend to be followed by free
-//! space, and `realloc` grows them in place by absorbing the following free block.
+//! [`Heap::init`] writes nothing: the heap starts empty at the **split**, a 2 MiB boundary
+//! at most `len / 8` and [`LOW_PART_MAX`] above the start. The blocks then grow away from
+//! the split in both directions, each side only as far as its data goes:
+//!
+//! ```text
+//! start     lo                       split                          top                end
+//! [ untouched | small | holes | small |  L  |  L  | linear memory  | untouched ........]
+//!              <- the bottom frontier           the top frontier ->
+//! ```
+//!
+//! * Any request first reuses a free block from the bins (a hole left by a free): the
+//!   smallest that fits (TLSF). A large request takes its low end; a small one its high
+//!   end when the hole is at least [`SPLIT_HIGH_SLACK`] larger (so that the rest stays in
+//!   one piece), else its low end.
+//! * Without a fitting hole, a **small** request (an allocation below [`LARGE_ALLOC`], or a
+//!   `realloc` that moves a block to a size below [`LARGE_REQUEST`]) is carved just below
+//!   `lo`, and a **large** one (an allocation of at least [`LARGE_ALLOC`], or a `realloc`
+//!   that moves a block and grows it to at least [`LARGE_REQUEST`]) just above the last
+//!   block, moving the end up. So the block allocated last on the large side is
+//!   followed by untouched space and `realloc` grows it in place by moving the end:
+//!   a wasm linear memory allocated there grows without a copy. Blocks that start smaller
+//!   and grow later (a compiler's buffers, a wasm memory of a page or two) are placed as
+//!   small ones and move to the large side on the first growth that cannot be done in
+//!   place (one copy of less than [`LARGE_ALLOC`] bytes).
+//! * A side whose space is used up takes the other side's: a small request above the
+//!   last block, a large one below `lo`. The heap stays one contiguous range of blocks.
+//! * A free block that reaches `lo` or `top` is given back to the untouched space.
+//!
+//! Only the blocks between the two frontiers are ever written, so the heap's data sits in
+//! `[lo, top)`: a few MiB around the split.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
@@ -53,11 +83,20 @@ const FIRST_LARGE_LOG: u32 = 10; // 1 KiB
 const NBINS: usize = SMALL_BINS + (usize::BITS - FIRST_LARGE_LOG) as usize * SUB_BINS;
 const NWORDS: usize = NBINS.div_ceil(64);
 
-/// Requests of at least this many bytes count as "large" for the placement policy.
-const LARGE_REQUEST: usize = 64 * 1024;
-/// A free block at least this much larger than a small request gives the request
-/// its high end (see the module docs).
+/// A `realloc` that has to move a block and grows it to at least this many bytes places
+/// it as a large block (see the module docs).
+pub const LARGE_REQUEST: usize = 64 * 1024;
+/// Allocations of at least this many bytes are placed as large blocks (wasm linear
+/// memories, big buffers); smaller ones as small blocks (see the module docs).
+pub const LARGE_ALLOC: usize = 1024 * 1024;
+/// A free block at least this much larger than a small request gives the request its
+/// high end (see the module docs).
 const SPLIT_HIGH_SLACK: usize = 1024 * 1024;
+/// Most bytes below the split (see the module docs).
+pub const LOW_PART_MAX: usize = 16 << 20;
+/// The split is aligned to this (the guest's large-page size), so that the small and the
+/// large side each fill whole regions.
+const SPLIT_ALIGN: usize = 2 << 20;
 
 /// Bin index of a free block of `size` bytes (the bin whose range contains it).
 fn bin_floor(size: usize) -> usize {
@@ -84,6 +123,22 @@ fn bin_ceil(size: usize) -> usize {
     }
 }
 
+/// The split (a header address) of a heap whose headers may lie in `[start, end]`: 8
+/// bytes below a 2 MiB boundary at most `len / 8` and [`LOW_PART_MAX`] above `start` and
+/// at least half that, so that the payload of the first large block starts at the boundary;
+/// `start` (no bottom side) for a heap under 16 MiB.
+fn split_point(start: usize, end: usize) -> usize {
+    let low = ((end - start) / 8).min(LOW_PART_MAX);
+    if low < SPLIT_ALIGN {
+        return start;
+    }
+    let boundary = (start + low) & !(SPLIT_ALIGN - 1);
+    if boundary < start + low / 2 {
+        return start;
+    }
+    boundary - HDR
+}
+
 /// Block size for a payload of `n` bytes, or `None` on overflow.
 fn block_size(n: usize) -> Option<usize> {
     let s = n.checked_add(HDR + ALIGN - 1)? & !(ALIGN - 1);
@@ -94,11 +149,18 @@ fn block_size(n: usize) -> Option<usize> {
 pub struct Heap {
     bitmap: [u64; NWORDS],
     bins: [usize; NBINS],
-    /// First block header, sentinel header.
-    first: usize,
-    sentinel: usize,
+    /// Lowest header address the heap may use and the highest end of a block (both
+    /// ≡ 8 mod 16).
+    start: usize,
+    end: usize,
+    /// Header of the lowest block (`top` when there is none) and the end of the last one:
+    /// the blocks tile `[lo, top)`; `[start, lo)` and `[top, end)` are untouched. Nothing
+    /// is stored at `top`: code that looks at a block's successor compares it with `top`.
+    lo: usize,
+    top: usize,
+    /// Where `lo` and `top` started (see the module docs).
+    split: usize,
     used: usize,
-    size: usize,
 }
 
 impl Heap {
@@ -107,46 +169,45 @@ impl Heap {
         Heap {
             bitmap: [0; NWORDS],
             bins: [0; NBINS],
-            first: 0,
-            sentinel: 0,
+            start: 0,
+            end: 0,
+            lo: 0,
+            top: 0,
+            split: 0,
             used: 0,
-            size: 0,
         }
     }
 
-    /// Take over `[start, start + len)`.
+    /// Take over `[start, start + len)`. Writes nothing.
     ///
     /// # Safety
     /// The range must be valid, writable memory owned by this heap alone for as long as
     /// the heap (and anything allocated from it) is used; `init` is called at most once.
     pub unsafe fn init(&mut self, start: *mut u8, len: usize) {
-        let start = start as usize;
-        let Some(end) = start.checked_add(len) else {
+        let range = start as usize;
+        let Some(range_end) = range.checked_add(len) else {
             return;
         };
-        // First header at ≡ 8 mod 16; sentinel header ≡ 8 mod 16 with 8 bytes below end.
-        let first = (start + HDR).next_multiple_of(ALIGN) - HDR;
-        if end < first + MIN_BLOCK + 2 * HDR {
+        // Headers at ≡ 8 mod 16, so blocks also end there.
+        let start = (range + HDR).next_multiple_of(ALIGN) - HDR;
+        if range_end < start + MIN_BLOCK + HDR {
             return;
         }
-        let sentinel = ((end - 2 * HDR) & !(ALIGN - 1)) + HDR;
-        if sentinel < first + MIN_BLOCK {
+        let end = ((range_end - HDR) & !(ALIGN - 1)) + HDR;
+        if end < start + MIN_BLOCK {
             return;
         }
-        self.first = first;
-        self.sentinel = sentinel;
-        self.size = sentinel - first;
-        // SAFETY: both headers lie inside the caller's range (checked above).
-        unsafe {
-            set_word(sentinel, USED); // prev (the big block) is free
-            set_word(first, PREV_USED);
-            self.insert_free(first, sentinel - first);
-        }
+        let split = split_point(start, end);
+        self.start = start;
+        self.end = end;
+        self.split = split;
+        self.lo = split;
+        self.top = split;
     }
 
-    /// Usable bytes managed (excluding the sentinel).
+    /// Usable bytes managed.
     pub fn size(&self) -> usize {
-        self.size
+        self.end - self.start
     }
 
     /// Bytes in used blocks (headers included).
@@ -154,17 +215,23 @@ impl Heap {
         self.used
     }
 
+    /// Where the two sides of the heap meet (see the module docs); the heap's start for a
+    /// heap too small to have a bottom side.
+    pub fn split(&self) -> usize {
+        self.split
+    }
+
+    /// The address range that holds the blocks. Nothing outside it is written (freed
+    /// blocks given back to the untouched space keep what they held).
+    pub fn span(&self) -> core::ops::Range<usize> {
+        self.lo..self.top
+    }
+
     /// Allocate; null when no free block fits (never panics).
     pub fn alloc(&mut self, layout: Layout) -> *mut u8 {
         // SAFETY: the heap's invariants (every header, link and footer consistent) hold
         // between public calls; the helpers keep them.
-        unsafe {
-            if layout.align() <= ALIGN {
-                self.alloc_small_align(layout.size())
-            } else {
-                self.alloc_aligned(layout.size(), layout.align())
-            }
-        }
+        unsafe { self.alloc_placed(layout.size(), layout.align(), layout.size() >= LARGE_ALLOC) }
     }
 
     /// Free a block returned by [`Heap::alloc`]/[`Heap::realloc`].
@@ -179,10 +246,10 @@ impl Heap {
             let mut size = w & !FLAGS;
             self.used -= size;
             let next = h + size;
-            let nw = word(next);
-            if nw & USED == 0 {
-                self.remove_free(next, nw & !FLAGS);
-                size += nw & !FLAGS;
+            if next != self.top && word(next) & USED == 0 {
+                let nsize = word(next) & !FLAGS;
+                self.remove_free(next, nsize);
+                size += nsize;
             }
             if w & PREV_USED == 0 {
                 let psize = word(h - HDR);
@@ -190,7 +257,7 @@ impl Heap {
                 self.remove_free(h, psize);
                 size += psize;
             }
-            self.insert_free(h, size);
+            self.release(h, size);
         }
     }
 
@@ -211,17 +278,28 @@ impl Heap {
                 return p;
             }
             let next = h + size;
-            let nw = word(next);
-            if nw & USED == 0 && size + (nw & !FLAGS) >= need {
-                let nsize = nw & !FLAGS;
-                self.remove_free(next, nsize);
-                self.used += nsize;
-                set_size_keep_flags(h, size + nsize);
-                mark_prev_used(h + size + nsize, true);
-                self.shrink(h, size + nsize, need);
-                return p;
+            if next == self.top {
+                // The last block: move the end up.
+                if h.checked_add(need).is_some_and(|e| e <= self.end) {
+                    set_size_keep_flags(h, need);
+                    self.top = h + need;
+                    self.used += need - size;
+                    return p;
+                }
+            } else {
+                let nw = word(next);
+                if nw & USED == 0 && size + (nw & !FLAGS) >= need {
+                    let nsize = nw & !FLAGS;
+                    self.remove_free(next, nsize);
+                    self.used += nsize;
+                    set_size_keep_flags(h, size + nsize);
+                    mark_prev_used(h + size + nsize, true);
+                    self.shrink(h, size + nsize, need);
+                    return p;
+                }
             }
-            let new = self.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+            // Growing past LARGE_REQUEST: it may keep growing, so give it room after it.
+            let new = self.alloc_placed(new_size, layout.align(), new_size >= LARGE_REQUEST);
             if !new.is_null() {
                 ptr::copy_nonoverlapping(p, new, layout.size().min(new_size));
                 self.dealloc(p);
@@ -232,80 +310,164 @@ impl Heap {
 
     // --- internals --------------------------------------------------------------
 
-    unsafe fn alloc_small_align(&mut self, n: usize) -> *mut u8 {
+    /// Allocate `n` bytes aligned to `align`, placed as a large or a small block.
+    unsafe fn alloc_placed(&mut self, n: usize, align: usize, large: bool) -> *mut u8 {
+        let align = align.max(ALIGN);
         let Some(need) = block_size(n) else {
             return ptr::null_mut();
         };
+        let search = if align == ALIGN {
+            need
+        } else {
+            match need.checked_add(align + MIN_BLOCK) {
+                Some(s) => s,
+                None => return ptr::null_mut(),
+            }
+        };
         // SAFETY: invariants hold (see `alloc`).
         unsafe {
-            let Some((h, size)) = self.find(need) else {
-                return ptr::null_mut();
+            // A hole that surely fits, else untouched space, else a hole that may fit: O(1)
+            // unless the heap is nearly full.
+            let hole = match self.find_fit(search) {
+                Some(b) => Some(b),
+                None => {
+                    let h = if large {
+                        self.carve_top(need, align)
+                            .or_else(|| self.carve_bottom(need, align))
+                    } else {
+                        self.carve_bottom(need, align)
+                            .or_else(|| self.carve_top(need, align))
+                    };
+                    if let Some(h) = h {
+                        return (h + HDR) as *mut u8;
+                    }
+                    self.find_scan(search)
+                }
             };
-            self.remove_free(h, size);
-            let h = if need < LARGE_REQUEST && size - need >= SPLIT_HIGH_SLACK {
-                // Keep the low part free, hand out the high end.
-                let used = h + size - need;
-                self.insert_free(h, size - need);
-                set_word(used, need | USED); // prev (the low part) is free
-                mark_prev_used(used + need, true);
-                self.used += need;
-                used
-            } else {
-                self.take(h, size, need);
-                h
-            };
-            (h + HDR) as *mut u8
+            if let Some((h, size)) = hole {
+                self.remove_free(h, size);
+                // The placement picks a window of `search` bytes; the block lies in it.
+                let w = if !large && size - search >= SPLIT_HIGH_SLACK {
+                    h + size - search
+                } else {
+                    h
+                };
+                let mut payload = (w + HDR).next_multiple_of(align);
+                if payload - HDR != h && payload - HDR - h < MIN_BLOCK {
+                    payload = (h + HDR + MIN_BLOCK).next_multiple_of(align);
+                }
+                self.carve(h, size, payload - HDR, need);
+                return payload as *mut u8;
+            }
+            ptr::null_mut()
         }
     }
 
-    unsafe fn alloc_aligned(&mut self, n: usize, align: usize) -> *mut u8 {
-        let Some(need) = block_size(n) else {
-            return ptr::null_mut();
-        };
-        let Some(search) = need.checked_add(align + MIN_BLOCK) else {
-            return ptr::null_mut();
-        };
-        // SAFETY: invariants hold (see `alloc`).
+    /// Mark `[at, at + need)` of free block `h` (already unlinked, `size` bytes) used,
+    /// returning the parts before and after it to the free lists. The lead `at - h` is 0 or
+    /// at least [`MIN_BLOCK`] and `at + need <= h + size`; a tail too small for a block
+    /// stays with the used one.
+    unsafe fn carve(&mut self, h: usize, size: usize, at: usize, need: usize) {
+        let lead = at - h;
+        let mut tail = size - lead - need;
+        let mut used = need;
+        if tail < MIN_BLOCK {
+            used += tail;
+            tail = 0;
+        }
+        // SAFETY: `h..h+size` is an unlinked free block; `at`, `at + used` lie inside it or
+        // are its successor's header. Neither part touches a frontier: a free block never
+        // starts at `lo` nor ends at `top`.
         unsafe {
-            let Some((h, size)) = self.find(search) else {
-                return ptr::null_mut();
-            };
-            self.remove_free(h, size);
-            let mut payload = (h + HDR).next_multiple_of(align);
-            if payload - HDR != h && payload - HDR - h < MIN_BLOCK {
-                payload = (h + HDR + MIN_BLOCK).next_multiple_of(align);
-            }
-            let nh = payload - HDR;
-            let lead = nh - h;
-            let mut rest = size;
-            let mut at = h;
-            if lead > 0 {
-                // Header of `h` keeps its PREV_USED bit; insert_free rewrites the size.
+            let prev = if lead > 0 {
+                // The header of `h` keeps its PREV_USED bit; insert_free sets the size.
                 self.insert_free(h, lead);
-                set_word(nh, 0); // prev is free
-                at = nh;
-                rest -= lead;
+                0
+            } else {
+                word(h) & PREV_USED
+            };
+            set_word(at, used | USED | prev);
+            if tail > 0 {
+                set_word(at + used, PREV_USED);
+                self.insert_free(at + used, tail);
+            } else {
+                mark_prev_used(at + used, true);
             }
-            self.take(at, rest, need);
-            payload as *mut u8
         }
+        self.used += used;
     }
 
-    /// Mark free block `h` (already unlinked, `size` bytes) used for `need` bytes,
-    /// returning the tail to the free lists.
-    unsafe fn take(&mut self, h: usize, size: usize, need: usize) {
-        // SAFETY: `h` is an unlinked free block of `size >= need` bytes.
+    /// A block of at least `need` bytes right above the last one (the end moves up), its
+    /// payload aligned to `align`: its header, or `None` when it does not fit.
+    unsafe fn carve_top(&mut self, need: usize, align: usize) -> Option<usize> {
+        let s = self.top;
+        let mut payload = (s + HDR).next_multiple_of(align);
+        if payload - HDR != s && payload - HDR - s < MIN_BLOCK && s != self.lo {
+            payload = (s + HDR + MIN_BLOCK).next_multiple_of(align);
+        }
+        let h = payload - HDR;
+        let new_end = h.checked_add(need)?;
+        if new_end > self.end {
+            return None;
+        }
+        // SAFETY: `[s, new_end)` lies in `[start, end)`, untouched space above the blocks.
         unsafe {
-            let prev = word(h) & PREV_USED;
-            if size - need >= MIN_BLOCK {
-                set_word(h, need | USED | prev);
-                set_word(h + need, PREV_USED);
-                self.insert_free(h + need, size - need);
-                self.used += need;
+            let prev = if h == s {
+                // The last block is used (or there is none).
+                PREV_USED
+            } else if s == self.lo {
+                // No blocks yet: the alignment gap stays untouched space below `lo`.
+                self.lo = h;
+                PREV_USED
             } else {
-                set_word(h, size | USED | prev);
-                mark_prev_used(h + size, true);
-                self.used += size;
+                // The alignment gap becomes a free block after the (used) last block.
+                set_word(s, PREV_USED);
+                self.insert_free(s, h - s);
+                0
+            };
+            set_word(h, need | USED | prev);
+        }
+        self.top = new_end;
+        self.used += need;
+        Some(h)
+    }
+
+    /// A block of at least `need` bytes right below the lowest one (`lo` moves down), its
+    /// payload aligned to `align`: its header, or `None` when it does not fit.
+    unsafe fn carve_bottom(&mut self, need: usize, align: usize) -> Option<usize> {
+        let want = self.lo.checked_sub(need)?;
+        // Aligning down: the block absorbs the gap up to `lo`.
+        let h = ((want + HDR) & !(align - 1)).checked_sub(HDR)?;
+        if h < self.start {
+            return None;
+        }
+        let size = self.lo - h;
+        // SAFETY: `[h, lo)` lies in `[start, lo)`, untouched space. The block at `lo` (if
+        // any) already has PREV_USED set, and its new predecessor is used.
+        unsafe { set_word(h, size | USED | PREV_USED) };
+        self.lo = h;
+        self.used += size;
+        Some(h)
+    }
+
+    /// Free `[h, h + size)` (already coalesced with free neighbours, unlinked): give it
+    /// back to the untouched space when it reaches a frontier, else to the free lists. An
+    /// empty heap starts again at the split.
+    unsafe fn release(&mut self, h: usize, size: usize) {
+        // SAFETY: `h` is the header of the block being freed; its predecessor is used (or
+        // it is the lowest block) and so is its successor (or it is the last block).
+        unsafe {
+            if h + size == self.top {
+                self.top = h;
+                if self.lo == h {
+                    self.lo = self.split;
+                    self.top = self.split;
+                }
+            } else if h == self.lo {
+                self.lo = h + size;
+                mark_prev_used(self.lo, true);
+            } else {
+                self.insert_free(h, size);
             }
         }
     }
@@ -322,27 +484,29 @@ impl Heap {
             let mut tsize = size - need;
             self.used -= tsize;
             let next = h + size;
-            let nw = word(next);
-            if nw & USED == 0 {
-                self.remove_free(next, nw & !FLAGS);
-                tsize += nw & !FLAGS;
+            if next != self.top && word(next) & USED == 0 {
+                let nsize = word(next) & !FLAGS;
+                self.remove_free(next, nsize);
+                tsize += nsize;
             }
             set_word(tail, PREV_USED);
-            self.insert_free(tail, tsize);
+            self.release(tail, tsize);
         }
     }
 
-    /// A free block of at least `need` bytes: (header, size).
-    fn find(&self, need: usize) -> Option<(usize, usize)> {
-        let idx = bin_ceil(need);
-        if let Some(b) = self.first_nonempty(idx) {
-            let h = self.bins[b];
-            // SAFETY: a linked free block has a valid header.
-            return Some((h, unsafe { word(h) } & !FLAGS));
-        }
-        // The bin below the guaranteed-fit one may still hold a big-enough block.
+    /// A free block of at least `need` bytes from the bins that surely fit: (header, size).
+    fn find_fit(&self, need: usize) -> Option<(usize, usize)> {
+        let b = self.first_nonempty(bin_ceil(need))?;
+        let h = self.bins[b];
+        // SAFETY: a linked free block has a valid header.
+        Some((h, unsafe { word(h) } & !FLAGS))
+    }
+
+    /// A free block of at least `need` bytes in the bin below the guaranteed-fit ones
+    /// (a linear scan of that bin: the last resort).
+    fn find_scan(&self, need: usize) -> Option<(usize, usize)> {
         let b = bin_floor(need);
-        if b < idx && b < NBINS {
+        if b < bin_ceil(need) && b < NBINS {
             let mut h = self.bins[b];
             while h != 0 {
                 // SAFETY: a linked free block has a valid header and link words.
@@ -420,14 +584,16 @@ impl Heap {
     /// Walk every block and check the invariants (tests).
     #[cfg(test)]
     fn check(&self) -> (usize, usize) {
-        // SAFETY: the walk follows the block sizes from the first header to the
-        // sentinel and the free-list links from the bins; with the invariants intact (what
+        // SAFETY: the walk follows the block sizes from the lowest header to `top` and
+        // the free-list links from the bins; with the invariants intact (what
         // this checks, asserting as it goes) every address read is a header, footer or
         // link word inside the heap.
         unsafe {
-            let (mut h, mut prev_used, mut free) = (self.first, true, 0usize);
+            assert!(self.start <= self.lo && self.lo <= self.top);
+            assert!(self.top <= self.end);
+            let (mut h, mut prev_used, mut free) = (self.lo, true, 0usize);
             let mut used = 0;
-            while h != self.sentinel {
+            while h != self.top {
                 let w = word(h);
                 let size = w & !FLAGS;
                 assert!(
@@ -447,7 +613,7 @@ impl Heap {
                 prev_used = w & USED != 0;
                 h += size;
             }
-            assert_eq!(word(h) & PREV_USED != 0, prev_used);
+            assert!(prev_used, "the last block is free");
             assert_eq!(used, self.used);
             // Every listed block is free and counted once.
             let mut listed = 0;
@@ -465,7 +631,11 @@ impl Heap {
                 }
             }
             assert_eq!(listed, free);
-            (used, free)
+            // The lowest block is used (a free one would have been given back).
+            assert!(self.lo == self.top || word(self.lo) & USED != 0);
+            let untouched = (self.lo - self.start) + (self.end - self.top);
+            assert_eq!(used + free + untouched, self.size());
+            (used, free + untouched)
         }
     }
 }
@@ -490,7 +660,7 @@ unsafe fn set_size_keep_flags(h: usize, size: usize) {
 
 #[inline(always)]
 unsafe fn mark_prev_used(h: usize, used: bool) {
-    // SAFETY: `h` is a block header or the sentinel (caller's contract).
+    // SAFETY: `h` is a block header (caller's contract).
     unsafe {
         let w = word(h);
         set_word(h, if used { w | PREV_USED } else { w & !PREV_USED });
@@ -706,7 +876,13 @@ mod tests {
 
     #[test]
     fn random_workload_matches_model() {
-        let mut t = heap(8 << 20);
+        random_workload(8 << 20, 200_000, 4000);
+    }
+
+    /// Random allocations (some of up to `big` bytes), frees and reallocs (to up to
+    /// `resize` bytes), checked against the contents each block must hold.
+    fn random_workload(bytes: usize, big: u64, resize: u64) {
+        let mut t = heap(bytes);
         let h = &mut t.heap;
         let mut rng = 0x1234_5678_9abc_def0u64;
         let mut next = || {
@@ -721,7 +897,7 @@ mod tests {
             match r % 4 {
                 0 | 1 => {
                     let size = if r % 64 == 0 {
-                        (next() % 200_000) as usize
+                        (next() % big) as usize
                     } else {
                         (next() % 300) as usize + 1
                     };
@@ -745,7 +921,7 @@ mod tests {
                 3 if !live.is_empty() => {
                     let i = (next() as usize) % live.len();
                     let (p, size, align, tag) = live[i];
-                    let new = (next() % 4000) as usize + 1;
+                    let new = (next() % resize) as usize + 1;
                     let q = unsafe { h.realloc(p, l(size, align), new) };
                     if !q.is_null() {
                         assert_eq!(q as usize % align, 0);
@@ -764,6 +940,231 @@ mod tests {
         }
         for (p, ..) in live {
             unsafe { h.dealloc(p) };
+        }
+        assert_eq!(h.check().0, 0);
+    }
+
+    #[test]
+    fn random_workload_on_a_split_heap() {
+        // Large enough to split; blocks of up to 3 MiB exhaust both sides, so requests
+        // fall back to the other side and fail cleanly.
+        random_workload(48 << 20, 3 << 20, 300_000);
+    }
+
+    /// Lowest and highest non-zero byte of the test heap's buffer (addresses).
+    fn written_span(t: &TestHeap) -> (usize, usize) {
+        let bytes =
+            unsafe { core::slice::from_raw_parts(t._buf.as_ptr() as *const u8, t._buf.len() * 16) };
+        let lo = bytes.iter().position(|&b| b != 0).unwrap();
+        let hi = bytes.iter().rposition(|&b| b != 0).unwrap();
+        let base = bytes.as_ptr() as usize;
+        (base + lo, base + hi + 1)
+    }
+
+    /// A freshly initialised heap has written nothing: blocks appear around the split.
+    #[test]
+    fn init_writes_nothing_and_blocks_start_at_the_split() {
+        let mut t = heap(64 << 20);
+        let bytes =
+            unsafe { core::slice::from_raw_parts(t._buf.as_ptr() as *const u8, t._buf.len() * 16) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        let h = &mut t.heap;
+        let split = h.split();
+        assert_eq!(
+            (split + HDR) % SPLIT_ALIGN,
+            0,
+            "split {split:#x} not 2 MiB-aligned"
+        );
+        assert!(split > h.start && split - h.start <= (64 << 20) / 8);
+        let small = h.alloc(l(100, 8)) as usize;
+        let large = h.alloc(l(LARGE_ALLOC, 16)) as usize;
+        // The small block ends at the split, the large one's payload starts at the 2 MiB
+        // boundary right above it.
+        assert_eq!(small - HDR + block_size(100).unwrap(), split);
+        assert_eq!(large, split + HDR);
+        assert_eq!(
+            h.span(),
+            small - HDR..large - HDR + block_size(LARGE_ALLOC).unwrap()
+        );
+        h.check();
+    }
+
+    /// A QuickJS-like sequence, as the kernel sees it: wasmi compiling (thousands of small
+    /// blocks, some freed, buffers growing by doubling), the wasm linear memory, a
+    /// function-config buffer taken and freed, stdin and output buffers, more small
+    /// blocks, and the linear memory growing. Everything it writes lies in one span a
+    /// little larger than the bytes written (the old policy put small blocks at the top of
+    /// the heap, the large ones at its start); the linear memory grows in place.
+    #[test]
+    fn quickjs_like_sequence_keeps_data_together_and_memory_growing_in_place() {
+        let mut t = heap(128 << 20);
+        let h = &mut t.heap;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut live: Vec<(*mut u8, usize)> = Vec::new();
+        let mut written = 0usize;
+        let fill = |p: *mut u8, n: usize, written: &mut usize| {
+            unsafe { ptr::write_bytes(p, 0x5a, n) };
+            *written += n;
+        };
+        // Compile: small blocks, a third of them freed again, and growing buffers.
+        let mut growing: Vec<(*mut u8, usize)> = Vec::new();
+        for i in 0..30_000usize {
+            let n = 16 + (next() % 240) as usize;
+            let p = h.alloc(l(n, 8));
+            assert!(!p.is_null());
+            fill(p, n, &mut written);
+            live.push((p, n));
+            if i % 3 == 0 {
+                let k = (next() as usize) % live.len();
+                let (p, _) = live.swap_remove(k);
+                unsafe { h.dealloc(p) };
+            }
+            if i % 5000 == 0 {
+                let p = h.alloc(l(8192, 8));
+                fill(p, 8192, &mut written);
+                growing.push((p, 8192));
+            }
+            if i % 1000 == 999 {
+                // Double every growing buffer (a Vec pushing instructions).
+                for g in growing.iter_mut() {
+                    if g.1 < 512 << 10 {
+                        let q = unsafe { h.realloc(g.0, l(g.1, 8), 2 * g.1) };
+                        assert!(!q.is_null());
+                        fill(unsafe { q.add(g.1) }, g.1, &mut written);
+                        *g = (q, 2 * g.1);
+                    }
+                }
+            }
+        }
+        h.check();
+        // Instantiate: a 34-page linear memory; the runtime touches its start.
+        let mut mem_size = 34 * 65536;
+        let mem = h.alloc(l(mem_size, 1));
+        assert!(!mem.is_null());
+        fill(mem, 128 << 10, &mut written);
+        // The function configuration: a 4 MiB buffer, copied out and freed.
+        let cfg_buf = h.alloc(l(4 << 20, 1));
+        fill(cfg_buf, 300, &mut written);
+        let cfg = h.alloc(l(300, 1));
+        fill(cfg, 300, &mut written);
+        unsafe { h.dealloc(cfg_buf) };
+        // Script files and the runtime's objects, then the memory doubles.
+        for _ in 0..2000 {
+            let n = 16 + (next() % 1000) as usize;
+            let p = h.alloc(l(n, 8));
+            fill(p, n, &mut written);
+            live.push((p, n));
+        }
+        let grown = unsafe { h.realloc(mem, l(mem_size, 1), 2 * mem_size) };
+        assert_eq!(grown, mem, "the linear memory moved");
+        fill(unsafe { mem.add(mem_size) }, 300 << 10, &mut written);
+        mem_size *= 2;
+        // stdin (zero-filled: nothing written but its header) and a small response.
+        let stdin = h.alloc(l(crate::wasi::STDIN_BUFFER, 1));
+        assert!(!stdin.is_null());
+        let out = h.alloc(l(4096, 1));
+        fill(out, 100, &mut written);
+        // The request makes the memory grow twice more: still in place.
+        for _ in 0..2 {
+            let grown = unsafe { h.realloc(mem, l(mem_size, 1), 2 * mem_size) };
+            assert_eq!(grown, mem, "the linear memory moved");
+            mem_size *= 2;
+        }
+        h.check();
+
+        // The written bytes (~8 MiB, freed ones included) lie in one span, which also
+        // holds the untouched middle of the linear memory (its first size, 2.1 MiB).
+        let (lo, hi) = written_span(&t);
+        assert!(
+            hi - lo < written + 34 * 65536 + (1 << 20),
+            "data spread over {} bytes for {written} written",
+            hi - lo
+        );
+        let _ = (stdin, out, cfg);
+    }
+
+    #[test]
+    fn freed_blocks_at_either_end_return_to_untouched_space() {
+        let mut t = heap(64 << 20);
+        let h = &mut t.heap;
+        let empty = h.span();
+        let a = h.alloc(l(1000, 8));
+        let b = h.alloc(l(1000, 8));
+        let big = h.alloc(l(2 << 20, 16));
+        let big2 = h.alloc(l(3 << 20, 16));
+        assert!(
+            b < a && a < big && big < big2,
+            "small grow down, large grow up"
+        );
+        let span = h.span();
+        // Freeing the lowest block and the last one shrinks the span.
+        unsafe { h.dealloc(b) };
+        assert_eq!(h.span().start, a as usize - HDR);
+        unsafe { h.dealloc(big2) };
+        assert_eq!(
+            h.span().end,
+            big as usize - HDR + block_size(2 << 20).unwrap()
+        );
+        h.check();
+        // A freed middle block is a hole; freeing its neighbours merges everything back.
+        unsafe { h.dealloc(a) };
+        assert_eq!(h.span().start, big as usize - HDR);
+        unsafe { h.dealloc(big) };
+        assert_eq!(h.check().0, 0);
+        assert!(h.span().is_empty());
+        assert!(span.start < empty.start && span.end > empty.end);
+        // A new large block takes the same place again.
+        let again = h.alloc(l(2 << 20, 16));
+        assert_eq!(again, big);
+    }
+
+    #[test]
+    fn a_full_side_borrows_the_other() {
+        let mut t = heap(64 << 20);
+        let h = &mut t.heap;
+        let below = h.split() - h.start;
+        let above = h.end - h.split();
+        // Small blocks until the space below the split is used up: the next ones go above.
+        let mut small = Vec::new();
+        let mut used_below = 0;
+        while used_below + 4096 <= below {
+            let p = h.alloc(l(4096 - HDR, 8));
+            assert!((p as usize) < h.split());
+            small.push(p);
+            used_below += 4096;
+        }
+        let p = h.alloc(l(4096 - HDR, 8));
+        assert!(
+            p as usize > h.split(),
+            "small block above the split once below is full"
+        );
+        small.push(p);
+        h.check();
+        // A large block larger than what is left above fails; one that fits goes above.
+        assert!(h.alloc(l(above, 16)).is_null());
+        let big = h.alloc(l(above - 2 * 4096, 16));
+        assert!(!big.is_null());
+        h.check();
+        for p in small.into_iter().chain([big]) {
+            unsafe { h.dealloc(p) };
+        }
+        assert_eq!(h.check().0, 0);
+        // Both sides empty: a large block as big as the space below fits there.
+        let below = h.split() - h.start;
+        let above = h.end - h.split();
+        let p = h.alloc(l(above - HDR, 16));
+        assert!(!p.is_null());
+        let q = h.alloc(l(below - HDR, 16));
+        assert!(!q.is_null() && (q as usize) < h.split());
+        unsafe {
+            h.dealloc(p);
+            h.dealloc(q);
         }
         assert_eq!(h.check().0, 0);
     }

@@ -300,8 +300,10 @@ impl Host for KernelHost {
                 // SAFETY: the VMM wrote `total <= cap` bytes at the buffer (the asm in the
                 // hostcall is a compiler barrier, so the writes are visible).
                 unsafe { buf.set_len(total as usize) };
-                buf.shrink_to_fit();
-                return buf;
+                // A copy, not `shrink_to_fit`: the buffer is a large block, allocated after
+                // the wasm linear memory; shrunk in place it would stay right after it and
+                // make its next growth a copy. Freed, it goes back to the heap's top.
+                return buf.to_vec();
             }
             cap = usize::try_from(total).unwrap_or(usize::MAX);
         }

@@ -146,12 +146,17 @@ pub mod eventtype {
     pub const FD_WRITE: u8 = 2;
 }
 
-/// Output buffers are handed to the host when they reach this size.
-pub const OUTPUT_FLUSH_THRESHOLD: usize = 1 << 20;
+/// Output buffers are handed to the host when they reach this size. Like
+/// [`STDIN_BUFFER`], just below the heap's [`LARGE_ALLOC`](crate::heap::LARGE_ALLOC): the
+/// heap puts these buffers with its small blocks, never right after the wasm linear memory,
+/// whose next growth they would otherwise turn into a copy.
+pub const OUTPUT_FLUSH_THRESHOLD: usize = crate::heap::LARGE_ALLOC - 4096;
+/// Capacity of an output buffer until more is written (see `push_output`).
+pub const OUTPUT_FIRST_BUFFER: usize = 4096;
 /// Total stdout+stderr a run may produce; beyond it `fd_write` fails with `EFBIG`.
 pub const OUTPUT_CAP: u64 = vmm_abi::MAX_TRANSFER_LEN;
-/// stdin is read from the host in chunks of this size.
-pub const STDIN_BUFFER: usize = 1 << 20;
+/// stdin is read from the host in chunks of this size (see [`OUTPUT_FLUSH_THRESHOLD`]).
+pub const STDIN_BUFFER: usize = crate::heap::LARGE_ALLOC - 4096;
 /// Most fds a module may hold open.
 pub const MAX_FDS: usize = 1024;
 /// The preopened directory.
@@ -782,8 +787,21 @@ impl WasiCtx {
                 host.write_output(fd, buf);
                 buf.clear();
             }
-            if buf.capacity() == 0 {
-                buf.reserve_exact(OUTPUT_FLUSH_THRESHOLD);
+            let want = (buf.len() + data.len()).min(OUTPUT_FLUSH_THRESHOLD);
+            if buf.capacity() < want {
+                // Most responses are small: a first buffer of a page sits next to the
+                // heap's other small blocks (a whole threshold's worth would put the start
+                // of the response, the part that is written, a MiB away from them). A
+                // larger one is a fresh block of the whole threshold, not a `realloc`,
+                // which the heap would put after the wasm memory (see `heap`).
+                let cap = if want <= OUTPUT_FIRST_BUFFER {
+                    OUTPUT_FIRST_BUFFER
+                } else {
+                    OUTPUT_FLUSH_THRESHOLD
+                };
+                let mut bigger = Vec::with_capacity(cap);
+                bigger.extend_from_slice(buf);
+                *buf = bigger;
             }
             let n = (OUTPUT_FLUSH_THRESHOLD - buf.len()).min(data.len());
             buf.extend_from_slice(&data[..n]);

@@ -372,6 +372,35 @@ fn stdin_is_buffered_one_hostcall() {
 }
 
 #[test]
+fn output_buffer_starts_at_a_page_and_keeps_its_contents_when_it_grows() {
+    let mut w = ctx();
+    let mut h = H::default();
+    let mut m = vec![0u8; 64 + 3 * OUTPUT_FIRST_BUFFER];
+    for (i, b) in m[64..].iter_mut().enumerate() {
+        *b = (i % 251) as u8 + 1;
+    }
+    let mut write = |w: &mut WasiCtx, off: usize, len: usize| {
+        m[0..4].copy_from_slice(&(64 + off as u32).to_le_bytes());
+        m[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+        w.fd_write(&mut h, &mut m, 1, 0, 1, 8).unwrap();
+        assert_eq!(u32_at(&m, 8), len as u32);
+        m[64 + off..64 + off + len].to_vec()
+    };
+    // A small response: one page of buffer, not the whole flush threshold.
+    let mut expect = write(&mut w, 0, 100);
+    expect.extend(write(&mut w, 100, 100));
+    let out = w.take_stdout();
+    assert_eq!(out.capacity(), OUTPUT_FIRST_BUFFER);
+    assert_eq!(out, expect);
+    // Past a page: the whole threshold, holding what was written before.
+    let mut expect = write(&mut w, 0, 3000);
+    expect.extend(write(&mut w, 3000, 3 * OUTPUT_FIRST_BUFFER - 3000));
+    let out = w.take_stdout();
+    assert_eq!(out.capacity(), OUTPUT_FLUSH_THRESHOLD);
+    assert_eq!(out, expect);
+}
+
+#[test]
 fn stdout_buffered_and_flushed_at_threshold() {
     let mut w = ctx();
     let mut h = H::default();
