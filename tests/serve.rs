@@ -237,7 +237,10 @@ fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
     assert_eq!(fresh.code(), 0, "{}", fresh.stderr());
     // One worker and a pool of one: every request runs in the same instance, reset between;
     // with a private copy of the template's memory, and with a shared copy-on-write one.
-    for sharing in [&[][..], &["--share-memory"][..]] {
+    for sharing in [
+        &["--instance-memory", "copy"][..],
+        &["--instance-memory", "shared"][..],
+    ] {
         let mut flags = vec!["--pool", "1", "--workers", "1", "--max-instances", "1"];
         flags.extend_from_slice(sharing);
         let d = Daemon::start(&store, &flags);

@@ -341,10 +341,10 @@ def section_load(a, tmp: Path, store: Path, concurrencies: list[int]) -> list[di
         _, body, expect = FUNCTIONS[name]
         body_file = tmp / f"{name}.body"
         body_file.write_bytes(body)
-        modes = [(2, []), (0, [])] + ([(2, ["--share-memory"])] if name == "hello" else [])
+        modes = [(2, []), (0, [])] + ([(2, ["--instance-memory", "copy"])] if name == "hello" else [])
         for pool, extra in modes:
-            label = f"{pool} shared" if extra else pool
-            with Daemon(a.vmm, store, tmp, f"load-{name}-pool{pool}{'-shared' if extra else ''}",
+            label = f"{pool} copy" if extra else pool
+            with Daemon(a.vmm, store, tmp, f"load-{name}-pool{pool}{'-copy' if extra else ''}",
                         pool, extra) as d:
                 d.wait_pool({name: pool})
                 verify(d, name, body, expect)
@@ -547,7 +547,7 @@ def section_memory(a, tmp: Path) -> dict:
             raise BenchError(f"--pool 0 still has {f['live_instances']} instances after its request")
         empty = smaps_rollup(d.pid)
     result = {"instances": n, "pool_0_mib": empty, "modes": []}
-    for mode, extra in (("copy", []), ("shared", ["--share-memory"])):
+    for mode, extra in (("shared", ["--instance-memory", "shared"]), ("copy", ["--instance-memory", "copy"])):
         log(f"memory: vmm serve --pool {n} {' '.join(extra)}")
         with Daemon(a.vmm, store, tmp, f"memory-full-{mode}", n, extra) as d:
             t0 = time.perf_counter()
@@ -631,9 +631,9 @@ def print_markdown(r: dict) -> None:
             cold = cli.get((name, "cold"), {}).get("median_ms")
             base = served.get(2, {}).get("p50_ms")
             rows = []
-            for pool in (2, "2 shared", 0):
+            for pool in (2, "2 copy", 0):
                 if pool in served:
-                    flags = "--pool 2 --share-memory" if pool == "2 shared" else f"--pool {pool}"
+                    flags = "--pool 2 --instance-memory copy" if pool == "2 copy" else f"--pool {pool}"
                     rows.append((f"served, `{flags}`", served[pool]["p50_ms"], served[pool]["p90_ms"]))
             for mode, label in (("restore", f"`vmm restore {name}`"), ("cold", "`vmm run` (cold)")):
                 if (name, mode) in cli:
@@ -667,9 +667,9 @@ def print_markdown(r: dict) -> None:
         print()
         print(f"`/proc/PID/smaps_rollup` of `vmm serve --pool {mem['instances']}` once all were ready, "
               "minus `--pool 0` after one request (template loaded, no instance), divided by the "
-              "instances. MiB. `copy`: each instance has its own copy of the template's memory; "
-              "`shared` (`--share-memory`): instances map one image copy-on-write and hold only the "
-              "pages their guest wrote (each was warmed up with one empty request).")
+              "instances. MiB. `copy` (`--instance-memory copy`): each instance has its own copy of the template's memory; "
+              "`shared` (`--instance-memory shared`, the default): instances map one image copy-on-write "
+              "and hold only the pages their guest wrote (each was warmed up with one empty request).")
         print()
         print("| mode | instances ready | fill s | Rss | Pss | Private (clean+dirty) | Shared (clean+dirty) | AnonHugePages |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")

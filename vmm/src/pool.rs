@@ -32,7 +32,8 @@ pub struct PoolConfig {
     pub memory_limit: u64,
     /// Idle instances beyond `pool` are destroyed after this long unused.
     pub idle_timeout: Duration,
-    /// How instances hold the template's memory.
+    /// How the instances the pool keeper makes hold the template's memory (instances
+    /// restored on demand for a request always get their own copy).
     pub sharing: crate::instance::Sharing,
 }
 
@@ -341,7 +342,12 @@ impl Pools {
             Some((i, _)) => (i, false),
             None => {
                 self.reserve(wait, true)?;
-                match entry.template.instantiate_with(self.config.sharing) {
+                // On the request path: a private copy, whose first touches cost no exits (a
+                // shared instance is warmed up first, which only the pool keeper can afford).
+                match entry
+                    .template
+                    .instantiate_with(crate::instance::Sharing::Copy)
+                {
                     Ok(i) => (i, true),
                     Err(e) => {
                         self.release(1);
