@@ -10,20 +10,7 @@ use vmm::run::RunLimits;
 fn create(store: &TempDir, name: &str, script: &str) {
     let mut cmd = vmm();
     cmd.args(["template", "create", name, "--store", &store.arg()])
-        .args([
-            "--module",
-            &workload("qjs-wasi-reactor.wasm"),
-            "--runtime",
-            "qjs",
-            "--file",
-            &path(script),
-            "--arg",
-            std::path::Path::new(script)
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap(),
-        ]);
+        .args(qjs_function_args(script, &[]));
     let r = run_with_input(cmd, b"");
     assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
 }

@@ -6,32 +6,9 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn qjs_args(script: &str, extra: &[String]) -> Vec<String> {
-    let mut a = vec![
-        "--module".into(),
-        workload("qjs-wasi-reactor.wasm"),
-        "--runtime".into(),
-        "qjs".into(),
-        "--file".into(),
-        path(script),
-        "--arg".into(),
-        Path::new(script)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned(),
-    ];
-    for f in extra {
-        a.push("--file".into());
-        a.push(f.clone());
-    }
-    a
-}
 
 fn upper_args() -> Vec<String> {
     vec![
@@ -165,8 +142,8 @@ fn every_example_answers_over_http_exactly_as_vmm_run_does() {
         return;
     }
     let store = TempDir::new("serve-examples");
-    let hello = qjs_args("examples/hello.js", &[]);
-    let markdown = qjs_args("examples/markdown.js", &[marked()]);
+    let hello = qjs_function_args("hello.js", &[]);
+    let markdown = qjs_function_args("markdown.js", &[marked()]);
     create(&store, "hello", &hello);
     create(&store, "markdown", &markdown);
     create(&store, "upper", &upper_args());
@@ -229,7 +206,11 @@ fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
         return;
     }
     let store = TempDir::new("serve-isolation");
-    create(&store, "iso", &qjs_args("tests/guests/isolation.js", &[]));
+    create(
+        &store,
+        "iso",
+        &qjs_function_args("tests/guests/isolation.js", &[]),
+    );
     // What a fresh restore answers: the function sees only its own request.
     let mut cmd = vmm();
     cmd.args(["restore", "iso", "--store", &store.arg()]);
@@ -270,7 +251,7 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
         return;
     }
     let store = TempDir::new("serve-status");
-    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
     create(&store, "behave", &behave_args());
     let d = Daemon::start(
         &store,
@@ -351,11 +332,11 @@ fn concurrent_requests_to_one_and_to_many_templates_all_get_their_own_answer() {
         return;
     }
     let store = TempDir::new("serve-concurrent");
-    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
     create(
         &store,
         "markdown",
-        &qjs_args("examples/markdown.js", &[marked()]),
+        &qjs_function_args("markdown.js", &[marked()]),
     );
     create(&store, "upper", &upper_args());
     let d = Arc::new(Daemon::start(&store, &["--pool", "2"]));
@@ -402,7 +383,7 @@ fn templates_created_and_removed_while_serving_are_followed() {
         return;
     }
     let store = TempDir::new("serve-follow");
-    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
     create(&store, "behave", &behave_args());
     let d = Daemon::start(&store, &[]);
     assert_eq!(d.invoke("upper", b"x").0, 404);
@@ -480,7 +461,7 @@ fn pools_stay_within_max_instances_and_memory_limit_evicting_the_least_recently_
         return;
     }
     let store = TempDir::new("serve-limits");
-    create(&store, "hello", &qjs_args("examples/hello.js", &[]));
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
     create(&store, "upper", &upper_args());
     create(&store, "behave", &behave_args());
     let live = |d: &Daemon| -> u64 {

@@ -6,32 +6,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-fn qjs_function_args(script: &str, extra: &[String]) -> Vec<String> {
-    let mut a = vec![
-        "--module".into(),
-        workload("qjs-wasi-reactor.wasm"),
-        "--runtime".into(),
-        "qjs".into(),
-        "--file".into(),
-        if script.contains('/') {
-            path(script)
-        } else {
-            path(&format!("examples/{script}"))
-        },
-        "--arg".into(),
-        Path::new(script)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned(),
-    ];
-    for f in extra {
-        a.push("--file".into());
-        a.push(f.clone());
-    }
-    a
-}
-
 fn create(store: &TempDir, name: &str, function: &[String]) -> Run {
     let mut cmd = vmm();
     cmd.args(["template", "create", name, "--store", &store.arg()])

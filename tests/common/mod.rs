@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -195,4 +195,32 @@ pub fn qjs_run(script: &str, extra_files: &[String], input: &[u8]) -> Run {
         cmd.args(["--file", f]);
     }
     run_with_input(cmd, input)
+}
+
+/// The function options of a QuickJS function: `script` is an `examples/` file name, or a
+/// path relative to the repository; `extra` are more `--file` arguments.
+pub fn qjs_function_args(script: &str, extra: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "--module".into(),
+        workload("qjs-wasi-reactor.wasm"),
+        "--runtime".into(),
+        "qjs".into(),
+        "--file".into(),
+        if script.contains('/') {
+            path(script)
+        } else {
+            path(&format!("examples/{script}"))
+        },
+        "--arg".into(),
+        Path::new(script)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+    ];
+    for f in extra {
+        a.push("--file".into());
+        a.push(f.clone());
+    }
+    a
 }
