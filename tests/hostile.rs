@@ -23,33 +23,16 @@ struct Measured {
 
 /// Run `cmd` with `input` on stdin and reap it with `wait4` to learn its peak RSS;
 /// kill it and fail if it outlives `DEADLINE`.
-// The child is reaped by `wait4`, not `Child::wait`.
-#[allow(clippy::zombie_processes)]
 fn run_measured(mut cmd: Command, input: &[u8]) -> Measured {
-    use std::os::unix::process::ExitStatusExt;
     let mut p = Piped::spawn(&mut cmd, input);
-    let pid = p.child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: plain-old-data out parameter for wait4.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: wait4 on our own child's pid, with valid out pointers.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-        if r == pid {
-            break;
-        }
-        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
-        if p.started.elapsed() > DEADLINE {
-            let _ = p.child.kill();
-            // SAFETY: as above; reaps the killed child.
-            unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-            panic!("{cmd:?} still running after {DEADLINE:?}: a hang");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let started = p.started;
+    let (status, max_rss_kib) = reap_watched(&mut p.child, || {
+        (started.elapsed() > DEADLINE)
+            .then(|| format!("{cmd:?} still running after {DEADLINE:?}: a hang"))
+    });
     Measured {
-        run: p.finish(std::process::ExitStatus::from_raw(status)),
-        max_rss_kib: ru.ru_maxrss as u64,
+        run: p.finish(status),
+        max_rss_kib,
     }
 }
 

@@ -77,24 +77,12 @@ fn run_bounded(what: &str, mut cmd: Command, stdin: Stdin, rss_cap_mib: u64) -> 
     };
     let out = drain(Box::new(child.stdout.take().unwrap()));
     let err = drain(Box::new(child.stderr.take().unwrap()));
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: plain-old-data out parameter for wait4.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: wait4 on our own child's pid, with valid out pointers.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-        if r == pid {
-            break;
-        }
-        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
-        let rss = rss_mib(pid as u32);
+    let pid = child.id();
+    let (status, max_rss_kib) = reap_watched(&mut child, || {
+        let rss = rss_mib(pid);
         let hung = started.elapsed() > DEADLINE;
-        if rss > rss_cap_mib || hung {
-            let _ = child.kill();
-            // SAFETY: as above; reaps the killed child.
-            unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-            panic!(
+        (rss > rss_cap_mib || hung).then(|| {
+            format!(
                 "[{what}] killed: RSS {rss} MiB (cap {rss_cap_mib} MiB) after {:?}{}",
                 started.elapsed(),
                 if hung {
@@ -102,18 +90,15 @@ fn run_bounded(what: &str, mut cmd: Command, stdin: Stdin, rss_cap_mib: u64) -> 
                 } else {
                     ": unbounded memory"
                 }
-            );
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+            )
+        })
+    });
     let _ = writer.join();
-    use std::os::unix::process::ExitStatusExt;
-    let status = std::process::ExitStatus::from_raw(status);
     let m = Measured {
         code: status.code().unwrap_or(-1),
         stdout: out.join().unwrap(),
         stderr: String::from_utf8_lossy(&err.join().unwrap()).into_owned(),
-        max_rss_mib: ru.ru_maxrss as u64 / 1024,
+        max_rss_mib: max_rss_kib / 1024,
         elapsed: started.elapsed(),
     };
     eprintln!(

@@ -224,3 +224,38 @@ pub fn qjs_function_args(script: &str, extra: &[String]) -> Vec<String> {
     }
     a
 }
+
+/// Wait for `child` and reap it with `wait4`, which also gives its peak resident set size
+/// (KiB). While it runs, `watch` is asked every 2 ms whether to give up: if it returns a
+/// reason, the child is killed and reaped and the test fails with that reason.
+// The child is reaped by `wait4`, not `Child::wait`.
+#[allow(clippy::zombie_processes)]
+pub fn reap_watched(
+    child: &mut std::process::Child,
+    mut watch: impl FnMut() -> Option<String>,
+) -> (std::process::ExitStatus, u64) {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: plain-old-data out parameter for wait4.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 on our own child's pid, with valid out pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            break;
+        }
+        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
+        if let Some(reason) = watch() {
+            let _ = child.kill();
+            // SAFETY: as above; reaps the killed child.
+            unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+            panic!("{reason}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (
+        std::process::ExitStatus::from_raw(status),
+        ru.ru_maxrss as u64,
+    )
+}

@@ -350,7 +350,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(200));
                     tick += 1;
-                    pools.maintain(tick % 10 == 0);
+                    pools.maintain(tick.is_multiple_of(10));
                 }
             })
             .expect("spawn the pool keeper");
