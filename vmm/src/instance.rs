@@ -344,6 +344,9 @@ pub struct Instance {
     sharing: Sharing,
     /// /proc/self/pagemap, to find the pages a shared instance's guest wrote.
     pagemap: Option<std::fs::File>,
+    /// Reused by every reset: one flag per page, and mincore's buffer.
+    resident: Vec<bool>,
+    scratch: Vec<u8>,
     vm: Vm,
     status: Status,
     invocations: u64,
@@ -399,6 +402,8 @@ impl Instance {
             template,
             sharing,
             pagemap,
+            resident: Vec::new(),
+            scratch: Vec::new(),
             vm,
             status: Status::Ready,
             invocations: 0,
@@ -507,10 +512,38 @@ impl Instance {
         let step = "reset instance";
         let host =
             |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
-        let resident = self.vm.mem.resident_pages();
         let per_region = (REGION / PAGE) as usize;
-        let (mut copied, mut zeroed) = (0, 0);
         let t = &self.template;
+        let n_regions = t.region_runs.len();
+        // Which pages are resident, asked only where it is needed: not in regions mapped
+        // from the template's file (there pagemap says what was written), one mincore per
+        // run of other regions.
+        let mut resident = std::mem::take(&mut self.resident);
+        resident.clear();
+        resident.resize((self.vm.mem.size() / PAGE) as usize, false);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let file_mapped =
+            |r: usize| self.sharing == Sharing::Shared && !t.region_runs[r].is_empty();
+        let mut r = 0;
+        while r < n_regions {
+            if file_mapped(r) {
+                r += 1;
+                continue;
+            }
+            let first = r;
+            while r < n_regions && !file_mapped(r) {
+                r += 1;
+            }
+            let (from, to) = (first * per_region, (r * per_region).min(resident.len()));
+            self.vm.mem.resident_range(
+                from as u64 * PAGE,
+                (to - from) as u64 * PAGE,
+                &mut scratch,
+                &mut resident[from..to],
+            );
+        }
+        self.scratch = scratch;
+        let (mut copied, mut zeroed) = (0, 0);
         let mut private = Vec::new();
         for r in 0..t.region_runs.len() {
             if self.sharing == Sharing::Shared && !t.region_runs[r].is_empty() {
@@ -549,6 +582,7 @@ impl Instance {
             t.write_region(&self.vm.mem, r, Some(&resident))
                 .map_err(|e| host(e.into()))?;
         }
+        self.resident = resident;
         let tv = Instant::now();
         let state = &self.template.state;
         state

@@ -253,6 +253,31 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// For each 4 KiB page of `[gpa, gpa+len)`: whether it is resident in the host
+    /// (mincore(2)), into `out` (one flag per page, `len / 4096` of them; `scratch` is a
+    /// reusable buffer). On failure every page is reported resident.
+    pub fn resident_range(&self, gpa: u64, len: u64, scratch: &mut Vec<u8>, out: &mut [bool]) {
+        let n = (len / 4096) as usize;
+        let Ok(off) = self.check(gpa, len) else {
+            out.iter_mut().for_each(|x| *x = true);
+            return;
+        };
+        scratch.clear();
+        scratch.resize(n, 0);
+        // SAFETY: the range lies inside this mapping (checked, page aligned); `scratch` has
+        // one byte per page as mincore requires.
+        let r = unsafe {
+            libc::mincore(
+                self.ptr.as_ptr().add(off).cast(),
+                len as usize,
+                scratch.as_mut_ptr(),
+            )
+        };
+        for (o, b) in out.iter_mut().zip(scratch.iter()) {
+            *o = r != 0 || b & 1 == 1;
+        }
+    }
+
     /// One flag per 4 KiB page: whether it is resident in the host (mincore(2)). A page
     /// never touched since the mapping was made is still zero. On failure every page is
     /// reported resident (callers then treat all of RAM as touched).
