@@ -536,3 +536,57 @@ fn a_client_that_goes_away_stops_its_guest_and_frees_the_worker() {
     assert_eq!(body, "next");
     assert!(d.log().contains("status=499"), "{}", d.log());
 }
+
+#[test]
+fn serves_on_a_unix_socket_and_refuses_to_replace_a_file_that_is_not_one() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::net::UnixStream;
+    let store = TempDir::new("serve-unix");
+    create(&store, "upper", &upper_args());
+    let dir = TempDir::created("serve-unix-sock");
+    // A regular file where the socket should go is not replaced.
+    let file = dir.0.join("not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let r = run_with_input(
+        {
+            let mut c = vmm();
+            c.args(["serve", "--store", &store.arg(), "--listen"])
+                .arg(format!("unix:{}", file.display()));
+            c
+        },
+        b"",
+    );
+    assert_ne!(r.code(), 0);
+    assert!(r.stderr().contains("not a socket"), "{}", r.stderr());
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    let sock = dir.0.join("vmm.sock");
+    let mut child = vmm()
+        .args(["serve", "--store", &store.arg(), "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.starts_with("vmm serve: listening on unix:"))),
+        "vmm serve did not listen on the socket"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"POST /v1/functions/upper/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabc\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("x-vmm-exit-code: 0"), "{resp}");
+    assert!(resp.ends_with("ABC\none\ntwo\n"), "{resp}");
+    // SAFETY: SIGTERM to our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
