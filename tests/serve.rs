@@ -271,6 +271,15 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
     };
     assert_eq!(d.invoke("nope", b"x").0, 404);
     assert_eq!(d.invoke("bad/name", b"x").0, 404);
+    assert_eq!(d.invoke("", b"x").0, 404);
+    for path in ["/v1/functions/invoke", "/v1/functions/", "/nope"] {
+        let s = match ureq::post(&d.url(path)).send_bytes(b"x") {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        assert_eq!(s, 404, "POST {path}");
+    }
     assert_eq!(d.invoke("hello", &vec![b'a'; 2000]).0, 413);
     ok(&d);
     let (s, _, code) = d.invoke("behave", b"e");

@@ -622,15 +622,14 @@ async fn handle(
         }
         (&Method::GET, "/metrics") => metrics(&state),
         (&Method::GET, "/v1/functions") => functions(&state),
-        (_, p) if p.starts_with("/v1/functions/") && p.ends_with("/invoke") => {
-            let name = &p["/v1/functions/".len()..p.len() - "/invoke".len()];
+        (_, p) if invoke_target(p).is_some() => {
+            let name = invoke_target(p).unwrap_or_default().to_string();
             if method != Method::POST {
                 text(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "use POST to invoke a function",
                 )
             } else {
-                let name = name.to_string();
                 invoke(&state, name, req).await
             }
         }
@@ -640,6 +639,11 @@ async fn handle(
         ),
     };
     Ok(r)
+}
+
+/// The template name in `/v1/functions/NAME/invoke` (the name is checked when looked up).
+fn invoke_target(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/functions/")?.strip_suffix("/invoke")
 }
 
 async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
@@ -892,4 +896,29 @@ fn metrics(state: &State) -> Resp {
             .expect("static header"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invoke_paths_are_parsed_without_panicking() {
+        assert_eq!(invoke_target("/v1/functions/hello/invoke"), Some("hello"));
+        assert_eq!(invoke_target("/v1/functions//invoke"), Some(""));
+        assert_eq!(invoke_target("/v1/functions/invoke"), None);
+        assert_eq!(invoke_target("/v1/functions/"), None);
+        assert_eq!(invoke_target("/v1/functions/a/b/invoke"), Some("a/b"));
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1KiB"), Ok(1024));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("5X").is_err());
+    }
 }
