@@ -49,6 +49,9 @@ impl Default for PoolConfig {
     }
 }
 
+/// How long a failed template load is remembered (for an unchanged manifest).
+const RETRY_FAILED_LOAD: Duration = Duration::from_secs(5);
+
 /// Identity of a template's manifest on disk: a change means it was replaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileId {
@@ -114,6 +117,8 @@ pub struct Pools {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     /// Serialises template loads (one per template at a time) and store access.
     loading: Mutex<()>,
+    /// Templates whose load failed, with the manifest it failed on and why.
+    failed: Mutex<HashMap<String, (FileId, Instant, ErrorKind, String)>>,
     live: Arc<Live>,
     /// Instances to destroy off the request path (unmapping RAM and destroying the KVM VM
     /// takes a few ms); the reaper thread drops them and releases their count.
@@ -138,6 +143,7 @@ impl Pools {
             config,
             entries: Mutex::new(HashMap::new()),
             loading: Mutex::new(()),
+            failed: Mutex::new(HashMap::new()),
             reaper: Mutex::new(spawn_reaper(live.clone())),
             live,
             on_reset: Mutex::new(None),
@@ -213,7 +219,38 @@ impl Pools {
                 return Ok(e);
             }
         }
-        let template = self.engine.load_template(name)?;
+        // A template that failed to load is not loaded (and verified) again for a while
+        // unless its manifest changes: a stream of requests for a damaged template stays
+        // cheap, and a store repaired underneath (`vmm-store reindex`) is seen again soon.
+        if let Some((kind, msg)) = self.failed.lock().ok().and_then(|f| {
+            f.get(name)
+                .filter(|(id, at, _, _)| *id == now && at.elapsed() < RETRY_FAILED_LOAD)
+                .map(|(_, _, k, m)| (*k, m.clone()))
+        }) {
+            return Err(Error::new(kind, "load template", msg));
+        }
+        let template = match self.engine.load_template(name) {
+            Ok(t) => t,
+            Err(e) => {
+                if let Ok(mut f) = self.failed.lock() {
+                    f.insert(
+                        name.to_string(),
+                        (
+                            now,
+                            Instant::now(),
+                            e.kind(),
+                            std::error::Error::source(&e)
+                                .map(|s| s.to_string())
+                                .unwrap_or_else(|| e.to_string()),
+                        ),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        if let Ok(mut f) = self.failed.lock() {
+            f.remove(name);
+        }
         let entry = Arc::new(Entry {
             template,
             file: Some(now),

@@ -746,6 +746,7 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     match result {
         JobResult::Refused(kind, msg) => {
+            let msg = format!("template {name}: {msg}");
             let status = error_status(kind);
             count(status);
             tracing::info!(template = %name, status = status.as_u16(), total_ms, "refused: {msg}");
