@@ -66,7 +66,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub queue: usize,
     /// How pooled instances hold the template's memory: `shared` maps one image of it
-    /// copy-on-write and keeps privately only the pages the guest wrote (~2.6 MiB per idle
+    /// copy-on-write and keeps privately only the pages the guest wrote (~3 MiB per idle
     /// JS instance; each new instance is warmed up with an empty request off the request
     /// path, since its first touch of each page costs an exit); `copy` gives each its own
     /// copy in 2 MiB pages (~10 MiB). Instances restored on demand (`--pool 0`, or every
