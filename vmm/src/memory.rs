@@ -139,8 +139,9 @@ impl GuestMemory {
     }
 
     /// For each 4 KiB page of `[gpa, gpa+len)`: whether it is a private page of this
-    /// mapping, i.e. present and not a page of the file it maps (the guest wrote it, or it
-    /// was never file-backed). Read from /proc/self/pagemap through `pagemap`.
+    /// mapping, i.e. present and not a page of the file it maps, or swapped out (the guest
+    /// wrote it, or it was never file-backed). Read from /proc/self/pagemap through
+    /// `pagemap`.
     pub fn private_pages(
         &self,
         pagemap: &std::fs::File,
@@ -150,6 +151,7 @@ impl GuestMemory {
     ) -> Result<(), MemoryError> {
         use std::os::unix::fs::FileExt;
         const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
         const FILE_OR_SHARED: u64 = 1 << 61;
         let off = self.check(gpa, len)?;
         let first = (self.ptr.as_ptr() as u64 + off as u64) / 4096;
@@ -163,7 +165,8 @@ impl GuestMemory {
         out.clear();
         out.extend(buf.chunks_exact(8).map(|c| {
             let e = u64::from_le_bytes(c.try_into().unwrap_or_default());
-            e & PRESENT != 0 && e & FILE_OR_SHARED == 0
+            // A swapped-out page of a private mapping is a page the guest wrote too.
+            (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0
         }));
         Ok(())
     }
@@ -317,6 +320,37 @@ impl Drop for GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pagemap_finds_exactly_the_pages_written_through_a_private_file_mapping() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let mut f = tempfile_in_memory();
+        f.write_all(&vec![7u8; 2 << 20]).unwrap();
+        let m = GuestMemory::new(4 << 20).unwrap();
+        m.map_file_range(0, 2 << 20, f.as_fd()).unwrap();
+        m.slice(0, 4096).unwrap(); // no touch yet: nothing private
+        let pm = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut private = Vec::new();
+        m.private_pages(&pm, 0, 2 << 20, &mut private).unwrap();
+        assert!(private.iter().all(|&p| !p));
+        let mut b = [0u8; 1];
+        m.read_into(5 * 4096, &mut b).unwrap(); // a read maps the file page: not private
+        assert_eq!(b[0], 7);
+        m.write(3 * 4096 + 10, b"x").unwrap(); // a write copies it: private
+        m.private_pages(&pm, 0, 2 << 20, &mut private).unwrap();
+        let written: Vec<usize> = (0..private.len()).filter(|&i| private[i]).collect();
+        assert_eq!(written, vec![3]);
+    }
+
+    fn tempfile_in_memory() -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is checked and owned here.
+        let fd = unsafe { libc::memfd_create(c"vmm-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        unsafe { std::fs::File::from_raw_fd(fd) }
+    }
 
     #[test]
     fn bounds_are_checked() {
