@@ -115,8 +115,9 @@ pub struct Pools {
     store_dir: PathBuf,
     config: PoolConfig,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
-    /// Serialises template loads (one per template at a time) and store access.
-    loading: Mutex<()>,
+    /// One lock per template name: a template is loaded by one thread at a time, while
+    /// other templates load in parallel (the store's read side is shared).
+    loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Templates whose load failed, with the manifest it failed on and why.
     failed: Mutex<HashMap<String, (FileId, Instant, ErrorKind, String)>>,
     live: Arc<Live>,
@@ -142,7 +143,7 @@ impl Pools {
             engine,
             config,
             entries: Mutex::new(HashMap::new()),
-            loading: Mutex::new(()),
+            loading: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             reaper: Mutex::new(spawn_reaper(live.clone())),
             live,
@@ -212,7 +213,14 @@ impl Pools {
                 return Ok(e);
             }
         }
-        let _guard = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = self
+            .loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         // Another thread may have loaded it while this one waited.
         if let Some(e) = self.entries.lock().ok().and_then(|m| m.get(name).cloned()) {
             if e.file == Some(now) {
