@@ -285,6 +285,21 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
     assert_eq!(d.invoke("nope", b"x").0, 404);
     assert_eq!(d.invoke("bad/name", b"x").0, 404);
     assert_eq!(d.invoke("", b"x").0, 404);
+    // Names a client makes up do not each get a metrics series (unbounded memory).
+    let before = d.get("/metrics").1.len();
+    for i in 0..300 {
+        assert_eq!(d.invoke(&format!("made-up-{i}"), b"x").0, 404);
+    }
+    let metrics = d.get("/metrics").1;
+    assert!(!metrics.contains("made-up-"), "{metrics}");
+    assert!(
+        metrics.contains(r#"template="(unknown)",status="404""#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.len() < before + 200,
+        "metrics grew with made-up names"
+    );
     for path in ["/v1/functions/invoke", "/v1/functions/", "/nope"] {
         let s = match ureq::post(&d.url(path)).send_bytes(b"x") {
             Ok(r) => r.status(),

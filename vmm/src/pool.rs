@@ -172,6 +172,11 @@ impl Pools {
             .join(format!("{name}.tmpl"))
     }
 
+    /// Whether `name` is a template loaded into the pools (known to exist).
+    pub fn is_loaded(&self, name: &str) -> bool {
+        self.entries.lock().is_ok_and(|m| m.contains_key(name))
+    }
+
     /// Instances alive now (ready and busy, all templates).
     pub fn live_instances(&self) -> usize {
         self.live.count.lock().map(|l| *l).unwrap_or(0)

@@ -237,6 +237,31 @@ enum JobResult {
     Refused(ErrorKind, String),
 }
 
+impl Metrics {
+    /// Count a request. The template label is the name only for a template the pools know:
+    /// names a client makes up (404s, bodies refused before the lookup) share one label,
+    /// so that they cannot grow the metrics without bound.
+    fn count(&self, pools: &Pools, name: &str, status: u16) {
+        let template = if pools.is_loaded(name) {
+            name.to_string()
+        } else {
+            UNKNOWN_TEMPLATE.to_string()
+        };
+        self.requests
+            .get_or_create(&RequestLabels { template, status })
+            .inc();
+    }
+}
+
+/// The metrics label of requests for a template the daemon does not know.
+const UNKNOWN_TEMPLATE: &str = "(unknown)";
+
+impl State {
+    fn count(&self, name: &str, status: u16) {
+        self.metrics.count(&self.pools, name, status);
+    }
+}
+
 struct State {
     pools: Arc<Pools>,
     jobs: SyncSender<Job>,
@@ -407,13 +432,7 @@ fn worker(
         let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
         metrics.queue_wait.observe(queue_ms / 1e3);
         let gone = |step: &str| {
-            metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    template: job.name.clone(),
-                    status: 499,
-                })
-                .inc();
+            metrics.count(pools, &job.name, 499);
             tracing::info!(template = %job.name, status = 499, "the client went away {step}");
         };
         if job.reply.is_closed() {
@@ -649,16 +668,7 @@ fn invoke_target(path: &str) -> Option<&str> {
 async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
     let t0 = Instant::now();
     let as_json = wants_json(&req);
-    let count = |status: StatusCode| {
-        state
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                template: name.clone(),
-                status: status.as_u16(),
-            })
-            .inc();
-    };
+    let count = |status: StatusCode| state.count(&name, status.as_u16());
     if state.draining.load(Ordering::Relaxed) {
         count(StatusCode::SERVICE_UNAVAILABLE);
         return text(
