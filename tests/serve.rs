@@ -345,6 +345,20 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
         "{head}"
     );
 
+    // A client that sends its headers and then stalls in its body gets 408 after
+    // --header-timeout, instead of holding the connection (and its body budget) forever.
+    let mut stall = TcpStream::connect(&d.addr).unwrap();
+    stall
+        .write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"na")
+        .unwrap();
+    stall
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut head = [0u8; 12];
+    stall.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
+    ok(&d);
+
     // A client that disconnects mid-body, and one that leaves while its function runs.
     let mut gone = TcpStream::connect(&d.addr).unwrap();
     gone.write_all(
@@ -489,6 +503,28 @@ fn serve_refuses_a_missing_store_and_a_bad_listen_address_with_a_clear_error() {
     );
     assert_ne!(r.code(), 0);
     assert!(r.stderr().contains("no template store"), "{}", r.stderr());
+    // Absurd values are refused up front, never a panic or an abort later (a huge queue
+    // was allocated at once, huge worker counts and header timeouts panicked).
+    for flags in [
+        ["--queue", "100000000000"],
+        ["--workers", "200000"],
+        ["--workers", "0"],
+        ["--header-timeout", "18446744073709551615"],
+        ["--max-body", "18446744073709551615"],
+        ["--pool", "100000000"],
+        ["--max-instances", "0"],
+    ] {
+        let mut c = vmm();
+        c.args(["serve", "--store", &store.arg(), "--listen", "127.0.0.1:0"])
+            .args(flags);
+        let r = run_with_input(c, b"");
+        assert_eq!(r.code(), 2, "{flags:?}: {}", r.stderr());
+        assert!(
+            r.stderr().contains(flags[0]) && !r.stderr().contains("panicked"),
+            "{flags:?}: {}",
+            r.stderr()
+        );
+    }
     let _ = Command::new("true");
 }
 

@@ -39,18 +39,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Ready instances kept per template (0: restore one per request, destroy it after).
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub pool: usize,
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub pool: u32,
     /// Most instances alive at once, over all templates.
-    #[arg(long, value_name = "N", default_value_t = 256)]
-    pub max_instances: usize,
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_instances: u32,
     /// Host memory (resident, e.g. 512M, 8G) above which idle instances are destroyed,
     /// least recently used templates first.
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
     pub memory_limit: u64,
-    /// Worker threads running vCPUs [default: the number of CPUs].
-    #[arg(long, value_name = "N")]
-    pub workers: Option<usize>,
+    /// Worker threads running vCPUs, 1 to 1024 [default: the number of CPUs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
     /// Stop a function's guest after this many seconds (504).
     #[arg(
         long,
@@ -59,12 +61,16 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub timeout: f64,
-    /// Largest request body in bytes (413 above it).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
-    pub max_body: usize,
-    /// Requests waiting for a worker before new ones get 429.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
-    pub queue: usize,
+    /// Largest request body in bytes, up to 64 MiB (413 above it). Request bodies held at
+    /// once (read, queued or running) may total 256 MiB or 16 bodies, whichever is more;
+    /// past that, new requests get 429.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY as u64,
+          value_parser = clap::value_parser!(u64).range(0..=64 << 20))]
+    pub max_body: u64,
+    /// Requests waiting for a worker before new ones get 429 (1 to 100000).
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub queue: u32,
     /// How pooled instances hold the template's memory: `shared` maps one image of it
     /// copy-on-write and keeps privately only the pages the guest wrote (~3 MiB per idle
     /// JS instance; each new instance is warmed up with an empty request off the request
@@ -73,8 +79,10 @@ pub struct ServeArgs {
     /// pooled one busy) always get a copy.
     #[arg(long, value_enum, default_value = "shared")]
     pub instance_memory: InstanceMemory,
-    /// Seconds a client has to send its request headers.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    /// Seconds a client has to send its request headers, and then again its body (408
+    /// after that); 1 to 3600.
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout: u64,
 }
 
@@ -256,6 +264,31 @@ impl Metrics {
 /// The metrics label of requests for a template the daemon does not know.
 const UNKNOWN_TEMPLATE: &str = "(unknown)";
 
+/// Bytes of request bodies held now (reserved before reading, released with the guard).
+struct BodyBytes(Arc<AtomicU64>, u64);
+
+impl BodyBytes {
+    fn reserve(held: &Arc<AtomicU64>, want: u64, budget: u64) -> Option<BodyBytes> {
+        let mut now = held.load(Ordering::Relaxed);
+        loop {
+            // One request is always let through, whatever its size (up to --max-body).
+            if now > 0 && now + want > budget {
+                return None;
+            }
+            match held.compare_exchange_weak(now, now + want, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(BodyBytes(held.clone(), want)),
+                Err(x) => now = x,
+            }
+        }
+    }
+}
+
+impl Drop for BodyBytes {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
 impl State {
     fn count(&self, name: &str, status: u16) {
         self.metrics.count(&self.pools, name, status);
@@ -269,6 +302,11 @@ struct State {
     draining: AtomicBool,
     queued: Arc<AtomicU64>,
     max_body: usize,
+    /// How long a client has to send its body once its headers are in.
+    body_timeout: Duration,
+    /// Request body bytes held now, and the most that may be.
+    body_bytes: Arc<AtomicU64>,
+    body_budget: u64,
 }
 
 pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
@@ -299,7 +337,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         .workers
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
-                .map(|n| n.get())
+                .map(|n| n.get().min(1024) as u32)
                 .unwrap_or(2)
         })
         .max(1);
@@ -313,8 +351,8 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     let pools = Arc::new(Pools::new(
         engine,
         PoolConfig {
-            pool: args.pool,
-            max_instances: args.max_instances.max(1),
+            pool: args.pool as usize,
+            max_instances: args.max_instances as usize,
             memory_limit: args.memory_limit,
             sharing: match args.instance_memory {
                 InstanceMemory::Shared => vmm::instance::Sharing::Shared,
@@ -334,7 +372,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         eager_compile: false,
         ..RunLimits::default()
     };
-    let (tx, rx) = sync_channel::<Job>(args.queue.max(1));
+    let (tx, rx) = sync_channel::<Job>(args.queue as usize);
     let rx = Arc::new(Mutex::new(rx));
     let queued = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -354,21 +392,23 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
                 .expect("spawn a worker thread"),
         );
     }
-    // Pools: fill at start, then keep them filled and follow the store.
+    // Pools: filled on the keeper thread (the daemon listens meanwhile: a request before
+    // its template's pool is ready restores an instance on demand), then kept filled.
     {
-        let t = Instant::now();
-        let created = pools.maintain(true);
-        tracing::info!(
-            store = %store_dir.display(),
-            templates = pools.entries().len(),
-            instances = created,
-            ms = t.elapsed().as_secs_f64() * 1e3,
-            "pools ready"
-        );
         let (pools, stop) = (pools.clone(), stop.clone());
+        let store_dir = store_dir.clone();
         std::thread::Builder::new()
             .name("vmm-pool-keeper".into())
             .spawn(move || {
+                let t = Instant::now();
+                let created = pools.maintain(true);
+                tracing::info!(
+                    store = %store_dir.display(),
+                    templates = pools.entries().len(),
+                    instances = created,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "pools filled"
+                );
                 // Refill every 200 ms; look for new templates in the store every 2 s (a
                 // request for one is served at once anyway: it is loaded on demand).
                 let mut tick = 0u64;
@@ -386,7 +426,10 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         metrics,
         draining: AtomicBool::new(false),
         queued,
-        max_body: args.max_body,
+        max_body: args.max_body as usize,
+        body_timeout: Duration::from_secs(args.header_timeout),
+        body_bytes: Arc::new(AtomicU64::new(0)),
+        body_budget: (256u64 << 20).max(16 * args.max_body),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -689,10 +732,36 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
             format!("request body over the {}-byte limit", state.max_body),
         );
     }
-    let body = match Limited::new(req.into_body(), state.max_body)
-        .collect()
-        .await
-    {
+    // Bound the request bodies held at once: reserve what this one may take before reading.
+    let want = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(state.max_body as u64)
+        .min(state.max_body as u64);
+    let Some(_held) = BodyBytes::reserve(&state.body_bytes, want, state.body_budget) else {
+        count(StatusCode::TOO_MANY_REQUESTS);
+        let mut r = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many request bodies are held at once; retry",
+        );
+        r.headers_mut()
+            .insert("retry-after", "1".parse().expect("static header"));
+        return r;
+    };
+    let read = Limited::new(req.into_body(), state.max_body).collect();
+    let Ok(read) = tokio::time::timeout(state.body_timeout, read).await else {
+        count(StatusCode::REQUEST_TIMEOUT);
+        return text(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {:?}",
+                state.body_timeout
+            ),
+        );
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let too_large = e
@@ -920,6 +989,24 @@ mod tests {
         assert_eq!(invoke_target("/v1/functions/invoke"), None);
         assert_eq!(invoke_target("/v1/functions/"), None);
         assert_eq!(invoke_target("/v1/functions/a/b/invoke"), Some("a/b"));
+    }
+
+    #[test]
+    fn request_bodies_held_at_once_stay_within_the_budget() {
+        let held = Arc::new(AtomicU64::new(0));
+        let a = BodyBytes::reserve(&held, 600, 1000).expect("first");
+        assert!(
+            BodyBytes::reserve(&held, 600, 1000).is_none(),
+            "over the budget"
+        );
+        let b = BodyBytes::reserve(&held, 400, 1000).expect("fits");
+        assert_eq!(held.load(Ordering::Relaxed), 1000);
+        drop((a, b));
+        assert_eq!(held.load(Ordering::Relaxed), 0);
+        // One body is always let through, even one larger than the budget.
+        let c = BodyBytes::reserve(&held, 5000, 1000).expect("alone");
+        assert!(BodyBytes::reserve(&held, 1, 1000).is_none());
+        drop(c);
     }
 
     #[test]
