@@ -35,14 +35,13 @@ pub struct Template {
     name: String,
     created_unix_ms: u64,
     mem_size: u64,
-    /// Every data page, in frame order, in one huge-page backed buffer.
-    data: GuestMemory,
-    /// Runs of consecutive data frames: (first frame, pages, byte offset in `data`).
-    runs: Vec<(u64, u64, u64)>,
+    /// Runs of consecutive data frames: (first frame, pages).
+    runs: Vec<(u64, u64)>,
     /// Per 2 MiB region of guest RAM: the range of `runs` that lies in it (empty: none).
     region_runs: Vec<std::ops::Range<usize>>,
-    /// The whole image at guest offsets in a memory file (sparse), for instances that map
-    /// it copy-on-write ([`Sharing::Shared`]), and a read-only view of it.
+    /// The verified image at guest offsets in a memory file (sparse: only data pages take
+    /// memory), which [`Sharing::Shared`] instances map copy-on-write, and a read-only view
+    /// of it that copies and resets read from.
     image: (std::fs::File, memmap2::Mmap),
     state: VcpuState,
     stdin_buf: GuestRange,
@@ -104,10 +103,9 @@ impl Template {
         let n_regions = tmpl.mem_size.div_ceil(REGION) as usize;
         let mut frames: Vec<u64> = resolved.data_frames().collect();
         frames.sort_unstable();
-        let data_len = (frames.len() as u64 * PAGE).div_ceil(REGION).max(1) * REGION;
-        let data = GuestMemory::new(data_len as usize)
-            .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
-        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        let host = |e: std::io::Error| Error::new(ErrorKind::Host, step, e);
+        let (file, mut image) = memory_file(name, tmpl.mem_size).map_err(host)?;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut data_pages = 0u64;
         for gfn in frames {
             let frame = resolved
@@ -119,22 +117,21 @@ impl Template {
             if gfn * PAGE >= tmpl.mem_size {
                 return Err(Error::new(ErrorKind::Damaged, step, "frame past guest RAM"));
             }
-            let off = data_pages * PAGE;
-            data.write(off, p)
-                .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
+            let at = (gfn * PAGE) as usize;
+            image
+                .get_mut(at..at + PAGE_SIZE)
+                .ok_or_else(|| Error::new(ErrorKind::Damaged, step, "frame past guest RAM"))?
+                .copy_from_slice(p);
             data_pages += 1;
             // A run never crosses a 2 MiB region boundary (resets work region by region).
             match runs.last_mut() {
-                Some((first, n, _))
-                    if *first + *n == gfn && !(gfn * PAGE).is_multiple_of(REGION) =>
-                {
+                Some((first, n)) if *first + *n == gfn && !(gfn * PAGE).is_multiple_of(REGION) => {
                     *n += 1
                 }
-                _ => runs.push((gfn, 1, off)),
+                _ => runs.push((gfn, 1)),
             }
         }
-        let image = memory_file(name, tmpl.mem_size, &runs, &data)
-            .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
+        let image = (file, image.make_read_only().map_err(host)?);
         let mut region_runs = vec![0..0; n_regions];
         let mut i = 0;
         while i < runs.len() {
@@ -156,7 +153,6 @@ impl Template {
                 name: name.to_string(),
                 created_unix_ms: tmpl.created_unix_ms,
                 mem_size: tmpl.mem_size,
-                data,
                 runs,
                 region_runs,
                 image,
@@ -200,7 +196,7 @@ impl Template {
     fn sparse(&self, r: usize) -> bool {
         let pages: u64 = self.runs[self.region_runs[r].clone()]
             .iter()
-            .map(|&(_, n, _)| n)
+            .map(|&(_, n)| n)
             .sum();
         pages < SPARSE_REGION_PAGES
     }
@@ -233,9 +229,10 @@ impl Template {
             Ok(())
         };
         let mut cursor = first;
-        for &(gfn, n, off) in &self.runs[self.region_runs[r].clone()] {
+        for &(gfn, n) in &self.runs[self.region_runs[r].clone()] {
             zero_until(cursor, gfn)?;
-            mem.write(gfn * PAGE, self.data.slice(off, n * PAGE)?)?;
+            let (from, to) = ((gfn * PAGE) as usize, ((gfn + n) * PAGE) as usize);
+            mem.write(gfn * PAGE, &self.image.1[from..to])?;
             cursor = gfn + n;
         }
         zero_until(cursor, end)
@@ -267,16 +264,10 @@ pub enum Sharing {
     Shared,
 }
 
-/// The template's memory as a sparse memory file (memfd) holding every data page at its
-/// guest offset, and a read-only mapping of it.
-fn memory_file(
-    name: &str,
-    mem_size: u64,
-    runs: &[(u64, u64, u64)],
-    data: &GuestMemory,
-) -> std::io::Result<(std::fs::File, memmap2::Mmap)> {
+/// A sparse memory file (memfd) of `mem_size` bytes for the template's image, and a
+/// writable shared mapping of it to fill (pages never written take no memory).
+fn memory_file(name: &str, mem_size: u64) -> std::io::Result<(std::fs::File, memmap2::MmapMut)> {
     use std::os::fd::FromRawFd;
-    use std::os::unix::fs::FileExt;
     let cname = std::ffi::CString::new(format!("vmm-template-{name}")).unwrap_or_default();
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked before use.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
@@ -286,15 +277,9 @@ fn memory_file(
     // SAFETY: `fd` was just created and is owned by nothing else.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(mem_size)?;
-    for &(gfn, n, off) in runs {
-        let bytes = data
-            .slice(off, n * PAGE)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        file.write_all_at(bytes, gfn * PAGE)?;
-    }
-    // SAFETY: a read-only shared mapping of a memory file only this module writes, and
-    // only before this point.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
+    // SAFETY: a shared mapping of a memory file nothing else has; it is filled here and
+    // then made read-only before any instance maps the file.
+    let map = unsafe { memmap2::MmapMut::map_mut(&file)? };
     Ok((file, map))
 }
 
