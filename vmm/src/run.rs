@@ -259,6 +259,10 @@ pub fn drive(
     limits: &RunLimits,
     mut on: impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError>,
 ) -> Result<Hostcall, RunError> {
+    // A watchdog of an earlier run on this vCPU (a reused instance) may have fired just as
+    // that run ended successfully, leaving `immediate_exit` set: every KVM_RUN would then
+    // return at once until this run's deadline.
+    vm.vcpu.set_kvm_immediate_exit(0);
     let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
     let watchdog =
         Watchdog::start_interruptible(limits.timeout, run_ptr, limits.interrupt.as_ref());
