@@ -111,6 +111,24 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
+    /// Wait (up to 60 s) until the pool keeper has loaded `templates` templates and filled
+    /// each pool with `ready` instances (it fills them after the daemon starts listening).
+    fn wait_pools(&self, templates: usize, ready: u64) {
+        let t0 = Instant::now();
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&self.get("/v1/functions").1).unwrap();
+            let f = v["functions"].as_array().unwrap();
+            if f.len() == templates && f.iter().all(|f| f["ready"].as_u64() == Some(ready)) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "pools not filled: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the daemon's log comes to contain `what` within 20 s (its stderr is read on
     /// another thread, so a line can arrive after the response it describes).
     fn logged(&self, what: &str) -> bool {
@@ -161,6 +179,7 @@ fn every_example_answers_over_http_exactly_as_vmm_run_does() {
     create(&store, "markdown", &markdown);
     create(&store, "upper", &upper_args());
     let d = Daemon::start(&store, &[]);
+    d.wait_pools(3, 2);
     let cases: [(&str, &Vec<String>, &[u8]); 4] = [
         ("hello", &hello, br#"{"name":"http"}"#),
         ("markdown", &markdown, b"# Title\n\n*em* and `code`\n"),
@@ -238,6 +257,8 @@ fn no_request_sees_what_an_earlier_one_left_in_a_reused_instance() {
         let mut flags = vec!["--pool", "1", "--workers", "1", "--max-instances", "1"];
         flags.extend_from_slice(sharing);
         let d = Daemon::start(&store, &flags);
+        // The pooled instance (not one restored on demand) serves every request.
+        d.wait_pools(1, 1);
         for i in 0..60 {
             let req = format!("req-{i}");
             let (status, body, _) = d.invoke("iso", req.as_bytes());
