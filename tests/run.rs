@@ -407,3 +407,39 @@ fn output_past_the_cap_is_reported_and_not_a_success() {
     assert_eq!(v["stderr_truncated"], false);
     assert_eq!(v["reason"], "exit");
 }
+
+/// A reader of stdout that went away (`vmm run --json | head -c1`, `vmm template ls |
+/// head -1`) is not a panic: the JSON object and the listing are written like the response,
+/// whose write errors are ignored.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("run-closed-stdout");
+    let mut cmd = vmm();
+    cmd.args(["template", "create", "up", "--store", &store.arg()])
+        .args(["--module", &path("examples/upper.wat")]);
+    let c = run_with_input(cmd, b"");
+    assert_eq!(c.code(), 0, "template create: {}", c.stderr());
+    let runs: [&[&str]; 4] = [
+        &["run", "--module", &path("examples/upper.wat"), "--json"],
+        &["restore", "up", "--store", &store.arg(), "--json"],
+        &["template", "ls", "--store", &store.arg()],
+        &["template", "ls", "--store", &store.arg(), "--json"],
+    ];
+    for args in runs {
+        // A pipe whose read end is closed before vmm writes: every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = vmm()
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}

@@ -458,6 +458,14 @@ pub fn with_hint(e: &RunError) -> String {
     }
 }
 
+/// Write `line` and a newline to standard output, ignoring errors: a reader that went away
+/// (`vmm run --json | head -c1`) must not make `println!` panic; the response is written the
+/// same way.
+pub fn print_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
 /// Report a failure before any function ran (unreadable input, store, bad option) the way
 /// the user asked, and return the exit status: with `--json`, one JSON object on stdout.
 pub fn fail_before_run(msg: &str, json: bool) -> i32 {
@@ -472,7 +480,7 @@ pub fn fail_before_run(msg: &str, json: bool) -> i32 {
             "stdout_truncated": false,
             "stderr_truncated": false,
         });
-        println!("{v}");
+        print_line(&v.to_string());
     } else {
         eprintln!("vmm: error: {msg}");
     }
@@ -494,7 +502,7 @@ pub fn finish(report: &RunReport, args: &InvokeArgs) -> i32 {
             "stderr_truncated": report.truncated.stderr,
             "stats": report.stats,
         });
-        println!("{v}");
+        print_line(&v.to_string());
         return o.status;
     }
     let _ = std::io::stdout().write_all(&report.stdout);

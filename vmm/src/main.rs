@@ -282,7 +282,7 @@ fn template(cmd: TemplateCommand) -> i32 {
                 &limits,
             ) {
                 Ok(r) if json => {
-                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    cli::print_line(&serde_json::to_string(&r).unwrap_or_default());
                     0
                 }
                 Ok(r) => {
@@ -351,12 +351,12 @@ fn template(cmd: TemplateCommand) -> i32 {
                         "error": e.to_string(),
                     })
                 }));
-                println!("{}", serde_json::Value::Array(v));
+                cli::print_line(&serde_json::Value::Array(v).to_string());
             } else {
-                println!(
+                cli::print_line(&format!(
                     "{:<32} {:<32} {:>10} {:>8}",
                     "NAME", "PARENT", "OWN PAGES", "MEM MiB"
-                );
+                ));
                 let mut rows: Vec<(&str, String)> = list
                     .iter()
                     .map(|t| {
@@ -380,7 +380,7 @@ fn template(cmd: TemplateCommand) -> i32 {
                 }));
                 rows.sort();
                 for (_, row) in rows {
-                    println!("{row}");
+                    cli::print_line(&row);
                 }
             }
             for (n, e) in bad {
