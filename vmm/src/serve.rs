@@ -27,6 +27,15 @@ use vmm::error::ErrorKind;
 use vmm::pool::{PoolConfig, Pools, Timings};
 use vmm::run::RunLimits;
 
+/// A line on stderr; a closed or full stderr is not a reason to stop serving (eprintln!
+/// would panic).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// Largest request body accepted by default (413 above it).
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
@@ -322,12 +331,12 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     let timeout = match vmm::cli::timeout(args.timeout) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            say!("vmm: error: {e}");
             return 2;
         }
     };
     if !store_dir.join("store.cfg").exists() {
-        eprintln!(
+        say!(
             "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
             store_dir.display()
         );
@@ -344,7 +353,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     let engine = match vmm::engine::Engine::new(vmm::engine::Config::new(store_dir.clone())) {
         Ok(e) => Arc::new(e),
         Err(e) => {
-            eprintln!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");
+            say!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");
             return 1;
         }
     };
@@ -439,7 +448,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("vmm: error: start the HTTP runtime: {e}");
+            say!("vmm: error: start the HTTP runtime: {e}");
             return 1;
         }
     };
@@ -526,7 +535,7 @@ async fn accept_loop(
         if let Ok(m) = std::fs::symlink_metadata(&path) {
             use std::os::unix::fs::FileTypeExt;
             if !m.file_type().is_socket() {
-                eprintln!("vmm: error: --listen {listen}: exists and is not a socket; refusing to replace it");
+                say!("vmm: error: --listen {listen}: exists and is not a socket; refusing to replace it");
                 return 2;
             }
             let _ = std::fs::remove_file(&path);
@@ -534,7 +543,7 @@ async fn accept_loop(
         match tokio::net::UnixListener::bind(&path) {
             Ok(l) => Listener::Unix(l, path),
             Err(e) => {
-                eprintln!("vmm: error: listen on {listen}: {e}");
+                say!("vmm: error: listen on {listen}: {e}");
                 return 1;
             }
         }
@@ -542,7 +551,7 @@ async fn accept_loop(
         match tokio::net::TcpListener::bind(&listen).await {
             Ok(l) => Listener::Tcp(l),
             Err(e) => {
-                eprintln!("vmm: error: listen on {listen}: {e} (is another server on that port? pass --listen)");
+                say!("vmm: error: listen on {listen}: {e} (is another server on that port? pass --listen)");
                 return 1;
             }
         }
@@ -556,12 +565,12 @@ async fn accept_loop(
     };
     tracing::info!(listen = %shown, "serving");
     // Machine-readable line for scripts and tests that pass port 0.
-    eprintln!("vmm serve: listening on {shown}");
+    say!("vmm serve: listening on {shown}");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmm: error: install the SIGTERM handler: {e}");
+            say!("vmm: error: install the SIGTERM handler: {e}");
             return 1;
         }
     };
