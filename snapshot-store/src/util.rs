@@ -56,7 +56,12 @@ pub(crate) fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
     let f = if exclusive {
         open_rw()?
     } else {
-        match File::open(&path) {
+        // Non-blocking: a LOCK that is a FIFO must not block the open forever.
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => open_rw()?,
             Err(e) => return Err(e),

@@ -542,7 +542,11 @@ fn fifos_and_devices_in_the_store_are_refused_not_read_forever() {
     // A FIFO blocks an open (or read) forever and /dev/zero never ends: every store
     // file that is not a regular file is reported, never read.
     type Plant = (&'static str, fn(&Path));
-    let plants: [Plant; 4] = [
+    let plants: [Plant; 5] = [
+        ("FIFO lock", |d| {
+            fs::remove_file(d.join("LOCK")).unwrap();
+            mkfifo(&d.join("LOCK"))
+        }),
         ("FIFO manifest", |d| mkfifo(&d.join("templates/evil.tmpl"))),
         ("FIFO index", |d| {
             mkfifo(&d.join("packs/0000000000000009.idx"))
