@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::error::CacheError;
 use crate::resolve::{Frame, Resolved, Template};
 use crate::store::Store;
-use crate::util::{is_zero, map_opened};
+use crate::util::{is_zero, map_opened, open_regular};
 use crate::{PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -155,7 +155,7 @@ impl Store {
         let path = self.image_path(t);
         let mut rejected = None;
         let t0 = Instant::now();
-        match File::open(&path) {
+        match open_regular(&path) {
             Ok(f) => match self.check_image(&f, t.mem_size, &r.data_ids()) {
                 Ok(()) => {
                     return Ok(MemoryImage {

@@ -22,7 +22,7 @@
 //! whose index or data is damaged in pages nobody needs are left untouched.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use crate::error::GcError;
 use crate::format::{self, IdxEntry, IDX_ENTRY, IDX_HEADER};
 use crate::scan::{BadEntry, IdxState, PackScan, Unaccounted};
 use crate::store::Store;
-use crate::util::{map_file, take_lock};
+use crate::util::{map_file, open_regular, take_lock};
 use crate::{PackId, PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -422,7 +422,7 @@ impl Store {
             for (k, (src, e)) in pages.iter().enumerate() {
                 if cur.as_ref().map(|c| c.0) != Some(*src) {
                     let sp = self.pack_path(*src);
-                    let len = File::open(&sp)
+                    let len = open_regular(&sp)
                         .and_then(|f| f.metadata())
                         .map_err(io_err("opening old pack", &sp))?
                         .len();

@@ -21,7 +21,7 @@ use memmap2::Mmap;
 use crate::error::{IndexError, WriteError};
 use crate::format::{self, IdxEntry, IDX_HEADER};
 use crate::store::Store;
-use crate::util::{map_file, parse_pack_file, IdMap};
+use crate::util::{map_file, parse_pack_file, read_regular, IdMap};
 use crate::{PackId, PageId, PAGE_SIZE};
 
 /// A pack is closed (a new one started) once it holds this many bytes.
@@ -204,7 +204,7 @@ fn load_pack(pdir: &Path, set: &mut Cow<'_, PackSet>, pos: u32) {
     let mut idx_error = None;
     let mut map_error = None;
     if stamp.is_some() {
-        let res = fs::read(&idx_path)
+        let res = read_regular(&idx_path)
             .map_err(|source| IndexError::Read {
                 path: idx_path.clone(),
                 source,
@@ -395,7 +395,7 @@ impl Store {
         }
         self.fail("after-pack-sync")?;
 
-        let mut body = match fs::read(&ipath) {
+        let mut body = match read_regular(&ipath) {
             Ok(b) => {
                 format::decode_idx(&ipath, pack_id, &b)?;
                 b.get(IDX_HEADER..).map(|s| s.to_vec()).unwrap_or_default()

@@ -17,7 +17,7 @@ use crate::error::ReindexError;
 use crate::format::{self, IdxEntry};
 use crate::resolve::Template;
 use crate::store::Store;
-use crate::util::{is_zero, map_file, parse_pack_file, take_lock, IdMap};
+use crate::util::{is_zero, map_file, parse_pack_file, read_regular, take_lock, IdMap};
 use crate::{PackId, PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -198,7 +198,7 @@ impl Store {
 
     fn scan_pack(&self, id: PackId) -> PackScan {
         let (idx_path, pack_path) = (self.idx_path(id), self.pack_path(id));
-        let idx = match fs::read(&idx_path) {
+        let idx = match read_regular(&idx_path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => IdxState::Missing,
             Err(e) => IdxState::Bad {
                 reason: format!("cannot read it: {e}"),
@@ -329,7 +329,7 @@ impl Store {
                 })
             }
         };
-        let old_entries = fs::read(&ipath)
+        let old_entries = read_regular(&ipath)
             .ok()
             .and_then(|b| format::decode_idx(&ipath, pack, &b).ok())
             .map(|e| e.len() as u64);

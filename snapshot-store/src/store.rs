@@ -13,7 +13,7 @@ use crate::error::{LoadError, ManifestError, OpenError, RemoveError, WriteError}
 use crate::format::{self, ConfigProblem, SECRET_LEN};
 use crate::packs::PackSet;
 use crate::resolve::{Template, TemplateInfo, TemplateList};
-use crate::util::take_lock;
+use crate::util::{read_regular, take_lock};
 use crate::{PackId, TemplateName, PAGE_SIZE};
 
 /// Longest parent chain resolve() follows.
@@ -91,7 +91,7 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, OpenError> {
         let dir = dir.as_ref().to_path_buf();
         let cfg = dir.join("store.cfg");
-        let bytes = match fs::read(&cfg) {
+        let bytes = match read_regular(&cfg) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Store data without a config is a damaged store, not a missing one.
@@ -195,7 +195,7 @@ impl Store {
 
     pub(crate) fn read_template(&self, name: &TemplateName) -> Result<Template, LoadError> {
         let path = self.manifest_path(name);
-        let bytes = match fs::read(&path) {
+        let bytes = match read_regular(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(LoadError::NotFound {
@@ -282,7 +282,7 @@ impl Store {
             source,
         })?;
         let path = self.manifest_path(&name);
-        let bytes = match fs::read(&path) {
+        let bytes = match read_regular(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(WriteError::NotFound { name, path })

@@ -1454,3 +1454,39 @@ fn resolved_template_outlives_refresh_and_gc_of_its_packs() {
     assert_eq!(before, again);
     assert_healthy(&s);
 }
+
+#[test]
+fn a_cached_memory_image_that_is_a_fifo_is_rebuilt_not_opened_forever() {
+    let d = TempDir::new();
+    let s = healthy_store(&d.0);
+    let t = s.load("fn").unwrap();
+    let r = t.resolve(&s).unwrap();
+    let path = s.memory_image(&t, &r).unwrap().path;
+    fs::remove_file(&path).unwrap();
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Before: opening the FIFO for reading blocked until a writer came (forever).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = d.0.clone();
+    std::thread::spawn(move || {
+        let s = Store::open(&dir).unwrap();
+        let t = s.load("fn").unwrap();
+        let r = t.resolve(&s).unwrap();
+        let probs = s.verify();
+        let img = s.memory_image(&t, &r).map(|i| (i.built, i.rejected));
+        let _ = tx.send((probs, img));
+    });
+    let (probs, img) = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("verify or memory_image blocked on a FIFO");
+    assert!(
+        probs
+            .iter()
+            .any(|p| p.is_corruption() && p.what.contains("FIFO")),
+        "{probs:#?}"
+    );
+    let (built, rejected) = img.unwrap();
+    assert!(built && rejected.unwrap().contains("FIFO"));
+    assert!(fs::metadata(&path).unwrap().is_file());
+}

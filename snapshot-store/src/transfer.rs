@@ -17,7 +17,6 @@
 //! is bounded before anything is allocated.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
@@ -26,7 +25,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::error::{ExportError, ImportError};
 use crate::format::{self, ManifestV1, MAN_LIMIT};
 use crate::store::Store;
-use crate::util::{is_zero, take_lock, IdMap};
+use crate::util::{is_zero, read_regular, take_lock, IdMap};
 use crate::{PageId, TemplateName, PAGE_SIZE};
 
 const MAGIC: &[u8; 8] = b"VMMSTEXP";
@@ -138,7 +137,7 @@ impl Store {
         let mut manifests = Vec::with_capacity(chain.len());
         for l in &chain {
             let path = self.manifest_path(&l.name);
-            let bytes = fs::read(&path).map_err(|source| ExportError::ReadManifest {
+            let bytes = read_regular(&path).map_err(|source| ExportError::ReadManifest {
                 path: path.clone(),
                 source,
             })?;
@@ -349,7 +348,7 @@ impl Store {
         for m in &manifests {
             let name = TemplateName::new(&m.name)?;
             let path = self.manifest_path(&name);
-            match fs::read(&path) {
+            match read_regular(&path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => existing.push(None),
                 Err(source) => {
                     return Err(ImportError::Store {

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,7 +56,12 @@ pub(crate) fn take_lock(dir: &Path, exclusive: bool) -> io::Result<Lock> {
     let f = if exclusive {
         open_rw()?
     } else {
-        match File::open(&path) {
+        // Non-blocking: a LOCK that is a FIFO must not block the open forever.
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => open_rw()?,
             Err(e) => return Err(e),
@@ -94,9 +100,47 @@ pub(crate) fn parse_pack_file(name: &str) -> Option<(PackId, bool)> {
         .map(|v| (PackId::new(v), is_idx))
 }
 
+/// Opens a store file for reading: a regular file (links followed), nothing
+/// else. A FIFO would block the open or the read forever, a device such as
+/// /dev/zero never ends; both are refused (opened non-blocking, then checked).
+pub(crate) fn open_regular(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let t = f.metadata()?.file_type();
+    if t.is_file() {
+        return Ok(f);
+    }
+    let what = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file"),
+    ))
+}
+
+/// [`std::fs::read`] of a store file, refusing anything but a regular file
+/// (see [`open_regular`]).
+pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = open_regular(path)?;
+    let mut b = Vec::with_capacity(f.metadata().map_or(0, |m| m.len() as usize));
+    f.read_to_end(&mut b)?;
+    Ok(b)
+}
+
 /// Maps the first `len` bytes of `path` read-only.
 pub(crate) fn map_file(path: &Path, len: u64) -> io::Result<Mmap> {
-    map_opened(&File::open(path)?, len)
+    map_opened(&open_regular(path)?, len)
 }
 
 /// Maps the first `len` bytes of the open file `f` read-only.

@@ -13,7 +13,7 @@ use crate::format;
 use crate::resolve::Template;
 use crate::scan::{name_list, BadEntry, IdxState, PackScan, Scan, Unaccounted};
 use crate::store::{Store, MAX_DEPTH};
-use crate::util::{take_lock, IdMap};
+use crate::util::{open_regular, read_regular, take_lock, IdMap};
 use crate::{PackId, PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -97,7 +97,7 @@ impl Store {
         };
         // 1. config
         let cfg = self.cfg_path();
-        match fs::read(&cfg) {
+        match read_regular(&cfg) {
             Err(e) => probs.push(Problem::corrupt(
                 &cfg,
                 format!("unreadable: {e}"),
@@ -199,7 +199,7 @@ impl Store {
                         .enumerate()
                         .filter_map(|(f, id)| id.map(|id| (f as u64, id)))
                         .collect();
-                    let res = fs::File::open(&path)
+                    let res = open_regular(&path)
                         .map_err(|e| format!("cannot open it: {e}"))
                         .and_then(|f| self.check_image(&f, t.mem_size, &data));
                     if let Err(why) = res {

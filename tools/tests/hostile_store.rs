@@ -504,3 +504,80 @@ fn gc_on_a_full_disk_leaves_the_store_as_it_was() {
     assert!(String::from_utf8_lossy(&run(d.path(), &["verify"]).stdout).contains("healthy"));
     assert_eq!(contents(d.path()), want);
 }
+
+/// Runs `vmm-store` with at most 2 GiB of address space and kills it after 30 s:
+/// (exit code, stderr), or None if it had to be killed.
+fn run_bounded(store: &Path, args: &[&str]) -> Option<(Option<i32>, String)> {
+    let mut c = cmd(store, args);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        c.pre_exec(|| {
+            let l = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            libc::setrlimit(libc::RLIMIT_AS, &l);
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    Some((o.status.code(), stderr(&o)))
+}
+
+#[test]
+fn fifos_and_devices_in_the_store_are_refused_not_read_forever() {
+    // A FIFO blocks an open (or read) forever and /dev/zero never ends: every store
+    // file that is not a regular file is reported, never read.
+    type Plant = (&'static str, fn(&Path));
+    let plants: [Plant; 5] = [
+        ("FIFO lock", |d| {
+            fs::remove_file(d.join("LOCK")).unwrap();
+            mkfifo(&d.join("LOCK"))
+        }),
+        ("FIFO manifest", |d| mkfifo(&d.join("templates/evil.tmpl"))),
+        ("FIFO index", |d| {
+            mkfifo(&d.join("packs/0000000000000009.idx"))
+        }),
+        ("/dev/zero index", |d| {
+            std::os::unix::fs::symlink("/dev/zero", d.join("packs/0000000000000009.idx")).unwrap()
+        }),
+        ("/dev/zero config", |d| {
+            fs::remove_file(d.join("store.cfg")).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", d.join("store.cfg")).unwrap()
+        }),
+    ];
+    for (what, plant) in plants {
+        let d = TempDir::new();
+        drop(healthy_store(d.path()));
+        plant(d.path());
+        for args in [&["ls"][..], &["verify"], &["gc", "--dry-run"]] {
+            let Some((code, err)) = run_bounded(d.path(), args) else {
+                panic!("{what}: {args:?} did not finish in 30 s");
+            };
+            assert_ne!(code, None, "{what}: {args:?} was killed: {err}");
+            if what.contains("config") {
+                assert_eq!(code, Some(2), "{what}: {args:?}: {err}");
+                assert!(
+                    err.contains("not a regular file"),
+                    "{what}: {args:?}: {err}"
+                );
+            }
+            if what.contains("manifest") && args[0] != "verify" {
+                assert!(err.contains("it is a FIFO"), "{what}: {args:?}: {err}");
+            }
+        }
+    }
+}
