@@ -317,9 +317,13 @@ fn failures_get_their_status_and_the_daemon_keeps_serving() {
         metrics.contains(r#"template="(unknown)",status="404""#),
         "{metrics}"
     );
+    // One series per made-up name would add ~16 KB; other series (pool gauges of templates
+    // the keeper loads meanwhile, one "(unknown)" line) add far less.
     assert!(
-        metrics.len() < before + 200,
-        "metrics grew with made-up names"
+        metrics.len() < before + 4000,
+        "metrics grew with made-up names: {} -> {} bytes",
+        before,
+        metrics.len()
     );
     for path in ["/v1/functions/invoke", "/v1/functions/", "/nope"] {
         let s = match ureq::post(&d.url(path)).send_bytes(b"x") {
