@@ -267,6 +267,10 @@ pub struct Stats {
     pub stored_pages: u64,
     /// Distinct pages referenced by at least one template.
     pub referenced_pages: u64,
+    /// Compiled-module artifacts in `artifacts/` and the bytes of their files
+    /// (not part of `physical_bytes`).
+    pub artifacts: u64,
+    pub artifact_bytes: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -344,6 +348,7 @@ impl Store {
         let config_bytes = fs::metadata(self.cfg_path()).map(|m| m.len()).unwrap_or(0);
         let physical_bytes = pack_bytes + index_bytes + manifest_bytes + config_bytes;
         let shared_pairs = shared_pairs(&all, 10);
+        let (artifacts, artifact_bytes) = self.artifact_usage();
         Ok(Stats {
             templates,
             logical_bytes,
@@ -356,6 +361,8 @@ impl Store {
             shared_pairs,
             stored_pages: self.view().index.len() as u64,
             referenced_pages: users.len() as u64,
+            artifacts,
+            artifact_bytes,
         })
     }
 }

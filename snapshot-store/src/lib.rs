@@ -32,6 +32,14 @@
 //! │                               entries[count]: hash u128 LE, slot u32 LE, offset u64 LE
 //! ├── cache/             memory images for copy-on-write restores (derived data, see
 //! │                       [`Store::memory_image`]): <name>.<created ms>.img, .<name>.<pid>.tmp
+//! ├── artifacts/         compiled-module cache (derived data, no store lock; see below)
+//! │   ├── <key: 64 hex>.art       header: magic "VMMARTF1", major u16, minor u16,
+//! │   │                           engine length u32, settings length u32, artifact length u64,
+//! │   │                           created (unix ms) u64, key [32], SHA-256 of the module [32];
+//! │   │                           engine, settings (UTF-8), artifact bytes (at most 256 MiB);
+//! │   │                           keyed XXH3-128 (the secret) of every byte before (16 bytes).
+//! │   │                           Mode 0444; its mtime is when it was last used.
+//! │   └── .<key>.<pid>.<nonce>.tmp  one being written by process <pid>
 //! └── templates/
 //!     └── <name>.tmpl    manifest:
 //!                        header: magic "VMMTMPL1", major u16, minor u16,
@@ -66,6 +74,19 @@
 //! [`Store::reindex`] rebuilds the index from the pack. A directory holding
 //! packs or manifests but no `store.cfg` is a damaged store, never a new one.
 //!
+//! # Compiled-module cache
+//!
+//! What an engine produces by compiling a WebAssembly module ahead of time is
+//! kept under an [`ArtifactKey`]: SHA-256 over the module's SHA-256, the
+//! engine string and the settings fingerprint (a cryptographic hash, since a
+//! key selects code that will run). [`Store::put_artifact`] writes one
+//! atomically (temp file, fsync, rename, fsync); [`Store::get_artifact`] returns
+//! it only after checking its kind of file, size, header, key and keyed checksum,
+//! and otherwise says why it refused it ([`ArtifactError::Damaged`]).
+//! Artifacts are never changed in place, so they take no store lock.
+//! [`Store::gc_artifacts`] removes damaged ones, those of engines no longer in
+//! use, and with an age, unused ones; [`Store::verify`] checks them all.
+//!
 //! # Example
 //!
 //! ```
@@ -97,6 +118,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(test)]
+mod artifact_tests;
+mod artifacts;
 mod cache;
 mod error;
 #[cfg(any(test, feature = "fixtures"))]
@@ -128,6 +152,11 @@ pub mod fuzzing {
     }
 }
 
+pub use artifacts::{
+    ArtifactDamage, ArtifactError, ArtifactGcPolicy, ArtifactGcReason, ArtifactGcReport,
+    ArtifactInfo, ArtifactKey, ArtifactList, RemovedArtifact, MAX_ARTIFACT_BYTES,
+    MAX_ARTIFACT_FILE_BYTES, MAX_ENGINE_LEN, MAX_SETTINGS_LEN,
+};
 pub use cache::MemoryImage;
 pub use error::{
     CacheError, ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError,

@@ -55,6 +55,11 @@ impl PageHasher {
         }
         xxh3_128_with_secret(b, &self.secret[..])
     }
+
+    /// Keyed XXH3-128 of any bytes (artifact checksums; never forced by tests).
+    pub(crate) fn keyed(&self, b: &[u8]) -> u128 {
+        xxh3_128_with_secret(b, &self.secret[..])
+    }
 }
 
 impl Store {
@@ -422,7 +427,7 @@ fn config_exists(cfg: &Path) -> Result<bool, OpenError> {
 
 /// Checks that `dir` (which has no `store.cfg`) holds nothing but what an
 /// interrupted creation leaves: `LOCK`, `tmp/` and empty `packs/`,
-/// `templates/`, `cache/`. Packs or manifests mean a store that lost its
+/// `templates/`, `cache/`, `artifacts/`. Packs or manifests mean a store that lost its
 /// config ([`OpenError::MissingConfig`]); anything else a directory that is
 /// not a store ([`OpenError::NotEmpty`]).
 fn uninitialised(dir: &Path) -> Result<(), OpenError> {
@@ -469,7 +474,7 @@ fn uninitialised(dir: &Path) -> Result<(), OpenError> {
         let ours = match name.as_str() {
             "LOCK" => fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()),
             "tmp" => is_dir(&p),
-            "packs" | "templates" | "cache" => is_dir(&p) && list(&p)?.is_empty(),
+            "packs" | "templates" | "cache" | "artifacts" => is_dir(&p) && list(&p)?.is_empty(),
             _ => false,
         };
         if !ours {

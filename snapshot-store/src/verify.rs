@@ -37,7 +37,11 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn corrupt(path: impl AsRef<Path>, what: String, hint: impl Into<String>) -> Problem {
+    pub(crate) fn corrupt(
+        path: impl AsRef<Path>,
+        what: String,
+        hint: impl Into<String>,
+    ) -> Problem {
         Problem {
             severity: Severity::Corruption,
             path: path.as_ref().into(),
@@ -45,7 +49,11 @@ impl Problem {
             hint: hint.into(),
         }
     }
-    fn garbage(path: impl AsRef<Path>, what: String, hint: impl Into<String>) -> Problem {
+    pub(crate) fn garbage(
+        path: impl AsRef<Path>,
+        what: String,
+        hint: impl Into<String>,
+    ) -> Problem {
         Problem {
             severity: Severity::Garbage,
             path: path.as_ref().into(),
@@ -157,7 +165,9 @@ impl Store {
         }
         // 6. memory-image cache
         self.verify_cache(&good, &mut probs);
-        // 7. temp files
+        // 7. compiled-module cache
+        self.verify_artifacts(&mut probs);
+        // 8. temp files
         if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
             for e in rd.flatten() {
                 probs.push(Problem::garbage(
