@@ -7,13 +7,14 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use snapshot_store::{
-    ExportError, GcError, ImportError, LoadError, OpenError, PackId, ReindexError, Severity, Store,
-    PAGE_SIZE,
+    ArtifactError, ArtifactGcPolicy, ArtifactGcReason, ExportError, GcError, ImportError,
+    LoadError, OpenError, PackId, ReindexError, Severity, Store, PAGE_SIZE,
 };
 
 mod vmm_checks;
@@ -38,7 +39,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// List templates with parent, size and creation time
-    Ls,
+    Ls {
+        /// List the cached compiled modules instead (key, engine, size, module hash, last use)
+        #[arg(long)]
+        artifacts: bool,
+    },
     /// Show a template's layer chain with per-layer page accounting
     Inspect { template: String },
     /// Logical vs physical bytes, dedup ratio, unique bytes, sharing
@@ -47,11 +52,22 @@ enum Cmd {
     Diff { a: String, b: String },
     /// Check every pack, index and manifest (exit 1 on corruption)
     Verify,
-    /// Remove pages and packs no template references, and temp files
+    /// Remove pages and packs no template references, temp files, and damaged cached
+    /// compiled modules (more of them with the options below)
     Gc {
         /// Report what would be removed without changing anything
         #[arg(long)]
         dry_run: bool,
+        /// An engine in use (repeatable): cached compiled modules of any other engine
+        /// are stale and removed
+        #[arg(long = "current-engine", value_name = "ENGINE")]
+        current_engines: Vec<String>,
+        /// Also remove cached compiled modules not used for this long (e.g. 30d, 12h, 90m)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        artifacts_unused_for: Option<Duration>,
+        /// Remove every cached compiled module
+        #[arg(long)]
+        all_artifacts: bool,
     },
     /// Write a template and its parents into one self-contained file (`-`: stdout)
     Export {
@@ -87,6 +103,8 @@ enum CliError {
     Gc(#[from] GcError),
     #[error(transparent)]
     Reindex(#[from] ReindexError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -173,12 +191,25 @@ fn run(cli: &Cli) -> Result<u8, CliError> {
     let dir = store_dir(cli)?;
     let open = || Store::open(&dir).map_err(CliError::from);
     let out = match &cli.cmd {
-        Cmd::Ls => return ls(&open()?, cli.json),
+        Cmd::Ls { artifacts: false } => return ls(&open()?, cli.json),
+        Cmd::Ls { artifacts: true } => return ls_artifacts(&open()?, cli.json),
         Cmd::Inspect { template } => inspect(&open()?, template, cli.json)?,
         Cmd::Stats => stats(&open()?, cli.json)?,
         Cmd::Diff { a, b } => diff(&mut open()?, a, b, cli.json)?,
         Cmd::Verify => return verify(&open()?, cli.json),
-        Cmd::Gc { dry_run } => gc(&mut open()?, *dry_run, cli.json)?,
+        Cmd::Gc {
+            dry_run,
+            current_engines,
+            artifacts_unused_for,
+            all_artifacts,
+        } => {
+            let policy = ArtifactGcPolicy {
+                current_engines: (!current_engines.is_empty()).then(|| current_engines.clone()),
+                unused_for: *artifacts_unused_for,
+                all: *all_artifacts,
+            };
+            gc(&mut open()?, *dry_run, &policy, cli.json)?
+        }
         Cmd::Export {
             template,
             file,
@@ -209,6 +240,24 @@ fn human(b: u64) -> String {
     } else {
         format!("{v:.1} {}", U[i])
     }
+}
+
+/// A duration such as `90s`, `30m`, `12h`, `30d` or `2w`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("{s:?} is not a duration: give a number and a unit, s, m, h, d or w (e.g. 30d)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad)
 }
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` UTC.
@@ -316,9 +365,104 @@ fn ls(s: &Store, as_json: bool) -> Result<u8, CliError> {
         )
     };
     print!("{out}");
+    if !as_json {
+        if let Ok(a) = s.artifacts() {
+            let n = a.artifacts.len() + a.unreadable.len();
+            if n > 0 {
+                let bytes: u64 = a.artifacts.iter().map(|a| a.file_bytes).sum();
+                println!(
+                    "\n{n} compiled module(s) cached ({}); `vmm-store ls --artifacts` lists them",
+                    human(bytes)
+                );
+            }
+        }
+    }
     for (n, e) in bad {
         eprintln!(
             "vmm-store: warning: template {n} cannot be read: {e}\n  hint: `vmm-store verify` says what is damaged"
+        );
+    }
+    Ok(if bad.is_empty() { 0 } else { 1 })
+}
+
+fn ls_artifacts(s: &Store, as_json: bool) -> Result<u8, CliError> {
+    let mut all = s.artifacts()?;
+    // Most recently used first.
+    all.artifacts
+        .sort_by_key(|a| std::cmp::Reverse(a.last_used_unix_ms));
+    let (list, bad) = (&all.artifacts, &all.unreadable);
+    let file = |p: &Path| {
+        p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    };
+    let out = if as_json {
+        let mut v: Vec<Value> = list
+            .iter()
+            .map(|a| {
+                json!({
+                    "key": a.key.id(),
+                    "engine": a.key.engine(),
+                    "settings": a.key.settings(),
+                    "module_sha256": a.key.module_sha256(),
+                    "bytes": a.bytes,
+                    "file_bytes": a.file_bytes,
+                    "created_unix_ms": a.created_unix_ms,
+                    "last_used_unix_ms": a.last_used_unix_ms,
+                    "path": a.path.display().to_string(),
+                })
+            })
+            .collect();
+        v.extend(bad.iter().map(|(p, e)| {
+            json!({ "path": p.display().to_string(), "unreadable": true, "error": e.to_string() })
+        }));
+        to_json(Value::Array(v))
+    } else if list.is_empty() && bad.is_empty() {
+        format!("no cached compiled modules in {}\n", s.dir().display())
+    } else {
+        let mut rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|a| {
+                vec![
+                    a.key.short_id(),
+                    a.key.engine().to_string(),
+                    human(a.bytes),
+                    a.key.module_sha256()[..16].to_string(),
+                    utc(a.created_unix_ms),
+                    utc(a.last_used_unix_ms),
+                ]
+            })
+            .collect();
+        rows.extend(bad.iter().map(|(p, _)| {
+            let name = file(p);
+            let q = || "?".to_string();
+            vec![
+                name.chars().take(16).collect(),
+                q(),
+                q(),
+                q(),
+                q(),
+                "DAMAGED".into(),
+            ]
+        }));
+        table(
+            &[
+                "KEY",
+                "ENGINE",
+                "SIZE",
+                "MODULE SHA-256",
+                "CREATED (UTC)",
+                "LAST USED (UTC)",
+            ],
+            &rows,
+        )
+    };
+    print!("{out}");
+    for (p, e) in bad {
+        eprintln!(
+            "vmm-store: warning: {e}\n  hint: `vmm-store gc` removes damaged compiled modules ({})",
+            file(p)
         );
     }
     Ok(if bad.is_empty() { 0 } else { 1 })
@@ -419,6 +563,8 @@ fn stats(s: &Store, as_json: bool) -> Result<String, CliError> {
             "sparse_dedup_ratio": ratio(st.logical_nonzero_bytes),
             "stored_pages": st.stored_pages,
             "referenced_pages": st.referenced_pages,
+            "artifacts": st.artifacts,
+            "artifact_bytes": st.artifact_bytes,
             "shared_pairs": st.shared_pairs.iter().map(|p| json!({
                 "a": p.a.as_str(), "b": p.b.as_str(), "pages": p.pages,
                 "bytes": p.pages * PAGE,
@@ -431,7 +577,8 @@ fn stats(s: &Store, as_json: bool) -> Result<String, CliError> {
          logical (non-zero) {} ({} bytes)\n\
          physical on disk   {} ({} bytes: packs {}, indexes {}, manifests {}, config {})\n\
          dedup ratio        {:.2}x full, {:.2}x non-zero\n\
-         pages              {} stored, {} referenced\n\n",
+         pages              {} stored, {} referenced\n\
+         compiled modules   {} cached, {} ({} bytes, apart from the above)\n\n",
         st.templates.len(),
         human(st.logical_bytes),
         st.logical_bytes,
@@ -447,6 +594,9 @@ fn stats(s: &Store, as_json: bool) -> Result<String, CliError> {
         ratio(st.logical_nonzero_bytes),
         st.stored_pages,
         st.referenced_pages,
+        st.artifacts,
+        human(st.artifact_bytes),
+        st.artifact_bytes,
     );
     let rows: Vec<Vec<String>> = st
         .templates
@@ -578,7 +728,12 @@ fn verify(s: &Store, as_json: bool) -> Result<u8, CliError> {
     Ok(if corrupt > 0 { 1 } else { 0 })
 }
 
-fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
+fn gc(
+    s: &mut Store,
+    dry_run: bool,
+    policy: &ArtifactGcPolicy,
+    as_json: bool,
+) -> Result<String, CliError> {
     let pb = progress_bar("gc");
     let r = s.gc_with_progress(dry_run, &mut |done, total| {
         pb.set_length(total);
@@ -586,8 +741,29 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
     });
     pb.finish_and_clear();
     let r = r?;
+    let a = s.gc_artifacts(policy, dry_run)?;
+    let reason = |r: &ArtifactGcReason| match r {
+        ArtifactGcReason::Damaged(_) => "damaged",
+        ArtifactGcReason::Stale => "stale",
+        ArtifactGcReason::Unused => "unused",
+        ArtifactGcReason::All => "all",
+        ArtifactGcReason::DeadTemp => "dead_temp",
+    };
     if as_json {
         return Ok(to_json(json!({
+            "artifacts": {
+                "removed": a.removed.iter().map(|x| json!({
+                    "path": x.path.display().to_string(),
+                    "engine": x.engine,
+                    "reason": reason(&x.reason),
+                    "detail": x.reason.to_string(),
+                    "bytes": x.file_bytes,
+                })).collect::<Vec<_>>(),
+                "removed_bytes": a.removed_bytes(),
+                "kept": a.kept,
+                "kept_bytes": a.kept_bytes,
+                "skipped": a.skipped,
+            },
             "dry_run": r.dry_run,
             "templates": r.templates,
             "referenced_pages": r.referenced_pages,
@@ -626,6 +802,37 @@ fn gc(s: &mut Store, dry_run: bool, as_json: bool) -> Result<String, CliError> {
     );
     for sk in &r.skipped {
         out += &format!("warning: left damaged pack alone: {sk}\n  hint: run `vmm-store verify`\n");
+    }
+    let count = |k: &str| a.removed.iter().filter(|x| reason(&x.reason) == k).count();
+    out += &format!(
+        "{verb} {} cached compiled module file(s) ({}): {} damaged, {} stale, {} unused, {} by --all-artifacts, {} left by dead writers; kept {} ({})\n",
+        a.removed.len(),
+        human(a.removed_bytes()),
+        count("damaged"),
+        count("stale"),
+        count("unused"),
+        count("all"),
+        count("dead_temp"),
+        a.kept,
+        human(a.kept_bytes),
+    );
+    for x in &a.removed {
+        let name = x
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out += &format!(
+            "  {verb} {name}{}: {}\n",
+            x.engine
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            x.reason
+        );
+    }
+    for sk in &a.skipped {
+        out += &format!("warning: left a cached compiled module alone: {sk}\n");
     }
     Ok(out)
 }
