@@ -2,6 +2,8 @@
 //! /dev/kvm with the real third-party workloads.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
