@@ -118,7 +118,9 @@ fn examples_give_exact_output_through_run_restore_and_serve() {
         .collect();
     assert_eq!(parents.len(), 2, "{v}");
     assert!(
-        parents.iter().all(|p| p.starts_with("base-python-") && *p == parents[0]),
+        parents
+            .iter()
+            .all(|p| p.starts_with("base-python-") && *p == parents[0]),
         "{v}"
     );
 
@@ -190,11 +192,25 @@ fn failures_exit_non_zero_with_the_reason_on_stderr() {
         let mut cmd = vmm();
         cmd.args(["run", "--module", &py, "--runtime", "python", "--arg", "-"]);
         let r = run_with_input(cmd, script);
-        assert_eq!(r.code(), code, "{}: {}", String::from_utf8_lossy(script), r.stderr());
+        assert_eq!(
+            r.code(),
+            code,
+            "{}: {}",
+            String::from_utf8_lossy(script),
+            r.stderr()
+        );
         assert!(r.stderr().ends_with(err), "stderr: {}", r.stderr());
     }
     let mut cmd = vmm();
-    cmd.args(["run", "--module", &py, "--runtime", "python", "--arg", "nope.py"]);
+    cmd.args([
+        "run",
+        "--module",
+        &py,
+        "--runtime",
+        "python",
+        "--arg",
+        "nope.py",
+    ]);
     let r = run_with_input(cmd, b"");
     assert_eq!(r.code(), 2, "{}", r.stderr());
     assert!(
@@ -220,7 +236,11 @@ fn failures_exit_non_zero_with_the_reason_on_stderr() {
 fn restores_of_a_python_template_draw_fresh_randomness_and_time() {
     let Some(py) = python() else { return };
     let store = TempDir::new("python-fresh");
-    create(&store, "fresh", &function(&py, "tests/guests/fresh.py", &[]));
+    create(
+        &store,
+        "fresh",
+        &function(&py, "tests/guests/fresh.py", &[]),
+    );
     let outs: Vec<serde_json::Value> = (0..2)
         .map(|_| {
             let r = restore(&store, "fresh", b"");
@@ -238,17 +258,30 @@ fn restores_of_a_python_template_draw_fresh_randomness_and_time() {
     // The clock: read before the request, it is the template's (the same in both);
     // after it, each restore's own, later than the template's and than the first's.
     assert_eq!(outs[0]["before"], outs[1]["before"], "{outs:?}");
-    let (t0, t1) = (outs[0]["time"].as_f64().unwrap(), outs[1]["time"].as_f64().unwrap());
+    let (t0, t1) = (
+        outs[0]["time"].as_f64().unwrap(),
+        outs[1]["time"].as_f64().unwrap(),
+    );
     assert!(t0 > outs[0]["before"].as_f64().unwrap(), "{outs:?}");
-    assert!(t1 > t0, "time.time() did not advance across restores: {outs:?}");
+    assert!(
+        t1 > t0,
+        "time.time() did not advance across restores: {outs:?}"
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!((now - t1).abs() < 30.0, "time.time() is stale: {t1} vs {now}");
+    assert!(
+        (now - t1).abs() < 30.0,
+        "time.time() is stale: {t1} vs {now}"
+    );
 
     // A script that seeds random itself keeps its sequence (CPython's for seed 42).
-    create(&store, "seeded", &function(&py, "tests/guests/seeded.py", &[]));
+    create(
+        &store,
+        "seeded",
+        &function(&py, "tests/guests/seeded.py", &[]),
+    );
     for _ in 0..2 {
         assert_ok(
             "seeded",
