@@ -6,7 +6,6 @@ def _vmm_python_runner():
     import atexit
     import io
     import os
-    import random
     import sys
 
     # 1. Fresh randomness per restore. CPython seeds `random` from the OS when it is
@@ -16,30 +15,76 @@ def _vmm_python_runner():
     # os.urandom, which the guest serves with fresh host entropy after every restore.
     # A script that seeded `random` itself (seed(x) with x not None, or setstate) keeps its
     # sequence. (Random instances of its own made before that read are not reseeded.)
-    inst = random._inst
+    # `random` is patched when the script imports it, not imported here: that would add
+    # ~0.2 s under wasmi to every cold start.
+    inst = None
     explicit = False
     pending = True
 
-    def seed(a=None, version=2):
-        nonlocal explicit
-        explicit = a is not None
-        inst.seed(a, version)
+    def patch(random):
+        nonlocal inst
+        inst = random._inst
 
-    def setstate(state):
-        nonlocal explicit
-        explicit = True
-        inst.setstate(state)
+        def seed(a=None, version=2):
+            nonlocal explicit
+            explicit = a is not None
+            inst.seed(a, version)
 
-    seed.__doc__ = inst.seed.__doc__
-    setstate.__doc__ = inst.setstate.__doc__
-    random.seed = seed
-    random.setstate = setstate
+        def setstate(state):
+            nonlocal explicit
+            explicit = True
+            inst.setstate(state)
+
+        seed.__doc__ = inst.seed.__doc__
+        setstate.__doc__ = inst.setstate.__doc__
+        random.seed = seed
+        random.setstate = setstate
+
+    class Loader:
+        # The loader of `random` while it is imported: patches it once it is executed, and
+        # leaves the real loader in its place.
+        def __init__(self, real):
+            self.real = real
+
+        def create_module(self, spec):
+            return self.real.create_module(spec)
+
+        def exec_module(self, module):
+            try:
+                self.real.exec_module(module)
+            finally:
+                module.__loader__ = module.__spec__.loader = self.real
+            patch(module)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    class Finder:
+        # First on sys.meta_path until `random` is found: the other finders find it, and
+        # its loader is wrapped.
+        def find_spec(self, name, path=None, target=None):
+            if name != "random":
+                return None
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None and spec.loader is not None:
+                    spec.loader = Loader(spec.loader)
+                    sys.meta_path.remove(self)
+                    return spec
+            return None
+
+    if "random" in sys.modules:
+        patch(sys.modules["random"])
+    else:
+        sys.meta_path.insert(0, Finder())
 
     def arrived():
         nonlocal pending
         if pending:
             pending = False
-            if not explicit:
+            if inst is not None and not explicit:
                 inst.seed()
 
     class Stdin(io.FileIO):
