@@ -2,6 +2,8 @@
 //! /dev/kvm with the real third-party workloads.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -46,6 +48,25 @@ pub fn workload(name: &str) -> String {
         p.display()
     );
     p.to_string_lossy().into_owned()
+}
+
+/// Path of a fetched workload that only some tests need (python.wasm, 26 MB): `None`
+/// when it is missing, and the test skips saying how to get it, unless VMM_REQUIRE_KVM=1
+/// (CI), where a missing workload is a failure.
+pub fn optional_workload(name: &str) -> Option<String> {
+    let p = root().join("workloads").join(name);
+    if p.exists() {
+        return Some(p.to_string_lossy().into_owned());
+    }
+    let msg = format!(
+        "{} is missing: run tools/fetch-workloads.sh first",
+        p.display()
+    );
+    if std::env::var("VMM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{msg} (VMM_REQUIRE_KVM=1)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
 }
 
 pub fn vmm() -> Command {

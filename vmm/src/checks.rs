@@ -35,7 +35,7 @@ pub struct Provenance {
     pub module_hash: u128,
     /// The module's file name, for messages.
     pub module_name: String,
-    /// `wasi` or `qjs`.
+    /// `wasi`, `qjs` or `python`.
     pub runtime: String,
     pub engine: String,
     /// Guest memory in bytes.
@@ -56,6 +56,7 @@ pub fn runtime_name(r: RuntimeKind) -> &'static str {
     match r {
         RuntimeKind::Wasi => "wasi",
         RuntimeKind::Qjs => "qjs",
+        RuntimeKind::Python => "python",
     }
 }
 
@@ -337,7 +338,7 @@ fn check_device(d: &DeviceState, mem_size: u64) -> Result<(), String> {
     };
     GuestRange::checked(what, d.buf_gpa, d.buf_len, mem_size, mem_size)
         .map_err(|e| e.to_string())?;
-    if !matches!(d.runtime.as_str(), "wasi" | "qjs") {
+    if !matches!(d.runtime.as_str(), "wasi" | "qjs" | "python") {
         return Err(format!("runtime {}", shown(&d.runtime)));
     }
     if d.version < 2 {

@@ -34,6 +34,8 @@ pub enum RuntimeArg {
     Wasi,
     /// QuickJS-NG's WASI reactor: `qjs --std <script>`.
     Qjs,
+    /// CPython for WASI (python.wasm): `python <script>`.
+    Python,
 }
 
 impl From<RuntimeArg> for RuntimeKind {
@@ -41,6 +43,7 @@ impl From<RuntimeArg> for RuntimeKind {
         match r {
             RuntimeArg::Wasi => RuntimeKind::Wasi,
             RuntimeArg::Qjs => RuntimeKind::Qjs,
+            RuntimeArg::Python => RuntimeKind::Python,
         }
     }
 }
@@ -78,14 +81,17 @@ pub struct FunctionArgs {
     #[arg(long, value_name = "PATH.wasm")]
     pub module: PathBuf,
     /// How to drive the module: `wasi` runs a command's `_start`; `qjs` drives QuickJS-NG's
-    /// WASI reactor as `qjs --std <first --arg>`.
+    /// WASI reactor as `qjs --std <first --arg>`; `python` runs CPython's python.wasm as
+    /// `python <first --arg>` (`-` reads the script from stdin), with `random` reseeded when
+    /// the script first reads its request, so restores of a template do not repeat it.
     #[arg(long, value_enum, default_value = "wasi")]
     pub runtime: RuntimeArg,
     /// A host file to put in the guest's read-only tree, at GUEST (default: its file name).
     #[arg(long = "file", value_name = "HOST[:GUEST]")]
     pub files: Vec<String>,
     /// An argument for the function (argv[1..]; argv[0] is the module's file name). Under
-    /// `--runtime qjs` the first one is the script to run (required).
+    /// `--runtime qjs` and `--runtime python` the first one is the script to run
+    /// (required), given with --file.
     #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     pub args: Vec<String>,
     /// An environment variable for the function.
@@ -143,6 +149,8 @@ pub enum CliError {
     RequestTooLarge { what: String, limit: u64 },
     #[error("--runtime qjs needs the script to run as the first --arg (for example --file hello.js --arg hello.js)")]
     QjsWithoutScript,
+    #[error("--runtime python needs the script to run as the first --arg (for example --file hello.py --arg hello.py)")]
+    PythonWithoutScript,
 }
 
 /// What [`read_bounded`] found.
@@ -246,8 +254,12 @@ impl FunctionArgs {
     /// (together: the guest must hold them all).
     pub fn to_spec(&self, mem_mib: u64) -> Result<FunctionSpec, CliError> {
         let mem_size = crate::run::check_mem(mem_mib)?;
-        if self.runtime == RuntimeArg::Qjs && self.args.is_empty() {
-            return Err(CliError::QjsWithoutScript);
+        if self.args.is_empty() {
+            match self.runtime {
+                RuntimeArg::Qjs => return Err(CliError::QjsWithoutScript),
+                RuntimeArg::Python => return Err(CliError::PythonWithoutScript),
+                RuntimeArg::Wasi => {}
+            }
         }
         for e in &self.env {
             if !e.contains('=') || e.starts_with('=') {

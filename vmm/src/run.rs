@@ -15,13 +15,30 @@ pub enum RuntimeKind {
     Wasi,
     /// QuickJS-NG's WASI reactor: `qjs --std <script>`.
     Qjs,
+    /// CPython for WASI (a command module): `python <script>`, through
+    /// [`PYTHON_RUNNER`], which reseeds `random` when the request arrives.
+    Python,
 }
+
+/// Run by `--runtime python` as `python -c PYTHON_RUNNER <script> <args>...`: it runs the
+/// script as `python <script> <args>...` would, and reseeds `random` at the script's first
+/// read of stdin (where a function template resumes), so restores do not replay it.
+pub const PYTHON_RUNNER: &str = include_str!("python_runner.py");
 
 impl RuntimeKind {
     pub fn abi(self) -> u64 {
         match self {
-            RuntimeKind::Wasi => vmm_abi::RUNTIME_WASI,
+            // To the guest a Python function is a WASI command with more arguments.
+            RuntimeKind::Wasi | RuntimeKind::Python => vmm_abi::RUNTIME_WASI,
             RuntimeKind::Qjs => vmm_abi::RUNTIME_QJS,
+        }
+    }
+
+    /// Arguments the VMM puts between argv[0] and the function's own.
+    pub fn argv_prefix(self) -> &'static [&'static str] {
+        match self {
+            RuntimeKind::Wasi | RuntimeKind::Qjs => &[],
+            RuntimeKind::Python => &["-c", PYTHON_RUNNER],
         }
     }
 }
@@ -50,6 +67,7 @@ impl FunctionSpec {
     /// The function config blob the guest receives at its GetFunction hostcall.
     pub fn config_blob(&self) -> Vec<u8> {
         let mut args: Vec<&[u8]> = vec![self.module_name.as_bytes()];
+        args.extend(self.runtime.argv_prefix().iter().map(|a| a.as_bytes()));
         args.extend(self.args.iter().map(|a| a.as_bytes()));
         FunctionConfig {
             args,

@@ -66,6 +66,13 @@ pub mod filetype {
     pub const REGULAR_FILE: u8 = 4;
 }
 
+/// The file type of stdin, stdout and stderr: a request body, a response and a log are
+/// streams, not a terminal. wasi-libc's `isatty` is true exactly for a character device
+/// without seek/tell rights, so reporting one made runtimes behave as if a user typed at
+/// them (CPython reading a script from stdin printed its banner and prompts; libc
+/// line-buffered stdout). Like a pipe under other WASI hosts: `unknown`.
+pub const STDIO_FILETYPE: u8 = filetype::UNKNOWN;
+
 /// `rights` bits.
 pub mod rights {
     pub const FD_DATASYNC: u64 = 1 << 0;
@@ -88,9 +95,9 @@ pub mod rights {
     pub const FD_FILESTAT_SET_TIMES: u64 = 1 << 23;
     pub const POLL_FD_READWRITE: u64 = 1 << 27;
 
-    /// stdin: a readable character device (no seek/tell: wasi-libc's isatty needs that).
+    /// stdin: the request, a readable stream (no seek/tell).
     pub const STDIN: u64 = FD_READ | FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE;
-    /// stdout/stderr: writable character devices (no seek/tell, so they count as ttys).
+    /// stdout/stderr: the response and the log, writable streams (no seek/tell).
     pub const STDOUT: u64 = FD_WRITE | FD_FDSTAT_SET_FLAGS | FD_FILESTAT_GET | POLL_FD_READWRITE;
     /// A read-only regular file.
     pub const FILE: u64 = FD_READ
@@ -916,8 +923,8 @@ impl WasiCtx {
 
     pub fn fd_fdstat_get(&self, mem: &mut [u8], fd: u32, out: u32) -> Result<(), Errno> {
         let (ft, base, inh) = match self.fd(fd)? {
-            FdEntry::Stdin => (filetype::CHARACTER_DEVICE, rights::STDIN, 0),
-            FdEntry::Stdout | FdEntry::Stderr => (filetype::CHARACTER_DEVICE, rights::STDOUT, 0),
+            FdEntry::Stdin => (STDIO_FILETYPE, rights::STDIN, 0),
+            FdEntry::Stdout | FdEntry::Stderr => (STDIO_FILETYPE, rights::STDOUT, 0),
             FdEntry::Dir {
                 rights, inheriting, ..
             } => (filetype::DIRECTORY, rights, inheriting),
@@ -989,7 +996,7 @@ impl WasiCtx {
     pub fn fd_filestat_get(&self, mem: &mut [u8], fd: u32, out: u32) -> Result<(), Errno> {
         let b = match self.fd(fd)? {
             FdEntry::Stdin | FdEntry::Stdout | FdEntry::Stderr => {
-                self.filestat_bytes(filetype::CHARACTER_DEVICE, 0, 0)
+                self.filestat_bytes(STDIO_FILETYPE, 0, 0)
             }
             FdEntry::Dir { node, .. }
             | FdEntry::File { node, .. }

@@ -134,20 +134,48 @@ fn args_and_env_layout() {
     assert_eq!(u32_at(&small, 16), 0);
 }
 
+/// wasi-libc's `isatty(fd)`: `fd_fdstat_get` succeeds, the file type is a character
+/// device and the fd has neither the seek nor the tell right.
+fn libc_isatty(w: &WasiCtx, fd: u32) -> bool {
+    let mut m = vec![0u8; 24];
+    w.fd_fdstat_get(&mut m, fd, 0).is_ok()
+        && m[0] == filetype::CHARACTER_DEVICE
+        && u64_at(&m, 8) & (rights::FD_SEEK | rights::FD_TELL) == 0
+}
+
 #[test]
-fn stdio_fdstat_is_a_tty() {
-    let w = ctx();
+fn stdio_is_a_stream_not_a_tty() {
+    let mut w = ctx();
     let mut m = vec![0u8; 256];
     for fd in 0..3 {
+        // A request body and a response: isatty() must be false, or runtimes act as if a
+        // user typed at them (CPython printed its banner and prompts for `python -`).
+        assert!(!libc_isatty(&w, fd), "fd {fd} looks like a terminal");
         w.fd_fdstat_get(&mut m, fd, 0).unwrap();
-        assert_eq!(m[0], filetype::CHARACTER_DEVICE);
+        assert_eq!(m[0], filetype::UNKNOWN, "fd {fd}");
         let base = u64_at(&m, 8);
+        // Still streams: no seek or tell; stdin reads, stdout/stderr write.
         assert_eq!(base & (rights::FD_SEEK | rights::FD_TELL), 0, "fd {fd}");
+        let (may, may_not) = if fd == 0 {
+            (rights::FD_READ, rights::FD_WRITE)
+        } else {
+            (rights::FD_WRITE, rights::FD_READ)
+        };
+        assert_eq!(base & may, may, "fd {fd}");
+        assert_eq!(base & may_not, 0, "fd {fd}");
+        // fstat agrees with fdstat (a character device there would be S_IFCHR).
+        m.fill(0xff);
+        w.fd_filestat_get(&mut m, fd, 0).unwrap();
+        assert_eq!(m[16], filetype::UNKNOWN, "fd {fd}");
     }
     w.fd_fdstat_get(&mut m, 3, 0).unwrap();
     assert_eq!(m[0], filetype::DIRECTORY);
     assert_eq!(w.fd_fdstat_get(&mut m, 9, 0), Err(errno::BADF));
     assert_eq!(w.fd_fdstat_get(&mut m, 0, 240), Err(errno::FAULT));
+    // Nor is /dev/urandom, a character device with seek/tell.
+    let mut big = vec![0u8; 8192];
+    let fd = open(&mut w, &mut big, 3, b"dev/urandom", 0).unwrap();
+    assert!(!libc_isatty(&w, fd));
 }
 
 #[test]
