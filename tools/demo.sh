@@ -33,6 +33,10 @@ ensure hello '{"name":"world"}' -- \
 ensure markdown $'# Title\n\nSome *markdown*, rendered by [marked](https://marked.js.org).\n' -- \
   --module $qjs --runtime qjs --file examples/markdown.js --file workloads/marked.esm.js --arg markdown.js
 ensure upper $'text for a WASI command module\n' -- --module examples/upper.wat --arg one --arg two
+ensure hello-py '{"name":"world"}' -- \
+  --module workloads/python.wasm --runtime python --file examples/hello.py --arg hello.py
+ensure wordfreq-py $'the quick brown fox jumps over the lazy dog; the dog sleeps\n' -- \
+  --module workloads/python.wasm --runtime python --file examples/wordfreq.py --arg wordfreq.py
 
 command -v curl >/dev/null || { echo "demo: curl is needed for the HTTP part (apt-get install curl)" >&2; exit 1; }
 echo "== vmm serve: pools of ready instances, each reset to its template after every request =="
@@ -64,6 +68,8 @@ invoke() { # name request
 invoke hello '{"name":"world"}'
 invoke markdown $'# Title\n\nSome *markdown*, rendered by [marked](https://marked.js.org).\n'
 invoke upper $'text for a WASI command module\n'
+invoke hello-py '{"name":"world"}'
+invoke wordfreq-py $'the quick brown fox jumps over the lazy dog; the dog sleeps\n'
 echo "-- GET /v1/functions"
 curl -sS "http://$addr/v1/functions"; echo
 echo "-- SIGTERM: drain and stop"
