@@ -107,6 +107,9 @@ const RFLAGS_VM: u64 = 1 << 17;
 const RFLAGS_RESERVED: u64 = !((1 << 22) - 1);
 /// DR7: the eight breakpoint enable bits and general detect.
 const DR7_ENABLES: u64 = 0xff | (1 << 13);
+/// The XSAVE components whose state lies in the 4 KiB area KVM_GET_XSAVE fills: x87, SSE,
+/// AVX, MPX (2), AVX-512 (3) and PKRU.
+const XSAVE_AREA_COMPONENTS: u64 = 0x2ff;
 
 /// Read as many of `indices` as KVM allows, skipping the ones it refuses.
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<(u32, u64)> {
@@ -420,7 +423,7 @@ impl VcpuState {
         }
 
         // Extended state: XCR0 always enables x87; the XSAVE header is the standard
-        // (uncompacted) one KVM_GET_XSAVE returns, naming only enabled components.
+        // (uncompacted) one KVM_GET_XSAVE returns.
         let n = xcrs.nr_xcrs as usize;
         if n > xcrs.xcrs.len() {
             return Err(invalid(
@@ -439,13 +442,15 @@ impl VcpuState {
         if mxcsr >> 16 != 0 {
             return Err(invalid("xsave MXCSR", hex(mxcsr), "reserved bits clear"));
         }
-        // x87 and SSE state are always valid in XSTATE_BV; anything else must be enabled.
+        // XSTATE_BV names components of the 4 KiB area only, not only those XCR0 enables:
+        // hardware KVM reports the vCPU's PKRU, and AVX state when the CPU marks it in use,
+        // whatever the guest's XCR0 (an emulated AMD CPU, XCR0 0x1: XSTATE_BV 0x207).
         let (xstate_bv, xcomp_bv) = (word(512), word(520));
-        if xstate_bv & !(xcr0.unwrap_or(1) | 0b11) != 0 || xcomp_bv != 0 {
+        if xstate_bv & !XSAVE_AREA_COMPONENTS != 0 || xcomp_bv != 0 {
             return Err(invalid(
                 "xsave header",
                 format!("XSTATE_BV {xstate_bv:#x}, XCOMP_BV {xcomp_bv:#x}"),
-                "the standard format naming only components XCR0 enables",
+                "the standard format naming only x87, SSE, AVX, MPX, AVX-512 or PKRU state",
             ));
         }
         if x[528..576].iter().any(|&b| b != 0) {
