@@ -109,6 +109,18 @@ else
 	fail "no back end in the --stats output: ${WHY:-} $(show "$WORK/backend.err")"
 fi
 [ "$MODE" = record ] && echo "$BACKEND" >"$EXP/backend"
+sed 's/^/  /' "$WORK/backend.err"
+
+# counts ID FROM: step ID is the exits and hostcalls `--stats` counted in step FROM (the
+# same on every back end: one exit per hostcall, nothing else reaches the VMM).
+counts() {
+	grep -E '^ *(exits|hostcalls):' "$WORK/$2.err" | tr -s ' ' >"$WORK/$1.out"
+	: >"$WORK/$1.err"
+	echo 0 >"$WORK/$1.rc"
+}
+begin "exits of a cold run"
+counts counts-run backend
+if [ -s "$WORK/counts-run.out" ]; then check_step counts-run 0; else fail "no exits in the --stats output"; fi
 
 # Every memory strategy `vmm restore --help` lists under --memory.
 STRATEGIES=$("$VMM" restore --help | sed -n '/--memory/,/\[default/ s/^ *- \([a-z][a-z-]*\): .*/\1/p' | tr '\n' ' ')
@@ -159,6 +171,12 @@ while IFS='|' read -r name req kinds opts; do
 	esac
 done <"$CASES"
 
+begin "exits of a restore"
+invoke restore-stats "$WORK/upper.req" restore hw-upper --store "$STORE" --stats
+sed 's/^/  /' "$WORK/restore-stats.err"
+counts counts-restore restore-stats
+if expect_rc restore-stats 0 && [ -s "$WORK/counts-restore.out" ]; then check_step counts-restore 0; else fail "${WHY:-no exits in the --stats output}"; fi
+
 # Guest CPU exceptions (the kernel's self-tests, behind VMM_TEST_HOSTCALLS): reported
 # with vector, error code, RIP and CR2, exit status 125.
 for t in ud pf; do
@@ -198,6 +216,17 @@ if expect_rc entropy-1 0 && expect_rc entropy-2 0; then
 else
 	fail "$WHY"
 fi
+# ... and the current time (the template's clock was read when it was made): within 30 s
+# of this machine's clock, as tests/templates.rs asks.
+begin "the restored guest's clock is the current time"
+g=$(od -An -t u8 -j 16 -N 8 "$WORK/entropy-2.out" | tr -d ' \n')
+n=$(date +%s)
+if [ -z "$g" ]; then
+	fail "no clock in [$(show "$WORK/entropy-2.out")]"
+else
+	d=$((n - g / 1000000000))
+	if [ "$d" -le 30 ] && [ "$d" -ge -30 ]; then pass; else fail "guest clock $g ns, this machine's $n s"; fi
+fi
 if [ -e workloads/qjs-wasi-reactor.wasm ]; then
 	begin "template create random.js"
 	invoke create-random /dev/null template create hw-random --store "$STORE" \
@@ -230,6 +259,7 @@ if expect_rc verify 0; then pass; else fail "$WHY"; fi
 # state is the other back end's). The guest's store goes back out (tools/hw-kvm-test.sh).
 if [ "$MODE" = record ]; then
 	begin "export a template for the guest"
+	rm -f "$EXP/host.export"
 	"$VSTORE" export hw-upper "$EXP/host.export" --store "$STORE" >"$WORK/export.out" 2>"$WORK/export.err"
 	echo $? >"$WORK/export.rc"
 	if expect_rc export 0; then pass; else fail "$WHY"; fi
