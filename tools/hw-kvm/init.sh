@@ -9,6 +9,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 dmesg -n 1
+ip link set lo up
 echo "=== hw-kvm guest: /init at $(cut -d' ' -f1 /proc/uptime) s of uptime"
 echo "cpu:$(grep -m1 vendor_id /proc/cpuinfo | cut -d: -f2),$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 echo "cpu flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -xE 'svm|npt|nrip_save|sse4_2|popcnt|avx|avx2|xsave' | tr '\n' ' ')"

@@ -141,6 +141,7 @@ done
 if [ -z "$unlisted" ]; then pass; else fail "not in $CASES:$unlisted"; fi
 
 # The functions: cold run, template, restore with every strategy.
+TEMPLATES=
 while IFS='|' read -r name req kinds opts; do
 	case $name in '' | '#'*) continue ;; esac
 	# shellcheck disable=SC2086 # the options are split on blanks on purpose
@@ -158,6 +159,7 @@ while IFS='|' read -r name req kinds opts; do
 		;;
 	esac
 	case ,$kinds, in *,template,*)
+		TEMPLATES="$TEMPLATES $name"
 		begin "template create $name"
 		# shellcheck disable=SC2086
 		invoke "create-$name" /dev/null template create "hw-$name" --store "$STORE" $opts
@@ -170,6 +172,38 @@ while IFS='|' read -r name req kinds opts; do
 		;;
 	esac
 done <"$CASES"
+
+# vmm serve: each template's response over HTTP, three times from a pool of one instance
+# (reset in place between requests), equal to what `vmm restore` printed.
+begin "vmm serve"
+"$VMM" serve --listen 127.0.0.1:0 --store "$STORE" --pool 1 </dev/null >"$WORK/serve.out" 2>"$WORK/serve.err" &
+serve_pid=$!
+addr=
+tries=0
+while [ -z "$addr" ] && [ $tries -lt 600 ] && kill -0 $serve_pid 2>/dev/null; do
+	sleep 0.1
+	tries=$((tries + 1))
+	addr=$(sed -n 's/^vmm serve: listening on //p' "$WORK/serve.err")
+done
+WHY=
+if [ -z "$addr" ]; then
+	WHY="vmm serve did not listen: [$(show "$WORK/serve.err")]"
+else
+	for name in $TEMPLATES; do
+		for i in 1 2 3; do
+			timeout 300 busybox wget -q -O "$WORK/serve-$name-$i.out" --post-file="$WORK/$name.req" \
+				"http://$addr/v1/functions/hw-$name/invoke" 2>"$WORK/serve-$name-$i.err"
+			if ! cmp -s "$EXP/restore-$name-prefetch.out" "$WORK/serve-$name-$i.out"; then
+				WHY="$WHY $name request $i: expected [$(show "$EXP/restore-$name-prefetch.out")], got [$(show "$WORK/serve-$name-$i.out")] $(show "$WORK/serve-$name-$i.err");"
+			fi
+		done
+	done
+fi
+kill -TERM $serve_pid 2>/dev/null
+wait $serve_pid
+serve_rc=$?
+[ -n "$addr" ] && [ $serve_rc != 0 ] && WHY="$WHY vmm serve exited $serve_rc after SIGTERM: [$(show "$WORK/serve.err")]"
+if [ -z "$WHY" ]; then pass; else fail "$WHY"; fi
 
 begin "exits of a restore"
 invoke restore-stats "$WORK/upper.req" restore hw-upper --store "$STORE" --stats
