@@ -166,6 +166,8 @@ cp -r examples workloads "$R/repo/"
 cp -r tests/guests "$R/repo/tests/"
 cp tools/hw-kvm/suite.sh tools/hw-kvm/cases "$R/repo/tools/hw-kvm/"
 cp -r "$WORK/expect" "$R/expect"
+# The engine the host's steps ran on (VMM_ENGINE, when set) is the guest's too.
+env | grep '^VMM_ENGINE=' >"$R/env" || true
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd.gz"
 say "initramfs $(($(stat -c %s "$WORK/initrd.gz") >> 20)) MiB; booting qemu-system-x86_64 -accel tcg -cpu max (timeout ${TIMEOUT} s)"
 

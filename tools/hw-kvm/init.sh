@@ -23,6 +23,9 @@ for p in npt nested; do
 done
 echo "=== suite at $(cut -d' ' -f1 /proc/uptime) s"
 cd /repo || exit 1
+set -a
+. /env
+set +a
 VMM=/bin/vmm VMM_STORE_BIN=/bin/vmm-store HW_SUITE_WORK=/tmp/suite sh tools/hw-kvm/suite.sh check /expect
 echo "=== suite done at $(cut -d' ' -f1 /proc/uptime) s"
 if [ -s /tmp/suite/guest.export ]; then
