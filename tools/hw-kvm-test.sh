@@ -64,7 +64,7 @@ DEPMOD=$(command -v depmod || echo /sbin/depmod)
 [ -x "$DEPMOD" ] || missing+=(kmod)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! as_root; then
-    skip "${missing[*]} missing and installing needs root and apt-get: run \`apt-get install ${missing[*]}\` as root"
+    skip "${missing[*]} not installed, and installing needs root and apt-get: run \`apt-get install ${missing[*]}\` as root"
   fi
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
