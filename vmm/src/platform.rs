@@ -230,27 +230,32 @@ impl Backend {
 
 impl Cpu {
     /// The CPU a guest of this process sees: the host's own CPUID on PVM (which does not
-    /// filter it), the vCPU's CPUID table on hardware KVM (the VMM sets it before the vCPU
-    /// runs). `None` when that table cannot be read or is empty.
+    /// filter it), the vCPU's CPUID table on hardware KVM (the VMM sets the same table on
+    /// every vCPU before it runs). Read once per process. `None` when that table cannot be
+    /// read or is empty.
     fn of(backend: Backend, vcpu: &VcpuFd) -> Option<Cpu> {
+        static PVM: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
+        static HARDWARE: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
         match backend {
-            Backend::Pvm => {
-                static HOST: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
-                let cpu = HOST.get_or_init(|| {
+            Backend::Pvm => Some(
+                PVM.get_or_init(|| {
                     Cpu::from_cpuid(|leaf, sub| {
                         let r = std::arch::x86_64::__cpuid_count(leaf, sub);
                         [r.eax, r.ebx, r.ecx, r.edx]
                     })
-                });
-                Some(cpu.clone())
-            }
+                })
+                .clone(),
+            ),
             Backend::Hardware => {
+                if let Some(cpu) = HARDWARE.get() {
+                    return Some(cpu.clone());
+                }
                 let table = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).ok()?;
                 let entries = table.as_slice();
                 if entries.is_empty() {
                     return None;
                 }
-                Some(Cpu::from_cpuid(|leaf, sub| {
+                let cpu = Cpu::from_cpuid(|leaf, sub| {
                     entries
                         .iter()
                         .find(|e| {
@@ -259,7 +264,8 @@ impl Cpu {
                                     || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
                         })
                         .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx])
-                }))
+                });
+                Some(HARDWARE.get_or_init(|| cpu).clone())
             }
         }
     }
