@@ -567,7 +567,8 @@ fn forged_vcpu_state_is_refused_by_restore_and_reported_by_verify() {
     ];
     // The VIF MSR exists only on the PVM back end.
     let m = fixtures::read_manifest(&healthy.0, "fn");
-    let pvm = VcpuState::decode(&m.vcpu_state).unwrap().backend == "pvm";
+    let made_on = VcpuState::decode(&m.vcpu_state).unwrap().made_on().unwrap();
+    let pvm = made_on.backend == vmm::platform::Backend::Pvm;
     let forgeries: Vec<Forgery> = forgeries
         .iter()
         .copied()

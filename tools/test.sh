@@ -10,3 +10,4 @@ cd "$(dirname "$0")/.."
 ./tools/fetch-workloads.sh
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"
+./tools/hw-kvm-test.sh

@@ -10,8 +10,7 @@
 //! or damaged state that KVM would take and the guest would crash on, or that KVM would
 //! refuse with a bare errno), so restore and `vmm-store verify` can name them.
 
-use crate::platform::Backend;
-use crate::platform::MSR_PVM_VIF;
+use crate::platform::{Backend, MadeOn, MadeOnMismatch, MSR_PVM_VIF};
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     kvm_xsave, Msrs, KVM_MAX_MSR_ENTRIES,
@@ -27,6 +26,7 @@ const MAX_STATE_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
 pub struct VcpuState {
     pub version: u32,
+    /// The back end and CPU it was made on ([`MadeOn::record`]).
     pub backend: String,
     pub tsc_khz: u64,
     pub regs: Vec<u8>,
@@ -64,8 +64,8 @@ pub enum PersistError {
     },
     #[error("the vCPU state has version {0}, this vmm reads version {VCPU_STATE_VERSION}; recreate the template")]
     Version(u32),
-    #[error("the template was made on {made} KVM and cannot be restored on {here} KVM; create it on this machine")]
-    Backend { made: String, here: String },
+    #[error(transparent)]
+    MadeOn(#[from] MadeOnMismatch),
 }
 
 fn save<T>(step: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, PersistError> {
@@ -107,6 +107,9 @@ const RFLAGS_VM: u64 = 1 << 17;
 const RFLAGS_RESERVED: u64 = !((1 << 22) - 1);
 /// DR7: the eight breakpoint enable bits and general detect.
 const DR7_ENABLES: u64 = 0xff | (1 << 13);
+/// The XSAVE components whose state lies in the 4 KiB area KVM_GET_XSAVE fills: x87, SSE,
+/// AVX, MPX (2), AVX-512 (3) and PKRU.
+const XSAVE_AREA_COMPONENTS: u64 = 0x2ff;
 
 /// Read as many of `indices` as KVM allows, skipping the ones it refuses.
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<(u32, u64)> {
@@ -163,7 +166,7 @@ impl VcpuState {
         let clock = save("KVM_GET_CLOCK", vm.get_clock())?;
         Ok(VcpuState {
             version: VCPU_STATE_VERSION,
-            backend: format!("{backend:?}").to_lowercase(),
+            backend: MadeOn::here(backend, vcpu).record(),
             tsc_khz,
             regs: regs.as_bytes().to_vec(),
             sregs: sregs.as_bytes().to_vec(),
@@ -178,13 +181,8 @@ impl VcpuState {
 
     /// Write the state into a fresh vCPU of a fresh VM.
     pub fn apply(&self, vm: &VmFd, vcpu: &VcpuFd, backend: Backend) -> Result<(), PersistError> {
-        let here = format!("{backend:?}").to_lowercase();
-        if self.backend != here {
-            return Err(PersistError::Backend {
-                made: self.backend.clone(),
-                here,
-            });
-        }
+        self.made_on()?
+            .check_restore(&MadeOn::here(backend, vcpu))?;
         let sregs: kvm_sregs = read("sregs", &self.sregs)?;
         let regs: kvm_regs = read("regs", &self.regs)?;
         let xsave: kvm_xsave = read("xsave", &self.xsave)?;
@@ -252,6 +250,12 @@ impl VcpuState {
         Ok(())
     }
 
+    /// The back end and CPU the state was made on (its `backend` record).
+    pub fn made_on(&self) -> Result<MadeOn, PersistError> {
+        MadeOn::parse(&self.backend)
+            .map_err(|why| invalid("back end", crate::checks::shown(&self.backend), why))
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         bincode::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
     }
@@ -293,13 +297,7 @@ impl VcpuState {
     /// restore. KVM still validates what it takes; this catches what it would take and
     /// the guest would crash on, and names what it would refuse with a bare errno.
     pub fn validate(&self, mem_size: u64) -> Result<(), PersistError> {
-        if !matches!(self.backend.as_str(), "pvm" | "hardware") {
-            return Err(invalid(
-                "back end",
-                crate::checks::shown(&self.backend),
-                "it is pvm or hardware",
-            ));
-        }
+        let made_on = self.made_on()?;
         if self.tsc_khz == 0 || self.tsc_khz > 100_000_000 {
             return Err(invalid(
                 "TSC frequency",
@@ -420,7 +418,7 @@ impl VcpuState {
         }
 
         // Extended state: XCR0 always enables x87; the XSAVE header is the standard
-        // (uncompacted) one KVM_GET_XSAVE returns, naming only enabled components.
+        // (uncompacted) one KVM_GET_XSAVE returns.
         let n = xcrs.nr_xcrs as usize;
         if n > xcrs.xcrs.len() {
             return Err(invalid(
@@ -439,13 +437,15 @@ impl VcpuState {
         if mxcsr >> 16 != 0 {
             return Err(invalid("xsave MXCSR", hex(mxcsr), "reserved bits clear"));
         }
-        // x87 and SSE state are always valid in XSTATE_BV; anything else must be enabled.
+        // XSTATE_BV names components of the 4 KiB area only, not only those XCR0 enables:
+        // hardware KVM reports the vCPU's PKRU, and AVX state when the CPU marks it in use,
+        // whatever the guest's XCR0 (an emulated AMD CPU, XCR0 0x1: XSTATE_BV 0x207).
         let (xstate_bv, xcomp_bv) = (word(512), word(520));
-        if xstate_bv & !(xcr0.unwrap_or(1) | 0b11) != 0 || xcomp_bv != 0 {
+        if xstate_bv & !XSAVE_AREA_COMPONENTS != 0 || xcomp_bv != 0 {
             return Err(invalid(
                 "xsave header",
                 format!("XSTATE_BV {xstate_bv:#x}, XCOMP_BV {xcomp_bv:#x}"),
-                "the standard format naming only components XCR0 enables",
+                "the standard format naming only x87, SSE, AVX, MPX, AVX-512 or PKRU state",
             ));
         }
         if x[528..576].iter().any(|&b| b != 0) {
@@ -470,7 +470,7 @@ impl VcpuState {
                 ));
             }
         }
-        if self.backend == "pvm" {
+        if made_on.backend == Backend::Pvm {
             let vif = MSR_PVM_VIF;
             match self.msrs.iter().find(|(i, _)| *i == vif) {
                 None => return Err(PersistError::Damaged(format!("MSR {vif:#x} is missing"))),
