@@ -4,6 +4,7 @@
 //! (what a user waits for), interleaved round-robin so that the noise of a shared machine
 //! falls on every mode alike. Ratios are only meaningful within one run.
 
+mod engines;
 mod floor;
 mod latency;
 mod native;
@@ -12,6 +13,7 @@ mod store;
 mod throughput;
 mod util;
 
+pub use engines::{EngineRow, EnginesReport, StartRow};
 pub use floor::FloorReport;
 pub use latency::{LatencyRow, WarmRow};
 pub use native::NativeReport;
@@ -41,7 +43,18 @@ pub struct BenchArgs {
     /// Seconds per restores-per-second measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Only some sections: any of latency, throughput, store, floor, native.
+    /// CPython for WASI (fetched by tools/fetch-workloads.sh); the `engines` section's Python
+    /// rows say it is missing when it is not there.
+    #[arg(long, default_value = "workloads/python.wasm")]
+    pub python: PathBuf,
+    /// Runs of each workload per engine in the `engines` section (each cell is their median).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub engine_runs: u32,
+    /// Iterations of the `engines` section's loops inside the runtime (renders of the
+    /// Markdown document, Python requests), after a warm-up of a fifth as many.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub loop_iterations: u32,
+    /// Only some sections: any of latency, throughput, store, floor, native, engines.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print the results as JSON instead of tables.
@@ -65,6 +78,8 @@ pub struct BenchReport {
     pub floor: Option<FloorReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native: Option<NativeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engines: Option<EnginesReport>,
 }
 
 struct Function {
@@ -143,6 +158,13 @@ fn run_sections(a: &BenchArgs, store: &Path) -> Result<BenchReport, String> {
             native::print_native(&r);
         }
         report.native = Some(r);
+    }
+    if want("engines") {
+        let r = engines::engines(a, store)?;
+        if !a.json {
+            engines::print_engines(&r);
+        }
+        report.engines = Some(r);
     }
     Ok(report)
 }
