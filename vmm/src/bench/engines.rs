@@ -7,7 +7,7 @@
 //! builds with and without it. Run times of the loops are measured inside the runtime (the
 //! scripts print them), so that process start, compilation and restore are left out.
 
-use super::process::{invoke, invoke_with_env, s};
+use super::process::{invoke, invoke_with_env, parse_stats, s, Invocation};
 use super::util::percentile;
 use super::BenchArgs;
 use crate::hostwasm::{HostEngine, HostRuntime, WasiInvocation};
@@ -59,11 +59,14 @@ pub struct StartRow {
     pub cold_uncached_ms: Option<f64>,
     /// `None` when the run's `--json` stats say nothing of a compiled-artifact cache.
     pub cold_cached_ms: Option<f64>,
-    /// What the stats of the last cached run said of the cache (the field's name and value).
+    /// What the stats of the last uncached and the last cached run said of the cache (the
+    /// field's name and value); `None` when they say nothing of it.
+    pub artifact_cache_uncached: Option<String>,
     pub artifact_cache: Option<String>,
     /// `None` when `template create` cannot be given this engine.
     pub restore_ms: Option<f64>,
-    /// The fastest cold median over the restore median.
+    /// The cold median (with the artifact cached, where there is a cache) over the restore
+    /// median.
     pub cold_over_restore: Option<f64>,
     pub missing: Option<String>,
 }
@@ -92,6 +95,29 @@ fn capabilities() -> Result<Capabilities, String> {
         template_engine: help_lists(&["template", "create"], "--engine")?,
         run_store: help_lists(&["run"], "--store")?,
     })
+}
+
+/// `vmm run [--json] ARGS` with `input` on stdin, its store (where builds that cache compiled
+/// artifacts keep them) at `store_dir`: through `$VMM_STORE`, and `--store` where the build
+/// takes it. Never the user's default store.
+fn guest_run(
+    caps: &Capabilities,
+    store_dir: &Path,
+    json: bool,
+    args: impl IntoIterator<Item = String>,
+    input: &[u8],
+) -> Result<(Vec<String>, Invocation), String> {
+    let mut v = vec!["run".to_string()];
+    if json {
+        v.push("--json".into());
+    }
+    if caps.run_store {
+        v.extend(["--store".into(), s(store_dir)]);
+    }
+    v.extend(args);
+    let store_env = s(store_dir);
+    let inv = invoke_with_env(&v, input, &[("VMM_STORE", &store_env)])?;
+    Ok((v, inv))
 }
 
 /// The guest engines, in column order.
@@ -190,7 +216,7 @@ pub(super) fn engines(a: &BenchArgs, store: &Path) -> Result<EnginesReport, Stri
     let scratch = store.join("engines");
     std::fs::create_dir_all(&scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
     let workloads = vec![
-        compute_row(a, &caps, &host)?,
+        compute_row(a, &caps, &host, &scratch)?,
         markdown_row(a, &caps, &host, &scratch)?,
         python_row(a, &caps, &host, &scratch)?,
     ];
@@ -238,7 +264,12 @@ impl Columns {
 
 /// examples/compute.wat: `_start` (40 rounds of `run`) in the guest (`function_ms` of
 /// `vmm run --json`) and in this process (the call alone).
-fn compute_row(a: &BenchArgs, caps: &Capabilities, host: &HostEngine) -> Result<EngineRow, String> {
+fn compute_row(
+    a: &BenchArgs,
+    caps: &Capabilities,
+    host: &HostEngine,
+    scratch: &Path,
+) -> Result<EngineRow, String> {
     let path = a.examples.join("compute.wat");
     let wasm = crate::cli::read_module(&path).map_err(|e| e.to_string())?;
     let module = host
@@ -250,13 +281,9 @@ fn compute_row(a: &BenchArgs, caps: &Capabilities, host: &HostEngine) -> Result<
             let (Some(col), Some(flags)) = (col, engine_args(engine, caps.run_engine)) else {
                 continue;
             };
-            let mut args = vec!["run".into(), "--json".into(), "--module".into(), s(&path)];
-            args.extend(flags);
-            col.push(
-                super::process::invoke_json(&args, b"", &[])?
-                    .stats
-                    .function_ms,
-            );
+            let args = ["--module".to_string(), s(&path)].into_iter().chain(flags);
+            let (args, inv) = guest_run(caps, &scratch.join("store"), true, args, b"")?;
+            col.push(parse_stats(&args, &inv.stdout)?.function_ms);
         }
         let t = host
             .time_start(&module)
@@ -305,10 +332,11 @@ fn loop_row(
             let (Some(col), Some(flags)) = (col, engine_args(engine, caps.run_engine)) else {
                 continue;
             };
-            let mut args = vec!["run".into(), "--module".into(), s(l.module)];
-            args.extend(l.guest_args.iter().cloned());
-            args.extend(flags);
-            let out = invoke(&args, b"")?;
+            let args = ["--module".to_string(), s(l.module)]
+                .into_iter()
+                .chain(l.guest_args.iter().cloned())
+                .chain(flags);
+            let (_, out) = guest_run(caps, &scratch.join("store"), false, args, b"")?;
             let p = parse_per_iteration(&out.stdout, a.loop_iterations)
                 .map_err(|e| format!("{} under guest {engine}: {e}", l.name))?;
             col.push(p.ms);
@@ -509,14 +537,8 @@ fn cold_run(
     caps: &Capabilities,
     store_dir: &Path,
 ) -> Result<(f64, serde_json::Value), String> {
-    let mut args = vec!["run".to_string(), "--json".into()];
-    if caps.run_store {
-        args.extend(["--store".into(), s(store_dir)]);
-    }
-    args.extend(f.args.iter().cloned());
-    args.extend(engine_flags.iter().cloned());
-    let store_env = s(store_dir);
-    let inv = invoke_with_env(&args, f.input, &[("VMM_STORE", &store_env)])?;
+    let args = f.args.iter().chain(engine_flags).cloned();
+    let (args, inv) = guest_run(caps, store_dir, true, args, f.input)?;
     let v: serde_json::Value = serde_json::from_slice(&inv.stdout)
         .map_err(|e| format!("read the JSON report of `vmm {}`: {e}", args.join(" ")))?;
     Ok((inv.ms, v.get("stats").cloned().unwrap_or_default()))
@@ -533,6 +555,7 @@ fn start_rows(a: &BenchArgs, caps: &Capabilities, scratch: &Path) -> Result<Vec<
                 available: engine_args(engine, caps.run_engine).is_some(),
                 cold_uncached_ms: None,
                 cold_cached_ms: None,
+                artifact_cache_uncached: None,
                 artifact_cache: None,
                 restore_ms: None,
                 cold_over_restore: None,
@@ -559,31 +582,37 @@ fn measure_starts(
     flags: &[String],
     row: &mut StartRow,
 ) -> Result<(), String> {
-    // A store kept for the cached runs (filled by one run first), one per uncached run, and
-    // one for the template.
+    // A store kept for the cached runs and the template (filled by one run first), and one
+    // per uncached run.
     let cached_store = dir.join("cached");
-    let template_store = dir.join("templates");
     cold_run(f, flags, caps, &cached_store)?;
-    let template = caps.template_engine || engine == "wasmi";
-    if template {
+    // Templates record their engine only in builds whose `template create` takes `--engine`;
+    // a build with no `--engine` anywhere has wasmi alone.
+    let template_flags = if caps.template_engine {
+        Some(vec!["--engine".to_string(), engine.into()])
+    } else {
+        engine_args(engine, caps.run_engine).filter(|_| !caps.run_engine)
+    };
+    let template = template_flags.is_some();
+    if let Some(flags) = template_flags {
         let mut args = vec![
             "template".to_string(),
             "create".into(),
             "fn".into(),
             "--store".into(),
-            s(&template_store),
+            s(&cached_store),
         ];
         args.extend(f.args.iter().cloned());
-        if caps.template_engine {
-            args.extend(["--engine".into(), engine.into()]);
-        }
+        args.extend(flags);
         invoke(&args, b"")?;
     }
     let (mut uncached, mut cached, mut restored) = (Vec::new(), Vec::new(), Vec::new());
-    let mut cache_field = None;
+    let (mut uncached_field, mut cache_field) = (None, None);
     for i in 0..a.engine_runs {
         let fresh = dir.join(format!("uncached-{i}"));
-        uncached.push(cold_run(f, flags, caps, &fresh)?.0);
+        let (t, stats) = cold_run(f, flags, caps, &fresh)?;
+        uncached_field = artifact_cache_field(&stats);
+        uncached.push(t);
         let _ = std::fs::remove_dir_all(&fresh);
         let (t, stats) = cold_run(f, flags, caps, &cached_store)?;
         cache_field = artifact_cache_field(&stats);
@@ -593,22 +622,32 @@ fn measure_starts(
                 "restore".to_string(),
                 "fn".into(),
                 "--store".into(),
-                s(&template_store),
+                s(&cached_store),
             ];
             restored.push(invoke(&args, f.input)?.ms);
         }
     }
     let med = |v: &[f64]| (!v.is_empty()).then(|| percentile(v, 0.5));
     row.cold_uncached_ms = med(&uncached);
-    row.cold_cached_ms = cache_field.as_ref().and_then(|_| med(&cached));
+    let has_cache = uncached_field.is_some() || cache_field.is_some();
+    row.cold_cached_ms = med(&cached).filter(|_| has_cache);
+    row.artifact_cache_uncached = uncached_field;
     row.artifact_cache = cache_field;
     row.restore_ms = med(&restored);
-    let fastest_cold = match (row.cold_uncached_ms, row.cold_cached_ms) {
-        (Some(u), Some(c)) => Some(u.min(c)),
-        (u, c) => u.or(c),
-    };
-    row.cold_over_restore = ratio(fastest_cold, row.restore_ms);
+    row.cold_over_restore = ratio(row.cold_cached_ms.or(row.cold_uncached_ms), row.restore_ms);
     Ok(())
+}
+
+/// What the start table shows of the cache: the uncached and the cached run's fields.
+fn cache_cell(s: &StartRow) -> String {
+    match (&s.artifact_cache_uncached, &s.artifact_cache) {
+        (None, None) => "-".into(),
+        (u, c) => format!(
+            "{} / {}",
+            u.as_deref().unwrap_or("-"),
+            c.as_deref().unwrap_or("-")
+        ),
+    }
 }
 
 pub(super) fn print_engines(r: &EnginesReport) {
@@ -646,8 +685,8 @@ pub(super) fn print_engines(r: &EnginesReport) {
         "## Engines: time to response per guest engine (whole processes, median of {} each)\n",
         r.runs
     );
-    println!("Cold: `vmm run` with no compiled artifact in its store, then with one cached there (`-` when the run's stats report no artifact cache). Restore: `vmm restore` of a template created with that engine.\n");
-    println!("| function | engine | cold, nothing cached ms | cold, artifact cached ms | cache (from --json stats) | restore ms | cold / restore |");
+    println!("Cold: `vmm run` with no compiled artifact in its store, then with one cached there (`-` when the run's stats report no artifact cache; the cache column shows what they report, uncached run / cached run). Restore: `vmm restore` of a template created with that engine. Cold / restore: the cached cold run where there is a cache.\n");
+    println!("| function | engine | cold, nothing cached ms | cold, artifact cached ms | cache (--json stats) | restore ms | cold / restore |");
     println!("|---|---|---:|---:|---|---:|---:|");
     for s in &r.starts {
         if let Some(m) = &s.missing {
@@ -672,7 +711,7 @@ pub(super) fn print_engines(r: &EnginesReport) {
             s.engine,
             fmt_ms(s.cold_uncached_ms, "-"),
             fmt_ms(s.cold_cached_ms, "-"),
-            s.artifact_cache.as_deref().unwrap_or("-"),
+            cache_cell(s),
             fmt_ms(s.restore_ms, restore_absent),
             fmt_ratio(s.cold_over_restore),
         );
@@ -764,6 +803,104 @@ mod tests {
         // Before `--engine` existed the guest ran wasmi only, without any flag.
         assert_eq!(engine_args("wasmi", false), Some(Vec::new()));
         assert_eq!(engine_args("wasmtime", false), None);
+    }
+
+    fn start_row(available: bool) -> StartRow {
+        StartRow {
+            function: "Python hello",
+            engine: "wasmtime",
+            available,
+            cold_uncached_ms: available.then_some(900.0),
+            cold_cached_ms: None,
+            artifact_cache_uncached: None,
+            artifact_cache: None,
+            restore_ms: available.then_some(9.0),
+            cold_over_restore: ratio(available.then_some(900.0), available.then_some(9.0)),
+            missing: None,
+        }
+    }
+
+    #[test]
+    fn the_json_report_keeps_its_shape() {
+        let r = EnginesReport {
+            guest_wasmtime_available: false,
+            template_engine_available: false,
+            runs: 1,
+            loop_iterations: 3,
+            workloads: vec![EngineRow {
+                workload: "QuickJS markdown loop",
+                unit: "ms per render",
+                guest_wasmi_ms: Some(3.5),
+                guest_wasmtime_ms: None,
+                host_wasmtime_ms: Some(0.25),
+                guest_wasmtime_over_host_wasmtime: None,
+                guest_wasmi_over_guest_wasmtime: None,
+                missing: None,
+            }],
+            starts: vec![start_row(false)],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(
+            keys(&v),
+            [
+                "guest_wasmtime_available",
+                "loop_iterations",
+                "runs",
+                "starts",
+                "template_engine_available",
+                "workloads"
+            ]
+        );
+        let w = &v["workloads"][0];
+        assert_eq!(
+            keys(w),
+            [
+                "guest_wasmi_ms",
+                "guest_wasmi_over_guest_wasmtime",
+                "guest_wasmtime_ms",
+                "guest_wasmtime_over_host_wasmtime",
+                "host_wasmtime_ms",
+                "missing",
+                "unit",
+                "workload"
+            ]
+        );
+        // An engine the build does not have is null, not zero.
+        assert!(w["guest_wasmtime_ms"].is_null() && w["guest_wasmi_over_guest_wasmtime"].is_null());
+        assert_eq!(w["host_wasmtime_ms"], 0.25);
+        let s = &v["starts"][0];
+        assert_eq!(
+            keys(s),
+            [
+                "artifact_cache",
+                "artifact_cache_uncached",
+                "available",
+                "cold_cached_ms",
+                "cold_over_restore",
+                "cold_uncached_ms",
+                "engine",
+                "function",
+                "missing",
+                "restore_ms"
+            ]
+        );
+        assert_eq!(s["available"], false);
+        assert!(s["cold_uncached_ms"].is_null());
+    }
+
+    #[test]
+    fn the_cache_cell_shows_both_runs_or_a_dash() {
+        let mut s = start_row(true);
+        assert_eq!(cache_cell(&s), "-");
+        s.artifact_cache_uncached = Some("compile.cache=miss".into());
+        s.artifact_cache = Some("compile.cache=hit".into());
+        assert_eq!(cache_cell(&s), "compile.cache=miss / compile.cache=hit");
+        s.artifact_cache_uncached = None;
+        assert_eq!(cache_cell(&s), "- / compile.cache=hit");
+        assert_eq!(start_row(true).cold_over_restore, Some(100.0));
     }
 
     #[test]
