@@ -652,7 +652,7 @@ fn cache_cell(s: &StartRow) -> String {
 
 pub(super) fn print_engines(r: &EnginesReport) {
     println!(
-        "## Engines: the same work under each engine, one run (median of {} runs; loops of {} iterations after {} of warm-up, timed inside the runtime)\n",
+        "## Engines: the same work under each engine (median of {} runs each; loops of {} iterations after {} of warm-up, timed inside the runtime)\n",
         r.runs,
         r.loop_iterations,
         r.loop_iterations.div_ceil(5)
