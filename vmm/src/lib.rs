@@ -6,6 +6,7 @@ pub mod checks;
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod hostwasm;
 pub mod instance;
 pub mod loader;
 pub mod memory;

@@ -1,0 +1,167 @@
+//! End-to-end test of `vmm bench --only engines`: the real binary runs the real workloads
+//! under the guest's engines on /dev/kvm and under wasmtime in its own process, and prints
+//! its tables. Checked: every row is there with finite numbers where the engine exists (no
+//! timing comparisons: the machine is shared).
+
+mod common;
+use common::*;
+
+/// The rows of the markdown table that follows `heading` (a line starting with it).
+fn table_rows(out: &str, heading: &str) -> Vec<Vec<String>> {
+    let mut lines = out.lines().skip_while(|l| !l.starts_with(heading));
+    assert!(lines.next().is_some(), "no table {heading:?} in:\n{out}");
+    lines
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2) // header and alignment rows
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// A time cell: a finite number of ms greater than zero.
+fn assert_time(cell: &str, what: &str) {
+    let v: f64 = cell
+        .parse()
+        .unwrap_or_else(|_| panic!("{what}: {cell:?} is not a number"));
+    assert!(v.is_finite() && v > 0.0, "{what}: {cell:?}");
+}
+
+/// A ratio cell: a finite, positive number followed by `x`.
+fn assert_ratio(cell: &str, what: &str) {
+    let v: f64 = cell
+        .strip_suffix('x')
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: {cell:?} is not a ratio"));
+    assert!(v.is_finite() && v > 0.0, "{what}: {cell:?}");
+}
+
+/// Whether `vmm <args> --help` lists `--engine`.
+fn has_engine_flag(args: &[&str]) -> bool {
+    let out = vmm()
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("run vmm --help");
+    String::from_utf8_lossy(&out.stdout).contains("--engine")
+}
+
+const NOT_AVAILABLE: &str = "not available in this build";
+
+#[test]
+fn the_engines_section_prints_every_row_with_finite_numbers() {
+    if !kvm_available() {
+        return;
+    }
+    let python = root().join("workloads").join("python.wasm");
+    let scratch = TempDir::created("bench-engines");
+    let r = run_with_input(
+        {
+            let mut cmd = vmm();
+            cmd.current_dir(&scratch.0).args([
+                "bench",
+                "--only",
+                "engines",
+                "--engine-runs",
+                "1",
+                "--loop-iterations",
+                "3",
+                "--qjs",
+                &workload("qjs-wasi-reactor.wasm"),
+                "--marked",
+                &workload("marked.esm.js"),
+                "--python",
+                &python.to_string_lossy(),
+                "--examples",
+                &path("examples"),
+            ]);
+            cmd
+        },
+        b"",
+    );
+    let out = r.stdout();
+    assert_eq!(r.code(), 0, "stdout: {out}\nstderr: {}", r.stderr());
+    let guest_wasmtime = has_engine_flag(&["run"]);
+    let template_engine = has_engine_flag(&["template", "create"]);
+    let have_python = python.exists();
+
+    let rows = table_rows(&out, "## Engines: the same work");
+    let labels: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "compute.wat (`_start`: 40 sieve rounds)",
+            "QuickJS markdown loop",
+            "Python request loop"
+        ],
+        "{out}"
+    );
+    for row in &rows {
+        assert_eq!(row.len(), 7, "{row:?}");
+        let what = |col: &str| format!("{} / {col}", row[0]);
+        if row[0] == "Python request loop" && !have_python {
+            assert!(
+                row[2].contains("is missing: run tools/fetch-workloads.sh"),
+                "{row:?}"
+            );
+            continue;
+        }
+        assert_time(&row[2], &what("guest wasmi"));
+        assert_time(&row[4], &what("host wasmtime"));
+        if guest_wasmtime {
+            assert_time(&row[3], &what("guest wasmtime"));
+            assert_ratio(&row[5], &what("guest wasmtime / host wasmtime"));
+            assert_ratio(&row[6], &what("guest wasmi / guest wasmtime"));
+        } else {
+            assert_eq!(row[3], NOT_AVAILABLE, "{row:?}");
+            assert_eq!((row[5].as_str(), row[6].as_str()), ("-", "-"), "{row:?}");
+        }
+    }
+
+    let rows = table_rows(&out, "## Engines: time to response per guest engine");
+    let keys: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r[0].as_str(), r[1].as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("markdown (86-byte request)", "wasmi"),
+            ("markdown (86-byte request)", "wasmtime"),
+            ("Python hello", "wasmi"),
+            ("Python hello", "wasmtime"),
+        ],
+        "{out}"
+    );
+    for row in &rows {
+        assert_eq!(row.len(), 7, "{row:?}");
+        let what = |col: &str| format!("{} / {} / {col}", row[0], row[1]);
+        if row[0] == "Python hello" && !have_python {
+            assert!(
+                row[2].contains("is missing: run tools/fetch-workloads.sh"),
+                "{row:?}"
+            );
+            continue;
+        }
+        if row[1] == "wasmtime" && !guest_wasmtime {
+            assert_eq!(row[2], NOT_AVAILABLE, "{row:?}");
+            continue;
+        }
+        assert_time(&row[2], &what("cold, nothing cached"));
+        // A cached-artifact time is shown exactly when the stats name the cache.
+        assert_eq!(row[3] == "-", row[4] == "-", "{row:?}");
+        if row[3] != "-" {
+            assert_time(&row[3], &what("cold, artifact cached"));
+        }
+        if template_engine || (row[1] == "wasmi" && !guest_wasmtime) {
+            assert_time(&row[5], &what("restore"));
+            assert_ratio(&row[6], &what("cold / restore"));
+        } else {
+            assert_eq!(row[5], NOT_AVAILABLE, "{row:?}");
+        }
+    }
+}
