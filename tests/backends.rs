@@ -71,7 +71,10 @@ fn backend_here() -> String {
     assert_eq!(r.code(), 0, "{}", r.stderr());
     r.stderr()
         .lines()
-        .find_map(|l| l.strip_prefix("--- cold start on ")?.strip_suffix(" KVM ---"))
+        .find_map(|l| {
+            l.strip_prefix("--- cold start on ")?
+                .strip_suffix(" KVM ---")
+        })
         .unwrap_or_else(|| panic!("no back end in {}", r.stderr()))
         .to_string()
 }
@@ -118,7 +121,12 @@ fn a_template_records_the_back_end_and_cpu_it_was_made_on() {
         .backend
     );
     let r = restore(&dir, "prefetch");
-    assert_eq!((r.code(), r.stdout().as_str()), (0, RESPONSE), "{}", r.stderr());
+    assert_eq!(
+        (r.code(), r.stdout().as_str()),
+        (0, RESPONSE),
+        "{}",
+        r.stderr()
+    );
 }
 
 /// The restore of `dir`'s `up` is refused with every memory strategy, before the guest
@@ -190,7 +198,12 @@ fn a_template_from_before_the_cpu_was_recorded_still_restores() {
     let here = backend_here();
     forge(&dir.0, "up", |s| s.backend = here.clone());
     let r = restore(&dir, "prefetch");
-    assert_eq!((r.code(), r.stdout().as_str()), (0, RESPONSE), "{}", r.stderr());
+    assert_eq!(
+        (r.code(), r.stdout().as_str()),
+        (0, RESPONSE),
+        "{}",
+        r.stderr()
+    );
 }
 
 /// Hardware KVM reports PKRU (and AVX, when the CPU marks it in use) in the saved XSAVE

@@ -379,7 +379,31 @@ fn sigterm_drains_requests_in_flight_and_exits_zero() {
             .map(|r| (r.status(), r.into_string().unwrap()))
             .map_err(|e| e.to_string())
     });
-    std::thread::sleep(Duration::from_millis(30));
+    // SIGTERM only once the request is in the server (an instance busy with it, or done):
+    // a fixed sleep raced the client's connect on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let listing: serde_json::Value = ureq::get(&format!("http://{}/v1/functions", d.addr))
+            .call()
+            .expect("GET /v1/functions")
+            .into_string()
+            .ok()
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .expect("a JSON listing");
+        let behave = listing["functions"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["name"] == "behave"))
+            .cloned()
+            .unwrap_or_default();
+        if behave["busy"].as_u64().unwrap_or(0) + behave["served"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the server: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let status = d.terminate();
     assert_eq!(status.code(), Some(0), "{}", d.log());
     let (s, b) = inflight

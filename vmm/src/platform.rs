@@ -333,7 +333,9 @@ impl MadeOn {
                 "{}/{}/{}",
                 self.backend.name(),
                 cpu.vendor,
-                Cpu::feature_names(cpu.features).collect::<Vec<_>>().join(",")
+                Cpu::feature_names(cpu.features)
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
         }
     }
@@ -439,10 +441,17 @@ mod tests {
                 cpu: None,
             },
         ] {
-            assert_eq!(MadeOn::parse(&made.record()), Ok(made.clone()), "{}", made.record());
+            assert_eq!(
+                MadeOn::parse(&made.record()),
+                Ok(made.clone()),
+                "{}",
+                made.record()
+            );
         }
         assert_eq!(
-            MadeOn::parse("hardware/AuthenticAMD/sse,sse2").unwrap().record(),
+            MadeOn::parse("hardware/AuthenticAMD/sse,sse2")
+                .unwrap()
+                .record(),
             "hardware/AuthenticAMD/sse,sse2"
         );
     }
@@ -486,7 +495,10 @@ mod tests {
         };
         let e = made.check_restore(&intel).unwrap_err().to_string();
         assert!(e.contains("sse4a") && !e.contains("avx2"), "{e}");
-        assert!(e.contains("GenuineIntel") && e.contains("AuthenticAMD"), "{e}");
+        assert!(
+            e.contains("GenuineIntel") && e.contains("AuthenticAMD"),
+            "{e}"
+        );
         // More features, another vendor, or no record of the CPU: restored.
         assert!(MadeOn {
             cpu: cpu("GenuineIntel", &["sse2"]),
