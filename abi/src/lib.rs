@@ -9,13 +9,14 @@
 //!
 //! ```text
 //! 0x0000_0000  +-------------------------------+
-//!              | unused                        |
+//!              | not mapped (null page)        |
 //! 0x0000_1000  | PVM VIF page (16 bytes used)  |
 //! 0x0000_2000  | PML4                          |
 //! 0x0000_3000  | PDPT                          |
 //! 0x0000_4000  | PD x 4 (2 MiB pages, <= 4 GiB)|
 //! 0x0000_8000  | mailbox page (struct Mailbox) |
-//! 0x0000_9000  | unused                        |
+//! 0x0000_9000  | PT of the first 2 MiB (4 KiB) |
+//! 0x0000_a000  | unused                        |
 //! 0x0020_0000  | kernel image (ELF PT_LOADs)   |
 //! 0x00c0_0000  | guard (not mapped)            |
 //! 0x00e0_0000  | boot stack (8 MiB, grows down)|
@@ -48,6 +49,10 @@ pub mod layout {
     pub const PD_GPA: u64 = 0x4000;
     pub const MAX_PD_PAGES: u64 = 4;
     pub const MAILBOX_GPA: u64 = 0x8000;
+    /// The page table of the first 2 MiB, mapped with 4 KiB pages so that page 0 is not
+    /// mapped: a null pointer dereference faults (wasmtime relies on it for `call_indirect`
+    /// of a null function reference).
+    pub const PT0_GPA: u64 = 0x9000;
     pub const KERNEL_BASE: u64 = 0x20_0000;
     /// The kernel image must end below this address.
     pub const KERNEL_END_MAX: u64 = 0xc0_0000;
