@@ -115,6 +115,17 @@ impl Compiler {
         &self.fingerprint
     }
 
+    /// The key under which the artifact of `wasm` may be cached: the module's xxh3-128 and
+    /// the xxh3-64 of [`Compiler::fingerprint`] (an artifact made under another key must
+    /// not be handed to this guest: its `Module::deserialize` would refuse it).
+    pub fn cache_key(&self, wasm: &[u8]) -> String {
+        format!(
+            "{:032x}-{:016x}",
+            xxhash_rust::xxh3::xxh3_128(wasm),
+            xxhash_rust::xxh3::xxh3_64(self.fingerprint.as_bytes())
+        )
+    }
+
     /// Compile `wasm` (binary WebAssembly) into an artifact for the guest.
     pub fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, AotError> {
         self.engine
@@ -137,6 +148,9 @@ mod tests {
         assert!(c.fingerprint().contains(settings::VERSION), "{}", c.fingerprint());
         assert!(c.fingerprint().contains("has_sse41"), "{}", c.fingerprint());
         assert!(!c.fingerprint().contains("avx"), "{}", c.fingerprint());
+        let key = c.cache_key(&wasm);
+        assert_eq!(key, c.cache_key(&wasm));
+        assert_ne!(key, c.cache_key(b"\0asm\x01\0\0\0"), "the module is part of the key");
         let e = c.compile(b"not wasm").unwrap_err();
         assert!(matches!(e, AotError::InvalidModule(_)), "{e}");
         assert!(e.to_string().contains("not valid WebAssembly"), "{e}");
