@@ -26,8 +26,16 @@ fn run_module(module: &str, engine: &str, input: &[u8]) -> Run {
 
 fn template_create(store: &TempDir, name: &str, engine: &str, function: &[String]) -> Run {
     let mut cmd = vmm();
-    cmd.args(["template", "create", name, "--store", &store.arg(), "--engine", engine])
-        .args(function);
+    cmd.args([
+        "template",
+        "create",
+        name,
+        "--store",
+        &store.arg(),
+        "--engine",
+        engine,
+    ])
+    .args(function);
     run_with_input(cmd, b"")
 }
 
@@ -100,11 +108,15 @@ fn every_trap_is_reported_alike_on_both_engines() {
             eprintln!("[{what}] exit {}: {}", r.code(), r.stderr().trim());
             assert_eq!(r.code(), 125, "{what}: {}", r.stderr());
             assert!(
-                r.stderr().contains(&format!("vmm: error: wasm trap: ")) && r.stderr().contains(expect),
+                r.stderr().contains("vmm: error: wasm trap: ") && r.stderr().contains(expect),
                 "{what}: the error names the trap ({expect:?}): {}",
                 r.stderr()
             );
-            assert_eq!(r.stdout(), "before\n", "{what}: output before the trap is kept");
+            assert_eq!(
+                r.stdout(),
+                "before\n",
+                "{what}: output before the trap is kept"
+            );
             assert!(!r.stderr().contains("panicked"), "{what}: {}", r.stderr());
         }
     }
@@ -149,7 +161,11 @@ fn a_wasm_exception_is_thrown_and_caught_in_the_guest_under_wasmtime() {
     // wasmi does not implement the proposal: a clean refusal.
     let r = run_module(&module, "wasmi", b"");
     assert_eq!(r.code(), 125, "{}", r.stderr());
-    assert!(r.stderr().contains("not valid WebAssembly"), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("not valid WebAssembly"),
+        "{}",
+        r.stderr()
+    );
 }
 
 #[test]
@@ -167,7 +183,10 @@ fn templates_of_each_engine_restore_and_never_mix() {
             let r = restore(&store, &name, format!(r#"{{"name":"{who}"}}"#).as_bytes());
             assert_eq!(
                 r.stdout(),
-                format!("{{\"greeting\":\"Hello, {who}!\",\"length\":{}}}\n", who.len()),
+                format!(
+                    "{{\"greeting\":\"Hello, {who}!\",\"length\":{}}}\n",
+                    who.len()
+                ),
                 "{engine}: {}",
                 r.stderr()
             );
@@ -190,7 +209,16 @@ fn templates_of_each_engine_restore_and_never_mix() {
     // A function layer on a base made with the other engine is refused, naming both.
     let wasmi_base = {
         let c = vmm()
-            .args(["template", "create", "probe", "--json", "--store", &store.arg(), "--engine", "wasmi"])
+            .args([
+                "template",
+                "create",
+                "probe",
+                "--json",
+                "--store",
+                &store.arg(),
+                "--engine",
+                "wasmi",
+            ])
             .args(&hello)
             .output()
             .unwrap();
@@ -198,9 +226,17 @@ fn templates_of_each_engine_restore_and_never_mix() {
         v["base"].as_str().unwrap().to_string()
     };
     let mut cmd = vmm();
-    cmd.args(["template", "create", "mixed", "--base", &wasmi_base, "--store", &store.arg()])
-        .args(["--engine", "wasmtime"])
-        .args(&hello);
+    cmd.args([
+        "template",
+        "create",
+        "mixed",
+        "--base",
+        &wasmi_base,
+        "--store",
+        &store.arg(),
+    ])
+    .args(["--engine", "wasmtime"])
+    .args(&hello);
     let r = run_with_input(cmd, b"");
     assert_ne!(r.code(), 0, "layered across engines: {}", r.stderr());
     let err = r.stderr();
@@ -220,7 +256,10 @@ fn an_instance_whose_request_grew_memory_answers_like_a_fresh_restore() {
         return;
     }
     let store = TempDir::created("engines-grow");
-    let function = vec!["--module".to_string(), path("tests/guests/grow_per_request.wat")];
+    let function = vec![
+        "--module".to_string(),
+        path("tests/guests/grow_per_request.wat"),
+    ];
     let limits = RunLimits::default();
     for engine in ENGINES {
         let name = format!("grow-{engine}");
@@ -257,7 +296,9 @@ fn an_instance_whose_request_grew_memory_answers_like_a_fresh_restore() {
                 // The pages the last request added must be gone: reading them traps.
                 let r = inst.invoke(b"p", &limits);
                 assert!(
-                    r.result.as_ref().is_err_and(|e| e.to_string().contains("out of bounds")),
+                    r.result
+                        .as_ref()
+                        .is_err_and(|e| e.to_string().contains("out of bounds")),
                     "{what}: a page added by an earlier request is still mapped: {:?} {}",
                     r.result,
                     String::from_utf8_lossy(&r.stdout)

@@ -27,14 +27,62 @@ const GUEST_RUSTFLAGS: &[&str] = &[
 /// value: a call from the hard-float guest code would pass its arguments in the wrong
 /// registers. None may be linked into the image.
 const SOFT_FLOAT_ABI_SYMBOLS: &[&str] = &[
-    "floor", "floorf", "ceil", "ceilf", "trunc", "truncf", "round", "roundf", "rint",
-    "rintf", "roundeven", "roundevenf", "sqrt", "sqrtf", "fmod", "fmodf", "fmin", "fminf",
-    "fmax", "fmaxf", "fma", "fmaf", "copysign", "copysignf", "pow", "powf", "exp", "expf",
-    "log", "logf", "sin", "cos", "__powidf2", "__powisf2", "__adddf3", "__addsf3",
-    "__subdf3", "__subsf3", "__muldf3", "__mulsf3", "__divdf3", "__divsf3", "__extendsfdf2",
-    "__truncdfsf2", "__floatdidf", "__floatundidf", "__floatdisf", "__floatundisf",
-    "__fixdfdi", "__fixunsdfdi", "__fixsfdi", "__fixunssfdi", "__eqdf2", "__ltdf2",
-    "__gtdf2", "__unorddf2",
+    "floor",
+    "floorf",
+    "ceil",
+    "ceilf",
+    "trunc",
+    "truncf",
+    "round",
+    "roundf",
+    "rint",
+    "rintf",
+    "roundeven",
+    "roundevenf",
+    "sqrt",
+    "sqrtf",
+    "fmod",
+    "fmodf",
+    "fmin",
+    "fminf",
+    "fmax",
+    "fmaxf",
+    "fma",
+    "fmaf",
+    "copysign",
+    "copysignf",
+    "pow",
+    "powf",
+    "exp",
+    "expf",
+    "log",
+    "logf",
+    "sin",
+    "cos",
+    "__powidf2",
+    "__powisf2",
+    "__adddf3",
+    "__addsf3",
+    "__subdf3",
+    "__subsf3",
+    "__muldf3",
+    "__mulsf3",
+    "__divdf3",
+    "__divsf3",
+    "__extendsfdf2",
+    "__truncdfsf2",
+    "__floatdidf",
+    "__floatundidf",
+    "__floatdisf",
+    "__floatundisf",
+    "__fixdfdi",
+    "__fixunsdfdi",
+    "__fixsfdi",
+    "__fixunssfdi",
+    "__eqdf2",
+    "__ltdf2",
+    "__gtdf2",
+    "__unorddf2",
 ];
 
 fn main() {
@@ -129,13 +177,17 @@ fn check_float_abi(elf: &[u8]) -> Result<(), String> {
         if prebuilt_caller != GUEST_PROVIDED.contains(name) {
             return;
         }
-        if !called.iter().any(|c: &String| c.starts_with(&format!("{name} "))) {
+        if !called
+            .iter()
+            .any(|c: &String| c.starts_with(&format!("{name} ")))
+        {
             called.push(format!("{name} (called from {caller})"));
         }
     };
     for (addr, bytes) in &image.code {
         for i in 0..bytes.len().saturating_sub(6) {
-            let at = |k: usize| i32::from_le_bytes([bytes[k], bytes[k + 1], bytes[k + 2], bytes[k + 3]]);
+            let at =
+                |k: usize| i32::from_le_bytes([bytes[k], bytes[k + 1], bytes[k + 2], bytes[k + 3]]);
             match bytes[i] {
                 // call/jmp rel32
                 0xe8 | 0xe9 => note(

@@ -120,10 +120,13 @@ pub mod wasmtime_settings {
         ("has_sse42", "sse4.2"),
         ("has_popcnt", "popcnt"),
     ];
-    /// Features used when the host CPU has them (the guest runs on the same CPU; a guest
-    /// whose CPU lacks one refuses the artifact, and the VMM recompiles without it).
-    pub const OPTIONAL_FEATURES: &[(&str, &str)] =
-        &[("has_bmi1", "bmi1"), ("has_bmi2", "bmi2"), ("has_lzcnt", "lzcnt")];
+    /// Features used when the host CPU has them (the guest runs on the same CPU; one that
+    /// lacked a feature would refuse the artifact with an error naming it).
+    pub const OPTIONAL_FEATURES: &[(&str, &str)] = &[
+        ("has_bmi1", "bmi1"),
+        ("has_bmi2", "bmi2"),
+        ("has_lzcnt", "lzcnt"),
+    ];
 }
 
 /// Number of u64 words in the mailbox page that the ABI uses.

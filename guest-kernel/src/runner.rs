@@ -310,9 +310,9 @@ fn run_qjs(s: &mut impl Session, args: &[&[u8]]) -> Result<i32, Stop> {
 /// `malloc(len)` in the QuickJS module (non-null).
 fn qjs_malloc(s: &mut impl Session, len: usize) -> Result<u32, Stop> {
     let len = i32::try_from(len).map_err(|_| Stop::Trap("argv too large".to_string()))?;
-    let p = s.call_i32("malloc", len).ok_or_else(|| {
-        Stop::Trap("QuickJS module has no usable malloc export".to_string())
-    })??;
+    let p = s
+        .call_i32("malloc", len)
+        .ok_or_else(|| Stop::Trap("QuickJS module has no usable malloc export".to_string()))??;
     if p == 0 {
         return Err(Stop::Trap("malloc failed while building argv".to_string()));
     }

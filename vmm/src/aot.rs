@@ -141,16 +141,24 @@ mod tests {
     #[test]
     fn compiles_for_the_guest_and_refuses_what_is_not_wasm() {
         let c = Compiler::new().expect("a compiler for this CPU");
-        let wasm = wat::parse_str(r#"(module (func (export "f") (result i32) i32.const 7))"#)
-            .unwrap();
+        let wasm =
+            wat::parse_str(r#"(module (func (export "f") (result i32) i32.const 7))"#).unwrap();
         let artifact = c.compile(&wasm).expect("compiles");
         assert!(artifact.starts_with(b"\x7fELF"), "an ELF artifact");
-        assert!(c.fingerprint().contains(settings::VERSION), "{}", c.fingerprint());
+        assert!(
+            c.fingerprint().contains(settings::VERSION),
+            "{}",
+            c.fingerprint()
+        );
         assert!(c.fingerprint().contains("has_sse41"), "{}", c.fingerprint());
         assert!(!c.fingerprint().contains("avx"), "{}", c.fingerprint());
         let key = c.cache_key(&wasm);
         assert_eq!(key, c.cache_key(&wasm));
-        assert_ne!(key, c.cache_key(b"\0asm\x01\0\0\0"), "the module is part of the key");
+        assert_ne!(
+            key,
+            c.cache_key(b"\0asm\x01\0\0\0"),
+            "the module is part of the key"
+        );
         let e = c.compile(b"not wasm").unwrap_err();
         assert!(matches!(e, AotError::InvalidModule(_)), "{e}");
         assert!(e.to_string().contains("not valid WebAssembly"), "{e}");

@@ -161,10 +161,7 @@ impl Difference {
     /// Differences that come from the vmm build, not from the function's options: only a
     /// base made again with this vmm can fix them.
     fn needs_new_base(&self) -> bool {
-        matches!(
-            self,
-            Difference::Kernel { .. } | Difference::Abi { .. }
-        )
+        matches!(self, Difference::Kernel { .. } | Difference::Abi { .. })
     }
 
     fn describe(&self, base_name: &str) -> String {

@@ -185,8 +185,8 @@ impl Template {
                 _ => runs.push((gfn, 1)),
             }
         }
-        let page_tables = page_table_pages(&image)
-            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        let page_tables =
+            page_table_pages(&image).map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         let image = (file, image.make_read_only().map_err(host)?);
         let mut region_runs = vec![0..0; n_regions];
         let mut i = 0;
@@ -579,10 +579,7 @@ impl Instance {
         let image = &self.template.image.1;
         self.template.page_tables.iter().any(|&gpa| {
             let at = gpa as usize;
-            match (
-                self.vm.mem.slice(gpa, PAGE),
-                image.get(at..at + PAGE_SIZE),
-            ) {
+            match (self.vm.mem.slice(gpa, PAGE), image.get(at..at + PAGE_SIZE)) {
                 (Ok(now), Some(then)) => now != then,
                 _ => true,
             }

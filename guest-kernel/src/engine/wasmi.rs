@@ -47,7 +47,11 @@ fn with_mem<H: Host>(
             .ok_or_else(|| Error::new("WASI call from a module that exports no memory"))?,
     };
     let (mem, data) = memory.data_and_store_mut(&mut *caller);
-    Ok(crate::wasi::link::ret(f(&mut data.wasi, &mut data.host, mem)))
+    Ok(crate::wasi::link::ret(f(
+        &mut data.wasi,
+        &mut data.host,
+        mem,
+    )))
 }
 
 fn proc_exit(code: i32) -> Result<(), Error> {

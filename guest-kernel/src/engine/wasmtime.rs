@@ -12,7 +12,9 @@ use crate::{Host, RunError, RunOutput, Runtime};
 use alloc::format;
 use alloc::string::{String, ToString};
 use vmm_abi::{ERR_INSTANTIATE, ERR_MODULE_INVALID};
-use wasmtime::{Caller, Config, Engine, Error, Extern, Instance, Linker, Memory, Module, Store, Trap};
+use wasmtime::{
+    Caller, Config, Engine, Error, Extern, Instance, Linker, Memory, Module, Store, Trap,
+};
 
 include!("../../../abi/src/wasmtime_config.rs");
 
@@ -145,7 +147,11 @@ fn with_mem<H: Host + 'static>(
             .ok_or_else(|| Error::msg("WASI call from a module that exports no memory"))?,
     };
     let (mem, data) = memory.data_and_store_mut(&mut *caller);
-    Ok(crate::wasi::link::ret(f(&mut data.wasi, &mut data.host, mem)))
+    Ok(crate::wasi::link::ret(f(
+        &mut data.wasi,
+        &mut data.host,
+        mem,
+    )))
 }
 
 fn proc_exit(code: i32) -> Result<(), Error> {
@@ -168,7 +174,11 @@ fn classify(e: Error) -> Stop {
         // "wasm trap: <what>": the runner says "wasm trap: " itself.
         Some(t) => {
             let text = t.to_string();
-            Stop::Trap(text.strip_prefix("wasm trap: ").unwrap_or(&text).to_string())
+            Stop::Trap(
+                text.strip_prefix("wasm trap: ")
+                    .unwrap_or(&text)
+                    .to_string(),
+            )
         }
         None => Stop::Trap(chain(&e)),
     }

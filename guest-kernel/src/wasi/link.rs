@@ -174,7 +174,15 @@ macro_rules! define_wasi {
             "fd_pread",
             |mut c: C<'_, H>, fd: i32, iovs: i32, n: i32, off: i64, out: i32| {
                 with_mem(&mut c, |w, h, m| {
-                    w.fd_pread(h, m, fd as u32, iovs as u32, n as u32, off as u64, out as u32)
+                    w.fd_pread(
+                        h,
+                        m,
+                        fd as u32,
+                        iovs as u32,
+                        n as u32,
+                        off as u64,
+                        out as u32,
+                    )
                 })
             },
         )?;
@@ -217,14 +225,21 @@ macro_rules! define_wasi {
             W,
             "fd_fdstat_set_flags",
             |mut c: C<'_, H>, fd: i32, flags: i32| -> i32 {
-                ret(c.data_mut().wasi.fd_fdstat_set_flags(fd as u32, flags as u16))
+                ret(c
+                    .data_mut()
+                    .wasi
+                    .fd_fdstat_set_flags(fd as u32, flags as u16))
             },
         )?;
         linker.func_wrap(
             W,
             "fd_fdstat_set_rights",
             |mut c: C<'_, H>, fd: i32, _b: i64, _i: i64| -> i32 {
-                ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::NOTSUP)))
+                ret(c
+                    .data_mut()
+                    .wasi
+                    .fd_check(fd as u32)
+                    .and(Err(errno::NOTSUP)))
             },
         )?;
         linker.func_wrap(W, "fd_prestat_get", |mut c: C<'_, H>, fd: i32, out: i32| {
@@ -239,9 +254,15 @@ macro_rules! define_wasi {
                 })
             },
         )?;
-        linker.func_wrap(W, "fd_filestat_get", |mut c: C<'_, H>, fd: i32, out: i32| {
-            with_mem(&mut c, |w, _, m| w.fd_filestat_get(m, fd as u32, out as u32))
-        })?;
+        linker.func_wrap(
+            W,
+            "fd_filestat_get",
+            |mut c: C<'_, H>, fd: i32, out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.fd_filestat_get(m, fd as u32, out as u32)
+                })
+            },
+        )?;
         linker.func_wrap(
             W,
             "fd_filestat_set_size",
@@ -261,13 +282,24 @@ macro_rules! define_wasi {
             "fd_readdir",
             |mut c: C<'_, H>, fd: i32, buf: i32, len: i32, cookie: i64, out: i32| {
                 with_mem(&mut c, |w, _, m| {
-                    w.fd_readdir(m, fd as u32, buf as u32, len as u32, cookie as u64, out as u32)
+                    w.fd_readdir(
+                        m,
+                        fd as u32,
+                        buf as u32,
+                        len as u32,
+                        cookie as u64,
+                        out as u32,
+                    )
                 })
             },
         )?;
-        linker.func_wrap(W, "fd_renumber", |mut c: C<'_, H>, fd: i32, to: i32| -> i32 {
-            ret(c.data_mut().wasi.fd_renumber(fd as u32, to as u32))
-        })?;
+        linker.func_wrap(
+            W,
+            "fd_renumber",
+            |mut c: C<'_, H>, fd: i32, to: i32| -> i32 {
+                ret(c.data_mut().wasi.fd_renumber(fd as u32, to as u32))
+            },
+        )?;
         linker.func_wrap(
             W,
             "fd_advise",
@@ -332,7 +364,9 @@ macro_rules! define_wasi {
             W,
             "path_readlink",
             |mut c: C<'_, H>, fd: i32, p: i32, l: i32, _buf: i32, _len: i32, _out: i32| {
-                with_mem(&mut c, |w, _, m| w.path_readlink(m, fd as u32, p as u32, l as u32))
+                with_mem(&mut c, |w, _, m| {
+                    w.path_readlink(m, fd as u32, p as u32, l as u32)
+                })
             },
         )?;
         linker.func_wrap(
@@ -359,16 +393,28 @@ macro_rules! define_wasi {
         linker.func_wrap(
             W,
             "path_filestat_set_times",
-            |mut c: C<'_, H>, fd: i32, _fl: i32, _p: i32, _l: i32, _a: i64, _m: i64, _f: i32| -> i32 {
-                ret(c.data_mut().wasi.path_mutation(fd as u32))
-            },
+            |mut c: C<'_, H>,
+             fd: i32,
+             _fl: i32,
+             _p: i32,
+             _l: i32,
+             _a: i64,
+             _m: i64,
+             _f: i32|
+             -> i32 { ret(c.data_mut().wasi.path_mutation(fd as u32)) },
         )?;
         linker.func_wrap(
             W,
             "path_link",
-            |mut c: C<'_, H>, fd: i32, _fl: i32, _p: i32, _l: i32, _nfd: i32, _np: i32, _nl: i32| -> i32 {
-                ret(c.data_mut().wasi.path_mutation(fd as u32))
-            },
+            |mut c: C<'_, H>,
+             fd: i32,
+             _fl: i32,
+             _p: i32,
+             _l: i32,
+             _nfd: i32,
+             _np: i32,
+             _nl: i32|
+             -> i32 { ret(c.data_mut().wasi.path_mutation(fd as u32)) },
         )?;
         linker.func_wrap(
             W,
@@ -405,9 +451,11 @@ macro_rules! define_wasi {
                 errno::NOSYS as i32
             },
         )?;
-        linker.func_wrap(W, "sock_shutdown", |_: C<'_, H>, _fd: i32, _how: i32| -> i32 {
-            errno::NOSYS as i32
-        })?;
+        linker.func_wrap(
+            W,
+            "sock_shutdown",
+            |_: C<'_, H>, _fd: i32, _how: i32| -> i32 { errno::NOSYS as i32 },
+        )?;
 
         if $test {
             linker.func_wrap(

@@ -90,7 +90,11 @@ pub extern "C" fn wasmtime_memory_image_new(
 
 /// Never called: [`wasmtime_memory_image_new`] makes no images.
 #[no_mangle]
-pub extern "C" fn wasmtime_memory_image_map_at(_image: *mut u8, _addr: *mut u8, _len: usize) -> i32 {
+pub extern "C" fn wasmtime_memory_image_map_at(
+    _image: *mut u8,
+    _addr: *mut u8,
+    _len: usize,
+) -> i32 {
     VmemError::Invalid as i32
 }
 

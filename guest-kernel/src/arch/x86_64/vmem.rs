@@ -190,7 +190,11 @@ fn spans(
     len: usize,
 ) -> impl Iterator<Item = (usize, core::ops::Range<usize>)> {
     let (start, end) = (addr - base, addr - base + len);
-    let blocks = if len == 0 { 0..0 } else { start / BLOCK..(end - 1) / BLOCK + 1 };
+    let blocks = if len == 0 {
+        0..0
+    } else {
+        start / BLOCK..(end - 1) / BLOCK + 1
+    };
     blocks.map(move |b| {
         let lo = start.max(b * BLOCK) - b * BLOCK;
         let hi = end.min((b + 1) * BLOCK) - b * BLOCK;
@@ -413,7 +417,12 @@ fn release_if_empty(blocks: &mut BTreeMap<usize, Block>, b: usize) {
             let chunk = block.chunk;
             blocks.remove(&b);
             // SAFETY: allocated in `map_page` with this layout, referenced by nothing now.
-            unsafe { dealloc(chunk as *mut u8, Layout::from_size_align_unchecked(BLOCK, BLOCK)) };
+            unsafe {
+                dealloc(
+                    chunk as *mut u8,
+                    Layout::from_size_align_unchecked(BLOCK, BLOCK),
+                )
+            };
         }
     }
 }
