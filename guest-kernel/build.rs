@@ -1,5 +1,6 @@
 //! Link flags for the kernel image. Only with `--features kernel`: the library (and its
-//! host tests) are built as ordinary Rust.
+//! host tests) are built as ordinary Rust. The image is linked by rust-lld (the
+//! `x86_64-unknown-none` target's linker), so these are plain `ld` flags.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -9,14 +10,13 @@ fn main() {
     }
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
     for arg in [
-        "-nostartfiles",
-        "-nostdlib",
-        "-static",
-        "-no-pie",
-        "-Wl,--build-id=none",
-        "-Wl,--gc-sections",
-        "-Wl,-z,noexecstack",
-        &format!("-Wl,-T,{dir}/link.ld"),
+        "--static",
+        "--no-pie",
+        "--build-id=none",
+        "--gc-sections",
+        "-znoexecstack",
+        "-T",
+        &format!("{dir}/link.ld"),
     ] {
         println!("cargo:rustc-link-arg-bins={arg}");
     }

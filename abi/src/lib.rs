@@ -9,13 +9,14 @@
 //!
 //! ```text
 //! 0x0000_0000  +-------------------------------+
-//!              | unused                        |
+//!              | not mapped (null page)        |
 //! 0x0000_1000  | PVM VIF page (16 bytes used)  |
 //! 0x0000_2000  | PML4                          |
 //! 0x0000_3000  | PDPT                          |
 //! 0x0000_4000  | PD x 4 (2 MiB pages, <= 4 GiB)|
 //! 0x0000_8000  | mailbox page (struct Mailbox) |
-//! 0x0000_9000  | unused                        |
+//! 0x0000_9000  | PT of the first 2 MiB (4 KiB) |
+//! 0x0000_a000  | unused                        |
 //! 0x0020_0000  | kernel image (ELF PT_LOADs)   |
 //! 0x00c0_0000  | guard (not mapped)            |
 //! 0x00e0_0000  | boot stack (8 MiB, grows down)|
@@ -48,6 +49,10 @@ pub mod layout {
     pub const PD_GPA: u64 = 0x4000;
     pub const MAX_PD_PAGES: u64 = 4;
     pub const MAILBOX_GPA: u64 = 0x8000;
+    /// The page table of the first 2 MiB, mapped with 4 KiB pages so that page 0 is not
+    /// mapped: a null pointer dereference faults (wasmtime relies on it for `call_indirect`
+    /// of a null function reference).
+    pub const PT0_GPA: u64 = 0x9000;
     pub const KERNEL_BASE: u64 = 0x20_0000;
     /// The kernel image must end below this address.
     pub const KERNEL_END_MAX: u64 = 0xc0_0000;
@@ -66,7 +71,8 @@ pub mod layout {
 /// The I/O port the guest writes to for a hostcall.
 pub const HOSTCALL_PORT: u16 = 0x7e0;
 pub const MAILBOX_MAGIC: u64 = 0x786f_626c_6961_6d76; // "vmmailbox" (le)
-pub const ABI_VERSION: u64 = 1;
+/// Version 2 added `Mailbox::engine` (and the wasmtime artifact as the module).
+pub const ABI_VERSION: u64 = 2;
 
 /// Boot flags (`Mailbox::flags`).
 pub const FLAG_TEST_HOSTCALLS: u64 = 1 << 0;
@@ -77,6 +83,51 @@ pub const FLAG_EAGER_COMPILE: u64 = 1 << 1;
 /// `Mailbox::runtime`.
 pub const RUNTIME_WASI: u64 = 1;
 pub const RUNTIME_QJS: u64 = 2;
+
+/// `Mailbox::engine`: wasmi (an interpreter in the guest; the module is WebAssembly).
+pub const ENGINE_WASMI: u64 = 1;
+/// `Mailbox::engine`: wasmtime (runtime only; the module is an artifact that the VMM
+/// compiled ahead of time with Cranelift, see [`wasmtime_settings`]).
+pub const ENGINE_WASMTIME: u64 = 2;
+
+/// What the VMM's ahead-of-time compilation and the guest's wasmtime runtime must agree
+/// on: a module compiled with other settings is refused by the guest's
+/// `Module::deserialize` (reported as an invalid module). Both sides apply these through
+/// the one function in `abi/src/wasmtime_config.rs` (included by both, since this crate
+/// does not depend on wasmtime).
+pub mod wasmtime_settings {
+    /// The wasmtime version both sides are built with (exact: artifacts are version
+    /// specific).
+    pub const VERSION: &str = "48.0.8";
+    /// The target artifacts are compiled for: the guest kernel's.
+    pub const TARGET: &str = "x86_64-unknown-none";
+    /// Address space reserved for each linear memory: with a 32-bit index and the guard
+    /// below, every access lands in the reservation or the guard, so bounds checks are
+    /// left to the guard pages (unmapped in the guest's page tables).
+    pub const MEMORY_RESERVATION: u64 = 4 << 30;
+    pub const MEMORY_GUARD_SIZE: u64 = 32 << 20;
+    pub const MEMORY_RESERVATION_FOR_GROWTH: u64 = 0;
+    /// Native stack wasm may use, well inside the guest's 8 MiB boot stack (the rest is
+    /// for the kernel and host functions below it).
+    pub const MAX_WASM_STACK: usize = 4 << 20;
+    /// CPU features every artifact is compiled with: (Cranelift flag, CPUID feature name
+    /// as wasmtime's `detect_host_feature` asks for it). SSE only: AVX needs XSAVE/XCR0,
+    /// which the guest must not touch on the PVM back end.
+    pub const REQUIRED_FEATURES: &[(&str, &str)] = &[
+        ("has_sse3", "sse3"),
+        ("has_ssse3", "ssse3"),
+        ("has_sse41", "sse4.1"),
+        ("has_sse42", "sse4.2"),
+        ("has_popcnt", "popcnt"),
+    ];
+    /// Features used when the host CPU has them (the guest runs on the same CPU; one that
+    /// lacked a feature would refuse the artifact with an error naming it).
+    pub const OPTIONAL_FEATURES: &[(&str, &str)] = &[
+        ("has_bmi1", "bmi1"),
+        ("has_bmi2", "bmi2"),
+        ("has_lzcnt", "lzcnt"),
+    ];
+}
 
 /// Number of u64 words in the mailbox page that the ABI uses.
 pub const MAILBOX_WORDS: usize = 64;
@@ -109,6 +160,9 @@ pub struct Mailbox {
     pub ret2: u64,
     // --- guest -> host timings (guest TSC ticks, 0 = not reached) -----------------
     pub stats: GuestStats,
+    // --- host -> guest, set before boot (ABI version 2) ---------------------------
+    /// [`ENGINE_WASMI`] or [`ENGINE_WASMTIME`]: how to read the module.
+    pub engine: u64,
 }
 
 /// TSC timestamps the guest records at each phase; the VMM turns them into a breakdown.
@@ -135,7 +189,7 @@ impl Mailbox {
     pub fn to_words(&self) -> [u64; MAILBOX_WORDS] {
         let mut w = [0u64; MAILBOX_WORDS];
         let s = &self.stats;
-        let fields: [u64; 8 + 2 + 4 + 1 + 6 + 2 + STATS_WORDS] = [
+        let fields: [u64; 8 + 2 + 4 + 1 + 6 + 2 + STATS_WORDS + 1] = [
             self.magic,
             self.abi_version,
             self.flags,
@@ -167,6 +221,7 @@ impl Mailbox {
             s.function_start,
             s.function_end,
             s.hostcalls,
+            self.engine,
         ];
         w[..fields.len()].copy_from_slice(&fields);
         w
@@ -207,6 +262,7 @@ impl Mailbox {
                 function_end: word(29),
                 hostcalls: word(30),
             },
+            engine: word(31),
         }
     }
 
@@ -230,6 +286,7 @@ pub mod offsets {
     pub const RET: usize = 21 * 8;
     pub const RET2: usize = 22 * 8;
     pub const STATS: usize = 23 * 8;
+    pub const ENGINE: usize = 31 * 8;
 }
 
 /// Hostcall operation codes (`Mailbox::op`).
@@ -606,6 +663,7 @@ mod tests {
         };
         mb.args = [1, 2, 3, 4, 5, 6];
         mb.stats.function_end = 77;
+        mb.engine = ENGINE_WASMTIME;
         mb.entropy = [9, 8, 7, 6];
         let back = Mailbox::from_bytes(&mb.to_bytes());
         assert_eq!(mb, back);
@@ -622,9 +680,19 @@ mod tests {
             op: 0xabc,
             ret: 0x123,
             entropy_gen: 5,
+            engine: ENGINE_WASMI,
             ..Default::default()
         };
         let b = mb.to_bytes();
+        assert_eq!(
+            b[offsets::ENGINE..offsets::ENGINE + 8],
+            ENGINE_WASMI.to_le_bytes()
+        );
+        assert_eq!(
+            core::mem::offset_of!(Mailbox, engine),
+            offsets::ENGINE,
+            "the words are the struct's fields in order"
+        );
         assert_eq!(b[offsets::OP..offsets::OP + 8], 0xabcu64.to_le_bytes());
         assert_eq!(b[offsets::RET..offsets::RET + 8], 0x123u64.to_le_bytes());
         assert_eq!(

@@ -9,6 +9,7 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+pub mod engine;
 pub mod heap;
 pub mod rng;
 pub mod runner;
@@ -37,6 +38,43 @@ pub trait Host {
     fn mark(&mut self, phase: Phase);
     /// Test-only raw hostcall (`vmm_test.hostcall` import). `None` when not enabled.
     fn raw_hostcall(&mut self, op: u64, args: [u64; 4]) -> Option<u64>;
+    /// Bytes of guest memory not yet allocated (an engine refuses a memory or table growth
+    /// that could not fit, so that `memory.grow`/`table.grow` return -1 instead of the
+    /// allocation failing). Unbounded by default.
+    fn memory_available(&mut self) -> usize {
+        usize::MAX
+    }
+}
+
+/// A host borrowed for a run (the engines own their host: `&mut H` lends one).
+impl<T: Host + ?Sized> Host for &mut T {
+    fn now_unix_ns(&mut self) -> u64 {
+        (**self).now_unix_ns()
+    }
+    fn monotonic_ns(&mut self) -> u64 {
+        (**self).monotonic_ns()
+    }
+    fn take_entropy(&mut self) -> Option<[u8; 32]> {
+        (**self).take_entropy()
+    }
+    fn get_function(&mut self) -> Vec<u8> {
+        (**self).get_function()
+    }
+    fn read_stdin(&mut self, buf: &mut [u8]) -> (usize, bool) {
+        (**self).read_stdin(buf)
+    }
+    fn write_output(&mut self, fd: u32, data: &[u8]) {
+        (**self).write_output(fd, data)
+    }
+    fn mark(&mut self, phase: Phase) {
+        (**self).mark(phase)
+    }
+    fn raw_hostcall(&mut self, op: u64, args: [u64; 4]) -> Option<u64> {
+        (**self).raw_hostcall(op, args)
+    }
+    fn memory_available(&mut self) -> usize {
+        (**self).memory_available()
+    }
 }
 
 /// Phases whose completion the runner reports through [`Host::mark`].

@@ -2,9 +2,11 @@
 //!
 //! Boot (`arch::x86_64::boot::_start`) -> [`kernel_main`]: check the mailbox, load the
 //! GDT/TSS/IDT, set up the heap over `[HEAP_START, module_gpa)`, mark `kernel_ready`,
-//! then hand the module to `guest_kernel::runner::run` with a [`KernelHost`] that talks
-//! to the VMM through hostcalls, report the result (`Op::Exit` / `Op::Error`) and halt.
-//! Any CPU exception is reported with `Op::Fault`, any panic with `Op::Panic`.
+//! then hand the module to the engine the VMM chose (`guest_kernel::engine`: wasmi
+//! compiles WebAssembly, wasmtime loads an artifact the VMM compiled) with a [`KernelHost`]
+//! that talks to the VMM through hostcalls, report the result (`Op::Exit` / `Op::Error`)
+//! and halt. Any CPU exception that is not a wasm trap is reported with `Op::Fault`, any
+//! panic with `Op::Panic`.
 #![no_std]
 #![no_main]
 
@@ -20,7 +22,8 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arch::x86_64::{self as cpu, hostcall};
 use guest_kernel::heap::LockedHeap;
-use guest_kernel::{Host, Phase, Runtime};
+use guest_kernel::runner::RunOptions;
+use guest_kernel::{engine, Host, Phase, RunError, RunOutput, Runtime};
 use vmm_abi::{layout, offsets, GuestStats, Mailbox, Op};
 
 // --- mailbox fields the kernel reads (offsets from the ABI's repr(C) struct) ----------
@@ -32,6 +35,7 @@ const MB_TSC_KHZ: usize = offset_of!(Mailbox, tsc_khz);
 const MB_MODULE_GPA: usize = offset_of!(Mailbox, module_gpa);
 const MB_MODULE_LEN: usize = offset_of!(Mailbox, module_len);
 const MB_RUNTIME: usize = offset_of!(Mailbox, runtime);
+const MB_ENGINE: usize = offset_of!(Mailbox, engine);
 const _: () = assert!(offset_of!(Mailbox, stats) == offsets::STATS);
 const _: () =
     assert!(offset_of!(GuestStats, kernel_ready) == hostcall::STATS_KERNEL_READY - offsets::STATS);
@@ -132,30 +136,54 @@ pub extern "C" fn kernel_main() -> ! {
         vmm_abi::RUNTIME_QJS => Runtime::Qjs,
         _ => Runtime::Wasi,
     };
-    let mut host = KernelHost::new(test_hostcalls);
+    let host = KernelHost::new(test_hostcalls);
     hostcall::write(hostcall::STATS_KERNEL_READY, cpu::rdtsc());
 
     if test_hostcalls {
         selftest(module);
     }
 
-    let opts = guest_kernel::runner::RunOptions {
+    let opts = RunOptions {
         test_hostcalls,
         eager_compile: hostcall::read(MB_FLAGS) & vmm_abi::FLAG_EAGER_COMPILE != 0,
     };
-    let result = guest_kernel::runner::compile(module, opts).and_then(|(engine, compiled)| {
-        // wasmi keeps nothing that points into the module bytes: zero them, so that
-        // snapshots neither store nor restore 1.5 MB of dead code.
+    // Neither engine keeps anything that points into the module bytes once it has them
+    // (wasmi translated them, wasmtime copied the artifact into its code memory): zero
+    // them, so that snapshots neither store nor restore megabytes of dead bytes.
+    let forget_module = || {
         // SAFETY: [module_gpa, +module_len) was checked above to lie in RAM above the
         // heap; `module` is not used after this point and nothing else refers to it.
         unsafe { core::ptr::write_bytes(module_gpa as *mut u8, 0, module_len as usize) };
-        host.mark(guest_kernel::Phase::Compiled);
-        guest_kernel::runner::run_compiled(&mut host, &engine, &compiled, runtime, opts)
-    });
+    };
+    let result = match hostcall::read(MB_ENGINE) {
+        vmm_abi::ENGINE_WASMI => engine::wasmi::compile(module, opts).and_then(|compiled| {
+            forget_module();
+            let mut host = host;
+            host.mark(Phase::Compiled);
+            engine::wasmi::run(host, &compiled, runtime, opts)
+        }),
+        vmm_abi::ENGINE_WASMTIME => engine::wasmtime::load(module).and_then(|loaded| {
+            forget_module();
+            let mut host = host;
+            host.mark(Phase::Compiled);
+            engine::wasmtime::run(host, &loaded, runtime, opts)
+        }),
+        other => Err(RunError {
+            code: vmm_abi::ERR_CONFIG,
+            message: alloc::format!(
+                "the VMM asked for WebAssembly engine {other}, which this guest kernel does not have"
+            ),
+        }),
+    };
+    report(result)
+}
+
+/// Hand the run's result to the VMM (`Op::Exit` or `Op::Error`) and halt.
+fn report(result: Result<RunOutput, RunError>) -> ! {
     match result {
         Ok(out) => {
-            host.call(
-                Op::Exit,
+            hostcall::raw(
+                Op::Exit as u64,
                 &[
                     out.exit_code as u32 as u64,
                     out.stdout.as_ptr() as u64,
@@ -177,7 +205,7 @@ pub extern "C" fn kernel_main() -> ! {
         Err(e) => {
             let msg = e.message.as_bytes();
             let len = msg.len().min(vmm_abi::MAX_MESSAGE_LEN as usize);
-            host.call(Op::Error, &[e.code, msg.as_ptr() as u64, len as u64]);
+            hostcall::raw(Op::Error as u64, &[e.code, msg.as_ptr() as u64, len as u64]);
         }
     }
     cpu::halt_forever()
@@ -331,6 +359,11 @@ impl Host for KernelHost {
             Phase::FunctionEnd => hostcall::STATS_FUNCTION_END,
         };
         hostcall::write(off, cpu::rdtsc());
+    }
+
+    fn memory_available(&mut self) -> usize {
+        let (size, used) = HEAP.stats();
+        size.saturating_sub(used)
     }
 
     fn raw_hostcall(&mut self, op: u64, args: [u64; 4]) -> Option<u64> {

@@ -1,13 +1,15 @@
-//! Compile, link, instantiate and run a module under WASI (a command's `_start`, or the
-//! QuickJS-NG reactor's `_initialize` + `qjs_init_argv`).
+//! Run a module under WASI (a command's `_start`, or the QuickJS-NG reactor's
+//! `_initialize` + `qjs_init_argv`), whatever the engine: each engine (`crate::engine`)
+//! compiles or loads the module and instantiates it with the WASI functions
+//! ([`crate::define_wasi!`]); the phases after that are [`drive`]'s, over the small
+//! [`Session`] interface the engines implement.
 
-use crate::wasi::link::{self, StoreData};
+use crate::wasi::{link, WasiCtx};
 use crate::{Host, Phase, RunError, RunOutput, Runtime};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use vmm_abi::{ERR_CONFIG, ERR_INSTANTIATE, ERR_MODULE_INVALID, ERR_RUNTIME_INIT, ERR_TRAP};
-use wasmi::{Engine, Error, Instance, Linker, Module, Store, TypedFunc};
+use vmm_abi::{ERR_CONFIG, ERR_INSTANTIATE, ERR_RUNTIME_INIT, ERR_TRAP};
 
 /// Where the QuickJS prelude is served, relative to the preopen `/` (hidden from
 /// directory listings).
@@ -56,43 +58,6 @@ pub const QJS_PRELUDE: &str = r#"(() => {
 })();
 "#;
 
-fn err(code: u64, message: String) -> RunError {
-    RunError { code, message }
-}
-
-/// How a call into wasm ended, other than by returning.
-enum Stop {
-    /// `proc_exit(code)`.
-    Exit(i32),
-    /// A trap or a host error.
-    Trap(String),
-}
-
-fn classify(e: Error) -> Stop {
-    match e.i32_exit_status() {
-        Some(code) => Stop::Exit(code),
-        None => Stop::Trap(e.to_string()),
-    }
-}
-
-/// Hand buffered output to the host, then build the error (the output must not be lost).
-fn fail<H: Host>(store: &mut Store<StoreData<'_, H>>, code: u64, message: String) -> RunError {
-    let d = store.data_mut();
-    d.wasi.flush(&mut *d.host);
-    err(code, message)
-}
-
-/// The first import that the linker does not define, as `module.name`.
-fn missing_import(module: &Module, test_hostcalls: bool) -> Option<String> {
-    module
-        .imports()
-        .find(|i| {
-            !matches!(i.ty(), wasmi::ExternType::Func(_))
-                || !link::provides(i.module(), i.name(), test_hostcalls)
-        })
-        .map(|i| format!("{}.{}", i.module(), i.name()))
-}
-
 /// Run `module` to completion. See the crate docs for the phases reported via
 /// [`Host::mark`]. Output not yet handed to [`Host::write_output`] is returned in
 /// [`RunOutput`]; on error it has been flushed through `write_output`.
@@ -124,152 +89,168 @@ pub struct RunOptions {
     pub eager_compile: bool,
 }
 
-/// [`run`] with options.
+/// [`run`] with options (under wasmi, the engine that also runs on the host: tests).
 pub fn run_with<H: Host>(
     host: &mut H,
     module: &[u8],
     runtime: Runtime,
     opts: RunOptions,
 ) -> Result<RunOutput, RunError> {
-    let (engine, module) = compile(module, opts)?;
+    let compiled = crate::engine::wasmi::compile(module, opts)?;
     host.mark(Phase::Compiled);
-    run_compiled(host, &engine, &module, runtime, opts)
+    crate::engine::wasmi::run(host, &compiled, runtime, opts)
 }
 
-/// Compile `module` (the first phase of [`run_with`]). The bytes are not needed afterwards:
-/// the kernel zeroes them so that they cost nothing in snapshots.
-pub fn compile(module: &[u8], opts: RunOptions) -> Result<(Engine, Module), RunError> {
-    let mut config = wasmi::Config::default();
-    if opts.eager_compile {
-        config.compilation_mode(wasmi::CompilationMode::Eager);
+// --- shared phases -------------------------------------------------------------------
+
+fn err(code: u64, message: String) -> RunError {
+    RunError { code, message }
+}
+
+/// How a call into wasm ended, other than by returning.
+pub enum Stop {
+    /// `proc_exit(code)`.
+    Exit(i32),
+    /// A trap or a host error.
+    Trap(String),
+}
+
+/// A module instantiated by one of the engines, with its WASI state and host: what the
+/// phases after instantiation need, whatever the engine.
+pub trait Session {
+    /// The WASI state and the host.
+    fn parts(&mut self) -> (&mut WasiCtx, &mut dyn Host);
+    /// Whether the module exports a function `name` of type `[] -> []`.
+    fn has_unit_func(&mut self, name: &str) -> bool;
+    /// Call `name: [] -> []`; `None` if there is no such export.
+    fn call_unit(&mut self, name: &str) -> Option<Result<(), Stop>>;
+    /// Call `name: [i32] -> [i32]`; `None` if there is no such export.
+    fn call_i32(&mut self, name: &str, a: i32) -> Option<Result<i32, Stop>>;
+    /// Call `name: [i32 i32] -> [i32]`; `None` if there is no such export.
+    fn call_i32_i32(&mut self, name: &str, a: i32, b: i32) -> Option<Result<i32, Stop>>;
+    /// The exported `memory`, if any.
+    fn memory(&mut self) -> Option<&mut [u8]>;
+
+    fn mark(&mut self, phase: Phase) {
+        self.parts().1.mark(phase);
     }
-    let engine = Engine::new(&config);
-    let module = Module::new(&engine, module).map_err(|e| {
-        err(
-            ERR_MODULE_INVALID,
-            format!("module is not valid WebAssembly: {e}"),
-        )
-    })?;
-    Ok((engine, module))
+
+    /// [`fail`] with this session's WASI state and host.
+    fn fail(&mut self, code: u64, message: String) -> RunError {
+        let (wasi, host) = self.parts();
+        fail(wasi, host, code, message)
+    }
 }
 
-/// The phases of [`run_with`] after compilation (the caller marks [`Phase::Compiled`]).
-pub fn run_compiled<H: Host>(
-    host: &mut H,
-    engine: &Engine,
-    module: &Module,
-    runtime: Runtime,
-    opts: RunOptions,
-) -> Result<RunOutput, RunError> {
-    let test_hostcalls = opts.test_hostcalls;
-    let mut linker = Linker::<StoreData<'_, H>>::new(engine);
-    link::add_to_linker(&mut linker, test_hostcalls)
-        .map_err(|e| err(ERR_INSTANTIATE, format!("cannot set up WASI: {e}")))?;
-    if let Some(name) = missing_import(module, test_hostcalls) {
+/// Hand buffered output to the host, then build the error (the output must not be lost).
+pub fn fail(wasi: &mut WasiCtx, host: &mut dyn Host, code: u64, message: String) -> RunError {
+    wasi.flush(host);
+    err(code, message)
+}
+
+/// The first import that the WASI linker does not define, as `module.name`, from
+/// `(module, name, is a function)` triples.
+pub fn missing_import<'a>(
+    mut imports: impl Iterator<Item = (&'a str, &'a str, bool)>,
+    test_hostcalls: bool,
+) -> Option<RunError> {
+    imports
+        .find(|&(module, name, func)| !func || !link::provides(module, name, test_hostcalls))
+        .map(|(module, name, _)| {
+            err(
+                ERR_INSTANTIATE,
+                format!("module imports {module}.{name}, which this runtime does not provide"),
+            )
+        })
+}
+
+/// The message for an instantiation (or start function) that did not complete.
+pub fn instantiate_message(stop: Stop) -> String {
+    match stop {
+        Stop::Exit(code) => format!("start function exited with code {code}"),
+        Stop::Trap(t) => format!("cannot instantiate module: {t}"),
+    }
+}
+
+/// Run an instantiated module: `_start` for a command, `_initialize` if it has one, the
+/// function configuration (where the runtime base is taken), then the function. The
+/// caller has marked [`Phase::Compiled`]; the rest are marked here.
+pub fn drive(s: &mut impl Session, runtime: Runtime) -> Result<RunOutput, RunError> {
+    if runtime == Runtime::Wasi && !s.has_unit_func("_start") {
         return Err(err(
             ERR_INSTANTIATE,
-            format!("module imports {name}, which this runtime does not provide"),
+            "module has no _start export".to_string(),
         ));
     }
-    let mut store = Store::new(engine, StoreData::new(host));
-    let instance = match linker.instantiate_and_start(&mut store, module) {
-        Ok(i) => i,
-        Err(e) => {
-            let msg = match classify(e) {
-                Stop::Exit(code) => format!("start function exited with code {code}"),
-                Stop::Trap(t) => format!("cannot instantiate module: {t}"),
-            };
-            return Err(fail(&mut store, ERR_INSTANTIATE, msg));
-        }
-    };
-    store.data_mut().memory = instance.get_memory(&store, "memory");
-    let start = match runtime {
-        Runtime::Wasi => match instance.get_typed_func::<(), ()>(&store, "_start") {
-            Ok(f) => Some(f),
-            Err(_) => {
-                return Err(err(
-                    ERR_INSTANTIATE,
-                    "module has no _start export".to_string(),
-                ))
-            }
-        },
-        Runtime::Qjs => None,
-    };
-    store.data_mut().host.mark(Phase::Instantiated);
+    s.mark(Phase::Instantiated);
 
     // Runtime initialisation (part of the runtime base snapshot: nothing
     // function-specific may happen before get_function below).
-    let init = instance
-        .get_typed_func::<(), ()>(&store, "_initialize")
-        .ok();
-    match (runtime, init) {
+    match (runtime, s.call_unit("_initialize")) {
         (Runtime::Qjs, None) => {
             return Err(err(
                 ERR_RUNTIME_INIT,
                 "QuickJS module has no _initialize export".to_string(),
             ))
         }
-        (_, Some(f)) => {
-            if let Err(e) = f.call(&mut store, ()) {
-                let msg = match classify(e) {
-                    Stop::Exit(code) => format!("_initialize exited with code {code}"),
-                    Stop::Trap(t) => format!("_initialize failed: wasm trap: {t}"),
-                };
-                return Err(fail(&mut store, ERR_RUNTIME_INIT, msg));
-            }
+        (_, Some(Err(stop))) => {
+            let msg = match stop {
+                Stop::Exit(code) => format!("_initialize exited with code {code}"),
+                Stop::Trap(t) => format!("_initialize failed: wasm trap: {t}"),
+            };
+            return Err(s.fail(ERR_RUNTIME_INIT, msg));
         }
-        (Runtime::Wasi, None) => {}
+        _ => {}
     }
-    store.data_mut().host.mark(Phase::RuntimeInitialized);
+    s.mark(Phase::RuntimeInitialized);
 
     // The function: config, then run it.
-    let blob = store.data_mut().host.get_function();
+    let blob = s.parts().1.get_function();
     let config = match vmm_abi::FunctionConfig::decode(&blob) {
         Ok(c) => c,
-        Err(e) => return Err(fail(&mut store, ERR_CONFIG, e.to_string())),
+        Err(e) => return Err(s.fail(ERR_CONFIG, e.to_string())),
     };
     if runtime == Runtime::Qjs {
         // Before the function's files, so a config file at this path is a conflict.
-        if let Err(e) = store
-            .data_mut()
-            .wasi
+        if let Err(e) = s
+            .parts()
+            .0
             .add_hidden_file(QJS_PRELUDE_PATH.as_bytes(), QJS_PRELUDE.as_bytes())
         {
             let msg = format!("cannot install the QuickJS prelude: {e:?}");
-            return Err(fail(&mut store, ERR_CONFIG, msg));
+            return Err(s.fail(ERR_CONFIG, msg));
         }
         let env = qjs_env_file(&config.env);
-        if let Err(e) = store
-            .data_mut()
-            .wasi
-            .add_hidden_file(QJS_ENV_PATH.as_bytes(), &env)
-        {
+        if let Err(e) = s.parts().0.add_hidden_file(QJS_ENV_PATH.as_bytes(), &env) {
             let msg = format!("cannot install the QuickJS environment file: {e:?}");
-            return Err(fail(&mut store, ERR_CONFIG, msg));
+            return Err(s.fail(ERR_CONFIG, msg));
         }
     }
-    if let Err(e) = store.data_mut().wasi.configure(&config) {
-        return Err(fail(&mut store, ERR_CONFIG, e.to_string()));
+    if let Err(e) = s.parts().0.configure(&config) {
+        return Err(s.fail(ERR_CONFIG, e.to_string()));
     }
 
-    store.data_mut().host.mark(Phase::FunctionStart);
-    let outcome = match &start {
-        Some(f) => run_start(&mut store, f),
-        None => run_qjs(&mut store, &instance, &config.args),
+    s.mark(Phase::FunctionStart);
+    let outcome = match runtime {
+        Runtime::Wasi => s
+            .call_unit("_start")
+            .unwrap_or_else(|| Err(Stop::Trap("module has no _start export".to_string())))
+            .map(|()| 0),
+        Runtime::Qjs => run_qjs(s, &config.args),
     };
     drop(config);
-    store.data_mut().host.mark(Phase::FunctionEnd);
+    s.mark(Phase::FunctionEnd);
 
     let exit_code = match outcome {
         Ok(code) | Err(Stop::Exit(code)) => code,
-        Err(Stop::Trap(t)) => return Err(fail(&mut store, ERR_TRAP, format!("wasm trap: {t}"))),
+        Err(Stop::Trap(t)) => return Err(s.fail(ERR_TRAP, format!("wasm trap: {t}"))),
     };
-    let data = store.data_mut();
-    let (stdout_truncated, stderr_truncated) = data.wasi.output_truncated();
+    let wasi = s.parts().0;
+    let (stdout_truncated, stderr_truncated) = wasi.output_truncated();
     Ok(RunOutput {
         exit_code,
-        stdout: data.wasi.take_stdout(),
-        stderr: data.wasi.take_stderr(),
+        stdout: wasi.take_stdout(),
+        stderr: wasi.take_stderr(),
         stdout_truncated,
         stderr_truncated,
     })
@@ -285,34 +266,15 @@ fn qjs_env_file(env: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// A WASI command: `_start`; returning normally is exit code 0.
-fn run_start<H: Host>(
-    store: &mut Store<StoreData<'_, H>>,
-    start: &TypedFunc<(), ()>,
-) -> Result<i32, Stop> {
-    start.call(&mut *store, ()).map(|()| 0).map_err(classify)
-}
-
 /// QuickJS reactor: `qjs_init_argv(argc, argv)` with argv =
 /// `qjs --std -I .vmm/prelude.js <args[1..]>` (see [`QJS_PRELUDE`]),
 /// the strings and the array allocated with the module's `malloc`. A non-zero return
 /// means the script threw (QuickJS has printed the exception): exit code 1.
-fn run_qjs<H: Host>(
-    store: &mut Store<StoreData<'_, H>>,
-    instance: &Instance,
-    args: &[&[u8]],
-) -> Result<i32, Stop> {
+fn run_qjs(s: &mut impl Session, args: &[&[u8]]) -> Result<i32, Stop> {
     let missing = |what: &str| Stop::Trap(format!("QuickJS module has no usable {what} export"));
-    let malloc = instance
-        .get_typed_func::<i32, i32>(&*store, "malloc")
-        .map_err(|_| missing("malloc"))?;
-    let init_argv = instance
-        .get_typed_func::<(i32, i32), i32>(&*store, "qjs_init_argv")
-        .map_err(|_| missing("qjs_init_argv"))?;
-    let memory = instance
-        .get_memory(&*store, "memory")
-        .ok_or_else(|| missing("memory"))?;
-
+    if s.memory().is_none() {
+        return Err(missing("memory"));
+    }
     let mut argv: Vec<&[u8]> = Vec::with_capacity(args.len() + 3);
     argv.push(b"qjs");
     argv.push(b"--std");
@@ -320,14 +282,6 @@ fn run_qjs<H: Host>(
     argv.push(QJS_PRELUDE_PATH.as_bytes());
     argv.extend(args.iter().skip(1).copied());
 
-    let alloc = |store: &mut Store<StoreData<'_, H>>, len: usize| -> Result<u32, Stop> {
-        let len = i32::try_from(len).map_err(|_| Stop::Trap("argv too large".to_string()))?;
-        let p = malloc.call(&mut *store, len).map_err(classify)?;
-        if p == 0 {
-            return Err(Stop::Trap("malloc failed while building argv".to_string()));
-        }
-        Ok(p as u32)
-    };
     let oob = || Stop::Trap("malloc returned memory out of bounds".to_string());
     let at = |base: u32, off: usize| -> Result<u32, Stop> {
         u32::try_from(off)
@@ -336,19 +290,31 @@ fn run_qjs<H: Host>(
             .ok_or_else(oob)
     };
     let argc = argv.len();
-    let array = alloc(store, (argc + 1) * 4)?;
+    let array = qjs_malloc(s, (argc + 1) * 4)?;
     for (i, a) in argv.iter().enumerate() {
-        let p = alloc(store, a.len() + 1)?;
-        let mem = memory.data_mut(&mut *store);
+        let p = qjs_malloc(s, a.len() + 1)?;
+        let mem = s.memory().ok_or_else(|| missing("memory"))?;
         crate::wasi::write_bytes(mem, p, a).map_err(|_| oob())?;
         crate::wasi::write_bytes(mem, at(p, a.len())?, &[0]).map_err(|_| oob())?;
         crate::wasi::write_u32(mem, at(array, i * 4)?, p).map_err(|_| oob())?;
     }
-    let mem = memory.data_mut(&mut *store);
+    let mem = s.memory().ok_or_else(|| missing("memory"))?;
     crate::wasi::write_u32(mem, at(array, argc * 4)?, 0).map_err(|_| oob())?;
 
-    let r = init_argv
-        .call(&mut *store, (argc as i32, array as i32))
-        .map_err(classify)?;
+    let r = s
+        .call_i32_i32("qjs_init_argv", argc as i32, array as i32)
+        .ok_or_else(|| missing("qjs_init_argv"))??;
     Ok(if r == 0 { 0 } else { 1 })
+}
+
+/// `malloc(len)` in the QuickJS module (non-null).
+fn qjs_malloc(s: &mut impl Session, len: usize) -> Result<u32, Stop> {
+    let len = i32::try_from(len).map_err(|_| Stop::Trap("argv too large".to_string()))?;
+    let p = s
+        .call_i32("malloc", len)
+        .ok_or_else(|| Stop::Trap("QuickJS module has no usable malloc export".to_string()))??;
+    if p == 0 {
+        return Err(Stop::Trap("malloc failed while building argv".to_string()));
+    }
+    Ok(p as u32)
 }

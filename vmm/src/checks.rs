@@ -24,9 +24,10 @@ use snapshot_store::{Store, Template, TemplateName};
 use std::fmt;
 use vmm_abi::{GuestRange, Op};
 
-/// The WebAssembly engine inside the guest kernel. The kernel's hash (also recorded) pins
-/// its exact build; the name tells engines apart in messages.
-pub const ENGINE: &str = "wasmi";
+/// The WebAssembly engines inside the guest kernel, by the names templates record (see
+/// [`crate::run::EngineKind::name`]). The kernel's hash (also recorded) pins their exact
+/// build; the name tells engines apart.
+pub const ENGINES: &[&str] = &["wasmtime", "wasmi"];
 
 /// What a runtime base was made from. Two bases with equal provenance run the same code.
 #[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
@@ -74,7 +75,7 @@ impl Provenance {
             module_hash: xxhash_rust::xxh3::xxh3_128(&spec.module),
             module_name: spec.module_name.clone(),
             runtime: runtime_name(spec.runtime).into(),
-            engine: ENGINE.into(),
+            engine: spec.engine.name().into(),
             mem_size: mem_mib.saturating_mul(1 << 20),
             kernel_hash: kernel_hash(),
             abi_version: vmm_abi::ABI_VERSION,
@@ -161,10 +162,7 @@ impl Difference {
     /// Differences that come from the vmm build, not from the function's options: only a
     /// base made again with this vmm can fix them.
     fn needs_new_base(&self) -> bool {
-        matches!(
-            self,
-            Difference::Engine { .. } | Difference::Kernel { .. } | Difference::Abi { .. }
-        )
+        matches!(self, Difference::Kernel { .. } | Difference::Abi { .. })
     }
 
     fn describe(&self, base_name: &str) -> String {
@@ -181,7 +179,7 @@ impl Difference {
                 format!("the runtime {ours} differs from {base_name}'s runtime {base}")
             }
             Difference::Engine { ours, base } => format!(
-                "this vmm's WebAssembly engine {ours} differs from {base_name}'s engine {base}"
+                "the WebAssembly engine {ours} differs from {base_name}'s engine {base} (a function layer runs in its base's engine)"
             ),
             Difference::MemSize { ours, base } => format!(
                 "the guest memory size {} MiB differs from {base_name}'s {} MiB",
@@ -209,7 +207,7 @@ fn describe_all(differences: &[Difference], base: &TemplateName) -> String {
         )
     } else {
         format!(
-            "a function layer runs its base's module, so give it the module, runtime and memory size {base} was made with, or layer it on a base made from its own (without a base named, each module gets its own runtime base)"
+            "a function layer runs its base's module, so give it the module, runtime, engine and memory size {base} was made with, or layer it on a base made from its own (without a base named, each module gets its own runtime base)"
         )
     };
     format!("{}; {remedy}", list.join("; "))
@@ -347,6 +345,9 @@ fn check_device(d: &DeviceState, mem_size: u64) -> Result<(), String> {
     let Some(p) = &d.provenance else {
         return Err("it records no provenance".into());
     };
+    if !ENGINES.contains(&p.engine.as_str()) {
+        return Err(format!("engine {}", shown(&p.engine)));
+    }
     if p.runtime != d.runtime || p.module_name != d.module_name || p.mem_size != mem_size {
         return Err(format!(
             "its provenance ({} module {}, {} MiB) disagrees with the template ({} module {}, {} MiB)",
@@ -595,7 +596,7 @@ pub mod fixtures {
                 module_hash: 1,
                 module_name: "fixture.wasm".into(),
                 runtime: "wasi".into(),
-                engine: ENGINE.into(),
+                engine: ENGINES[0].into(),
                 mem_size,
                 kernel_hash: 1,
                 abi_version: vmm_abi::ABI_VERSION,

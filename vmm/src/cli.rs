@@ -2,7 +2,9 @@
 //! with a bound known before reading), and how results are printed and mapped to the
 //! process exit status.
 
-use crate::run::{FunctionSpec, GuestFile, RunLimits, RunReport, RuntimeKind, MAX_REQUEST_BYTES};
+use crate::run::{
+    EngineKind, FunctionSpec, GuestFile, RunLimits, RunReport, RuntimeKind, MAX_REQUEST_BYTES,
+};
 use crate::vm::{GuestError, RunError};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -44,6 +46,25 @@ impl From<RuntimeArg> for RuntimeKind {
             RuntimeArg::Wasi => RuntimeKind::Wasi,
             RuntimeArg::Qjs => RuntimeKind::Qjs,
             RuntimeArg::Python => RuntimeKind::Python,
+        }
+    }
+}
+
+/// `--engine`: the WebAssembly engine in the guest (the library's [`EngineKind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineArg {
+    /// wasmtime: the module is compiled ahead of time on the host (Cranelift) and runs at
+    /// native speed.
+    Wasmtime,
+    /// wasmi: an interpreter in the guest; no compilation on the host.
+    Wasmi,
+}
+
+impl From<EngineArg> for EngineKind {
+    fn from(e: EngineArg) -> EngineKind {
+        match e {
+            EngineArg::Wasmtime => EngineKind::Wasmtime,
+            EngineArg::Wasmi => EngineKind::Wasmi,
         }
     }
 }
@@ -97,6 +118,10 @@ pub struct FunctionArgs {
     /// An environment variable for the function.
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+    /// The WebAssembly engine in the guest. A function template runs in its runtime base's
+    /// engine.
+    #[arg(long, value_enum, env = "VMM_ENGINE", default_value = "wasmtime")]
+    pub engine: EngineArg,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -314,6 +339,7 @@ impl FunctionArgs {
             module,
             module_name,
             runtime: self.runtime.into(),
+            engine: self.engine.into(),
             files,
             args: self.args.clone(),
             env: self.env.clone(),
@@ -539,14 +565,26 @@ pub fn finish(report: &RunReport, args: &InvokeArgs) -> i32 {
 }
 
 pub fn print_stats(s: &crate::run::Stats) {
-    eprintln!("--- {} start on {} KVM ---", s.mode, s.backend);
+    match s.engine {
+        "" => eprintln!("--- {} start on {} KVM ---", s.mode, s.backend),
+        e => eprintln!("--- {} start on {} KVM, {e} ---", s.mode, s.backend),
+    }
     let row = |name: &str, v: f64| eprintln!("{name:>18}: {v:>9.3} ms");
     let count = |name: &str, v: u64| eprintln!("{name:>18}: {v:>9}");
     match &s.restore {
         None => {
+            if s.engine == EngineKind::Wasmtime.name() {
+                row("host AOT compile", s.aot_compile_ms);
+            }
             row("vm create", s.vm_create_ms);
             row("guest boot", s.boot_ms);
-            row("module compile", s.compile_ms);
+            // wasmtime only deserializes in the guest: the compilation is the host's.
+            let guest_compile = if s.engine == EngineKind::Wasmtime.name() {
+                "module load"
+            } else {
+                "module compile"
+            };
+            row(guest_compile, s.compile_ms);
             row("instantiate", s.instantiate_ms);
             row("runtime init", s.runtime_init_ms);
             row("function run", s.function_ms);

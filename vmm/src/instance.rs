@@ -13,6 +13,11 @@
 //!   no zero fill and no new host page faults), and the whole vCPU state is written again.
 //!   Nothing a request left behind survives a reset. An instance whose invocation failed
 //!   (timeout, guest fault) is not reset: the caller drops it.
+//! * A request that changed the guest's page tables (under wasmtime, a linear memory that
+//!   grew maps new pages) is not reset in place: under shadow paging (PVM) KVM does not see
+//!   the host's copy of the template's page-table pages, so pages the request mapped would
+//!   stay reachable. [`Instance::reset`] compares the template's page-table pages (found
+//!   when the template is loaded) and, if one differs, replaces the VM with a fresh restore.
 
 use crate::error::{Error, ErrorKind};
 use crate::memory::GuestMemory;
@@ -46,6 +51,55 @@ pub struct Template {
     state: VcpuState,
     stdin_buf: GuestRange,
     data_pages: u64,
+    /// Guest-physical addresses of the template's page-table pages.
+    page_tables: Vec<u64>,
+}
+
+/// Most page-table pages a template may have (a real one has a few dozen).
+const MAX_PAGE_TABLE_PAGES: usize = 8192;
+
+/// The page-table pages reachable from the root at `layout::PML4_GPA` (where
+/// `VcpuState::validate` pins CR3) in `image`, the template's memory: every table page
+/// once, whatever its level. Entries that point outside guest RAM are skipped (the guest
+/// faults on them; the host never writes there); a template with more than
+/// [`MAX_PAGE_TABLE_PAGES`] table pages is refused.
+fn page_table_pages(image: &[u8]) -> Result<Vec<u64>, String> {
+    const PRESENT: u64 = 1;
+    const HUGE: u64 = 1 << 7;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let entry = |table: u64, i: usize| -> u64 {
+        let at = table as usize + i * 8;
+        image
+            .get(at..at + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut level = vec![layout::PML4_GPA];
+    // PML4 -> PDPT -> PD -> PT; a large-page bit ends the walk at the PDPT and PD levels.
+    for depth in 0..4 {
+        let mut next = Vec::new();
+        for table in level {
+            if table as usize + PAGE_SIZE > image.len() || !seen.insert(table) {
+                continue;
+            }
+            if seen.len() > MAX_PAGE_TABLE_PAGES {
+                return Err(format!(
+                    "its page tables have more than {MAX_PAGE_TABLE_PAGES} pages"
+                ));
+            }
+            if depth == 3 {
+                continue; // a page table: its entries map pages, not tables
+            }
+            for i in 0..512 {
+                let e = entry(table, i);
+                if e & PRESENT != 0 && (depth == 0 || e & HUGE == 0) {
+                    next.push(e & ADDR);
+                }
+            }
+        }
+        level = next;
+    }
+    Ok(seen.into_iter().collect())
 }
 
 /// What loading a template cost.
@@ -131,6 +185,8 @@ impl Template {
                 _ => runs.push((gfn, 1)),
             }
         }
+        let page_tables =
+            page_table_pages(&image).map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         let image = (file, image.make_read_only().map_err(host)?);
         let mut region_runs = vec![0..0; n_regions];
         let mut i = 0;
@@ -159,6 +215,7 @@ impl Template {
                 state,
                 stdin_buf,
                 data_pages,
+                page_tables,
             },
             stats,
         ))
@@ -307,6 +364,9 @@ pub struct InvokeTimings {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ResetStats {
     pub reset_ms: f64,
+    /// The request changed the guest's page tables: the VM was replaced by a fresh restore
+    /// instead of being reset in place.
+    pub restored: bool,
     /// Of which rewriting the vCPU state.
     pub vcpu_ms: f64,
     pub regions_copied: u64,
@@ -475,6 +535,25 @@ impl Instance {
             ));
         }
         let t0 = Instant::now();
+        if self.page_tables_changed() {
+            let fresh = Instance::new(self.template.clone(), self.sharing);
+            return match fresh {
+                Ok(fresh) => {
+                    let invocations = self.invocations;
+                    *self = fresh;
+                    self.invocations = invocations;
+                    Ok(ResetStats {
+                        reset_ms: ms(t0.elapsed()),
+                        restored: true,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => {
+                    self.status = Status::Broken;
+                    Err(e)
+                }
+            };
+        }
         let r = self.reset_memory_and_vcpu();
         match r {
             Ok((copied, zeroed, vcpu_ms)) => {
@@ -484,6 +563,7 @@ impl Instance {
                     vcpu_ms,
                     regions_copied: copied,
                     regions_zeroed: zeroed,
+                    restored: false,
                 })
             }
             Err(e) => {
@@ -491,6 +571,19 @@ impl Instance {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a page-table page of the guest differs from the template's (the guest mapped
+    /// or unmapped something since it was restored or reset).
+    fn page_tables_changed(&self) -> bool {
+        let image = &self.template.image.1;
+        self.template.page_tables.iter().any(|&gpa| {
+            let at = gpa as usize;
+            match (self.vm.mem.slice(gpa, PAGE), image.get(at..at + PAGE_SIZE)) {
+                (Ok(now), Some(then)) => now != then,
+                _ => true,
+            }
+        })
     }
 
     fn reset_memory_and_vcpu(&mut self) -> Result<(u64, u64, f64), Error> {

@@ -1,6 +1,7 @@
 //! A minimal KVM VMM for serverless functions: it boots our own unikernel, which runs
 //! WebAssembly behind WASI, and (with the snapshot store) restores it from templates.
 
+pub mod aot;
 pub mod bench;
 pub mod checks;
 pub mod cli;

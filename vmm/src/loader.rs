@@ -107,7 +107,8 @@ const PTE_D: u64 = 1 << 6;
 const PTE_PS: u64 = 1 << 7;
 
 /// Identity-map guest RAM with 2 MiB pages (A/D set: KVM then maps a whole page per
-/// exit), leaving the stack guard unmapped. `mem_size` is a multiple of 2 MiB.
+/// exit), leaving the stack guard unmapped, and the first 2 MiB with 4 KiB pages, leaving
+/// page 0 unmapped (null pointers fault). `mem_size` is a multiple of 2 MiB.
 pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
     let size = mem.size();
     let table = PTE_P | PTE_W | PTE_U | PTE_A;
@@ -117,7 +118,14 @@ pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
         mem.write_u64(PDPT_GPA + i * 8, (PD_GPA + i * PAGE_SIZE) | table)?;
     }
     let mut pds = vec![0u8; (gib * PAGE_SIZE) as usize];
-    let mut addr = 0;
+    let mut pt0 = vec![0u8; PAGE_SIZE as usize];
+    for page in 1..HUGE_PAGE_SIZE / PAGE_SIZE {
+        let at = (page * 8) as usize;
+        pt0[at..at + 8].copy_from_slice(&((page * PAGE_SIZE) | table | PTE_D).to_le_bytes());
+    }
+    mem.write(PT0_GPA, &pt0)?;
+    pds[..8].copy_from_slice(&(PT0_GPA | table).to_le_bytes());
+    let mut addr = HUGE_PAGE_SIZE;
     while addr < size {
         if !(GUARD_START..STACK_BOTTOM).contains(&addr) {
             let idx = (addr / HUGE_PAGE_SIZE) as usize * 8;
@@ -207,6 +215,14 @@ mod tests {
             u64::from_le_bytes(b)
         };
         assert_eq!(pde(GUARD_START), 0);
+        assert_eq!(pde(0), PT0_GPA | 0x27, "the first 2 MiB: a page table");
+        let pte = |page: u64| {
+            let mut b = [0u8; 8];
+            m.read_into(PT0_GPA + page * 8, &mut b).unwrap();
+            u64::from_le_bytes(b)
+        };
+        assert_eq!(pte(0), 0, "page 0 is not mapped");
+        assert_eq!(pte(MAILBOX_GPA / PAGE_SIZE), MAILBOX_GPA | 0x67);
         assert_eq!(pde(KERNEL_BASE) & !0xfff, KERNEL_BASE);
         assert_eq!(pde(KERNEL_BASE) & 0xff, 0xe7);
         assert_eq!(pde((64 << 20) - HUGE_PAGE_SIZE) & PTE_P, PTE_P);

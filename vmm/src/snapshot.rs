@@ -203,7 +203,7 @@ impl MemoryStrategy {
 }
 
 /// Name of the runtime base for a module: it depends on the module, the runtime, the
-/// engine and the guest kernel (a new kernel must not restore an old base), and on the
+/// engine (wasmtime or wasmi) and the guest kernel (a new kernel must not restore an old base), and on the
 /// device state version, so that bases which do not record their provenance (version 1)
 /// are never picked up again.
 pub fn runtime_base_name(spec: &FunctionSpec, mem_mib: u64) -> String {
@@ -212,7 +212,7 @@ pub fn runtime_base_name(spec: &FunctionSpec, mem_mib: u64) -> String {
     h.update(&checks::kernel_hash().to_le_bytes());
     h.update(&mem_mib.to_le_bytes());
     h.update(&vmm_abi::ABI_VERSION.to_le_bytes());
-    h.update(checks::ENGINE.as_bytes());
+    h.update(spec.engine.name().as_bytes());
     h.update(&DEVICE_STATE_VERSION.to_le_bytes());
     let rt = checks::runtime_name(spec.runtime);
     format!("base-{rt}-{:016x}", h.digest())
@@ -748,6 +748,9 @@ pub struct CreateReport {
     pub new_pages: u64,
     pub reused_pages: u64,
     pub working_set_pages: usize,
+    /// Compiling the module on the host for the guest's wasmtime (0 when the base was
+    /// reused, or for wasmi).
+    pub aot_compile_ms: f64,
     pub create_ms: f64,
 }
 
@@ -786,6 +789,7 @@ pub fn create_template(
     };
     let mut base_created = false;
     let mut base_new_pages = 0;
+    let mut aot_compile_ms = 0.0;
     let config = spec.config_blob();
     let mut out = Output::new(limits.max_output);
 
@@ -870,7 +874,10 @@ pub fn create_template(
             eager_compile: true,
             ..limits.clone()
         };
-        let mut vm = boot_vm(&spec.module, spec.runtime, &base_limits)?;
+        let (module, aot_ms) = run::guest_module(spec, &base_limits)?;
+        aot_compile_ms = aot_ms;
+        let mut vm = boot_vm(&module, spec.runtime, spec.engine, &base_limits)?;
+        drop(module);
         let mut boot_out = Output::new(limits.max_output);
         let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
             Ok(run::Next::Stop)
@@ -932,6 +939,7 @@ pub fn create_template(
         new_pages: commit.new_pages,
         reused_pages: commit.reused_pages,
         working_set_pages: ws,
+        aot_compile_ms,
         create_ms: ms(t0.elapsed()),
     })
 }

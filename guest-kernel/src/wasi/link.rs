@@ -1,13 +1,13 @@
-//! wasmi glue: every `wasi_snapshot_preview1` function, defined over [`StoreData`].
+//! The engines' glue: every `wasi_snapshot_preview1` function, listed once in
+//! [`define_wasi!`](crate::define_wasi) and defined by each engine (`crate::engine`) on
+//! its own linker over [`StoreData`].
 //!
 //! Each host function fetches the instance's `memory` (cached in [`StoreData::memory`]
 //! once the instance exists) and calls the slice-based logic in [`WasiCtx`]. Functions
 //! this runtime does not implement are still defined with their exact signatures and
 //! return `ENOSYS` (`EROFS` for path mutations), so modules importing them instantiate.
 
-use super::{errno, Errno, WasiCtx};
-use crate::Host;
-use wasmi::{Caller, Error, Extern, Linker, Memory};
+use super::{Errno, WasiCtx};
 
 pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 pub const TEST_MODULE: &str = "vmm_test";
@@ -68,16 +68,17 @@ pub fn provides(module: &str, name: &str, test_hostcalls: bool) -> bool {
         || (test_hostcalls && module == TEST_MODULE && name == "hostcall")
 }
 
-/// The wasmi store's data: the WASI state, the host, and the instance's memory.
-pub struct StoreData<'h, H: Host> {
+/// An engine's store data: the WASI state, the host, and the instance's memory (`M`, the
+/// engine's memory handle).
+pub struct StoreData<H, M> {
     pub wasi: WasiCtx,
-    pub host: &'h mut H,
-    /// The instance's `memory` export, set by the runner after instantiation.
-    pub memory: Option<Memory>,
+    pub host: H,
+    /// The instance's `memory` export, set by the engine after instantiation.
+    pub memory: Option<M>,
 }
 
-impl<'h, H: Host> StoreData<'h, H> {
-    pub fn new(host: &'h mut H) -> Self {
+impl<H, M> StoreData<H, M> {
+    pub fn new(host: H) -> Self {
         StoreData {
             wasi: WasiCtx::new(),
             host,
@@ -86,422 +87,388 @@ impl<'h, H: Host> StoreData<'h, H> {
     }
 }
 
+/// A WASI result as the i32 errno wasm receives.
 #[inline]
-fn ret(r: Result<(), Errno>) -> i32 {
+pub fn ret(r: Result<(), Errno>) -> i32 {
     match r {
-        Ok(()) => errno::SUCCESS as i32,
+        Ok(()) => super::errno::SUCCESS as i32,
         Err(e) => e as i32,
     }
 }
 
-/// Run `f` over the caller's linear memory, the WASI state and the host.
-#[inline]
-fn with_mem<H: Host>(
-    caller: &mut Caller<'_, StoreData<'_, H>>,
-    f: impl FnOnce(&mut WasiCtx, &mut dyn Host, &mut [u8]) -> Result<(), Errno>,
-) -> Result<i32, Error> {
-    let memory = match caller.data().memory {
-        Some(m) => m,
-        None => caller
-            .get_export("memory")
-            .and_then(Extern::into_memory)
-            .ok_or_else(|| Error::new("WASI call from a module that exports no memory"))?,
-    };
-    let (mem, data) = memory.data_and_store_mut(&mut *caller);
-    Ok(ret(f(&mut data.wasi, &mut *data.host, mem)))
-}
+/// Define every WASI preview1 function (and `vmm_test.hostcall` if `$test`) on `$linker`,
+/// an engine's linker over [`StoreData`]. The invoking module provides, for its engine:
+///
+/// * `C<'a, H>`: its `Caller` type over `StoreData<H, _>`;
+/// * `with_mem(&mut C, |wasi, host, mem| -> Result<(), Errno>) -> Result<i32, E>`: run the
+///   logic over the caller's linear memory (an error if the module exports none);
+/// * `proc_exit(code) -> Result<(), E>`: the error that ends the run with `code`;
+/// * `H`: the host type parameter of the enclosing function.
+///
+/// `$linker.func_wrap(module, name, closure)` must return a `Result` that `?` converts to
+/// the enclosing function's error.
+#[macro_export]
+macro_rules! define_wasi {
+    ($linker:expr, $test:expr) => {{
+        use $crate::wasi::errno;
+        use $crate::wasi::link::{ret, TEST_MODULE, WASI_MODULE as W};
+        let linker = $linker;
 
-/// Define every WASI preview1 function (and `vmm_test.hostcall` if `test_hostcalls`).
-pub fn add_to_linker<'h, H: Host>(
-    linker: &mut Linker<StoreData<'h, H>>,
-    test_hostcalls: bool,
-) -> Result<(), wasmi::errors::LinkerError> {
-    type C<'a, 'h, H> = Caller<'a, StoreData<'h, H>>;
-    const W: &str = WASI_MODULE;
-
-    // --- args / environ ---
-    linker.func_wrap(W, "args_get", |mut c: C<'_, 'h, H>, a: i32, b: i32| {
-        with_mem(&mut c, |w, _, m| w.args_get(m, a as u32, b as u32))
-    })?;
-    linker.func_wrap(
-        W,
-        "args_sizes_get",
-        |mut c: C<'_, 'h, H>, a: i32, b: i32| {
+        // --- args / environ ---
+        linker.func_wrap(W, "args_get", |mut c: C<'_, H>, a: i32, b: i32| {
+            with_mem(&mut c, |w, _, m| w.args_get(m, a as u32, b as u32))
+        })?;
+        linker.func_wrap(W, "args_sizes_get", |mut c: C<'_, H>, a: i32, b: i32| {
             with_mem(&mut c, |w, _, m| w.args_sizes_get(m, a as u32, b as u32))
-        },
-    )?;
-    linker.func_wrap(W, "environ_get", |mut c: C<'_, 'h, H>, a: i32, b: i32| {
-        with_mem(&mut c, |w, _, m| w.environ_get(m, a as u32, b as u32))
-    })?;
-    linker.func_wrap(
-        W,
-        "environ_sizes_get",
-        |mut c: C<'_, 'h, H>, a: i32, b: i32| {
+        })?;
+        linker.func_wrap(W, "environ_get", |mut c: C<'_, H>, a: i32, b: i32| {
+            with_mem(&mut c, |w, _, m| w.environ_get(m, a as u32, b as u32))
+        })?;
+        linker.func_wrap(W, "environ_sizes_get", |mut c: C<'_, H>, a: i32, b: i32| {
             with_mem(&mut c, |w, _, m| w.environ_sizes_get(m, a as u32, b as u32))
-        },
-    )?;
+        })?;
 
-    // --- clocks / random / sched / proc ---
-    linker.func_wrap(
-        W,
-        "clock_res_get",
-        |mut c: C<'_, 'h, H>, id: i32, out: i32| {
+        // --- clocks / random / sched / proc ---
+        linker.func_wrap(W, "clock_res_get", |mut c: C<'_, H>, id: i32, out: i32| {
             with_mem(&mut c, |w, _, m| w.clock_res_get(m, id as u32, out as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "clock_time_get",
-        |mut c: C<'_, 'h, H>, id: i32, prec: i64, out: i32| {
-            with_mem(&mut c, |w, h, m| {
-                w.clock_time_get(h, m, id as u32, prec as u64, out as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "random_get",
-        |mut c: C<'_, 'h, H>, buf: i32, len: i32| {
-            with_mem(&mut c, |w, h, m| w.random_get(h, m, buf as u32, len as u32))
-        },
-    )?;
-    linker.func_wrap(W, "sched_yield", |_: C<'_, 'h, H>| -> i32 { 0 })?;
-    linker.func_wrap(
-        W,
-        "proc_exit",
-        |_: C<'_, 'h, H>, code: i32| -> Result<(), Error> { Err(Error::i32_exit(code)) },
-    )?;
-    linker.func_wrap(W, "proc_raise", |_: C<'_, 'h, H>, _sig: i32| -> i32 {
-        errno::NOSYS as i32
-    })?;
-    linker.func_wrap(
-        W,
-        "poll_oneoff",
-        |mut c: C<'_, 'h, H>, subs: i32, evs: i32, n: i32, nev: i32| {
-            with_mem(&mut c, |w, h, m| {
-                w.poll_oneoff(h, m, subs as u32, evs as u32, n as u32, nev as u32)
-            })
-        },
-    )?;
-
-    // --- fds ---
-    linker.func_wrap(
-        W,
-        "fd_read",
-        |mut c: C<'_, 'h, H>, fd: i32, iovs: i32, n: i32, out: i32| {
-            with_mem(&mut c, |w, h, m| {
-                w.fd_read(h, m, fd as u32, iovs as u32, n as u32, out as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_pread",
-        |mut c: C<'_, 'h, H>, fd: i32, iovs: i32, n: i32, off: i64, out: i32| {
-            with_mem(&mut c, |w, h, m| {
-                w.fd_pread(
-                    h,
-                    m,
-                    fd as u32,
-                    iovs as u32,
-                    n as u32,
-                    off as u64,
-                    out as u32,
-                )
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_write",
-        |mut c: C<'_, 'h, H>, fd: i32, iovs: i32, n: i32, out: i32| {
-            with_mem(&mut c, |w, h, m| {
-                w.fd_write(h, m, fd as u32, iovs as u32, n as u32, out as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_pwrite",
-        |mut c: C<'_, 'h, H>, fd: i32, _iovs: i32, _n: i32, _off: i64, _out: i32| {
-            with_mem(&mut c, |w, _, _| w.fd_pwrite(fd as u32))
-        },
-    )?;
-    linker.func_wrap(W, "fd_close", |mut c: C<'_, 'h, H>, fd: i32| -> i32 {
-        ret(c.data_mut().wasi.fd_close(fd as u32))
-    })?;
-    linker.func_wrap(
-        W,
-        "fd_seek",
-        |mut c: C<'_, 'h, H>, fd: i32, off: i64, wh: i32, out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                let wh = u8::try_from(wh).map_err(|_| errno::INVAL)?;
-                w.fd_seek(m, fd as u32, off, wh, out as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(W, "fd_tell", |mut c: C<'_, 'h, H>, fd: i32, out: i32| {
-        with_mem(&mut c, |w, _, m| w.fd_tell(m, fd as u32, out as u32))
-    })?;
-    linker.func_wrap(
-        W,
-        "fd_fdstat_get",
-        |mut c: C<'_, 'h, H>, fd: i32, out: i32| {
-            with_mem(&mut c, |w, _, m| w.fd_fdstat_get(m, fd as u32, out as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_fdstat_set_flags",
-        |mut c: C<'_, 'h, H>, fd: i32, flags: i32| -> i32 {
-            ret(c
-                .data_mut()
-                .wasi
-                .fd_fdstat_set_flags(fd as u32, flags as u16))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_fdstat_set_rights",
-        |mut c: C<'_, 'h, H>, fd: i32, _b: i64, _i: i64| -> i32 {
-            ret(c
-                .data_mut()
-                .wasi
-                .fd_check(fd as u32)
-                .and(Err(errno::NOTSUP)))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_prestat_get",
-        |mut c: C<'_, 'h, H>, fd: i32, out: i32| {
-            with_mem(&mut c, |w, _, m| w.fd_prestat_get(m, fd as u32, out as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_prestat_dir_name",
-        |mut c: C<'_, 'h, H>, fd: i32, p: i32, l: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.fd_prestat_dir_name(m, fd as u32, p as u32, l as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_filestat_get",
-        |mut c: C<'_, 'h, H>, fd: i32, out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.fd_filestat_get(m, fd as u32, out as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_filestat_set_size",
-        |mut c: C<'_, 'h, H>, fd: i32, _size: i64| -> i32 {
-            ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::ROFS)))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_filestat_set_times",
-        |mut c: C<'_, 'h, H>, fd: i32, _a: i64, _m: i64, _f: i32| -> i32 {
-            ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::ROFS)))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_readdir",
-        |mut c: C<'_, 'h, H>, fd: i32, buf: i32, len: i32, cookie: i64, out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.fd_readdir(
-                    m,
-                    fd as u32,
-                    buf as u32,
-                    len as u32,
-                    cookie as u64,
-                    out as u32,
-                )
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_renumber",
-        |mut c: C<'_, 'h, H>, fd: i32, to: i32| -> i32 {
-            ret(c.data_mut().wasi.fd_renumber(fd as u32, to as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_advise",
-        |mut c: C<'_, 'h, H>, fd: i32, _o: i64, _l: i64, _a: i32| -> i32 {
-            ret(c.data_mut().wasi.fd_check(fd as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "fd_allocate",
-        |mut c: C<'_, 'h, H>, fd: i32, _o: i64, _l: i64| -> i32 {
-            ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::ROFS)))
-        },
-    )?;
-    linker.func_wrap(W, "fd_datasync", |mut c: C<'_, 'h, H>, fd: i32| -> i32 {
-        ret(c.data_mut().wasi.fd_check(fd as u32))
-    })?;
-    linker.func_wrap(W, "fd_sync", |mut c: C<'_, 'h, H>, fd: i32| -> i32 {
-        ret(c.data_mut().wasi.fd_check(fd as u32))
-    })?;
-
-    // --- paths ---
-    linker.func_wrap(
-        W,
-        "path_open",
-        |mut c: C<'_, 'h, H>,
-         fd: i32,
-         dirflags: i32,
-         p: i32,
-         l: i32,
-         oflags: i32,
-         base: i64,
-         inh: i64,
-         fdflags: i32,
-         out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.path_open(
-                    m,
-                    fd as u32,
-                    dirflags as u32,
-                    p as u32,
-                    l as u32,
-                    oflags as u16,
-                    base as u64,
-                    inh as u64,
-                    fdflags as u16,
-                    out as u32,
-                )
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_filestat_get",
-        |mut c: C<'_, 'h, H>, fd: i32, flags: i32, p: i32, l: i32, out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.path_filestat_get(m, fd as u32, flags as u32, p as u32, l as u32, out as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_readlink",
-        |mut c: C<'_, 'h, H>, fd: i32, p: i32, l: i32, _buf: i32, _len: i32, _out: i32| {
-            with_mem(&mut c, |w, _, m| {
-                w.path_readlink(m, fd as u32, p as u32, l as u32)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_create_directory",
-        |mut c: C<'_, 'h, H>, fd: i32, _p: i32, _l: i32| -> i32 {
-            ret(c.data_mut().wasi.path_mutation(fd as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_remove_directory",
-        |mut c: C<'_, 'h, H>, fd: i32, _p: i32, _l: i32| -> i32 {
-            ret(c.data_mut().wasi.path_mutation(fd as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_unlink_file",
-        |mut c: C<'_, 'h, H>, fd: i32, _p: i32, _l: i32| -> i32 {
-            ret(c.data_mut().wasi.path_mutation(fd as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_filestat_set_times",
-        |mut c: C<'_, 'h, H>,
-         fd: i32,
-         _fl: i32,
-         _p: i32,
-         _l: i32,
-         _a: i64,
-         _m: i64,
-         _f: i32|
-         -> i32 { ret(c.data_mut().wasi.path_mutation(fd as u32)) },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_link",
-        |mut c: C<'_, 'h, H>,
-         fd: i32,
-         _fl: i32,
-         _p: i32,
-         _l: i32,
-         _nfd: i32,
-         _np: i32,
-         _nl: i32|
-         -> i32 { ret(c.data_mut().wasi.path_mutation(fd as u32)) },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_rename",
-        |mut c: C<'_, 'h, H>, fd: i32, _p: i32, _l: i32, _nfd: i32, _np: i32, _nl: i32| -> i32 {
-            ret(c.data_mut().wasi.path_mutation(fd as u32))
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_symlink",
-        |mut c: C<'_, 'h, H>, _op: i32, _ol: i32, fd: i32, _np: i32, _nl: i32| -> i32 {
-            ret(c.data_mut().wasi.path_mutation(fd as u32))
-        },
-    )?;
-
-    // --- sockets: none ---
-    linker.func_wrap(
-        W,
-        "sock_accept",
-        |_: C<'_, 'h, H>, _fd: i32, _fl: i32, _out: i32| -> i32 { errno::NOSYS as i32 },
-    )?;
-    linker.func_wrap(
-        W,
-        "sock_recv",
-        |_: C<'_, 'h, H>, _fd: i32, _d: i32, _l: i32, _f: i32, _o1: i32, _o2: i32| -> i32 {
-            errno::NOSYS as i32
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "sock_send",
-        |_: C<'_, 'h, H>, _fd: i32, _d: i32, _l: i32, _f: i32, _o: i32| -> i32 {
-            errno::NOSYS as i32
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "sock_shutdown",
-        |_: C<'_, 'h, H>, _fd: i32, _how: i32| -> i32 { errno::NOSYS as i32 },
-    )?;
-
-    if test_hostcalls {
+        })?;
         linker.func_wrap(
-            TEST_MODULE,
-            "hostcall",
-            |mut c: C<'_, 'h, H>, op: i64, a0: i64, a1: i64, a2: i64, a3: i64| -> i64 {
-                let args = [a0 as u64, a1 as u64, a2 as u64, a3 as u64];
-                match c.data_mut().host.raw_hostcall(op as u64, args) {
-                    Some(v) => v as i64,
-                    None => -1,
-                }
+            W,
+            "clock_time_get",
+            |mut c: C<'_, H>, id: i32, prec: i64, out: i32| {
+                with_mem(&mut c, |w, h, m| {
+                    w.clock_time_get(h, m, id as u32, prec as u64, out as u32)
+                })
             },
         )?;
-    }
-    Ok(())
+        linker.func_wrap(W, "random_get", |mut c: C<'_, H>, buf: i32, len: i32| {
+            with_mem(&mut c, |w, h, m| w.random_get(h, m, buf as u32, len as u32))
+        })?;
+        linker.func_wrap(W, "sched_yield", |_: C<'_, H>| -> i32 { 0 })?;
+        linker.func_wrap(W, "proc_exit", |_: C<'_, H>, code: i32| proc_exit(code))?;
+        linker.func_wrap(W, "proc_raise", |_: C<'_, H>, _sig: i32| -> i32 {
+            errno::NOSYS as i32
+        })?;
+        linker.func_wrap(
+            W,
+            "poll_oneoff",
+            |mut c: C<'_, H>, subs: i32, evs: i32, n: i32, nev: i32| {
+                with_mem(&mut c, |w, h, m| {
+                    w.poll_oneoff(h, m, subs as u32, evs as u32, n as u32, nev as u32)
+                })
+            },
+        )?;
+
+        // --- fds ---
+        linker.func_wrap(
+            W,
+            "fd_read",
+            |mut c: C<'_, H>, fd: i32, iovs: i32, n: i32, out: i32| {
+                with_mem(&mut c, |w, h, m| {
+                    w.fd_read(h, m, fd as u32, iovs as u32, n as u32, out as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_pread",
+            |mut c: C<'_, H>, fd: i32, iovs: i32, n: i32, off: i64, out: i32| {
+                with_mem(&mut c, |w, h, m| {
+                    w.fd_pread(
+                        h,
+                        m,
+                        fd as u32,
+                        iovs as u32,
+                        n as u32,
+                        off as u64,
+                        out as u32,
+                    )
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_write",
+            |mut c: C<'_, H>, fd: i32, iovs: i32, n: i32, out: i32| {
+                with_mem(&mut c, |w, h, m| {
+                    w.fd_write(h, m, fd as u32, iovs as u32, n as u32, out as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_pwrite",
+            |mut c: C<'_, H>, fd: i32, _iovs: i32, _n: i32, _off: i64, _out: i32| {
+                with_mem(&mut c, |w, _, _| w.fd_pwrite(fd as u32))
+            },
+        )?;
+        linker.func_wrap(W, "fd_close", |mut c: C<'_, H>, fd: i32| -> i32 {
+            ret(c.data_mut().wasi.fd_close(fd as u32))
+        })?;
+        linker.func_wrap(
+            W,
+            "fd_seek",
+            |mut c: C<'_, H>, fd: i32, off: i64, wh: i32, out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    let wh = u8::try_from(wh).map_err(|_| errno::INVAL)?;
+                    w.fd_seek(m, fd as u32, off, wh, out as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(W, "fd_tell", |mut c: C<'_, H>, fd: i32, out: i32| {
+            with_mem(&mut c, |w, _, m| w.fd_tell(m, fd as u32, out as u32))
+        })?;
+        linker.func_wrap(W, "fd_fdstat_get", |mut c: C<'_, H>, fd: i32, out: i32| {
+            with_mem(&mut c, |w, _, m| w.fd_fdstat_get(m, fd as u32, out as u32))
+        })?;
+        linker.func_wrap(
+            W,
+            "fd_fdstat_set_flags",
+            |mut c: C<'_, H>, fd: i32, flags: i32| -> i32 {
+                ret(c
+                    .data_mut()
+                    .wasi
+                    .fd_fdstat_set_flags(fd as u32, flags as u16))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_fdstat_set_rights",
+            |mut c: C<'_, H>, fd: i32, _b: i64, _i: i64| -> i32 {
+                ret(c
+                    .data_mut()
+                    .wasi
+                    .fd_check(fd as u32)
+                    .and(Err(errno::NOTSUP)))
+            },
+        )?;
+        linker.func_wrap(W, "fd_prestat_get", |mut c: C<'_, H>, fd: i32, out: i32| {
+            with_mem(&mut c, |w, _, m| w.fd_prestat_get(m, fd as u32, out as u32))
+        })?;
+        linker.func_wrap(
+            W,
+            "fd_prestat_dir_name",
+            |mut c: C<'_, H>, fd: i32, p: i32, l: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.fd_prestat_dir_name(m, fd as u32, p as u32, l as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_filestat_get",
+            |mut c: C<'_, H>, fd: i32, out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.fd_filestat_get(m, fd as u32, out as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_filestat_set_size",
+            |mut c: C<'_, H>, fd: i32, _size: i64| -> i32 {
+                ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::ROFS)))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_filestat_set_times",
+            |mut c: C<'_, H>, fd: i32, _a: i64, _m: i64, _f: i32| -> i32 {
+                ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::ROFS)))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_readdir",
+            |mut c: C<'_, H>, fd: i32, buf: i32, len: i32, cookie: i64, out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.fd_readdir(
+                        m,
+                        fd as u32,
+                        buf as u32,
+                        len as u32,
+                        cookie as u64,
+                        out as u32,
+                    )
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_renumber",
+            |mut c: C<'_, H>, fd: i32, to: i32| -> i32 {
+                ret(c.data_mut().wasi.fd_renumber(fd as u32, to as u32))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_advise",
+            |mut c: C<'_, H>, fd: i32, _o: i64, _l: i64, _a: i32| -> i32 {
+                ret(c.data_mut().wasi.fd_check(fd as u32))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "fd_allocate",
+            |mut c: C<'_, H>, fd: i32, _o: i64, _l: i64| -> i32 {
+                ret(c.data_mut().wasi.fd_check(fd as u32).and(Err(errno::ROFS)))
+            },
+        )?;
+        linker.func_wrap(W, "fd_datasync", |mut c: C<'_, H>, fd: i32| -> i32 {
+            ret(c.data_mut().wasi.fd_check(fd as u32))
+        })?;
+        linker.func_wrap(W, "fd_sync", |mut c: C<'_, H>, fd: i32| -> i32 {
+            ret(c.data_mut().wasi.fd_check(fd as u32))
+        })?;
+
+        // --- paths ---
+        linker.func_wrap(
+            W,
+            "path_open",
+            |mut c: C<'_, H>,
+             fd: i32,
+             dirflags: i32,
+             p: i32,
+             l: i32,
+             oflags: i32,
+             base: i64,
+             inh: i64,
+             fdflags: i32,
+             out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.path_open(
+                        m,
+                        fd as u32,
+                        dirflags as u32,
+                        p as u32,
+                        l as u32,
+                        oflags as u16,
+                        base as u64,
+                        inh as u64,
+                        fdflags as u16,
+                        out as u32,
+                    )
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_filestat_get",
+            |mut c: C<'_, H>, fd: i32, flags: i32, p: i32, l: i32, out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.path_filestat_get(m, fd as u32, flags as u32, p as u32, l as u32, out as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_readlink",
+            |mut c: C<'_, H>, fd: i32, p: i32, l: i32, _buf: i32, _len: i32, _out: i32| {
+                with_mem(&mut c, |w, _, m| {
+                    w.path_readlink(m, fd as u32, p as u32, l as u32)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_create_directory",
+            |mut c: C<'_, H>, fd: i32, _p: i32, _l: i32| -> i32 {
+                ret(c.data_mut().wasi.path_mutation(fd as u32))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_remove_directory",
+            |mut c: C<'_, H>, fd: i32, _p: i32, _l: i32| -> i32 {
+                ret(c.data_mut().wasi.path_mutation(fd as u32))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_unlink_file",
+            |mut c: C<'_, H>, fd: i32, _p: i32, _l: i32| -> i32 {
+                ret(c.data_mut().wasi.path_mutation(fd as u32))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_filestat_set_times",
+            |mut c: C<'_, H>,
+             fd: i32,
+             _fl: i32,
+             _p: i32,
+             _l: i32,
+             _a: i64,
+             _m: i64,
+             _f: i32|
+             -> i32 { ret(c.data_mut().wasi.path_mutation(fd as u32)) },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_link",
+            |mut c: C<'_, H>,
+             fd: i32,
+             _fl: i32,
+             _p: i32,
+             _l: i32,
+             _nfd: i32,
+             _np: i32,
+             _nl: i32|
+             -> i32 { ret(c.data_mut().wasi.path_mutation(fd as u32)) },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_rename",
+            |mut c: C<'_, H>, fd: i32, _p: i32, _l: i32, _nfd: i32, _np: i32, _nl: i32| -> i32 {
+                ret(c.data_mut().wasi.path_mutation(fd as u32))
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "path_symlink",
+            |mut c: C<'_, H>, _op: i32, _ol: i32, fd: i32, _np: i32, _nl: i32| -> i32 {
+                ret(c.data_mut().wasi.path_mutation(fd as u32))
+            },
+        )?;
+
+        // --- sockets: none ---
+        linker.func_wrap(
+            W,
+            "sock_accept",
+            |_: C<'_, H>, _fd: i32, _fl: i32, _out: i32| -> i32 { errno::NOSYS as i32 },
+        )?;
+        linker.func_wrap(
+            W,
+            "sock_recv",
+            |_: C<'_, H>, _fd: i32, _d: i32, _l: i32, _f: i32, _o1: i32, _o2: i32| -> i32 {
+                errno::NOSYS as i32
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "sock_send",
+            |_: C<'_, H>, _fd: i32, _d: i32, _l: i32, _f: i32, _o: i32| -> i32 {
+                errno::NOSYS as i32
+            },
+        )?;
+        linker.func_wrap(
+            W,
+            "sock_shutdown",
+            |_: C<'_, H>, _fd: i32, _how: i32| -> i32 { errno::NOSYS as i32 },
+        )?;
+
+        if $test {
+            linker.func_wrap(
+                TEST_MODULE,
+                "hostcall",
+                |mut c: C<'_, H>, op: i64, a0: i64, a1: i64, a2: i64, a3: i64| -> i64 {
+                    let args = [a0 as u64, a1 as u64, a2 as u64, a3 as u64];
+                    match c.data_mut().host.raw_hostcall(op as u64, args) {
+                        Some(v) => v as i64,
+                        None => -1,
+                    }
+                },
+            )?;
+        }
+    }};
 }

@@ -2,13 +2,25 @@
 //!
 //! Every one of the 32 exception vectors has a stub that pushes a zero error code when
 //! the CPU does not push one, then the vector number, and jumps to a common path that
-//! calls [`exception_handler`] with a pointer to the frame. The handler reports vector,
-//! error code, RIP, CR2 and the interrupted RSP to the VMM (`Op::Fault`) and halts:
-//! a fault in the kernel is never recoverable.
+//! calls [`exception_handler`] with a pointer to the frame and the interrupted RBP.
+//!
+//! A divide error, invalid opcode, general protection fault or page fault may be a wasm
+//! trap in code compiled by wasmtime (`ud2` for `unreachable` and failed checks, `div`
+//! by zero, an access to a guard page): the handler first hands it to the handler wasmtime
+//! registered ([`super::capi::trap_handler`]), which does not return when the faulting
+//! instruction is wasm's (it resumes at the trap's landing point, the call into wasm then
+//! returns the trap as an error). Anything else is reported, with vector, error code, RIP,
+//! CR2 and the interrupted RSP, to the VMM (`Op::Fault`), and the kernel halts: a fault in
+//! the kernel is never recoverable.
 
 use vmm_abi::Op;
 
-use super::{halt_forever, hostcall, read_cr2};
+use super::{capi, halt_forever, hostcall, read_cr2};
+
+const DIVIDE_ERROR: u64 = 0;
+const INVALID_OPCODE: u64 = 6;
+const GENERAL_PROTECTION: u64 = 13;
+const PAGE_FAULT: u64 = 14;
 
 /// What the stubs leave on the stack, lowest address first.
 #[repr(C)]
@@ -40,6 +52,7 @@ core::arch::global_asm!(
     "exception_common:",
     "    cld",
     "    mov rdi, rsp",
+    "    mov rsi, rbp",
     "    and rsp, -16",
     "    call {handler}",
     "    ud2",
@@ -64,9 +77,19 @@ pub fn stub_addresses() -> [u64; 32] {
     unsafe { exception_stub_table }
 }
 
-/// Report the exception to the VMM and stop.
-extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
+/// Let wasmtime take a trap in wasm code; report anything else to the VMM and stop.
+extern "C" fn exception_handler(frame: &ExceptionFrame, rbp: u64) -> ! {
     let cr2 = read_cr2();
+    if matches!(
+        frame.vector,
+        DIVIDE_ERROR | INVALID_OPCODE | GENERAL_PROTECTION | PAGE_FAULT
+    ) {
+        if let Some(handler) = capi::trap_handler() {
+            // Returns only if the faulting instruction is not wasm's.
+            let page_fault = frame.vector == PAGE_FAULT;
+            handler(frame.rip as usize, rbp as usize, page_fault, cr2 as usize);
+        }
+    }
     hostcall::raw(
         Op::Fault as u64,
         &[frame.vector, frame.error_code, frame.rip, cr2, frame.rsp],

@@ -1,5 +1,7 @@
 //! The C memory functions the compiler emits calls to (`memcpy`, `memmove`, `memset`,
-//! `memcmp`, `bcmp`); the host target's libc is not linked.
+//! `memcmp`, `bcmp`); the host target's libc is not linked. And the C math functions
+//! wasmtime's runtime calls (`fmod`, `fmodf`), built with hardware floats like the rest of
+//! the kernel: the target's prebuilt ones take floats in integer registers.
 //!
 //! Small sizes use a few overlapping unaligned loads/stores (wasmi copies many small
 //! values); larger ones `rep movsb`/`rep stosb`, which is fast on CPUs with ERMSB/FSRM.
@@ -198,4 +200,16 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
         }
     }
     n
+}
+
+/// C `fmod` (wasmtime's `f64.nearest` libcall), with hardware floats.
+#[no_mangle]
+pub extern "C" fn fmod(x: f64, y: f64) -> f64 {
+    libm::fmod(x, y)
+}
+
+/// C `fmodf` (wasmtime's `f32.nearest` libcall), with hardware floats.
+#[no_mangle]
+pub extern "C" fn fmodf(x: f32, y: f32) -> f32 {
+    libm::fmodf(x, y)
 }

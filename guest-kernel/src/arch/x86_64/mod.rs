@@ -1,11 +1,14 @@
 //! x86_64 support: entry point, CPU setup (SSE, GDT, TSS, IDT), exception reporting,
-//! the hostcall port and the C memory functions the compiler calls.
+//! the hostcall port, the C memory functions the compiler calls, and the platform wasmtime
+//! runs on (virtual memory and traps).
 
 pub mod boot;
+pub mod capi;
 pub mod descriptors;
 pub mod exceptions;
 pub mod hostcall;
 pub mod mem;
+pub mod vmem;
 
 /// Read the time-stamp counter (on PVM the host's TSC, read natively).
 #[inline(always)]
