@@ -66,6 +66,15 @@ impl Compiler {
     pub fn new() -> Result<Compiler, AotError> {
         let mut config = wasmtime::Config::new();
         apply_shared_settings(&mut config);
+        // Cargo unifies this crate's wasmtime features with those of wasmtime-wasi (the
+        // bench's host-process runner), which turn the component model on by default; the
+        // guest's runtime has none of it and refuses an artifact compiled with any
+        // component-model feature enabled, so they are all switched off here.
+        for (name, feature) in wasmtime::WasmFeatures::all().iter_names() {
+            if name.starts_with("CM_") || name == "COMPONENT_MODEL" {
+                config.wasm_features(feature, false);
+            }
+        }
         config
             .target(settings::TARGET)
             .map_err(|e| AotError::Setup(chain(&e)))?;
