@@ -575,6 +575,7 @@ pub fn print_stats(s: &crate::run::Stats) {
         None => {
             if s.engine == EngineKind::Wasmtime.name() {
                 row("host AOT compile", s.aot_compile_ms);
+                eprintln!("{:>18}: {}", "artifact cache", s.artifact_cache.name());
             }
             row("vm create", s.vm_create_ms);
             row("guest boot", s.boot_ms);

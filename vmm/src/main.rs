@@ -34,6 +34,14 @@ enum Command {
         /// --file contents together must fit in it.
         #[arg(long, value_name = "MIB", default_value_t = vmm_abi::layout::DEFAULT_MEM_MIB)]
         mem: u64,
+        /// The store whose compiled-module cache a wasmtime run uses: the module is compiled
+        /// once and later runs load it from there (`vmm-store ls --artifacts`) [default:
+        /// $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+        /// Compile the module even if the store has it compiled, and cache nothing.
+        #[arg(long)]
+        no_artifact_cache: bool,
     },
     /// Measure cold runs against restores, store dedup, restore throughput and native
     /// speed, side by side in one run, and print the tables the README quotes.
@@ -160,10 +168,15 @@ fn main() {
             function,
             invoke,
             mem,
+            store,
+            no_artifact_cache,
         } => {
             // Options first, then the module and files, then the request: every input is
             // read with a bound (guest RAM, the request limit) known before reading it.
-            let prepared = invoke.limits(mem).and_then(|limits| {
+            let prepared = invoke.limits(mem).and_then(|mut limits| {
+                if !no_artifact_cache {
+                    limits.artifact_store = store.or_else(snapshot_store::default_store_dir);
+                }
                 let spec = function.to_spec(mem)?;
                 Ok((spec, invoke.read_input()?, limits))
             });

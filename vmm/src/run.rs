@@ -130,6 +130,9 @@ pub struct RunLimits {
     pub eager_compile: bool,
     /// Lets another thread stop the run (see [`crate::watchdog::InterruptHandle`]).
     pub interrupt: Option<crate::watchdog::InterruptHandle>,
+    /// The store whose compiled-module cache a cold run uses (created if missing); `None`:
+    /// compile every time.
+    pub artifact_store: Option<std::path::PathBuf>,
 }
 
 impl Default for RunLimits {
@@ -141,6 +144,7 @@ impl Default for RunLimits {
             test_hostcalls: false,
             eager_compile: false,
             interrupt: None,
+            artifact_store: None,
         }
     }
 }
@@ -156,6 +160,8 @@ pub struct Stats {
     /// Compiling the module on the host, ahead of time, for the guest's wasmtime (0 for
     /// wasmi, which compiles in the guest: `compile_ms`).
     pub aot_compile_ms: f64,
+    /// Whether the compiled module came from the store's cache (wasmtime, cold runs).
+    pub artifact_cache: ArtifactCache,
     pub vm_create_ms: f64,
     pub boot_ms: f64,
     pub compile_ms: f64,
@@ -248,22 +254,98 @@ pub fn check_mem(mem_mib: u64) -> Result<u64, SetupError> {
     Ok(mem_mib << 20)
 }
 
+/// What the compiled-module cache in the store did for one run (`--stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactCache {
+    /// Not used: wasmi (nothing to compile on the host), or no store to cache in.
+    #[default]
+    Off,
+    /// The artifact came from the store: nothing was compiled.
+    Hit,
+    /// Not in the store: compiled, and stored for the next run.
+    Miss,
+    /// The store held a damaged artifact under this key: refused (never run), compiled
+    /// again, and the new artifact stored in its place.
+    Refused,
+}
+
+impl ArtifactCache {
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactCache::Off => "off",
+            ArtifactCache::Hit => "hit",
+            ArtifactCache::Miss => "miss",
+            ArtifactCache::Refused => "refused (damaged), recompiled",
+        }
+    }
+}
+
+/// The engine string artifacts are cached under (with the compiler's fingerprint).
+pub const ARTIFACT_ENGINE: &str = concat!("wasmtime-", "48.0.8");
+
+/// [`guest_module`]'s product: the bytes for the guest, the host time it took, and what
+/// the cache did.
+pub struct GuestModule<'a> {
+    pub bytes: std::borrow::Cow<'a, [u8]>,
+    pub aot_ms: f64,
+    pub cache: ArtifactCache,
+}
+
 /// What the guest's engine gets as its module: the module itself for wasmi; for wasmtime,
-/// an artifact compiled here (the time it took is returned). The guest's fault-injection
-/// modules (`\0vmm-selftest:`, only with `test_hostcalls`) are not wasm and go as they are:
-/// the guest acts on them before any engine sees them.
+/// an artifact compiled here, or found in `cache` (the store's compiled-module cache,
+/// verified on load; a damaged entry is refused, never run, and replaced). The guest's
+/// fault-injection modules (`\0vmm-selftest:`, only with `test_hostcalls`) are not wasm
+/// and go as they are: the guest acts on them before any engine sees them.
 pub fn guest_module<'a>(
     spec: &'a FunctionSpec,
     limits: &RunLimits,
-) -> Result<(std::borrow::Cow<'a, [u8]>, f64), RunError> {
+    cache: Option<&snapshot_store::Store>,
+) -> Result<GuestModule<'a>, RunError> {
     let selftest = limits.test_hostcalls && spec.module.starts_with(b"\0vmm-selftest:");
     if spec.engine == EngineKind::Wasmi || selftest {
-        return Ok((std::borrow::Cow::Borrowed(&spec.module), 0.0));
+        return Ok(GuestModule {
+            bytes: std::borrow::Cow::Borrowed(&spec.module),
+            aot_ms: 0.0,
+            cache: ArtifactCache::Off,
+        });
     }
     let t0 = Instant::now();
-    let compiled = crate::aot::Compiler::new().and_then(|c| c.compile(&spec.module));
-    match compiled {
-        Ok(artifact) => Ok((artifact.into(), ms(t0.elapsed()))),
+    let compiler = crate::aot::Compiler::new().map_err(|e| VmError::Setup(e.into()))?;
+    let key =
+        snapshot_store::ArtifactKey::new(&spec.module, ARTIFACT_ENGINE, compiler.fingerprint());
+    let mut outcome = ArtifactCache::Off;
+    if let Some(store) = cache {
+        match store.get_artifact(&key) {
+            Ok(Some(artifact)) => {
+                return Ok(GuestModule {
+                    bytes: artifact.into(),
+                    aot_ms: ms(t0.elapsed()),
+                    cache: ArtifactCache::Hit,
+                })
+            }
+            Ok(None) => outcome = ArtifactCache::Miss,
+            Err(e @ snapshot_store::ArtifactError::Damaged { .. }) => {
+                eprintln!("vmm: warning: {e}");
+                outcome = ArtifactCache::Refused;
+            }
+            // An unreadable cache must not stop the run: compile without it.
+            Err(e) => eprintln!("vmm: warning: the compiled-module cache is not used: {e}"),
+        }
+    }
+    match compiler.compile(&spec.module) {
+        Ok(artifact) => {
+            if let (Some(store), ArtifactCache::Miss | ArtifactCache::Refused) = (cache, outcome) {
+                if let Err(e) = store.put_artifact(&key, &artifact) {
+                    eprintln!("vmm: warning: the compiled module was not cached: {e}");
+                }
+            }
+            Ok(GuestModule {
+                bytes: artifact.into(),
+                aot_ms: ms(t0.elapsed()),
+                cache: outcome,
+            })
+        }
         // Not wasm: the same failure the guest reports for wasmi.
         Err(e @ crate::aot::AotError::InvalidModule(_)) => {
             Err(GuestError::Runtime(e.to_string()).into())
@@ -425,9 +507,14 @@ pub fn run_cold_keep(
         engine: spec.engine.name(),
         ..Default::default()
     };
-    let booted = guest_module(spec, limits).and_then(|(module, aot_ms)| {
-        stats.aot_compile_ms = aot_ms;
-        boot_vm(&module, spec.runtime, spec.engine, limits)
+    let cache = limits
+        .artifact_store
+        .as_deref()
+        .and_then(|dir| snapshot_store::Store::create_or_open(dir).ok());
+    let booted = guest_module(spec, limits, cache.as_ref()).and_then(|m| {
+        stats.aot_compile_ms = m.aot_ms;
+        stats.artifact_cache = m.cache;
+        boot_vm(&m.bytes, spec.runtime, spec.engine, limits)
     });
     let mut vm = match booted {
         Ok(vm) => vm,

@@ -751,6 +751,8 @@ pub struct CreateReport {
     /// Compiling the module on the host for the guest's wasmtime (0 when the base was
     /// reused, or for wasmi).
     pub aot_compile_ms: f64,
+    /// Whether the base's compiled module came from the store's cache.
+    pub artifact_cache: run::ArtifactCache,
     pub create_ms: f64,
 }
 
@@ -790,6 +792,7 @@ pub fn create_template(
     let mut base_created = false;
     let mut base_new_pages = 0;
     let mut aot_compile_ms = 0.0;
+    let mut artifact_cache = run::ArtifactCache::Off;
     let config = spec.config_blob();
     let mut out = Output::new(limits.max_output);
 
@@ -874,9 +877,10 @@ pub fn create_template(
             eager_compile: true,
             ..limits.clone()
         };
-        let (module, aot_ms) = run::guest_module(spec, &base_limits)?;
-        aot_compile_ms = aot_ms;
-        let mut vm = boot_vm(&module, spec.runtime, spec.engine, &base_limits)?;
+        let module = run::guest_module(spec, &base_limits, Some(&*store))?;
+        aot_compile_ms = module.aot_ms;
+        artifact_cache = module.cache;
+        let mut vm = boot_vm(&module.bytes, spec.runtime, spec.engine, &base_limits)?;
         drop(module);
         let mut boot_out = Output::new(limits.max_output);
         let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
@@ -940,6 +944,7 @@ pub fn create_template(
         reused_pages: commit.reused_pages,
         working_set_pages: ws,
         aot_compile_ms,
+        artifact_cache,
         create_ms: ms(t0.elapsed()),
     })
 }
