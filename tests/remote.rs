@@ -299,3 +299,399 @@ fn twenty_functions_on_one_base_send_and_fetch_only_their_own_pages() {
     assert_eq!(ra.code(), 0, "{}", ra.stderr());
     assert_eq!(rb.stdout(), ra.stdout(), "{}", rb.stderr());
 }
+
+/// xorshift64*: the fault delays, from a seed printed so a failure can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("VMM_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("fault delays: VMM_FAULT_SEED={seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// Starts `vmm-store ARGS` against the cluster, SIGKILLs it after `delay` if it still runs.
+/// Returns whether it was killed (false: it had finished).
+fn kill_after(
+    g: &Garage,
+    prefix: &str,
+    store: &TempDir,
+    args: &[&str],
+    delay: std::time::Duration,
+) -> bool {
+    let mut cmd = Command::new(vmm_store_bin());
+    g.env(&mut cmd, prefix);
+    cmd.arg("--store")
+        .arg(&store.0)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("spawn vmm-store");
+    std::thread::sleep(delay);
+    let killed = matches!(child.try_wait(), Ok(None));
+    let _ = child.kill();
+    let _ = child.wait();
+    killed
+}
+
+/// Runs `vmm-store ARGS` with `env` and a watchdog: the command must end within `limit`
+/// (a bound on a hang, not a measurement).
+fn store_cmd_bounded(
+    g: &Garage,
+    env: &[(&str, &str)],
+    args: &[&str],
+    limit: std::time::Duration,
+) -> Run {
+    let mut cmd = Command::new(vmm_store_bin());
+    g.env(&mut cmd, "bounded");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.args(args);
+    let mut p = Piped::spawn(&mut cmd, b"");
+    let started = p.started;
+    let (status, _) = reap_watched(&mut p.child, || {
+        (started.elapsed() > limit)
+            .then(|| format!("vmm-store {args:?} still runs after {limit:?}"))
+    });
+    p.finish(status)
+}
+
+fn remote_is_consistent(g: &Garage, prefix: &str, store: &TempDir) -> Vec<String> {
+    let v = store_cmd(g, prefix, store, &["verify", "--remote", "--json"]);
+    let j = json_of(&v);
+    assert_eq!(
+        j["corruption"], 0,
+        "the remote lists a template whose data is incomplete: {j}"
+    );
+    assert_eq!(v.code(), 0, "{}", v.stderr());
+    let ls = json_of(&store_cmd(g, prefix, store, &["ls", "--remote", "--json"]));
+    assert!(ls["unreadable"].as_array().unwrap().is_empty(), "{ls}");
+    ls["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn faults_on_a_three_node_cluster() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(mut g) = Garage::start(3, "faults") else {
+        return;
+    };
+    let mut rng = Rng::new();
+    let a = TempDir::new("faults-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    let input = br#"{"name":"faults"}"#;
+    let want = restore(&a, "hello", input);
+    assert_eq!(want.code(), 0, "{}", want.stderr());
+    let base = {
+        let mut cmd = vmm();
+        cmd.args(["template", "ls", "--json", "--store", &a.arg()]);
+        let v: serde_json::Value =
+            serde_json::from_str(&run_with_input(cmd, b"").stdout()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["parent"].is_null())
+            .unwrap()["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // 1. Pushes killed at random moments: the remote never lists a template whose data is
+    //    incomplete, and the next push completes it.
+    let t0 = std::time::Instant::now();
+    let full = store_cmd(&g, "timing", &a, &["push", "hello"]);
+    assert_eq!(full.code(), 0, "{}", full.stderr());
+    let span = t0.elapsed().as_micros() as u64 + 20_000;
+    let mut interrupted = 0;
+    for i in 0..8 {
+        let prefix = format!("push-kill-{i}");
+        // Two kills on the same prefix, then a push that must complete what they left.
+        for _ in 0..2 {
+            let d = std::time::Duration::from_micros(rng.below(span));
+            if kill_after(&g, &prefix, &a, &["push", "hello"], d) {
+                interrupted += 1;
+            }
+            let listed = remote_is_consistent(&g, &prefix, &a);
+            assert!(
+                listed.iter().all(|t| t == "hello" || *t == base),
+                "{listed:?}"
+            );
+            // A child is listed only with its parent.
+            assert!(!listed.contains(&"hello".to_string()) || listed.contains(&base));
+        }
+        let r = store_cmd(&g, &prefix, &a, &["push", "hello", "--json"]);
+        assert_eq!(r.code(), 0, "push after kills: {}", r.stderr());
+        let listed = remote_is_consistent(&g, &prefix, &a);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+    }
+    eprintln!("pushes interrupted by SIGKILL: {interrupted} of 16");
+    assert!(
+        interrupted > 0,
+        "no push was interrupted: the delays missed every push"
+    );
+    // What the last killed pushes left is garbage for gc, never a template; and a pull of
+    // the completed push restores.
+    let b = TempDir::new("faults-b");
+    let r = store_cmd(&g, "push-kill-7", &b, &["pull", "hello"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(restore(&b, "hello", input).stdout(), want.stdout());
+
+    // 2. Pulls killed mid-way: the local store verifies, the next pull completes.
+    let t0 = std::time::Instant::now();
+    let c0 = TempDir::new("faults-c0");
+    assert_eq!(
+        store_cmd(&g, "push-kill-0", &c0, &["pull", "hello"]).code(),
+        0
+    );
+    let span = t0.elapsed().as_micros() as u64 + 20_000;
+    let mut interrupted = 0;
+    for i in 0..6 {
+        let c = TempDir::new(&format!("faults-pull-{i}"));
+        for _ in 0..2 {
+            let d = std::time::Duration::from_micros(rng.below(span));
+            if kill_after(&g, "push-kill-0", &c, &["pull", "hello"], d) {
+                interrupted += 1;
+            }
+            if c.0.join("store.cfg").exists() {
+                let v = store_cmd(&g, "push-kill-0", &c, &["verify"]);
+                assert_eq!(
+                    v.code(),
+                    0,
+                    "store verify after a killed pull: {}{}",
+                    v.stdout(),
+                    v.stderr()
+                );
+            }
+        }
+        let r = store_cmd(&g, "push-kill-0", &c, &["pull", "hello"]);
+        assert_eq!(r.code(), 0, "pull after kills: {}", r.stderr());
+        assert_eq!(restore(&c, "hello", input).stdout(), want.stdout());
+    }
+    eprintln!("pulls interrupted by SIGKILL: {interrupted} of 12");
+
+    // 3. A pack altered through the S3 API: pull refuses, naming the template and the
+    //    object, and nothing enters the local store.
+    let cl = client(&g, "push-kill-1");
+    let packs: Vec<_> = cl
+        .list("listing", "packs")
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.key.ends_with(".pack"))
+        .collect();
+    let victim = packs.iter().max_by_key(|o| o.size).unwrap().key.clone();
+    let original = cl.get("reading", &victim, 1 << 30).unwrap().unwrap();
+    let mut bad = original.to_vec();
+    bad[4096 * 3 + 100] ^= 0x55;
+    cl.put("altering", &victim, bad).unwrap();
+    let d = TempDir::new("faults-damaged");
+    let r = store_cmd(&g, "push-kill-1", &d, &["pull", "hello"]);
+    assert_eq!(
+        r.code(),
+        2,
+        "a pull of altered data succeeded: {}",
+        r.stdout()
+    );
+    let err = r.stderr();
+    assert!(err.contains("template hello"), "{err}");
+    assert!(
+        err.contains(&victim),
+        "the error does not name the object: {err}"
+    );
+    let entries = |sub: &str| {
+        std::fs::read_dir(d.0.join(sub))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        entries("templates"),
+        0,
+        "a template entered the local store"
+    );
+    assert_eq!(entries("packs"), 0, "pages entered the local store");
+    let vr = store_cmd(&g, "push-kill-1", &d, &["verify", "--remote"]);
+    assert_eq!(
+        vr.code(),
+        1,
+        "remote verify missed the altered pack: {}",
+        vr.stdout()
+    );
+    assert!(vr.stdout().contains(&victim), "{}", vr.stdout());
+    cl.put("restoring", &victim, original.to_vec()).unwrap();
+    let r = store_cmd(&g, "push-kill-1", &d, &["pull", "hello"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+
+    // 4. Wrong credentials and an unreachable endpoint: a clear error, within a bound.
+    let limit = std::time::Duration::from_secs(90);
+    let wrong = "wrong-secret-0123456789abcdef0123456789abcdef";
+    let r = store_cmd_bounded(
+        &g,
+        &[("AWS_SECRET_ACCESS_KEY", wrong)],
+        &["--store", &a.arg(), "push", "hello"],
+        limit,
+    );
+    assert_eq!(r.code(), 2);
+    let err = r.stderr();
+    assert!(err.contains("access denied"), "{err}");
+    assert!(
+        !err.contains(wrong) && !r.stdout().contains(wrong),
+        "the secret was printed: {err}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{closed}");
+    let r = store_cmd_bounded(
+        &g,
+        &[("VMM_REMOTE_ENDPOINT", &endpoint)],
+        &["--store", &a.arg(), "ls", "--remote"],
+        limit,
+    );
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr().contains("cannot be reached"), "{}", r.stderr());
+    assert!(!r.stderr().contains(&g.secret), "the secret was printed");
+
+    // 5. One node of three killed: push and pull still work with the other two.
+    g.kill_node(2);
+    create(&a, "hello2", &qjs_function_args("hello.js", &[]));
+    let r = store_cmd(&g, "degraded", &a, &["push", "hello", "hello2"]);
+    assert_eq!(r.code(), 0, "push with a node down: {}", r.stderr());
+    let e = TempDir::new("faults-degraded");
+    let r = store_cmd(&g, "degraded", &e, &["pull", "hello2"]);
+    assert_eq!(r.code(), 0, "pull with a node down: {}", r.stderr());
+    assert_eq!(restore(&e, "hello2", input).stdout(), want.stdout());
+}
+
+#[test]
+fn gc_removes_only_what_a_pass_a_grace_period_earlier_marked_and_push_never_relies_on_it() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "gc") else {
+        return;
+    };
+    let a = TempDir::new("gc-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    let cl = client(&g, "gc");
+    assert_eq!(store_cmd(&g, "gc", &a, &["push", "hello"]).code(), 0);
+    let keys = |c: &remote_store::Remote| -> Vec<String> {
+        c.list("listing", "")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    };
+    let pushed = keys(&cl);
+    // Garbage: a pack with its index that nothing references (as a killed push leaves).
+    let orphan = vec![0x5au8; 4096];
+    let ph = remote_store::objects::pack_name(&[9; 16], &orphan);
+    let pack = format!("packs/{}.pack", remote_store::objects::hex(&ph));
+    let idx = format!("packs/{}.idx", remote_store::objects::hex(&ph));
+    cl.put("test", &pack, orphan.clone()).unwrap();
+    let i = remote_store::objects::PackIndex {
+        pack: ph,
+        salt: [9; 16],
+        pages: vec![remote_store::objects::hash(&orphan)],
+    };
+    cl.put("test", &idx, i.encode()).unwrap();
+
+    let gc = |args: &[&str]| {
+        let mut v = vec!["gc", "--remote", "--json"];
+        v.extend_from_slice(args);
+        let r = store_cmd(&g, "gc", &a, &v);
+        assert_eq!(r.code(), 0, "gc: {}", r.stderr());
+        json_of(&r)
+    };
+    let strs = |v: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        s.sort();
+        s
+    };
+    // First pass: marks, deletes nothing.
+    let p1 = gc(&[]);
+    assert!(strs(&p1["deleted"]).is_empty(), "{p1}");
+    let mut want = vec![idx.clone(), pack.clone()];
+    want.sort();
+    assert_eq!(strs(&p1["marked"]), want, "{p1}");
+    // Within the grace period (default one hour) nothing is deleted.
+    let p2 = gc(&[]);
+    assert!(strs(&p2["deleted"]).is_empty(), "{p2}");
+    // A dry run past the grace period reports and changes nothing.
+    let dry = gc(&["--grace", "0s", "--dry-run"]);
+    assert_eq!(strs(&dry["deleted"]), want);
+    assert!(keys(&cl).contains(&pack));
+    // Past it, what was marked and is still unreferenced goes; the templates stay whole.
+    let p3 = gc(&["--grace", "0s"]);
+    assert_eq!(strs(&p3["deleted"]), want, "{p3}");
+    let mut left = keys(&cl);
+    left.retain(|k| k != "gc/marked");
+    let mut pushed = pushed;
+    pushed.retain(|k| k != "gc/marked");
+    left.sort();
+    pushed.sort();
+    assert_eq!(left, pushed, "gc removed something the templates use");
+    let v = json_of(&store_cmd(&g, "gc", &a, &["verify", "--remote", "--json"]));
+    assert_eq!(v["corruption"], 0, "{v}");
+    assert_eq!(v["garbage"], 0, "{v}");
+
+    // Templates whose references went (their packs now unreferenced) are marked; pushing
+    // them again meanwhile must not rely on the marked packs: the push uploads the pages
+    // again, so the pass that deletes the marked packs leaves the templates whole.
+    for k in keys(&cl).iter().filter(|k| k.starts_with("templates/")) {
+        cl.delete("test", k).unwrap();
+    }
+    let m = gc(&["--grace", "0s"]);
+    assert!(
+        strs(&m["marked"]).iter().any(|k| k.ends_with(".pack")),
+        "{m}"
+    );
+    let again = json_of(&store_cmd(&g, "gc", &a, &["push", "hello", "--json"]));
+    assert!(
+        again["pages_uploaded"].as_u64().unwrap() > 0,
+        "push relied on packs gc had marked: {again}"
+    );
+    let d = gc(&["--grace", "0s"]);
+    assert!(
+        strs(&d["deleted"]).iter().any(|k| k.ends_with(".pack")),
+        "{d}"
+    );
+    let v = json_of(&store_cmd(&g, "gc", &a, &["verify", "--remote", "--json"]));
+    assert_eq!(v["corruption"], 0, "{v}");
+    let b = TempDir::new("gc-b");
+    let r = store_cmd(&g, "gc", &b, &["pull", "hello"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let input = br#"{"name":"gc"}"#;
+    assert_eq!(
+        restore(&b, "hello", input).stdout(),
+        restore(&a, "hello", input).stdout()
+    );
+}

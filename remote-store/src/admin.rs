@@ -319,13 +319,6 @@ pub fn verify(
         };
         done += bytes.len() as u64;
         progress(Progress::new("checking packs", done, total));
-        if objects::hash(&bytes) != *pack {
-            problems.push(corrupt(
-                key.clone(),
-                templates.clone(),
-                "its bytes do not hash to its name (it was altered)".into(),
-            ));
-        }
         for (n, page, t) in pages {
             let s = *n as usize * PAGE_SIZE;
             match bytes.get(s..s + PAGE_SIZE) {
@@ -345,32 +338,37 @@ pub fn verify(
                 )),
             }
         }
-        // The index (push relies on it to find pages): it must describe the pack.
+        // The index (push relies on it to find pages): it must name and describe the pack.
         let ik = state::idx_key(pack);
-        match remote.get("reading pack index", &ik, objects::IDX_LIMIT as u64 + 64) {
-            Ok(Some(b)) => match PackIndex::decode(pack, &b) {
-                Ok(i)
-                    if i.pack_len() == bytes.len() as u64
-                        && i.pages.iter().enumerate().all(|(n, h)| {
-                            bytes
-                                .get(n * PAGE_SIZE..(n + 1) * PAGE_SIZE)
-                                .is_some_and(|b| objects::hash(b) == *h)
-                        }) => {}
-                Ok(_) => problems.push(RemoteProblem {
-                    severity: RemoteSeverity::Corruption,
-                    object: ik,
-                    templates: vec![],
-                    message: "it does not describe its pack's pages".into(),
-                }),
-                Err(reason) => problems.push(RemoteProblem {
-                    severity: RemoteSeverity::Corruption,
-                    object: ik,
-                    templates: vec![],
-                    message: reason,
-                }),
-            },
-            Ok(None) => {}
-            Err(e) => return Err(e),
+        let index_problem =
+            match remote.get("reading pack index", &ik, objects::IDX_LIMIT as u64 + 64)? {
+                None => None,
+                Some(b) => match PackIndex::decode(pack, &b) {
+                    Err(reason) => Some(reason),
+                    Ok(i) if objects::pack_name(&i.salt, &bytes) != *pack => Some(
+                        "its pack's bytes do not hash to the pack's name (the pack was altered)"
+                            .into(),
+                    ),
+                    Ok(i)
+                        if i.pack_len() != bytes.len() as u64
+                            || !i.pages.iter().enumerate().all(|(n, h)| {
+                                bytes
+                                    .get(n * PAGE_SIZE..(n + 1) * PAGE_SIZE)
+                                    .is_some_and(|b| objects::hash(b) == *h)
+                            }) =>
+                    {
+                        Some("it does not describe its pack's pages".into())
+                    }
+                    Ok(_) => None,
+                },
+            };
+        if let Some(message) = index_problem {
+            problems.push(RemoteProblem {
+                severity: RemoteSeverity::Corruption,
+                object: ik,
+                templates: templates.clone(),
+                message,
+            });
         }
     }
     for o in &all {

@@ -39,9 +39,10 @@
 //! s3://BUCKET/PREFIX/
 //! ├── packs/
 //! │   ├── <H>.pack      pages, 4096 bytes each, back to back (1..=4096 pages; push writes
-//! │   │                 1024: 4 MiB objects); H = BLAKE3 of the whole object
-//! │   └── <H>.idx       "VMMRIDX1": { pack: H, pages: [BLAKE3 of page i] } (page i at i*4096);
-//! │                     written only after <H>.pack is complete
+//! │   │                 1024: 4 MiB objects); H = BLAKE3(salt || the whole object), the salt
+//! │   │                 random per pack (a pack sent again never reuses a key gc has marked)
+//! │   └── <H>.idx       "VMMRIDX1": { pack: H, salt [16], pages: [BLAKE3 of page i] }
+//! │                     (page i at i*4096); written only after <H>.pack is complete
 //! ├── manifests/
 //! │   └── <M>.man       "VMMRMAN1", M = BLAKE3 of the whole object: one template layer:
 //! │                     { name, parent: Option<(name, M of the parent manifest)>, mem_size,

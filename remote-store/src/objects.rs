@@ -109,10 +109,21 @@ fn decode<T: Decode<()>, const LIMIT: usize>(magic: &[u8; 8], b: &[u8]) -> Resul
 // ---------------------------------------------------------------- pack index
 
 /// `packs/<H>.idx`: the pages of pack `H`, in order (page i at byte i * 4096).
+/// H = BLAKE3(salt || the pack's bytes): a random salt per pack, so a pack uploaded
+/// again (say after gc marked an identical one for deletion) never reuses a key.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 pub struct PackIndex {
     pub pack: Hash,
+    pub salt: [u8; 16],
     pub pages: Vec<Hash>,
+}
+
+/// The name of a pack: BLAKE3 of its salt and its bytes.
+pub fn pack_name(salt: &[u8; 16], bytes: &[u8]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(salt);
+    h.update(bytes);
+    *h.finalize().as_bytes()
 }
 
 impl PackIndex {
@@ -328,6 +339,7 @@ mod tests {
         let pack = hash(b"pack");
         let i = PackIndex {
             pack,
+            salt: [3; 16],
             pages: vec![hash(b"a"), hash(b"b")],
         };
         let b = i.encode();

@@ -284,9 +284,7 @@ fn pull_one(
                 object,
                 ..
             } => RemoteError::Damaged {
-                template: todo
-                    .last()
-                    .map_or_else(|| name.to_string(), |(_, m)| m.name.clone()),
+                template: name.to_string(),
                 object,
                 reason: "the pack is missing from the remote".into(),
             },
@@ -296,15 +294,16 @@ fn pull_one(
     let mut fetched: HashMap<Hash, Box<[u8; PAGE_SIZE]>> = HashMap::with_capacity(fetch.len());
     for (((key, r), pages), bytes) in ranges.iter().zip(&contents).zip(&got) {
         let want = (r.end - r.start) as usize;
-        let template = |li: usize| todo[li].1.name.clone();
+        let layer = |li: usize| &todo[li].1.name;
         if bytes.len() != want {
             return Err(RemoteError::Damaged {
-                template: template(pages[0].2),
+                template: name.to_string(),
                 object: key.clone(),
                 reason: format!(
-                    "bytes {}..{} were asked for, {} came back (the pack is shorter than its manifest says)",
+                    "bytes {}..{} for layer {} were asked for, {} came back (the pack is shorter than its manifest says)",
                     r.start,
                     r.end,
+                    layer(pages[0].2),
                     bytes.len()
                 ),
             });
@@ -313,9 +312,13 @@ fn pull_one(
             let page = &bytes[j * PAGE_SIZE..(j + 1) * PAGE_SIZE];
             if objects::hash(page) != *h {
                 return Err(RemoteError::Damaged {
-                    template: template(*li),
+                    template: name.to_string(),
                     object: key.clone(),
-                    reason: format!("page {n} does not match its identity {}", objects::hex(h)),
+                    reason: format!(
+                        "page {n}, needed by layer {}, does not match its identity {}",
+                        layer(*li),
+                        objects::hex(h)
+                    ),
                 });
             }
             let mut b = Box::new([0u8; PAGE_SIZE]);

@@ -231,9 +231,15 @@ pub fn push(
                         })?;
                     bytes.extend_from_slice(&b);
                 }
-                let ph = objects::hash(&bytes);
+                let mut salt = [0u8; 16];
+                getrandom::fill(&mut salt).map_err(|e| RemoteError::Client {
+                    remote: remote.display().to_string(),
+                    message: format!("getting random bytes: {e}"),
+                })?;
+                let ph = objects::pack_name(&salt, &bytes);
                 let idx = PackIndex {
                     pack: ph,
+                    salt,
                     pages: chunk.to_vec(),
                 };
                 packs.push((state::pack_key(&ph), Bytes::from(bytes)));

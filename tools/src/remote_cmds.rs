@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use remote_store::{
@@ -24,7 +25,14 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
+/// Whether a signing region was given (flag or $AWS_REGION), for the hint on a refusal.
+static REGION_GIVEN: AtomicBool = AtomicBool::new(false);
+
 pub fn connect(a: &RemoteArgs<'_>) -> Result<Remote, CliError> {
+    REGION_GIVEN.store(
+        a.region.is_some() || env("AWS_REGION").is_some(),
+        Ordering::Relaxed,
+    );
     let url = match a.remote {
         Some(u) if !u.is_empty() => u.to_string(),
         _ => env("VMM_REMOTE").ok_or_else(|| {
@@ -48,7 +56,9 @@ pub fn remote_err(e: RemoteError) -> CliError {
         RemoteError::Request {
             kind: RequestKind::Denied,
             ..
-        } => "; for Garage also pass --remote-region garage (or set $AWS_REGION)",
+        } if !REGION_GIVEN.load(Ordering::Relaxed) => {
+            "; the request was signed for region us-east-1: for Garage pass --remote-region garage (or set $AWS_REGION)"
+        }
         RemoteError::Write(LayersError::Conflict { .. }) => {
             "; remove the local template first (`vmm template rm NAME`), or pull into another store"
         }
