@@ -695,3 +695,76 @@ fn gc_removes_only_what_a_pass_a_grace_period_earlier_marked_and_push_never_reli
         restore(&a, "hello", input).stdout()
     );
 }
+
+#[test]
+fn restore_with_a_remote_pulls_a_missing_template_once_even_when_restores_race() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "worker") else {
+        return;
+    };
+    let a = TempDir::new("worker-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(store_cmd(&g, "wk", &a, &["push", "hello"]).code(), 0);
+    let input = br#"{"name":"worker"}"#;
+    let want = restore(&a, "hello", input);
+    assert_eq!(want.code(), 0, "{}", want.stderr());
+
+    // Without a remote, a worker without the template fails as before.
+    let w = TempDir::new("worker-w");
+    let mut cmd = vmm();
+    cmd.args(["restore", "hello", "--store", &w.arg()])
+        .env_remove("VMM_REMOTE");
+    let r = run_with_input(cmd, input);
+    assert_ne!(r.code(), 0);
+
+    // Four restores on an empty worker at once: each answers, the pages are fetched once.
+    let runs: Vec<Piped> = (0..4)
+        .map(|i| {
+            let mut cmd = vmm();
+            g.env(&mut cmd, "wk");
+            cmd.args(["restore", "hello", "--store", &w.arg()]);
+            if i == 0 {
+                cmd.args([
+                    "--remote",
+                    &format!("s3://{}/wk", g.bucket),
+                    "--remote-endpoint",
+                    &g.endpoint(),
+                ]);
+            }
+            Piped::spawn(&mut cmd, input)
+        })
+        .collect();
+    let mut fetched_layers = 0;
+    for mut p in runs {
+        let status = p.child.wait().unwrap();
+        let r = p.finish(status);
+        assert_eq!(r.code(), 0, "restore --remote: {}", r.stderr());
+        assert_eq!(r.stdout(), want.stdout());
+        if let Some(l) = r
+            .stderr()
+            .lines()
+            .find(|l| l.starts_with("vmm: pulled hello"))
+        {
+            let n: usize = l
+                .split(": ")
+                .nth(2)
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("{l}"));
+            fetched_layers += n;
+        }
+    }
+    assert_eq!(
+        fetched_layers, 2,
+        "the base and hello were not pulled exactly once"
+    );
+    let v = store_cmd(&g, "wk", &w, &["verify"]);
+    assert_eq!(v.code(), 0, "{}", v.stdout());
+    assert!(
+        !v.stdout().contains("warning"),
+        "pages written twice: {}",
+        v.stdout()
+    );
+}

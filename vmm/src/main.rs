@@ -59,6 +59,8 @@ enum Command {
         /// `shared` maps a memory image cached in the store copy-on-write (see `vmm bench`).
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: cli::MemoryArg,
+        #[command(flatten)]
+        remote: vmm::remote::RemoteArgs,
     },
     /// Serve functions over HTTP from pools of ready instances, each reset to its
     /// template after every request.
@@ -188,7 +190,8 @@ fn main() {
             store,
             invoke,
             memory,
-        } => restore(&name, &store, &invoke, memory),
+            remote,
+        } => restore(&name, &store, &invoke, memory, &remote),
         Command::Serve(args) => {
             let store = StoreArg {
                 store: args.store.clone(),
@@ -217,12 +220,24 @@ fn open_store(arg: &StoreArg, create: bool) -> Result<Store, String> {
     r.map_err(|e| format!("open the template store {}: {e}", dir.display()))
 }
 
-fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: cli::MemoryArg) -> i32 {
+fn restore(
+    name: &str,
+    store: &StoreArg,
+    invoke: &InvokeArgs,
+    memory: cli::MemoryArg,
+    remote: &vmm::remote::RemoteArgs,
+) -> i32 {
     let memory = MemoryStrategy::from(memory);
     let prepared = (|| {
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
+        if let Some(p) = vmm::remote::pull_if_missing(&store.dir()?, name, remote)? {
+            eprintln!(
+                "vmm: pulled {name} from the remote: {} layer(s), {} page(s), {} bytes in {:.1} ms",
+                p.layers_created, p.pages_fetched, p.bytes_received, p.ms
+            );
+        }
         let store = open_store(store, false)?;
         let input = invoke.read_input().map_err(|e| e.to_string())?;
         Ok::<_, String>((store, input, limits))
