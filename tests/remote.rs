@@ -768,3 +768,79 @@ fn restore_with_a_remote_pulls_a_missing_template_once_even_when_restores_race()
         v.stdout()
     );
 }
+
+#[test]
+fn serve_with_a_remote_pulls_a_template_on_its_first_request() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "serve") else {
+        return;
+    };
+    let a = TempDir::new("serve-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(store_cmd(&g, "sv", &a, &["push", "hello"]).code(), 0);
+    let input = br#"{"name":"served"}"#;
+    let want = restore(&a, "hello", input);
+
+    // An empty worker: the store does not even exist yet.
+    let w = TempDir::new("serve-w");
+    let mut cmd = vmm();
+    g.env(&mut cmd, "sv");
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--pool",
+        "1",
+        "--store",
+        &w.arg(),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn vmm serve");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let _guard = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(a) = line.strip_prefix("vmm serve: listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("vmm serve did not start");
+    let post = |name: &str| {
+        let r = ureq::post(&format!("http://{addr}/v1/functions/{name}/invoke"))
+            .timeout(std::time::Duration::from_secs(120))
+            .send_bytes(input);
+        match r {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("POST {name}: {e}"),
+        }
+    };
+    let (status, body) = post("hello");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, want.stdout());
+    let (status, body) = post("hello");
+    assert_eq!((status, body), (200, want.stdout()));
+    // A template on neither the worker nor the remote is unknown, as without a remote.
+    let (status, _) = post("nowhere");
+    assert_eq!(status, 404);
+    assert!(w.0.join("templates/hello.tmpl").exists());
+}

@@ -215,6 +215,16 @@ impl Manifest {
                 ));
             }
         }
+        // Every page listed is used (so a layer lists at most one page per frame it owns).
+        let mut used = vec![false; self.pages.len()];
+        for (_, v) in &self.page_runs {
+            for &k in v {
+                used[k as usize] = true;
+            }
+        }
+        if let Some(k) = used.iter().position(|u| !u) {
+            return Err(format!("page {k} of its page list is used by no frame"));
+        }
         ranges.sort_unstable();
         let mut next = 0u64;
         for (s, n) in ranges {
@@ -385,6 +395,13 @@ mod tests {
         assert!(Manifest::decode(&hash(&b), &b)
             .unwrap_err()
             .contains("outside"));
+        let mut bad = m.clone();
+        bad.pages.push(hash(b"unused"));
+        bad.locs.push((0, 2));
+        let b = bad.encode();
+        assert!(Manifest::decode(&hash(&b), &b)
+            .unwrap_err()
+            .contains("used by no frame"));
         let mut bad = m.clone();
         bad.locs = vec![(1, 0), (0, 1)];
         let b = bad.encode();

@@ -16,6 +16,8 @@ use crate::Progress;
 pub const MAX_CHAIN: usize = 256;
 /// Most pages fetched by one ranged read (1 MiB).
 const MAX_RANGE_PAGES: u32 = 256;
+/// Most page bytes one pull holds in memory (they are checked before any is written).
+pub const MAX_PULL_BYTES: u64 = 4 << 30;
 
 /// One template layer of a pull.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,6 +236,16 @@ fn pull_one(
         }
     }
     report.pages += distinct;
+    let need = fetch.len() as u64 * PAGE_SIZE as u64;
+    if need > MAX_PULL_BYTES {
+        return Err(RemoteError::Damaged {
+            template: name.to_string(),
+            object: state::ref_key(name),
+            reason: format!(
+                "its layers need {need} bytes of pages this store lacks, more than the {MAX_PULL_BYTES} one pull may hold"
+            ),
+        });
+    }
 
     // Ranged reads: per pack, runs of adjacent page numbers.
     let mut by_pack: BTreeMap<Hash, Vec<(u32, Hash, usize)>> = BTreeMap::new();

@@ -39,7 +39,8 @@ fn has_template(dir: &Path, name: &str) -> bool {
 }
 
 /// Pulls template `name` into the store at `dir` (created if need be) when a remote is
-/// given and the store lacks it. None: nothing to do.
+/// given and the store lacks it. None: nothing to do (no remote, the store has it, or
+/// the remote does not have it either).
 pub fn pull_if_missing(
     dir: &Path,
     name: &str,
@@ -66,8 +67,12 @@ pub fn pull_if_missing(
     let remote = remote_store::Remote::connect(&cfg).map_err(|e| e.to_string())?;
     let mut store = Store::create_or_open(dir)
         .map_err(|e| format!("open the template store {}: {e}", dir.display()))?;
-    let r = remote_store::pull(&mut store, &remote, &[name.to_string()], &mut |_| {})
-        .map_err(|e| format!("pull {name} from the remote: {e}"))?;
+    let r = match remote_store::pull(&mut store, &remote, &[name.to_string()], &mut |_| {}) {
+        Ok(r) => r,
+        // Not there either: the caller reports the template as unknown.
+        Err(remote_store::RemoteError::NotOnRemote { .. }) => return Ok(None),
+        Err(e) => return Err(format!("pull {name} from the remote: {e}")),
+    };
     Ok(Some(Pulled {
         layers_created: r.templates.iter().filter(|t| t.created).count(),
         pages_fetched: r.pages_fetched,

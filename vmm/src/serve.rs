@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// The template store [default: $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// With --remote, a request for a template the store lacks pulls it first.
+    #[command(flatten)]
+    pub remote: vmm::remote::RemoteArgs,
     /// Ready instances kept per template (0: restore one per request, destroy it after).
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=4096))]
@@ -316,6 +319,8 @@ struct State {
     /// Request body bytes held now, and the most that may be.
     body_bytes: Arc<AtomicU64>,
     body_budget: u64,
+    /// `--remote`: the store and where to pull templates it lacks from.
+    remote: Option<(PathBuf, vmm::remote::RemoteArgs)>,
 }
 
 pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
@@ -335,6 +340,13 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return 2;
         }
     };
+    if args.remote.remote.as_deref().is_some_and(|r| !r.is_empty()) {
+        // A worker may start empty and pull every template on its first request.
+        if let Err(e) = snapshot_store::Store::create_or_open(&store_dir) {
+            say!("vmm: error: create the template store {}: {e}", store_dir.display());
+            return 2;
+        }
+    }
     if !store_dir.join("store.cfg").exists() {
         say!(
             "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
@@ -439,6 +451,12 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         body_timeout: Duration::from_secs(args.header_timeout),
         body_bytes: Arc::new(AtomicU64::new(0)),
         body_budget: (256u64 << 20).max(16 * args.max_body),
+        remote: args
+            .remote
+            .remote
+            .as_deref()
+            .is_some_and(|r| !r.is_empty())
+            .then(|| (store_dir.clone(), args.remote.clone())),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -792,6 +810,36 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
             );
         }
     };
+    if let Some((dir, remote)) = &state.remote {
+        // A template the store lacks is pulled first, off the async executor; pulls of one
+        // template queue on its lock file and the later ones find it there.
+        let (dir, remote, n) = (dir.clone(), remote.clone(), name.clone());
+        let (ptx, prx) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("vmm-pull".into())
+            .spawn(move || {
+                let _ = ptx.send(vmm::remote::pull_if_missing(&dir, &n, &remote));
+            });
+        let pulled = match spawned {
+            Ok(_) => prx.await.unwrap_or_else(|_| Err("the pull thread died".into())),
+            Err(e) => Err(format!("start a pull thread: {e}")),
+        };
+        match pulled {
+            Ok(Some(p)) => tracing::info!(
+                template = %name,
+                layers = p.layers_created,
+                pages = p.pages_fetched,
+                bytes = p.bytes_received,
+                ms = p.ms,
+                "pulled from the remote"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                count(StatusCode::BAD_GATEWAY);
+                return text(StatusCode::BAD_GATEWAY, e);
+            }
+        }
+    }
     let (tx, rx) = oneshot::channel();
     // If this future is dropped (the client disconnected), stop the guest.
     struct InterruptOnDrop(Option<vmm::watchdog::InterruptHandle>);
