@@ -404,3 +404,161 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Frame;
+
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("ss-exchange-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        p
+    }
+
+    fn page(b: u8) -> [u8; PAGE_SIZE] {
+        let mut p = [0u8; PAGE_SIZE];
+        p[0] = b;
+        p[100] = b.wrapping_mul(3);
+        p
+    }
+
+    /// The layers of `name` in `from` as incoming layers with their bytes.
+    fn layers_of(from: &Store, name: &str) -> Vec<(Template, Vec<[u8; PAGE_SIZE]>)> {
+        from.chain(name)
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                let pages: Vec<[u8; PAGE_SIZE]> = t
+                    .page_runs()
+                    .iter()
+                    .flat_map(|(_, v)| v.iter())
+                    .map(|id| from.page_verified(*id).unwrap())
+                    .collect();
+                (t, pages)
+            })
+            .collect()
+    }
+
+    fn incoming<'a>(t: &Template, pages: &'a [[u8; PAGE_SIZE]]) -> IncomingLayer<'a> {
+        let mut k = 0u32;
+        IncomingLayer {
+            name: t.name.clone(),
+            parent: t.parent.clone(),
+            mem_size: t.mem_size,
+            created_unix_ms: t.created_unix_ms,
+            zero_runs: t.zero_runs().to_vec(),
+            page_runs: t
+                .page_runs()
+                .iter()
+                .map(|(s, v)| {
+                    (
+                        *s,
+                        v.iter()
+                            .map(|_| {
+                                k += 1;
+                                k - 1
+                            })
+                            .collect(),
+                    )
+                })
+                .collect(),
+            pages: pages.iter().map(PageSource::Bytes).collect(),
+            vcpu_state: t.vcpu_state.clone(),
+            device_state: t.device_state.clone(),
+            working_set: t.working_set.clone(),
+        }
+    }
+
+    #[test]
+    fn layers_written_into_another_store_resolve_the_same_and_conflicts_write_nothing() {
+        let (da, db) = (tmp("a"), tmp("b"));
+        let mut a = Store::create_or_open(&da).unwrap();
+        let mut w = a
+            .begin_template("base", None, 16 * PAGE_SIZE as u64)
+            .unwrap();
+        w.put_page(1, &page(1)).unwrap();
+        w.put_page(2, &page(2)).unwrap();
+        w.set_vcpu_state(vec![7]);
+        w.commit().unwrap();
+        let mut w = a
+            .begin_template("fn", Some("base"), 16 * PAGE_SIZE as u64)
+            .unwrap();
+        w.put_page(2, &page(9)).unwrap();
+        w.put_page(3, &page(1)).unwrap();
+        w.set_zero(1).unwrap();
+        w.set_working_set(vec![3, 2]);
+        w.commit().unwrap();
+
+        let src = layers_of(&a, "fn");
+        let mut b = Store::create_or_open(&db).unwrap();
+        let layers: Vec<IncomingLayer<'_>> = src.iter().map(|(t, p)| incoming(t, p)).collect();
+        let r = b.write_layers(&layers).unwrap();
+        assert!(r.layers.iter().all(|l| l.created));
+        assert_eq!(r.new_pages, 3, "page 1 is stored once");
+        let ra = a.load("fn").unwrap().resolve(&a).unwrap();
+        let rb = b.load("fn").unwrap().resolve(&b).unwrap();
+        for f in 0..16 {
+            let (x, y) = (ra.frame(f), rb.frame(f));
+            match (x, y) {
+                (Some(Frame::Data(p)), Some(Frame::Data(q))) => assert_eq!(p[..], q[..]),
+                (None, None) | (Some(Frame::Zero), Some(Frame::Zero)) => {}
+                (None, Some(Frame::Zero)) | (Some(Frame::Zero), None) => {}
+                _ => panic!("frame {f} differs"),
+            }
+        }
+        assert_eq!(b.load("fn").unwrap().working_set, vec![3, 2]);
+        // Writing the same layers again: accepted, nothing new.
+        let r = b.write_layers(&layers).unwrap();
+        assert!(r.layers.iter().all(|l| !l.created));
+        assert_eq!(r.new_pages, 0);
+        // Stored pages named by id are checked and used.
+        let ids: Vec<PageId> = b.chain("base").unwrap()[0]
+            .page_runs()
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        let mut l = incoming(&src[0].0, &src[0].1);
+        l.pages = ids.iter().map(|id| PageSource::Stored(*id)).collect();
+        assert!(b.write_layers(&[l.clone()]).is_ok());
+        l.pages[0] = PageSource::Stored(PageId::new(12345, 0));
+        assert!(matches!(
+            b.write_layers(&[l]),
+            Err(LayersError::StoredPageMissing { .. })
+        ));
+
+        // A different template of the same name: refused, nothing written.
+        let other = [page(1), page(3)];
+        let l = incoming(&src[0].0, &other);
+        let before = b.stored_page_ids().len();
+        assert!(matches!(
+            b.write_layers(&[l]),
+            Err(LayersError::Conflict { .. })
+        ));
+        // (the page written before the conflict was found is garbage, never a template)
+        assert!(b.stored_page_ids().len() <= before + 1);
+        assert!(b.verify().iter().all(|p| !p.is_corruption()));
+
+        // Zero pages, indexes past the table, and broken chains are refused.
+        let zero = [[0u8; PAGE_SIZE], page(2)];
+        let mut l = incoming(&src[0].0, &zero);
+        l.name = TemplateName::new("z").unwrap();
+        assert!(matches!(
+            b.write_layers(&[l.clone()]),
+            Err(LayersError::ZeroPage { .. })
+        ));
+        l.page_runs[0].1[0] = 5;
+        assert!(matches!(
+            b.write_layers(&[l]),
+            Err(LayersError::Invalid { .. })
+        ));
+        let mut l = incoming(&src[1].0, &src[1].1);
+        l.parent = Some(TemplateName::new("missing").unwrap());
+        assert!(matches!(
+            b.write_layers(&[l]),
+            Err(LayersError::MissingParent { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&da);
+        let _ = std::fs::remove_dir_all(&db);
+    }
+}
