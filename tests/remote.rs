@@ -495,16 +495,16 @@ fn faults_on_a_three_node_cluster() {
     // 3. A pack altered through the S3 API: pull refuses, naming the template and the
     //    object, and nothing enters the local store.
     let cl = client(&g, "push-kill-1");
-    let packs: Vec<_> = cl
-        .list("listing", "packs")
-        .unwrap()
-        .into_iter()
-        .filter(|o| o.key.ends_with(".pack"))
-        .collect();
-    let victim = packs.iter().max_by_key(|o| o.size).unwrap().key.clone();
+    // A pack the template uses (killed pushes may have left unreferenced copies too).
+    let chain = remote_store::pull::remote_chain(&cl, "hello").unwrap();
+    let victim = format!(
+        "packs/{}.pack",
+        remote_store::objects::hex(&chain[0].1.packs[chain[0].1.locs[3].0 as usize])
+    );
     let original = cl.get("reading", &victim, 1 << 30).unwrap().unwrap();
     let mut bad = original.to_vec();
-    bad[4096 * 3 + 100] ^= 0x55;
+    // The bytes of a page the template needs (its base layer's page 3).
+    bad[chain[0].1.locs[3].1 as usize * 4096 + 100] ^= 0x55;
     cl.put("altering", &victim, bad).unwrap();
     let d = TempDir::new("faults-damaged");
     let r = store_cmd(&g, "push-kill-1", &d, &["pull", "hello"]);
@@ -843,4 +843,133 @@ fn serve_with_a_remote_pulls_a_template_on_its_first_request() {
     let (status, _) = post("nowhere");
     assert_eq!(status, 404);
     assert!(w.0.join("templates/hello.tmpl").exists());
+}
+
+#[test]
+fn a_store_limit_evicts_pulled_templates_least_recently_used_first_never_one_in_use() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "evict") else {
+        return;
+    };
+    let a = TempDir::new("evict-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    create(
+        &a,
+        "markdown",
+        &qjs_function_args("markdown.js", &[marked()]),
+    );
+    create(
+        &a,
+        "upper",
+        &[
+            "--module".into(),
+            path("examples/upper.wat"),
+            "--arg".into(),
+            "one".into(),
+        ],
+    );
+    let p = store_cmd(&g, "ev", &a, &["push", "hello", "markdown", "upper"]);
+    assert_eq!(p.code(), 0, "{}", p.stderr());
+    let inputs: [(&str, &[u8]); 3] = [
+        ("hello", br#"{"name":"ev"}"#),
+        ("markdown", b"# t\n"),
+        ("upper", b"abc\n"),
+    ];
+    let want: Vec<String> = inputs
+        .iter()
+        .map(|(n, i)| restore(&a, n, i).stdout())
+        .collect();
+    let w = TempDir::new("evict-w");
+    let worker = |name: &str, input: &[u8]| {
+        let mut cmd = vmm();
+        g.env(&mut cmd, "ev");
+        cmd.args(["restore", name, "--store", &w.arg(), "--store-limit", "1"]);
+        let r = run_with_input(cmd, input);
+        assert_eq!(r.code(), 0, "restore {name}: {}", r.stderr());
+        r
+    };
+    let evicted = |r: &Run| -> String {
+        r.stderr()
+            .lines()
+            .find_map(|l| l.strip_prefix("vmm: evicted ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(w.0.join("templates"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".tmpl")
+                    .map(str::to_string)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let pack_bytes = || remote_store::evict::pack_bytes(&w.0);
+    // The limit (1 byte) can never be met: every template that may go, goes.
+    let r = worker("hello", inputs[0].1);
+    assert_eq!(r.stdout(), want[0]);
+    assert_eq!(
+        evicted(&r),
+        "",
+        "the template just pulled (and its base) must stay"
+    );
+    let before = pack_bytes();
+    let r = worker("markdown", inputs[1].1);
+    assert_eq!(r.stdout(), want[1]);
+    assert!(evicted(&r).starts_with("hello "), "{}", r.stderr());
+    assert!(!names().contains(&"hello".to_string()), "{:?}", names());
+    assert!(
+        names().iter().any(|n| n.starts_with("base-qjs")),
+        "the base has a child: it stays"
+    );
+    assert!(
+        pack_bytes() < before + 2_000_000,
+        "hello's pages were not reclaimed"
+    );
+    // A template in use is never evicted (here: held by this test process).
+    let guard = remote_store::in_use(&w.0, "markdown").unwrap();
+    let r = worker("upper", inputs[2].1);
+    assert_eq!(r.stdout(), want[2]);
+    assert_eq!(evicted(&r), "", "evicted a template in use: {}", r.stderr());
+    assert!(names().contains(&"markdown".to_string()));
+    drop(guard);
+    // Once not in use, it goes, and then its base.
+    let full = pack_bytes();
+    let r = store_cmd(
+        &g,
+        "ev",
+        &w,
+        &["pull", "upper", "--store-limit", "1", "--json"],
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let j = json_of(&r);
+    let gone: Vec<&str> = j["evicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(gone.len(), 2, "{j}");
+    assert_eq!(gone[0], "markdown", "{j}");
+    assert!(gone[1].starts_with("base-qjs"), "{j}");
+    assert!(
+        pack_bytes() * 2 < full,
+        "the evicted pages were not reclaimed"
+    );
+    let v = store_cmd(&g, "ev", &w, &["verify"]);
+    assert_eq!(v.code(), 0, "{}", v.stdout());
+    assert_eq!(worker("upper", inputs[2].1).stdout(), want[2]);
+    // An evicted template comes back on its next use.
+    assert_eq!(worker("hello", inputs[0].1).stdout(), want[0]);
+    // Templates created on the worker itself are never evicted.
+    create(&w, "local", &qjs_function_args("hello.js", &[]));
+    let r = worker("markdown", inputs[1].1);
+    assert!(!evicted(&r).contains("local"), "{}", r.stderr());
+    assert!(names().contains(&"local".to_string()));
 }

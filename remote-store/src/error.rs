@@ -69,6 +69,8 @@ pub enum RemoteError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("evicting templates from the local store: {0}")]
+    Evict(String),
     #[error("the push could not settle on packs the remote keeps (a garbage collection of the remote kept marking them); retry the push")]
     Unsettled,
 }

@@ -108,11 +108,18 @@
 //! (garbage that `vmm-store gc` reclaims, never corruption). Pulls of one
 //! template on one machine take a lock file (`remote/locks/<name>.lock`)
 //! in turn, so the work is done once.
+//!
+//! # A size limit on a worker
+//!
+//! [`evict`] removes templates that came from a remote, least recently used first,
+//! never one in use or one with children, until the store's packs fit a limit, then
+//! runs the store's gc (see the [`evict`](mod@evict) module for the marker files).
 
 pub mod admin;
 mod cache;
 pub mod client;
 pub mod error;
+pub mod evict;
 pub mod objects;
 pub mod pull;
 pub mod push;
@@ -124,6 +131,7 @@ pub use admin::{
 };
 pub use client::{parse_url, Listed, Remote, RemoteConfig, Traffic};
 pub use error::{RemoteError, RequestKind};
+pub use evict::{evict, forget, in_use, touch_used, EvictReport, InUse};
 pub use pull::{pull, PullReport, PulledTemplate};
 pub use push::{push, PushReport, PushedTemplate};
 

@@ -384,6 +384,9 @@ fn pull_one(
     }
     cache::add_page_hashes(store, &new_hashes);
     for l in w.layers {
+        if l.created {
+            crate::evict::record_pulled(store.dir(), l.name.as_str());
+        }
         report.templates.push(PulledTemplate {
             name: l.name.as_str().to_string(),
             created: l.created,

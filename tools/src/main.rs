@@ -106,6 +106,10 @@ enum Cmd {
     Pull {
         #[arg(required = true)]
         templates: Vec<String>,
+        /// Then remove templates pulled earlier, least recently used first (never one in
+        /// use, nor those just pulled), until the store's packs take at most SIZE (e.g. 8G)
+        #[arg(long, value_name = "SIZE", value_parser = vmm::remote::parse_size)]
+        store_limit: Option<u64>,
     },
     /// Rebuild a pack's index from the pack's bytes (when `verify` says its index is
     /// missing, damaged, stale or from another store)
@@ -275,7 +279,10 @@ fn run(cli: &Cli) -> Result<u8, CliError> {
         }
         Cmd::Reindex { pack } => reindex(&mut open()?, pack, cli.json)?,
         Cmd::Push { templates } => remote_cmds::push(&dir, &ra, templates, cli.json)?,
-        Cmd::Pull { templates } => remote_cmds::pull(&dir, &ra, templates, cli.json)?,
+        Cmd::Pull {
+            templates,
+            store_limit,
+        } => remote_cmds::pull(&dir, &ra, templates, *store_limit, cli.json)?,
     };
     print!("{out}");
     Ok(0)

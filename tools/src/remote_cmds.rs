@@ -152,6 +152,7 @@ pub fn pull(
     store: &Path,
     a: &RemoteArgs<'_>,
     names: &[String],
+    store_limit: Option<u64>,
     as_json: bool,
 ) -> Result<String, CliError> {
     let mut s = Store::create_or_open(store)?;
@@ -160,6 +161,13 @@ pub fn pull(
     let r = remote_store::pull(&mut s, &remote, names, &mut cb);
     pb.finish_and_clear();
     let r = r.map_err(remote_err)?;
+    let evicted = match store_limit {
+        Some(limit) => {
+            let keep: Vec<&str> = r.templates.iter().map(|t| t.name.as_str()).collect();
+            Some(remote_store::evict(&mut s, limit, &keep).map_err(remote_err)?)
+        }
+        None => None,
+    };
     if as_json {
         return Ok(to_json(json!({
             "remote": remote.display(),
@@ -171,6 +179,8 @@ pub fn pull(
             "ranges": r.ranges,
             "new_pages": r.new_pages,
             "traffic": traffic_json(&r.traffic),
+            "evicted": evicted.as_ref().map(|e| &e.removed),
+            "pack_bytes": evicted.as_ref().map(|e| e.bytes_after),
         })));
     }
     let rows: Vec<Vec<String>> = r
@@ -192,6 +202,18 @@ pub fn pull(
         r.ranges,
         human(r.traffic.bytes_down)
     );
+    if let Some(e) = evicted {
+        out += &format!(
+            "store limit: evicted {} ({} -> {} of packs)\n",
+            if e.removed.is_empty() {
+                "nothing".into()
+            } else {
+                e.removed.join(", ")
+            },
+            human(e.bytes_before),
+            human(e.bytes_after)
+        );
+    }
     Ok(out)
 }
 

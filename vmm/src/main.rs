@@ -232,17 +232,24 @@ fn restore(
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
-        if let Some(p) = vmm::remote::pull_if_missing(&store.dir()?, name, remote)? {
+        let ready = vmm::remote::prepare(&store.dir()?, name, remote)?;
+        if let Some(p) = &ready.pulled {
             eprintln!(
                 "vmm: pulled {name} from the remote: {} layer(s), {} page(s), {} bytes in {:.1} ms",
                 p.layers_created, p.pages_fetched, p.bytes_received, p.ms
             );
+            if !p.evicted.is_empty() {
+                eprintln!(
+                    "vmm: evicted {} to keep the store within its limit",
+                    p.evicted.join(", ")
+                );
+            }
         }
         let store = open_store(store, false)?;
         let input = invoke.read_input().map_err(|e| e.to_string())?;
-        Ok::<_, String>((store, input, limits))
+        Ok::<_, String>((store, input, limits, ready.in_use))
     })();
-    let (store, input, limits) = match prepared {
+    let (store, input, limits, _in_use) = match prepared {
         Ok(p) => p,
         Err(e) => return cli::fail_before_run(&e, invoke.json),
     };

@@ -321,6 +321,8 @@ struct State {
     body_budget: u64,
     /// `--remote`: the store and where to pull templates it lacks from.
     remote: Option<(PathBuf, vmm::remote::RemoteArgs)>,
+    /// Templates this daemon serves from the remote, held in use (never evicted) while it runs.
+    in_use: std::sync::Mutex<std::collections::HashMap<String, remote_store::InUse>>,
 }
 
 pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
@@ -343,7 +345,10 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     if args.remote.remote.as_deref().is_some_and(|r| !r.is_empty()) {
         // A worker may start empty and pull every template on its first request.
         if let Err(e) = snapshot_store::Store::create_or_open(&store_dir) {
-            say!("vmm: error: create the template store {}: {e}", store_dir.display());
+            say!(
+                "vmm: error: create the template store {}: {e}",
+                store_dir.display()
+            );
             return 2;
         }
     }
@@ -457,6 +462,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             .as_deref()
             .is_some_and(|r| !r.is_empty())
             .then(|| (store_dir.clone(), args.remote.clone())),
+        in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -813,17 +819,45 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
     if let Some((dir, remote)) = &state.remote {
         // A template the store lacks is pulled first, off the async executor; pulls of one
         // template queue on its lock file and the later ones find it there.
+        let held = state
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&name);
         let (dir, remote, n) = (dir.clone(), remote.clone(), name.clone());
         let (ptx, prx) = oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("vmm-pull".into())
             .spawn(move || {
-                let _ = ptx.send(vmm::remote::pull_if_missing(&dir, &n, &remote));
+                let r = if held {
+                    remote_store::touch_used(&dir, &n);
+                    vmm::remote::pull_if_missing(&dir, &n, &remote).map(|pulled| {
+                        vmm::remote::Ready {
+                            pulled,
+                            in_use: None,
+                        }
+                    })
+                } else {
+                    vmm::remote::prepare(&dir, &n, &remote)
+                };
+                let _ = ptx.send(r);
             });
-        let pulled = match spawned {
-            Ok(_) => prx.await.unwrap_or_else(|_| Err("the pull thread died".into())),
+        let ready = match spawned {
+            Ok(_) => prx
+                .await
+                .unwrap_or_else(|_| Err("the pull thread died".into())),
             Err(e) => Err(format!("start a pull thread: {e}")),
         };
+        let pulled = ready.map(|r| {
+            if let Some(g) = r.in_use {
+                state
+                    .in_use
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.clone(), g);
+            }
+            r.pulled
+        });
         match pulled {
             Ok(Some(p)) => tracing::info!(
                 template = %name,
