@@ -973,3 +973,46 @@ fn a_store_limit_evicts_pulled_templates_least_recently_used_first_never_one_in_
     assert!(!evicted(&r).contains("local"), "{}", r.stderr());
     assert!(names().contains(&"local".to_string()));
 }
+
+#[test]
+fn pushes_from_two_workers_at_once_each_leave_complete_chains() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "concurrent") else {
+        return;
+    };
+    // Two workers create the same runtime base on their own (same name, their own
+    // snapshot of it) and a function on it each, then push at the same moment.
+    let (a, c) = (TempDir::new("conc-a"), TempDir::new("conc-c"));
+    let files = TempDir::created("conc-files");
+    create(&a, "fa", &qjs_function_args(&function_file(&files, 1), &[]));
+    create(&c, "fc", &qjs_function_args(&function_file(&files, 2), &[]));
+    let push = |s: &TempDir, n: &str| {
+        let mut cmd = Command::new(vmm_store_bin());
+        g.env(&mut cmd, "cc");
+        cmd.arg("--store").arg(&s.0).args(["push", n]);
+        Piped::spawn(&mut cmd, b"")
+    };
+    for _ in 0..3 {
+        let (pa, pc) = (push(&a, "fa"), push(&c, "fc"));
+        for mut p in [pa, pc] {
+            let st = p.child.wait().unwrap();
+            let r = p.finish(st);
+            assert_eq!(r.code(), 0, "concurrent push: {}", r.stderr());
+        }
+        let listed = remote_is_consistent(&g, "cc", &a);
+        assert!(listed.contains(&"fa".to_string()) && listed.contains(&"fc".to_string()));
+    }
+    // Each function comes back with the base it was pushed with.
+    let input = br#"{"name":"conc"}"#;
+    for (src, n) in [(&a, "fa"), (&c, "fc")] {
+        let w = TempDir::new(&format!("conc-w-{n}"));
+        let r = store_cmd(&g, "cc", &w, &["pull", n]);
+        assert_eq!(r.code(), 0, "{}", r.stderr());
+        assert_eq!(
+            restore(&w, n, input).stdout(),
+            restore(src, n, input).stdout()
+        );
+    }
+}
