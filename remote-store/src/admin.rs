@@ -165,8 +165,11 @@ pub fn stats(remote: &Remote) -> Result<RemoteStats, RemoteError> {
             let mut data = vec![false; frames];
             for h in &chain {
                 let m = ms.get(h)?;
+                // (a parent of another size is refused by pull; here it just counts less)
                 for &(f, n) in &m.zero_runs {
-                    data[f as usize..(f + n) as usize].fill(false);
+                    if let Some(d) = data.get_mut(f as usize..(f + n) as usize) {
+                        d.fill(false);
+                    }
                 }
                 for (f, p) in m.own_pages() {
                     if let Some(d) = data.get_mut(f as usize) {

@@ -422,4 +422,39 @@ mod tests {
         assert_eq!(parse_hex(&hex(&name)), Some(name));
         assert_eq!(parse_hex("zz"), None);
     }
+
+    #[test]
+    fn decoders_survive_garbage_and_valid_frames_around_garbage_payloads() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..3000 {
+            let len = (next() % 300) as usize;
+            let mut payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 3 == 0 {
+                // Large announced lengths inside the payload (bincode varints).
+                payload.insert(0, 0xfd);
+            }
+            for magic in [IDX_MAGIC, MAN_MAGIC, REF_MAGIC, GC_MAGIC] {
+                // A well-framed object whose payload is garbage, and the raw garbage.
+                let mut b = Vec::new();
+                b.extend_from_slice(magic);
+                b.extend_from_slice(&MAJOR.to_le_bytes());
+                b.extend_from_slice(&0u16.to_le_bytes());
+                b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+                b.extend_from_slice(&hash(&payload));
+                b.extend_from_slice(&payload);
+                for bytes in [&b[..], &payload[..]] {
+                    let _ = PackIndex::decode(&[0; 32], bytes);
+                    let _ = Manifest::decode(&hash(bytes), bytes);
+                    let _ = TemplateRef::decode("x", bytes);
+                    let _ = GcMarks::decode(bytes);
+                }
+            }
+        }
+    }
 }

@@ -315,7 +315,10 @@ pub fn push(
                         expired = true;
                         break;
                     }
-                    fill_locations(&mut cand, &index);
+                    if !fill_locations(&mut cand, &index) {
+                        expired = true;
+                        break;
+                    }
                     let bytes = cand.encode();
                     let mh = objects::hash(&bytes);
                     remote.put("writing manifest", &state::manifest_key(&mh), bytes)?;
@@ -366,21 +369,22 @@ pub fn push(
     Err(RemoteError::Unsettled)
 }
 
-/// Where each page of `m` is, from `index` (which holds them all).
-fn fill_locations(m: &mut Manifest, index: &PageIndex) {
+/// Where each page of `m` is, from `index` (false: a page is in no usable pack).
+fn fill_locations(m: &mut Manifest, index: &PageIndex) -> bool {
     let mut packs: Vec<Hash> = Vec::new();
     let mut pos: HashMap<Hash, u32> = HashMap::new();
-    m.locs = m
-        .pages
-        .iter()
-        .map(|h| {
-            let (p, n) = index.page[h];
-            let k = *pos.entry(p).or_insert_with(|| {
-                packs.push(p);
-                packs.len() as u32 - 1
-            });
-            (k, n)
-        })
-        .collect();
+    let mut locs = Vec::with_capacity(m.pages.len());
+    for h in &m.pages {
+        let Some(&(p, n)) = index.page.get(h) else {
+            return false;
+        };
+        let k = *pos.entry(p).or_insert_with(|| {
+            packs.push(p);
+            packs.len() as u32 - 1
+        });
+        locs.push((k, n));
+    }
+    m.locs = locs;
     m.packs = packs;
+    true
 }
