@@ -476,24 +476,86 @@ fn classify(e: &object_store::Error, message: &str) -> RequestKind {
     }
     let m = message.to_ascii_lowercase();
     let has = |s: &str| m.contains(s);
-    if has("403")
-        || has("401")
-        || has("forbidden")
-        || has("accessdenied")
-        || has("invalidaccesskeyid")
-        || has("signaturedoesnotmatch")
-        || has("no such key") && has("access key")
-    {
-        RequestKind::Denied
-    } else if has("connect")
+    // No answer at all first: such a message may contain any number (a duration, say).
+    if has("error sending request")
+        || has("connection refused")
+        || has("tcp connect")
+        || has("dns error")
         || has("timed out")
-        || has("timeout")
-        || has("dns")
-        || has("refused")
-        || has("error sending request")
     {
         RequestKind::Unreachable
+    } else if has("status code: 403")
+        || has("status code: 401")
+        || has("accessdenied")
+        || has("forbidden")
+        || has("invalidaccesskeyid")
+        || has("signaturedoesnotmatch")
+    {
+        RequestKind::Denied
     } else {
         RequestKind::Other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(msg: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn failures_are_classified_by_what_happened_not_by_numbers_in_the_message() {
+        let refused = "Error performing GET http://127.0.0.1:1/b in 403.99ms, after 3 retries - HTTP error: error sending request";
+        assert_eq!(
+            classify(&generic(refused), refused),
+            RequestKind::Unreachable
+        );
+        let denied =
+            "Server returned non-2xx status code: 403 Forbidden: <Code>AccessDenied</Code>";
+        assert_eq!(classify(&generic(denied), denied), RequestKind::Denied);
+        let other = "Server returned non-2xx status code: 500 Internal Server Error";
+        assert_eq!(classify(&generic(other), other), RequestKind::Other);
+    }
+
+    #[test]
+    fn urls_are_checked_and_the_secret_is_never_in_debug_output() {
+        assert_eq!(
+            parse_url("s3://bucket").unwrap(),
+            ("bucket".into(), "".into())
+        );
+        assert_eq!(
+            parse_url("s3://my.bucket/a/b/").unwrap(),
+            ("my.bucket".into(), "a/b".into())
+        );
+        for bad in [
+            "http://b/x",
+            "s3://",
+            "s3://B",
+            "s3://b/../x",
+            "s3://bb/a//b",
+            "s3://bb/a b",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad} accepted");
+        }
+        let cfg = RemoteConfig {
+            url: "s3://bucket/p".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            region: "garage".into(),
+            access_key_id: "GKid".into(),
+            secret_access_key: "very-secret-value".into(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            max_retries: 0,
+            retry_timeout: Duration::from_secs(1),
+        };
+        assert!(!format!("{cfg:?}").contains("very-secret-value"));
+        let r = Remote::connect(&cfg).unwrap();
+        assert!(!format!("{r:?}").contains("very-secret-value"));
+        assert_eq!(r.scrub("x very-secret-value y"), "x <redacted> y");
     }
 }
