@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup.sh
 ./tools/fetch-workloads.sh
+./tools/install-garage.sh   # the S3 server the remote-store tests run against
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"
 ./tools/hw-kvm-test.sh

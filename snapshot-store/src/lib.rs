@@ -123,6 +123,7 @@ mod artifact_tests;
 mod artifacts;
 mod cache;
 mod error;
+mod exchange;
 #[cfg(any(test, feature = "fixtures"))]
 #[doc(hidden)]
 pub mod fixtures;
@@ -162,6 +163,7 @@ pub use error::{
     CacheError, ExportError, GcError, ImportError, IndexError, LoadError, ManifestError, NameError,
     OpenError, ReindexError, RemoveError, WriteError,
 };
+pub use exchange::{IncomingLayer, LayersError, LayersReport, PageSource, WrittenLayer};
 pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
 pub use resolve::{Frame, Resolved, Template, TemplateInfo, TemplateList};

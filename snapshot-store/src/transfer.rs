@@ -540,7 +540,7 @@ impl Store {
 
 /// Why two manifests of the same name are not the same template (ignoring
 /// page ids, which are store-specific, and the creation time).
-fn structural_difference(have: &ManifestV1, new: &ManifestV1) -> Option<String> {
+pub(crate) fn structural_difference(have: &ManifestV1, new: &ManifestV1) -> Option<String> {
     let layout = |m: &ManifestV1| -> Vec<(u64, usize)> {
         m.page_runs.iter().map(|(s, v)| (*s, v.len())).collect()
     };

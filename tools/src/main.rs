@@ -17,6 +17,7 @@ use snapshot_store::{
     LoadError, OpenError, PackId, ReindexError, Severity, Store, PAGE_SIZE,
 };
 
+mod remote_cmds;
 mod vmm_checks;
 
 #[derive(Parser)]
@@ -32,6 +33,16 @@ struct Cli {
     /// Machine-readable JSON on stdout instead of tables
     #[arg(long, global = true)]
     json: bool,
+    /// The remote store, s3://BUCKET/PREFIX [default: $VMM_REMOTE]; with ls, stats, verify
+    /// and gc it selects the remote instead of the local store (a bare --remote: $VMM_REMOTE)
+    #[arg(long, global = true, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    remote: Option<String>,
+    /// The remote's S3 endpoint, e.g. http://127.0.0.1:3900 [default: $VMM_REMOTE_ENDPOINT]
+    #[arg(long, global = true, value_name = "URL")]
+    remote_endpoint: Option<String>,
+    /// The remote's signing region (Garage: garage) [default: $AWS_REGION, else us-east-1]
+    #[arg(long, global = true, value_name = "REGION")]
+    remote_region: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -68,6 +79,10 @@ enum Cmd {
         /// Remove every cached compiled module
         #[arg(long)]
         all_artifacts: bool,
+        /// With --remote: delete unreferenced objects only when a gc run at least this long
+        /// ago marked them [default: 1h]; shorter than the longest push is unsafe
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        grace: Option<Duration>,
     },
     /// Write a template and its parents into one self-contained file (`-`: stdout)
     Export {
@@ -80,6 +95,22 @@ enum Cmd {
     },
     /// Import a file written by `export` (pages already present are not written again)
     Import { file: PathBuf },
+    /// Upload templates (and every layer they are built on) to the remote, sending only
+    /// pages it lacks (credentials: $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY)
+    Push {
+        #[arg(required = true)]
+        templates: Vec<String>,
+    },
+    /// Fetch templates (and the layers they are built on) from the remote into the local
+    /// store, reading only pages it lacks; every page is checked before it is written
+    Pull {
+        #[arg(required = true)]
+        templates: Vec<String>,
+        /// Then remove templates pulled earlier, least recently used first (never one in
+        /// use, nor those just pulled), until the store's packs take at most SIZE (e.g. 8G)
+        #[arg(long, value_name = "SIZE", value_parser = vmm::remote::parse_size)]
+        store_limit: Option<u64>,
+    },
     /// Rebuild a pack's index from the pack's bytes (when `verify` says its index is
     /// missing, damaged, stale or from another store)
     Reindex {
@@ -188,6 +219,32 @@ fn progress_bar(what: &'static str) -> ProgressBar {
 }
 
 fn run(cli: &Cli) -> Result<u8, CliError> {
+    let ra = remote_cmds::RemoteArgs {
+        remote: cli.remote.as_deref(),
+        endpoint: cli.remote_endpoint.as_deref(),
+        region: cli.remote_region.as_deref(),
+    };
+    if cli.remote.is_some() {
+        let out = match &cli.cmd {
+            Cmd::Ls { artifacts: false } => return remote_cmds::ls(&ra, cli.json),
+            Cmd::Verify => return remote_cmds::verify(&ra, cli.json),
+            Cmd::Stats => remote_cmds::stats(&ra, cli.json)?,
+            Cmd::Gc { dry_run, grace, .. } => remote_cmds::gc(&ra, *grace, *dry_run, cli.json)?,
+            Cmd::Push { .. } | Cmd::Pull { .. } => String::new(),
+            _ => {
+                return Err(CliError::Usage(
+                    "--remote works with push, pull, ls, stats, verify and gc".into(),
+                ))
+            }
+        };
+        if !out.is_empty() {
+            print!("{out}");
+            return Ok(0);
+        }
+    }
+    if matches!(&cli.cmd, Cmd::Gc { grace: Some(_), .. }) {
+        return Err(CliError::Usage("--grace is for gc --remote".into()));
+    }
     let dir = store_dir(cli)?;
     let open = || Store::open(&dir).map_err(CliError::from);
     let out = match &cli.cmd {
@@ -202,6 +259,7 @@ fn run(cli: &Cli) -> Result<u8, CliError> {
             current_engines,
             artifacts_unused_for,
             all_artifacts,
+            ..
         } => {
             let policy = ArtifactGcPolicy {
                 current_engines: (!current_engines.is_empty()).then(|| current_engines.clone()),
@@ -220,6 +278,11 @@ fn run(cli: &Cli) -> Result<u8, CliError> {
             import(&mut s, file, cli.json)?
         }
         Cmd::Reindex { pack } => reindex(&mut open()?, pack, cli.json)?,
+        Cmd::Push { templates } => remote_cmds::push(&dir, &ra, templates, cli.json)?,
+        Cmd::Pull {
+            templates,
+            store_limit,
+        } => remote_cmds::pull(&dir, &ra, templates, *store_limit, cli.json)?,
     };
     print!("{out}");
     Ok(0)

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod persist;
 pub mod platform;
 pub mod pool;
+pub mod remote;
 pub mod run;
 pub mod snapshot;
 pub mod uffd;

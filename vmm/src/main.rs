@@ -67,6 +67,8 @@ enum Command {
         /// `shared` maps a memory image cached in the store copy-on-write (see `vmm bench`).
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: cli::MemoryArg,
+        #[command(flatten)]
+        remote: vmm::remote::RemoteArgs,
     },
     /// Serve functions over HTTP from pools of ready instances, each reset to its
     /// template after every request.
@@ -201,7 +203,8 @@ fn main() {
             store,
             invoke,
             memory,
-        } => restore(&name, &store, &invoke, memory),
+            remote,
+        } => restore(&name, &store, &invoke, memory, &remote),
         Command::Serve(args) => {
             let store = StoreArg {
                 store: args.store.clone(),
@@ -230,17 +233,36 @@ fn open_store(arg: &StoreArg, create: bool) -> Result<Store, String> {
     r.map_err(|e| format!("open the template store {}: {e}", dir.display()))
 }
 
-fn restore(name: &str, store: &StoreArg, invoke: &InvokeArgs, memory: cli::MemoryArg) -> i32 {
+fn restore(
+    name: &str,
+    store: &StoreArg,
+    invoke: &InvokeArgs,
+    memory: cli::MemoryArg,
+    remote: &vmm::remote::RemoteArgs,
+) -> i32 {
     let memory = MemoryStrategy::from(memory);
     let prepared = (|| {
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
+        let ready = vmm::remote::prepare(&store.dir()?, name, remote)?;
+        if let Some(p) = &ready.pulled {
+            eprintln!(
+                "vmm: pulled {name} from the remote: {} layer(s), {} page(s), {} bytes in {:.1} ms",
+                p.layers_created, p.pages_fetched, p.bytes_received, p.ms
+            );
+            if !p.evicted.is_empty() {
+                eprintln!(
+                    "vmm: evicted {} to keep the store within its limit",
+                    p.evicted.join(", ")
+                );
+            }
+        }
         let store = open_store(store, false)?;
         let input = invoke.read_input().map_err(|e| e.to_string())?;
-        Ok::<_, String>((store, input, limits))
+        Ok::<_, String>((store, input, limits, ready.in_use))
     })();
-    let (store, input, limits) = match prepared {
+    let (store, input, limits, _in_use) = match prepared {
         Ok(p) => p,
         Err(e) => return cli::fail_before_run(&e, invoke.json),
     };

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// The template store [default: $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// With --remote, a request for a template the store lacks pulls it first.
+    #[command(flatten)]
+    pub remote: vmm::remote::RemoteArgs,
     /// Ready instances kept per template (0: restore one per request, destroy it after).
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=4096))]
@@ -316,6 +319,10 @@ struct State {
     /// Request body bytes held now, and the most that may be.
     body_bytes: Arc<AtomicU64>,
     body_budget: u64,
+    /// `--remote`: the store and where to pull templates it lacks from.
+    remote: Option<(PathBuf, vmm::remote::RemoteArgs)>,
+    /// Templates this daemon serves from the remote, held in use (never evicted) while it runs.
+    in_use: std::sync::Mutex<std::collections::HashMap<String, remote_store::InUse>>,
 }
 
 pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
@@ -335,6 +342,16 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return 2;
         }
     };
+    if args.remote.remote.as_deref().is_some_and(|r| !r.is_empty()) {
+        // A worker may start empty and pull every template on its first request.
+        if let Err(e) = snapshot_store::Store::create_or_open(&store_dir) {
+            say!(
+                "vmm: error: create the template store {}: {e}",
+                store_dir.display()
+            );
+            return 2;
+        }
+    }
     if !store_dir.join("store.cfg").exists() {
         say!(
             "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
@@ -439,6 +456,13 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         body_timeout: Duration::from_secs(args.header_timeout),
         body_bytes: Arc::new(AtomicU64::new(0)),
         body_budget: (256u64 << 20).max(16 * args.max_body),
+        remote: args
+            .remote
+            .remote
+            .as_deref()
+            .is_some_and(|r| !r.is_empty())
+            .then(|| (store_dir.clone(), args.remote.clone())),
+        in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -792,6 +816,64 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
             );
         }
     };
+    if let Some((dir, remote)) = &state.remote {
+        // A template the store lacks is pulled first, off the async executor; pulls of one
+        // template queue on its lock file and the later ones find it there.
+        let held = state
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&name);
+        let (dir, remote, n) = (dir.clone(), remote.clone(), name.clone());
+        let (ptx, prx) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("vmm-pull".into())
+            .spawn(move || {
+                let r = if held {
+                    remote_store::touch_used(&dir, &n);
+                    vmm::remote::pull_if_missing(&dir, &n, &remote).map(|pulled| {
+                        vmm::remote::Ready {
+                            pulled,
+                            in_use: None,
+                        }
+                    })
+                } else {
+                    vmm::remote::prepare(&dir, &n, &remote)
+                };
+                let _ = ptx.send(r);
+            });
+        let ready = match spawned {
+            Ok(_) => prx
+                .await
+                .unwrap_or_else(|_| Err("the pull thread died".into())),
+            Err(e) => Err(format!("start a pull thread: {e}")),
+        };
+        let pulled = ready.map(|r| {
+            if let Some(g) = r.in_use {
+                state
+                    .in_use
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.clone(), g);
+            }
+            r.pulled
+        });
+        match pulled {
+            Ok(Some(p)) => tracing::info!(
+                template = %name,
+                layers = p.layers_created,
+                pages = p.pages_fetched,
+                bytes = p.bytes_received,
+                ms = p.ms,
+                "pulled from the remote"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                count(StatusCode::BAD_GATEWAY);
+                return text(StatusCode::BAD_GATEWAY, e);
+            }
+        }
+    }
     let (tx, rx) = oneshot::channel();
     // If this future is dropped (the client disconnected), stop the guest.
     struct InterruptOnDrop(Option<vmm::watchdog::InterruptHandle>);

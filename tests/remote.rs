@@ -1,0 +1,1018 @@
+//! End-to-end tests of the remote tier against a real Garage cluster on loopback: templates
+//! created by the real `vmm` in a real store, pushed and pulled by the real `vmm-store`,
+//! restored on /dev/kvm.
+
+mod common;
+#[path = "common/garage.rs"]
+mod garage;
+
+use common::*;
+use garage::Garage;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The `vmm-store` binary of the same build as `vmm`.
+fn vmm_store_bin() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_vmm")).parent().unwrap();
+    let p = dir.join("vmm-store");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn store_cmd(g: &Garage, prefix: &str, store: &TempDir, args: &[&str]) -> Run {
+    let mut cmd = Command::new(vmm_store_bin());
+    g.env(&mut cmd, prefix);
+    cmd.arg("--store").arg(&store.0).args(args);
+    run_with_input(cmd, b"")
+}
+
+fn json_of(r: &Run) -> serde_json::Value {
+    serde_json::from_str(&r.stdout()).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): exit {}, stdout {}, stderr {}",
+            r.code(),
+            r.stdout(),
+            r.stderr()
+        )
+    })
+}
+
+fn create(store: &TempDir, name: &str, function: &[String]) {
+    let mut cmd = vmm();
+    cmd.args(["template", "create", name, "--store", &store.arg()])
+        .args(function);
+    let r = run_with_input(cmd, b"");
+    assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
+}
+
+fn restore(store: &TempDir, name: &str, input: &[u8]) -> Run {
+    let mut cmd = vmm();
+    cmd.args(["restore", name, "--store", &store.arg()]);
+    run_with_input(cmd, input)
+}
+
+/// A client of the cluster for looking at (and damaging) objects through the S3 API.
+fn client(g: &Garage, prefix: &str) -> remote_store::Remote {
+    let cfg = remote_store::RemoteConfig {
+        url: format!("s3://{}/{prefix}", g.bucket),
+        endpoint: g.endpoint(),
+        region: "garage".into(),
+        access_key_id: g.key_id.clone(),
+        secret_access_key: g.secret.clone(),
+        connect_timeout: std::time::Duration::from_secs(5),
+        request_timeout: std::time::Duration::from_secs(60),
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(20),
+    };
+    remote_store::Remote::connect(&cfg).unwrap()
+}
+
+/// Sum of the sizes of every object under the prefix, as the S3 API lists them.
+fn listed_bytes(c: &remote_store::Remote) -> u64 {
+    c.list("listing", "").unwrap().iter().map(|o| o.size).sum()
+}
+
+fn marked() -> String {
+    format!("{}:marked.esm.js", workload("marked.esm.js"))
+}
+
+#[test]
+fn pushed_templates_pulled_into_an_empty_store_restore_with_the_same_output() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "roundtrip") else {
+        return;
+    };
+    let a = TempDir::new("remote-a");
+    let b = TempDir::new("remote-b");
+    let cases: Vec<(&str, Vec<String>, &[u8])> = vec![
+        (
+            "hello",
+            qjs_function_args("hello.js", &[]),
+            br#"{"name":"remote"}"#,
+        ),
+        (
+            "markdown",
+            qjs_function_args("markdown.js", &[marked()]),
+            b"# Title\n\n*em* and `code`\n",
+        ),
+        (
+            "upper",
+            vec![
+                "--module".into(),
+                path("examples/upper.wat"),
+                "--arg".into(),
+                "one".into(),
+            ],
+            b"some text\n",
+        ),
+    ];
+    for (name, function, _) in &cases {
+        create(&a, name, function);
+    }
+    let push = store_cmd(
+        &g,
+        "rt",
+        &a,
+        &["push", "hello", "markdown", "upper", "--json"],
+    );
+    assert_eq!(push.code(), 0, "push: {}", push.stderr());
+    let pj = json_of(&push);
+    let pushed: Vec<&str> = pj["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for (name, _, _) in &cases {
+        assert!(pushed.contains(name), "{name} not pushed: {pj}");
+    }
+    let (bytes, objects) = g.bucket_info();
+    assert!(
+        objects > 0 && bytes > 0,
+        "garage holds nothing after the push"
+    );
+
+    let pull = store_cmd(
+        &g,
+        "rt",
+        &b,
+        &["pull", "hello", "markdown", "upper", "--json"],
+    );
+    assert_eq!(pull.code(), 0, "pull: {}", pull.stderr());
+    for (name, _, input) in &cases {
+        let ra = restore(&a, name, input);
+        let rb = restore(&b, name, input);
+        assert_eq!(ra.code(), 0, "restore {name} in A: {}", ra.stderr());
+        assert!(!ra.stdout().is_empty());
+        assert_eq!(
+            rb.stdout(),
+            ra.stdout(),
+            "restore {name} in B: {}",
+            rb.stderr()
+        );
+        assert_eq!(rb.code(), 0);
+    }
+    let v = store_cmd(&g, "rt", &b, &["verify"]);
+    assert_eq!(
+        v.code(),
+        0,
+        "B does not verify: {}{}",
+        v.stdout(),
+        v.stderr()
+    );
+    assert!(!v.stdout().contains("warning"), "{}", v.stdout());
+    // The remote verifies too, and lists what was pushed.
+    let vr = store_cmd(&g, "rt", &b, &["verify", "--remote", "--json"]);
+    assert_eq!(vr.code(), 0, "{}{}", vr.stdout(), vr.stderr());
+    assert_eq!(json_of(&vr)["corruption"], 0);
+    let ls = json_of(&store_cmd(&g, "rt", &b, &["ls", "--remote", "--json"]));
+    assert_eq!(
+        ls["templates"].as_array().unwrap().len(),
+        pushed.len(),
+        "{ls}"
+    );
+    // A second pull finds everything there and fetches nothing.
+    let again = json_of(&store_cmd(&g, "rt", &b, &["pull", "hello", "--json"]));
+    assert_eq!(again["pages_fetched"], 0, "{again}");
+    assert!(again["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["created"] == false));
+}
+
+/// A QuickJS function of its own: hello.js with a constant that makes its pages differ.
+fn function_file(dir: &TempDir, i: usize) -> String {
+    let src = std::fs::read_to_string(root().join("examples/hello.js")).unwrap();
+    let p = dir.0.join(format!("fn{i:02}.js"));
+    std::fs::write(
+        &p,
+        format!("// function {i}\nconst FN_{i} = {};\n{src}", i * 7919),
+    )
+    .unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn twenty_functions_on_one_base_send_and_fetch_only_their_own_pages() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "dedup") else {
+        return;
+    };
+    let c = client(&g, "dd");
+    let a = TempDir::new("dedup-a");
+    let files = TempDir::created("dedup-files");
+    let names: Vec<String> = (0..20).map(|i| format!("fn{i:02}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        create(&a, n, &qjs_function_args(&function_file(&files, i), &[]));
+    }
+    let mut sent = Vec::new();
+    let mut stored = Vec::new();
+    let mut before = listed_bytes(&c);
+    for n in &names {
+        let r = store_cmd(&g, "dd", &a, &["push", n, "--json"]);
+        assert_eq!(r.code(), 0, "push {n}: {}", r.stderr());
+        let v = json_of(&r);
+        sent.push(v["traffic"]["bytes_sent"].as_u64().unwrap());
+        let now = listed_bytes(&c);
+        stored.push(now - before);
+        before = now;
+    }
+    eprintln!("bytes sent per push (client): {sent:?}");
+    eprintln!("bytes added on the remote per push (S3 listing): {stored:?}");
+    for i in 1..names.len() {
+        assert!(
+            sent[i] * 10 <= sent[0],
+            "push {i} sent {} bytes, more than 10% of the first push's {}",
+            sent[i],
+            sent[0]
+        );
+        assert!(
+            stored[i] * 10 <= stored[0],
+            "push {i} added {} bytes to the bucket, more than 10% of the first push's {}",
+            stored[i],
+            stored[0]
+        );
+    }
+    // Garage's own count agrees with the listing (its figure is rounded to 0.1 of a unit).
+    let (gbytes, gobjects) = g.bucket_info();
+    let listed = c.list("listing", "").unwrap();
+    assert_eq!(
+        gobjects,
+        listed.len() as u64,
+        "garage counts other objects than S3 lists"
+    );
+    let total: u64 = listed.iter().map(|o| o.size).sum();
+    assert!(
+        gbytes.abs_diff(total) * 20 <= total,
+        "garage says {gbytes} bytes, S3 lists {total}"
+    );
+    // Twenty functions take far less than twenty bases.
+    assert!(
+        total < 2 * stored[0],
+        "{total} bytes for 20 functions, first alone {}",
+        stored[0]
+    );
+    let st = json_of(&store_cmd(&g, "dd", &a, &["stats", "--remote", "--json"]));
+    assert!(st["dedup_ratio"].as_f64().unwrap() > 10.0, "{st}");
+
+    // Pulls: the first brings the base, the second only its own pages.
+    let b = TempDir::new("dedup-b");
+    let read0 = g.metric(0, "block_bytes_read");
+    let p1 = json_of(&store_cmd(&g, "dd", &b, &["pull", "fn00", "--json"]));
+    let read1 = g.metric(0, "block_bytes_read");
+    let p2 = json_of(&store_cmd(&g, "dd", &b, &["pull", "fn07", "--json"]));
+    let read2 = g.metric(0, "block_bytes_read");
+    let r1 = p1["traffic"]["bytes_received"].as_u64().unwrap();
+    let r2 = p2["traffic"]["bytes_received"].as_u64().unwrap();
+    eprintln!(
+        "pull 1: {r1} bytes received, garage read {} block bytes; pull 2: {r2} bytes, garage read {} block bytes",
+        read1 - read0,
+        read2 - read1
+    );
+    // Garage reads (and counts) whole compressed 1 MiB blocks, so its figure is shown, not
+    // held to 10%: the client's count of the bytes that came back is.
+    assert!(r2 * 10 <= r1, "second pull received {r2} bytes, first {r1}");
+    assert!(
+        read2 - read1 < read1 - read0,
+        "garage read more blocks for the second pull"
+    );
+    assert_eq!(
+        p2["templates"][0]["created"], false,
+        "the base was pulled again: {p2}"
+    );
+    assert!(
+        p2["pages_fetched"].as_u64().unwrap() * 10 <= p1["pages_fetched"].as_u64().unwrap(),
+        "{p1} {p2}"
+    );
+    let input = br#"{"name":"seven"}"#;
+    let ra = restore(&a, "fn07", input);
+    let rb = restore(&b, "fn07", input);
+    assert_eq!(ra.code(), 0, "{}", ra.stderr());
+    assert_eq!(rb.stdout(), ra.stdout(), "{}", rb.stderr());
+}
+
+/// xorshift64*: the fault delays, from a seed printed so a failure can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("VMM_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("fault delays: VMM_FAULT_SEED={seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// Starts `vmm-store ARGS` against the cluster, SIGKILLs it after `delay` if it still runs.
+/// Returns whether it was killed (false: it had finished).
+fn kill_after(
+    g: &Garage,
+    prefix: &str,
+    store: &TempDir,
+    args: &[&str],
+    delay: std::time::Duration,
+) -> bool {
+    let mut cmd = Command::new(vmm_store_bin());
+    g.env(&mut cmd, prefix);
+    cmd.arg("--store")
+        .arg(&store.0)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("spawn vmm-store");
+    std::thread::sleep(delay);
+    let killed = matches!(child.try_wait(), Ok(None));
+    let _ = child.kill();
+    let _ = child.wait();
+    killed
+}
+
+/// Runs `vmm-store ARGS` with `env` and a watchdog: the command must end within `limit`
+/// (a bound on a hang, not a measurement).
+fn store_cmd_bounded(
+    g: &Garage,
+    env: &[(&str, &str)],
+    args: &[&str],
+    limit: std::time::Duration,
+) -> Run {
+    let mut cmd = Command::new(vmm_store_bin());
+    g.env(&mut cmd, "bounded");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.args(args);
+    let mut p = Piped::spawn(&mut cmd, b"");
+    let started = p.started;
+    let (status, _) = reap_watched(&mut p.child, || {
+        (started.elapsed() > limit)
+            .then(|| format!("vmm-store {args:?} still runs after {limit:?}"))
+    });
+    p.finish(status)
+}
+
+fn remote_is_consistent(g: &Garage, prefix: &str, store: &TempDir) -> Vec<String> {
+    let v = store_cmd(g, prefix, store, &["verify", "--remote", "--json"]);
+    let j = json_of(&v);
+    assert_eq!(
+        j["corruption"], 0,
+        "the remote lists a template whose data is incomplete: {j}"
+    );
+    assert_eq!(v.code(), 0, "{}", v.stderr());
+    let ls = json_of(&store_cmd(g, prefix, store, &["ls", "--remote", "--json"]));
+    assert!(ls["unreadable"].as_array().unwrap().is_empty(), "{ls}");
+    ls["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn faults_on_a_three_node_cluster() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(mut g) = Garage::start(3, "faults") else {
+        return;
+    };
+    let mut rng = Rng::new();
+    let a = TempDir::new("faults-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    let input = br#"{"name":"faults"}"#;
+    let want = restore(&a, "hello", input);
+    assert_eq!(want.code(), 0, "{}", want.stderr());
+    let base = {
+        let mut cmd = vmm();
+        cmd.args(["template", "ls", "--json", "--store", &a.arg()]);
+        let v: serde_json::Value =
+            serde_json::from_str(&run_with_input(cmd, b"").stdout()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["parent"].is_null())
+            .unwrap()["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // 1. Pushes killed at random moments: the remote never lists a template whose data is
+    //    incomplete, and the next push completes it.
+    let t0 = std::time::Instant::now();
+    let full = store_cmd(&g, "timing", &a, &["push", "hello"]);
+    assert_eq!(full.code(), 0, "{}", full.stderr());
+    let span = t0.elapsed().as_micros() as u64 + 20_000;
+    let mut interrupted = 0;
+    for i in 0..8 {
+        let prefix = format!("push-kill-{i}");
+        // Two kills on the same prefix, then a push that must complete what they left.
+        for _ in 0..2 {
+            let d = std::time::Duration::from_micros(rng.below(span));
+            if kill_after(&g, &prefix, &a, &["push", "hello"], d) {
+                interrupted += 1;
+            }
+            let listed = remote_is_consistent(&g, &prefix, &a);
+            assert!(
+                listed.iter().all(|t| t == "hello" || *t == base),
+                "{listed:?}"
+            );
+            // A child is listed only with its parent.
+            assert!(!listed.contains(&"hello".to_string()) || listed.contains(&base));
+        }
+        let r = store_cmd(&g, &prefix, &a, &["push", "hello", "--json"]);
+        assert_eq!(r.code(), 0, "push after kills: {}", r.stderr());
+        let listed = remote_is_consistent(&g, &prefix, &a);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+    }
+    eprintln!("pushes interrupted by SIGKILL: {interrupted} of 16");
+    assert!(
+        interrupted > 0,
+        "no push was interrupted: the delays missed every push"
+    );
+    // What the last killed pushes left is garbage for gc, never a template; and a pull of
+    // the completed push restores.
+    let b = TempDir::new("faults-b");
+    let r = store_cmd(&g, "push-kill-7", &b, &["pull", "hello"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(restore(&b, "hello", input).stdout(), want.stdout());
+
+    // 2. Pulls killed mid-way: the local store verifies, the next pull completes.
+    let t0 = std::time::Instant::now();
+    let c0 = TempDir::new("faults-c0");
+    assert_eq!(
+        store_cmd(&g, "push-kill-0", &c0, &["pull", "hello"]).code(),
+        0
+    );
+    let span = t0.elapsed().as_micros() as u64 + 20_000;
+    let mut interrupted = 0;
+    for i in 0..6 {
+        let c = TempDir::new(&format!("faults-pull-{i}"));
+        for _ in 0..2 {
+            let d = std::time::Duration::from_micros(rng.below(span));
+            if kill_after(&g, "push-kill-0", &c, &["pull", "hello"], d) {
+                interrupted += 1;
+            }
+            if c.0.join("store.cfg").exists() {
+                let v = store_cmd(&g, "push-kill-0", &c, &["verify"]);
+                assert_eq!(
+                    v.code(),
+                    0,
+                    "store verify after a killed pull: {}{}",
+                    v.stdout(),
+                    v.stderr()
+                );
+            }
+        }
+        let r = store_cmd(&g, "push-kill-0", &c, &["pull", "hello"]);
+        assert_eq!(r.code(), 0, "pull after kills: {}", r.stderr());
+        assert_eq!(restore(&c, "hello", input).stdout(), want.stdout());
+    }
+    eprintln!("pulls interrupted by SIGKILL: {interrupted} of 12");
+
+    // 3. A pack altered through the S3 API: pull refuses, naming the template and the
+    //    object, and nothing enters the local store.
+    let cl = client(&g, "push-kill-1");
+    // A pack the template uses (killed pushes may have left unreferenced copies too).
+    let chain = remote_store::pull::remote_chain(&cl, "hello").unwrap();
+    let victim = format!(
+        "packs/{}.pack",
+        remote_store::objects::hex(&chain[0].1.packs[chain[0].1.locs[3].0 as usize])
+    );
+    let original = cl.get("reading", &victim, 1 << 30).unwrap().unwrap();
+    let mut bad = original.to_vec();
+    // The bytes of a page the template needs (its base layer's page 3).
+    bad[chain[0].1.locs[3].1 as usize * 4096 + 100] ^= 0x55;
+    cl.put("altering", &victim, bad).unwrap();
+    let d = TempDir::new("faults-damaged");
+    let r = store_cmd(&g, "push-kill-1", &d, &["pull", "hello"]);
+    assert_eq!(
+        r.code(),
+        2,
+        "a pull of altered data succeeded: {}",
+        r.stdout()
+    );
+    let err = r.stderr();
+    assert!(err.contains("template hello"), "{err}");
+    assert!(
+        err.contains(&victim),
+        "the error does not name the object: {err}"
+    );
+    let entries = |sub: &str| {
+        std::fs::read_dir(d.0.join(sub))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        entries("templates"),
+        0,
+        "a template entered the local store"
+    );
+    assert_eq!(entries("packs"), 0, "pages entered the local store");
+    let vr = store_cmd(&g, "push-kill-1", &d, &["verify", "--remote"]);
+    assert_eq!(
+        vr.code(),
+        1,
+        "remote verify missed the altered pack: {}",
+        vr.stdout()
+    );
+    assert!(vr.stdout().contains(&victim), "{}", vr.stdout());
+    cl.put("restoring", &victim, original.to_vec()).unwrap();
+    let r = store_cmd(&g, "push-kill-1", &d, &["pull", "hello"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+
+    // 4. Wrong credentials and an unreachable endpoint: a clear error, within a bound.
+    let limit = std::time::Duration::from_secs(90);
+    let wrong = "wrong-secret-0123456789abcdef0123456789abcdef";
+    let r = store_cmd_bounded(
+        &g,
+        &[("AWS_SECRET_ACCESS_KEY", wrong)],
+        &["--store", &a.arg(), "push", "hello"],
+        limit,
+    );
+    assert_eq!(r.code(), 2);
+    let err = r.stderr();
+    assert!(err.contains("access denied"), "{err}");
+    assert!(
+        !err.contains(wrong) && !r.stdout().contains(wrong),
+        "the secret was printed: {err}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{closed}");
+    let r = store_cmd_bounded(
+        &g,
+        &[("VMM_REMOTE_ENDPOINT", &endpoint)],
+        &["--store", &a.arg(), "ls", "--remote"],
+        limit,
+    );
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr().contains("cannot be reached"), "{}", r.stderr());
+    assert!(!r.stderr().contains(&g.secret), "the secret was printed");
+
+    // 5. One node of three killed: push and pull still work with the other two.
+    g.kill_node(2);
+    create(&a, "hello2", &qjs_function_args("hello.js", &[]));
+    let r = store_cmd(&g, "degraded", &a, &["push", "hello", "hello2"]);
+    assert_eq!(r.code(), 0, "push with a node down: {}", r.stderr());
+    let e = TempDir::new("faults-degraded");
+    let r = store_cmd(&g, "degraded", &e, &["pull", "hello2"]);
+    assert_eq!(r.code(), 0, "pull with a node down: {}", r.stderr());
+    assert_eq!(restore(&e, "hello2", input).stdout(), want.stdout());
+}
+
+#[test]
+fn gc_removes_only_what_a_pass_a_grace_period_earlier_marked_and_push_never_relies_on_it() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "gc") else {
+        return;
+    };
+    let a = TempDir::new("gc-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    let cl = client(&g, "gc");
+    assert_eq!(store_cmd(&g, "gc", &a, &["push", "hello"]).code(), 0);
+    let keys = |c: &remote_store::Remote| -> Vec<String> {
+        c.list("listing", "")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    };
+    let pushed = keys(&cl);
+    // Garbage: a pack with its index that nothing references (as a killed push leaves).
+    let orphan = vec![0x5au8; 4096];
+    let ph = remote_store::objects::pack_name(&[9; 16], &orphan);
+    let pack = format!("packs/{}.pack", remote_store::objects::hex(&ph));
+    let idx = format!("packs/{}.idx", remote_store::objects::hex(&ph));
+    cl.put("test", &pack, orphan.clone()).unwrap();
+    let i = remote_store::objects::PackIndex {
+        pack: ph,
+        salt: [9; 16],
+        pages: vec![remote_store::objects::hash(&orphan)],
+    };
+    cl.put("test", &idx, i.encode()).unwrap();
+
+    let gc = |args: &[&str]| {
+        let mut v = vec!["gc", "--remote", "--json"];
+        v.extend_from_slice(args);
+        let r = store_cmd(&g, "gc", &a, &v);
+        assert_eq!(r.code(), 0, "gc: {}", r.stderr());
+        json_of(&r)
+    };
+    let strs = |v: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        s.sort();
+        s
+    };
+    // First pass: marks, deletes nothing.
+    let p1 = gc(&[]);
+    assert!(strs(&p1["deleted"]).is_empty(), "{p1}");
+    let mut want = vec![idx.clone(), pack.clone()];
+    want.sort();
+    assert_eq!(strs(&p1["marked"]), want, "{p1}");
+    // Within the grace period (default one hour) nothing is deleted.
+    let p2 = gc(&[]);
+    assert!(strs(&p2["deleted"]).is_empty(), "{p2}");
+    // A dry run past the grace period reports and changes nothing.
+    let dry = gc(&["--grace", "0s", "--dry-run"]);
+    assert_eq!(strs(&dry["deleted"]), want);
+    assert!(keys(&cl).contains(&pack));
+    // Past it, what was marked and is still unreferenced goes; the templates stay whole.
+    let p3 = gc(&["--grace", "0s"]);
+    assert_eq!(strs(&p3["deleted"]), want, "{p3}");
+    let mut left = keys(&cl);
+    left.retain(|k| k != "gc/marked");
+    let mut pushed = pushed;
+    pushed.retain(|k| k != "gc/marked");
+    left.sort();
+    pushed.sort();
+    assert_eq!(left, pushed, "gc removed something the templates use");
+    let v = json_of(&store_cmd(&g, "gc", &a, &["verify", "--remote", "--json"]));
+    assert_eq!(v["corruption"], 0, "{v}");
+    assert_eq!(v["garbage"], 0, "{v}");
+
+    // Templates whose references went (their packs now unreferenced) are marked; pushing
+    // them again meanwhile must not rely on the marked packs: the push uploads the pages
+    // again, so the pass that deletes the marked packs leaves the templates whole.
+    for k in keys(&cl).iter().filter(|k| k.starts_with("templates/")) {
+        cl.delete("test", k).unwrap();
+    }
+    let m = gc(&["--grace", "0s"]);
+    assert!(
+        strs(&m["marked"]).iter().any(|k| k.ends_with(".pack")),
+        "{m}"
+    );
+    let again = json_of(&store_cmd(&g, "gc", &a, &["push", "hello", "--json"]));
+    assert!(
+        again["pages_uploaded"].as_u64().unwrap() > 0,
+        "push relied on packs gc had marked: {again}"
+    );
+    let d = gc(&["--grace", "0s"]);
+    assert!(
+        strs(&d["deleted"]).iter().any(|k| k.ends_with(".pack")),
+        "{d}"
+    );
+    let v = json_of(&store_cmd(&g, "gc", &a, &["verify", "--remote", "--json"]));
+    assert_eq!(v["corruption"], 0, "{v}");
+    let b = TempDir::new("gc-b");
+    let r = store_cmd(&g, "gc", &b, &["pull", "hello"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let input = br#"{"name":"gc"}"#;
+    assert_eq!(
+        restore(&b, "hello", input).stdout(),
+        restore(&a, "hello", input).stdout()
+    );
+}
+
+#[test]
+fn restore_with_a_remote_pulls_a_missing_template_once_even_when_restores_race() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "worker") else {
+        return;
+    };
+    let a = TempDir::new("worker-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(store_cmd(&g, "wk", &a, &["push", "hello"]).code(), 0);
+    let input = br#"{"name":"worker"}"#;
+    let want = restore(&a, "hello", input);
+    assert_eq!(want.code(), 0, "{}", want.stderr());
+
+    // Without a remote, a worker without the template fails as before.
+    let w = TempDir::new("worker-w");
+    let mut cmd = vmm();
+    cmd.args(["restore", "hello", "--store", &w.arg()])
+        .env_remove("VMM_REMOTE");
+    let r = run_with_input(cmd, input);
+    assert_ne!(r.code(), 0);
+
+    // Four restores on an empty worker at once: each answers, the pages are fetched once.
+    let runs: Vec<Piped> = (0..4)
+        .map(|i| {
+            let mut cmd = vmm();
+            g.env(&mut cmd, "wk");
+            cmd.args(["restore", "hello", "--store", &w.arg()]);
+            if i == 0 {
+                cmd.args([
+                    "--remote",
+                    &format!("s3://{}/wk", g.bucket),
+                    "--remote-endpoint",
+                    &g.endpoint(),
+                ]);
+            }
+            Piped::spawn(&mut cmd, input)
+        })
+        .collect();
+    let mut fetched_layers = 0;
+    for mut p in runs {
+        let status = p.child.wait().unwrap();
+        let r = p.finish(status);
+        assert_eq!(r.code(), 0, "restore --remote: {}", r.stderr());
+        assert_eq!(r.stdout(), want.stdout());
+        if let Some(l) = r
+            .stderr()
+            .lines()
+            .find(|l| l.starts_with("vmm: pulled hello"))
+        {
+            let n: usize = l
+                .split(": ")
+                .nth(2)
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("{l}"));
+            fetched_layers += n;
+        }
+    }
+    assert_eq!(
+        fetched_layers, 2,
+        "the base and hello were not pulled exactly once"
+    );
+    let v = store_cmd(&g, "wk", &w, &["verify"]);
+    assert_eq!(v.code(), 0, "{}", v.stdout());
+    assert!(
+        !v.stdout().contains("warning"),
+        "pages written twice: {}",
+        v.stdout()
+    );
+}
+
+#[test]
+fn serve_with_a_remote_pulls_a_template_on_its_first_request() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "serve") else {
+        return;
+    };
+    let a = TempDir::new("serve-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(store_cmd(&g, "sv", &a, &["push", "hello"]).code(), 0);
+    let input = br#"{"name":"served"}"#;
+    let want = restore(&a, "hello", input);
+
+    // An empty worker: the store does not even exist yet.
+    let w = TempDir::new("serve-w");
+    let mut cmd = vmm();
+    g.env(&mut cmd, "sv");
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--pool",
+        "1",
+        "--store",
+        &w.arg(),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn vmm serve");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let _guard = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(a) = line.strip_prefix("vmm serve: listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("vmm serve did not start");
+    let post = |name: &str| {
+        let r = ureq::post(&format!("http://{addr}/v1/functions/{name}/invoke"))
+            .timeout(std::time::Duration::from_secs(120))
+            .send_bytes(input);
+        match r {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("POST {name}: {e}"),
+        }
+    };
+    let (status, body) = post("hello");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, want.stdout());
+    let (status, body) = post("hello");
+    assert_eq!((status, body), (200, want.stdout()));
+    // A template on neither the worker nor the remote is unknown, as without a remote.
+    let (status, _) = post("nowhere");
+    assert_eq!(status, 404);
+    assert!(w.0.join("templates/hello.tmpl").exists());
+}
+
+#[test]
+fn a_store_limit_evicts_pulled_templates_least_recently_used_first_never_one_in_use() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "evict") else {
+        return;
+    };
+    let a = TempDir::new("evict-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    create(
+        &a,
+        "markdown",
+        &qjs_function_args("markdown.js", &[marked()]),
+    );
+    create(
+        &a,
+        "upper",
+        &[
+            "--module".into(),
+            path("examples/upper.wat"),
+            "--arg".into(),
+            "one".into(),
+        ],
+    );
+    let p = store_cmd(&g, "ev", &a, &["push", "hello", "markdown", "upper"]);
+    assert_eq!(p.code(), 0, "{}", p.stderr());
+    let inputs: [(&str, &[u8]); 3] = [
+        ("hello", br#"{"name":"ev"}"#),
+        ("markdown", b"# t\n"),
+        ("upper", b"abc\n"),
+    ];
+    let want: Vec<String> = inputs
+        .iter()
+        .map(|(n, i)| restore(&a, n, i).stdout())
+        .collect();
+    let w = TempDir::new("evict-w");
+    let worker = |name: &str, input: &[u8]| {
+        let mut cmd = vmm();
+        g.env(&mut cmd, "ev");
+        cmd.args(["restore", name, "--store", &w.arg(), "--store-limit", "1"]);
+        let r = run_with_input(cmd, input);
+        assert_eq!(r.code(), 0, "restore {name}: {}", r.stderr());
+        r
+    };
+    let evicted = |r: &Run| -> String {
+        r.stderr()
+            .lines()
+            .find_map(|l| l.strip_prefix("vmm: evicted ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(w.0.join("templates"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".tmpl")
+                    .map(str::to_string)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let pack_bytes = || remote_store::evict::pack_bytes(&w.0);
+    // The limit (1 byte) can never be met: every template that may go, goes.
+    let r = worker("hello", inputs[0].1);
+    assert_eq!(r.stdout(), want[0]);
+    assert_eq!(
+        evicted(&r),
+        "",
+        "the template just pulled (and its base) must stay"
+    );
+    let before = pack_bytes();
+    let r = worker("markdown", inputs[1].1);
+    assert_eq!(r.stdout(), want[1]);
+    assert!(evicted(&r).starts_with("hello "), "{}", r.stderr());
+    assert!(!names().contains(&"hello".to_string()), "{:?}", names());
+    assert!(
+        names().iter().any(|n| n.starts_with("base-qjs")),
+        "the base has a child: it stays"
+    );
+    assert!(
+        pack_bytes() < before + 2_000_000,
+        "hello's pages were not reclaimed"
+    );
+    // A template in use is never evicted (here: held by this test process).
+    let guard = remote_store::in_use(&w.0, "markdown").unwrap();
+    let r = worker("upper", inputs[2].1);
+    assert_eq!(r.stdout(), want[2]);
+    assert_eq!(evicted(&r), "", "evicted a template in use: {}", r.stderr());
+    assert!(names().contains(&"markdown".to_string()));
+    drop(guard);
+    // Once not in use, it goes, and then its base.
+    let full = pack_bytes();
+    let r = store_cmd(
+        &g,
+        "ev",
+        &w,
+        &["pull", "upper", "--store-limit", "1", "--json"],
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let j = json_of(&r);
+    let gone: Vec<&str> = j["evicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(gone.len(), 2, "{j}");
+    assert_eq!(gone[0], "markdown", "{j}");
+    assert!(gone[1].starts_with("base-qjs"), "{j}");
+    assert!(
+        pack_bytes() * 2 < full,
+        "the evicted pages were not reclaimed"
+    );
+    let v = store_cmd(&g, "ev", &w, &["verify"]);
+    assert_eq!(v.code(), 0, "{}", v.stdout());
+    assert_eq!(worker("upper", inputs[2].1).stdout(), want[2]);
+    // An evicted template comes back on its next use.
+    assert_eq!(worker("hello", inputs[0].1).stdout(), want[0]);
+    // Templates created on the worker itself are never evicted.
+    create(&w, "local", &qjs_function_args("hello.js", &[]));
+    let r = worker("markdown", inputs[1].1);
+    assert!(!evicted(&r).contains("local"), "{}", r.stderr());
+    assert!(names().contains(&"local".to_string()));
+}
+
+#[test]
+fn pushes_from_two_workers_at_once_each_leave_complete_chains() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "concurrent") else {
+        return;
+    };
+    // Two workers create the same runtime base on their own (same name, their own
+    // snapshot of it) and a function on it each, then push at the same moment.
+    let (a, c) = (TempDir::new("conc-a"), TempDir::new("conc-c"));
+    let files = TempDir::created("conc-files");
+    create(&a, "fa", &qjs_function_args(&function_file(&files, 1), &[]));
+    create(&c, "fc", &qjs_function_args(&function_file(&files, 2), &[]));
+    let push = |s: &TempDir, n: &str| {
+        let mut cmd = Command::new(vmm_store_bin());
+        g.env(&mut cmd, "cc");
+        cmd.arg("--store").arg(&s.0).args(["push", n]);
+        Piped::spawn(&mut cmd, b"")
+    };
+    for _ in 0..3 {
+        let (pa, pc) = (push(&a, "fa"), push(&c, "fc"));
+        for mut p in [pa, pc] {
+            let st = p.child.wait().unwrap();
+            let r = p.finish(st);
+            assert_eq!(r.code(), 0, "concurrent push: {}", r.stderr());
+        }
+        let listed = remote_is_consistent(&g, "cc", &a);
+        assert!(listed.contains(&"fa".to_string()) && listed.contains(&"fc".to_string()));
+    }
+    // Each function comes back with the base it was pushed with.
+    let input = br#"{"name":"conc"}"#;
+    for (src, n) in [(&a, "fa"), (&c, "fc")] {
+        let w = TempDir::new(&format!("conc-w-{n}"));
+        let r = store_cmd(&g, "cc", &w, &["pull", n]);
+        assert_eq!(r.code(), 0, "{}", r.stderr());
+        assert_eq!(
+            restore(&w, n, input).stdout(),
+            restore(src, n, input).stdout()
+        );
+    }
+}
