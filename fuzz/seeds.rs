@@ -390,7 +390,7 @@ fn state_seeds(out: &mut Out) {
         module_hash: 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
         module_name: "qjs-wasi-reactor.wasm".into(),
         runtime: "qjs".into(),
-        engine: vmm::checks::ENGINE.into(),
+        engine: vmm::checks::ENGINES[0].into(),
         mem_size: 512 << 20,
         kernel_hash: 0x1234_5678_9abc_def0,
         abi_version: 1,

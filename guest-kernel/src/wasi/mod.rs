@@ -1,7 +1,7 @@
 //! WASI preview1 (`wasi_snapshot_preview1`).
 //!
 //! The logic lives in [`WasiCtx`] methods over a plain `&mut [u8]` linear-memory slice, so
-//! it is testable on the host; [`link`] is the thin wasmi glue. Every guest pointer and
+//! it is testable on the host; [`link`] lists the functions once for the engines' glue. Every guest pointer and
 //! length is untrusted: out-of-bounds accesses return `EFAULT`, arithmetic is checked,
 //! nothing here panics on guest input.
 //!
