@@ -72,8 +72,10 @@ fn backend_here() -> String {
     r.stderr()
         .lines()
         .find_map(|l| {
+            // "--- cold start on pvm KVM, wasmtime ---": the back end is the word before KVM.
             l.strip_prefix("--- cold start on ")?
-                .strip_suffix(" KVM ---")
+                .split_once(" KVM")
+                .map(|(backend, _)| backend)
         })
         .unwrap_or_else(|| panic!("no back end in {}", r.stderr()))
         .to_string()

@@ -17,6 +17,9 @@ VMM=${VMM:-vmm}
 VSTORE=${VMM_STORE_BIN:-vmm-store}
 WORK=${HW_SUITE_WORK:-/tmp/hw-kvm-suite}
 STORE=$WORK/store
+# `vmm run` caches compiled modules in the same store as the templates: under TCG, compiling
+# CPython with Cranelift takes minutes, and a run and a template of one module need it once.
+export VMM_STORE="$STORE"
 CASES=tools/hw-kvm/cases
 # Generous: under TCG a guest runs 10-50x slower than natively (QEMU's own timeout bounds all).
 T=${HW_SUITE_STEP_TIMEOUT:-600}
