@@ -309,3 +309,30 @@ fn an_instance_whose_request_grew_memory_answers_like_a_fresh_restore() {
         }
     }
 }
+
+#[test]
+fn stats_show_the_engine_and_the_host_compile_apart_from_the_guest_phases() {
+    if !kvm_available() {
+        return;
+    }
+    for engine in ENGINES {
+        let mut cmd = vmm();
+        cmd.args(["run", "--module", &path("examples/upper.wat"), "--json"])
+            .args(["--engine", engine]);
+        let r = run_with_input(cmd, b"abc");
+        let v: serde_json::Value =
+            serde_json::from_str(r.stdout().trim()).expect("one JSON object");
+        assert_eq!(v["stdout"], "ABC", "{engine}: {v}");
+        let stats = &v["stats"];
+        assert_eq!(stats["engine"], engine, "{stats}");
+        let aot = stats["aot_compile_ms"].as_f64().unwrap();
+        // wasmtime compiles on the host; wasmi compiles (translates) in the guest.
+        assert_eq!(aot > 0.0, engine == "wasmtime", "{engine}: {stats}");
+        assert!(
+            stats["compile_ms"].as_f64().unwrap() > 0.0,
+            "{engine}: {stats}"
+        );
+        let total = stats["total_ms"].as_f64().unwrap();
+        assert!(aot < total, "{engine}: {stats}");
+    }
+}

@@ -393,8 +393,10 @@ fn other_instances_are_unaffected_by_hostile_ones() {
             .spawn()
             .expect("spawn hostile vmm")
     };
-    // Long enough to outlast the normal instances even on a loaded CI machine.
-    let mut flood = spawn_hostile(run_guest("flood.wat", &["--timeout", "8"]));
+    // Long enough to outlast the normal instances even on a loaded CI machine (each cold run
+    // below compiles QuickJS on the host for wasmtime, 1-2 s on a busy 2-core machine, unless
+    // a compiled artifact is cached).
+    let mut flood = spawn_hostile(run_guest("flood.wat", &["--timeout", "20"]));
     let mut oom_cmd = vmm();
     oom_cmd
         .env("VMM_TEST_HOSTCALLS", "1")

@@ -68,6 +68,26 @@ pub mod layout {
     pub const DEFAULT_MEM_MIB: u64 = 512;
 }
 
+/// Page-table entry bits, as the VMM's identity map and the guest's own mappings (wasmtime's
+/// memories) set them.
+pub mod pte {
+    pub const PRESENT: u64 = 1;
+    pub const WRITABLE: u64 = 1 << 1;
+    /// The PVM back end requires U on every entry at every level (harmless on hardware KVM
+    /// with SMEP/SMAP off).
+    pub const USER: u64 = 1 << 2;
+    pub const ACCESSED: u64 = 1 << 5;
+    pub const DIRTY: u64 = 1 << 6;
+    /// A 2 MiB (page directory) or 1 GiB (PDPT) page, not a table.
+    pub const HUGE: u64 = 1 << 7;
+    pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+    /// An entry that points to a table.
+    pub const TABLE: u64 = PRESENT | WRITABLE | USER | ACCESSED;
+    /// An entry that maps a page: also dirty. With A/D already set, KVM maps a whole aligned
+    /// group of pages per exit and never has to set them.
+    pub const LEAF: u64 = TABLE | DIRTY;
+}
+
 /// The I/O port the guest writes to for a hostcall.
 pub const HOSTCALL_PORT: u16 = 0x7e0;
 pub const MAILBOX_MAGIC: u64 = 0x786f_626c_6961_6d76; // "vmmailbox" (le)

@@ -142,6 +142,93 @@ pub trait Session {
     }
 }
 
+/// The glue that is the same code for every engine (their APIs agree on it): the caller
+/// type `C<'a, H>`, `with_mem` (run WASI logic over the caller's linear memory, for
+/// [`crate::define_wasi!`]) and `EngineSession<H>`, the [`Session`] over the engine's
+/// store and instance. Invoked in each engine's module with the engine's crate, the
+/// expression that makes its error for a WASI call from a module without memory, and the
+/// bounds it needs on the host type; the module defines `classify(Error) -> Stop`.
+#[macro_export]
+macro_rules! engine_glue {
+    ($engine:ident, $no_memory:expr, [$($bound:tt)*]) => {
+        type C<'a, H> = $engine::Caller<'a, $crate::wasi::link::StoreData<H, $engine::Memory>>;
+
+        /// Run `f` over the caller's linear memory, the WASI state and the host.
+        #[inline]
+        fn with_mem<H: $($bound)*>(
+            caller: &mut C<'_, H>,
+            f: impl FnOnce(
+                &mut $crate::wasi::WasiCtx,
+                &mut dyn $crate::Host,
+                &mut [u8],
+            ) -> Result<(), $crate::wasi::Errno>,
+        ) -> Result<i32, $engine::Error> {
+            let memory = match caller.data().memory {
+                Some(m) => m,
+                None => caller
+                    .get_export("memory")
+                    .and_then($engine::Extern::into_memory)
+                    .ok_or_else(|| $no_memory)?,
+            };
+            let (mem, data) = memory.data_and_store_mut(&mut *caller);
+            Ok($crate::wasi::link::ret(f(&mut data.wasi, &mut data.host, mem)))
+        }
+
+        /// An instance and its store.
+        struct EngineSession<H: $($bound)*> {
+            store: $engine::Store<$crate::wasi::link::StoreData<H, $engine::Memory>>,
+            instance: $engine::Instance,
+        }
+
+        impl<H: $($bound)*> $crate::runner::Session for EngineSession<H> {
+            fn parts(&mut self) -> (&mut $crate::wasi::WasiCtx, &mut dyn $crate::Host) {
+                let d = self.store.data_mut();
+                (&mut d.wasi, &mut d.host)
+            }
+
+            fn has_unit_func(&mut self, name: &str) -> bool {
+                self.instance
+                    .get_typed_func::<(), ()>(&mut self.store, name)
+                    .is_ok()
+            }
+
+            fn call_unit(&mut self, name: &str) -> Option<Result<(), $crate::runner::Stop>> {
+                let f = self
+                    .instance
+                    .get_typed_func::<(), ()>(&mut self.store, name)
+                    .ok()?;
+                Some(f.call(&mut self.store, ()).map_err(classify))
+            }
+
+            fn call_i32(&mut self, name: &str, a: i32) -> Option<Result<i32, $crate::runner::Stop>> {
+                let f = self
+                    .instance
+                    .get_typed_func::<i32, i32>(&mut self.store, name)
+                    .ok()?;
+                Some(f.call(&mut self.store, a).map_err(classify))
+            }
+
+            fn call_i32_i32(
+                &mut self,
+                name: &str,
+                a: i32,
+                b: i32,
+            ) -> Option<Result<i32, $crate::runner::Stop>> {
+                let f = self
+                    .instance
+                    .get_typed_func::<(i32, i32), i32>(&mut self.store, name)
+                    .ok()?;
+                Some(f.call(&mut self.store, (a, b)).map_err(classify))
+            }
+
+            fn memory(&mut self) -> Option<&mut [u8]> {
+                let m = self.store.data().memory?;
+                Some(m.data_mut(&mut self.store))
+            }
+        }
+    };
+}
+
 /// Hand buffered output to the host, then build the error (the output must not be lost).
 pub fn fail(wasi: &mut WasiCtx, host: &mut dyn Host, code: u64, message: String) -> RunError {
     wasi.flush(host);

@@ -64,9 +64,7 @@ const MAX_PAGE_TABLE_PAGES: usize = 8192;
 /// faults on them; the host never writes there); a template with more than
 /// [`MAX_PAGE_TABLE_PAGES`] table pages is refused.
 fn page_table_pages(image: &[u8]) -> Result<Vec<u64>, String> {
-    const PRESENT: u64 = 1;
-    const HUGE: u64 = 1 << 7;
-    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    use vmm_abi::pte::{ADDR_MASK as ADDR, HUGE, PRESENT};
     let entry = |table: u64, i: usize| -> u64 {
         let at = table as usize + i * 8;
         image

@@ -5,6 +5,7 @@
 use crate::memory::{GuestMemory, MemoryError};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vmm_abi::layout::*;
+use vmm_abi::pte;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -98,20 +99,12 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<u64, LoadError> {
     Ok(entry)
 }
 
-const PTE_P: u64 = 1;
-const PTE_W: u64 = 1 << 1;
-/// The PVM back end requires U on every entry (harmless on hardware with SMEP/SMAP off).
-const PTE_U: u64 = 1 << 2;
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_PS: u64 = 1 << 7;
-
 /// Identity-map guest RAM with 2 MiB pages (A/D set: KVM then maps a whole page per
 /// exit), leaving the stack guard unmapped, and the first 2 MiB with 4 KiB pages, leaving
 /// page 0 unmapped (null pointers fault). `mem_size` is a multiple of 2 MiB.
 pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
     let size = mem.size();
-    let table = PTE_P | PTE_W | PTE_U | PTE_A;
+    let table = pte::TABLE;
     mem.write_u64(PML4_GPA, PDPT_GPA | table)?;
     let gib = size.div_ceil(1 << 30);
     for i in 0..gib {
@@ -121,7 +114,7 @@ pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
     let mut pt0 = vec![0u8; PAGE_SIZE as usize];
     for page in 1..HUGE_PAGE_SIZE / PAGE_SIZE {
         let at = (page * 8) as usize;
-        pt0[at..at + 8].copy_from_slice(&((page * PAGE_SIZE) | table | PTE_D).to_le_bytes());
+        pt0[at..at + 8].copy_from_slice(&((page * PAGE_SIZE) | pte::LEAF).to_le_bytes());
     }
     mem.write(PT0_GPA, &pt0)?;
     pds[..8].copy_from_slice(&(PT0_GPA | table).to_le_bytes());
@@ -129,7 +122,7 @@ pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
     while addr < size {
         if !(GUARD_START..STACK_BOTTOM).contains(&addr) {
             let idx = (addr / HUGE_PAGE_SIZE) as usize * 8;
-            pds[idx..idx + 8].copy_from_slice(&(addr | table | PTE_D | PTE_PS).to_le_bytes());
+            pds[idx..idx + 8].copy_from_slice(&(addr | pte::LEAF | pte::HUGE).to_le_bytes());
         }
         addr += HUGE_PAGE_SIZE;
     }
@@ -225,6 +218,9 @@ mod tests {
         assert_eq!(pte(MAILBOX_GPA / PAGE_SIZE), MAILBOX_GPA | 0x67);
         assert_eq!(pde(KERNEL_BASE) & !0xfff, KERNEL_BASE);
         assert_eq!(pde(KERNEL_BASE) & 0xff, 0xe7);
-        assert_eq!(pde((64 << 20) - HUGE_PAGE_SIZE) & PTE_P, PTE_P);
+        assert_eq!(
+            pde((64 << 20) - HUGE_PAGE_SIZE) & pte::PRESENT,
+            pte::PRESENT
+        );
     }
 }

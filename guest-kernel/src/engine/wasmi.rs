@@ -1,14 +1,13 @@
 //! wasmi: the module is WebAssembly, translated to wasmi's bytecode (lazily, or all at once
 //! for a runtime base) and interpreted.
 
-use crate::runner::{self, RunOptions, Session, Stop};
+use crate::runner::{self, RunOptions, Stop};
 use crate::wasi::link::StoreData;
-use crate::wasi::{Errno, WasiCtx};
 use crate::{Host, RunError, RunOutput, Runtime};
 use alloc::format;
 use alloc::string::ToString;
 use vmm_abi::{ERR_INSTANTIATE, ERR_MODULE_INVALID};
-use wasmi::{Caller, Engine, Error, Extern, Instance, Linker, Memory, Module, Store};
+use wasmi::{Engine, Error, Linker, Memory, Module, Store};
 
 /// A compiled module and its engine.
 pub struct Compiled {
@@ -31,28 +30,11 @@ pub fn compile(module: &[u8], opts: RunOptions) -> Result<Compiled, RunError> {
     Ok(Compiled { engine, module })
 }
 
-type C<'a, H> = Caller<'a, StoreData<H, Memory>>;
-
-/// Run `f` over the caller's linear memory, the WASI state and the host.
-#[inline]
-fn with_mem<H: Host>(
-    caller: &mut C<'_, H>,
-    f: impl FnOnce(&mut WasiCtx, &mut dyn Host, &mut [u8]) -> Result<(), Errno>,
-) -> Result<i32, Error> {
-    let memory = match caller.data().memory {
-        Some(m) => m,
-        None => caller
-            .get_export("memory")
-            .and_then(Extern::into_memory)
-            .ok_or_else(|| Error::new("WASI call from a module that exports no memory"))?,
-    };
-    let (mem, data) = memory.data_and_store_mut(&mut *caller);
-    Ok(crate::wasi::link::ret(f(
-        &mut data.wasi,
-        &mut data.host,
-        mem,
-    )))
-}
+crate::engine_glue!(
+    wasmi,
+    Error::new("WASI call from a module that exports no memory"),
+    [Host]
+);
 
 fn proc_exit(code: i32) -> Result<(), Error> {
     Err(Error::i32_exit(code))
@@ -70,53 +52,6 @@ fn classify(e: Error) -> Stop {
     match e.i32_exit_status() {
         Some(code) => Stop::Exit(code),
         None => Stop::Trap(e.to_string()),
-    }
-}
-
-struct WasmiSession<H> {
-    store: Store<StoreData<H, Memory>>,
-    instance: Instance,
-}
-
-impl<H: Host> Session for WasmiSession<H> {
-    fn parts(&mut self) -> (&mut WasiCtx, &mut dyn Host) {
-        let d = self.store.data_mut();
-        (&mut d.wasi, &mut d.host)
-    }
-
-    fn has_unit_func(&mut self, name: &str) -> bool {
-        self.instance
-            .get_typed_func::<(), ()>(&self.store, name)
-            .is_ok()
-    }
-
-    fn call_unit(&mut self, name: &str) -> Option<Result<(), Stop>> {
-        let f = self
-            .instance
-            .get_typed_func::<(), ()>(&self.store, name)
-            .ok()?;
-        Some(f.call(&mut self.store, ()).map_err(classify))
-    }
-
-    fn call_i32(&mut self, name: &str, a: i32) -> Option<Result<i32, Stop>> {
-        let f = self
-            .instance
-            .get_typed_func::<i32, i32>(&self.store, name)
-            .ok()?;
-        Some(f.call(&mut self.store, a).map_err(classify))
-    }
-
-    fn call_i32_i32(&mut self, name: &str, a: i32, b: i32) -> Option<Result<i32, Stop>> {
-        let f = self
-            .instance
-            .get_typed_func::<(i32, i32), i32>(&self.store, name)
-            .ok()?;
-        Some(f.call(&mut self.store, (a, b)).map_err(classify))
-    }
-
-    fn memory(&mut self) -> Option<&mut [u8]> {
-        let m = self.store.data().memory?;
-        Some(m.data_mut(&mut self.store))
     }
 }
 
@@ -149,5 +84,5 @@ pub fn run<H: Host>(
         }
     };
     store.data_mut().memory = instance.get_memory(&store, "memory");
-    runner::drive(&mut WasmiSession { store, instance }, runtime)
+    runner::drive(&mut EngineSession { store, instance }, runtime)
 }

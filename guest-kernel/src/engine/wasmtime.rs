@@ -5,16 +5,13 @@
 //! traps arrive as CPU exceptions that the kernel hands to wasmtime's handler first (the
 //! kernel's `arch::x86_64::{vmem, capi, exceptions}`).
 
-use crate::runner::{self, RunOptions, Session, Stop};
+use crate::runner::{self, RunOptions, Stop};
 use crate::wasi::link::StoreData;
-use crate::wasi::{Errno, WasiCtx};
 use crate::{Host, RunError, RunOutput, Runtime};
 use alloc::format;
 use alloc::string::{String, ToString};
 use vmm_abi::{ERR_INSTANTIATE, ERR_MODULE_INVALID};
-use wasmtime::{
-    Caller, Config, Engine, Error, Extern, Instance, Linker, Memory, Module, Store, Trap,
-};
+use wasmtime::{Config, Engine, Error, Linker, Memory, Module, Store, Trap};
 
 include!("../../../abi/src/wasmtime_config.rs");
 
@@ -131,34 +128,17 @@ impl<H: Host + Send + 'static> wasmtime::ResourceLimiter for StoreData<H, Memory
     }
 }
 
-type C<'a, H> = Caller<'a, StoreData<H, Memory>>;
-
-/// Run `f` over the caller's linear memory, the WASI state and the host.
-#[inline]
-fn with_mem<H: Host + 'static>(
-    caller: &mut C<'_, H>,
-    f: impl FnOnce(&mut WasiCtx, &mut dyn Host, &mut [u8]) -> Result<(), Errno>,
-) -> Result<i32, Error> {
-    let memory = match caller.data().memory {
-        Some(m) => m,
-        None => caller
-            .get_export("memory")
-            .and_then(Extern::into_memory)
-            .ok_or_else(|| Error::msg("WASI call from a module that exports no memory"))?,
-    };
-    let (mem, data) = memory.data_and_store_mut(&mut *caller);
-    Ok(crate::wasi::link::ret(f(
-        &mut data.wasi,
-        &mut data.host,
-        mem,
-    )))
-}
+crate::engine_glue!(
+    wasmtime,
+    Error::msg("WASI call from a module that exports no memory"),
+    [Host + Send + 'static]
+);
 
 fn proc_exit(code: i32) -> Result<(), Error> {
     Err(Error::new(ProcExit(code)))
 }
 
-fn add_to_linker<H: Host + 'static>(
+fn add_to_linker<H: Host + Send + 'static>(
     linker: &mut Linker<StoreData<H, Memory>>,
     test_hostcalls: bool,
 ) -> Result<(), Error> {
@@ -181,53 +161,6 @@ fn classify(e: Error) -> Stop {
             )
         }
         None => Stop::Trap(chain(&e)),
-    }
-}
-
-struct WasmtimeSession<H: 'static> {
-    store: Store<StoreData<H, Memory>>,
-    instance: Instance,
-}
-
-impl<H: Host + 'static> Session for WasmtimeSession<H> {
-    fn parts(&mut self) -> (&mut WasiCtx, &mut dyn Host) {
-        let d = self.store.data_mut();
-        (&mut d.wasi, &mut d.host)
-    }
-
-    fn has_unit_func(&mut self, name: &str) -> bool {
-        self.instance
-            .get_typed_func::<(), ()>(&mut self.store, name)
-            .is_ok()
-    }
-
-    fn call_unit(&mut self, name: &str) -> Option<Result<(), Stop>> {
-        let f = self
-            .instance
-            .get_typed_func::<(), ()>(&mut self.store, name)
-            .ok()?;
-        Some(f.call(&mut self.store, ()).map_err(classify))
-    }
-
-    fn call_i32(&mut self, name: &str, a: i32) -> Option<Result<i32, Stop>> {
-        let f = self
-            .instance
-            .get_typed_func::<i32, i32>(&mut self.store, name)
-            .ok()?;
-        Some(f.call(&mut self.store, a).map_err(classify))
-    }
-
-    fn call_i32_i32(&mut self, name: &str, a: i32, b: i32) -> Option<Result<i32, Stop>> {
-        let f = self
-            .instance
-            .get_typed_func::<(i32, i32), i32>(&mut self.store, name)
-            .ok()?;
-        Some(f.call(&mut self.store, (a, b)).map_err(classify))
-    }
-
-    fn memory(&mut self) -> Option<&mut [u8]> {
-        let m = self.store.data().memory?;
-        Some(m.data_mut(&mut self.store))
     }
 }
 
@@ -263,7 +196,7 @@ pub fn run<H: Host + Send + 'static>(
         }
     };
     store.data_mut().memory = instance.get_memory(&mut store, "memory");
-    let mut session = WasmtimeSession { store, instance };
+    let mut session = EngineSession { store, instance };
     let result = runner::drive(&mut session, runtime);
     // Not dropped: the kernel reports the result and halts, and tearing the store down
     // first would unmap every page of its memories one by one (an `invlpg`, a VM exit on

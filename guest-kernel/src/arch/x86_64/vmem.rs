@@ -33,15 +33,7 @@ const VA_START: usize = 1 << 39;
 /// End of the lower canonical half (PML4 slot 256 on is reserved by PVM).
 const VA_END: usize = 1 << 47;
 
-const PTE_P: u64 = 1;
-const PTE_W: u64 = 1 << 1;
-const PTE_U: u64 = 1 << 2;
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_PS: u64 = 1 << 7;
-const TABLE: u64 = PTE_P | PTE_W | PTE_U | PTE_A;
-const LEAF: u64 = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+use vmm_abi::pte::{ADDR_MASK, HUGE as PTE_PS, LEAF, PRESENT as PTE_P, TABLE};
 
 /// Why a request failed (returned to wasmtime as a non-zero code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
