@@ -270,7 +270,7 @@ impl Store {
                         };
                         drop(view);
                         if batch_ids.len() >= BATCH {
-                            self.flush_layer_batch(&mut batch, &mut batch_ids, &mut batch_map)?;
+                            self.flush_batch(&mut batch, &mut batch_ids, &mut batch_map)?;
                         }
                         id
                     }
@@ -279,7 +279,7 @@ impl Store {
             }
             ids.push(table);
         }
-        self.flush_layer_batch(&mut batch, &mut batch_ids, &mut batch_map)?;
+        self.flush_batch(&mut batch, &mut batch_ids, &mut batch_map)?;
 
         // Manifests: build, validate, compare with existing ones, then write root first.
         let mut out: Vec<(ManifestV1, bool)> = Vec::with_capacity(layers.len());
@@ -381,26 +381,6 @@ impl Store {
                 ),
             });
         }
-        Ok(())
-    }
-
-    fn flush_layer_batch(
-        &mut self,
-        batch: &mut Vec<u8>,
-        ids: &mut Vec<(PageId, u32)>,
-        map: &mut IdMap<u32>,
-    ) -> Result<(), LayersError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        {
-            let b: &[u8] = batch;
-            let page = |i: u32| &b[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE];
-            self.append_pages(ids, &page)?;
-        }
-        batch.clear();
-        ids.clear();
-        map.clear();
         Ok(())
     }
 }

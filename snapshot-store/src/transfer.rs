@@ -517,12 +517,14 @@ impl Store {
         Ok(report)
     }
 
-    fn flush_batch(
+    /// Append a batch of new pages (held back to back in `batch`) and empty the batch.
+    /// Shared by import and the remote tier's pull (`exchange.rs`).
+    pub(crate) fn flush_batch(
         &mut self,
         batch: &mut Vec<u8>,
         ids: &mut Vec<(PageId, u32)>,
         map: &mut IdMap<u32>,
-    ) -> Result<(), ImportError> {
+    ) -> Result<(), crate::WriteError> {
         if ids.is_empty() {
             return Ok(());
         }
