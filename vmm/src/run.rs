@@ -507,10 +507,18 @@ pub fn run_cold_keep(
         engine: spec.engine.name(),
         ..Default::default()
     };
-    let cache = limits
-        .artifact_store
-        .as_deref()
-        .and_then(|dir| snapshot_store::Store::create_or_open(dir).ok());
+    // A store that cannot be opened must not stop the run: compile without the cache, and
+    // say why.
+    let cache = limits.artifact_store.as_deref().and_then(|dir| {
+        snapshot_store::Store::create_or_open(dir)
+            .map_err(|e| {
+                eprintln!(
+                    "vmm: warning: the compiled-module cache in {} is not used: {e}",
+                    dir.display()
+                )
+            })
+            .ok()
+    });
     let booted = guest_module(spec, limits, cache.as_ref()).and_then(|m| {
         stats.aot_compile_ms = m.aot_ms;
         stats.artifact_cache = m.cache;
