@@ -7,6 +7,7 @@ pub mod checks;
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod fill;
 pub mod hostwasm;
 pub mod instance;
 pub mod loader;

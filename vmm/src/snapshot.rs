@@ -12,6 +12,8 @@
 //!   writes the request where the guest's pending `ReadStdin` expects it, and resumes.
 
 use crate::checks::{self, BaseRef, CheckError, Provenance};
+pub use crate::fill::MemoryStrategy;
+use crate::fill::{install, FaultServer};
 use crate::memory::GuestMemory;
 use crate::persist::{PersistError, VcpuState};
 use crate::run::{self, boot_vm, ms, FunctionSpec, RunLimits, RunReport, Stats};
@@ -21,7 +23,7 @@ use snapshot_store::{Frame, Resolved, Store, TemplateName, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-use vmm_abi::{layout, GuestRange, Op};
+use vmm_abi::{GuestRange, Op};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Version 2 added `provenance` and `base`; version 1 states still decode (without them).
@@ -169,36 +171,6 @@ impl From<VmError> for TemplateError {
 impl From<crate::memory::MemoryError> for TemplateError {
     fn from(e: crate::memory::MemoryError) -> Self {
         TemplateError::Run(e.into())
-    }
-}
-
-/// How guest RAM is filled on restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemoryStrategy {
-    /// Copy every non-zero page before the vCPU runs.
-    Eager,
-    /// Copy the 2 MiB regions holding the template's recorded working set before the vCPU
-    /// runs; the rest arrives on demand through userfaultfd.
-    Prefetch,
-    /// Nothing up front: every page arrives on demand through userfaultfd.
-    Lazy,
-    /// A copy-on-write mapping of the template's memory image, cached in the store's
-    /// `cache/` directory and shared by all instances through the page cache: nothing is
-    /// copied, the working set is mapped before the vCPU runs, written pages are copied on
-    /// first write.
-    Shared,
-}
-
-impl MemoryStrategy {
-    /// The strategy's name as `vmm restore --memory` and `--json` spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            MemoryStrategy::Eager => "eager",
-            MemoryStrategy::Prefetch => "prefetch",
-            MemoryStrategy::Lazy => "lazy",
-            MemoryStrategy::Shared => "shared",
-        }
     }
 }
 
@@ -350,129 +322,6 @@ pub struct Restored {
     pub device: DeviceState,
     /// When the restored template was created.
     pub created_unix_ms: u64,
-}
-
-/// Data frames in a 2 MiB region below which `eager` maps the region with 4 KiB pages: a
-/// huge page costs a 2 MiB zero fill, which is not worth it for a handful of pages.
-const SPARSE_REGION_PAGES: usize = 32;
-
-/// Fill `mem` from `resolved` according to `strategy`; returns pages copied. Every page is
-/// re-hashed against its id on the way. The regions are split between two threads.
-fn install(
-    mem: &GuestMemory,
-    resolved: &Resolved,
-    strategy: MemoryStrategy,
-    working_set: &[u64],
-) -> Result<u64, TemplateError> {
-    let per_region = layout::HUGE_PAGE_SIZE / PAGE;
-    let mut regions: Vec<u64> = match strategy {
-        MemoryStrategy::Lazy => return Ok(0),
-        MemoryStrategy::Shared => {
-            // Map the working set's pages from the page cache (runs of frames at once).
-            let mut frames = working_set.to_vec();
-            frames.sort_unstable();
-            frames.dedup();
-            let mut i = 0;
-            while i < frames.len() {
-                let mut j = i + 1;
-                while j < frames.len() && frames[j] == frames[j - 1] + 1 {
-                    j += 1;
-                }
-                mem.populate_read(frames[i] * PAGE, (j - i) as u64 * PAGE);
-                i = j;
-            }
-            return Ok(0);
-        }
-        MemoryStrategy::Eager => resolved.data_frames().map(|g| g / per_region).collect(),
-        // Whole 2 MiB regions: with MADV_HUGEPAGE, touching one page of a region makes the
-        // whole region present (zero-filled), so all its data pages must be copied.
-        MemoryStrategy::Prefetch => working_set.iter().map(|g| g / per_region).collect(),
-    };
-    regions.sort_unstable();
-    regions.dedup();
-    // Sparse regions may use small pages only where nothing is left to userfaultfd.
-    let allow_sparse = strategy == MemoryStrategy::Eager;
-    let fill = |part: usize| -> Result<u64, TemplateError> {
-        let mut copied = 0;
-        for &r in regions.iter().skip(part).step_by(2) {
-            let frames = r * per_region..((r + 1) * per_region).min(resolved.frame_count());
-            let mut pages = Vec::with_capacity(per_region as usize);
-            for gfn in frames {
-                if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
-                    pages.push((gfn, p));
-                }
-            }
-            if allow_sparse && pages.len() < SPARSE_REGION_PAGES {
-                mem.advise_small_pages(r * layout::HUGE_PAGE_SIZE, layout::HUGE_PAGE_SIZE);
-            }
-            for (gfn, p) in pages {
-                mem.write(gfn * PAGE, p)?;
-                copied += 1;
-            }
-        }
-        Ok(copied)
-    };
-    std::thread::scope(|scope| {
-        let other = scope.spawn(|| fill(1));
-        let mine = fill(0);
-        let theirs = other.join().unwrap_or(Err(TemplateError::Internal(
-            "a memory installer thread panicked",
-        )));
-        Ok(mine? + theirs?)
-    })
-}
-
-/// Serves userfaultfd faults from the store until `stop` is set, recording the order in
-/// which frames were first touched.
-struct FaultServer<'a> {
-    uffd: &'a Uffd,
-    base: *mut u8,
-    resolved: &'a Resolved,
-    wake: Waker,
-    faults: AtomicU64,
-    bytes: AtomicU64,
-    touched: Mutex<Vec<u64>>,
-    /// The first damaged page met, if any.
-    corrupt: Mutex<Option<snapshot_store::LoadError>>,
-}
-
-// SAFETY: `base` is the start of guest RAM, which outlives the server (scoped thread);
-// it is only used to compute fault addresses handed to UFFDIO_COPY/ZEROPAGE.
-unsafe impl Sync for FaultServer<'_> {}
-
-impl FaultServer<'_> {
-    fn serve(&self) -> Result<(), UffdError> {
-        while let Some(addr) = self.uffd.next_fault(&self.wake)? {
-            let off = (addr - self.base as u64) & !(PAGE - 1);
-            let gfn = off / PAGE;
-            // SAFETY: `off` lies inside guest RAM: the kernel only reports faults in the
-            // registered range, which is exactly guest RAM.
-            let dst = unsafe { self.base.add(off as usize) };
-            let frame = self.resolved.frame_verified(gfn).unwrap_or_else(|e| {
-                // Serve zeros so the guest does not hang; the restore reports the damage.
-                if let Ok(mut c) = self.corrupt.lock() {
-                    c.get_or_insert(e);
-                }
-                None
-            });
-            match frame {
-                Some(Frame::Data(p)) => {
-                    // SAFETY: `dst` is the faulting page of guest RAM, which is registered
-                    // with this userfaultfd; the host holds no reference into guest RAM
-                    // while the vCPU runs (GuestMemory reads and writes through copies).
-                    unsafe { self.uffd.copy(dst, p)? };
-                    self.bytes.fetch_add(PAGE, Ordering::Relaxed);
-                }
-                // SAFETY: as for the copy above.
-                _ => unsafe { self.uffd.zeropage(dst, PAGE as usize)? },
-            }
-            self.faults.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut t) = self.touched.lock() {
-                t.push(gfn);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Restore `name` and run `body` on the restored VM while faults are being served.
