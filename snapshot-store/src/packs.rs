@@ -212,6 +212,7 @@ fn load_pack(pdir: &Path, set: &mut Cow<'_, PackSet>, pos: u32) {
             .and_then(|b| format::decode_idx(&idx_path, id, &b));
         match res {
             Ok(entries) => {
+                s.index.reserve(entries.len());
                 for e in entries {
                     indexed_end = indexed_end.max(e.offset.saturating_add(PAGE));
                     s.index.insert(

@@ -1,7 +1,6 @@
 //! Loaded templates and resolving them over their parent chain into a
 //! per-frame map of pages ([`Resolved`]).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,6 +8,7 @@ use crate::error::{LoadError, ManifestError};
 use crate::format::ManifestV1;
 use crate::packs::{Loc, PackSet};
 use crate::store::{PageHasher, Store};
+use crate::util::FrameMap;
 use crate::{PageId, TemplateName, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -114,7 +114,10 @@ impl Template {
         let n = self.frames() as usize;
         // A zeroed u64 allocation: pages of the map that no data frame touches stay unmapped.
         let mut frames: Vec<u64> = vec![0; n];
-        let mut hashes = HashMap::new();
+        let own: u64 =
+            ancestors.iter().map(Template::own_page_count).sum::<u64>() + self.own_page_count();
+        let mut hashes = FrameMap::default();
+        hashes.reserve(usize::try_from(own).unwrap_or(0).min(n));
         let mut layers = Vec::with_capacity(ancestors.len() + 1);
         for t in ancestors.iter().chain(std::iter::once(self)) {
             layers.push(t.name.clone());
@@ -215,7 +218,7 @@ pub struct Resolved {
     frames: Vec<u64>,
     layers: Vec<TemplateName>,
     /// The page id each data frame must hash to (for verified reads).
-    hashes: HashMap<u64, PageId>,
+    hashes: FrameMap<PageId>,
 }
 
 impl Resolved {
