@@ -429,6 +429,10 @@ fn with_restored_keep<T>(
             base,
             resolved: &resolved,
             wake: Waker::new()?,
+            group: match strategy {
+                MemoryStrategy::Prefetch => crate::fill::FAULT_GROUP,
+                _ => 1,
+            },
             faults: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             touched: Mutex::new(Vec::new()),

@@ -150,6 +150,27 @@ impl Uffd {
         }
     }
 
+    /// Install `src` (page-aligned length) at `dst` and wake the threads faulting there;
+    /// true only if every page was installed. A page already present stops the copy
+    /// (false, with the pages before it installed and woken): the caller then installs
+    /// what it needs page by page.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`].
+    pub unsafe fn copy_all(&self, dst: *mut u8, src: &[u8]) -> Result<bool, UffdError> {
+        // SAFETY: `src` is a live slice of `src.len()` bytes; `dst` as the caller promised.
+        let copied = unsafe {
+            self.0
+                .copy(src.as_ptr().cast(), dst.cast(), src.len(), true)
+        };
+        match copied {
+            Ok(n) => Ok(n == src.len()),
+            Err(userfaultfd::Error::PartiallyCopied(_)) => Ok(false),
+            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => Ok(false),
+            Err(e) => Err(step("UFFDIO_COPY")(e)),
+        }
+    }
+
     /// Map zeros at `[dst, dst+len)` and wake the faulting thread.
     /// A page that is already present (EEXIST) is not an error.
     ///
