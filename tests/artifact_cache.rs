@@ -115,3 +115,91 @@ fn a_damaged_cached_artifact_is_refused_recompiled_and_replaced() {
     );
     assert_eq!(r.code(), 0, "{} {}", r.stdout(), r.stderr());
 }
+
+/// An artifact that passes the store's checks but was compiled with other settings (here
+/// wasmtime's defaults for the host: another target, signals and memory settings, as a
+/// store shared with another build could hold): the guest's wasmtime refuses it before
+/// running any of it, and the run and template creation say so, compile the module again,
+/// replace the cached artifact and give the right output; never a crash.
+#[test]
+fn an_artifact_compiled_with_other_settings_is_refused_by_the_guest_and_replaced() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("artifact-foreign");
+    let wasm = wat::parse_file(path("examples/upper.wat")).unwrap();
+    let foreign = wasmtime::Engine::new(&wasmtime::Config::new())
+        .unwrap()
+        .precompile_module(&wasm)
+        .unwrap();
+    let compiler = vmm::aot::Compiler::new().unwrap();
+    let key =
+        snapshot_store::ArtifactKey::new(&wasm, vmm::run::ARTIFACT_ENGINE, compiler.fingerprint());
+    let plant = || {
+        let store = snapshot_store::Store::create_or_open(&dir.0).unwrap();
+        store.put_artifact(&key, &foreign).unwrap();
+        assert_eq!(
+            store.get_artifact(&key).unwrap().as_deref(),
+            Some(&foreign[..])
+        );
+    };
+    let function = ["--module", &path("examples/upper.wat"), "--arg", "x"].map(String::from);
+    let upper = || {
+        let mut cmd = vmm();
+        cmd.args([
+            "run",
+            "--engine",
+            "wasmtime",
+            "--store",
+            &dir.arg(),
+            "--json",
+        ])
+        .args(&function);
+        let r = run_with_input(cmd, b"some text\n");
+        let v: serde_json::Value = serde_json::from_str(r.stdout().trim())
+            .unwrap_or_else(|e| panic!("one JSON object ({e}): {} / {}", r.stdout(), r.stderr()));
+        (v, r.stderr())
+    };
+    let (clean, _) = upper();
+    assert_eq!(clean["exit_code"], 0, "{clean}");
+    plant();
+    let (v, stderr) = upper();
+    assert_eq!(v["status"], 0, "{v} / {stderr}");
+    assert_eq!(v["stdout"], clean["stdout"], "{v}");
+    assert_eq!(v["stats"]["artifact_cache"], "refused", "{v}");
+    assert!(
+        stderr.contains("the guest refused the compiled module cached in the store")
+            && stderr.contains("cannot load the compiled module"),
+        "a warning naming what happened and wasmtime's reason: {stderr}"
+    );
+    // Replaced: the next run hits and runs.
+    let (v, _) = upper();
+    assert_eq!(v["stats"]["artifact_cache"], "hit", "{v}");
+    assert_eq!(v["stdout"], clean["stdout"], "{v}");
+    // Template creation meets the same artifact the same way.
+    plant();
+    let mut cmd = vmm();
+    cmd.args([
+        "template",
+        "create",
+        "up",
+        "--engine",
+        "wasmtime",
+        "--store",
+        &dir.arg(),
+    ])
+    .args(&function);
+    let c = run_with_input(cmd, b"");
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    assert!(
+        c.stderr().contains("the guest refused the compiled module"),
+        "{}",
+        c.stderr()
+    );
+    let mut cmd = vmm();
+    cmd.args(["restore", "up", "--store", &dir.arg()]);
+    assert_eq!(
+        run_with_input(cmd, b"some text\n").stdout(),
+        clean["stdout"].as_str().unwrap()
+    );
+}

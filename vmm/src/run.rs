@@ -265,8 +265,9 @@ pub enum ArtifactCache {
     Hit,
     /// Not in the store: compiled, and stored for the next run.
     Miss,
-    /// The store held a damaged artifact under this key: refused (never run), compiled
-    /// again, and the new artifact stored in its place.
+    /// The store held a damaged artifact under this key (refused, never run), or one the
+    /// guest's engine refused to load (compiled with other settings): compiled again, and
+    /// the new artifact stored in its place.
     Refused,
 }
 
@@ -276,7 +277,7 @@ impl ArtifactCache {
             ArtifactCache::Off => "off",
             ArtifactCache::Hit => "hit",
             ArtifactCache::Miss => "miss",
-            ArtifactCache::Refused => "refused (damaged), recompiled",
+            ArtifactCache::Refused => "refused, recompiled",
         }
     }
 }
@@ -302,6 +303,38 @@ pub fn guest_module<'a>(
     limits: &RunLimits,
     cache: Option<&snapshot_store::Store>,
 ) -> Result<GuestModule<'a>, RunError> {
+    guest_module_with(spec, limits, cache, true)
+}
+
+/// Whether a run that ended with `result` should start again with a freshly compiled
+/// artifact: the guest's engine refused one that came from the cache (an artifact made
+/// with other settings passes the store's checks: they cover its bytes, not what made
+/// them), before the function wrote anything. Says so on stderr.
+pub(crate) fn cached_artifact_refused<T>(
+    result: &Result<T, RunError>,
+    cache: ArtifactCache,
+    wrote: bool,
+) -> bool {
+    let Err(RunError::Guest(GuestError::ModuleInvalid(why))) = result else {
+        return false;
+    };
+    if cache != ArtifactCache::Hit || wrote {
+        return false;
+    }
+    eprintln!(
+        "vmm: warning: the guest refused the compiled module cached in the store ({why}); compiling it again and replacing the cached one"
+    );
+    true
+}
+
+/// [`guest_module`]; with `reuse` false a cached artifact is not read but compiled again
+/// and replaced (after the guest refused it: see [`cached_artifact_refused`]).
+pub(crate) fn guest_module_with<'a>(
+    spec: &'a FunctionSpec,
+    limits: &RunLimits,
+    cache: Option<&snapshot_store::Store>,
+    reuse: bool,
+) -> Result<GuestModule<'a>, RunError> {
     let selftest = limits.test_hostcalls && spec.module.starts_with(b"\0vmm-selftest:");
     if spec.engine == EngineKind::Wasmi || selftest {
         return Ok(GuestModule {
@@ -315,8 +348,9 @@ pub fn guest_module<'a>(
     let key =
         snapshot_store::ArtifactKey::new(&spec.module, ARTIFACT_ENGINE, compiler.fingerprint());
     let mut outcome = ArtifactCache::Off;
-    if let Some(store) = cache {
-        match store.get_artifact(&key) {
+    match cache {
+        Some(_) if !reuse => outcome = ArtifactCache::Refused,
+        Some(store) => match store.get_artifact(&key) {
             Ok(Some(artifact)) => {
                 return Ok(GuestModule {
                     bytes: artifact.into(),
@@ -331,7 +365,8 @@ pub fn guest_module<'a>(
             }
             // An unreadable cache must not stop the run: compile without it.
             Err(e) => eprintln!("vmm: warning: the compiled-module cache is not used: {e}"),
-        }
+        },
+        None => {}
     }
     match compiler.compile(&spec.module) {
         Ok(artifact) => {
@@ -348,7 +383,7 @@ pub fn guest_module<'a>(
         }
         // Not wasm: the same failure the guest reports for wasmi.
         Err(e @ crate::aot::AotError::InvalidModule(_)) => {
-            Err(GuestError::Runtime(e.to_string()).into())
+            Err(GuestError::ModuleInvalid(e.to_string()).into())
         }
         Err(e) => Err(VmError::Setup(e.into()).into()),
     }
@@ -519,28 +554,37 @@ pub fn run_cold_keep(
             })
             .ok()
     });
-    let booted = guest_module(spec, limits, cache.as_ref()).and_then(|m| {
-        stats.aot_compile_ms = m.aot_ms;
-        stats.artifact_cache = m.cache;
-        boot_vm(&m.bytes, spec.runtime, spec.engine, limits)
-    });
-    let mut vm = match booted {
-        Ok(vm) => vm,
-        Err(e) => {
-            let report = RunReport {
-                result: Err(e),
-                stdout: vec![],
-                stderr: vec![],
-                truncated: Default::default(),
-                stats,
-            };
-            return (report, crate::vm::Finished(None));
+    let mut reuse = true;
+    let (vm, out, result) = loop {
+        let booted = guest_module_with(spec, limits, cache.as_ref(), reuse).and_then(|m| {
+            stats.aot_compile_ms = m.aot_ms;
+            stats.artifact_cache = m.cache;
+            boot_vm(&m.bytes, spec.runtime, spec.engine, limits)
+        });
+        let mut vm = match booted {
+            Ok(vm) => vm,
+            Err(e) => {
+                let report = RunReport {
+                    result: Err(e),
+                    stdout: vec![],
+                    stderr: vec![],
+                    truncated: Default::default(),
+                    stats,
+                };
+                return (report, crate::vm::Finished(None));
+            }
+        };
+        stats.backend = format!("{:?}", vm.backend).to_lowercase();
+        stats.vm_create_ms = ms(t0.elapsed()) - stats.aot_compile_ms;
+        let mut out = Output::new(limits.max_output);
+        let result = serve_from(&mut vm, None, &spec.config_blob(), stdin, &mut out, limits);
+        let wrote = !out.stdout.is_empty() || !out.stderr.is_empty();
+        if reuse && cached_artifact_refused(&result, stats.artifact_cache, wrote) {
+            reuse = false;
+            continue;
         }
+        break (vm, out, result);
     };
-    stats.backend = format!("{:?}", vm.backend).to_lowercase();
-    stats.vm_create_ms = ms(t0.elapsed()) - stats.aot_compile_ms;
-    let mut out = Output::new(limits.max_output);
-    let result = serve_from(&mut vm, None, &spec.config_blob(), stdin, &mut out, limits);
     stats.total_ms = ms(t0.elapsed());
     stats.exits = vm.exits;
     if let Ok(mb) = vm.read_mailbox() {

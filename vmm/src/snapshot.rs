@@ -730,15 +730,24 @@ pub fn create_template(
             eager_compile: true,
             ..limits.clone()
         };
-        let module = run::guest_module(spec, &base_limits, Some(&*store))?;
-        aot_compile_ms = module.aot_ms;
-        artifact_cache = module.cache;
-        let mut vm = boot_vm(&module.bytes, spec.runtime, spec.engine, &base_limits)?;
-        drop(module);
-        let mut boot_out = Output::new(limits.max_output);
-        let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
-            Ok(run::Next::Stop)
-        })?;
+        let mut reuse = true;
+        let (mut vm, stop) = loop {
+            let module = run::guest_module_with(spec, &base_limits, Some(&*store), reuse)?;
+            aot_compile_ms = module.aot_ms;
+            artifact_cache = module.cache;
+            let mut vm = boot_vm(&module.bytes, spec.runtime, spec.engine, &base_limits)?;
+            drop(module);
+            let mut boot_out = Output::new(limits.max_output);
+            let stop = run::drive(&mut vm, None, &mut boot_out, limits, |_, _| {
+                Ok(run::Next::Stop)
+            });
+            let wrote = !boot_out.stdout.is_empty() || !boot_out.stderr.is_empty();
+            if reuse && run::cached_artifact_refused(&stop, artifact_cache, wrote) {
+                reuse = false;
+                continue;
+            }
+            break (vm, stop?);
+        };
         let buf = match stop {
             Hostcall::GetFunction { buf } => buf,
             Hostcall::ReadStdin { .. } => {

@@ -63,6 +63,10 @@ pub enum GuestError {
     Panic(String),
     #[error("{0}")]
     Runtime(String),
+    /// The guest's engine refused the module (or the artifact compiled from it) before
+    /// running any of it.
+    #[error("{0}")]
+    ModuleInvalid(String),
     #[error("the guest sent a malformed hostcall and was stopped: {0}")]
     BadHostcall(AbiError),
     #[error("the guest wrote more than {0} bytes of output and was stopped")]
@@ -394,10 +398,15 @@ impl Vm {
                     }
                     .into());
                 }
-                Request::Error { code: _, message } => {
+                Request::Error { code, message } => {
                     let msg = String::from_utf8_lossy(self.mem.slice(message.gpa, message.len)?)
                         .into_owned();
-                    return Err(GuestError::Runtime(msg).into());
+                    return Err(if code == vmm_abi::ERR_MODULE_INVALID {
+                        GuestError::ModuleInvalid(msg)
+                    } else {
+                        GuestError::Runtime(msg)
+                    }
+                    .into());
                 }
             }
         }
