@@ -206,6 +206,21 @@ fn templates_of_each_engine_restore_and_never_mix() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(bases.len(), 2, "{v}");
+    // `template ls` shows what each template was made with.
+    let mut engines: Vec<(&str, &str)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["engine"].as_str().unwrap(),
+                t["runtime"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    engines.sort();
+    engines.dedup();
+    assert_eq!(engines, [("wasmi", "qjs"), ("wasmtime", "qjs")], "{v}");
     // A function layer on a base made with the other engine is refused, naming both.
     let wasmi_base = {
         let c = vmm()

@@ -136,7 +136,8 @@ enum TemplateCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List the templates in the store.
+    /// List the templates in the store: parent, runtime and engine they were made with, own
+    /// pages, guest memory.
     Ls {
         #[command(flatten)]
         store: StoreArg,
@@ -366,13 +367,26 @@ fn template(cmd: TemplateCommand) -> i32 {
                 Err(e) => return fail(format!("list templates: {e}")),
             };
             let (list, bad) = (&all.templates, &all.unreadable);
+            // Runtime and engine come from each template's recorded provenance (templates
+            // from before it was recorded have none: `-`).
+            let made_with = |name: &str| {
+                store
+                    .load(name)
+                    .ok()
+                    .and_then(|t| vmm::checks::decode_device(&t).ok())
+                    .and_then(|d| d.provenance)
+                    .map(|p| (p.runtime, p.engine))
+            };
             if json {
                 let mut v: Vec<_> = list
                     .iter()
                     .map(|t| {
+                        let made = made_with(t.name.as_str());
                         serde_json::json!({
                             "name": t.name.as_str(),
                             "parent": t.parent.as_ref().map(|p| p.as_str()),
+                            "runtime": made.as_ref().map(|m| m.0.as_str()),
+                            "engine": made.as_ref().map(|m| m.1.as_str()),
                             "mem_size": t.mem_size,
                             "own_pages": t.own_pages,
                             "created_unix_ms": t.created_unix_ms,
@@ -389,18 +403,21 @@ fn template(cmd: TemplateCommand) -> i32 {
                 cli::print_line(&serde_json::Value::Array(v).to_string());
             } else {
                 cli::print_line(&format!(
-                    "{:<32} {:<32} {:>10} {:>8}",
-                    "NAME", "PARENT", "OWN PAGES", "MEM MiB"
+                    "{:<32} {:<32} {:<7} {:<8} {:>10} {:>8}",
+                    "NAME", "PARENT", "RUNTIME", "ENGINE", "OWN PAGES", "MEM MiB"
                 ));
                 let mut rows: Vec<(&str, String)> = list
                     .iter()
                     .map(|t| {
+                        let made = made_with(t.name.as_str());
                         (
                             t.name.as_str(),
                             format!(
-                                "{:<32} {:<32} {:>10} {:>8}",
+                                "{:<32} {:<32} {:<7} {:<8} {:>10} {:>8}",
                                 t.name.as_str(),
                                 t.parent.as_ref().map(|p| p.as_str()).unwrap_or("-"),
+                                made.as_ref().map(|m| m.0.as_str()).unwrap_or("-"),
+                                made.as_ref().map(|m| m.1.as_str()).unwrap_or("-"),
                                 t.own_pages,
                                 t.mem_size >> 20
                             ),
