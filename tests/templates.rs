@@ -510,3 +510,26 @@ fn invalid_template_names_are_reported_as_such() {
         );
     }
 }
+
+/// `function_ms` of a restore is the function's work after its request arrived, inside the
+/// host's run of the restored VM; it once counted from the template's creation.
+#[test]
+fn a_restore_times_the_function_from_its_request() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("function-ms");
+    let c = create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    assert_eq!(c.code(), 0, "{}", c.stderr());
+    // Long enough that a time counted from the creation would stand out.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut cmd = vmm();
+    cmd.args(["restore", "hello", "--store", &store.arg(), "--json"]);
+    let r = run_with_input(cmd, br#"{"name":"t"}"#);
+    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    let (function, run) = (
+        v["stats"]["function_ms"].as_f64().unwrap(),
+        v["stats"]["restore"]["run_ms"].as_f64().unwrap(),
+    );
+    assert!(function > 0.0 && function <= run, "{v}");
+}

@@ -306,6 +306,8 @@ pub mod offsets {
     pub const RET: usize = 21 * 8;
     pub const RET2: usize = 22 * 8;
     pub const STATS: usize = 23 * 8;
+    /// `stats.function_start`.
+    pub const FUNCTION_START: usize = 28 * 8;
     pub const ENGINE: usize = 31 * 8;
 }
 

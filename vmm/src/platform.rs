@@ -110,6 +110,12 @@ impl Backend {
         }
     }
 
+    /// The vCPU's time stamp counter now (IA32_TSC as the guest reads it), if KVM says.
+    pub fn guest_tsc(self, vcpu: &VcpuFd) -> Option<u64> {
+        const MSR_IA32_TSC: u32 = 0x10;
+        read_msr(vcpu, MSR_IA32_TSC)
+    }
+
     /// The guest TSC frequency in kHz.
     pub fn tsc_khz(self, vcpu: &VcpuFd) -> Result<u64, PlatformError> {
         if let Ok(khz) = vcpu.get_tsc_khz() {

@@ -23,7 +23,7 @@ use snapshot_store::{Frame, Resolved, Store, TemplateName, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-use vmm_abi::{GuestRange, Op};
+use vmm_abi::{layout, GuestRange, Op};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Version 2 added `provenance` and `base`; version 1 states still decode (without them).
@@ -512,6 +512,15 @@ fn run_restored(
     let buf = pending_buffer(name, &r.device, vm.mem.size())?;
     let mut out = Output::new(limits.max_output);
     let exits_before = vm.exits;
+    // The function's time is its work after the request arrives: the start the guest
+    // recorded belongs to the template's creation (another time, maybe another machine).
+    let resumed_at = vm.backend.guest_tsc(&vm.vcpu);
+    if let Some(tsc) = resumed_at {
+        vm.mem.write_u64(
+            layout::MAILBOX_GPA + vmm_abi::offsets::FUNCTION_START as u64,
+            tsc,
+        )?;
+    }
     let result = run::serve_from(
         vm,
         Some(Hostcall::ReadStdin { buf }),
@@ -527,11 +536,10 @@ fn run_restored(
     };
     stats.exits = vm.exits - exits_before;
     if let Ok(mb) = vm.read_mailbox() {
-        stats.function_ms = run::tsc_ms(
-            mb.stats.function_start.max(1),
-            mb.stats.function_end,
-            vm.tsc_khz,
-        );
+        if resumed_at.is_some() {
+            stats.function_ms =
+                run::tsc_ms(mb.stats.function_start, mb.stats.function_end, vm.tsc_khz);
+        }
         stats.hostcalls = mb.stats.hostcalls;
     }
     Ok(RunReport {
