@@ -467,7 +467,7 @@ struct StartFunction {
 }
 
 fn start_functions(a: &BenchArgs) -> Vec<StartFunction> {
-    let python = a.examples.join("bench").join("python-hello.py");
+    let python = a.examples.join("hello.py");
     vec![
         StartFunction {
             label: "markdown (86-byte request)",
@@ -491,10 +491,12 @@ fn start_functions(a: &BenchArgs) -> Vec<StartFunction> {
             args: vec![
                 "--module".into(),
                 s(&a.python),
+                "--runtime".into(),
+                "python".into(),
                 "--file".into(),
-                format!("{}:python-hello.py", s(&python)),
+                s(&python),
                 "--arg".into(),
-                "python-hello.py".into(),
+                "hello.py".into(),
             ],
             input: br#"{"name":"bench"}"#,
             missing: (!a.python.exists()).then(|| python_missing(a)),
