@@ -5,8 +5,9 @@
 mod common;
 use common::*;
 
-/// `vmm run --json` of examples/hello.js under wasmtime with `store` as the cache.
-fn hello(store: &TempDir, extra: &[&str]) -> (serde_json::Value, String) {
+/// `vmm run --json` of `function` under wasmtime with `store` as the cache: its JSON
+/// report and its stderr.
+fn run_json(store: &TempDir, function: &[String], input: &[u8]) -> (serde_json::Value, String) {
     let mut cmd = vmm();
     cmd.args([
         "run",
@@ -16,17 +17,24 @@ fn hello(store: &TempDir, extra: &[&str]) -> (serde_json::Value, String) {
         &store.arg(),
         "--json",
     ])
-    .args(extra)
-    .args(qjs_function_args("hello.js", &[]));
-    let r = run_with_input(cmd, br#"{"name":"cache"}"#);
-    let v: serde_json::Value = serde_json::from_str(r.stdout().trim())
+    .args(function);
+    let r = run_with_input(cmd, input);
+    let v = serde_json::from_str(r.stdout().trim())
         .unwrap_or_else(|e| panic!("one JSON object ({e}): {} / {}", r.stdout(), r.stderr()));
-    assert_eq!(v["exit_code"], 0, "{v} / {}", r.stderr());
+    (v, r.stderr())
+}
+
+/// `vmm run --json` of examples/hello.js under wasmtime with `store` as the cache.
+fn hello(store: &TempDir, extra: &[&str]) -> (serde_json::Value, String) {
+    let mut function: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    function.extend(qjs_function_args("hello.js", &[]));
+    let (v, stderr) = run_json(store, &function, br#"{"name":"cache"}"#);
+    assert_eq!(v["exit_code"], 0, "{v} / {stderr}");
     assert_eq!(
         v["stdout"], "{\"greeting\":\"Hello, cache!\",\"length\":5}\n",
         "{v}"
     );
-    (v["stats"].clone(), r.stderr())
+    (v["stats"].clone(), stderr)
 }
 
 fn artifacts(store: &TempDir) -> Vec<std::path::PathBuf> {
@@ -144,22 +152,7 @@ fn an_artifact_compiled_with_other_settings_is_refused_by_the_guest_and_replaced
         );
     };
     let function = ["--module", &path("examples/upper.wat"), "--arg", "x"].map(String::from);
-    let upper = || {
-        let mut cmd = vmm();
-        cmd.args([
-            "run",
-            "--engine",
-            "wasmtime",
-            "--store",
-            &dir.arg(),
-            "--json",
-        ])
-        .args(&function);
-        let r = run_with_input(cmd, b"some text\n");
-        let v: serde_json::Value = serde_json::from_str(r.stdout().trim())
-            .unwrap_or_else(|e| panic!("one JSON object ({e}): {} / {}", r.stdout(), r.stderr()));
-        (v, r.stderr())
-    };
+    let upper = || run_json(&dir, &function, b"some text\n");
     let (clean, _) = upper();
     assert_eq!(clean["exit_code"], 0, "{clean}");
     plant();

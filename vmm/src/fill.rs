@@ -18,8 +18,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub enum MemoryStrategy {
     /// Copy every non-zero page before the vCPU runs.
     Eager,
-    /// Copy the 2 MiB regions holding the template's recorded working set before the vCPU
-    /// runs; the rest arrives on demand through userfaultfd.
+    /// Copy the template's recorded working set before the vCPU runs (whole 2 MiB regions
+    /// where it is dense, only its pages where it is sparse); the rest arrives on demand
+    /// through userfaultfd.
     Prefetch,
     /// Nothing up front: every page arrives on demand through userfaultfd.
     Lazy,

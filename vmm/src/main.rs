@@ -61,9 +61,9 @@ enum Command {
         store: StoreArg,
         #[command(flatten)]
         invoke: InvokeArgs,
-        /// How guest memory is filled: `prefetch` copies the 2 MiB regions holding the
-        /// template's recorded working set before the vCPU runs and serves the rest on demand
-        /// through userfaultfd; `eager` copies everything; `lazy` serves every page on demand;
+        /// How guest memory is filled: `prefetch` copies the template's recorded working set
+        /// before the vCPU runs (whole 2 MiB regions where it is dense, only its pages where
+        /// it is sparse) and serves the rest on demand through userfaultfd; `eager` copies everything; `lazy` serves every page on demand;
         /// `shared` maps a memory image cached in the store copy-on-write (see `vmm bench`).
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: cli::MemoryArg,
