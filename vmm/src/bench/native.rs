@@ -19,8 +19,12 @@ pub struct NativeReport {
 pub(super) fn native(a: &BenchArgs) -> Result<NativeReport, String> {
     let wasm =
         crate::cli::read_module(&a.examples.join("compute.wat")).map_err(|e| e.to_string())?;
+    // wasmi on both sides (the default engine is wasmtime: the `engines` section compares
+    // it with wasmtime in a host process).
     let args = [
         "run".into(),
+        "--engine".into(),
+        "wasmi".into(),
         "--module".into(),
         s(&a.examples.join("compute.wat")),
         "--json".into(),
