@@ -13,7 +13,8 @@ use memmap2::{Mmap, MmapOptions};
 
 use crate::{PackId, PageId};
 
-/// The page hash is already keyed and uniformly distributed: use it directly.
+/// The page hash is already keyed and uniformly distributed: use it directly. Small
+/// integers (frame numbers, pack positions) are multiplied by a large odd constant.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct IdHasher(u64);
 impl Hasher for IdHasher {
@@ -31,27 +32,16 @@ impl Hasher for IdHasher {
     fn write_u32(&mut self, i: u32) {
         self.0 ^= u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
-}
-pub(crate) type IdMap<V> = HashMap<PageId, V, BuildHasherDefault<IdHasher>>;
-
-/// Guest frame numbers are small dense integers: one multiply spreads them (Fibonacci
-/// hashing), far cheaper than the default SipHash on a restore's ~10k lookups.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct FrameHasher(u64);
-impl Hasher for FrameHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
     fn write_u64(&mut self, i: u64) {
         self.0 = (self.0 ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
-pub(crate) type FrameMap<V> = HashMap<u64, V, BuildHasherDefault<FrameHasher>>;
+pub(crate) type IdMap<V> = HashMap<PageId, V, BuildHasherDefault<IdHasher>>;
+
+/// Guest frame number -> V. Frame numbers are small dense integers: [`IdHasher`] spreads
+/// them with one multiply (Fibonacci hashing), far cheaper than SipHash on a restore's
+/// ~10k lookups.
+pub(crate) type FrameMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 pub(crate) struct Lock(File);
 impl Drop for Lock {

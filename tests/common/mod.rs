@@ -186,7 +186,11 @@ pub fn run_with_input(mut cmd: Command, input: &[u8]) -> Run {
     // A child that fails before reading its request (a missing template, a bad option)
     // closes the pipe first: its status and stderr tell, not this write's EPIPE.
     if let Err(e) = child.stdin.take().unwrap().write_all(input) {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write request: {e}");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe,
+            "write request: {e}"
+        );
     }
     let output = child.wait_with_output().expect("wait for vmm");
     Run {
