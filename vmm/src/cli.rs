@@ -606,3 +606,28 @@ pub fn print_stats(s: &crate::run::Stats) {
     count("exits", s.exits);
     count("hostcalls", s.hostcalls);
 }
+
+/// `512M`, `8G`, `1T`, `4096` (bytes; K/M/G/T are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 512M or 8G"))?;
+    let mult: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        u => return Err(format!("{s:?}: unknown unit {u:?}: use K, M, G or T")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}

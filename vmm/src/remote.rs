@@ -24,33 +24,8 @@ pub struct RemoteArgs {
     pub remote_region: Option<String>,
     /// After a pull, remove templates pulled earlier, least recently used first (never one
     /// in use), until the store's packs take at most this much (e.g. 512M, 8G)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "VMM_STORE_LIMIT")]
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_size, env = "VMM_STORE_LIMIT")]
     pub store_limit: Option<u64>,
-}
-
-/// `512M`, `8G`, `1T`, `4096` (bytes; K/M/G/T are powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 512M or 8G"))?;
-    let mult: u64 = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        u => return Err(format!("{s:?}: unknown unit {u:?}: use K, M, G or T")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// What a pull on demand did.

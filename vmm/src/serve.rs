@@ -60,7 +60,7 @@ pub struct ServeArgs {
     pub max_instances: u32,
     /// Host memory (resident, e.g. 512M, 8G) above which idle instances are destroyed,
     /// least recently used templates first.
-    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = crate::cli::parse_size)]
     pub memory_limit: u64,
     /// Worker threads running vCPUs, 1 to 1024 [default: the number of CPUs].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -105,34 +105,6 @@ pub enum InstanceMemory {
     Shared,
     /// Each instance has its own copy of the template's memory.
     Copy,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let m = match s[i..]
-                .to_ascii_uppercase()
-                .trim_end_matches("IB")
-                .trim_end_matches('B')
-            {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1u64 << 40,
-                u => return Err(format!("unknown unit {u:?}: use K, M, G or T")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a size such as 512M or 8G"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -1072,6 +1044,7 @@ fn metrics(state: &State) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::parse_size;
 
     #[test]
     fn invoke_paths_are_parsed_without_panicking() {
