@@ -39,12 +39,6 @@ fn template_create(store: &TempDir, name: &str, engine: &str, function: &[String
     run_with_input(cmd, b"")
 }
 
-fn restore(store: &TempDir, name: &str, input: &[u8]) -> Run {
-    let mut cmd = vmm();
-    cmd.args(["restore", name, "--store", &store.arg()]);
-    run_with_input(cmd, input)
-}
-
 /// A module that writes "before\n", then runs `body` (which must trap).
 fn trapping(body: &str, extra: &str) -> String {
     format!(

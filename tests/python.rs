@@ -59,20 +59,6 @@ fn run(function: &[String], input: &[u8]) -> Run {
     run_with_input(cmd, input)
 }
 
-fn create(store: &TempDir, name: &str, function: &[String]) {
-    let mut cmd = vmm();
-    cmd.args(["template", "create", name, "--store", &store.arg()])
-        .args(function);
-    let r = run_with_input(cmd, b"");
-    assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
-}
-
-fn restore(store: &TempDir, name: &str, input: &[u8]) -> Run {
-    let mut cmd = vmm();
-    cmd.args(["restore", name, "--store", &store.arg()]);
-    run_with_input(cmd, input)
-}
-
 fn assert_ok(what: &str, r: &Run, want: &str) {
     assert_eq!(r.stdout(), want, "{what}: stderr: {}", r.stderr());
     assert_eq!(r.code(), 0, "{what}: stderr: {}", r.stderr());

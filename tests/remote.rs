@@ -41,20 +41,6 @@ fn json_of(r: &Run) -> serde_json::Value {
     })
 }
 
-fn create(store: &TempDir, name: &str, function: &[String]) {
-    let mut cmd = vmm();
-    cmd.args(["template", "create", name, "--store", &store.arg()])
-        .args(function);
-    let r = run_with_input(cmd, b"");
-    assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
-}
-
-fn restore(store: &TempDir, name: &str, input: &[u8]) -> Run {
-    let mut cmd = vmm();
-    cmd.args(["restore", name, "--store", &store.arg()]);
-    run_with_input(cmd, input)
-}
-
 /// A client of the cluster for looking at (and damaging) objects through the S3 API.
 fn client(g: &Garage, prefix: &str) -> remote_store::Remote {
     let cfg = remote_store::RemoteConfig {

@@ -30,14 +30,6 @@ fn marked() -> String {
     format!("{}:marked.esm.js", workload("marked.esm.js"))
 }
 
-fn create(store: &TempDir, name: &str, function: &[String]) {
-    let mut cmd = vmm();
-    cmd.args(["template", "create", name, "--store", &store.arg()])
-        .args(function);
-    let r = run_with_input(cmd, b"");
-    assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
-}
-
 fn run_cold(function: &[String], input: &[u8]) -> String {
     let mut cmd = vmm();
     cmd.arg("run").args(function);

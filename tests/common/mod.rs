@@ -174,6 +174,22 @@ impl Piped {
     }
 }
 
+/// `vmm template create NAME --store STORE FUNCTION...`; fails the test unless it succeeds.
+pub fn create(store: &TempDir, name: &str, function: &[String]) {
+    let mut cmd = vmm();
+    cmd.args(["template", "create", name, "--store", &store.arg()])
+        .args(function);
+    let r = run_with_input(cmd, b"");
+    assert_eq!(r.code(), 0, "template create {name}: {}", r.stderr());
+}
+
+/// `vmm restore NAME --store STORE` with `input` on stdin.
+pub fn restore(store: &TempDir, name: &str, input: &[u8]) -> Run {
+    let mut cmd = vmm();
+    cmd.args(["restore", name, "--store", &store.arg()]);
+    run_with_input(cmd, input)
+}
+
 /// Run `cmd` with `input` on stdin.
 pub fn run_with_input(mut cmd: Command, input: &[u8]) -> Run {
     let t0 = Instant::now();
