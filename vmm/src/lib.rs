@@ -5,6 +5,7 @@ pub mod aot;
 pub mod bench;
 pub mod checks;
 pub mod cli;
+pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod fill;

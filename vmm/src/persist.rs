@@ -10,7 +10,8 @@
 //! or damaged state that KVM would take and the guest would crash on, or that KVM would
 //! refuse with a bare errno), so restore and `vmm-store verify` can name them.
 
-use crate::platform::{Backend, MadeOn, MadeOnMismatch, MSR_PVM_VIF};
+use crate::cpu::{MadeOn, MadeOnMismatch};
+use crate::platform::{Backend, MSR_PVM_VIF};
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     kvm_xsave, Msrs, KVM_MAX_MSR_ENTRIES,
