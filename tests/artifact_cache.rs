@@ -140,7 +140,7 @@ fn an_artifact_compiled_with_other_settings_is_refused_by_the_guest_and_replaced
         .unwrap()
         .precompile_module(&wasm)
         .unwrap();
-    let compiler = vmm::aot::Compiler::new().unwrap();
+    let compiler = vmm::aot::Compiler::new(vmm::vm::host().unwrap().cpu).unwrap();
     let key =
         snapshot_store::ArtifactKey::new(&wasm, vmm::run::ARTIFACT_ENGINE, compiler.fingerprint());
     let plant = || {

@@ -38,6 +38,8 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
+pub mod cpu;
+
 /// Guest physical memory layout.
 pub mod layout {
     pub const PAGE_SIZE: u64 = 0x1000;
@@ -183,6 +185,10 @@ pub struct Mailbox {
     // --- host -> guest, set before boot (ABI version 2) ---------------------------
     /// [`ENGINE_WASMI`] or [`ENGINE_WASMTIME`]: how to read the module.
     pub engine: u64,
+    // --- guest -> host, written at boot -------------------------------------------
+    /// The CPUID registers the guest read with its own `cpuid` ([`cpu::CpuidRegs::to_words`]):
+    /// what its wasmtime checks a compiled module against. 0 from kernels that predate it.
+    pub cpuid: [u64; cpu::CPUID_WORDS],
 }
 
 /// TSC timestamps the guest records at each phase; the VMM turns them into a breakdown.
@@ -209,7 +215,7 @@ impl Mailbox {
     pub fn to_words(&self) -> [u64; MAILBOX_WORDS] {
         let mut w = [0u64; MAILBOX_WORDS];
         let s = &self.stats;
-        let fields: [u64; 8 + 2 + 4 + 1 + 6 + 2 + STATS_WORDS + 1] = [
+        let fields: [u64; 8 + 2 + 4 + 1 + 6 + 2 + STATS_WORDS + 1 + cpu::CPUID_WORDS] = [
             self.magic,
             self.abi_version,
             self.flags,
@@ -242,6 +248,9 @@ impl Mailbox {
             s.function_end,
             s.hostcalls,
             self.engine,
+            self.cpuid[0],
+            self.cpuid[1],
+            self.cpuid[2],
         ];
         w[..fields.len()].copy_from_slice(&fields);
         w
@@ -283,6 +292,7 @@ impl Mailbox {
                 hostcalls: word(30),
             },
             engine: word(31),
+            cpuid: [word(32), word(33), word(34)],
         }
     }
 
@@ -309,6 +319,7 @@ pub mod offsets {
     /// `stats.function_start`.
     pub const FUNCTION_START: usize = 28 * 8;
     pub const ENGINE: usize = 31 * 8;
+    pub const CPUID: usize = 32 * 8;
 }
 
 /// Hostcall operation codes (`Mailbox::op`).
@@ -687,6 +698,7 @@ mod tests {
         mb.stats.function_end = 77;
         mb.engine = ENGINE_WASMTIME;
         mb.entropy = [9, 8, 7, 6];
+        mb.cpuid = [1 << 40 | 3, 5, u64::MAX];
         let back = Mailbox::from_bytes(&mb.to_bytes());
         assert_eq!(mb, back);
         assert_eq!(
@@ -715,6 +727,7 @@ mod tests {
             offsets::ENGINE,
             "the words are the struct's fields in order"
         );
+        assert_eq!(core::mem::offset_of!(Mailbox, cpuid), offsets::CPUID);
         assert_eq!(b[offsets::OP..offsets::OP + 8], 0xabcu64.to_le_bytes());
         assert_eq!(b[offsets::RET..offsets::RET + 8], 0x123u64.to_le_bytes());
         assert_eq!(

@@ -15,6 +15,28 @@ pub mod rng;
 pub mod runner;
 pub mod wasi;
 
+/// The CPU features this guest's `cpuid` reports (the registers `vmm_abi::cpu` reads them
+/// from), read once: on some back ends every `cpuid` is an exit to the host's KVM. The VMM
+/// compiles wasm for exactly what these registers show (the same `vmm_abi::cpu` functions).
+pub fn cpuid_regs() -> vmm_abi::cpu::CpuidRegs {
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    static READ: AtomicBool = AtomicBool::new(false);
+    static WORDS: [AtomicU64; vmm_abi::cpu::CPUID_WORDS] =
+        [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    if !READ.load(Ordering::Acquire) {
+        let regs = vmm_abi::cpu::CpuidRegs::read(|leaf, sub| {
+            let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        });
+        for (slot, w) in WORDS.iter().zip(regs.to_words()) {
+            slot.store(w, Ordering::Relaxed);
+        }
+        READ.store(true, Ordering::Release);
+        return regs;
+    }
+    vmm_abi::cpu::CpuidRegs::from_words(core::array::from_fn(|i| WORDS[i].load(Ordering::Relaxed)))
+}
+
 /// What the runner needs from the world outside the wasm sandbox. The kernel implements
 /// it with hostcalls to the VMM (each costs a VM exit, ~26 µs on PVM); tests implement it
 /// in memory.

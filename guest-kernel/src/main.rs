@@ -104,6 +104,15 @@ pub extern "C" fn kernel_main() -> ! {
     }
     // SAFETY: first thing at boot, once.
     unsafe { cpu::descriptors::init() };
+    // What this guest's `cpuid` reports, for the VMM to show and check against the CPU
+    // model it set (and compiled the module for).
+    for (i, w) in guest_kernel::cpuid_regs()
+        .to_words()
+        .into_iter()
+        .enumerate()
+    {
+        hostcall::write(offsets::CPUID + i * 8, w);
+    }
 
     let mem_size = hostcall::read(MB_MEM_SIZE);
     let module_gpa = hostcall::read(MB_MODULE_GPA);

@@ -1,15 +1,19 @@
 //! Ahead-of-time compilation for the guest's wasmtime: Cranelift compiles a module on the
 //! host into an artifact for the guest kernel (`x86_64-unknown-none`), with exactly the
 //! engine settings the guest's runtime uses (`abi/src/wasmtime_config.rs`, included by both
-//! sides) and the CPU features the guest may use (SSE up to 4.2 and POPCNT always;
-//! BMI1/BMI2/LZCNT when this CPU has them; never AVX, which needs XCR0 set up in the
-//! guest). The guest loads the artifact with `Module::deserialize`, which refuses one made
-//! with other settings.
+//! sides) and the CPU features of the guest CPU model (`crate::cpu::GuestCpu`, the CPUID
+//! table the VMM sets on every vCPU), never the host's: SSE up to 4.2 and POPCNT are
+//! required, BMI1/BMI2/LZCNT used when the model has them, AVX never (it needs XCR0 set up
+//! in the guest). Each feature is decided by `vmm_abi::cpu::wasmtime_feature` over the
+//! model's table, the same function the guest's wasmtime answers from its own `cpuid`
+//! with, so the guest's `Module::deserialize` (which refuses an artifact made with other
+//! settings) accepts what this compiles.
 //!
 //! [`Compiler::fingerprint`] names everything an artifact depends on besides the module
-//! (wasmtime version, target, CPU features, memory settings, and wasmtime's own hash of its
-//! compilation settings): with the module's hash it is the key under which a compiled
-//! artifact may be cached.
+//! (wasmtime version, target, the guest CPU model's features, memory settings, and
+//! wasmtime's own hash of its compilation settings): with the module's hash it is the key
+//! under which a compiled artifact may be cached, so an artifact compiled for one model is
+//! never handed to a guest of another.
 
 use std::hash::Hasher;
 use vmm_abi::wasmtime_settings as settings;
@@ -22,9 +26,12 @@ pub enum AotError {
     /// The module is not valid WebAssembly (or uses a feature the engine does not enable).
     #[error("module is not valid WebAssembly: {0}")]
     InvalidModule(String),
-    /// This CPU lacks a feature every artifact is compiled with.
-    #[error("this CPU lacks {0}, which the guest's compiled code requires")]
-    MissingCpuFeature(&'static str),
+    /// The guest CPU model lacks a feature every artifact is compiled with.
+    #[error("the guest CPU model ({model}) lacks {feature}, which code compiled for the guest's wasmtime requires (the wasmi engine needs no such feature)")]
+    MissingCpuFeature {
+        feature: &'static str,
+        model: String,
+    },
     /// The compiler could not be set up (a bug: the settings are fixed).
     #[error("cannot set up the WebAssembly compiler: {0}")]
     Setup(String),
@@ -34,6 +41,8 @@ pub enum AotError {
 pub struct Compiler {
     engine: wasmtime::Engine,
     fingerprint: String,
+    /// The CPU features compiled for (wasmtime's names: `sse4.1`, `bmi2`, ...).
+    features: Vec<&'static str>,
 }
 
 /// `{e}` with its causes.
@@ -46,24 +55,11 @@ fn chain(e: &wasmtime::Error) -> String {
     s
 }
 
-/// Whether this CPU has `feature` (as named in `vmm_abi::wasmtime_settings`).
-fn host_has(feature: &str) -> bool {
-    match feature {
-        "sse3" => std::arch::is_x86_feature_detected!("sse3"),
-        "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
-        "sse4.1" => std::arch::is_x86_feature_detected!("sse4.1"),
-        "sse4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
-        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-        "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
-        "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
-        "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
-        _ => false,
-    }
-}
-
 impl Compiler {
-    /// The compiler for this CPU.
-    pub fn new() -> Result<Compiler, AotError> {
+    /// The compiler for guests of the CPU model `cpu`.
+    pub fn new(cpu: &crate::cpu::GuestCpu) -> Result<Compiler, AotError> {
+        let regs = cpu.regs();
+        let has = |feature: &str| vmm_abi::cpu::wasmtime_feature(&regs, feature) == Some(true);
         let mut config = wasmtime::Config::new();
         apply_shared_settings(&mut config);
         // Cargo unifies this crate's wasmtime features with those of wasmtime-wasi (the
@@ -83,27 +79,35 @@ impl Compiler {
         // compiled code and the guest's runtime agree on how floats are passed.
         unsafe { config.x86_float_abi_ok(true) };
         let mut flags = Vec::new();
+        let mut features = Vec::new();
         for (flag, feature) in settings::REQUIRED_FEATURES {
-            if !host_has(feature) {
-                return Err(AotError::MissingCpuFeature(feature));
+            if !has(feature) {
+                return Err(AotError::MissingCpuFeature {
+                    feature,
+                    model: cpu.record(),
+                });
             }
             flags.push(*flag);
+            features.push(*feature);
         }
         for (flag, feature) in settings::OPTIONAL_FEATURES {
-            if host_has(feature) {
+            if has(feature) {
                 flags.push(*flag);
+                features.push(*feature);
             }
         }
         for flag in &flags {
-            // SAFETY: each flag is a CPU feature this CPU has (checked above), and the guest
-            // runs on this CPU (its wasmtime checks them again with CPUID when it loads).
+            // SAFETY: each flag is a CPU feature the guest CPU model has (checked above):
+            // the model's CPUID table is set on every vCPU, and on PVM it only has features
+            // the host CPU executes. The guest's wasmtime checks them again with `cpuid`
+            // when it loads the artifact, and refuses one it does not find.
             unsafe { config.cranelift_flag_enable(flag) };
         }
         let engine = wasmtime::Engine::new(&config).map_err(|e| AotError::Setup(chain(&e)))?;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
         let fingerprint = format!(
-            "wasmtime {} target {} cpu {} memory reservation {} guard {} growth {} stack {} settings {:016x}",
+            "wasmtime {} target {} guest cpu model {} memory reservation {} guard {} growth {} stack {} settings {:016x}",
             settings::VERSION,
             settings::TARGET,
             flags.join(","),
@@ -116,7 +120,13 @@ impl Compiler {
         Ok(Compiler {
             engine,
             fingerprint,
+            features,
         })
+    }
+
+    /// The guest CPU features the artifacts are compiled for (wasmtime's names).
+    pub fn features(&self) -> &[&'static str] {
+        &self.features
     }
 
     /// Everything an artifact depends on besides its module (see the module docs).
@@ -147,9 +157,67 @@ impl Compiler {
 mod tests {
     use super::*;
 
+    /// The compiler's settings come from the guest CPU model, and the guest, reading the
+    /// model's table with `cpuid`, detects every feature an artifact is compiled for:
+    /// checked on the model of the AMD EPYC PVM host where artifacts compiled for the host's
+    /// own features were refused (`has_sse3 is enabled, but not available on the host`).
+    #[test]
+    fn compile_settings_and_the_guests_detection_agree() {
+        use crate::cpu::recorded;
+        for model in recorded::pvm_models("") {
+            agree(&model);
+        }
+    }
+
+    fn agree(model: &crate::cpu::GuestCpu) {
+        use crate::cpu::recorded;
+        let c = Compiler::new(model).expect("a compiler for the model");
+        // Everything the guest's wasmtime may be asked about, as the guest would answer it.
+        let guest = |f: &str| vmm_abi::cpu::wasmtime_feature(&model.regs(), f);
+        let all: Vec<&str> = settings::REQUIRED_FEATURES
+            .iter()
+            .chain(settings::OPTIONAL_FEATURES)
+            .map(|(_, f)| *f)
+            .collect();
+        for f in &all {
+            assert_eq!(
+                c.features().contains(f),
+                guest(f) == Some(true),
+                "{f}: compiled for {:?}",
+                c.features()
+            );
+        }
+        assert_eq!(c.features(), &all[..], "these hosts' models have them all");
+        for (flag, _) in settings::REQUIRED_FEATURES
+            .iter()
+            .chain(settings::OPTIONAL_FEATURES)
+        {
+            assert!(c.fingerprint().contains(flag), "{}", c.fingerprint());
+        }
+        // A model without LZCNT and BMI2: neither compiled for, and another cache key.
+        let smaller = recorded::amd_epyc_pvm_model("lzcnt,bmi2");
+        let s = Compiler::new(&smaller).unwrap();
+        assert!(!s.features().contains(&"lzcnt") && !s.features().contains(&"bmi2"));
+        assert!(
+            !s.fingerprint().contains("has_lzcnt"),
+            "{}",
+            s.fingerprint()
+        );
+        let wasm = wat::parse_str("(module)").unwrap();
+        assert_ne!(c.cache_key(&wasm), s.cache_key(&wasm));
+        // A model without a required feature: refused, naming the feature and the model.
+        let bare = recorded::amd_epyc_pvm_model("sse4.1");
+        let Err(e) = Compiler::new(&bare) else {
+            panic!("compiled without SSE4.1")
+        };
+        let e = e.to_string();
+        assert!(e.contains("sse4.1") && e.contains(&bare.record()), "{e}");
+    }
+
     #[test]
     fn compiles_for_the_guest_and_refuses_what_is_not_wasm() {
-        let c = Compiler::new().expect("a compiler for this CPU");
+        let c = Compiler::new(&crate::cpu::recorded::amd_epyc_pvm_model(""))
+            .expect("a compiler for the model");
         let wasm =
             wat::parse_str(r#"(module (func (export "f") (result i32) i32.const 7))"#).unwrap();
         let artifact = c.compile(&wasm).expect("compiles");

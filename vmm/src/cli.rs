@@ -605,6 +605,12 @@ pub fn print_stats(s: &crate::run::Stats) {
     row("total", s.total_ms);
     count("exits", s.exits);
     count("hostcalls", s.hostcalls);
+    if let Some(cpu) = &s.cpu {
+        eprintln!("{:>18}: {}", "guest cpu model", cpu.model);
+        if !cpu.compiled_for.is_empty() {
+            eprintln!("{:>18}: {}", "compiled for", cpu.compiled_for.join(","));
+        }
+    }
 }
 
 /// `512M`, `8G`, `1T`, `4096` (bytes; K/M/G/T are powers of 1024).

@@ -44,22 +44,25 @@ pub struct Engine {
     kvm: Arc<Kvm>,
     backend: Backend,
     tsc_khz: u64,
+    cpu: &'static crate::cpu::GuestCpu,
     /// The store, opened on first use and shared by every load (reads take `&Store`;
     /// each load refreshes it, so templates and packs written by other processes show).
     store: OnceLock<snapshot_store::Store>,
 }
 
 impl Engine {
-    /// Open /dev/kvm and detect the back end (with a probe VM that is dropped at once).
+    /// Open /dev/kvm, detect the back end and build the guest CPU model (once per process:
+    /// [`crate::vm::host`]).
     pub fn new(config: Config) -> Result<Engine, Error> {
         let step = "open KVM";
         let host = |e: VmError| Error::new(ErrorKind::Host, step, e);
-        let probe = VmParts::create().map_err(host)?;
+        let h = crate::vm::host().map_err(host)?;
         Ok(Engine {
             config,
-            kvm: probe.kvm.clone(),
-            backend: probe.backend,
-            tsc_khz: probe.tsc_khz,
+            kvm: h.kvm.clone(),
+            backend: h.backend,
+            tsc_khz: h.tsc_khz,
+            cpu: h.cpu,
             store: OnceLock::new(),
         })
     }
@@ -79,7 +82,7 @@ impl Engine {
 
     /// A new VM with one vCPU on this engine's /dev/kvm.
     pub(crate) fn vm_parts(&self) -> Result<VmParts, VmError> {
-        VmParts::create_on(&self.kvm, self.backend, self.tsc_khz)
+        VmParts::create_on(&self.kvm, self.backend, self.tsc_khz, self.cpu)
     }
 
     /// Load function template `name` from the store: every page verified once, laid out

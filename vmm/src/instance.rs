@@ -427,13 +427,10 @@ impl Instance {
             pagemap = Some(std::fs::File::open("/proc/self/pagemap").map_err(|e| host(e.into()))?);
         }
         let parts = template.engine.vm_parts().map_err(|e| host(e.into()))?;
-        parts
-            .backend
-            .prepare_restore(&parts.kvm, &parts.vcpu)
-            .map_err(|e| host(e.into()))?;
+        parts.prepare_restore().map_err(|e| host(e.into()))?;
         template
             .state
-            .apply(&parts.vm, &parts.vcpu, parts.backend)
+            .apply(&parts.vm, &parts.vcpu, parts.cpu)
             .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         let vm = parts.with_memory(mem);
         vm.register_memory().map_err(|e| host(e.into()))?;
@@ -662,7 +659,7 @@ impl Instance {
         let tv = Instant::now();
         let state = &self.template.state;
         state
-            .apply(&self.vm.vm, &self.vm.vcpu, self.vm.backend)
+            .apply(&self.vm.vm, &self.vm.vcpu, self.vm.cpu)
             .map_err(|e| host(e.into()))?;
         state
             .apply_backend_msrs(&self.vm.vcpu, self.vm.backend)

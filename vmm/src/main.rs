@@ -12,7 +12,8 @@ mod serve;
 #[command(
     name = "vmm",
     version,
-    about = "Run WebAssembly functions in a native KVM unikernel; start them from snapshots."
+    about = "Run WebAssembly functions in a native KVM unikernel; start them from snapshots.",
+    after_help = "Environment:\n  VMM_CPU_WITHOUT=lzcnt,bmi2  leave these CPU features out of the guest CPU model (every\n                              command): modules are compiled without them, and templates\n                              made so restore on hosts that lack them. `--stats` shows\n                              the model; docs/guest-cpu.md says what it is on each back end.\n  VMM_ENGINE=wasmi            the default engine (wasmtime otherwise).\n  VMM_STORE=DIR               the default store."
 )]
 struct Cli {
     #[command(subcommand)]

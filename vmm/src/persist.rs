@@ -10,7 +10,7 @@
 //! or damaged state that KVM would take and the guest would crash on, or that KVM would
 //! refuse with a bare errno), so restore and `vmm-store verify` can name them.
 
-use crate::cpu::{MadeOn, MadeOnMismatch};
+use crate::cpu::{GuestCpu, MadeOn, MadeOnMismatch};
 use crate::platform::{Backend, MSR_PVM_VIF};
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
@@ -142,9 +142,10 @@ impl VcpuState {
         kvm: &Kvm,
         vm: &VmFd,
         vcpu: &VcpuFd,
-        backend: Backend,
+        cpu: &GuestCpu,
         tsc_khz: u64,
     ) -> Result<Self, PersistError> {
+        let backend = cpu.backend();
         let regs = save("KVM_GET_REGS", vcpu.get_regs())?;
         let sregs = save("KVM_GET_SREGS", vcpu.get_sregs())?;
         let xsave = save("KVM_GET_XSAVE", vcpu.get_xsave())?;
@@ -167,7 +168,7 @@ impl VcpuState {
         let clock = save("KVM_GET_CLOCK", vm.get_clock())?;
         Ok(VcpuState {
             version: VCPU_STATE_VERSION,
-            backend: MadeOn::here(backend, vcpu).record(),
+            backend: cpu.record(),
             tsc_khz,
             regs: regs.as_bytes().to_vec(),
             sregs: sregs.as_bytes().to_vec(),
@@ -180,10 +181,12 @@ impl VcpuState {
         })
     }
 
-    /// Write the state into a fresh vCPU of a fresh VM.
-    pub fn apply(&self, vm: &VmFd, vcpu: &VcpuFd, backend: Backend) -> Result<(), PersistError> {
-        self.made_on()?
-            .check_restore(&MadeOn::here(backend, vcpu))?;
+    /// Write the state into a fresh vCPU of a fresh VM (or one being reset in place), whose
+    /// guest CPU model is `cpu`: refused when the model the state was made on has a feature
+    /// a guest may use that `cpu` lacks.
+    pub fn apply(&self, vm: &VmFd, vcpu: &VcpuFd, cpu: &GuestCpu) -> Result<(), PersistError> {
+        let backend = cpu.backend();
+        self.made_on()?.check_restore(cpu.made_on())?;
         let sregs: kvm_sregs = read("sregs", &self.sregs)?;
         let regs: kvm_regs = read("regs", &self.regs)?;
         let xsave: kvm_xsave = read("xsave", &self.xsave)?;

@@ -4,13 +4,14 @@
 //! back end (shadow paging, the guest runs at hardware CPL3). A guest runs natively there
 //! only if its "VIF" page is registered through MSR 0x4b564d10 before the first KVM_RUN;
 //! nothing reports an error otherwise, every instruction is just emulated 3000x slower.
-//! On ordinary hardware KVM (VT-x/AMD-V) none of that applies, and the vCPU needs a
-//! CPUID table instead. This module is the only place that knows the difference.
+//! On ordinary hardware KVM (VT-x/AMD-V) none of that applies. This module and the guest
+//! CPU model (`crate::cpu`, which differs per back end) are the only places that know the
+//! difference.
 //!
 //! What a template was made on (the back end and the guest's CPU) is `crate::cpu`'s.
 
-use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_ioctls::VcpuFd;
 use vmm_abi::layout;
 
 /// PVM: the guest's virtual-interrupt-flag page; host writes must set bit 10.
@@ -35,8 +36,10 @@ pub enum Backend {
 pub enum PlatformError {
     #[error("register the PVM VIF page (KVM_SET_MSRS {MSR_PVM_VIF:#x}): {0}; the guest would run emulated")]
     Vif(String),
-    #[error("set the vCPU's CPUID (KVM_SET_CPUID2): {0}")]
+    #[error("set the vCPU's CPUID (KVM_SET_CPUID2, or read KVM_GET_SUPPORTED_CPUID): {0}")]
     Cpuid(kvm_ioctls::Error),
+    #[error("the guest CPU model: {0}")]
+    CpuModel(String),
     #[error("read the guest TSC frequency: {0}")]
     TscKhz(String),
 }
@@ -77,26 +80,13 @@ impl Backend {
     }
 
     /// Prepare a freshly created vCPU for a boot (not for a restore, which writes the
-    /// saved MSRs back instead).
-    pub fn setup_vcpu(self, kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), PlatformError> {
+    /// saved MSRs back instead), after the guest CPU model's CPUID table is set
+    /// ([`crate::cpu::GuestCpu::set_on`]): PVM's VIF page.
+    pub fn setup_vcpu(self, vcpu: &VcpuFd) -> Result<(), PlatformError> {
         match self {
             Backend::Pvm => write_msr(vcpu, MSR_PVM_VIF, layout::VIF_GPA | PVM_VIF_HOST_WRITE)
                 .map_err(PlatformError::Vif),
-            Backend::Hardware => {
-                let cpuid = kvm
-                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(PlatformError::Cpuid)?;
-                vcpu.set_cpuid2(&cpuid).map_err(PlatformError::Cpuid)
-            }
-        }
-    }
-
-    /// Prepare a freshly created vCPU for a restore: the saved MSRs (including PVM's VIF)
-    /// come from the snapshot; hardware KVM needs its CPUID table first.
-    pub fn prepare_restore(self, kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), PlatformError> {
-        match self {
-            Backend::Pvm => Ok(()),
-            Backend::Hardware => self.setup_vcpu(kvm, vcpu),
+            Backend::Hardware => Ok(()),
         }
     }
 

@@ -174,6 +174,34 @@ pub struct Stats {
     /// Set for `vmm restore`: how the template was restored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<crate::snapshot::RestoreStats>,
+    /// The guest's CPU: the model the VMM set, what the guest saw, what it was compiled for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuReport>,
+}
+
+/// The guest's CPU, for `--stats` (`"cpu"` in `--json`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CpuReport {
+    /// The guest CPU model the VMM set on the vCPU, as a template records it
+    /// (`pvm/GenuineIntel/fxsr,sse,...`).
+    pub model: String,
+    /// The features a guest may use that the guest's own `cpuid` reported (at its boot:
+    /// for a restore, the template's creation), named as in `model`.
+    pub guest_sees: Vec<&'static str>,
+    /// The features the module was compiled for ahead of time (wasmtime cold runs; empty
+    /// otherwise), named as in `model`.
+    pub compiled_for: Vec<&'static str>,
+}
+
+impl CpuReport {
+    /// The report of a guest of model `cpu` whose mailbox is `mb`.
+    pub fn new(cpu: &crate::cpu::GuestCpu, mb: &Mailbox, compiled_for: &[&'static str]) -> Self {
+        CpuReport {
+            model: cpu.record(),
+            guest_sees: crate::cpu::Cpu::usable_in(&vmm_abi::cpu::CpuidRegs::from_words(mb.cpuid)),
+            compiled_for: compiled_for.to_vec(),
+        }
+    }
 }
 
 /// The outcome of one invocation. Output produced before a failure is kept.
@@ -291,6 +319,8 @@ pub struct GuestModule<'a> {
     pub bytes: std::borrow::Cow<'a, [u8]>,
     pub aot_ms: f64,
     pub cache: ArtifactCache,
+    /// The guest CPU features the artifact is compiled for (empty for wasmi).
+    pub features: Vec<&'static str>,
 }
 
 /// What the guest's engine gets as its module: the module itself for wasmi; for wasmtime,
@@ -321,10 +351,33 @@ pub(crate) fn cached_artifact_refused<T>(
     if cache != ArtifactCache::Hit || wrote {
         return false;
     }
+    let model = crate::vm::host().map_or_else(|_| "unknown".into(), |h| h.cpu.record());
     eprintln!(
-        "vmm: warning: the guest refused the compiled module cached in the store ({why}); compiling it again and replacing the cached one"
+        "vmm: warning: the guest refused the compiled module cached in the store ({why}; the guest CPU model: {model}); compiling it again and replacing the cached one"
     );
     true
+}
+
+/// A guest that refused its compiled module for a CPU feature: the error says which model
+/// the guest had and what the module was compiled for.
+fn name_the_model<T>(
+    result: Result<T, RunError>,
+    cpu: &crate::cpu::GuestCpu,
+    compiled_for: &[&str],
+) -> Result<T, RunError> {
+    match result {
+        Err(RunError::Guest(GuestError::ModuleInvalid(why)))
+            if why.contains("compilation setting") =>
+        {
+            Err(GuestError::ModuleInvalid(format!(
+                "{why} (the guest CPU model: {}; the module was compiled for {})",
+                cpu.record(),
+                compiled_for.join(",")
+            ))
+            .into())
+        }
+        r => r,
+    }
 }
 
 /// [`guest_module`]; with `reuse` false a cached artifact is not read but compiled again
@@ -341,10 +394,13 @@ pub(crate) fn guest_module_with<'a>(
             bytes: std::borrow::Cow::Borrowed(&spec.module),
             aot_ms: 0.0,
             cache: ArtifactCache::Off,
+            features: vec![],
         });
     }
     let t0 = Instant::now();
-    let compiler = crate::aot::Compiler::new().map_err(|e| VmError::Setup(e.into()))?;
+    // The guest CPU model, not this CPU, says what the artifact may use.
+    let cpu = crate::vm::host()?.cpu;
+    let compiler = crate::aot::Compiler::new(cpu).map_err(|e| VmError::Setup(e.into()))?;
     let key =
         snapshot_store::ArtifactKey::new(&spec.module, ARTIFACT_ENGINE, compiler.fingerprint());
     let mut outcome = ArtifactCache::Off;
@@ -356,6 +412,7 @@ pub(crate) fn guest_module_with<'a>(
                     bytes: artifact.into(),
                     aot_ms: ms(t0.elapsed()),
                     cache: ArtifactCache::Hit,
+                    features: compiler.features().to_vec(),
                 })
             }
             Ok(None) => outcome = ArtifactCache::Miss,
@@ -379,6 +436,7 @@ pub(crate) fn guest_module_with<'a>(
                 bytes: artifact.into(),
                 aot_ms: ms(t0.elapsed()),
                 cache: outcome,
+                features: compiler.features().to_vec(),
             })
         }
         // Not wasm: the same failure the guest reports for wasmi.
@@ -555,10 +613,12 @@ pub fn run_cold_keep(
             .ok()
     });
     let mut reuse = true;
+    let mut compiled_for = vec![];
     let (vm, out, result) = loop {
         let booted = guest_module_with(spec, limits, cache.as_ref(), reuse).and_then(|m| {
             stats.aot_compile_ms = m.aot_ms;
             stats.artifact_cache = m.cache;
+            compiled_for = m.features;
             boot_vm(&m.bytes, spec.runtime, spec.engine, limits)
         });
         let mut vm = match booted {
@@ -589,7 +649,9 @@ pub fn run_cold_keep(
     stats.exits = vm.exits;
     if let Ok(mb) = vm.read_mailbox() {
         apply_guest_stats(&mut stats, &mb.stats, vm.tsc_khz);
+        stats.cpu = Some(CpuReport::new(vm.cpu, &mb, &compiled_for));
     }
+    let result = name_the_model(result, vm.cpu, &compiled_for);
     let report = RunReport {
         result,
         stdout: out.stdout,

@@ -400,10 +400,8 @@ fn with_restored_keep<T>(
         let parts = crate::vm::VmParts::create()
             .map_err(TemplateError::from)
             .and_then(|p| {
-                p.backend
-                    .prepare_restore(&p.kvm, &p.vcpu)
-                    .map_err(|e| TemplateError::from(VmError::from(e)))?;
-                state.apply(&p.vm, &p.vcpu, p.backend)?;
+                p.prepare_restore().map_err(TemplateError::from)?;
+                state.apply(&p.vm, &p.vcpu, p.cpu)?;
                 Ok((p, ms(t2.elapsed())))
             });
         let installed = installer.join().unwrap_or(Err(TemplateError::Internal(
@@ -541,6 +539,7 @@ fn run_restored(
                 run::tsc_ms(mb.stats.function_start, mb.stats.function_end, vm.tsc_khz);
         }
         stats.hostcalls = mb.stats.hostcalls;
+        stats.cpu = Some(run::CpuReport::new(vm.cpu, &mb, &[]));
     }
     Ok(RunReport {
         result,
@@ -578,7 +577,7 @@ fn capture(
     base: Option<BaseRef>,
 ) -> Result<(VcpuState, DeviceState), TemplateError> {
     vm.settle()?;
-    let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.backend, vm.tsc_khz)?;
+    let state = VcpuState::capture(&vm.kvm, &vm.vm, &vm.vcpu, vm.cpu, vm.tsc_khz)?;
     let device = DeviceState {
         version: DEVICE_STATE_VERSION,
         pending_op: pending as u64,

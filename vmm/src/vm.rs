@@ -3,6 +3,7 @@
 //! requests are decoded with `vmm_abi::decode_request`, which range-checks every
 //! address and length, and any malformed request stops the guest with an error.
 
+use crate::cpu::GuestCpu;
 use crate::loader::{self, LoadError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{Backend, PlatformError};
@@ -152,6 +153,40 @@ impl Output {
     }
 }
 
+/// This process's /dev/kvm: opened once, its back end detected with a probe vCPU, the
+/// guest TSC frequency read and the guest CPU model built once (every /dev/kvm of a process
+/// is the same back end). See [`host`].
+pub struct Host {
+    pub kvm: std::sync::Arc<Kvm>,
+    pub backend: Backend,
+    pub tsc_khz: u64,
+    pub cpu: &'static GuestCpu,
+    /// The probe's VM and vCPU, never run: the first [`VmParts::create`] takes them instead
+    /// of creating another (a `vmm run` makes one VM, not two).
+    probe: std::sync::Mutex<Option<(VmFd, VcpuFd)>>,
+}
+
+/// This process's [`Host`]; until it has been opened, every call tries again.
+pub fn host() -> Result<&'static Host, VmError> {
+    static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
+    if let Some(h) = HOST.get() {
+        return Ok(h);
+    }
+    let kvm = std::sync::Arc::new(Kvm::new().map_err(VmError::OpenKvm)?);
+    let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+    let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
+    let backend = Backend::detect(&vcpu);
+    let tsc_khz = backend.tsc_khz(&vcpu)?;
+    let cpu = GuestCpu::for_host(&kvm, backend)?;
+    Ok(HOST.get_or_init(|| Host {
+        kvm,
+        backend,
+        tsc_khz,
+        cpu,
+        probe: std::sync::Mutex::new(Some((vm, vcpu))),
+    }))
+}
+
 /// A VM and its vCPU before guest RAM is attached (see [`Vm::new_unregistered`]): lets a
 /// restore create them while another thread fills the memory.
 pub struct VmParts {
@@ -160,21 +195,30 @@ pub struct VmParts {
     pub vcpu: VcpuFd,
     pub backend: Backend,
     pub tsc_khz: u64,
+    /// The guest CPU model: its CPUID table is set on the vCPU before it runs.
+    pub cpu: &'static GuestCpu,
 }
 
 impl VmParts {
+    /// A VM and its vCPU on this process's /dev/kvm ([`host`]).
     pub fn create() -> Result<VmParts, VmError> {
-        let kvm = std::sync::Arc::new(Kvm::new().map_err(VmError::OpenKvm)?);
-        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
-        let backend = Backend::detect(&vcpu);
-        let tsc_khz = backend.tsc_khz(&vcpu)?;
+        let h = host()?;
+        let probe = h.probe.lock().ok().and_then(|mut p| p.take());
+        let (vm, vcpu) = match probe {
+            Some(p) => p,
+            None => {
+                let vm = h.kvm.create_vm().map_err(VmError::CreateVm)?;
+                let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
+                (vm, vcpu)
+            }
+        };
         Ok(VmParts {
-            kvm,
+            kvm: h.kvm.clone(),
             vm,
             vcpu,
-            backend,
-            tsc_khz,
+            backend: h.backend,
+            tsc_khz: h.tsc_khz,
+            cpu: h.cpu,
         })
     }
 
@@ -184,6 +228,7 @@ impl VmParts {
         kvm: &std::sync::Arc<Kvm>,
         backend: Backend,
         tsc_khz: u64,
+        cpu: &'static GuestCpu,
     ) -> Result<VmParts, VmError> {
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
@@ -193,7 +238,14 @@ impl VmParts {
             vcpu,
             backend,
             tsc_khz,
+            cpu,
         })
+    }
+
+    /// Prepare the fresh vCPU for a restore: the model's CPUID table, before the saved
+    /// state (whose MSRs KVM checks against it) is written.
+    pub fn prepare_restore(&self) -> Result<(), VmError> {
+        Ok(self.cpu.set_on(&self.vcpu)?)
     }
 
     /// Attach guest RAM (not yet registered with KVM: see [`Vm::register_memory`]).
@@ -204,6 +256,7 @@ impl VmParts {
             vcpu,
             backend,
             tsc_khz,
+            cpu,
         } = self;
         Vm {
             kvm,
@@ -212,6 +265,7 @@ impl VmParts {
             mem,
             backend,
             tsc_khz,
+            cpu,
             exits: 0,
         }
     }
@@ -228,6 +282,7 @@ pub struct Vm {
     pub mem: GuestMemory,
     pub backend: Backend,
     pub tsc_khz: u64,
+    pub cpu: &'static GuestCpu,
     /// VM exits served so far.
     pub exits: u64,
 }
@@ -284,7 +339,8 @@ impl Vm {
                 step: "KVM_SET_REGS",
                 source: e,
             })?;
-        self.backend.setup_vcpu(&self.kvm, &self.vcpu)?;
+        self.cpu.set_on(&self.vcpu)?;
+        self.backend.setup_vcpu(&self.vcpu)?;
         Ok(())
     }
 

@@ -22,29 +22,11 @@ pub struct Loaded {
 }
 
 /// Whether this CPU has `feature` (named as wasmtime asks: "sse4.1", "bmi2", ...), from
-/// CPUID. `None` for a feature this guest does not know, which refuses the artifact.
-/// AVX and everything that needs it is reported missing: it needs XSAVE/XCR0 set up,
-/// which this guest does not do (the PVM back end forbids `xsetbv`).
+/// this guest's `cpuid`, decided by the same function the VMM's compiler uses on the CPUID
+/// table it gives the guest (`vmm_abi::cpu::wasmtime_feature`). `None` for a feature it
+/// does not know, which refuses the artifact; AVX and what needs it are reported missing.
 fn detect_feature(feature: &str) -> Option<bool> {
-    use core::arch::x86_64::{__cpuid, __cpuid_count};
-    let (max, ext_max) = (__cpuid(0).eax, __cpuid(0x8000_0000).eax);
-    let l1 = __cpuid(1);
-    let l7 = (max >= 7).then(|| __cpuid_count(7, 0));
-    let ext = (ext_max >= 0x8000_0001).then(|| __cpuid(0x8000_0001));
-    let bit = |r: u32, n: u32| r & (1 << n) != 0;
-    Some(match feature {
-        "sse3" => bit(l1.ecx, 0),
-        "ssse3" => bit(l1.ecx, 9),
-        "cmpxchg16b" => bit(l1.ecx, 13),
-        "sse4.1" => bit(l1.ecx, 19),
-        "sse4.2" => bit(l1.ecx, 20),
-        "popcnt" => bit(l1.ecx, 23),
-        "bmi1" => l7.is_some_and(|r| bit(r.ebx, 3)),
-        "bmi2" => l7.is_some_and(|r| bit(r.ebx, 8)),
-        "lzcnt" => ext.is_some_and(|r| bit(r.ecx, 5)),
-        f if f.starts_with("avx") || f == "fma" => false,
-        _ => return None,
-    })
+    vmm_abi::cpu::wasmtime_feature(&crate::cpuid_regs(), feature)
 }
 
 /// The guest's engine: the shared settings, CPU features from CPUID.
