@@ -330,15 +330,20 @@ pub struct MadeOn {
 pub enum MadeOnMismatch {
     #[error("the template was made on {made} and cannot be restored on {here}: its vCPU state is that back end's; create it on this machine")]
     Backend { made: String, here: String },
-    #[error("the template was made on {made} with CPU features that {here} here lacks ({missing}); the template's code may use them: create it on this machine, or make templates with a model that every host has ({CPU_WITHOUT_ENV}={missing_list}). The guest CPU it was made for: {made_model}; here: {here_model}")]
-    Features {
-        made: String,
-        here: String,
-        missing: String,
-        missing_list: String,
-        made_model: String,
-        here_model: String,
-    },
+    #[error(transparent)]
+    Features(Box<FeaturesMissing>),
+}
+
+/// A template whose guest CPU model had features a guest may use that the model here lacks.
+#[derive(Debug, thiserror::Error)]
+#[error("the template was made on {made} with CPU features that {here} here lacks ({missing}); the template's code may use them: create it on this machine, or make templates with a model that every host has ({CPU_WITHOUT_ENV}={missing_list}). The guest CPU it was made for: {made_model}; here: {here_model}")]
+pub struct FeaturesMissing {
+    made: String,
+    here: String,
+    missing: String,
+    missing_list: String,
+    made_model: String,
+    here_model: String,
 }
 
 impl Cpu {
@@ -472,14 +477,14 @@ impl MadeOn {
             let missing = made.features & !cpu.features & guest_usable();
             if missing != 0 {
                 let names = Cpu::feature_names(missing).collect::<Vec<_>>();
-                return Err(MadeOnMismatch::Features {
+                return Err(MadeOnMismatch::Features(Box::new(FeaturesMissing {
                     made: self.to_string(),
                     here: here.to_string(),
                     missing: names.join(", "),
                     missing_list: names.join(","),
                     made_model: self.record(),
                     here_model: here.record(),
-                });
+                })));
             }
         }
         Ok(())
