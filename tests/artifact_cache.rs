@@ -8,20 +8,7 @@ use common::*;
 /// `vmm run --json` of `function` under wasmtime with `store` as the cache: its JSON
 /// report and its stderr.
 fn run_json(store: &TempDir, function: &[String], input: &[u8]) -> (serde_json::Value, String) {
-    let mut cmd = vmm();
-    cmd.args([
-        "run",
-        "--engine",
-        "wasmtime",
-        "--store",
-        &store.arg(),
-        "--json",
-    ])
-    .args(function);
-    let r = run_with_input(cmd, input);
-    let v = serde_json::from_str(r.stdout().trim())
-        .unwrap_or_else(|e| panic!("one JSON object ({e}): {} / {}", r.stdout(), r.stderr()));
-    (v, r.stderr())
+    run_json_with(store, function, input, &[])
 }
 
 /// `vmm run --json` of examples/hello.js under wasmtime with `store` as the cache.

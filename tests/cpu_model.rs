@@ -13,23 +13,13 @@ const RESPONSE: &str = "{\"greeting\":\"Hello, cpu!\",\"length\":3}\n";
 /// `vmm run --json` of hello.js (wasmtime, `store` as the artifact cache), with
 /// `VMM_CPU_WITHOUT=without` when given: its `stats`.
 fn hello(store: &TempDir, without: Option<&str>) -> serde_json::Value {
-    let mut cmd = vmm();
-    cmd.args([
-        "run",
-        "--engine",
-        "wasmtime",
-        "--store",
-        &store.arg(),
-        "--json",
-    ])
-    .args(qjs_function_args("hello.js", &[]));
-    if let Some(w) = without {
-        cmd.env("VMM_CPU_WITHOUT", w);
-    }
-    let r = run_with_input(cmd, REQUEST);
-    let v: serde_json::Value = serde_json::from_str(r.stdout().trim())
-        .unwrap_or_else(|e| panic!("one JSON object ({e}): {} / {}", r.stdout(), r.stderr()));
-    assert_eq!(v["exit_code"], 0, "{v} / {}", r.stderr());
+    let env: Vec<(&str, &str)> = without
+        .map(|w| ("VMM_CPU_WITHOUT", w))
+        .into_iter()
+        .collect();
+    let function = qjs_function_args("hello.js", &[]);
+    let (v, stderr) = run_json_with(store, &function, REQUEST, &env);
+    assert_eq!(v["exit_code"], 0, "{v} / {stderr}");
     assert_eq!(v["stdout"], RESPONSE, "{v}");
     v["stats"].clone()
 }

@@ -215,6 +215,31 @@ pub fn run_with_input(mut cmd: Command, input: &[u8]) -> Run {
     }
 }
 
+/// `vmm run --engine wasmtime --store STORE --json FUNCTION...` with `env` set and `input`
+/// on stdin: its JSON report and its stderr.
+pub fn run_json_with(
+    store: &TempDir,
+    function: &[String],
+    input: &[u8],
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
+    let mut cmd = vmm();
+    cmd.args([
+        "run",
+        "--engine",
+        "wasmtime",
+        "--store",
+        &store.arg(),
+        "--json",
+    ])
+    .args(function)
+    .envs(env.iter().copied());
+    let r = run_with_input(cmd, input);
+    let v = serde_json::from_str(r.stdout().trim())
+        .unwrap_or_else(|e| panic!("one JSON object ({e}): {} / {}", r.stdout(), r.stderr()));
+    (v, r.stderr())
+}
+
 /// `vmm run` of the QuickJS reactor with `script` (an examples/ file).
 pub fn qjs_run(script: &str, extra_files: &[String], input: &[u8]) -> Run {
     let mut cmd = vmm();

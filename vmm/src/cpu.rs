@@ -297,10 +297,12 @@ fn parse_without(list: &str) -> Result<u64, String> {
     for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match FEATURES.iter().position(|f| f.0 == name) {
             Some(i) => mask |= 1 << i,
-            None => return Err(format!(
+            None => {
+                return Err(format!(
                 "{CPU_WITHOUT_ENV} names {name:?}, not a CPU feature this vmm knows (known: {})",
                 FEATURES.iter().map(|f| f.0).collect::<Vec<_>>().join(",")
-            )),
+            ))
+            }
         }
     }
     Ok(mask)
