@@ -57,6 +57,7 @@ impl Engine {
         let step = "open KVM";
         let host = |e: VmError| Error::new(ErrorKind::Host, step, e);
         let h = crate::vm::host().map_err(host)?;
+        h.release_probe();
         Ok(Engine {
             config,
             kvm: h.kvm.clone(),
@@ -78,6 +79,11 @@ impl Engine {
     /// The KVM back end every VM of this engine runs on.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The guest CPU model every VM of this engine gets (and templates are checked against).
+    pub fn cpu(&self) -> &'static crate::cpu::GuestCpu {
+        self.cpu
     }
 
     /// A new VM with one vCPU on this engine's /dev/kvm.

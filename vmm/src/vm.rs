@@ -166,6 +166,15 @@ pub struct Host {
     probe: std::sync::Mutex<Option<(VmFd, VcpuFd)>>,
 }
 
+impl Host {
+    /// Drop the probe VM if no [`VmParts::create`] took it (a daemon that creates its VMs
+    /// with [`VmParts::create_on`] must not keep an idle VM: each costs kernel memory and an
+    /// MMU notifier on the process).
+    pub fn release_probe(&self) {
+        drop(self.probe.lock().ok().and_then(|mut p| p.take()));
+    }
+}
+
 /// This process's [`Host`]; until it has been opened, every call tries again.
 pub fn host() -> Result<&'static Host, VmError> {
     static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
