@@ -13,10 +13,11 @@
 //!
 //! A record is derived data and only ever a hint: it is used only when it
 //! decodes, is bound to the manifest as it is now (checksum), names as many
-//! pages as the manifest, and every pack it names is still the same file
-//! (inode, birth time where the file system has one) at least as long as the
-//! record needs; then one page of each pack is hashed and checked against its
-//! id. Otherwise resolving falls back to the pack indexes (and says why in
+//! pages as the manifest, and every pack it names is at least as long as the
+//! record needs; then the first page of each layer in each pack is hashed and
+//! checked against its id, and every page in a pack that is no longer the file
+//! the record was written for (inode, birth time where the file system has
+//! one: a copied store, a pack id reused after `gc`). Otherwise resolving falls back to the pack indexes (and says why in
 //! [`Resolved::location_fallback`](crate::Resolved::location_fallback)). Every
 //! page is still verified by its hash when a restore reads it.
 //!
@@ -208,6 +209,7 @@ impl Store {
                 }
             }
         }
+        let mut copied: Vec<bool> = Vec::with_capacity(wanted.len());
         for w in &wanted {
             let path = self.pack_path(w.id);
             let stale = |why: String| format!("pack {} {why}", path.display());
@@ -215,9 +217,10 @@ impl Store {
             let m = f
                 .metadata()
                 .map_err(|e| stale(format!("cannot be read: {e}")))?;
-            if m.ino() != w.ino || (w.born_ns != 0 && born_ns(&m) != w.born_ns) {
-                return Err(stale("is not the file the record was written for".into()));
-            }
+            // Another file under the same name (the store was copied, or the
+            // pack id reused): usable only if every page the records locate
+            // in it checks out (below).
+            copied.push(m.ino() != w.ino || (w.born_ns != 0 && born_ns(&m) != w.born_ns));
             if m.len() < w.extent {
                 return Err(stale(format!(
                     "is {} bytes, the record needs {}",
@@ -249,10 +252,13 @@ impl Store {
         }
         let total: usize = records.iter().map(|r| r.entries.len()).sum();
         set.index.reserve(total);
-        // One page of each pack is checked against its id: a pack that is not
-        // what the record was written for is caught here, not by the restore.
-        let mut witness: Vec<Option<(crate::PageId, Loc)>> = vec![None; set.packs.len()];
+        // Checked against their ids: in a pack that is the file the record was
+        // written for, the first page of each layer in it (a record that does
+        // not match its pack is caught here, not by the restore); in any other
+        // file, every page.
+        let mut check: Vec<(crate::PageId, Loc)> = Vec::new();
         for (t, r) in layers.iter().zip(&records) {
+            let mut first = vec![false; set.packs.len()];
             for ((_, id), &e) in t.own_pages().zip(&r.entries) {
                 let (slot, offset) = LocRecord::split(e);
                 let pos = r
@@ -261,11 +267,15 @@ impl Store {
                     .and_then(|p: &LocPack| set.pack_pos.get(&p.id).copied())
                     .ok_or_else(|| format!("entry {e:#x} names no pack"))?;
                 let loc = Loc { pack: pos, offset };
-                witness[pos as usize].get_or_insert((id, loc));
+                let p = pos as usize;
+                if copied.get(p).copied().unwrap_or(true) || !first[p] {
+                    first[p] = true;
+                    check.push((id, loc));
+                }
                 set.index.insert(id, loc);
             }
         }
-        for (id, loc) in witness.into_iter().flatten() {
+        for (id, loc) in check {
             let ok = set
                 .loc_bytes(loc)
                 .is_some_and(|b| self.hash_page(b) == id.hash());
