@@ -14,6 +14,11 @@
 //! ```
 //! DIR (default: a directory under /tmp) keeps the two stores between runs;
 //! RUNS (default 30) restores per configuration, interleaved, after 3 warm-up rounds.
+//!
+//! `restore_index_bench grow STORE N` adds N small function templates on the
+//! base `base` of a real store (one made by `vmm template create`), for
+//! timing `vmm restore` end to end in a store of 1,000 templates (see
+//! `tools/bench-restore-index.sh`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -124,8 +129,49 @@ fn p90(v: &mut [f64]) -> f64 {
     v[(v.len() * 9 / 10).min(v.len() - 1)]
 }
 
+/// `grow DIR N`: adds N small function templates (random pages) on the base
+/// `base` of the store at DIR, e.g. one made by `vmm template create`, for an
+/// end-to-end comparison of `vmm restore` in a small and a large store.
+fn grow(dir: &Path, n: usize) {
+    let mut s = Store::open(dir).expect("open store");
+    let base = s.load("base").expect("load base");
+    // The vCPU and device state of a real function layer when there is one (`fn`),
+    // so that the new layers are function templates to `vmm-store verify` too.
+    let like = s.load("fn").unwrap_or_else(|_| base.clone());
+    let frames = base.frames();
+    let t = Instant::now();
+    for i in 0..n {
+        let name = format!("bench-fn-{i:04}");
+        let mut w = s
+            .begin_template(&name, Some("base"), base.mem_size)
+            .expect("begin");
+        let seed = 9_000_000 + i as u64 * 1000;
+        for k in 0..FN_PAGES {
+            w.put_page((seed + k * 7919) % frames, &page(seed + k))
+                .expect("page");
+        }
+        w.set_vcpu_state(like.vcpu_state.clone());
+        w.set_device_state(like.device_state.clone());
+        w.commit().expect("commit");
+    }
+    eprintln!(
+        "added {n} function templates to {} in {:.1} s",
+        dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
+    if std::env::args().nth(1).as_deref() == Some("grow") {
+        let dir = std::env::args().nth(2).expect("grow DIR N");
+        let n = std::env::args()
+            .nth(3)
+            .and_then(|a| a.parse().ok())
+            .expect("grow DIR N");
+        grow(Path::new(&dir), n);
+        return;
+    }
     let root = args
         .next()
         .map(PathBuf::from)
