@@ -228,6 +228,10 @@ impl Store {
                     w.extent
                 )));
             }
+            // The extent lay inside the pack's index when the record was written:
+            // indexes only grow (or are rebuilt from the pack), and gc cuts a pack
+            // only past its index's end and only when every page a template needs
+            // is indexed, so the range mapped here is not cut under a current record.
             let map = if w.extent > 0 {
                 Some(
                     map_opened(&f, w.extent)
