@@ -3,7 +3,9 @@
 //! `snapshot_store::fixtures::DAMAGES` knows, and then
 //! - `vmm-store verify` must exit 1 and name the damage, and
 //! - `vmm restore` (every --memory strategy) must refuse cleanly: non-zero exit, a clear
-//!   error, no panic, no hang. A damaged store must never run a function.
+//!   error, no panic, no hang. A damaged store must never run a function, except where
+//!   the damage lies outside everything restore reads (a pack index: restores locate
+//!   pages by their templates' location records): then it runs exactly as before.
 
 mod common;
 use common::*;
@@ -126,12 +128,15 @@ fn restore_expect(damage: &str) -> Expect {
         // the function exactly as before. `index-all-past-end` covers damaged entries that
         // restore does use.
         "index-past-end" => return Expect::Unaffected,
-        "index-all-past-end" => "past the end of its pack",
+        // A restore locates the template's pages by its location records
+        // (`templates/<name>.loc`), not by the pack indexes, and verifies every page by
+        // its hash: a damaged index leaves the pages it needs intact and readable, so it
+        // runs exactly as before (verify still reports the index; gc refuses to touch it).
+        "index-all-past-end" | "deleted-index" | "foreign-index" | "stale-index"
+        | "forged-offsets" => return Expect::Unaffected,
         "future-version" => "format version 7",
         "parent-cycle" => "cycle",
         "working-set-outside-ram" => "working set frame",
-        "deleted-index" | "foreign-index" | "stale-index" => "is not in any pack index",
-        "forged-offsets" => "does not match its hash",
         // A damage added to the fixtures later: at least a clear `vmm: error:` line.
         _ => "vmm: error:",
     })
@@ -845,4 +850,63 @@ fn altered_shared_memory_image_is_detected_and_never_run() {
     assert_eq!(r.code(), 0, "{}", r.stderr());
     let left: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+// ------------------------------------------------------------------------------------
+// Location records (`templates/<name>.loc`): a restore uses them, runs the same without
+// them (a store from before they existed) or with a damaged one, and `vmm-store gc`
+// writes the missing ones, saying so.
+
+#[test]
+fn restores_run_with_without_or_with_damaged_location_records_and_gc_writes_them() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = vmm_store_bin();
+    let dir = TempDir::new("location-records");
+    make_healthy(&dir);
+    let locs = ["templates/base.loc", "templates/fn.loc"];
+    for f in locs {
+        assert!(dir.0.join(f).exists(), "template create wrote no {f}");
+    }
+    let expect_ok = |what: &str| {
+        for memory in STRATEGIES {
+            let r = restore(&dir.0, memory);
+            assert_eq!(
+                (r.code(), r.stdout()),
+                (0, RESPONSE.to_string()),
+                "{what}, --memory {memory}: {}",
+                r.stderr()
+            );
+        }
+    };
+    expect_ok("with records");
+    // An old store: no records.
+    for f in locs {
+        std::fs::remove_file(dir.0.join(f)).unwrap();
+    }
+    expect_ok("without records");
+    let mut cmd = Command::new(vmm_store_bin());
+    cmd.arg("gc").arg("--store").arg(&dir.0);
+    let g = run_deadline(cmd, b"", "vmm-store gc");
+    assert_eq!(g.code(), 0, "gc: {}", g.stderr());
+    assert!(
+        g.stdout()
+            .contains("wrote the location records of 2 template(s)"),
+        "{}",
+        g.stdout()
+    );
+    for f in locs {
+        assert!(dir.0.join(f).exists(), "gc wrote no {f}");
+    }
+    expect_ok("with records written by gc");
+    // A damaged record is passed over.
+    std::fs::write(dir.0.join("templates/fn.loc"), b"VMMTLOC1 damaged").unwrap();
+    expect_ok("with a damaged record");
+    let v = verify(&dir.0);
+    assert!(
+        v.stdout().contains("unusable location record") && !vmm_panicked(&v.stderr()),
+        "{}",
+        v.stdout()
+    );
 }

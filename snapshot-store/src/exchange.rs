@@ -351,6 +351,12 @@ impl Store {
                 created: create,
             });
         }
+        // Location records of the new layers (hints for lazy restores: best effort).
+        if self.refresh_mut().is_ok() {
+            for l in report.layers.iter().filter(|l| l.created) {
+                let _ = self.write_locations_of(&l.name);
+            }
+        }
         drop(_lock);
         let _ = self.refresh_mut();
         Ok(report)

@@ -201,6 +201,18 @@ pub fn encode_manifest_version(m: &ManifestV1, major: u16) -> Vec<u8> {
     v
 }
 
+/// The payload checksum in a manifest's header (0 if the header is short).
+pub fn manifest_sum(b: &[u8]) -> u128 {
+    let mut sum = [0u8; 16];
+    match b.get(20..36) {
+        Some(s) => {
+            sum.copy_from_slice(s);
+            u128::from_le_bytes(sum)
+        }
+        None => 0,
+    }
+}
+
 /// A newer minor version may append payload fields this build ignores.
 fn newer_minor(minor: u16) -> bool {
     minor > MAN_MINOR
@@ -349,4 +361,187 @@ pub fn write_atomic(
         fsync_dir(parent)?;
     }
     Ok(true)
+}
+
+// ---------------------------------------------------------------- template locations
+
+pub const LOC_MAGIC: &[u8; 8] = b"VMMTLOC1";
+pub const LOC_MAJOR: u16 = 1;
+pub const LOC_MINOR: u16 = 0;
+/// magic, major u16, minor u16, body length u64, keyed xxh3-128(body) u128 (the
+/// store's secret: a record is only taken from this store, never forged).
+pub const LOC_HEADER: usize = 8 + 2 + 2 + 8 + 16;
+/// Per pack: id u64, inode u64, birth time (ns since the epoch, 0 = unknown) u64, extent u64.
+pub const LOC_PACK: usize = 8 + 8 + 8 + 8;
+/// Most packs one record may name (each pack holds up to 1 GiB).
+pub const LOC_MAX_PACKS: usize = 4096;
+/// Most page locations one record may hold: every frame of the largest guest memory.
+pub const LOC_MAX_ENTRIES: u64 = MAX_MEM / PAGE_SIZE as u64;
+/// Largest record accepted (body bytes).
+pub const LOC_LIMIT: u64 = 16 + 4 + (LOC_MAX_PACKS * LOC_PACK) as u64 + 8 + LOC_MAX_ENTRIES * 8;
+
+/// One pack a location record points into, with what identified it when the
+/// record was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocPack {
+    pub id: PackId,
+    /// Inode of the pack file.
+    pub ino: u64,
+    /// Birth time of the pack file in ns since the epoch (0 when the file system has none).
+    pub born_ns: u64,
+    /// Bytes of the pack the record needs (a multiple of 4096).
+    pub extent: u64,
+}
+
+/// A template's location record (`templates/<name>.loc`): where each of its own
+/// pages lives, in the order of the manifest's page runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocRecord {
+    /// The checksum in the header of the manifest it describes (xxh3-128 of its payload).
+    pub manifest_sum: u128,
+    pub packs: Vec<LocPack>,
+    /// One per own page: `pack position in packs << 40 | offset / 4096`.
+    pub entries: Vec<u64>,
+}
+
+impl LocRecord {
+    pub fn entry(pack: u32, offset: u64) -> u64 {
+        (u64::from(pack) << 40) | (offset / PAGE_SIZE as u64)
+    }
+    /// (position in `packs`, byte offset) of an entry.
+    pub fn split(e: u64) -> (u32, u64) {
+        ((e >> 40) as u32, (e & ((1 << 40) - 1)) * PAGE_SIZE as u64)
+    }
+}
+
+/// Why a location record was not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocProblem {
+    /// Not a record, damaged, truncated or inconsistent (the reason).
+    Damaged(String),
+    /// Written by a newer, incompatible version.
+    Future(u16),
+}
+
+impl std::fmt::Display for LocProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocProblem::Damaged(r) => write!(f, "damaged location record: {r}"),
+            LocProblem::Future(v) => write!(
+                f,
+                "location record of major version {v} (this build reads {LOC_MAJOR})"
+            ),
+        }
+    }
+}
+
+/// Encodes a record; `sum` is the store's keyed XXH3-128.
+pub fn encode_locations(r: &LocRecord, sum: &dyn Fn(&[u8]) -> u128) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + 4 + r.packs.len() * LOC_PACK + 8 + r.entries.len() * 8);
+    body.extend_from_slice(&r.manifest_sum.to_le_bytes());
+    body.extend_from_slice(&(r.packs.len() as u32).to_le_bytes());
+    for p in &r.packs {
+        body.extend_from_slice(&p.id.get().to_le_bytes());
+        body.extend_from_slice(&p.ino.to_le_bytes());
+        body.extend_from_slice(&p.born_ns.to_le_bytes());
+        body.extend_from_slice(&p.extent.to_le_bytes());
+    }
+    body.extend_from_slice(&(r.entries.len() as u64).to_le_bytes());
+    for e in &r.entries {
+        body.extend_from_slice(&e.to_le_bytes());
+    }
+    let mut v = Vec::with_capacity(LOC_HEADER + body.len());
+    v.extend_from_slice(LOC_MAGIC);
+    v.extend_from_slice(&LOC_MAJOR.to_le_bytes());
+    v.extend_from_slice(&LOC_MINOR.to_le_bytes());
+    v.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    v.extend_from_slice(&sum(&body).to_le_bytes());
+    v.extend_from_slice(&body);
+    v
+}
+
+/// Decodes a location record, checking lengths before allocating, the
+/// checksum, and that every entry lies inside the extent of its pack.
+pub fn decode_locations(b: &[u8], sum: &dyn Fn(&[u8]) -> u128) -> Result<LocRecord, LocProblem> {
+    let bad = |r: String| LocProblem::Damaged(r);
+    if b.len() < LOC_HEADER || &b[..8] != LOC_MAGIC {
+        return Err(bad("bad magic or short header".into()));
+    }
+    let major = u16::from_le_bytes([b[8], b[9]]);
+    if major != LOC_MAJOR {
+        return Err(LocProblem::Future(major));
+    }
+    let len = le_u64(b, 12);
+    let body = &b[LOC_HEADER..];
+    if len != body.len() as u64 || len > LOC_LIMIT {
+        return Err(bad(format!(
+            "body of {len} bytes announced, {} present",
+            body.len()
+        )));
+    }
+    let mut stored = [0u8; 16];
+    stored.copy_from_slice(&b[20..36]);
+    if u128::from_le_bytes(stored) != sum(body) {
+        return Err(bad("checksum mismatch".into()));
+    }
+    if body.len() < 16 + 4 {
+        return Err(bad("body too short".into()));
+    }
+    let mut ms = [0u8; 16];
+    ms.copy_from_slice(&body[..16]);
+    let manifest_sum = u128::from_le_bytes(ms);
+    let npacks = u32::from_le_bytes([body[16], body[17], body[18], body[19]]) as usize;
+    if npacks > LOC_MAX_PACKS {
+        return Err(bad(format!("{npacks} packs (at most {LOC_MAX_PACKS})")));
+    }
+    let packs_end = 20 + npacks * LOC_PACK;
+    if body.len() < packs_end + 8 {
+        return Err(bad(format!("{npacks} packs announced, body too short")));
+    }
+    let mut packs = Vec::with_capacity(npacks);
+    for k in 0..npacks {
+        let at = 20 + k * LOC_PACK;
+        let p = LocPack {
+            id: PackId::new(le_u64(body, at)),
+            ino: le_u64(body, at + 8),
+            born_ns: le_u64(body, at + 16),
+            extent: le_u64(body, at + 24),
+        };
+        if !p.extent.is_multiple_of(PAGE_SIZE as u64) || p.extent / (PAGE_SIZE as u64) > 1 << 40 {
+            return Err(bad(format!("pack {} extent {} is invalid", p.id, p.extent)));
+        }
+        if packs.iter().any(|q: &LocPack| q.id == p.id) {
+            return Err(bad(format!("pack {} is named twice", p.id)));
+        }
+        packs.push(p);
+    }
+    let count = le_u64(body, packs_end);
+    let rest = &body[packs_end + 8..];
+    if count > LOC_MAX_ENTRIES || rest.len() as u64 != count.saturating_mul(8) {
+        return Err(bad(format!(
+            "{count} entries announced, {} bytes present",
+            rest.len()
+        )));
+    }
+    let mut entries = Vec::with_capacity(rest.len() / 8);
+    for c in rest.chunks_exact(8) {
+        let e = le_u64(c, 0);
+        let (pack, offset) = LocRecord::split(e);
+        let inside = packs.get(pack as usize).is_some_and(|p| {
+            offset
+                .checked_add(PAGE_SIZE as u64)
+                .is_some_and(|end| end <= p.extent)
+        });
+        if !inside {
+            return Err(bad(format!(
+                "entry {e:#x} points outside the packs it names"
+            )));
+        }
+        entries.push(e);
+    }
+    Ok(LocRecord {
+        manifest_sum,
+        packs,
+        entries,
+    })
 }

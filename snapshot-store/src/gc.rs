@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use crate::cache::{parse_cache_file, process_alive, CacheFile};
 use crate::error::GcError;
 use crate::format::{self, IdxEntry, IDX_ENTRY, IDX_HEADER};
+use crate::resolve::Template;
 use crate::scan::{BadEntry, IdxState, PackScan, Unaccounted};
 use crate::store::Store;
 use crate::util::{map_file, open_regular, take_lock};
@@ -71,6 +72,8 @@ pub struct GcReport {
     pub bytes_after: u64,
     /// Damaged packs left alone (each with the reason); run `verify`.
     pub skipped: Vec<String>,
+    /// Template location records written (new, or rewritten after pages moved).
+    pub location_records: u64,
 }
 
 impl GcReport {
@@ -344,12 +347,18 @@ impl Store {
         }
         self.fail("gc-after-new-idx")
             .map_err(|e| GcError::Injected(e.to_string()))?;
-        // Old indexes first, so a crash leaves only unindexed (garbage) packs.
         let doomed: Vec<PackId> = plans
             .iter()
             .filter(|p| !matches!(p.plan, Plan::Keep { .. }))
             .map(|p| p.id)
             .collect();
+        // Location records that name a pack about to go are removed before it
+        // goes (a pack id may be reused later), with orphans and damaged ones.
+        self.drop_location_records(&all, &doomed);
+        self.fail("gc-after-locations")
+            .map_err(|e| GcError::Injected(e.to_string()))?;
+        // Old indexes first, so a crash leaves only unindexed (garbage) packs.
+
         for (k, id) in doomed.iter().enumerate() {
             progress(total + k as u64, total * 2);
             let ipath = self.idx_path(*id);
@@ -385,7 +394,53 @@ impl Store {
         format::fsync_dir(&pdir).map_err(io_err("syncing packs directory", &pdir))?;
         progress(total * 2, total * 2);
         self.refresh_mut().map_err(GcError::Index)?;
+        // Every template gets a record that matches the packs as they are now
+        // (this also gives records to templates written before they existed).
+        for t in &all {
+            if let Ok(true) = self.refresh_location_record(t) {
+                rep.location_records += 1;
+            }
+        }
         Ok(rep)
+    }
+
+    /// Removes the location records that name one of `doomed`, that cannot be
+    /// read, or whose template is gone.
+    fn drop_location_records(&self, all: &[Template], doomed: &[PackId]) {
+        let tdir = self.templates_dir();
+        let Ok(rd) = fs::read_dir(&tdir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let fname = e.file_name();
+            let Some(name) = fname
+                .to_str()
+                .and_then(|s| s.strip_suffix(".loc"))
+                .and_then(|s| TemplateName::new(s).ok())
+            else {
+                continue;
+            };
+            let keep = all.iter().any(|t| t.name == name)
+                && self
+                    .read_record(&e.path())
+                    .is_ok_and(|r| !r.packs.iter().any(|p| doomed.contains(&p.id)));
+            if !keep {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = format::fsync_dir(&tdir);
+    }
+
+    /// Rewrites `t`'s location record when it differs from what the pack
+    /// indexes say now (or is missing). Returns whether it wrote one.
+    fn refresh_location_record(&self, t: &Template) -> io::Result<bool> {
+        let view = self.view();
+        let want = self.build_locations(t, &view);
+        let have = self.read_record(&self.loc_path(&t.name)).ok();
+        if want.is_some() && want == have {
+            return Ok(false);
+        }
+        self.write_locations(t)
     }
 
     /// Removes packs (index first) that a failed run had started to write.

@@ -50,6 +50,13 @@
 //!                          page_runs: [(first frame, [PageId])]   own pages
 //!                          vcpu_state: bytes, device_state: bytes,
 //!                          working_set: [frame] (first-touch order)
+//!     └── <name>.loc     location record (a hint for lazy restores, see below):
+//!                        header: magic "VMMTLOC1", major u16, minor u16,
+//!                                body length u64, keyed xxh3-128(body) u128 (all LE)
+//!                        body: manifest checksum u128, pack count u32,
+//!                              packs[]: id u64, inode u64, birth ns u64 (0: none), extent u64
+//!                              entry count u64, entries[]: u64 per own page, in
+//!                              manifest order: pack position << 40 | offset / 4096
 //! ```
 //!
 //! A frame listed in neither run list inherits from the parent (or is zero
@@ -73,6 +80,20 @@
 //! hold it, `gc` refuses to delete or truncate anything, and
 //! [`Store::reindex`] rebuilds the index from the pack. A directory holding
 //! packs or manifests but no `store.cfg` is a damaged store, never a new one.
+//!
+//! # Location records and lazy restores
+//!
+//! [`Store::open_lazy`] reads no pack index: resolving a template reads its
+//! layers' location records and maps only the packs they name, so a restore's
+//! store work follows the template's size, not the store's. A record that is
+//! missing (stores written before records existed), damaged, made with another
+//! store's secret, bound to another version of its manifest, or stale (a pack
+//! it names is gone, another file, shorter, or does not hold the page the
+//! record says at a checked offset) is passed over for the pack indexes, with
+//! the reason in [`Resolved::location_fallback`]. Every page is still checked
+//! against its hash when a restore reads it. Writers keep records in step (see
+//! `locations.rs`); `gc` rewrites them after moving pages and writes the ones
+//! missing, which migrates older stores.
 //!
 //! # Compiled-module cache
 //!
@@ -130,6 +151,9 @@ pub mod fixtures;
 mod format;
 mod gc;
 mod inspect;
+#[cfg(test)]
+mod location_tests;
+mod locations;
 mod packs;
 mod resolve;
 mod scan;

@@ -14,6 +14,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use memmap2::Mmap;
@@ -274,7 +275,18 @@ fn load_pack(pdir: &Path, set: &mut Cow<'_, PackSet>, pos: u32) {
 
 impl Store {
     /// The current view of the packs. It never changes: a refresh swaps in a new one.
+    /// In a lazy store, the first call reads the pack indexes.
     pub(crate) fn view(&self) -> Arc<PackSet> {
+        if !self.indexes_loaded() {
+            // As `Store::open` would have; an unlistable packs directory leaves
+            // the view empty, and the operation reports the pages it misses.
+            let _ = self.refresh();
+        }
+        self.current_view()
+    }
+
+    /// The view as it is, without reading indexes a lazy store has not read.
+    pub(crate) fn current_view(&self) -> Arc<PackSet> {
         self.view
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -290,12 +302,13 @@ impl Store {
             .refreshing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let cur = self.view();
+        let cur = self.current_view();
         let mut set = Cow::Borrowed(&*cur);
         update(&self.packs_dir(), &mut set)?;
         if let Cow::Owned(next) = set {
             *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         }
+        self.indexed.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -308,6 +321,9 @@ impl Store {
             let mut cow = Cow::Owned(std::mem::take(set));
             let r = update(&pdir, &mut cow);
             *set = cow.into_owned();
+            if r.is_ok() {
+                *self.indexed.get_mut() = true;
+            }
             return r;
         }
         self.refresh()

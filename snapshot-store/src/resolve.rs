@@ -27,6 +27,9 @@ pub struct Template {
     pub working_set: Vec<u64>,
     pub(crate) zero_runs: Vec<(u64, u64)>,
     pub(crate) page_runs: Vec<(u64, Vec<PageId>)>,
+    /// The checksum in its manifest's header (0 when not read from a file): what
+    /// its location record is bound to.
+    pub(crate) manifest_sum: u128,
 }
 
 /// Summary of a template.
@@ -74,6 +77,7 @@ impl Template {
             working_set: m.working_set,
             zero_runs: m.zero_runs,
             page_runs: m.page_runs,
+            manifest_sum: 0,
         })
     }
 
@@ -108,9 +112,37 @@ impl Template {
     /// Errors on missing parents, cycles, size mismatches and missing pages.
     /// The result keeps the store's current view of the packs: it does not
     /// borrow the store, and its pages stay readable whatever the store does next.
+    ///
+    /// In a store opened with [`Store::open_lazy`], the pages are located by the
+    /// layers' location records when they are all usable (see
+    /// [`Resolved::from_locations`]), else by the pack indexes.
     pub fn resolve(&self, store: &Store) -> Result<Resolved, LoadError> {
         let ancestors = store.ancestors(self)?;
-        let view = store.view();
+        let mut fallback = None;
+        if store.lazy {
+            let layers: Vec<&Template> = ancestors.iter().chain(std::iter::once(self)).collect();
+            match store.located_view(&layers) {
+                Ok(view) => match self.resolve_in(store, &ancestors, Arc::new(view)) {
+                    Ok(mut r) => {
+                        r.located = true;
+                        return Ok(r);
+                    }
+                    Err(e) => fallback = Some(format!("the location records do not resolve: {e}")),
+                },
+                Err(why) => fallback = Some(why),
+            }
+        }
+        let mut r = self.resolve_in(store, &ancestors, store.view())?;
+        r.fallback = fallback;
+        Ok(r)
+    }
+
+    fn resolve_in(
+        &self,
+        store: &Store,
+        ancestors: &[Template],
+        view: Arc<PackSet>,
+    ) -> Result<Resolved, LoadError> {
         let n = self.frames() as usize;
         // A zeroed u64 allocation: pages of the map that no data frame touches stay unmapped.
         let mut frames: Vec<u64> = vec![0; n];
@@ -169,6 +201,8 @@ impl Template {
             frames,
             layers,
             hashes,
+            located: false,
+            fallback: None,
         })
     }
 }
@@ -219,9 +253,25 @@ pub struct Resolved {
     layers: Vec<TemplateName>,
     /// The page id each data frame must hash to (for verified reads).
     hashes: FrameMap<PageId>,
+    located: bool,
+    fallback: Option<String>,
 }
 
 impl Resolved {
+    /// Whether the pages were located by the layers' location records (in a
+    /// store opened with [`Store::open_lazy`]), not by the pack indexes.
+    pub fn from_locations(&self) -> bool {
+        self.located
+    }
+
+    /// In a store opened with [`Store::open_lazy`]: why the location records
+    /// were not used and the pack indexes were read instead (a record missing,
+    /// as in stores written before records existed, damaged, or stale after
+    /// `gc`). Worth a debug line, never an error: the result is the same.
+    pub fn location_fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
     pub fn mem_size(&self) -> u64 {
         self.mem_size
     }

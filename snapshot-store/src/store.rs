@@ -5,6 +5,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use xxhash_rust::xxh3::xxh3_128_with_secret;
@@ -34,6 +35,12 @@ pub struct Store {
     pub(crate) view: RwLock<Arc<PackSet>>,
     /// Held by a refresh, so that refreshes do not race to install their views.
     pub(crate) refreshing: Mutex<()>,
+    /// Opened by [`Store::open_lazy`]: resolving uses the templates' location
+    /// records before the pack indexes.
+    pub(crate) lazy: bool,
+    /// Whether the pack indexes have been read into the view (always, except
+    /// in a lazy store that has not needed them yet).
+    pub(crate) indexed: AtomicBool,
     #[cfg(test)]
     pub(crate) fail_at: Option<&'static str>,
 }
@@ -94,7 +101,33 @@ impl Store {
     /// Damaged pack indexes do not fail the open: their pages are unavailable
     /// and [`Store::verify`] reports them.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, OpenError> {
-        let dir = dir.as_ref().to_path_buf();
+        let s = Store::open_unindexed(dir.as_ref(), false)?;
+        s.refresh()?;
+        Ok(s)
+    }
+
+    /// Opens an existing store without reading its pack indexes, for callers
+    /// that restore a few templates from a large store (a one-shot `vmm restore`):
+    /// [`Template::resolve`] then reads the template's location records
+    /// (`templates/<name>.loc`, one per layer) and maps only the packs they
+    /// name, so its cost follows the template's size, not the store's. A
+    /// record that is missing, damaged, stale or does not match its manifest is
+    /// passed over for the pack indexes, as [`Store::open`] uses them (see
+    /// [`Resolved::location_fallback`](crate::Resolved::location_fallback));
+    /// every other operation reads the indexes on first need, so everything
+    /// works as on a store from [`Store::open`].
+    pub fn open_lazy(dir: impl AsRef<Path>) -> Result<Store, OpenError> {
+        Store::open_unindexed(dir.as_ref(), true)
+    }
+
+    /// Whether the pack indexes have been read (always true for [`Store::open`];
+    /// false for [`Store::open_lazy`] until an operation needed them).
+    pub fn indexes_loaded(&self) -> bool {
+        self.indexed.load(Ordering::Acquire)
+    }
+
+    fn open_unindexed(dir: &Path, lazy: bool) -> Result<Store, OpenError> {
+        let dir = dir.to_path_buf();
         let cfg = dir.join("store.cfg");
         let bytes = match read_regular(&cfg) {
             Ok(b) => b,
@@ -133,10 +166,11 @@ impl Store {
             },
             view: RwLock::new(Arc::default()),
             refreshing: Mutex::new(()),
+            lazy,
+            indexed: AtomicBool::new(false),
             #[cfg(test)]
             fail_at: None,
         };
-        s.refresh()?;
         Ok(s)
     }
 
@@ -218,7 +252,9 @@ impl Store {
             }
             .into());
         }
-        Template::from_manifest(m, &path)
+        let mut t = Template::from_manifest(m, &path)?;
+        t.manifest_sum = format::manifest_sum(&bytes);
+        Ok(t)
     }
 
     /// Loads and verifies (checksum, structure) a template manifest. Refreshes
@@ -226,7 +262,10 @@ impl Store {
     pub fn load(&self, name: &str) -> Result<Template, LoadError> {
         let name = TemplateName::new(name)?;
         let t = self.read_template(&name)?;
-        self.refresh()?;
+        // A lazy store that has not read the indexes does not start now.
+        if self.indexes_loaded() {
+            self.refresh()?;
+        }
         Ok(t)
     }
 
@@ -320,6 +359,12 @@ impl Store {
                 source,
             }
         })?;
+        // Same pages: the location record stays valid, bound to the new manifest.
+        self.rebind_locations(
+            &name,
+            format::manifest_sum(&bytes),
+            format::manifest_sum(&out),
+        );
         Ok(())
     }
 
@@ -355,6 +400,14 @@ impl Store {
             path: path.clone(),
             source,
         })?;
+        // A record left by a crash here is an orphan: verify reports it, gc removes it.
+        let loc = self.loc_path(&name);
+        self.remove_locations(&name)
+            .map_err(|source| RemoveError::Io {
+                step: "removing location record",
+                path: loc,
+                source,
+            })?;
         let tdir = self.templates_dir();
         format::fsync_dir(&tdir).map_err(|source| RemoveError::Io {
             step: "syncing templates directory",
@@ -455,8 +508,12 @@ fn uninitialised(dir: &Path) -> Result<(), OpenError> {
     } else {
         0
     };
+    // Manifests and whatever else is there, but not their location records.
     let templates = if is_dir(&dir.join("templates")) {
-        list(&dir.join("templates"))?.len() as u64
+        list(&dir.join("templates"))?
+            .iter()
+            .filter(|n| !n.ends_with(".loc"))
+            .count() as u64
     } else {
         0
     };

@@ -514,6 +514,10 @@ impl Store {
         }
         progress(n_pages, n_pages);
         self.refresh_mut()?;
+        // Location records of the new templates (hints for lazy restores: best effort).
+        for t in report.templates.iter().filter(|t| t.created) {
+            let _ = self.write_locations_of(&t.name);
+        }
         Ok(report)
     }
 

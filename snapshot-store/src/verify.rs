@@ -473,6 +473,52 @@ impl Store {
     }
 
     /// Reads every manifest and checks the parent chains; returns the readable templates.
+    /// Location records (hints for lazy restores, never needed): orphaned,
+    /// damaged or stale ones are garbage that `gc` rewrites or removes.
+    fn verify_location_records(
+        &self,
+        records: &[(TemplateName, std::path::PathBuf)],
+        good: &BTreeMap<TemplateName, Template>,
+        probs: &mut Vec<Problem>,
+    ) {
+        const HINT: &str =
+            "run `vmm-store gc` (it rewrites or removes location records) or delete the file; restores read the pack indexes meanwhile";
+        for (name, path) in records {
+            if !self.manifest_path(name).exists() {
+                probs.push(Problem::garbage(
+                    path,
+                    format!("location record of template {name}, which does not exist"),
+                    HINT,
+                ));
+                continue;
+            }
+            // An unreadable manifest is reported on its own.
+            let Some(t) = good.get(name) else { continue };
+            match self.read_record(path) {
+                Err(why) => {
+                    probs.push(Problem::garbage(
+                        path,
+                        format!("unusable location record: {why}"),
+                        HINT,
+                    ));
+                    continue;
+                }
+                // Written for an earlier version of the manifest (one rewritten
+                // by a tool that knows no records): ignored by restores, and
+                // rewritten by the next gc; nothing to report.
+                Ok(r) if r.manifest_sum != t.manifest_sum => continue,
+                Ok(_) => {}
+            }
+            if let Err(why) = self.located_view(&[t]) {
+                probs.push(Problem::garbage(
+                    path,
+                    format!("stale location record: {why}"),
+                    HINT,
+                ));
+            }
+        }
+    }
+
     fn verify_templates(&self, probs: &mut Vec<Problem>) -> BTreeMap<TemplateName, Template> {
         let tdir = self.templates_dir();
         let mut good: BTreeMap<TemplateName, Template> = BTreeMap::new();
@@ -488,9 +534,18 @@ impl Store {
             }
         };
         let mut broken: BTreeSet<TemplateName> = BTreeSet::new();
+        let mut records: Vec<(TemplateName, std::path::PathBuf)> = Vec::new();
         for e in rd.flatten() {
             let path = e.path();
             let fname = e.file_name();
+            let record = fname
+                .to_str()
+                .and_then(|s| s.strip_suffix(".loc"))
+                .and_then(|s| TemplateName::new(s).ok());
+            if let Some(name) = record {
+                records.push((name, path));
+                continue;
+            }
             let name = fname
                 .to_str()
                 .and_then(|s| s.strip_suffix(".tmpl"))
@@ -517,6 +572,7 @@ impl Store {
                 }
             }
         }
+        self.verify_location_records(&records, &good, probs);
         let mut cycles_reported: BTreeSet<Vec<TemplateName>> = BTreeSet::new();
         for t in good.values() {
             let path = self.manifest_path(&t.name);

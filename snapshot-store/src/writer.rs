@@ -404,16 +404,19 @@ impl TemplateWriter<'_> {
         if !done {
             store.fail("before-manifest-rename")?;
         }
+        let mut t = Template::from_manifest(m, &mpath).map_err(|e| WriteError::Io {
+            step: "re-reading manifest",
+            path: mpath.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        t.manifest_sum = format::manifest_sum(&bytes);
+        // The commit is durable: the location record is only a hint for lazy
+        // restores (a stale one is bound to the old manifest and not used).
+        let _ = store.write_locations(&t);
         drop(_lock);
         // The commit is durable; a failed refresh only delays seeing it in memory.
         let _ = store.refresh_mut();
-        let info = Template::from_manifest(m, &mpath)
-            .map(|t| t.info())
-            .map_err(|e| WriteError::Io {
-                step: "re-reading manifest",
-                path: mpath.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
+        let info = t.info();
         Ok(CommitInfo {
             info,
             new_pages: new_pages.len() as u64,

@@ -844,6 +844,7 @@ fn gc(
             "bytes_after": r.bytes_after,
             "bytes_freed": r.bytes_freed(),
             "skipped": r.skipped,
+            "location_records": r.location_records,
         })));
     }
     let verb = if r.dry_run { "would remove" } else { "removed" };
@@ -865,6 +866,12 @@ fn gc(
     );
     for sk in &r.skipped {
         out += &format!("warning: left damaged pack alone: {sk}\n  hint: run `vmm-store verify`\n");
+    }
+    if r.location_records > 0 {
+        out += &format!(
+            "wrote the location records of {} template(s) (new, or outdated by moved pages): a restore reads its template's records, not every pack index\n",
+            r.location_records
+        );
     }
     let count = |k: &str| a.removed.iter().filter(|x| reason(&x.reason) == k).count();
     out += &format!(

@@ -260,7 +260,11 @@ fn restore(
                 );
             }
         }
-        let store = open_store(store, false)?;
+        // Lazily: the restore reads the template's location records and the packs
+        // they name, not every pack index of the store (issue 17 item 3).
+        let dir = store.dir()?;
+        let store = Store::open_lazy(&dir)
+            .map_err(|e| format!("open the template store {}: {e}", dir.display()))?;
         let input = invoke.read_input().map_err(|e| e.to_string())?;
         Ok::<_, String>((store, input, limits, ready.in_use))
     })();

@@ -360,6 +360,13 @@ fn with_restored_keep<T>(
         .as_ref()
         .and_then(|p| store.load(p.as_str()).ok());
     let resolved = tmpl.resolve(store)?;
+    if let Some(why) = resolved.location_fallback() {
+        // Same pages, found the slower way (old store, or records outdated by gc).
+        tracing::debug!(
+            template = name,
+            "located the pages by the pack indexes: {why}"
+        );
+    }
     let parent = parent
         .map(|pt| checks::decode_device(&pt).map(|pd| (pt, pd)))
         .transpose()?;
