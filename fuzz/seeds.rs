@@ -260,6 +260,13 @@ fn file_seeds(out: &mut Out, files: &Files) {
                 s.extend_from_slice(b);
                 out.put("pack_index", &format!("{mode}-{tag}"), &s);
             }
+        } else if p.ends_with(".loc") {
+            // Mode 1 re-keys the checksum, so the body's decoder is reached.
+            for mode in [0u8, 1] {
+                let mut s = vec![mode];
+                s.extend_from_slice(b);
+                out.put("locations", &format!("{mode}-{tag}"), &s);
+            }
         } else if *p == "store.cfg" {
             for mode in [2u8, 3] {
                 let mut s = vec![mode];
