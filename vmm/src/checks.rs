@@ -521,8 +521,9 @@ impl fmt::Display for Finding {
 }
 
 /// Synthetic vCPU and device states that pass every check above, for tests of tools that
-/// build stores through the store API (`vmm-store`'s tests). Not a stable API.
-#[cfg(feature = "fixtures")]
+/// build stores through the store API (`vmm-store`'s tests) and of this crate's unit
+/// tests. Not a stable API.
+#[cfg(any(test, feature = "fixtures"))]
 #[doc(hidden)]
 pub mod fixtures {
     use super::*;
@@ -604,5 +605,187 @@ pub mod fixtures {
             base,
         };
         (vcpu.encode(), device.encode())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot_store::fixtures::TempDir;
+
+    const MEM: u64 = 64 << 20;
+
+    fn device(base: Option<BaseRef>) -> DeviceState {
+        DeviceState::decode(&fixtures::states(MEM, base).1).unwrap()
+    }
+    fn base_ref(name: &str) -> Option<BaseRef> {
+        Some(BaseRef {
+            name: name.into(),
+            created_unix_ms: 1,
+        })
+    }
+    /// Why `check_device` refuses `d` (panics if it accepts it).
+    fn refused(d: &DeviceState) -> String {
+        check_device(d, MEM).unwrap_err()
+    }
+
+    #[test]
+    fn device_state_of_a_base_and_of_a_function() {
+        check_device(&device(None), MEM).unwrap();
+        check_device(&device(base_ref("rt")), MEM).unwrap();
+        // Only the two snapshot points.
+        let mut d = device(None);
+        d.pending_op = 99;
+        assert!(refused(&d).contains("hostcall 99"));
+        // The buffer lies inside guest memory.
+        let mut d = device(None);
+        d.buf_gpa = MEM - 0x800;
+        assert!(refused(&d).contains("function buffer"));
+        let mut d = device(base_ref("rt"));
+        d.buf_len = MEM;
+        assert!(refused(&d).contains("request buffer"));
+        let mut d = device(None);
+        d.runtime = "ruby".into();
+        d.provenance.as_mut().unwrap().runtime = "ruby".into();
+        assert_eq!(refused(&d), "runtime ruby");
+    }
+
+    #[test]
+    fn device_state_provenance_and_base() {
+        let mut d = device(None);
+        d.provenance = None;
+        assert!(refused(&d).contains("no provenance"));
+        // Version 1 recorded none: nothing more is checked.
+        d.version = 1;
+        check_device(&d, MEM).unwrap();
+        let mut d = device(None);
+        d.provenance.as_mut().unwrap().engine = "v8".into();
+        assert_eq!(refused(&d), "engine v8");
+        // The provenance agrees with the template itself.
+        let mut d = device(None);
+        d.provenance.as_mut().unwrap().mem_size = MEM / 2;
+        assert!(refused(&d).contains("disagrees"));
+        let mut d = device(None);
+        d.module_name = "other.wasm".into();
+        assert!(refused(&d).contains("disagrees"));
+        // A base names no base; a function template names a valid one.
+        let mut d = device(None);
+        d.base = base_ref("rt");
+        assert!(refused(&d).contains("names a base of its own"));
+        let mut d = device(base_ref("rt"));
+        d.base = None;
+        assert!(refused(&d).contains("does not name its base"));
+        let d = device(base_ref("../rt"));
+        assert!(refused(&d).contains("base name"));
+    }
+
+    #[test]
+    fn provenance_differences_name_each_option() {
+        let ours = device(None).provenance.unwrap();
+        assert_eq!(ours.differences(&ours), vec![]);
+        let mut base = ours.clone();
+        base.engine = "wasmi".into();
+        base.mem_size = MEM * 2;
+        assert_eq!(
+            ours.differences(&base),
+            vec![
+                Difference::Engine {
+                    ours: "wasmtime".into(),
+                    base: "wasmi".into()
+                },
+                Difference::MemSize {
+                    ours: MEM,
+                    base: MEM * 2
+                },
+            ]
+        );
+        let (name, base_name) = (
+            TemplateName::new("f").unwrap(),
+            TemplateName::new("rt").unwrap(),
+        );
+        check_provenance(&name, &base_name, &ours, Some(&ours)).unwrap();
+        assert!(matches!(
+            check_provenance(&name, &base_name, &ours, Some(&base)),
+            Err(CheckError::BaseMismatch { differences, .. }) if differences.len() == 2
+        ));
+        assert!(matches!(
+            check_provenance(&name, &base_name, &ours, None),
+            Err(CheckError::UnrecordedBase { .. })
+        ));
+        // A kernel or ABI difference asks for a new base, the others for other options.
+        let mut old = ours.clone();
+        old.kernel_hash += 1;
+        let e = check_provenance(&name, &base_name, &ours, Some(&old)).unwrap_err();
+        assert!(e.to_string().contains("must be made again"), "{e}");
+        let e = check_provenance(&name, &base_name, &ours, Some(&base)).unwrap_err();
+        assert!(!e.to_string().contains("must be made again"), "{e}");
+    }
+
+    /// Commits `name` (on `parent`) with the fixture states of a base (`base` None) or of
+    /// a function made on `base`.
+    fn put(s: &mut Store, name: &str, parent: Option<&str>, base: Option<BaseRef>) {
+        let (vcpu, device) = fixtures::states(MEM, base);
+        let mut w = s.begin_template(name, parent, MEM).unwrap();
+        w.set_vcpu_state(vcpu);
+        w.set_device_state(device);
+        w.commit().unwrap();
+    }
+
+    #[test]
+    fn check_store_finds_every_template_restore_would_refuse() {
+        let dir = TempDir::new();
+        let mut s = Store::create_or_open(dir.path()).unwrap();
+        put(&mut s, "rt", None, None);
+        let rt = BaseRef {
+            name: "rt".into(),
+            created_unix_ms: s.load("rt").unwrap().created_unix_ms,
+        };
+        put(&mut s, "f", Some("rt"), Some(rt.clone()));
+        assert!(check_store(&s).is_empty());
+
+        put(&mut s, "a-base-on-rt", Some("rt"), None);
+        put(&mut s, "b-on-f", Some("f"), Some(rt.clone()));
+        put(&mut s, "c-alone", None, Some(rt.clone()));
+        let other = BaseRef {
+            name: "other".into(),
+            ..rt.clone()
+        };
+        put(&mut s, "d-made-on-other", Some("rt"), Some(other));
+        let older = BaseRef {
+            created_unix_ms: rt.created_unix_ms - 1,
+            ..rt.clone()
+        };
+        put(&mut s, "e-on-old-rt", Some("rt"), Some(older));
+        let mut w = s.begin_template("g-bad-vcpu", None, MEM).unwrap();
+        w.set_vcpu_state(vec![1, 2, 3]);
+        w.set_device_state(fixtures::states(MEM, None).1);
+        w.commit().unwrap();
+
+        let found: Vec<(String, &str)> = check_store(&s)
+            .iter()
+            .map(|f| {
+                let kind = match f.error {
+                    CheckError::BaseHasParent { .. } => "base has parent",
+                    CheckError::ParentNotABase { .. } => "parent not a base",
+                    CheckError::NoBase { .. } => "no base",
+                    CheckError::WrongBase { .. } => "wrong base",
+                    CheckError::ReplacedBase { .. } => "replaced base",
+                    CheckError::Vcpu { .. } => "vcpu",
+                    _ => "other",
+                };
+                (f.template.to_string(), kind)
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("a-base-on-rt".to_string(), "base has parent"),
+                ("b-on-f".to_string(), "parent not a base"),
+                ("c-alone".to_string(), "no base"),
+                ("d-made-on-other".to_string(), "wrong base"),
+                ("e-on-old-rt".to_string(), "replaced base"),
+                ("g-bad-vcpu".to_string(), "vcpu"),
+            ]
+        );
     }
 }

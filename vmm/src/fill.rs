@@ -311,3 +311,202 @@ impl FaultServer<'_> {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot_store::fixtures::{page, TempDir};
+    use snapshot_store::Store;
+
+    /// Frames per 2 MiB region.
+    const R: u64 = layout::HUGE_PAGE_SIZE / PAGE;
+
+    /// A plan in a comparable form: (region, None) for `Fill::Region`, (region, Some(frames))
+    /// for `Fill::Frames`.
+    fn shown(plan: &[Fill]) -> Vec<(u64, Option<Vec<u64>>)> {
+        plan.iter()
+            .map(|f| match f {
+                Fill::Region(r) => (*r, None),
+                Fill::Frames(r, frames) => (*r, Some(frames.clone())),
+            })
+            .collect()
+    }
+
+    /// A store at `dir` holding `name`, a base template of `regions` 2 MiB regions whose
+    /// data frames are `data` (each a distinct non-zero page) and every other frame zero.
+    fn store_with(dir: &TempDir, regions: u64, data: &[u64]) -> Store {
+        let mut s = Store::create_or_open(dir.path()).unwrap();
+        let mut w = s
+            .begin_template("t", None, regions * layout::HUGE_PAGE_SIZE)
+            .unwrap();
+        for &g in data {
+            w.put_page(g, &page(g + 1)).unwrap();
+        }
+        w.commit().unwrap();
+        s
+    }
+
+    fn resolved(s: &Store, name: &str) -> Resolved {
+        s.load(name).unwrap().resolve(s).unwrap()
+    }
+
+    /// Four regions: 0 holds 400 data frames, 1 holds 8, 2 none, 3 holds 300.
+    fn layout4() -> Vec<u64> {
+        (0..400)
+            .chain(R + 100..R + 108)
+            .chain(3 * R + 10..3 * R + 310)
+            .collect()
+    }
+
+    #[test]
+    fn lazy_and_shared_plan_nothing() {
+        let dir = TempDir::new();
+        let s = store_with(&dir, 4, &layout4());
+        let r = resolved(&s, "t");
+        let ws: Vec<u64> = (0..600).collect();
+        assert!(plan(&r, MemoryStrategy::Lazy, &ws).is_empty());
+        assert!(plan(&r, MemoryStrategy::Shared, &ws).is_empty());
+    }
+
+    #[test]
+    fn eager_plans_each_region_with_data_once_in_order() {
+        let dir = TempDir::new();
+        let s = store_with(&dir, 4, &layout4());
+        let r = resolved(&s, "t");
+        // The working set plays no part in eager's plan.
+        for ws in [vec![], vec![2 * R + 1, 5]] {
+            assert_eq!(
+                shown(&plan(&r, MemoryStrategy::Eager, &ws)),
+                vec![(0, None), (1, None), (3, None)],
+            );
+        }
+    }
+
+    #[test]
+    fn eager_follows_the_parent_chain() {
+        let dir = TempDir::new();
+        let mut s = store_with(&dir, 4, &layout4());
+        // The child zeroes every data frame of region 1 and writes one frame in region 2.
+        let mut w = s
+            .begin_template("child", Some("t"), 4 * layout::HUGE_PAGE_SIZE)
+            .unwrap();
+        for g in R + 100..R + 108 {
+            w.set_zero(g).unwrap();
+        }
+        w.put_page(2 * R + 7, &page(9999)).unwrap();
+        w.commit().unwrap();
+        let r = resolved(&s, "child");
+        assert_eq!(
+            shown(&plan(&r, MemoryStrategy::Eager, &[])),
+            vec![(0, None), (2, None), (3, None)],
+        );
+    }
+
+    #[test]
+    fn prefetch_sparse_and_dense_regions() {
+        let dir = TempDir::new();
+        let s = store_with(&dir, 4, &layout4());
+        let r = resolved(&s, "t");
+        // Region 0: 400 data frames, so small pages while ws × 8 < 400 + 256, i.e. ws ≤ 81.
+        let sparse0: Vec<u64> = (0..81).map(|i| i * 5).collect();
+        let dense0: Vec<u64> = (0..82).map(|i| i * 5).collect();
+        // Region 1: 8 data frames, so small pages while ws × 8 < 8 + 256, i.e. ws ≤ 32
+        // (working-set frames need not hold data).
+        let sparse1: Vec<u64> = (R..R + 32).collect();
+        let dense1: Vec<u64> = (R..R + 33).collect();
+        // Region 2: no data, so small pages while ws × 8 < 256, i.e. ws ≤ 31.
+        let sparse2: Vec<u64> = (2 * R + 100..2 * R + 131).collect();
+        let dense2: Vec<u64> = (2 * R + 100..2 * R + 132).collect();
+
+        let ws: Vec<u64> = [&sparse0[..], &sparse1, &sparse2].concat();
+        assert_eq!(
+            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            vec![
+                (0, Some(sparse0.clone())),
+                (1, Some(sparse1.clone())),
+                (2, Some(sparse2.clone())),
+            ],
+        );
+        let ws: Vec<u64> = [&dense0[..], &dense1, &dense2].concat();
+        assert_eq!(
+            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            vec![(0, None), (1, None), (2, None)],
+        );
+        // Regions outside the working set are not planned (region 3 holds data).
+        let ws: Vec<u64> = [&dense0[..], &sparse2].concat();
+        assert_eq!(
+            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            vec![(0, None), (2, Some(sparse2))],
+        );
+    }
+
+    #[test]
+    fn prefetch_counts_data_frames_of_the_resolved_chain() {
+        // Region 0 of `t` holds 400 data frames: 45 working-set frames leave it sparse
+        // (45 × 8 = 360 < 400 + 256). The child zeroes 300 of them, so 100 are left and
+        // the same 45 frames make it dense (360 ≥ 100 + 256), while 44 stay sparse (352).
+        let dir = TempDir::new();
+        let mut s = store_with(&dir, 4, &layout4());
+        let mut w = s
+            .begin_template("child", Some("t"), 4 * layout::HUGE_PAGE_SIZE)
+            .unwrap();
+        for g in 100..400 {
+            w.set_zero(g).unwrap();
+        }
+        w.commit().unwrap();
+        let ws: Vec<u64> = (0..45).collect();
+        let parent = resolved(&s, "t");
+        let child = resolved(&s, "child");
+        assert_eq!(
+            shown(&plan(&parent, MemoryStrategy::Prefetch, &ws)),
+            vec![(0, Some(ws.clone()))],
+        );
+        assert_eq!(
+            shown(&plan(&child, MemoryStrategy::Prefetch, &ws)),
+            vec![(0, None)],
+        );
+        assert_eq!(
+            shown(&plan(&child, MemoryStrategy::Prefetch, &ws[..44])),
+            vec![(0, Some(ws[..44].to_vec()))],
+        );
+    }
+
+    #[test]
+    fn prefetch_sorts_dedups_and_ignores_frames_past_the_template() {
+        let dir = TempDir::new();
+        let s = store_with(&dir, 4, &layout4());
+        let r = resolved(&s, "t");
+        let frames = r.frame_count();
+        assert_eq!(frames, 4 * R);
+        // First-touch order, repeats, and frames beyond guest RAM (in a region that would
+        // be the fifth, and far away).
+        let ws = [
+            3 * R + 20,
+            7,
+            3,
+            7,
+            R + 101,
+            3,
+            frames,
+            frames + 1,
+            1 << 40,
+            R + 100,
+        ];
+        assert_eq!(
+            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            vec![
+                (0, Some(vec![3, 7])),
+                (1, Some(vec![R + 100, R + 101])),
+                (3, Some(vec![3 * R + 20])),
+            ],
+        );
+        // Repeats do not count towards density: 81 distinct frames of region 0, each
+        // twice, stay sparse (162 distinct frames would not).
+        let once: Vec<u64> = (0..81).map(|i| i * 3).collect();
+        let twice: Vec<u64> = once.iter().chain(once.iter()).copied().collect();
+        assert_eq!(
+            shown(&plan(&r, MemoryStrategy::Prefetch, &twice)),
+            vec![(0, Some(once))],
+        );
+    }
+}

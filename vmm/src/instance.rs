@@ -100,6 +100,38 @@ fn page_table_pages(image: &[u8]) -> Result<Vec<u64>, String> {
     Ok(seen.into_iter().collect())
 }
 
+/// Adds data frame `gfn` (greater than every frame in `runs`) to `runs`, the runs of
+/// consecutive data frames: (first frame, pages). A run never crosses a 2 MiB region
+/// boundary (resets work region by region).
+fn push_run(runs: &mut Vec<(u64, u64)>, gfn: u64) {
+    match runs.last_mut() {
+        Some((first, n)) if *first + *n == gfn && !(gfn * PAGE).is_multiple_of(REGION) => *n += 1,
+        _ => runs.push((gfn, 1)),
+    }
+}
+
+/// Per 2 MiB region of `n_regions`: the range of `runs` (sorted, built by [`push_run`])
+/// that lies in it (empty: none).
+fn region_runs(runs: &[(u64, u64)], n_regions: usize) -> Vec<std::ops::Range<usize>> {
+    let mut region_runs = vec![0..0; n_regions];
+    let mut i = 0;
+    while i < runs.len() {
+        let r = (runs[i].0 * PAGE / REGION) as usize;
+        let start = i;
+        while i < runs.len() && (runs[i].0 * PAGE / REGION) as usize == r {
+            i += 1;
+        }
+        region_runs[r] = start..i;
+    }
+    region_runs
+}
+
+/// Whether a region whose data frames are `runs` is sparse (see [`Template::sparse`]).
+fn sparse_runs(runs: &[(u64, u64)]) -> bool {
+    let pages: u64 = runs.iter().map(|&(_, n)| n).sum();
+    pages < SPARSE_REGION_PAGES
+}
+
 /// What loading a template cost.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct LoadStats {
@@ -175,27 +207,12 @@ impl Template {
                 .ok_or_else(|| Error::new(ErrorKind::Damaged, step, "frame past guest RAM"))?
                 .copy_from_slice(p);
             data_pages += 1;
-            // A run never crosses a 2 MiB region boundary (resets work region by region).
-            match runs.last_mut() {
-                Some((first, n)) if *first + *n == gfn && !(gfn * PAGE).is_multiple_of(REGION) => {
-                    *n += 1
-                }
-                _ => runs.push((gfn, 1)),
-            }
+            push_run(&mut runs, gfn);
         }
         let page_tables =
             page_table_pages(&image).map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         let image = (file, image.make_read_only().map_err(host)?);
-        let mut region_runs = vec![0..0; n_regions];
-        let mut i = 0;
-        while i < runs.len() {
-            let r = (runs[i].0 * PAGE / REGION) as usize;
-            let start = i;
-            while i < runs.len() && (runs[i].0 * PAGE / REGION) as usize == r {
-                i += 1;
-            }
-            region_runs[r] = start..i;
-        }
+        let region_runs = region_runs(&runs, n_regions);
         let stats = LoadStats {
             load_ms: ms(t0.elapsed()),
             data_pages,
@@ -249,11 +266,7 @@ impl Template {
     /// Whether region `r` holds so little data that it is backed by 4 KiB host pages: a
     /// 2 MiB host page would cost an instance 2 MiB of memory for a handful of pages.
     fn sparse(&self, r: usize) -> bool {
-        let pages: u64 = self.runs[self.region_runs[r].clone()]
-            .iter()
-            .map(|&(_, n)| n)
-            .sum();
-        pages < SPARSE_REGION_PAGES
+        sparse_runs(&self.runs[self.region_runs[r].clone()])
     }
 
     /// Write the template's data pages of region `r` into `mem`. With `resident` (a reset),
@@ -665,5 +678,162 @@ impl Instance {
             .apply_backend_msrs(&self.vm.vcpu, self.vm.backend)
             .map_err(|e| host(e.into()))?;
         Ok((copied, zeroed, ms(tv.elapsed())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_abi::pte::{HUGE, PRESENT, TABLE};
+
+    /// Frames per 2 MiB region.
+    const R: u64 = REGION / PAGE;
+
+    /// Zeroed guest memory of `pages` pages.
+    fn image(pages: u64) -> Vec<u8> {
+        vec![0; (pages * PAGE) as usize]
+    }
+
+    /// Sets entry `i` of the table page at `table` to `value`.
+    fn set(image: &mut [u8], table: u64, i: u64, value: u64) {
+        let at = (table + i * 8) as usize;
+        image[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    #[test]
+    fn page_tables_are_walked_from_the_root_to_the_page_tables() {
+        let mut m = image(16);
+        let (pml4, pdpt, pd, pt, data) = (layout::PML4_GPA, 0x3000, 0x4000, 0x6000, 0x8000);
+        // The address is masked out of the entry (here with the no-execute bit set).
+        set(&mut m, pml4, 0, pdpt | TABLE | (1 << 63));
+        // Not present: not followed, whatever its address.
+        set(&mut m, pml4, 1, 0x9000);
+        set(&mut m, pdpt, 0, pd | TABLE);
+        // A 1 GiB page and a 2 MiB page: their addresses are not tables.
+        set(&mut m, pdpt, 1, 0x5000 | TABLE | HUGE);
+        set(&mut m, pd, 0, pt | TABLE);
+        set(&mut m, pd, 1, 0x7000 | TABLE | HUGE);
+        // Two directory entries sharing one page table: listed once.
+        set(&mut m, pd, 511, pt | TABLE);
+        // A page table's entries map pages, never tables.
+        set(&mut m, pt, 0, data | TABLE);
+        set(&mut m, data, 0, 0xa000 | TABLE);
+        assert_eq!(page_table_pages(&m).unwrap(), vec![pml4, pdpt, pd, pt]);
+    }
+
+    #[test]
+    fn the_large_page_bit_is_ignored_in_the_root() {
+        let mut m = image(8);
+        set(&mut m, layout::PML4_GPA, 0, 0x3000 | TABLE | HUGE);
+        set(&mut m, 0x3000, 0, 0x4000 | PRESENT);
+        assert_eq!(
+            page_table_pages(&m).unwrap(),
+            vec![layout::PML4_GPA, 0x3000, 0x4000]
+        );
+    }
+
+    #[test]
+    fn entries_outside_guest_ram_are_skipped() {
+        let mut m = image(8);
+        set(&mut m, layout::PML4_GPA, 0, 0x3000 | TABLE);
+        set(&mut m, layout::PML4_GPA, 1, (1 << 40) | TABLE);
+        // The last page's table would end one byte past guest RAM if it started one page
+        // later.
+        set(&mut m, 0x3000, 0, 0x7000 | TABLE);
+        set(&mut m, 0x3000, 1, 0x8000 | TABLE);
+        assert_eq!(
+            page_table_pages(&m).unwrap(),
+            vec![layout::PML4_GPA, 0x3000, 0x7000]
+        );
+        // Guest RAM that ends before the root: no tables at all.
+        assert_eq!(
+            page_table_pages(&image(layout::PML4_GPA / PAGE)).unwrap(),
+            Vec::<u64>::new()
+        );
+    }
+
+    #[test]
+    fn cycles_end_and_list_each_table_once() {
+        let mut m = image(8);
+        let pml4 = layout::PML4_GPA;
+        set(&mut m, pml4, 0, 0x3000 | TABLE);
+        set(&mut m, pml4, 1, pml4 | TABLE);
+        set(&mut m, 0x3000, 0, pml4 | TABLE);
+        set(&mut m, 0x3000, 1, 0x4000 | TABLE);
+        set(&mut m, 0x4000, 0, 0x3000 | TABLE);
+        set(&mut m, 0x4000, 1, 0x4000 | TABLE);
+        assert_eq!(page_table_pages(&m).unwrap(), vec![pml4, 0x3000, 0x4000]);
+    }
+
+    /// Guest memory whose page tables are the root, one PDPT, as many page directories as
+    /// needed and `n` page tables: `n + n.div_ceil(512) + 2` table pages.
+    fn tree(n: u64) -> Vec<u8> {
+        let dirs = n.div_ceil(512);
+        let (pdpt, first_dir) = (0x3000, 0x4000);
+        let first_table = first_dir + dirs * PAGE;
+        let mut m = image(first_table / PAGE + n);
+        set(&mut m, layout::PML4_GPA, 0, pdpt | TABLE);
+        for d in 0..dirs {
+            set(&mut m, pdpt, d, (first_dir + d * PAGE) | TABLE);
+        }
+        for t in 0..n {
+            let dir = first_dir + t / 512 * PAGE;
+            set(&mut m, dir, t % 512, (first_table + t * PAGE) | TABLE);
+        }
+        m
+    }
+
+    #[test]
+    fn at_most_max_page_table_pages() {
+        // 8174 + 16 + 2 = 8192 table pages: accepted, every one listed.
+        let found = page_table_pages(&tree(8174)).unwrap();
+        assert_eq!(found.len(), MAX_PAGE_TABLE_PAGES);
+        assert!(found.windows(2).all(|w| w[0] < w[1]));
+        // One more: refused.
+        let e = page_table_pages(&tree(8175)).unwrap_err();
+        assert!(e.contains("more than 8192 pages"), "{e}");
+    }
+
+    fn runs_of(frames: &[u64]) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        for &g in frames {
+            push_run(&mut runs, g);
+        }
+        runs
+    }
+
+    #[test]
+    fn runs_are_consecutive_frames_inside_one_region() {
+        let frames = [0, 1, 2, 5, R - 2, R - 1, R, R + 1, 2 * R + 9];
+        let runs = runs_of(&frames);
+        assert_eq!(
+            runs,
+            vec![(0, 3), (5, 1), (R - 2, 2), (R, 2), (2 * R + 9, 1)]
+        );
+        assert_eq!(region_runs(&runs, 3), vec![0..3, 3..4, 4..5]);
+        // Regions without data have an empty range.
+        let runs = runs_of(&[1, 3 * R + 4, 3 * R + 5]);
+        assert_eq!(region_runs(&runs, 4), vec![0..1, 0..0, 0..0, 1..2]);
+    }
+
+    #[test]
+    fn a_region_is_sparse_below_64_data_pages() {
+        // 63 pages in three runs, in region 1.
+        let frames: Vec<u64> = (R..R + 20)
+            .chain(R + 100..R + 140)
+            .chain(2 * R - 3..2 * R)
+            .collect();
+        let runs = runs_of(&frames);
+        let regions = region_runs(&runs, 2);
+        assert!(regions[0].is_empty());
+        assert_eq!(regions[1], 0..3);
+        assert!(sparse_runs(&runs[regions[1].clone()]));
+        // One page more (in a fourth run): not sparse.
+        let mut frames: Vec<u64> = frames.iter().copied().chain([R + 300]).collect();
+        frames.sort_unstable();
+        let runs = runs_of(&frames);
+        assert_eq!(runs.len(), 4);
+        assert!(!sparse_runs(&runs));
+        assert!(sparse_runs(&[]));
     }
 }

@@ -491,3 +491,173 @@ impl VcpuState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 64 << 20;
+
+    /// A state that passes every check (a runtime base made on PVM).
+    fn valid() -> VcpuState {
+        VcpuState::decode(&crate::checks::fixtures::states(MEM, None).0).unwrap()
+    }
+
+    /// `valid()` with one KVM struct changed by `f`.
+    fn with<T: FromBytes + IntoBytes + zerocopy::Immutable>(
+        field: fn(&mut VcpuState) -> &mut Vec<u8>,
+        f: impl FnOnce(&mut T),
+    ) -> VcpuState {
+        let mut s = valid();
+        let mut v: T = read("test", field(&mut s)).unwrap();
+        f(&mut v);
+        *field(&mut s) = v.as_bytes().to_vec();
+        s
+    }
+    fn regs(f: impl FnOnce(&mut kvm_regs)) -> VcpuState {
+        with(|s| &mut s.regs, f)
+    }
+    fn sregs(f: impl FnOnce(&mut kvm_sregs)) -> VcpuState {
+        with(|s| &mut s.sregs, f)
+    }
+    fn events(f: impl FnOnce(&mut kvm_vcpu_events)) -> VcpuState {
+        with(|s| &mut s.events, f)
+    }
+
+    /// The name of the value `s.validate(MEM)` refuses (panics if it accepts it or fails
+    /// otherwise).
+    fn refused(s: &VcpuState) -> &'static str {
+        match s.validate(MEM) {
+            Err(PersistError::Invalid { what, .. }) => what,
+            other => panic!("expected an invalid value, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_fixture_is_valid() {
+        valid().validate(MEM).unwrap();
+        // Boundaries that are still accepted.
+        regs(|r| r.rip = layout::KERNEL_END_MAX - 1)
+            .validate(MEM)
+            .unwrap();
+        regs(|r| r.rsp = layout::STACK_TOP).validate(MEM).unwrap();
+        regs(|r| r.rsp = layout::STACK_BOTTOM)
+            .validate(MEM)
+            .unwrap();
+        sregs(|s| s.gdt.base = MEM - 1 - u64::from(s.gdt.limit))
+            .validate(MEM)
+            .unwrap();
+    }
+
+    #[test]
+    fn general_registers_outside_the_kernel_are_refused() {
+        assert_eq!(refused(&regs(|r| r.rip = layout::KERNEL_BASE - 1)), "rip");
+        assert_eq!(refused(&regs(|r| r.rip = layout::KERNEL_END_MAX)), "rip");
+        assert_eq!(refused(&regs(|r| r.rsp = layout::STACK_BOTTOM - 1)), "rsp");
+        assert_eq!(refused(&regs(|r| r.rsp = layout::STACK_TOP + 1)), "rsp");
+        assert_eq!(refused(&regs(|r| r.rflags = 0)), "rflags");
+        assert_eq!(refused(&regs(|r| r.rflags = 2 | RFLAGS_TF)), "rflags");
+        assert_eq!(refused(&regs(|r| r.rflags = 2 | RFLAGS_VM)), "rflags");
+        assert_eq!(refused(&regs(|r| r.rflags = 2 | (1 << 22))), "rflags");
+    }
+
+    #[test]
+    fn special_registers_must_be_long_mode_on_the_vmm_page_tables() {
+        assert_eq!(refused(&sregs(|s| s.cr0 &= !CR0_PG)), "cr0");
+        assert_eq!(refused(&sregs(|s| s.cr0 &= !CR0_PE)), "cr0");
+        assert_eq!(refused(&sregs(|s| s.cr4 &= !CR4_PAE)), "cr4");
+        assert_eq!(refused(&sregs(|s| s.efer &= !EFER_LMA)), "efer");
+        assert_eq!(
+            refused(&sregs(|s| s.cr3 = layout::PML4_GPA + 0x1000)),
+            "cr3"
+        );
+        assert_eq!(refused(&sregs(|s| s.cs.l = 0)), "code segment");
+        assert_eq!(refused(&sregs(|s| s.cs.present = 0)), "code segment");
+        // Descriptor tables end inside guest RAM.
+        assert_eq!(
+            refused(&sregs(|s| s.gdt.base = MEM - u64::from(s.gdt.limit))),
+            "gdt base"
+        );
+        assert_eq!(refused(&sregs(|s| s.idt.base = u64::MAX)), "idt base");
+        assert_eq!(
+            refused(&sregs(|s| s.tr.present = 0)),
+            "task state segment at"
+        );
+        assert_eq!(
+            refused(&sregs(|s| s.interrupt_bitmap[3] = 1 << 5)),
+            "a pending interrupt"
+        );
+    }
+
+    #[test]
+    fn nothing_may_be_pending() {
+        assert_eq!(
+            refused(&events(|e| e.exception.pending = 1)),
+            "a pending exception"
+        );
+        assert_eq!(
+            refused(&events(|e| e.exception.injected = 1)),
+            "a pending exception"
+        );
+        let forged: [fn(&mut kvm_vcpu_events); 4] = [
+            |e| e.interrupt.injected = 1,
+            |e| e.nmi.pending = 1,
+            |e| e.smi.smm = 1,
+            |e| e.triple_fault.pending = 1,
+        ];
+        for f in forged {
+            assert_eq!(refused(&events(f)), "a pending event");
+        }
+        let s = with(
+            |s| &mut s.debugregs,
+            |d: &mut kvm_debugregs| d.dr7 |= 1 << 2,
+        );
+        assert_eq!(refused(&s), "dr7");
+    }
+
+    #[test]
+    fn clock_extended_state_and_msrs_are_checked() {
+        let mut s = valid();
+        s.tsc_khz = 0;
+        assert_eq!(refused(&s), "TSC frequency");
+        let s = with(|s| &mut s.xcrs, |x: &mut kvm_xcrs| x.xcrs[0].value = 0x6);
+        assert_eq!(refused(&s), "xcr0");
+        // MSR EFER agrees with the special registers' EFER (0x500 in the fixture).
+        let mut s = valid();
+        s.msrs.push((MSR_EFER, 0x500));
+        s.validate(MEM).unwrap();
+        s.msrs.last_mut().unwrap().1 = 0x501;
+        assert_eq!(refused(&s), "MSR EFER");
+        // On PVM the VIF page is the ABI's, and the MSR must be there.
+        let mut s = valid();
+        s.msrs[0].1 = layout::VIF_GPA + 0x1000;
+        assert_eq!(refused(&s), "PVM VIF page");
+        s.msrs.clear();
+        assert!(matches!(s.validate(MEM), Err(PersistError::Damaged(_))));
+        // A hardware-made state needs no VIF MSR.
+        s.backend = "hardware".into();
+        s.validate(MEM).unwrap();
+    }
+
+    #[test]
+    fn damaged_encodings_are_errors() {
+        let mut s = valid();
+        s.regs.pop();
+        assert!(matches!(s.validate(MEM), Err(PersistError::Damaged(_))));
+        let mut s = valid();
+        s.backend = "vmx".into();
+        assert_eq!(refused(&s), "back end");
+        let mut bytes = valid().encode();
+        bytes.push(0);
+        assert!(matches!(
+            VcpuState::decode(&bytes),
+            Err(PersistError::Damaged(_))
+        ));
+        let mut s = valid();
+        s.version = VCPU_STATE_VERSION + 1;
+        assert!(matches!(
+            VcpuState::decode(&s.encode()),
+            Err(PersistError::Version(v)) if v == VCPU_STATE_VERSION + 1
+        ));
+    }
+}

@@ -824,3 +824,78 @@ pub fn create_template(
         create_ms: ms(t0.elapsed()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(base: Option<BaseRef>) -> DeviceState {
+        DeviceState::decode(&checks::fixtures::states(64 << 20, base).1).unwrap()
+    }
+
+    fn damaged(b: &[u8]) -> String {
+        match DeviceState::decode(b) {
+            Err(DeviceStateError::Damaged(why)) => why,
+            other => panic!("expected a damaged state, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn version_2_reads_back() {
+        let mut d = state(Some(BaseRef {
+            name: "rt".into(),
+            created_unix_ms: 7,
+        }));
+        d.args = vec!["a".into(), "b c".into()];
+        let back = DeviceState::decode(&d.encode()).unwrap();
+        assert_eq!(back.version, DEVICE_STATE_VERSION);
+        assert_eq!(back.pending_op, Op::ReadStdin as u64);
+        assert_eq!((back.buf_gpa, back.buf_len), (d.buf_gpa, d.buf_len));
+        assert_eq!((back.runtime, back.module_name), (d.runtime, d.module_name));
+        assert_eq!(back.args, d.args);
+        assert_eq!(back.provenance, d.provenance);
+        assert_eq!(back.base, d.base);
+    }
+
+    #[test]
+    fn version_1_reads_back_without_provenance_or_base() {
+        let mut d = state(None);
+        d.version = 1;
+        let b = d.encode();
+        // Shorter than version 2's encoding of the same state.
+        d.version = DEVICE_STATE_VERSION;
+        assert!(b.len() < d.encode().len());
+        let back = DeviceState::decode(&b).unwrap();
+        assert_eq!(back.version, 1);
+        assert_eq!(back.module_name, d.module_name);
+        assert_eq!((back.buf_gpa, back.buf_len), (d.buf_gpa, d.buf_len));
+        assert!(back.provenance.is_none() && back.base.is_none());
+    }
+
+    #[test]
+    fn other_versions_and_damaged_encodings_are_refused() {
+        let mut d = state(None);
+        d.version = DEVICE_STATE_VERSION + 1;
+        assert!(matches!(
+            DeviceState::decode(&d.encode()),
+            Err(DeviceStateError::Newer(v)) if v == DEVICE_STATE_VERSION + 1
+        ));
+        d.version = 0;
+        assert_eq!(damaged(&d.encode()), "version 0");
+        // Bytes after the end, in either version.
+        for version in [1, DEVICE_STATE_VERSION] {
+            d.version = version;
+            let mut b = d.encode();
+            b.extend_from_slice(&[0, 0, 0]);
+            assert_eq!(damaged(&b), "3 bytes follow its end");
+        }
+        // Cut short.
+        d.version = DEVICE_STATE_VERSION;
+        let b = d.encode();
+        assert!(damaged(&b[..b.len() - 1]).contains("too early"));
+        assert!(damaged(&[]).contains("too early"));
+        // A length past the 1 MiB limit is not allocated.
+        d.args = vec!["x".repeat(MAX_DEVICE_STATE_BYTES + 1)];
+        assert!(damaged(&d.encode()).contains("size limit"));
+    }
+}
