@@ -299,9 +299,10 @@ fn parse_without(list: &str) -> Result<u64, String> {
             Some(i) => mask |= 1 << i,
             None => {
                 return Err(format!(
-                "{CPU_WITHOUT_ENV} names {name:?}, not a CPU feature this vmm knows (known: {})",
-                FEATURES.iter().map(|f| f.0).collect::<Vec<_>>().join(",")
-            ))
+                    "{CPU_WITHOUT_ENV} names {:?}, not a CPU feature this vmm knows (known: {})",
+                    crate::checks::shown(name),
+                    FEATURES.iter().map(|f| f.0).collect::<Vec<_>>().join(",")
+                ))
             }
         }
     }
@@ -686,6 +687,9 @@ mod tests {
             vmm_abi::cpu::wasmtime_feature(&model.regs(), "lzcnt"),
             Some(false)
         );
+        // An absurd value is not echoed whole.
+        let e = parse_without(&"a".repeat(100_000)).unwrap_err();
+        assert!(e.len() < 1024, "{} bytes", e.len());
         let e = parse_without("sse3,nosuch").unwrap_err();
         assert!(
             e.contains("\"nosuch\"") && e.contains("VMM_CPU_WITHOUT"),
