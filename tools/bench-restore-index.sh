@@ -6,7 +6,7 @@
 # Interleaved, median of RUNS (default 20) after 2 warm-up rounds each.
 #
 #   nice -n 19 cargo build --release -p vmm -p vmm-store-tools
-#   nice -n 19 cargo build --release -p snapshot-store --example restore_index_bench
+#   nice -n 19 cargo build --release -p snapshot-store --features fixtures --example restore_index_bench
 #   ./tools/fetch-workloads.sh
 #   tools/bench-restore-index.sh [WORKDIR]
 set -euo pipefail

@@ -10,7 +10,7 @@
 //! `Store::open` (every pack index read up front).
 //!
 //! ```text
-//! nice -n 19 cargo run --release -p snapshot-store --example restore_index_bench -- [DIR] [RUNS]
+//! nice -n 19 cargo run --release -p snapshot-store --features fixtures --example restore_index_bench -- [DIR] [RUNS]
 //! ```
 //! DIR (default: a directory under /tmp) keeps the two stores between runs;
 //! RUNS (default 30) restores per configuration, interleaved, after 3 warm-up rounds.
@@ -23,7 +23,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use snapshot_store::{Frame, Store, PAGE_SIZE};
+use snapshot_store::fixtures::page;
+use snapshot_store::{Frame, Store};
 
 const TEMPLATES: usize = 1000;
 /// Guest memory of every template.
@@ -34,18 +35,6 @@ const BASE_PAGES: u64 = 2150;
 const FN_PAGES: u64 = 37;
 /// The template restored.
 const PICK: usize = 500;
-
-fn page(seed: u64) -> [u8; PAGE_SIZE] {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut p = [0u8; PAGE_SIZE];
-    for c in p.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    p
-}
 
 fn fn_name(i: usize) -> String {
     format!("fn-{i:04}")
