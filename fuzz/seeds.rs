@@ -393,21 +393,21 @@ fn state_seeds(out: &mut Out) {
         b.extend_from_slice(&s.encode());
         out.put("vcpu_state", &format!("vcpu-{name}"), &b);
     }
-    let provenance = vmm::checks::Provenance {
+    let provenance = vmm::template::device::Provenance {
         module_hash: 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
         module_name: "qjs-wasi-reactor.wasm".into(),
         runtime: "qjs".into(),
-        engine: vmm::checks::ENGINES[0].into(),
+        engine: vmm::template::device::ENGINES[0].into(),
         mem_size: 512 << 20,
         kernel_hash: 0x1234_5678_9abc_def0,
         abi_version: 1,
     };
-    for version in [1, vmm::snapshot::DEVICE_STATE_VERSION] {
+    for version in [1, vmm::template::device::DEVICE_STATE_VERSION] {
         for (name, op, args) in [
             ("device-base", 1u64, vec![]),
             ("device-fn", 2, vec!["hello.js".to_string(), "--x".into()]),
         ] {
-            let d = vmm::snapshot::DeviceState {
+            let d = vmm::template::device::DeviceState {
                 version,
                 pending_op: op,
                 buf_gpa: 0x160_0000,
@@ -416,7 +416,7 @@ fn state_seeds(out: &mut Out) {
                 module_name: "qjs-wasi-reactor.wasm".into(),
                 args,
                 provenance: Some(provenance.clone()),
-                base: (op == 2).then(|| vmm::checks::BaseRef {
+                base: (op == 2).then(|| vmm::template::device::BaseRef {
                     name: "base".into(),
                     created_unix_ms: 1_700_000_000_000,
                 }),

@@ -128,8 +128,11 @@ fn an_artifact_compiled_with_other_settings_is_refused_by_the_guest_and_replaced
         .precompile_module(&wasm)
         .unwrap();
     let compiler = vmm::aot::Compiler::new(vmm::vm::host().unwrap().cpu).unwrap();
-    let key =
-        snapshot_store::ArtifactKey::new(&wasm, vmm::run::ARTIFACT_ENGINE, compiler.fingerprint());
+    let key = snapshot_store::ArtifactKey::new(
+        &wasm,
+        vmm::guest::ARTIFACT_ENGINE,
+        compiler.fingerprint(),
+    );
     let plant = || {
         let store = snapshot_store::Store::create_or_open(&dir.0).unwrap();
         store.put_artifact(&key, &foreign).unwrap();

@@ -647,7 +647,8 @@ fn forged_device_state_and_parents_are_refused_by_restore_and_reported_by_verify
             "device-buffer-outside-ram",
             |d| {
                 forge(d, "fn", |m| {
-                    let mut s = vmm::snapshot::DeviceState::decode(&m.device_state).unwrap();
+                    let mut s =
+                        vmm::template::device::DeviceState::decode(&m.device_state).unwrap();
                     s.buf_gpa = 1 << 40;
                     m.device_state = s.encode();
                 })
@@ -658,7 +659,8 @@ fn forged_device_state_and_parents_are_refused_by_restore_and_reported_by_verify
             "device-newer-version",
             |d| {
                 forge(d, "fn", |m| {
-                    let mut s = vmm::snapshot::DeviceState::decode(&m.device_state).unwrap();
+                    let mut s =
+                        vmm::template::device::DeviceState::decode(&m.device_state).unwrap();
                     s.version = 9;
                     m.device_state = s.encode();
                 })

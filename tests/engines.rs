@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::sync::Arc;
-use vmm::instance::Sharing;
-use vmm::run::RunLimits;
+use vmm::guest::RunLimits;
+use vmm::instance::Backing;
 
 const ENGINES: [&str; 2] = ["wasmtime", "wasmi"];
 
@@ -282,7 +282,7 @@ fn an_instance_whose_request_grew_memory_answers_like_a_fresh_restore() {
         let vmm_engine =
             Arc::new(vmm::engine::Engine::new(vmm::engine::Config::new(&store.0)).unwrap());
         let t = vmm_engine.load_template(&name).unwrap();
-        for sharing in [Sharing::Copy, Sharing::Shared] {
+        for sharing in [Backing::Eager, Backing::Shared] {
             let what = format!("{engine} {sharing:?}");
             let mut inst = t.instantiate_with(sharing).unwrap();
             for last in [b"g", b"G"] {

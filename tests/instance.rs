@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 use std::sync::Arc;
-use vmm::instance::Sharing;
-use vmm::run::RunLimits;
+use vmm::guest::RunLimits;
+use vmm::instance::Backing;
 
 fn create(store: &TempDir, name: &str, script: &str) {
     let mut cmd = vmm();
@@ -42,7 +42,7 @@ fn an_instance_reset_in_place_answers_like_a_fresh_restore_every_time() {
     ] {
         let (t, stats) = engine.load_template_with_stats(name).unwrap();
         eprintln!("{name}: {stats:?}");
-        for sharing in [Sharing::Copy, Sharing::Shared] {
+        for sharing in [Backing::Eager, Backing::Shared] {
             let mut inst = t.instantiate_with(sharing).unwrap();
             for i in 0..30 {
                 let req = mk(i);
@@ -65,7 +65,7 @@ fn an_instance_reset_in_place_answers_like_a_fresh_restore_every_time() {
                 }
                 let rs = inst.reset().unwrap();
                 if i < 3 || i == 29 {
-                    eprintln!("{name} {sharing:?} #{i}: {:?} {rs:?}", r.timings);
+                    eprintln!("{name} {sharing:?} #{i}: {:?} {rs:?}", r.stats);
                 }
             }
         }

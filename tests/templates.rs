@@ -369,7 +369,7 @@ fn a_layer_whose_options_differ_from_its_base_is_refused() {
         assert_eq!(c.code(), 125, "create {name} must be refused: {err}");
         assert!(
             err.contains(&format!(
-                "vmm: error: template create {name}: cannot layer {name} on B"
+                "vmm: error: template create {name}: check the runtime base: cannot layer {name} on B"
             )),
             "{err}"
         );
@@ -418,7 +418,7 @@ struct DeviceStateV1 {
 /// Rewrites `name`'s device state in the version 1 layout (checksum kept valid).
 fn make_v1(store: &TempDir, name: &str) {
     let mut m = snapshot_store::fixtures::read_manifest(&store.0, name);
-    let d = vmm::snapshot::DeviceState::decode(&m.device_state).unwrap();
+    let d = vmm::template::device::DeviceState::decode(&m.device_state).unwrap();
     let v1 = DeviceStateV1 {
         version: 1,
         pending_op: d.pending_op,

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vmm::persist::{VcpuState, VCPU_STATE_VERSION};
-use vmm::snapshot::DeviceState;
+use vmm::template::device::DeviceState;
 
 fn decode_device_state(b: &[u8]) -> Option<DeviceState> {
     DeviceState::decode(b).ok()

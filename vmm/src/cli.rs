@@ -2,9 +2,11 @@
 //! with a bound known before reading), and how results are printed and mapped to the
 //! process exit status.
 
-use crate::run::{
-    EngineKind, FunctionSpec, GuestFile, RunLimits, RunReport, RuntimeKind, MAX_REQUEST_BYTES,
+use crate::error::{Error, ErrorKind};
+use crate::guest::{
+    EngineKind, FunctionSpec, GuestFile, RunLimits, RuntimeKind, MAX_REQUEST_BYTES,
 };
+use crate::instance::Response;
 use crate::vm::{GuestError, RunError};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -70,7 +72,7 @@ impl From<EngineArg> for EngineKind {
 }
 
 /// `--memory`: how guest RAM is filled on restore (the library's
-/// [`MemoryStrategy`](crate::snapshot::MemoryStrategy)).
+/// [`Backing`](crate::instance::Backing)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum MemoryArg {
     /// Copy every non-zero page before the vCPU runs.
@@ -85,9 +87,9 @@ pub enum MemoryArg {
     Shared,
 }
 
-impl From<MemoryArg> for crate::snapshot::MemoryStrategy {
+impl From<MemoryArg> for crate::instance::Backing {
     fn from(m: MemoryArg) -> Self {
-        use crate::snapshot::MemoryStrategy as M;
+        use crate::instance::Backing as M;
         match m {
             MemoryArg::Eager => M::Eager,
             MemoryArg::Prefetch => M::Prefetch,
@@ -166,7 +168,7 @@ pub enum CliError {
     #[error("--timeout {0:?}: must be a number of seconds from {MIN_TIMEOUT_SECS} to {MAX_TIMEOUT_SECS}")]
     BadTimeout(f64),
     #[error(transparent)]
-    Setup(#[from] crate::run::SetupError),
+    Setup(#[from] crate::vm::SetupError),
     #[error("--module {path}: larger than the guest's {mem_mib} MiB of RAM, which must hold it (raise --mem)")]
     ModuleTooLarge { path: PathBuf, mem_mib: u64 },
     #[error("--file {path}: the module and files together are larger than the guest's {mem_mib} MiB of RAM, which must hold them (raise --mem)")]
@@ -279,7 +281,7 @@ impl FunctionArgs {
     /// The function, with the module and files read within `mem_mib` MiB of guest RAM
     /// (together: the guest must hold them all).
     pub fn to_spec(&self, mem_mib: u64) -> Result<FunctionSpec, CliError> {
-        let mem_size = crate::run::check_mem(mem_mib)?;
+        let mem_size = crate::guest::check_mem(mem_mib)?;
         if self.args.is_empty() {
             match self.runtime {
                 RuntimeArg::Qjs => return Err(CliError::QjsWithoutScript),
@@ -431,7 +433,7 @@ pub fn exit_status(code: i32) -> (i32, Option<String>) {
 }
 
 /// Classify a finished invocation.
-pub fn outcome(report: &RunReport) -> Outcome {
+pub fn outcome(report: &Response) -> Outcome {
     match &report.result {
         Ok(code) if report.truncated.any() => {
             let which = match (report.truncated.stdout, report.truncated.stderr) {
@@ -461,10 +463,10 @@ pub fn outcome(report: &RunReport) -> Outcome {
             }
         }
         Err(e) => {
-            let (status, reason) = match e {
-                RunError::Guest(GuestError::Timeout(_)) => (EXIT_TIMEOUT, Reason::Timeout),
-                RunError::Guest(_) => (EXIT_FAILURE, Reason::GuestError),
-                RunError::Vm(_) => (EXIT_FAILURE, Reason::VmmError),
+            let (status, reason) = match e.kind() {
+                ErrorKind::Timeout => (EXIT_TIMEOUT, Reason::Timeout),
+                ErrorKind::GuestFault => (EXIT_FAILURE, Reason::GuestError),
+                _ => (EXIT_FAILURE, Reason::VmmError),
             };
             Outcome {
                 status,
@@ -477,23 +479,30 @@ pub fn outcome(report: &RunReport) -> Outcome {
     }
 }
 
-/// The message of a failed run, with what the user can change on the command line.
-pub fn with_hint(e: &RunError) -> String {
+/// The message of a failure, with what the user can do about it on the command line.
+pub fn with_hint(e: &Error) -> String {
     use crate::memory::MemoryError;
-    use crate::run::SetupError;
-    use crate::vm::VmError;
-    let hint = match e {
-        RunError::Guest(GuestError::Timeout(_)) => {
+    use crate::vm::{SetupError, VmError};
+    let hint = match (e.kind(), e.find::<RunError>(), e.find::<VmError>()) {
+        (ErrorKind::Timeout, _, _) => Some("raise --timeout if the function needs longer"),
+        (_, Some(RunError::Guest(GuestError::Timeout(_))), _) => {
             Some("raise --timeout if the function needs longer")
         }
-        RunError::Vm(VmError::Setup(SetupError::ModuleTooLarge { .. })) => Some("raise --mem"),
-        RunError::Vm(VmError::Setup(SetupError::BadMemSize(_))) => Some("see --mem in --help"),
-        RunError::Vm(VmError::Memory(MemoryError::Map { .. })) => Some("or lower --mem"),
+        (_, _, Some(VmError::Setup(SetupError::ModuleTooLarge { .. }))) => Some("raise --mem"),
+        (_, _, Some(VmError::Setup(SetupError::BadMemSize(_)))) => Some("see --mem in --help"),
+        (_, _, Some(VmError::Memory(MemoryError::Map { .. }))) => Some("or lower --mem"),
+        (ErrorKind::NotFound, _, _) => Some("see `vmm template ls`"),
+        (ErrorKind::Damaged, _, _) => Some("`vmm-store verify` says what is damaged"),
         _ => None,
     };
-    match hint {
-        Some(h) => format!("{e} ({h})"),
+    // A failed run is said as the guest's failure, without the library's step.
+    let what = match e.find::<RunError>() {
+        Some(r) => r.to_string(),
         None => e.to_string(),
+    };
+    match hint {
+        Some(h) => format!("{what} ({h})"),
+        None => what,
     }
 }
 
@@ -527,7 +536,7 @@ pub fn fail_before_run(msg: &str, json: bool) -> i32 {
 }
 
 /// Print a report the way the user asked and return the process exit status.
-pub fn finish(report: &RunReport, args: &InvokeArgs) -> i32 {
+pub fn finish(report: &Response, args: &InvokeArgs) -> i32 {
     let o = outcome(report);
     if args.json {
         let v = serde_json::json!({
@@ -565,7 +574,7 @@ pub fn finish(report: &RunReport, args: &InvokeArgs) -> i32 {
     o.status
 }
 
-pub fn print_stats(s: &crate::run::Stats) {
+pub fn print_stats(s: &crate::stats::Stats) {
     match s.engine {
         "" => eprintln!("--- {} start on {} KVM ---", s.mode, s.backend),
         e => eprintln!("--- {} start on {} KVM, {e} ---", s.mode, s.backend),

@@ -300,7 +300,7 @@ fn parse_without(list: &str) -> Result<u64, String> {
             None => {
                 return Err(format!(
                     "{CPU_WITHOUT_ENV} names {:?}, not a CPU feature this vmm knows (known: {})",
-                    crate::checks::shown(name),
+                    crate::text::shown(name),
                     FEATURES.iter().map(|f| f.0).collect::<Vec<_>>().join(",")
                 ))
             }

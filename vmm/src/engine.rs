@@ -1,6 +1,7 @@
 //! The entry point of the library: an [`Engine`] opens /dev/kvm and detects the back end
-//! once (PVM or hardware KVM, see [`crate::platform`]), and creates every VM of the
-//! process from that one descriptor. Its configuration is explicit: the library reads no
+//! once (PVM or hardware KVM, see [`crate::platform`]) and the guest CPU model; it boots
+//! functions cold ([`Engine::boot`], [`Engine::run`]) and loads templates
+//! ([`Engine::load_template`]) to instantiate ([`Template::instantiate_with`]). Its configuration is explicit: the library reads no
 //! environment variables (the CLI does, and passes what it found).
 //!
 //! ```no_run
@@ -9,17 +10,19 @@
 //! let engine = Arc::new(Engine::new(Config::new("/var/lib/vmm/store"))?);
 //! let template = engine.load_template("hello")?;       // verified once, shared by Arc
 //! let mut instance = template.instantiate()?;          // restored, waiting for a request
-//! let resp = instance.invoke(br#"{"name":"x"}"#, &vmm::run::RunLimits::default());
+//! let resp = instance.invoke(br#"{"name":"x"}"#, &vmm::guest::RunLimits::default());
 //! assert_eq!(resp.result?, 0);
 //! instance.reset()?;                                    // back to the template's state
 //! # Ok::<(), vmm::error::Error>(())
 //! ```
 
 use crate::error::{Error, ErrorKind};
-use crate::instance::{LoadStats, Template};
+use crate::guest::{FunctionSpec, RunLimits};
+use crate::instance::{Instance, Response};
 use crate::platform::Backend;
-use crate::vm::{VmError, VmParts};
-use kvm_ioctls::Kvm;
+use crate::stats::Stats;
+use crate::template::{Kind, LoadStats, Template};
+use crate::vm::VmError;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -28,25 +31,31 @@ use std::sync::{Arc, OnceLock};
 pub struct Config {
     /// The template store.
     pub store_dir: PathBuf,
+    /// Shared instances map the template's memory image from the store's image cache
+    /// (`<store>/cache/`: checked against the page ids when loaded, reused by later
+    /// processes) instead of a memory file built for this process. For one-shot
+    /// processes; a long-running one builds its own.
+    pub cached_images: bool,
 }
 
 impl Config {
     pub fn new(store_dir: impl Into<PathBuf>) -> Config {
         Config {
             store_dir: store_dir.into(),
+            cached_images: false,
         }
     }
 }
 
-/// One /dev/kvm, its back end detected once, and the store templates come from.
+/// The back end detected once, the guest CPU model, and the store templates come from.
 pub struct Engine {
     config: Config,
-    kvm: Arc<Kvm>,
     backend: Backend,
-    tsc_khz: u64,
     cpu: &'static crate::cpu::GuestCpu,
-    /// The store, opened on first use and shared by every load (reads take `&Store`;
-    /// each load refreshes it, so templates and packs written by other processes show).
+    /// The store, opened on first use and shared by every load. Opened lazily: a load
+    /// reads the template's own location records and the packs they name, so its cost
+    /// follows the template, not the store, and templates written by other processes
+    /// show.
     store: OnceLock<snapshot_store::Store>,
 }
 
@@ -54,15 +63,11 @@ impl Engine {
     /// Open /dev/kvm, detect the back end and build the guest CPU model (once per process:
     /// [`crate::vm::host`]).
     pub fn new(config: Config) -> Result<Engine, Error> {
-        let step = "open KVM";
-        let host = |e: VmError| Error::new(ErrorKind::Host, step, e);
-        let h = crate::vm::host().map_err(host)?;
-        h.release_probe();
+        let h =
+            crate::vm::host().map_err(|e: VmError| Error::new(ErrorKind::Host, "open KVM", e))?;
         Ok(Engine {
             config,
-            kvm: h.kvm.clone(),
             backend: h.backend,
-            tsc_khz: h.tsc_khz,
             cpu: h.cpu,
             store: OnceLock::new(),
         })
@@ -86,13 +91,46 @@ impl Engine {
         self.cpu
     }
 
-    /// A new VM with one vCPU on this engine's /dev/kvm.
-    pub(crate) fn vm_parts(&self) -> Result<VmParts, VmError> {
-        VmParts::create_on(&self.kvm, self.backend, self.tsc_khz, self.cpu)
+    /// Boot `spec` cold, ready for its first [`Instance::invoke`] (which gives the guest
+    /// its function, then the request). Compiled modules are cached in
+    /// `limits.artifact_store` when set.
+    pub fn boot(&self, spec: &FunctionSpec, limits: &RunLimits) -> Result<Instance, Error> {
+        let cache = artifact_cache(limits);
+        Instance::boot(spec, limits, cache.as_ref(), true, &mut Stats::default())
     }
 
-    /// Load function template `name` from the store: every page verified once, laid out
-    /// in memory, ready to instantiate (see [`Template`]).
+    /// Boot `spec` cold and serve one request (`vmm run`). The instance is handed back
+    /// so that its teardown can wait until the response is out. A compiled module from the
+    /// cache that the guest refuses is compiled again, once, and replaced.
+    pub fn run(
+        &self,
+        spec: &FunctionSpec,
+        stdin: &[u8],
+        limits: &RunLimits,
+    ) -> (Response, Option<Instance>) {
+        let cache = artifact_cache(limits);
+        let mut reuse = true;
+        loop {
+            let mut stats = Stats::default();
+            let mut inst = match Instance::boot(spec, limits, cache.as_ref(), reuse, &mut stats) {
+                Ok(i) => i,
+                Err(e) => return (Response::failed(e, stats), None),
+            };
+            let resp = inst.invoke(stdin, limits);
+            let wrote = !resp.stdout.is_empty() || !resp.stderr.is_empty();
+            let failure = resp.result.as_ref().err();
+            if reuse
+                && crate::guest::cached_artifact_refused(failure, resp.stats.artifact_cache, wrote)
+            {
+                reuse = false;
+                continue;
+            }
+            return (resp, Some(inst));
+        }
+    }
+
+    /// Load function template `name` from the store and check it, ready to instantiate
+    /// (see [`Template`]).
     pub fn load_template(self: &Arc<Self>, name: &str) -> Result<Arc<Template>, Error> {
         self.load_template_with_stats(name).map(|(t, _)| t)
     }
@@ -101,8 +139,15 @@ impl Engine {
         self: &Arc<Self>,
         name: &str,
     ) -> Result<(Arc<Template>, LoadStats), Error> {
-        let (t, stats) = Template::load(self.clone(), self.store()?, name)?;
+        let (t, stats) = Template::load(self.clone(), name, Kind::Function)?;
         Ok((Arc::new(t), stats))
+    }
+
+    /// Load runtime base `name` (to layer a function on: see
+    /// [`create_template`](crate::template::create::create_template)).
+    pub fn load_base(self: &Arc<Self>, name: &str) -> Result<Arc<Template>, Error> {
+        let (t, _) = Template::load(self.clone(), name, Kind::Base)?;
+        Ok(Arc::new(t))
     }
 
     /// The template store, opened on first use (until it opens, every call tries again).
@@ -110,9 +155,23 @@ impl Engine {
         if let Some(s) = self.store.get() {
             return Ok(s);
         }
-        let s = snapshot_store::Store::open(&self.config.store_dir)
+        let s = snapshot_store::Store::open_lazy(&self.config.store_dir)
             .map_err(|e| Error::new(ErrorKind::Damaged, "open the template store", e))?;
         // Two first uses at once: one handle wins, the other is dropped.
         Ok(self.store.get_or_init(|| s))
     }
+}
+
+/// The store whose compiled-module cache a cold run uses (created if missing). A store
+/// that cannot be opened must not stop the run: compile without the cache, and say why.
+fn artifact_cache(limits: &RunLimits) -> Option<snapshot_store::Store> {
+    let dir = limits.artifact_store.as_deref()?;
+    snapshot_store::Store::create_or_open(dir)
+        .map_err(|e| {
+            eprintln!(
+                "vmm: warning: the compiled-module cache in {} is not used: {e}",
+                dir.display()
+            )
+        })
+        .ok()
 }

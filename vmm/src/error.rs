@@ -55,6 +55,19 @@ impl Error {
         self.step
     }
 
+    /// The first error of type `T` in this error's chain of sources (for callers that
+    /// add their own advice to particular failures).
+    pub fn find<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
+        while let Some(e) = cur {
+            if let Some(t) = e.downcast_ref::<T>() {
+                return Some(t);
+            }
+            cur = e.source();
+        }
+        None
+    }
+
     /// Classify a guest run failure.
     pub fn from_run(step: &'static str, e: crate::vm::RunError) -> Error {
         use crate::vm::{GuestError, RunError};

@@ -4,7 +4,6 @@ use clap::{Parser, Subcommand};
 use snapshot_store::Store;
 use std::path::PathBuf;
 use vmm::cli::{self, FunctionArgs, InvokeArgs};
-use vmm::snapshot::{self, MemoryStrategy};
 
 mod serve;
 
@@ -186,11 +185,18 @@ fn main() {
             });
             match prepared {
                 Ok((spec, input, limits)) => {
-                    let (mut report, finished) = vmm::run::run_cold_keep(&spec, &input, &limits);
-                    report.stats.total_ms = since_start_ms();
-                    let code = cli::finish(&report, &invoke);
-                    drop(finished); // tear the VM down after the response is out
-                    code
+                    let dir = limits.artifact_store.clone().unwrap_or_default();
+                    match vmm::engine::Engine::new(vmm::engine::Config::new(dir)) {
+                        Ok(engine) => {
+                            let (mut report, instance) = engine.run(&spec, &input, &limits);
+                            report.stats.total_ms = since_start_ms();
+                            report.stats.cpu = instance.as_ref().and_then(|i| i.cpu_report());
+                            let code = cli::finish(&report, &invoke);
+                            drop(instance); // tear the VM down after the response is out
+                            code
+                        }
+                        Err(e) => cli::fail_before_run(&cli::with_hint(&e), invoke.json),
+                    }
                 }
                 Err(e) => cli::fail_before_run(&e.to_string(), invoke.json),
             }
@@ -242,12 +248,13 @@ fn restore(
     memory: cli::MemoryArg,
     remote: &vmm::remote::RemoteArgs,
 ) -> i32 {
-    let memory = MemoryStrategy::from(memory);
+    let backing = vmm::instance::Backing::from(memory);
     let prepared = (|| {
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
-        let ready = vmm::remote::prepare(&store.dir()?, name, remote)?;
+        let dir = store.dir()?;
+        let ready = vmm::remote::prepare(&dir, name, remote)?;
         if let Some(p) = &ready.pulled {
             eprintln!(
                 "vmm: pulled {name} from the remote: {} layer(s), {} page(s), {} bytes in {:.1} ms",
@@ -260,27 +267,40 @@ fn restore(
                 );
             }
         }
-        // Lazily: the restore reads the template's location records and the packs
-        // they name, not every pack index of the store (issue 17 item 3).
-        let dir = store.dir()?;
-        let store = Store::open_lazy(&dir)
-            .map_err(|e| format!("open the template store {}: {e}", dir.display()))?;
         let input = invoke.read_input().map_err(|e| e.to_string())?;
-        Ok::<_, String>((store, input, limits, ready.in_use))
+        Ok::<_, String>((dir, input, limits, ready.in_use))
     })();
-    let (store, input, limits, _in_use) = match prepared {
+    let (dir, input, limits, _in_use) = match prepared {
         Ok(p) => p,
         Err(e) => return cli::fail_before_run(&e, invoke.json),
     };
-    match snapshot::restore_and_run(&store, name, memory, &input, &limits) {
-        Ok((mut report, _, finished)) => {
-            report.stats.total_ms = since_start_ms();
-            let code = cli::finish(&report, invoke);
-            drop(finished); // tear the VM down after the response is out
-            code
+    // A one-shot process: shared instances map the store's cached image.
+    let config = vmm::engine::Config {
+        cached_images: true,
+        ..vmm::engine::Config::new(dir)
+    };
+    let restored = vmm::engine::Engine::new(config).and_then(|engine| {
+        let (template, load) = std::sync::Arc::new(engine).load_template_with_stats(name)?;
+        let instance = template.instantiate_with(backing)?;
+        Ok((instance, load))
+    });
+    let (mut instance, load) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("restore {name}: {}", cli::with_hint(&e));
+            return cli::fail_before_run(&msg, invoke.json);
         }
-        Err(e) => cli::fail_before_run(&format!("restore {name}: {e}"), invoke.json),
+    };
+    let mut report = instance.invoke(&input, &limits);
+    report.stats.total_ms = since_start_ms();
+    if let Some(r) = &mut report.stats.restore {
+        r.load_ms = load.load_ms;
+        report.stats.vm_create_ms = r.load_ms + r.setup_ms;
     }
+    report.stats.cpu = instance.cpu_report();
+    let code = cli::finish(&report, invoke);
+    drop(instance); // tear the VM down after the response is out
+    code
 }
 
 fn template(cmd: TemplateCommand) -> i32 {
@@ -296,7 +316,7 @@ fn template(cmd: TemplateCommand) -> i32 {
             json,
         } => {
             let prepared = (|| {
-                let limits = vmm::run::RunLimits {
+                let limits = vmm::guest::RunLimits {
                     timeout: cli::timeout(timeout).map_err(|e| e.to_string())?,
                     mem_mib: mem,
                     ..cli::limits_from_env()
@@ -314,14 +334,20 @@ fn template(cmd: TemplateCommand) -> i32 {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
-            match snapshot::create_template(
-                &mut store,
-                &name,
-                &spec,
-                base.as_deref(),
-                &trial,
-                &limits,
-            ) {
+            let created = vmm::engine::Engine::new(vmm::engine::Config::new(store.dir())).and_then(
+                |engine| {
+                    vmm::template::create::create_template(
+                        &std::sync::Arc::new(engine),
+                        &mut store,
+                        &name,
+                        &spec,
+                        base.as_deref(),
+                        &trial,
+                        &limits,
+                    )
+                },
+            );
+            match created {
                 Ok(r) if json => {
                     cli::print_line(&serde_json::to_string(&r).unwrap_or_default());
                     0
@@ -342,18 +368,8 @@ fn template(cmd: TemplateCommand) -> i32 {
                     0
                 }
                 Err(e) => {
-                    let timeout = matches!(
-                        e,
-                        snapshot::TemplateError::Run(vmm::vm::RunError::Guest(
-                            vmm::vm::GuestError::Timeout(_)
-                        ))
-                    );
-                    let msg = match &e {
-                        snapshot::TemplateError::Run(r) => cli::with_hint(r),
-                        e => e.to_string(),
-                    };
-                    let code = fail(format!("template create {name}: {msg}"));
-                    if timeout {
+                    let code = fail(format!("template create {name}: {}", cli::with_hint(&e)));
+                    if e.kind() == vmm::error::ErrorKind::Timeout {
                         cli::EXIT_TIMEOUT
                     } else {
                         code
@@ -378,7 +394,7 @@ fn template(cmd: TemplateCommand) -> i32 {
                 store
                     .load(name)
                     .ok()
-                    .and_then(|t| vmm::checks::decode_device(&t).ok())
+                    .and_then(|t| vmm::template::checks::decode_device(&t).ok())
                     .and_then(|d| d.provenance)
                     .map(|p| (p.runtime, p.engine))
             };

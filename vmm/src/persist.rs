@@ -257,7 +257,7 @@ impl VcpuState {
     /// The back end and CPU the state was made on (its `backend` record).
     pub fn made_on(&self) -> Result<MadeOn, PersistError> {
         MadeOn::parse(&self.backend)
-            .map_err(|why| invalid("back end", crate::checks::shown(&self.backend), why))
+            .map_err(|why| invalid("back end", crate::text::shown(&self.backend), why))
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -267,7 +267,7 @@ impl VcpuState {
     pub fn decode(bytes: &[u8]) -> Result<Self, PersistError> {
         let cfg = bincode::config::standard().with_limit::<MAX_STATE_BYTES>();
         let (state, used): (VcpuState, usize) = bincode::decode_from_slice(bytes, cfg)
-            .map_err(|e| PersistError::Damaged(crate::checks::decode_error_text(&e)))?;
+            .map_err(|e| PersistError::Damaged(crate::text::decode_error_text(&e)))?;
         if used != bytes.len() {
             return Err(PersistError::Damaged(format!(
                 "{} bytes follow its end",
@@ -500,7 +500,7 @@ mod tests {
 
     /// A state that passes every check (a runtime base made on PVM).
     fn valid() -> VcpuState {
-        VcpuState::decode(&crate::checks::fixtures::states(MEM, None).0).unwrap()
+        VcpuState::decode(&crate::template::checks::fixtures::states(MEM, None).0).unwrap()
     }
 
     /// `valid()` with one KVM struct changed by `f`.

@@ -12,8 +12,11 @@
 //! the response before the instance is reset; [`Checkout`] puts it back on drop.
 
 use crate::error::{Error, ErrorKind};
-use crate::instance::{Instance, InvokeTimings, ResetStats, Response, Template};
-use crate::run::{ms, RunLimits};
+use crate::guest::RunLimits;
+use crate::instance::{Backing, Instance, ResetStats, Response};
+use crate::stats::ms;
+use crate::stats::Stats;
+use crate::template::Template;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,7 +37,7 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// How the instances the pool keeper makes hold the template's memory (instances
     /// restored on demand for a request always get their own copy).
-    pub sharing: crate::instance::Sharing,
+    pub backing: Backing,
 }
 
 impl Default for PoolConfig {
@@ -44,7 +47,7 @@ impl Default for PoolConfig {
             max_instances: 256,
             memory_limit: 16 << 30,
             idle_timeout: Duration::from_secs(30),
-            sharing: crate::instance::Sharing::Copy,
+            backing: Backing::Eager,
         }
     }
 }
@@ -106,7 +109,7 @@ pub struct Timings {
     /// Whether a new instance had to be restored for this request (no ready one).
     pub restored_on_demand: bool,
     #[serde(flatten)]
-    pub invoke: InvokeTimings,
+    pub invoke: Box<Stats>,
 }
 
 /// The pools of every template of one store.
@@ -242,7 +245,12 @@ impl Pools {
         }) {
             return Err(Error::new(kind, "load template", msg));
         }
-        let template = match self.engine.load_template(name) {
+        // Every page verified once, into the image instances share and resets copy from.
+        let loaded = self
+            .engine
+            .load_template(name)
+            .and_then(|t| t.prepare().map(|()| t));
+        let template = match loaded {
             Ok(t) => t,
             Err(e) => {
                 if let Ok(mut f) = self.failed.lock() {
@@ -394,10 +402,7 @@ impl Pools {
                 self.reserve(wait, true)?;
                 // On the request path: a private copy, whose first touches cost no exits (a
                 // shared instance is warmed up first, which only the pool keeper can afford).
-                match entry
-                    .template
-                    .instantiate_with(crate::instance::Sharing::Copy)
-                {
+                match entry.template.instantiate_with(Backing::Eager) {
                     Ok(i) => (i, true),
                     Err(e) => {
                         self.release(1);
@@ -434,7 +439,7 @@ impl Pools {
         let timings = Timings {
             acquire_ms,
             restored_on_demand: fresh,
-            invoke: resp.timings.clone(),
+            invoke: Box::new(resp.stats.clone()),
         };
         Ok((resp, timings, co))
     }
@@ -482,7 +487,7 @@ impl Pools {
                 if self.reserve(Duration::ZERO, false).is_err() {
                     break;
                 }
-                match e.template.instantiate_with(self.config.sharing) {
+                match e.template.instantiate_with(self.config.backing) {
                     Ok(i) => {
                         let Some(i) = self.warm_up(i) else {
                             self.release(1);
@@ -509,7 +514,7 @@ impl Pools {
     /// request does not pay that. If the warm-up fails (the function may not accept an
     /// empty request), a fresh instance is used instead.
     fn warm_up(&self, mut inst: Instance) -> Option<Instance> {
-        if self.config.sharing != crate::instance::Sharing::Shared {
+        if self.config.backing != Backing::Shared {
             return Some(inst);
         }
         let limits = RunLimits {
@@ -520,9 +525,9 @@ impl Pools {
         if warmed {
             return Some(inst);
         }
-        let t = inst.template().clone();
+        let t = inst.template()?.clone();
         drop(inst);
-        t.instantiate_with(self.config.sharing).ok()
+        t.instantiate_with(self.config.backing).ok()
     }
 
     /// Names of the function templates in the store (runtime bases are skipped).

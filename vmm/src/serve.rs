@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use vmm::error::ErrorKind;
+use vmm::guest::RunLimits;
 use vmm::pool::{PoolConfig, Pools, Timings};
-use vmm::run::RunLimits;
 
 /// A line on stderr; a closed or full stderr is not a reason to stop serving (eprintln!
 /// would panic).
@@ -352,9 +352,9 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             pool: args.pool as usize,
             max_instances: args.max_instances as usize,
             memory_limit: args.memory_limit,
-            sharing: match args.instance_memory {
-                InstanceMemory::Shared => vmm::instance::Sharing::Shared,
-                InstanceMemory::Copy => vmm::instance::Sharing::Copy,
+            backing: match args.instance_memory {
+                InstanceMemory::Shared => vmm::instance::Backing::Shared,
+                InstanceMemory::Copy => vmm::instance::Backing::Eager,
             },
             ..PoolConfig::default()
         },

@@ -13,6 +13,17 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::time::Duration;
 use vmm_abi::{layout, offsets, AbiError, GuestRange, Mailbox, Request, MAILBOX_BYTES};
 
+/// A guest that cannot be set up as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("guest RAM of {0} MiB: must be an even number of MiB between {min} and {max}", min = layout::MIN_MEM_MIB, max = layout::MAX_MEM_MIB)]
+    BadMemSize(u64),
+    #[error("the module ({module} bytes) does not fit in {mem_mib} MiB of guest RAM")]
+    ModuleTooLarge { module: usize, mem_mib: u64 },
+    #[error(transparent)]
+    Compile(#[from] crate::aot::AotError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(
@@ -39,7 +50,7 @@ pub enum VmError {
     #[error("run the vCPU (KVM_RUN): {0}")]
     Run(kvm_ioctls::Error),
     #[error(transparent)]
-    Setup(crate::run::SetupError),
+    Setup(SetupError),
 }
 
 /// Why a guest stopped without producing a response.
@@ -93,7 +104,7 @@ impl From<MemoryError> for RunError {
 }
 
 /// A hostcall that the caller must answer (output writes are handled inside the loop).
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hostcall {
     GetFunction { buf: GuestRange },
     ReadStdin { buf: GuestRange },
@@ -142,13 +153,12 @@ impl Output {
             self.truncated.set(fd);
             return Err(GuestError::OutputLimit(self.limit).into());
         }
-        let data = mem.slice(r.gpa, r.len)?;
-        if fd == 1 {
+        let out = if fd == 1 {
             &mut self.stdout
         } else {
             &mut self.stderr
-        }
-        .extend_from_slice(data);
+        };
+        mem.append_to(r.gpa, r.len, out)?;
         Ok(())
     }
 }
@@ -162,17 +172,8 @@ pub struct Host {
     pub tsc_khz: u64,
     pub cpu: &'static GuestCpu,
     /// The probe's VM and vCPU, never run: the first [`VmParts::create`] takes them instead
-    /// of creating another (a `vmm run` makes one VM, not two).
+    /// of creating another (a one-shot `vmm run` or `vmm restore` makes one VM, not two).
     probe: std::sync::Mutex<Option<(VmFd, VcpuFd)>>,
-}
-
-impl Host {
-    /// Drop the probe VM if no [`VmParts::create`] took it (a daemon that creates its VMs
-    /// with [`VmParts::create_on`] must not keep an idle VM: each costs kernel memory and an
-    /// MMU notifier on the process).
-    pub fn release_probe(&self) {
-        drop(self.probe.lock().ok().and_then(|mut p| p.take()));
-    }
 }
 
 /// This process's [`Host`]; until it has been opened, every call tries again.
@@ -231,26 +232,6 @@ impl VmParts {
         })
     }
 
-    /// Create a VM and its vCPU on an open /dev/kvm whose back end is already known (an
-    /// [`Engine`](crate::engine::Engine) detects it once).
-    pub fn create_on(
-        kvm: &std::sync::Arc<Kvm>,
-        backend: Backend,
-        tsc_khz: u64,
-        cpu: &'static GuestCpu,
-    ) -> Result<VmParts, VmError> {
-        let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
-        Ok(VmParts {
-            kvm: kvm.clone(),
-            vm,
-            vcpu,
-            backend,
-            tsc_khz,
-            cpu,
-        })
-    }
-
     /// Prepare the fresh vCPU for a restore: the model's CPUID table, before the saved
     /// state (whose MSRs KVM checks against it) is written.
     pub fn prepare_restore(&self) -> Result<(), VmError> {
@@ -280,23 +261,26 @@ impl VmParts {
     }
 }
 
-/// A finished instance whose teardown (unmapping guest RAM, destroying the KVM VM: ~1 ms)
-/// the caller may postpone until after the response is out, by holding this.
-pub struct Finished(pub Option<Vm>);
-
 pub struct Vm {
-    pub kvm: std::sync::Arc<Kvm>,
-    pub vm: VmFd,
-    pub vcpu: VcpuFd,
-    pub mem: GuestMemory,
-    pub backend: Backend,
-    pub tsc_khz: u64,
-    pub cpu: &'static GuestCpu,
+    pub(crate) kvm: std::sync::Arc<Kvm>,
+    pub(crate) vm: VmFd,
+    pub(crate) vcpu: VcpuFd,
+    /// Registered with KVM as slot 0 for as long as the VM exists: never replaced (private
+    /// to this file, read through [`Vm::mem`]).
+    mem: GuestMemory,
+    pub(crate) backend: Backend,
+    pub(crate) tsc_khz: u64,
+    pub(crate) cpu: &'static GuestCpu,
     /// VM exits served so far.
-    pub exits: u64,
+    pub(crate) exits: u64,
 }
 
 impl Vm {
+    /// Guest RAM.
+    pub(crate) fn mem(&self) -> &GuestMemory {
+        &self.mem
+    }
+
     /// Create a VM over `mem` (slot 0 at GPA 0) with one vCPU.
     pub fn new(mem: GuestMemory) -> Result<Vm, VmError> {
         let vm = Self::new_unregistered(mem)?;
@@ -354,9 +338,9 @@ impl Vm {
     }
 
     pub fn read_mailbox(&self) -> Result<Mailbox, MemoryError> {
-        Ok(Mailbox::from_bytes(
-            self.mem.slice(layout::MAILBOX_GPA, MAILBOX_BYTES as u64)?,
-        ))
+        let mut b = [0u8; MAILBOX_BYTES];
+        self.mem.read_into(layout::MAILBOX_GPA, &mut b)?;
+        Ok(Mailbox::from_bytes(&b))
     }
 
     /// Run the vCPU until the guest makes a hostcall the caller has to answer.
@@ -454,8 +438,9 @@ impl Vm {
                     .into());
                 }
                 Request::Panic { message, kind } => {
-                    let msg = String::from_utf8_lossy(self.mem.slice(message.gpa, message.len)?)
-                        .into_owned();
+                    let msg =
+                        String::from_utf8_lossy(&self.mem.read_vec(message.gpa, message.len)?)
+                            .into_owned();
                     return Err(if kind == vmm_abi::PANIC_OUT_OF_MEMORY {
                         GuestError::OutOfMemory(msg)
                     } else {
@@ -464,8 +449,9 @@ impl Vm {
                     .into());
                 }
                 Request::Error { code, message } => {
-                    let msg = String::from_utf8_lossy(self.mem.slice(message.gpa, message.len)?)
-                        .into_owned();
+                    let msg =
+                        String::from_utf8_lossy(&self.mem.read_vec(message.gpa, message.len)?)
+                            .into_owned();
                     return Err(if code == vmm_abi::ERR_MODULE_INVALID {
                         GuestError::ModuleInvalid(msg)
                     } else {

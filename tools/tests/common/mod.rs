@@ -15,11 +15,11 @@ pub fn with_vmm_states(dir: &Path) {
             continue;
         };
         let mut m = fixtures::read_manifest(dir, name);
-        let base = m.parent.as_ref().map(|p| vmm::checks::BaseRef {
+        let base = m.parent.as_ref().map(|p| vmm::template::device::BaseRef {
             name: p.clone(),
             created_unix_ms: fixtures::read_manifest(dir, p).created_unix_ms,
         });
-        (m.vcpu_state, m.device_state) = vmm::checks::fixtures::states(m.mem_size, base);
+        (m.vcpu_state, m.device_state) = vmm::template::checks::fixtures::states(m.mem_size, base);
         fixtures::write_manifest(dir, &m);
     }
 }

@@ -11,7 +11,7 @@ use super::process::{invoke, invoke_with_env, parse_stats, s, Invocation};
 use super::util::percentile;
 use super::BenchArgs;
 use crate::hostwasm::{HostEngine, HostRuntime, WasiInvocation};
-use crate::run::ms;
+use crate::stats::ms;
 use std::path::{Path, PathBuf};
 
 /// What a cell shows for guest wasmtime in a build without `--engine`.

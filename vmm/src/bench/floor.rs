@@ -2,7 +2,7 @@
 
 use super::process::{invoke_json, s};
 use super::util::{finite_or_zero, percentile};
-use crate::run::ms;
+use crate::stats::ms;
 use std::path::Path;
 use std::time::Instant;
 

@@ -4,8 +4,8 @@
 use super::process::{create_template, invoke_json, s, Timed};
 use super::util::{count_or_dash, finite_or_zero, percentile};
 use super::{BenchArgs, Function};
-use crate::run::ms;
-use crate::snapshot::MemoryStrategy;
+use crate::instance::Backing as MemoryStrategy;
+use crate::stats::ms;
 use std::path::Path;
 use std::time::Instant;
 
@@ -170,7 +170,8 @@ pub(super) fn warm(
     functions: &[Function],
     latency: &[LatencyRow],
 ) -> Result<Vec<WarmRow>, String> {
-    let st = snapshot_store::Store::open(store)
+    let st = crate::engine::Engine::new(crate::engine::Config::new(store))
+        .map(std::sync::Arc::new)
         .map_err(|e| format!("open the store {}: {e}", store.display()))?;
     let mut rows = Vec::new();
     for f in functions {
@@ -194,9 +195,10 @@ pub(super) fn warm(
     Ok(rows)
 }
 
-/// Times in ms of `iterations` restores of `f` from `st`, each run to its response.
+/// Times in ms of `iterations` restores of `f` by `st` (template loaded, instantiated,
+/// invoked), each run to its response.
 pub(super) fn in_process_restores(
-    st: &snapshot_store::Store,
+    st: &std::sync::Arc<crate::engine::Engine>,
     f: &Function,
     strategy: MemoryStrategy,
     iterations: usize,
@@ -204,14 +206,11 @@ pub(super) fn in_process_restores(
     let mut t = Vec::new();
     for _ in 0..iterations {
         let t0 = Instant::now();
-        let (report, _, _) = crate::snapshot::restore_and_run(
-            st,
-            f.name,
-            strategy,
-            f.input,
-            &crate::run::RunLimits::default(),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut instance = st
+            .load_template(f.name)
+            .and_then(|t| t.instantiate_with(strategy))
+            .map_err(|e| e.to_string())?;
+        let report = instance.invoke(f.input, &crate::guest::RunLimits::default());
         report.result.map_err(|e| e.to_string())?;
         t.push(ms(t0.elapsed()));
     }

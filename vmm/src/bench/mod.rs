@@ -211,7 +211,7 @@ mod tests {
     use super::latency::{latency_rows, strategy_name, MODES};
     use super::process::Timed;
     use super::*;
-    use crate::snapshot::MemoryStrategy;
+    use crate::instance::Backing as MemoryStrategy;
 
     #[test]
     fn the_json_report_keeps_its_shape() {

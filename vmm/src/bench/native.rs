@@ -3,7 +3,7 @@
 use super::process::{invoke_json, s};
 use super::util::percentile;
 use super::BenchArgs;
-use crate::run::ms;
+use crate::stats::ms;
 use std::time::Instant;
 
 /// examples/compute.wat under wasmi in the guest and in a host process.

@@ -1,6 +1,6 @@
 //! Spawned `vmm` processes: run this binary, time it, read what it reports with `--json`.
 
-use crate::run::ms;
+use crate::stats::ms;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -132,14 +132,14 @@ pub(super) fn create_template(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::MemoryStrategy;
+    use crate::instance::Backing as MemoryStrategy;
 
     fn args(s: &str) -> Vec<String> {
         s.split(' ').map(String::from).collect()
     }
 
     /// What `vmm run --json` / `vmm restore --json` print (`cli::finish`), around real `Stats`.
-    fn printed(stats: &crate::run::Stats) -> Vec<u8> {
+    fn printed(stats: &crate::stats::Stats) -> Vec<u8> {
         serde_json::json!({
             "status": 0,
             "reason": "exit",
@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn reads_the_stats_that_run_and_restore_print() {
-        let mut stats = crate::run::Stats {
+        let mut stats = crate::stats::Stats {
             mode: "cold",
             total_ms: 12.5,
             function_ms: 3.25,
@@ -171,7 +171,7 @@ mod tests {
         );
         assert!(cold.restore.is_none());
 
-        stats.restore = Some(crate::snapshot::RestoreStats {
+        stats.restore = Some(crate::stats::RestoreStats {
             strategy: Some(MemoryStrategy::Lazy),
             pages_installed: 11,
             uffd_faults: 13,

@@ -1,11 +1,14 @@
-//! `vmm run`: boot the guest kernel cold, hand it a module and a function, serve its
-//! hostcalls until it exits, and report output and a timing breakdown.
+//! The guest side of an instance: what a function is ([`FunctionSpec`]: module, runtime,
+//! engine, files, arguments), the limits of a run ([`RunLimits`]), the module the guest's
+//! engine gets (compiled ahead of time and cached for wasmtime), a cold boot of the guest
+//! kernel ([`boot_vm`]) and the hostcall loop ([`resume`]).
 
 use crate::memory::GuestMemory;
-use crate::vm::{GuestError, Hostcall, Output, RunError, Vm, VmError};
+use crate::stats::{ms, ArtifactCache};
+use crate::vm::{GuestError, Hostcall, Output, RunError, SetupError, Vm, VmError};
 use crate::watchdog::Watchdog;
 use std::time::{Duration, Instant};
-use vmm_abi::{layout, ConfigFile, FunctionConfig, GuestStats, Mailbox};
+use vmm_abi::{layout, ConfigFile, FunctionConfig, Mailbox};
 
 /// How the module is driven (mirrors `guest_kernel::Runtime`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -149,83 +152,6 @@ impl Default for RunLimits {
     }
 }
 
-/// Timing breakdown of one invocation, in milliseconds.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Stats {
-    pub mode: &'static str,
-    pub backend: String,
-    /// `wasmtime` or `wasmi` (empty for a restore: the template's).
-    #[serde(skip_serializing_if = "str::is_empty")]
-    pub engine: &'static str,
-    /// Compiling the module on the host, ahead of time, for the guest's wasmtime (0 for
-    /// wasmi, which compiles in the guest: `compile_ms`).
-    pub aot_compile_ms: f64,
-    /// Whether the compiled module came from the store's cache (wasmtime, cold runs).
-    pub artifact_cache: ArtifactCache,
-    pub vm_create_ms: f64,
-    pub boot_ms: f64,
-    pub compile_ms: f64,
-    pub instantiate_ms: f64,
-    pub runtime_init_ms: f64,
-    pub function_ms: f64,
-    pub total_ms: f64,
-    pub exits: u64,
-    pub hostcalls: u64,
-    /// Set for `vmm restore`: how the template was restored.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub restore: Option<crate::snapshot::RestoreStats>,
-    /// The guest's CPU: the model the VMM set, what the guest saw, what it was compiled for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<CpuReport>,
-}
-
-/// The guest's CPU, for `--stats` (`"cpu"` in `--json`).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct CpuReport {
-    /// The guest CPU model the VMM set on the vCPU, as a template records it
-    /// (`pvm/GenuineIntel/fxsr,sse,...`).
-    pub model: String,
-    /// The features a guest may use that the guest's own `cpuid` reported (at its boot:
-    /// for a restore, the template's creation), named as in `model`.
-    pub guest_sees: Vec<&'static str>,
-    /// The features the module was compiled for ahead of time (wasmtime cold runs; empty
-    /// otherwise), named as in `model`.
-    pub compiled_for: Vec<&'static str>,
-}
-
-impl CpuReport {
-    /// The report of a guest of model `cpu` whose mailbox is `mb`.
-    pub fn new(cpu: &crate::cpu::GuestCpu, mb: &Mailbox, compiled_for: &[&'static str]) -> Self {
-        CpuReport {
-            model: cpu.record(),
-            guest_sees: crate::cpu::Cpu::usable_in(&vmm_abi::cpu::CpuidRegs::from_words(mb.cpuid)),
-            compiled_for: compiled_for.to_vec(),
-        }
-    }
-}
-
-/// The outcome of one invocation. Output produced before a failure is kept.
-#[derive(Debug)]
-pub struct RunReport {
-    /// The function's exit code, or why it produced no response.
-    pub result: Result<i32, RunError>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    /// Output that was lost at the output cap.
-    pub truncated: crate::vm::Truncated,
-    pub stats: Stats,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error("guest RAM of {0} MiB: must be an even number of MiB between {min} and {max}", min = layout::MIN_MEM_MIB, max = layout::MAX_MEM_MIB)]
-    BadMemSize(u64),
-    #[error("the module ({module} bytes) does not fit in {mem_mib} MiB of guest RAM")]
-    ModuleTooLarge { module: usize, mem_mib: u64 },
-    #[error(transparent)]
-    Compile(#[from] crate::aot::AotError),
-}
-
 /// Largest guest kernel image read from `$VMM_GUEST_KERNEL` (the built one is ~2 MB).
 pub const MAX_KERNEL_IMAGE_BYTES: u64 = 64 << 20;
 
@@ -252,27 +178,6 @@ pub fn guest_kernel_image() -> std::io::Result<std::borrow::Cow<'static, [u8]>> 
     }
 }
 
-pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-pub fn tsc_ms(from: u64, to: u64, tsc_khz: u64) -> f64 {
-    if from == 0 || to < from || tsc_khz == 0 {
-        return 0.0;
-    }
-    (to - from) as f64 / tsc_khz as f64
-}
-
-/// Fill the guest-side phase timings into `stats`.
-pub fn apply_guest_stats(stats: &mut Stats, g: &GuestStats, tsc_khz: u64) {
-    stats.boot_ms = tsc_ms(g.kernel_entry, g.kernel_ready, tsc_khz);
-    stats.compile_ms = tsc_ms(g.kernel_ready, g.compiled, tsc_khz);
-    stats.instantiate_ms = tsc_ms(g.compiled, g.instantiated, tsc_khz);
-    stats.runtime_init_ms = tsc_ms(g.instantiated, g.runtime_initialized, tsc_khz);
-    stats.function_ms = tsc_ms(g.function_start, g.function_end, tsc_khz);
-    stats.hostcalls = g.hostcalls;
-}
-
 /// Guest RAM of `mem_mib` MiB in bytes, if that is a size the guest can have.
 pub fn check_mem(mem_mib: u64) -> Result<u64, SetupError> {
     if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) || !mem_mib.is_multiple_of(2)
@@ -280,34 +185,6 @@ pub fn check_mem(mem_mib: u64) -> Result<u64, SetupError> {
         return Err(SetupError::BadMemSize(mem_mib));
     }
     Ok(mem_mib << 20)
-}
-
-/// What the compiled-module cache in the store did for one run (`--stats`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ArtifactCache {
-    /// Not used: wasmi (nothing to compile on the host), or no store to cache in.
-    #[default]
-    Off,
-    /// The artifact came from the store: nothing was compiled.
-    Hit,
-    /// Not in the store: compiled, and stored for the next run.
-    Miss,
-    /// The store held a damaged artifact under this key (refused, never run), or one the
-    /// guest's engine refused to load (compiled with other settings): compiled again, and
-    /// the new artifact stored in its place.
-    Refused,
-}
-
-impl ArtifactCache {
-    pub fn name(self) -> &'static str {
-        match self {
-            ArtifactCache::Off => "off",
-            ArtifactCache::Hit => "hit",
-            ArtifactCache::Miss => "miss",
-            ArtifactCache::Refused => "refused, recompiled",
-        }
-    }
 }
 
 /// The engine string artifacts are cached under (with the compiler's fingerprint).
@@ -336,16 +213,18 @@ pub fn guest_module<'a>(
     guest_module_with(spec, limits, cache, true)
 }
 
-/// Whether a run that ended with `result` should start again with a freshly compiled
+/// Whether a run that failed with `failure` should start again with a freshly compiled
 /// artifact: the guest's engine refused one that came from the cache (an artifact made
 /// with other settings passes the store's checks: they cover its bytes, not what made
 /// them), before the function wrote anything. Says so on stderr.
-pub(crate) fn cached_artifact_refused<T>(
-    result: &Result<T, RunError>,
+pub(crate) fn cached_artifact_refused(
+    failure: Option<&crate::error::Error>,
     cache: ArtifactCache,
     wrote: bool,
 ) -> bool {
-    let Err(RunError::Guest(GuestError::ModuleInvalid(why))) = result else {
+    let Some(RunError::Guest(GuestError::ModuleInvalid(why))) =
+        failure.and_then(|e| e.find::<RunError>())
+    else {
         return false;
     };
     if cache != ArtifactCache::Hit || wrote {
@@ -360,7 +239,7 @@ pub(crate) fn cached_artifact_refused<T>(
 
 /// A guest that refused its compiled module for a CPU feature: the error says which model
 /// the guest had and what the module was compiled for.
-fn name_the_model<T>(
+pub(crate) fn name_the_model<T>(
     result: Result<T, RunError>,
     cpu: &crate::cpu::GuestCpu,
     compiled_for: &[&str],
@@ -467,7 +346,7 @@ pub fn boot_vm(
     }
     let mem = GuestMemory::new(mem_size as usize).map_err(VmError::Memory)?;
     let mut vm = Vm::new(mem)?;
-    vm.mem.write(module_gpa, module)?;
+    vm.mem().write(module_gpa, module)?;
     let mut seed = [0u8; 32];
     crate::vm::fill_random(&mut seed);
     let words =
@@ -504,22 +383,23 @@ pub fn boot_vm(
     Ok(vm)
 }
 
-/// What to do after a hostcall was handled.
-pub enum Next {
-    Continue,
-    Stop,
-}
+/// Where a [`resume`] stopped: the hostcall the guest waits in (answer it and resume again),
+/// or its exit.
+pub type Stop = Hostcall;
 
-/// Run the vCPU and hand each hostcall to `on`, starting with `first` (a hostcall the
-/// guest was already stopped at, e.g. in a restored template) if given, until `on` says
-/// stop or the guest exits. Returns the hostcall it stopped at. The watchdog covers it all.
-pub fn drive(
+/// Run the vCPU from `pending` (the hostcall the guest already waits in, if any; taken)
+/// and answer its hostcalls: `GetFunction` with `function` (once; without one, or asked
+/// again, the run stops there), `ReadStdin` from `stdin` in chunks of the guest's buffer
+/// (without it the run stops there). Returns the hostcall it stopped at, left in
+/// `pending`, or the guest's exit. The watchdog of `limits` covers the whole run.
+pub(crate) fn resume(
     vm: &mut Vm,
-    first: Option<Hostcall>,
+    pending: &mut Option<Hostcall>,
+    mut function: Option<&[u8]>,
+    stdin: Option<&[u8]>,
     out: &mut Output,
     limits: &RunLimits,
-    mut on: impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError>,
-) -> Result<Hostcall, RunError> {
+) -> Result<Stop, RunError> {
     // A watchdog of an earlier run on this vCPU (a reused instance) may have fired just as
     // that run ended successfully, leaving `immediate_exit` set: every KVM_RUN would then
     // return at once until this run's deadline.
@@ -527,137 +407,31 @@ pub fn drive(
     let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
     let watchdog =
         Watchdog::start_interruptible(limits.timeout, run_ptr, limits.interrupt.as_ref());
-    let mut pending = first;
+    let mut pos = 0usize;
     loop {
         let call = match pending.take() {
             Some(c) => c,
             None => vm.next_hostcall(out, &watchdog, limits.timeout)?,
         };
-        if let Hostcall::Exit { .. } = call {
-            return Ok(call);
-        }
-        if let Next::Stop = on(vm, &call)? {
-            return Ok(call);
-        }
-    }
-}
-
-/// A hostcall handler that answers GetFunction with `config` and ReadStdin from `stdin`.
-pub fn serve_function<'a>(
-    config: &'a [u8],
-    stdin: &'a [u8],
-) -> impl FnMut(&mut Vm, &Hostcall) -> Result<Next, RunError> + 'a {
-    let mut pos = 0usize;
-    move |vm, call| {
-        match *call {
-            Hostcall::GetFunction { buf } => {
+        match (call, function, stdin) {
+            (Hostcall::Exit { .. }, _, _) => return Ok(call),
+            (Hostcall::GetFunction { buf }, Some(config), _) => {
+                function = None;
                 if config.len() as u64 <= buf.len {
-                    vm.mem.write(buf.gpa, config)?;
+                    vm.mem().write(buf.gpa, config)?;
                 }
                 vm.complete(config.len() as u64, 0, true)?;
             }
-            Hostcall::ReadStdin { buf } => {
+            (Hostcall::ReadStdin { buf }, _, Some(stdin)) => {
                 let n = (stdin.len() - pos).min(buf.len as usize);
-                vm.mem.write(buf.gpa, &stdin[pos..pos + n])?;
+                vm.mem().write(buf.gpa, &stdin[pos..pos + n])?;
                 pos += n;
                 vm.complete(n as u64, (pos == stdin.len()) as u64, true)?;
             }
-            Hostcall::Exit { .. } => return Ok(Next::Stop),
-        }
-        Ok(Next::Continue)
-    }
-}
-
-/// Serve hostcalls until the guest exits; returns its exit code.
-pub fn serve_from(
-    vm: &mut Vm,
-    first: Option<Hostcall>,
-    config: &[u8],
-    stdin: &[u8],
-    out: &mut Output,
-    limits: &RunLimits,
-) -> Result<i32, RunError> {
-    match drive(vm, first, out, limits, serve_function(config, stdin))? {
-        Hostcall::Exit { code } => Ok(code),
-        other => Err(GuestError::UnexpectedExit(format!("stopped at {other:?}")).into()),
-    }
-}
-
-/// Boot cold and run one invocation.
-pub fn run_cold(spec: &FunctionSpec, stdin: &[u8], limits: &RunLimits) -> RunReport {
-    run_cold_keep(spec, stdin, limits).0
-}
-
-/// [`run_cold`] that hands the finished VM back, to be torn down after the response.
-pub fn run_cold_keep(
-    spec: &FunctionSpec,
-    stdin: &[u8],
-    limits: &RunLimits,
-) -> (RunReport, crate::vm::Finished) {
-    let t0 = Instant::now();
-    let mut stats = Stats {
-        mode: "cold",
-        engine: spec.engine.name(),
-        ..Default::default()
-    };
-    // A store that cannot be opened must not stop the run: compile without the cache, and
-    // say why.
-    let cache = limits.artifact_store.as_deref().and_then(|dir| {
-        snapshot_store::Store::create_or_open(dir)
-            .map_err(|e| {
-                eprintln!(
-                    "vmm: warning: the compiled-module cache in {} is not used: {e}",
-                    dir.display()
-                )
-            })
-            .ok()
-    });
-    let mut reuse = true;
-    let mut compiled_for = vec![];
-    let (vm, out, result) = loop {
-        let booted = guest_module_with(spec, limits, cache.as_ref(), reuse).and_then(|m| {
-            stats.aot_compile_ms = m.aot_ms;
-            stats.artifact_cache = m.cache;
-            compiled_for = m.features;
-            boot_vm(&m.bytes, spec.runtime, spec.engine, limits)
-        });
-        let mut vm = match booted {
-            Ok(vm) => vm,
-            Err(e) => {
-                let report = RunReport {
-                    result: Err(e),
-                    stdout: vec![],
-                    stderr: vec![],
-                    truncated: Default::default(),
-                    stats,
-                };
-                return (report, crate::vm::Finished(None));
+            (call, _, _) => {
+                *pending = Some(call);
+                return Ok(call);
             }
-        };
-        stats.backend = format!("{:?}", vm.backend).to_lowercase();
-        stats.vm_create_ms = ms(t0.elapsed()) - stats.aot_compile_ms;
-        let mut out = Output::new(limits.max_output);
-        let result = serve_from(&mut vm, None, &spec.config_blob(), stdin, &mut out, limits);
-        let wrote = !out.stdout.is_empty() || !out.stderr.is_empty();
-        if reuse && cached_artifact_refused(&result, stats.artifact_cache, wrote) {
-            reuse = false;
-            continue;
         }
-        break (vm, out, result);
-    };
-    stats.total_ms = ms(t0.elapsed());
-    stats.exits = vm.exits;
-    if let Ok(mb) = vm.read_mailbox() {
-        apply_guest_stats(&mut stats, &mb.stats, vm.tsc_khz);
-        stats.cpu = Some(CpuReport::new(vm.cpu, &mb, &compiled_for));
     }
-    let result = name_the_model(result, vm.cpu, &compiled_for);
-    let report = RunReport {
-        result,
-        stdout: out.stdout,
-        stderr: out.stderr,
-        truncated: out.truncated,
-        stats,
-    };
-    (report, crate::vm::Finished(Some(vm)))
 }

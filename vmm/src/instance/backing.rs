@@ -1,51 +1,55 @@
-//! Filling a restored VM's RAM from a resolved template: the `--memory` strategies, the
+//! How an instance's guest RAM gets the template's pages ([`Backing`]): the fill plan, the
 //! installer that copies pages before the vCPU runs, and the userfaultfd server that
-//! brings the rest on demand. Every page is re-hashed against its id on the way in.
+//! brings the rest on demand on a thread the instance owns ([`Faults`], stopped on drop).
+//! Every page read from the store is re-hashed against its id on the way in.
 
+use super::Template;
+use crate::error::{Error, ErrorKind};
 use crate::memory::GuestMemory;
-use crate::snapshot::TemplateError;
+use crate::template::{PAGE, REGION};
 use crate::uffd::{Uffd, UffdError, Waker};
-use snapshot_store::{Frame, Resolved, PAGE_SIZE};
+use snapshot_store::{Frame, LoadError, Resolved, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use vmm_abi::layout;
+use std::sync::{Arc, Mutex};
 
-const PAGE: u64 = PAGE_SIZE as u64;
-
-/// How guest RAM is filled on restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// How an instance's guest RAM is filled from its template.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum MemoryStrategy {
-    /// Copy every non-zero page before the vCPU runs.
+pub enum Backing {
+    /// Its own copy of every data page before the vCPU runs (2 MiB host pages where the
+    /// template is dense): no exits on first touches, ~2 MiB per region.
+    #[default]
     Eager,
     /// Copy the template's recorded working set before the vCPU runs (whole 2 MiB regions
     /// where it is dense, only its pages where it is sparse); the rest arrives on demand
     /// through userfaultfd.
     Prefetch,
-    /// Nothing up front: every page arrives on demand through userfaultfd.
+    /// Nothing up front: every page arrives on demand through userfaultfd (and the pages
+    /// the guest touches are recorded: a template's working set).
     Lazy,
-    /// A copy-on-write mapping of the template's memory image, cached in the store's
-    /// `cache/` directory and shared by all instances through the page cache: nothing is
-    /// copied, the working set is mapped before the vCPU runs, written pages are copied on
-    /// first write.
+    /// A copy-on-write mapping of the template's verified memory image, shared by all
+    /// instances: an instance holds privately only the pages its guest wrote; the working
+    /// set is mapped before the vCPU runs; 4 KiB host pages, so each other page's first
+    /// touch costs an exit.
     Shared,
 }
 
-impl MemoryStrategy {
-    /// The strategy's name as `vmm restore --memory` and `--json` spell it.
+impl Backing {
+    /// The name `vmm restore --memory` and `--json` use.
     pub fn name(self) -> &'static str {
         match self {
-            MemoryStrategy::Eager => "eager",
-            MemoryStrategy::Prefetch => "prefetch",
-            MemoryStrategy::Lazy => "lazy",
-            MemoryStrategy::Shared => "shared",
+            Backing::Eager => "eager",
+            Backing::Prefetch => "prefetch",
+            Backing::Lazy => "lazy",
+            Backing::Shared => "shared",
         }
     }
-}
 
-/// Data frames in a 2 MiB region below which `eager` maps the region with 4 KiB pages: a
-/// huge page costs a 2 MiB zero fill, which is not worth it for a handful of pages.
-const SPARSE_REGION_PAGES: usize = 32;
+    /// Whether pages arrive on demand through userfaultfd.
+    pub(crate) fn on_demand(self) -> bool {
+        matches!(self, Backing::Prefetch | Backing::Lazy)
+    }
+}
 
 /// `prefetch` maps a region with 4 KiB pages and copies only its working-set frames when
 /// `working set × SPARSE_WS_COST < data frames + SPARSE_HUGE_FILL`; otherwise the region is
@@ -62,24 +66,24 @@ const SPARSE_HUGE_FILL: usize = 256;
 
 /// What the installer does with one 2 MiB region.
 enum Fill {
-    /// Copy every data frame (the region becomes one huge page).
+    /// Copy every data frame (the region becomes one huge page, unless sparse).
     Region(u64),
     /// Map the region with small pages and copy these frames (sorted, in the region).
     Frames(u64, Vec<u64>),
 }
 
-/// The regions `strategy` installs before the vCPU runs (none for `lazy` and `shared`).
-fn plan(resolved: &Resolved, strategy: MemoryStrategy, working_set: &[u64]) -> Vec<Fill> {
-    let per_region = layout::HUGE_PAGE_SIZE / PAGE;
-    match strategy {
-        MemoryStrategy::Lazy | MemoryStrategy::Shared => Vec::new(),
-        MemoryStrategy::Eager => {
+/// The regions `backing` installs before the vCPU runs (none for `lazy` and `shared`).
+fn plan(resolved: &Resolved, backing: Backing, working_set: &[u64]) -> Vec<Fill> {
+    let per_region = REGION / PAGE;
+    match backing {
+        Backing::Lazy | Backing::Shared => Vec::new(),
+        Backing::Eager => {
             let mut regions: Vec<u64> = resolved.data_frames().map(|g| g / per_region).collect();
             regions.sort_unstable();
             regions.dedup();
             regions.into_iter().map(Fill::Region).collect()
         }
-        MemoryStrategy::Prefetch => {
+        Backing::Prefetch => {
             let mut ws: Vec<u64> = working_set
                 .iter()
                 .copied()
@@ -106,18 +110,53 @@ fn plan(resolved: &Resolved, strategy: MemoryStrategy, working_set: &[u64]) -> V
     }
 }
 
-/// Fill `mem` from `resolved` according to `strategy`; returns pages copied. Every page is
-/// re-hashed against its id on the way. The regions are split between two threads.
+/// Where installed pages come from: the template's verified image when it has been built
+/// (no hashing again), else the store's packs, each page re-hashed against its id.
+fn page<'a>(
+    template: &'a Template,
+    image: Option<&'a [u8]>,
+    gfn: u64,
+) -> Result<Option<&'a [u8; PAGE_SIZE]>, LoadError> {
+    let resolved = template.resolved();
+    let Some(image) = image else {
+        return Ok(match resolved.frame_verified(gfn)? {
+            Some(Frame::Data(p)) => Some(p),
+            _ => None,
+        });
+    };
+    if !matches!(resolved.frame(gfn), Some(Frame::Data(_))) {
+        return Ok(None);
+    }
+    let at = (gfn * PAGE) as usize;
+    Ok(image
+        .get(at..at + PAGE_SIZE)
+        .and_then(|p| p.try_into().ok()))
+}
+
+/// Fill `mem` from `template` as `backing` asks before the vCPU runs; returns the pages
+/// copied. The regions are split between this thread and one more.
 pub(crate) fn install(
     mem: &GuestMemory,
-    resolved: &Resolved,
-    strategy: MemoryStrategy,
-    working_set: &[u64],
-) -> Result<u64, TemplateError> {
-    let per_region = layout::HUGE_PAGE_SIZE / PAGE;
-    if strategy == MemoryStrategy::Shared {
-        // Map the working set's pages from the page cache (runs of frames at once).
-        let mut frames = working_set.to_vec();
+    template: &Template,
+    backing: Backing,
+) -> Result<u64, Error> {
+    let step = "fill guest memory";
+    let host = |e: crate::memory::MemoryError| Error::new(ErrorKind::Host, step, e);
+    if backing == Backing::Shared {
+        use std::os::fd::AsFd;
+        let image = template.image()?;
+        // Map the regions that hold data from the image, then the working set's pages from
+        // the page cache (runs of frames at once), so that reading them costs no exit.
+        for r in 0..template.regions() {
+            if template.runs_in(r).is_empty() {
+                continue;
+            }
+            let gpa = r as u64 * REGION;
+            let len = REGION.min(mem.size() - gpa);
+            mem.map_file_range(gpa, len, image.file.as_fd())
+                .map_err(host)?;
+        }
+        let mut frames: Vec<u64> = template.working_set().to_vec();
         frames.sort_unstable();
         frames.dedup();
         for run in frames.chunk_by(|a, b| *b == *a + 1) {
@@ -125,50 +164,62 @@ pub(crate) fn install(
         }
         return Ok(0);
     }
-    let plan = plan(resolved, strategy, working_set);
+    let resolved = template.resolved();
+    let plan = plan(resolved, backing, template.working_set());
+    let image = template.built_image().map(|i| &i.map[..]);
+    let per_region = REGION / PAGE;
     // Sparse regions may use small pages only where nothing is left to userfaultfd.
-    let allow_sparse = strategy == MemoryStrategy::Eager;
-    let fill = |part: usize| -> Result<u64, TemplateError> {
+    let allow_sparse = backing == Backing::Eager;
+    let damaged = |e: LoadError| Error::new(ErrorKind::Damaged, step, e);
+    let fill = |part: usize| -> Result<u64, Error> {
         let mut copied = 0;
         for f in plan.iter().skip(part).step_by(2) {
             let mut pages = Vec::with_capacity(per_region as usize);
             match f {
                 Fill::Region(r) => {
-                    let frames = r * per_region..((r + 1) * per_region).min(resolved.frame_count());
-                    for gfn in frames {
-                        if let Some(Frame::Data(p)) = resolved.frame_verified(gfn)? {
-                            pages.push((gfn, p));
+                    for &(first, n) in template.runs_in(*r as usize) {
+                        for gfn in first..first + n {
+                            if let Some(p) = page(template, image, gfn).map_err(damaged)? {
+                                pages.push((gfn, p));
+                            }
                         }
                     }
-                    if allow_sparse && pages.len() < SPARSE_REGION_PAGES {
-                        mem.advise_small_pages(r * layout::HUGE_PAGE_SIZE, layout::HUGE_PAGE_SIZE);
+                    if allow_sparse && template.sparse(*r as usize) {
+                        mem.advise_small_pages(r * REGION, REGION);
                     }
                 }
                 Fill::Frames(r, frames) => {
-                    mem.advise_small_pages(r * layout::HUGE_PAGE_SIZE, layout::HUGE_PAGE_SIZE);
+                    mem.advise_small_pages(r * REGION, REGION);
                     for &gfn in frames {
-                        match resolved.frame_verified(gfn)? {
-                            Some(Frame::Data(p)) => pages.push((gfn, p)),
+                        match page(template, image, gfn).map_err(damaged)? {
+                            Some(p) => pages.push((gfn, p)),
                             // A zero frame the function touches: make it present now rather
                             // than through a userfaultfd round trip (~70 µs) later.
-                            _ => mem.zero(gfn * PAGE, PAGE)?,
+                            None => mem.zero(gfn * PAGE, PAGE).map_err(host)?,
                         }
                     }
                 }
             }
             for (gfn, p) in pages {
-                mem.write(gfn * PAGE, p)?;
+                mem.write(gfn * PAGE, p).map_err(host)?;
                 copied += 1;
             }
         }
         Ok(copied)
     };
+    if plan.len() < 2 {
+        return fill(0).and_then(|a| Ok(a + fill(1)?));
+    }
     std::thread::scope(|scope| {
         let other = scope.spawn(|| fill(1));
         let mine = fill(0);
-        let theirs = other.join().unwrap_or(Err(TemplateError::Internal(
-            "a memory installer thread panicked",
-        )));
+        let theirs = other.join().unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Host,
+                step,
+                "a memory installer thread panicked",
+            ))
+        });
         Ok(mine? + theirs?)
     })
 }
@@ -178,34 +229,141 @@ pub(crate) fn install(
 /// function touches beyond its recorded working set comes in runs: a Python template
 /// whose trial request differed from the request served took 54 faults with single
 /// pages, 29 with groups of 16, 29 with 32 or 64 (the rest lie apart), 9.4 vs 8.9 ms total.
-pub(crate) const FAULT_GROUP: u64 = 16;
+const FAULT_GROUP: u64 = 16;
 
-/// Serves userfaultfd faults from the store until `stop` is set, recording the order in
-/// which frames were first touched.
-pub(crate) struct FaultServer<'a> {
-    pub(crate) uffd: &'a Uffd,
-    pub(crate) base: *mut u8,
-    pub(crate) resolved: &'a Resolved,
-    pub(crate) wake: Waker,
-    /// Frames installed per fault: 1 (only the faulting frame, so `touched` records
-    /// exactly what the guest touched), or [`FAULT_GROUP`].
-    pub(crate) group: u64,
-    pub(crate) faults: AtomicU64,
-    pub(crate) bytes: AtomicU64,
-    pub(crate) touched: Mutex<Vec<u64>>,
-    /// The first damaged page met, if any.
-    pub(crate) corrupt: Mutex<Option<snapshot_store::LoadError>>,
+/// The userfaultfd server of one instance: a thread that serves its guest RAM's missing
+/// pages from the template until the instance is dropped.
+pub(crate) struct Faults {
+    server: Arc<FaultServer>,
+    thread: Option<std::thread::JoinHandle<Result<(), UffdError>>>,
 }
 
-// SAFETY: `base` is the start of guest RAM, which outlives the server (scoped thread);
-// it is only used to compute fault addresses handed to UFFDIO_COPY/ZEROPAGE and mincore.
-unsafe impl Sync for FaultServer<'_> {}
+/// What [`Faults`] did so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct FaultCounts {
+    pub(crate) faults: u64,
+    pub(crate) bytes: u64,
+}
 
-impl FaultServer<'_> {
-    pub(crate) fn serve(&self) -> Result<(), UffdError> {
+impl Faults {
+    /// Register `mem` (filled as far as the backing fills it up front: our own writes into
+    /// a registered, missing page would wait for a fault handler) and start serving it.
+    pub(crate) fn start(
+        mem: &GuestMemory,
+        template: Arc<Template>,
+        backing: Backing,
+    ) -> Result<Faults, Error> {
+        let step = "serve guest memory on demand";
+        let uffd_err = |e: UffdError| Error::new(ErrorKind::Host, step, e);
+        let uffd = Uffd::new().map_err(uffd_err)?;
+        uffd.register(mem.host_addr(), mem.size() as usize)
+            .map_err(uffd_err)?;
+        let server = Arc::new(FaultServer {
+            uffd,
+            base: mem.host_addr() as usize,
+            size: mem.size(),
+            template,
+            wake: Waker::new().map_err(uffd_err)?,
+            // Lazy records exactly what the guest touched: one frame per fault.
+            group: if backing == Backing::Prefetch {
+                FAULT_GROUP
+            } else {
+                1
+            },
+            faults: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            touched: Mutex::new(Vec::new()),
+            corrupt: Mutex::new(None),
+        });
+        let s = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm-faults".into())
+            .spawn(move || s.serve())
+            .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
+        Ok(Faults {
+            server,
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn counts(&self) -> FaultCounts {
+        FaultCounts {
+            faults: self.server.faults.load(Ordering::Relaxed),
+            bytes: self.server.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The first damaged page served (as zeros, so the guest did not hang), if any.
+    pub(crate) fn take_corrupt(&self) -> Option<LoadError> {
+        self.server.corrupt.lock().ok().and_then(|mut c| c.take())
+    }
+
+    /// The frames the guest touched so far, in first-touch order.
+    pub(crate) fn take_touched(&self) -> Vec<u64> {
+        self.server
+            .touched
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default()
+    }
+
+    /// Whether the server stopped on an error (the guest would wait for a page forever:
+    /// the watchdog stops it); says why.
+    pub(crate) fn failed(&mut self) -> Option<Error> {
+        let finished = self.thread.as_ref().is_some_and(|t| t.is_finished());
+        if !finished {
+            return None;
+        }
+        let step = "serve guest memory on demand";
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => Some(Error::new(ErrorKind::Host, step, e)),
+            Some(Err(_)) => Some(Error::new(
+                ErrorKind::Host,
+                step,
+                "the page fault server panicked",
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Faults {
+    fn drop(&mut self) {
+        self.server.wake.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves userfaultfd faults from the template until woken, recording the order in which
+/// frames were first touched.
+struct FaultServer {
+    uffd: Uffd,
+    /// The host address of guest RAM, which outlives the server: the instance that owns
+    /// the guest RAM stops the server (drops [`Faults`]) before it unmaps it.
+    base: usize,
+    size: u64,
+    template: Arc<Template>,
+    wake: Waker,
+    /// Frames installed per fault: 1 (only the faulting frame, so `touched` records
+    /// exactly what the guest touched), or [`FAULT_GROUP`].
+    group: u64,
+    faults: AtomicU64,
+    bytes: AtomicU64,
+    touched: Mutex<Vec<u64>>,
+    /// The first damaged page met, if any.
+    corrupt: Mutex<Option<LoadError>>,
+}
+
+impl FaultServer {
+    fn serve(&self) -> Result<(), UffdError> {
         let (mut buf, mut residency) = (Vec::new(), Vec::new());
         while let Some(addr) = self.uffd.next_fault(&self.wake)? {
-            let off = (addr - self.base as u64) & !(PAGE - 1);
+            let off = addr.wrapping_sub(self.base as u64) & !(PAGE - 1);
+            if off >= self.size {
+                continue; // not ours: the kernel reports only the registered range
+            }
             let gfn = off / PAGE;
             if self.group <= 1 || !self.serve_group(gfn, &mut buf, &mut residency)? {
                 self.serve_one(gfn)?;
@@ -218,10 +376,15 @@ impl FaultServer<'_> {
         Ok(())
     }
 
+    fn at(&self, gfn: u64) -> *mut u8 {
+        (self.base + (gfn * PAGE) as usize) as *mut u8
+    }
+
     /// The page of frame `gfn` (None: a zero frame), re-hashed against its id. A damaged
-    /// page is served as zeros so the guest does not hang; the restore reports the damage.
+    /// page is served as zeros so the guest does not hang; the invocation reports the
+    /// damage.
     fn page(&self, gfn: u64) -> Option<&[u8; PAGE_SIZE]> {
-        match self.resolved.frame_verified(gfn) {
+        match self.template.resolved().frame_verified(gfn) {
             Ok(Some(Frame::Data(p))) => Some(p),
             Ok(_) => None,
             Err(e) => {
@@ -234,14 +397,13 @@ impl FaultServer<'_> {
     }
 
     fn serve_one(&self, gfn: u64) -> Result<(), UffdError> {
-        // SAFETY: `gfn` lies inside guest RAM: the kernel only reports faults in the
-        // registered range, which is exactly guest RAM.
-        let dst = unsafe { self.base.add((gfn * PAGE) as usize) };
+        let dst = self.at(gfn);
         match self.page(gfn) {
             Some(p) => {
-                // SAFETY: `dst` is the faulting page of guest RAM, which is registered
-                // with this userfaultfd; the host holds no reference into guest RAM
-                // while the vCPU runs (GuestMemory reads and writes through copies).
+                // SAFETY: `dst` is the faulting page of guest RAM (checked to lie inside
+                // it), which is registered with this userfaultfd; the host holds no
+                // reference into guest RAM while the vCPU runs (GuestMemory reads and
+                // writes through copies).
                 unsafe { self.uffd.copy(dst, p)? };
                 self.bytes.fetch_add(PAGE, Ordering::Relaxed);
             }
@@ -261,7 +423,7 @@ impl FaultServer<'_> {
         residency: &mut Vec<u8>,
     ) -> Result<bool, UffdError> {
         let first = gfn / self.group * self.group;
-        let end = (first + self.group).min(self.resolved.frame_count());
+        let end = (first + self.group).min(self.template.resolved().frame_count());
         if gfn >= end {
             return Ok(false);
         }
@@ -270,13 +432,8 @@ impl FaultServer<'_> {
         residency.resize(n, 0);
         // SAFETY: frames [first, end) lie inside guest RAM (end is clamped to its frame
         // count), page aligned; `residency` has one byte per page as mincore requires.
-        let r = unsafe {
-            libc::mincore(
-                self.base.add((first * PAGE) as usize).cast(),
-                n * PAGE_SIZE,
-                residency.as_mut_ptr(),
-            )
-        };
+        let r =
+            unsafe { libc::mincore(self.at(first).cast(), n * PAGE_SIZE, residency.as_mut_ptr()) };
         let absent = |k: usize| residency[k] & 1 == 0;
         let i = (gfn - first) as usize;
         if r != 0 || !absent(i) {
@@ -298,12 +455,11 @@ impl FaultServer<'_> {
                 data += 1;
             }
         }
+        let dst = self.at(first + a as u64);
         // SAFETY: the run lies inside guest RAM (registered with this userfaultfd) and was
         // absent a moment ago; only this thread installs pages while the vCPU runs, and a
         // page that appeared since stops the copy, after which the caller installs `gfn`
         // alone (EEXIST tolerated). No Rust reference covers guest RAM meanwhile.
-        let dst = unsafe { self.base.add(((first + a as u64) * PAGE) as usize) };
-        // SAFETY: as above.
         if !unsafe { self.uffd.copy_all(dst, buf)? } {
             return Ok(false);
         }
@@ -317,6 +473,7 @@ mod tests {
     use super::*;
     use snapshot_store::fixtures::{page, TempDir};
     use snapshot_store::Store;
+    use vmm_abi::layout;
 
     /// Frames per 2 MiB region.
     const R: u64 = layout::HUGE_PAGE_SIZE / PAGE;
@@ -364,8 +521,8 @@ mod tests {
         let s = store_with(&dir, 4, &layout4());
         let r = resolved(&s, "t");
         let ws: Vec<u64> = (0..600).collect();
-        assert!(plan(&r, MemoryStrategy::Lazy, &ws).is_empty());
-        assert!(plan(&r, MemoryStrategy::Shared, &ws).is_empty());
+        assert!(plan(&r, Backing::Lazy, &ws).is_empty());
+        assert!(plan(&r, Backing::Shared, &ws).is_empty());
     }
 
     #[test]
@@ -376,7 +533,7 @@ mod tests {
         // The working set plays no part in eager's plan.
         for ws in [vec![], vec![2 * R + 1, 5]] {
             assert_eq!(
-                shown(&plan(&r, MemoryStrategy::Eager, &ws)),
+                shown(&plan(&r, Backing::Eager, &ws)),
                 vec![(0, None), (1, None), (3, None)],
             );
         }
@@ -397,7 +554,7 @@ mod tests {
         w.commit().unwrap();
         let r = resolved(&s, "child");
         assert_eq!(
-            shown(&plan(&r, MemoryStrategy::Eager, &[])),
+            shown(&plan(&r, Backing::Eager, &[])),
             vec![(0, None), (2, None), (3, None)],
         );
     }
@@ -420,7 +577,7 @@ mod tests {
 
         let ws: Vec<u64> = [&sparse0[..], &sparse1, &sparse2].concat();
         assert_eq!(
-            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            shown(&plan(&r, Backing::Prefetch, &ws)),
             vec![
                 (0, Some(sparse0.clone())),
                 (1, Some(sparse1.clone())),
@@ -429,13 +586,13 @@ mod tests {
         );
         let ws: Vec<u64> = [&dense0[..], &dense1, &dense2].concat();
         assert_eq!(
-            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            shown(&plan(&r, Backing::Prefetch, &ws)),
             vec![(0, None), (1, None), (2, None)],
         );
         // Regions outside the working set are not planned (region 3 holds data).
         let ws: Vec<u64> = [&dense0[..], &sparse2].concat();
         assert_eq!(
-            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            shown(&plan(&r, Backing::Prefetch, &ws)),
             vec![(0, None), (2, Some(sparse2))],
         );
     }
@@ -458,15 +615,15 @@ mod tests {
         let parent = resolved(&s, "t");
         let child = resolved(&s, "child");
         assert_eq!(
-            shown(&plan(&parent, MemoryStrategy::Prefetch, &ws)),
+            shown(&plan(&parent, Backing::Prefetch, &ws)),
             vec![(0, Some(ws.clone()))],
         );
         assert_eq!(
-            shown(&plan(&child, MemoryStrategy::Prefetch, &ws)),
+            shown(&plan(&child, Backing::Prefetch, &ws)),
             vec![(0, None)],
         );
         assert_eq!(
-            shown(&plan(&child, MemoryStrategy::Prefetch, &ws[..44])),
+            shown(&plan(&child, Backing::Prefetch, &ws[..44])),
             vec![(0, Some(ws[..44].to_vec()))],
         );
     }
@@ -493,7 +650,7 @@ mod tests {
             R + 100,
         ];
         assert_eq!(
-            shown(&plan(&r, MemoryStrategy::Prefetch, &ws)),
+            shown(&plan(&r, Backing::Prefetch, &ws)),
             vec![
                 (0, Some(vec![3, 7])),
                 (1, Some(vec![R + 100, R + 101])),
@@ -505,7 +662,7 @@ mod tests {
         let once: Vec<u64> = (0..81).map(|i| i * 3).collect();
         let twice: Vec<u64> = once.iter().chain(once.iter()).copied().collect();
         assert_eq!(
-            shown(&plan(&r, MemoryStrategy::Prefetch, &twice)),
+            shown(&plan(&r, Backing::Prefetch, &twice)),
             vec![(0, Some(once))],
         );
     }

@@ -6,7 +6,7 @@
 //! * **Provenance**: a runtime base records what it was made from ([`Provenance`]: module
 //!   hash, runtime, engine, guest memory size, guest kernel and ABI); a function layer is
 //!   refused when its options disagree with its base's, naming each option that differs.
-//!   A function template records the base it was made on ([`BaseRef`]).
+//!   A function template records the base it was made on ([`BaseRef`](super::device::BaseRef)).
 //! * **vCPU state**: decoded under a size limit and range-checked
 //!   ([`VcpuState::validate`]).
 //! * **Device state**: a known pending hostcall whose buffer lies inside guest memory.
@@ -17,71 +17,14 @@
 //! (there is nothing to compare a restore against), but no new function is layered on such
 //! a base: what it runs cannot be checked ([`CheckError::UnrecordedBase`]).
 
+use super::device::{DeviceState, DeviceStateError, Provenance, DEVICE_STATE_VERSION, ENGINES};
 use crate::persist::{PersistError, VcpuState};
-use crate::run::{FunctionSpec, RuntimeKind};
-use crate::snapshot::{DeviceState, DeviceStateError, DEVICE_STATE_VERSION};
+use crate::text::shown;
 use snapshot_store::{Store, Template, TemplateName};
 use std::fmt;
 use vmm_abi::{GuestRange, Op};
 
-/// The WebAssembly engines inside the guest kernel, by the names templates record (see
-/// [`crate::run::EngineKind::name`]). The kernel's hash (also recorded) pins their exact
-/// build; the name tells engines apart.
-pub const ENGINES: &[&str] = &["wasmtime", "wasmi"];
-
-/// What a runtime base was made from. Two bases with equal provenance run the same code.
-#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
-pub struct Provenance {
-    /// xxh3-128 of the module's bytes (the binary, after `.wat` text is compiled).
-    pub module_hash: u128,
-    /// The module's file name, for messages.
-    pub module_name: String,
-    /// `wasi`, `qjs` or `python`.
-    pub runtime: String,
-    pub engine: String,
-    /// Guest memory in bytes.
-    pub mem_size: u64,
-    /// xxh3-64 of the guest kernel image.
-    pub kernel_hash: u64,
-    pub abi_version: u64,
-}
-
-/// The runtime base a function template was made on: its name and creation time.
-#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
-pub struct BaseRef {
-    pub name: String,
-    pub created_unix_ms: u64,
-}
-
-pub fn runtime_name(r: RuntimeKind) -> &'static str {
-    match r {
-        RuntimeKind::Wasi => "wasi",
-        RuntimeKind::Qjs => "qjs",
-        RuntimeKind::Python => "python",
-    }
-}
-
-/// xxh3-64 of the guest kernel this VMM boots (0 if it cannot be read).
-pub fn kernel_hash() -> u64 {
-    crate::run::guest_kernel_image()
-        .map(|k| xxhash_rust::xxh3::xxh3_64(&k))
-        .unwrap_or(0)
-}
-
 impl Provenance {
-    /// The provenance a base made now for `spec` with `mem_mib` MiB of guest memory has.
-    pub fn of(spec: &FunctionSpec, mem_mib: u64) -> Provenance {
-        Provenance {
-            module_hash: xxhash_rust::xxh3::xxh3_128(&spec.module),
-            module_name: spec.module_name.clone(),
-            runtime: runtime_name(spec.runtime).into(),
-            engine: spec.engine.name().into(),
-            mem_size: mem_mib.saturating_mul(1 << 20),
-            kernel_hash: kernel_hash(),
-            abi_version: vmm_abi::ABI_VERSION,
-        }
-    }
-
     /// Every way `self` (what a new layer asks for) differs from `base`'s provenance.
     pub fn differences(&self, base: &Provenance) -> Vec<Difference> {
         let mut d = Vec::new();
@@ -265,33 +208,6 @@ pub enum CheckError {
         name: TemplateName,
         base: TemplateName,
     },
-}
-
-/// `s` for a message: control characters replaced and at most 64 characters, since the
-/// text may come from a damaged or forged template.
-pub fn shown(s: &str) -> String {
-    const MAX: usize = 64;
-    let mut out: String = s
-        .chars()
-        .take(MAX)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().nth(MAX).is_some() {
-        out.push_str("...");
-    }
-    out
-}
-
-/// A bincode decode error in words (its `Display` is Rust debug text).
-pub(crate) fn decode_error_text(e: &bincode::error::DecodeError) -> String {
-    use bincode::error::DecodeError as E;
-    match e {
-        E::UnexpectedEnd { additional } => format!("it ends {additional} byte(s) too early"),
-        E::LimitExceeded => "it is larger than the size limit".into(),
-        E::Utf8 { .. } | E::InvalidCharEncoding(_) => "a text field is not UTF-8".into(),
-        E::OutsideUsizeRange(n) => format!("a length of {n} is out of range"),
-        _ => "a field holds a value of the wrong type".into(),
-    }
 }
 
 /// Decode the vCPU and device state of `tmpl` and refuse any value restore would trip over.
@@ -527,6 +443,7 @@ impl fmt::Display for Finding {
 #[doc(hidden)]
 pub mod fixtures {
     use super::*;
+    use crate::template::device::BaseRef;
     use kvm_bindings::{
         kvm_clock_data, kvm_debugregs, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     };
@@ -611,6 +528,7 @@ pub mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::template::device::BaseRef;
     use snapshot_store::fixtures::TempDir;
 
     const MEM: u64 = 64 << 20;
