@@ -1,11 +1,15 @@
 //! `vmm`: run serverless functions in a KVM unikernel, cold or from snapshots.
 
 use clap::{Parser, Subcommand};
+use cli::{FunctionArgs, InvokeArgs};
 use snapshot_store::Store;
 use std::path::PathBuf;
-use vmm::cli::{self, FunctionArgs, InvokeArgs};
 use vmm::snapshot::{self, MemoryStrategy};
 
+mod bench;
+mod cli;
+mod hostwasm;
+mod remote;
 mod serve;
 
 #[derive(Parser)]
@@ -46,7 +50,7 @@ enum Command {
     },
     /// Measure cold runs against restores, store dedup, restore throughput and native
     /// speed, side by side in one run, and print the tables the README quotes.
-    Bench(vmm::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Create, list and remove templates (snapshots that later invocations start from).
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -69,7 +73,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: cli::MemoryArg,
         #[command(flatten)]
-        remote: vmm::remote::RemoteArgs,
+        remote: remote::RemoteArgs,
     },
     /// Serve functions over HTTP from pools of ready instances, each reset to its
     /// template after every request.
@@ -196,7 +200,7 @@ fn main() {
             }
         }
         Command::Template(cmd) => template(cmd),
-        Command::Bench(args) => match vmm::bench::bench(&args) {
+        Command::Bench(args) => match bench::bench(&args) {
             Ok(()) => 0,
             Err(e) => fail(format!("bench: {e}")),
         },
@@ -240,14 +244,14 @@ fn restore(
     store: &StoreArg,
     invoke: &InvokeArgs,
     memory: cli::MemoryArg,
-    remote: &vmm::remote::RemoteArgs,
+    remote: &remote::RemoteArgs,
 ) -> i32 {
     let memory = MemoryStrategy::from(memory);
     let prepared = (|| {
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
-        let ready = vmm::remote::prepare(&store.dir()?, name, remote)?;
+        let ready = remote::prepare(&store.dir()?, name, remote)?;
         if let Some(p) = &ready.pulled {
             eprintln!(
                 "vmm: pulled {name} from the remote: {} layer(s), {} page(s), {} bytes in {:.1} ms",

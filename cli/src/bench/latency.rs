@@ -4,10 +4,10 @@
 use super::process::{create_template, invoke_json, s, Timed};
 use super::util::{count_or_dash, finite_or_zero, percentile};
 use super::{BenchArgs, Function};
-use crate::run::ms;
-use crate::snapshot::MemoryStrategy;
 use std::path::Path;
 use std::time::Instant;
+use vmm::run::ms;
+use vmm::snapshot::MemoryStrategy;
 
 /// Time to response of one function in one mode (`cold` or a restore memory strategy).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -204,12 +204,12 @@ pub(super) fn in_process_restores(
     let mut t = Vec::new();
     for _ in 0..iterations {
         let t0 = Instant::now();
-        let (report, _, _) = crate::snapshot::restore_and_run(
+        let (report, _, _) = vmm::snapshot::restore_and_run(
             st,
             f.name,
             strategy,
             f.input,
-            &crate::run::RunLimits::default(),
+            &vmm::run::RunLimits::default(),
         )
         .map_err(|e| e.to_string())?;
         report.result.map_err(|e| e.to_string())?;

@@ -13,7 +13,7 @@ mod store;
 mod throughput;
 mod util;
 
-pub use engines::{EngineRow, EnginesReport, StartRow};
+pub use engines::EnginesReport;
 pub use floor::FloorReport;
 pub use latency::{LatencyRow, WarmRow};
 pub use native::NativeReport;
@@ -211,7 +211,7 @@ mod tests {
     use super::latency::{latency_rows, strategy_name, MODES};
     use super::process::Timed;
     use super::*;
-    use crate::snapshot::MemoryStrategy;
+    use vmm::snapshot::MemoryStrategy;
 
     #[test]
     fn the_json_report_keeps_its_shape() {

@@ -1,9 +1,9 @@
 //! Spawned `vmm` processes: run this binary, time it, read what it reports with `--json`.
 
-use crate::run::ms;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
+use vmm::run::ms;
 
 /// The part of what `vmm run --json` and `vmm restore --json` print that the bench reads.
 #[derive(Debug, serde::Deserialize)]
@@ -132,14 +132,14 @@ pub(super) fn create_template(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::MemoryStrategy;
+    use vmm::snapshot::MemoryStrategy;
 
     fn args(s: &str) -> Vec<String> {
         s.split(' ').map(String::from).collect()
     }
 
     /// What `vmm run --json` / `vmm restore --json` print (`cli::finish`), around real `Stats`.
-    fn printed(stats: &crate::run::Stats) -> Vec<u8> {
+    fn printed(stats: &vmm::run::Stats) -> Vec<u8> {
         serde_json::json!({
             "status": 0,
             "reason": "exit",
@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn reads_the_stats_that_run_and_restore_print() {
-        let mut stats = crate::run::Stats {
+        let mut stats = vmm::run::Stats {
             mode: "cold",
             total_ms: 12.5,
             function_ms: 3.25,
@@ -171,7 +171,7 @@ mod tests {
         );
         assert!(cold.restore.is_none());
 
-        stats.restore = Some(crate::snapshot::RestoreStats {
+        stats.restore = Some(vmm::snapshot::RestoreStats {
             strategy: Some(MemoryStrategy::Lazy),
             pages_installed: 11,
             uffd_faults: 13,

@@ -49,7 +49,7 @@ pub struct ServeArgs {
     pub store: Option<PathBuf>,
     /// With --remote, a request for a template the store lacks pulls it first.
     #[command(flatten)]
-    pub remote: vmm::remote::RemoteArgs,
+    pub remote: crate::remote::RemoteArgs,
     /// Ready instances kept per template (0: restore one per request, destroy it after).
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=4096))]
@@ -60,7 +60,7 @@ pub struct ServeArgs {
     pub max_instances: u32,
     /// Host memory (resident, e.g. 512M, 8G) above which idle instances are destroyed,
     /// least recently used templates first.
-    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = crate::cli::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = snapshot_store::parse_size)]
     pub memory_limit: u64,
     /// Worker threads running vCPUs, 1 to 1024 [default: the number of CPUs].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -292,7 +292,7 @@ struct State {
     body_bytes: Arc<AtomicU64>,
     body_budget: u64,
     /// `--remote`: the store and where to pull templates it lacks from.
-    remote: Option<(PathBuf, vmm::remote::RemoteArgs)>,
+    remote: Option<(PathBuf, crate::remote::RemoteArgs)>,
     /// Templates this daemon serves from the remote, held in use (never evicted) while it runs.
     in_use: std::sync::Mutex<std::collections::HashMap<String, remote_store::InUse>>,
 }
@@ -307,7 +307,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let timeout = match vmm::cli::timeout(args.timeout) {
+    let timeout = match crate::cli::timeout(args.timeout) {
         Ok(t) => t,
         Err(e) => {
             say!("vmm: error: {e}");
@@ -803,14 +803,14 @@ async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
             .spawn(move || {
                 let r = if held {
                     remote_store::touch_used(&dir, &n);
-                    vmm::remote::pull_if_missing(&dir, &n, &remote).map(|pulled| {
-                        vmm::remote::Ready {
+                    crate::remote::pull_if_missing(&dir, &n, &remote).map(|pulled| {
+                        crate::remote::Ready {
                             pulled,
                             in_use: None,
                         }
                     })
                 } else {
-                    vmm::remote::prepare(&dir, &n, &remote)
+                    crate::remote::prepare(&dir, &n, &remote)
                 };
                 let _ = ptx.send(r);
             });
@@ -1044,7 +1044,6 @@ fn metrics(state: &State) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::parse_size;
 
     #[test]
     fn invoke_paths_are_parsed_without_panicking() {
@@ -1071,16 +1070,5 @@ mod tests {
         let c = BodyBytes::reserve(&held, 5000, 1000).expect("alone");
         assert!(BodyBytes::reserve(&held, 1, 1000).is_none());
         drop(c);
-    }
-
-    #[test]
-    fn sizes_parse_with_units_and_refuse_nonsense() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("8G"), Ok(8 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1KiB"), Ok(1024));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("5X").is_err());
     }
 }
