@@ -5,7 +5,7 @@
 # the same base, written through the store API by the restore_index_bench example).
 # Interleaved, median of RUNS (default 20) after 2 warm-up rounds each.
 #
-#   nice -n 19 cargo build --release -p vmm -p vmm-store-tools
+#   nice -n 19 cargo build --release -p vmm-cli -p vmm-store-tools
 #   nice -n 19 cargo build --release -p snapshot-store --features fixtures --example restore_index_bench
 #   ./tools/fetch-workloads.sh
 #   tools/bench-restore-index.sh [WORKDIR]

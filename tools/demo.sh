@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup.sh
 ./tools/fetch-workloads.sh
-cargo build --release --locked -p vmm
+cargo build --release --locked -p vmm-cli
 vmm=target/release/vmm
 qjs=workloads/qjs-wasi-reactor.wasm
 store="${VMM_STORE:-${XDG_DATA_HOME:-$HOME/.local/share}/vmm/store}"

@@ -14,5 +14,5 @@ cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"
 # The VMM's end-to-end tests again on the second engine (wasmtime is the default): every
 # example and behaviour must hold on both.
-VMM_ENGINE=wasmi cargo test --release -p vmm --locked "$@"
+VMM_ENGINE=wasmi cargo test --release -p vmm-cli --locked "$@"
 ./tools/hw-kvm-test.sh

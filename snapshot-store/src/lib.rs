@@ -157,6 +157,7 @@ mod locations;
 mod packs;
 mod resolve;
 mod scan;
+mod size;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -192,6 +193,7 @@ pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
 pub use resolve::{Frame, Resolved, Template, TemplateInfo, TemplateList};
 pub use scan::ReindexReport;
+pub use size::parse_size;
 pub use store::Store;
 pub use transfer::{ExportReport, ImportReport, ImportedTemplate};
 pub use verify::{Problem, Severity};

@@ -108,7 +108,7 @@ enum Cmd {
         templates: Vec<String>,
         /// Then remove templates pulled earlier, least recently used first (never one in
         /// use, nor those just pulled), until the store's packs take at most SIZE (e.g. 8G)
-        #[arg(long, value_name = "SIZE", value_parser = vmm::cli::parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = snapshot_store::parse_size)]
         store_limit: Option<u64>,
     },
     /// Rebuild a pack's index from the pack's bytes (when `verify` says its index is

@@ -8,20 +8,16 @@
 //! Templates are made by [`template::create::create_template`].
 
 pub mod aot;
-pub mod bench;
-pub mod cli;
 pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod guest;
-pub mod hostwasm;
 pub mod instance;
 pub mod loader;
 pub mod memory;
 pub mod persist;
 pub mod platform;
 pub mod pool;
-pub mod remote;
 pub mod stats;
 pub mod template;
 pub mod text;

@@ -11,8 +11,8 @@ use super::process::{invoke, invoke_with_env, parse_stats, s, Invocation};
 use super::util::percentile;
 use super::BenchArgs;
 use crate::hostwasm::{HostEngine, HostRuntime, WasiInvocation};
-use crate::stats::ms;
 use std::path::{Path, PathBuf};
+use vmm::stats::ms;
 
 /// What a cell shows for guest wasmtime in a build without `--engine`.
 pub(super) const NOT_AVAILABLE: &str = "not available in this build";

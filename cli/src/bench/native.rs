@@ -3,8 +3,8 @@
 use super::process::{invoke_json, s};
 use super::util::percentile;
 use super::BenchArgs;
-use crate::stats::ms;
 use std::time::Instant;
+use vmm::stats::ms;
 
 /// examples/compute.wat under wasmi in the guest and in a host process.
 #[derive(Debug, Clone, serde::Serialize)]

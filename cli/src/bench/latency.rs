@@ -4,10 +4,10 @@
 use super::process::{create_template, invoke_json, s, Timed};
 use super::util::{count_or_dash, finite_or_zero, percentile};
 use super::{BenchArgs, Function};
-use crate::instance::Backing as MemoryStrategy;
-use crate::stats::ms;
 use std::path::Path;
 use std::time::Instant;
+use vmm::instance::Backing;
+use vmm::stats::ms;
 
 /// Time to response of one function in one mode (`cold` or a restore memory strategy).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,7 +35,7 @@ pub struct LatencyRow {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WarmRow {
     pub function: &'static str,
-    pub strategy: MemoryStrategy,
+    pub strategy: Backing,
     pub median_ms: f64,
     pub p90_ms: f64,
     /// The cold run's median `total_ms` over this median.
@@ -170,7 +170,7 @@ pub(super) fn warm(
     functions: &[Function],
     latency: &[LatencyRow],
 ) -> Result<Vec<WarmRow>, String> {
-    let st = crate::engine::Engine::new(crate::engine::Config::new(store))
+    let st = vmm::engine::Engine::new(vmm::engine::Config::new(store))
         .map(std::sync::Arc::new)
         .map_err(|e| format!("open the store {}: {e}", store.display()))?;
     let mut rows = Vec::new();
@@ -180,7 +180,7 @@ pub(super) fn warm(
             .find(|r| r.function == f.label && r.mode == "cold")
             .map(|r| r.vmm_median_ms)
             .unwrap_or(0.0);
-        for strategy in [MemoryStrategy::Eager, MemoryStrategy::Prefetch] {
+        for strategy in [Backing::Eager, Backing::Prefetch] {
             let t = in_process_restores(&st, f, strategy, a.iterations)?;
             let median = percentile(&t, 0.5);
             rows.push(WarmRow {
@@ -198,9 +198,9 @@ pub(super) fn warm(
 /// Times in ms of `iterations` restores of `f` by `st` (template loaded, instantiated,
 /// invoked), each run to its response.
 pub(super) fn in_process_restores(
-    st: &std::sync::Arc<crate::engine::Engine>,
+    st: &std::sync::Arc<vmm::engine::Engine>,
     f: &Function,
-    strategy: MemoryStrategy,
+    strategy: Backing,
     iterations: usize,
 ) -> Result<Vec<f64>, String> {
     let mut t = Vec::new();
@@ -210,7 +210,7 @@ pub(super) fn in_process_restores(
             .load_template(f.name)
             .and_then(|t| t.instantiate_with(strategy))
             .map_err(|e| e.to_string())?;
-        let report = instance.invoke(f.input, &crate::guest::RunLimits::default());
+        let report = instance.invoke(f.input, &vmm::guest::RunLimits::default());
         report.result.map_err(|e| e.to_string())?;
         t.push(ms(t0.elapsed()));
     }
@@ -218,7 +218,7 @@ pub(super) fn in_process_restores(
 }
 
 /// The name `--memory` takes for `strategy`.
-pub(super) fn strategy_name(strategy: MemoryStrategy) -> String {
+pub(super) fn strategy_name(strategy: Backing) -> String {
     strategy.name().to_string()
 }
 

@@ -13,7 +13,7 @@ mod store;
 mod throughput;
 mod util;
 
-pub use engines::{EngineRow, EnginesReport, StartRow};
+pub use engines::EnginesReport;
 pub use floor::FloorReport;
 pub use latency::{LatencyRow, WarmRow};
 pub use native::NativeReport;
@@ -211,7 +211,7 @@ mod tests {
     use super::latency::{latency_rows, strategy_name, MODES};
     use super::process::Timed;
     use super::*;
-    use crate::instance::Backing as MemoryStrategy;
+    use vmm::instance::Backing;
 
     #[test]
     fn the_json_report_keeps_its_shape() {
@@ -220,7 +220,7 @@ mod tests {
             latency: Some(latency_rows("hello", &samples)),
             warm: Some(vec![WarmRow {
                 function: "hello",
-                strategy: MemoryStrategy::Eager,
+                strategy: Backing::Eager,
                 median_ms: 2.0,
                 p90_ms: 3.0,
                 vs_cold_in_vmm: f64::NAN,
@@ -271,7 +271,7 @@ mod tests {
         );
         // The JSON and the table name a strategy as `--memory` does.
         assert_eq!(warm["strategy"], "eager");
-        assert_eq!(strategy_name(MemoryStrategy::Eager), "eager");
+        assert_eq!(strategy_name(Backing::Eager), "eager");
         assert!(warm["vs_cold_in_vmm"].is_null());
         assert_eq!(keys(&v["floor"]), ["exit_us", "vm_create_ms"]);
     }

@@ -1,9 +1,9 @@
 //! Spawned `vmm` processes: run this binary, time it, read what it reports with `--json`.
 
-use crate::stats::ms;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
+use vmm::stats::ms;
 
 /// The part of what `vmm run --json` and `vmm restore --json` print that the bench reads.
 #[derive(Debug, serde::Deserialize)]
@@ -132,14 +132,14 @@ pub(super) fn create_template(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::Backing as MemoryStrategy;
+    use vmm::instance::Backing;
 
     fn args(s: &str) -> Vec<String> {
         s.split(' ').map(String::from).collect()
     }
 
     /// What `vmm run --json` / `vmm restore --json` print (`cli::finish`), around real `Stats`.
-    fn printed(stats: &crate::stats::Stats) -> Vec<u8> {
+    fn printed(stats: &vmm::stats::Stats) -> Vec<u8> {
         serde_json::json!({
             "status": 0,
             "reason": "exit",
@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn reads_the_stats_that_run_and_restore_print() {
-        let mut stats = crate::stats::Stats {
+        let mut stats = vmm::stats::Stats {
             mode: "cold",
             total_ms: 12.5,
             function_ms: 3.25,
@@ -171,8 +171,8 @@ mod tests {
         );
         assert!(cold.restore.is_none());
 
-        stats.restore = Some(crate::stats::RestoreStats {
-            strategy: Some(MemoryStrategy::Lazy),
+        stats.restore = Some(vmm::stats::RestoreStats {
+            strategy: Some(Backing::Lazy),
             pages_installed: 11,
             uffd_faults: 13,
             bytes_from_store: 17 * 4096,

@@ -24,7 +24,7 @@ pub struct RemoteArgs {
     pub remote_region: Option<String>,
     /// After a pull, remove templates pulled earlier, least recently used first (never one
     /// in use), until the store's packs take at most this much (e.g. 512M, 8G)
-    #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_size, env = "VMM_STORE_LIMIT")]
+    #[arg(long, value_name = "SIZE", value_parser = snapshot_store::parse_size, env = "VMM_STORE_LIMIT")]
     pub store_limit: Option<u64>,
 }
 

@@ -1,10 +1,14 @@
 //! `vmm`: run serverless functions in a KVM unikernel, cold or from snapshots.
 
 use clap::{Parser, Subcommand};
+use cli::{FunctionArgs, InvokeArgs};
 use snapshot_store::Store;
 use std::path::PathBuf;
-use vmm::cli::{self, FunctionArgs, InvokeArgs};
 
+mod bench;
+mod cli;
+mod hostwasm;
+mod remote;
 mod serve;
 
 #[derive(Parser)]
@@ -45,7 +49,7 @@ enum Command {
     },
     /// Measure cold runs against restores, store dedup, restore throughput and native
     /// speed, side by side in one run, and print the tables the README quotes.
-    Bench(vmm::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Create, list and remove templates (snapshots that later invocations start from).
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -68,7 +72,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: cli::MemoryArg,
         #[command(flatten)]
-        remote: vmm::remote::RemoteArgs,
+        remote: remote::RemoteArgs,
     },
     /// Serve functions over HTTP from pools of ready instances, each reset to its
     /// template after every request.
@@ -202,7 +206,7 @@ fn main() {
             }
         }
         Command::Template(cmd) => template(cmd),
-        Command::Bench(args) => match vmm::bench::bench(&args) {
+        Command::Bench(args) => match bench::bench(&args) {
             Ok(()) => 0,
             Err(e) => fail(format!("bench: {e}")),
         },
@@ -246,7 +250,7 @@ fn restore(
     store: &StoreArg,
     invoke: &InvokeArgs,
     memory: cli::MemoryArg,
-    remote: &vmm::remote::RemoteArgs,
+    remote: &remote::RemoteArgs,
 ) -> i32 {
     let backing = vmm::instance::Backing::from(memory);
     let prepared = (|| {
@@ -254,7 +258,7 @@ fn restore(
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
         let dir = store.dir()?;
-        let ready = vmm::remote::prepare(&dir, name, remote)?;
+        let ready = remote::prepare(&dir, name, remote)?;
         if let Some(p) = &ready.pulled {
             eprintln!(
                 "vmm: pulled {name} from the remote: {} layer(s), {} page(s), {} bytes in {:.1} ms",

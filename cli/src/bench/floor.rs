@@ -2,9 +2,9 @@
 
 use super::process::{invoke_json, s};
 use super::util::{finite_or_zero, percentile};
-use crate::stats::ms;
 use std::path::Path;
 use std::time::Instant;
+use vmm::stats::ms;
 
 /// What any start costs on this machine.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -39,8 +39,8 @@ pub(super) fn vm_create_median_ms() -> Result<f64, String> {
     let mut create = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        let mem = crate::memory::GuestMemory::new(64 << 20).map_err(|e| e.to_string())?;
-        let vm = crate::vm::Vm::new(mem).map_err(|e| e.to_string())?;
+        let mem = vmm::memory::GuestMemory::new(64 << 20).map_err(|e| e.to_string())?;
+        let vm = vmm::vm::Vm::new(mem).map_err(|e| e.to_string())?;
         create.push(ms(t.elapsed()));
         drop(vm);
     }

@@ -2,15 +2,13 @@
 //! with a bound known before reading), and how results are printed and mapped to the
 //! process exit status.
 
-use crate::error::{Error, ErrorKind};
-use crate::guest::{
-    EngineKind, FunctionSpec, GuestFile, RunLimits, RuntimeKind, MAX_REQUEST_BYTES,
-};
-use crate::instance::Response;
-use crate::vm::{GuestError, RunError};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmm::error::{Error, ErrorKind};
+use vmm::guest::{EngineKind, FunctionSpec, GuestFile, RunLimits, RuntimeKind, MAX_REQUEST_BYTES};
+use vmm::instance::Response;
+use vmm::vm::{GuestError, RunError};
 
 /// Exit status when the VMM or the guest failed, or the function's output was cut at the
 /// output cap (not the function's own exit code; the reason is on stderr and in `--json`).
@@ -72,7 +70,7 @@ impl From<EngineArg> for EngineKind {
 }
 
 /// `--memory`: how guest RAM is filled on restore (the library's
-/// [`Backing`](crate::instance::Backing)).
+/// [`Backing`](vmm::instance::Backing)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum MemoryArg {
     /// Copy every non-zero page before the vCPU runs.
@@ -87,9 +85,9 @@ pub enum MemoryArg {
     Shared,
 }
 
-impl From<MemoryArg> for crate::instance::Backing {
+impl From<MemoryArg> for vmm::instance::Backing {
     fn from(m: MemoryArg) -> Self {
-        use crate::instance::Backing as M;
+        use vmm::instance::Backing as M;
         match m {
             MemoryArg::Eager => M::Eager,
             MemoryArg::Prefetch => M::Prefetch,
@@ -168,7 +166,7 @@ pub enum CliError {
     #[error("--timeout {0:?}: must be a number of seconds from {MIN_TIMEOUT_SECS} to {MAX_TIMEOUT_SECS}")]
     BadTimeout(f64),
     #[error(transparent)]
-    Setup(#[from] crate::vm::SetupError),
+    Setup(#[from] vmm::vm::SetupError),
     #[error("--module {path}: larger than the guest's {mem_mib} MiB of RAM, which must hold it (raise --mem)")]
     ModuleTooLarge { path: PathBuf, mem_mib: u64 },
     #[error("--file {path}: the module and files together are larger than the guest's {mem_mib} MiB of RAM, which must hold them (raise --mem)")]
@@ -281,7 +279,7 @@ impl FunctionArgs {
     /// The function, with the module and files read within `mem_mib` MiB of guest RAM
     /// (together: the guest must hold them all).
     pub fn to_spec(&self, mem_mib: u64) -> Result<FunctionSpec, CliError> {
-        let mem_size = crate::guest::check_mem(mem_mib)?;
+        let mem_size = vmm::guest::check_mem(mem_mib)?;
         if self.args.is_empty() {
             match self.runtime {
                 RuntimeArg::Qjs => return Err(CliError::QjsWithoutScript),
@@ -481,8 +479,8 @@ pub fn outcome(report: &Response) -> Outcome {
 
 /// The message of a failure, with what the user can do about it on the command line.
 pub fn with_hint(e: &Error) -> String {
-    use crate::memory::MemoryError;
-    use crate::vm::{SetupError, VmError};
+    use vmm::memory::MemoryError;
+    use vmm::vm::{SetupError, VmError};
     let hint = match (e.kind(), e.find::<RunError>(), e.find::<VmError>()) {
         (ErrorKind::Timeout, _, _) => Some("raise --timeout if the function needs longer"),
         (_, Some(RunError::Guest(GuestError::Timeout(_))), _) => {
@@ -574,7 +572,7 @@ pub fn finish(report: &Response, args: &InvokeArgs) -> i32 {
     o.status
 }
 
-pub fn print_stats(s: &crate::stats::Stats) {
+pub fn print_stats(s: &vmm::stats::Stats) {
     match s.engine {
         "" => eprintln!("--- {} start on {} KVM ---", s.mode, s.backend),
         e => eprintln!("--- {} start on {} KVM, {e} ---", s.mode, s.backend),
@@ -620,29 +618,4 @@ pub fn print_stats(s: &crate::stats::Stats) {
             eprintln!("{:>18}: {}", "compiled for", cpu.compiled_for.join(","));
         }
     }
-}
-
-/// `512M`, `8G`, `1T`, `4096` (bytes; K/M/G/T are powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 512M or 8G"))?;
-    let mult: u64 = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        u => return Err(format!("{s:?}: unknown unit {u:?}: use K, M, G or T")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }

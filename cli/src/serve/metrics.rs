@@ -1,0 +1,145 @@
+//! The daemon's Prometheus metrics (`GET /metrics`): requests by template and status,
+//! the time each step of a request took, and the pools' instances.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use vmm::pool::Pools;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    template: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TemplateLabels {
+    template: String,
+}
+
+/// The metrics label of requests for a template the daemon does not know.
+const UNKNOWN_TEMPLATE: &str = "(unknown)";
+
+/// The daemon's metrics, each registered in `registry` under the prefix `vmm_`.
+pub(super) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    pub(super) queue_wait: Histogram,
+    pub(super) acquire: Histogram,
+    pub(super) run: Histogram,
+    pub(super) reset: Histogram,
+    ready: Family<TemplateLabels, Gauge>,
+    busy: Family<TemplateLabels, Gauge>,
+    live: Gauge,
+    resident: Gauge,
+    queued: Gauge,
+}
+
+impl Metrics {
+    pub(super) fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("vmm");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let seconds = || Histogram::new(exponential_buckets(0.000_025, 2.0, 20));
+        let (queue_wait, acquire, run, reset) = (seconds(), seconds(), seconds(), seconds());
+        let ready = Family::<TemplateLabels, Gauge>::default();
+        let busy = Family::<TemplateLabels, Gauge>::default();
+        let (live, resident, queued) = (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "requests",
+            "HTTP invocations by template and status",
+            requests.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time a request waited for a worker",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "acquire_seconds",
+            "Time to take a ready instance (or restore one)",
+            acquire.clone(),
+        );
+        registry.register(
+            "run_seconds",
+            "Time from writing the request into the guest to its exit",
+            run.clone(),
+        );
+        registry.register(
+            "reset_seconds",
+            "Time to reset an instance to its template after a request",
+            reset.clone(),
+        );
+        registry.register(
+            "pool_ready_instances",
+            "Ready instances per template",
+            ready.clone(),
+        );
+        registry.register(
+            "pool_busy_instances",
+            "Instances serving a request, per template",
+            busy.clone(),
+        );
+        registry.register(
+            "instances_live",
+            "Instances alive (ready and busy)",
+            live.clone(),
+        );
+        registry.register(
+            "host_resident_bytes",
+            "Resident memory of the vmm serve process",
+            resident.clone(),
+        );
+        registry.register(
+            "queued_requests",
+            "Requests waiting for a worker",
+            queued.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            queue_wait,
+            acquire,
+            run,
+            reset,
+            ready,
+            busy,
+            live,
+            resident,
+            queued,
+        }
+    }
+
+    /// Count a request. The template label is the name only for a template the pools know:
+    /// names a client makes up (404s, bodies refused before the lookup) share one label,
+    /// so that they cannot grow the metrics without bound.
+    pub(super) fn count(&self, pools: &Pools, name: &str, status: u16) {
+        let template = if pools.is_loaded(name) {
+            name.to_string()
+        } else {
+            UNKNOWN_TEMPLATE.to_string()
+        };
+        self.requests
+            .get_or_create(&RequestLabels { template, status })
+            .inc();
+    }
+
+    /// The metrics in OpenMetrics text, with the gauges of the pools and of the queue
+    /// (`queued` requests waiting for a worker) read now.
+    pub(super) fn encode(&self, pools: &Pools, queued: u64) -> Result<String, std::fmt::Error> {
+        for (name, e) in pools.entries() {
+            let l = TemplateLabels { template: name };
+            self.ready.get_or_create(&l).set(e.ready() as i64);
+            self.busy.get_or_create(&l).set(e.busy() as i64);
+        }
+        self.live.set(pools.live_instances() as i64);
+        self.resident
+            .set(vmm::pool::resident_bytes().unwrap_or(0) as i64);
+        self.queued.set(queued as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}

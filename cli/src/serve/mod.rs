@@ -1,0 +1,245 @@
+//! `vmm serve`: a long-running invoker. HTTP/1.1 (hyper on a small tokio runtime) in
+//! front, a fixed set of worker threads behind it that run the vCPUs (never on the async
+//! executor), and [`vmm::pool::Pools`] keeping instances of every template ready.
+//!
+//! A request is queued (bounded: 429 when full), a worker takes a ready instance of its
+//! template, writes the body into the guest's pending read, runs it to its exit, sends the
+//! response back, and only then resets the instance in place for the next request.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmm::guest::RunLimits;
+use vmm::pool::{PoolConfig, Pools};
+
+/// A line on stderr; a closed or full stderr is not a reason to stop serving (eprintln!
+/// would panic).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+mod http;
+mod metrics;
+mod workers;
+
+/// Largest request body accepted by default (413 above it).
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where to listen: HOST:PORT, or unix:PATH for a Unix socket.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// The template store [default: $VMM_STORE, else $XDG_DATA_HOME/vmm/store, else ~/.local/share/vmm/store]
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// With --remote, a request for a template the store lacks pulls it first.
+    #[command(flatten)]
+    pub remote: crate::remote::RemoteArgs,
+    /// Ready instances kept per template (0: restore one per request, destroy it after).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub pool: u32,
+    /// Most instances alive at once, over all templates.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_instances: u32,
+    /// Host memory (resident, e.g. 512M, 8G) above which idle instances are destroyed,
+    /// least recently used templates first.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = snapshot_store::parse_size)]
+    pub memory_limit: u64,
+    /// Worker threads running vCPUs, 1 to 1024 [default: the number of CPUs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
+    /// Stop a function's guest after this many seconds (504).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
+    pub timeout: f64,
+    /// Largest request body in bytes, up to 64 MiB (413 above it). Request bodies held at
+    /// once (read, queued or running) may total 256 MiB or 16 bodies, whichever is more;
+    /// past that, new requests get 429.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY as u64,
+          value_parser = clap::value_parser!(u64).range(0..=64 << 20))]
+    pub max_body: u64,
+    /// Requests waiting for a worker before new ones get 429 (1 to 100000).
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub queue: u32,
+    /// How pooled instances hold the template's memory: `shared` maps one image of it
+    /// copy-on-write and keeps privately only the pages the guest wrote (~3 MiB per idle
+    /// JS instance; each new instance is warmed up with an empty request off the request
+    /// path, since its first touch of each page costs an exit); `copy` gives each its own
+    /// copy in 2 MiB pages (~10 MiB). Instances restored on demand (`--pool 0`, or every
+    /// pooled one busy) always get a copy.
+    #[arg(long, value_enum, default_value = "shared")]
+    pub instance_memory: InstanceMemory,
+    /// Seconds a client has to send its request headers, and then again its body (408
+    /// after that); 1 to 3600.
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+}
+
+/// `--instance-memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InstanceMemory {
+    /// One copy-on-write image per template; an instance keeps only the pages it wrote.
+    Shared,
+    /// Each instance has its own copy of the template's memory.
+    Copy,
+}
+
+/// Run the daemon until SIGTERM or Ctrl-C (then drain the requests in flight); the
+/// process exit status.
+pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
+    // One line per request at `info`; RUST_LOG=warn quiets them (RUST_LOG=debug for more).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    let timeout = match crate::cli::timeout(args.timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            say!("vmm: error: {e}");
+            return 2;
+        }
+    };
+    if args.remote.remote.as_deref().is_some_and(|r| !r.is_empty()) {
+        // A worker may start empty and pull every template on its first request.
+        if let Err(e) = snapshot_store::Store::create_or_open(&store_dir) {
+            say!(
+                "vmm: error: create the template store {}: {e}",
+                store_dir.display()
+            );
+            return 2;
+        }
+    }
+    if !store_dir.join("store.cfg").exists() {
+        say!(
+            "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
+            store_dir.display()
+        );
+        return 2;
+    }
+    let workers = args
+        .workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(1024) as u32)
+                .unwrap_or(2)
+        })
+        .max(1);
+    let engine = match vmm::engine::Engine::new(vmm::engine::Config::new(store_dir.clone())) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            say!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");
+            return 1;
+        }
+    };
+    let pools = Arc::new(Pools::new(
+        engine,
+        PoolConfig {
+            pool: args.pool as usize,
+            max_instances: args.max_instances as usize,
+            memory_limit: args.memory_limit,
+            backing: match args.instance_memory {
+                InstanceMemory::Shared => vmm::instance::Backing::Shared,
+                InstanceMemory::Copy => vmm::instance::Backing::Eager,
+            },
+            ..PoolConfig::default()
+        },
+    ));
+    let metrics = Arc::new(metrics::Metrics::new());
+    {
+        let m = metrics.clone();
+        pools.set_reset_observer(move |_, s| m.reset.observe(s.reset_ms / 1e3));
+    }
+    let limits = RunLimits {
+        timeout,
+        test_hostcalls: false,
+        eager_compile: false,
+        ..RunLimits::default()
+    };
+    let queue = workers::start(workers, args.queue as usize, &pools, &metrics, &limits);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Pools: filled on the keeper thread (the daemon listens meanwhile: a request before
+    // its template's pool is ready restores an instance on demand), then kept filled.
+    {
+        let (pools, stop) = (pools.clone(), stop.clone());
+        let store_dir = store_dir.clone();
+        std::thread::Builder::new()
+            .name("vmm-pool-keeper".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let created = pools.maintain(true);
+                tracing::info!(
+                    store = %store_dir.display(),
+                    templates = pools.entries().len(),
+                    instances = created,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "pools filled"
+                );
+                // Refill every 200 ms; look for new templates in the store every 2 s (a
+                // request for one is served at once anyway: it is loaded on demand).
+                let mut tick = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    tick += 1;
+                    pools.maintain(tick.is_multiple_of(10));
+                }
+            })
+            .expect("spawn the pool keeper");
+    }
+    let state = Arc::new(http::State {
+        pools: pools.clone(),
+        queue,
+        metrics,
+        draining: AtomicBool::new(false),
+        max_body: args.max_body as usize,
+        body_timeout: Duration::from_secs(args.header_timeout),
+        body_bytes: Arc::new(AtomicU64::new(0)),
+        body_budget: (256u64 << 20).max(16 * args.max_body),
+        remote: args
+            .remote
+            .remote
+            .as_deref()
+            .is_some_and(|r| !r.is_empty())
+            .then(|| (store_dir.clone(), args.remote.clone())),
+        in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
+    });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vmm-http")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say!("vmm: error: start the HTTP runtime: {e}");
+            return 1;
+        }
+    };
+    let drain_for = Duration::from_secs_f64(args.timeout + 5.0);
+    let code = rt.block_on(http::accept_loop(
+        args.listen.clone(),
+        state.clone(),
+        Duration::from_secs(args.header_timeout.max(1)),
+        drain_for,
+    ));
+    stop.store(true, Ordering::Relaxed);
+    drop(state);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
+}
