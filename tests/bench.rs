@@ -1,4 +1,4 @@
-//! End-to-end test of `vmm bench --only engines`: the real binary runs the real workloads
+//! End-to-end tests of `vmm bench --only engines` and `--only oneshot`: the real binary runs the real workloads
 //! under the guest's engines on /dev/kvm and under wasmtime in its own process, and prints
 //! its tables. Checked: every row is there with finite numbers where the engine exists (no
 //! timing comparisons: the machine is shared).
@@ -163,5 +163,57 @@ fn the_engines_section_prints_every_row_with_finite_numbers() {
         } else {
             assert_eq!(row[5], NOT_AVAILABLE, "{row:?}");
         }
+    }
+}
+
+#[test]
+fn the_oneshot_section_times_restore_and_cold_processes_to_first_byte_and_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let scratch = TempDir::created("bench-oneshot");
+    let r = run_with_input(
+        {
+            let mut cmd = vmm();
+            cmd.current_dir(&scratch.0).args([
+                "bench",
+                "--only",
+                "oneshot",
+                "--oneshot-runs",
+                "2",
+                "--qjs",
+                &workload("qjs-wasi-reactor.wasm"),
+                "--marked",
+                &workload("marked.esm.js"),
+                "--examples",
+                &path("examples"),
+            ]);
+            cmd
+        },
+        b"",
+    );
+    let out = r.stdout();
+    assert_eq!(r.code(), 0, "stdout: {out}\nstderr: {}", r.stderr());
+    let rows = table_rows(&out, "## One request per process");
+    let commands: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(commands, ["`vmm restore`", "`vmm run` (cold)"], "{out}");
+    for row in &rows {
+        assert_eq!(row.len(), 7, "{row:?}");
+        assert_eq!(
+            (row[0].as_str(), row[2].as_str()),
+            ("hello", "2"),
+            "{row:?}"
+        );
+        for (i, col) in [
+            (3, "first byte"),
+            (4, "first byte p90"),
+            (5, "gone"),
+            (6, "gone p90"),
+        ] {
+            assert_time(&row[i], &format!("{} / {col}", row[1]));
+        }
+        // A process is gone only after it wrote its response.
+        let (first, gone): (f64, f64) = (row[3].parse().unwrap(), row[5].parse().unwrap());
+        assert!(first <= gone, "{row:?}");
     }
 }

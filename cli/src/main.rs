@@ -253,11 +253,21 @@ fn restore(
     remote: &remote::RemoteArgs,
 ) -> i32 {
     let backing = vmm::instance::Backing::from(memory);
+    let dir = match store.dir() {
+        Ok(d) => d,
+        Err(e) => return cli::fail_before_run(&e, invoke.json),
+    };
+    // A one-shot process: shared instances map the store's cached image. KVM opens (and
+    // the first VM is made) on a thread of its own while this one reads the request and
+    // loads the template.
+    let engine = vmm::engine::Engine::start(vmm::engine::Config {
+        cached_images: true,
+        ..vmm::engine::Config::new(&dir)
+    });
     let prepared = (|| {
         let limits = invoke
             .limits(vmm_abi::layout::DEFAULT_MEM_MIB)
             .map_err(|e| e.to_string())?;
-        let dir = store.dir()?;
         let ready = remote::prepare(&dir, name, remote)?;
         if let Some(p) = &ready.pulled {
             eprintln!(
@@ -272,22 +282,18 @@ fn restore(
             }
         }
         let input = invoke.read_input().map_err(|e| e.to_string())?;
-        Ok::<_, String>((dir, input, limits, ready.in_use))
+        Ok::<_, String>((input, limits, ready.in_use))
     })();
-    let (dir, input, limits, _in_use) = match prepared {
+    let (input, limits, _in_use) = match prepared {
         Ok(p) => p,
         Err(e) => return cli::fail_before_run(&e, invoke.json),
     };
-    // A one-shot process: shared instances map the store's cached image.
-    let config = vmm::engine::Config {
-        cached_images: true,
-        ..vmm::engine::Config::new(dir)
-    };
-    let restored = vmm::engine::Engine::new(config).and_then(|engine| {
-        let (template, load) = std::sync::Arc::new(engine).load_template_with_stats(name)?;
-        let instance = template.instantiate_with(backing)?;
-        Ok((instance, load))
-    });
+    let restored = engine
+        .load_template_with_stats(name)
+        .and_then(|(template, load)| {
+            let instance = template.instantiate_with(backing)?;
+            Ok((instance, load))
+        });
     let (mut instance, load) = match restored {
         Ok(r) => r,
         Err(e) => {
@@ -341,7 +347,7 @@ fn template(cmd: TemplateCommand) -> i32 {
             let created = vmm::engine::Engine::new(vmm::engine::Config::new(store.dir())).and_then(
                 |engine| {
                     vmm::template::create::create_template(
-                        &std::sync::Arc::new(engine),
+                        &engine,
                         &mut store,
                         &name,
                         &spec,

@@ -47,30 +47,45 @@ impl Config {
     }
 }
 
-/// The back end detected once, the guest CPU model, and the store templates come from.
+/// This process's /dev/kvm (its back end and guest CPU model, found once: [`crate::vm::host`])
+/// and the store templates come from.
 pub struct Engine {
     config: Config,
-    backend: Backend,
-    cpu: &'static crate::cpu::GuestCpu,
     /// The store, opened on first use and shared by every load. Opened lazily: a load
     /// reads the template's own location records and the packs they name, so its cost
     /// follows the template, not the store, and templates written by other processes
     /// show.
-    store: OnceLock<snapshot_store::Store>,
+    store: OnceLock<Arc<snapshot_store::Store>>,
 }
 
 impl Engine {
     /// Open /dev/kvm, detect the back end and build the guest CPU model (once per process:
     /// [`crate::vm::host`]).
     pub fn new(config: Config) -> Result<Engine, Error> {
-        let h =
-            crate::vm::host().map_err(|e: VmError| Error::new(ErrorKind::Host, "open KVM", e))?;
-        Ok(Engine {
+        let engine = Engine {
             config,
-            backend: h.backend,
-            cpu: h.cpu,
             store: OnceLock::new(),
-        })
+        };
+        engine.host()?;
+        Ok(engine)
+    }
+
+    /// [`Engine::new`] that opens /dev/kvm and creates the process's first VM on a thread of
+    /// its own (~1.3 ms here), so that what the caller does next (loading a template,
+    /// filling guest memory) overlaps it: for one-shot processes. A failure to open KVM
+    /// then surfaces at the first instance.
+    pub fn start(config: Config) -> Engine {
+        let _ = std::thread::Builder::new()
+            .name("vmm-open-kvm".into())
+            .spawn(|| crate::vm::host().map(|_| ()));
+        Engine {
+            config,
+            store: OnceLock::new(),
+        }
+    }
+
+    fn host(&self) -> Result<&'static crate::vm::Host, Error> {
+        crate::vm::host().map_err(|e: VmError| Error::new(ErrorKind::Host, "open KVM", e))
     }
 
     pub fn config(&self) -> &Config {
@@ -82,13 +97,13 @@ impl Engine {
     }
 
     /// The KVM back end every VM of this engine runs on.
-    pub fn backend(&self) -> Backend {
-        self.backend
+    pub fn backend(&self) -> Result<Backend, Error> {
+        Ok(self.host()?.backend)
     }
 
     /// The guest CPU model every VM of this engine gets (and templates are checked against).
-    pub fn cpu(&self) -> &'static crate::cpu::GuestCpu {
-        self.cpu
+    pub fn cpu(&self) -> Result<&'static crate::cpu::GuestCpu, Error> {
+        Ok(self.host()?.cpu)
     }
 
     /// Boot `spec` cold, ready for its first [`Instance::invoke`] (which gives the guest
@@ -131,34 +146,38 @@ impl Engine {
 
     /// Load function template `name` from the store and check it, ready to instantiate
     /// (see [`Template`]).
-    pub fn load_template(self: &Arc<Self>, name: &str) -> Result<Arc<Template>, Error> {
+    pub fn load_template(&self, name: &str) -> Result<Arc<Template>, Error> {
         self.load_template_with_stats(name).map(|(t, _)| t)
     }
 
     pub fn load_template_with_stats(
-        self: &Arc<Self>,
+        &self,
         name: &str,
     ) -> Result<(Arc<Template>, LoadStats), Error> {
-        let (t, stats) = Template::load(self.clone(), name, Kind::Function)?;
-        Ok((Arc::new(t), stats))
+        self.load(name, Kind::Function)
     }
 
     /// Load runtime base `name` (to layer a function on: see
     /// [`create_template`](crate::template::create::create_template)).
-    pub fn load_base(self: &Arc<Self>, name: &str) -> Result<Arc<Template>, Error> {
-        let (t, _) = Template::load(self.clone(), name, Kind::Base)?;
-        Ok(Arc::new(t))
+    pub fn load_base(&self, name: &str) -> Result<Arc<Template>, Error> {
+        self.load(name, Kind::Base).map(|(t, _)| t)
+    }
+
+    fn load(&self, name: &str, kind: Kind) -> Result<(Arc<Template>, LoadStats), Error> {
+        let store = self.store()?.clone();
+        let (t, stats) = Template::load(store, self.config.cached_images, name, kind)?;
+        Ok((Arc::new(t), stats))
     }
 
     /// The template store, opened on first use (until it opens, every call tries again).
-    pub fn store(&self) -> Result<&snapshot_store::Store, Error> {
+    pub fn store(&self) -> Result<&Arc<snapshot_store::Store>, Error> {
         if let Some(s) = self.store.get() {
             return Ok(s);
         }
         let s = snapshot_store::Store::open_lazy(&self.config.store_dir)
             .map_err(|e| Error::new(ErrorKind::Damaged, "open the template store", e))?;
         // Two first uses at once: one handle wins, the other is dropped.
-        Ok(self.store.get_or_init(|| s))
+        Ok(self.store.get_or_init(|| Arc::new(s)))
     }
 }
 

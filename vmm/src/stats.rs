@@ -113,7 +113,8 @@ impl ArtifactCache {
 /// Counters of one restore.
 #[derive(Debug, Default, serde::Serialize, Clone)]
 pub struct RestoreStats {
-    pub strategy: Option<crate::instance::Backing>,
+    /// How guest memory was filled ([`Backing::name`](crate::instance::Backing::name)).
+    pub strategy: Option<&'static str>,
     pub load_ms: f64,
     pub install_ms: f64,
     pub vm_restore_ms: f64,

@@ -179,6 +179,13 @@ pub struct Host {
 /// This process's [`Host`]; until it has been opened, every call tries again.
 pub fn host() -> Result<&'static Host, VmError> {
     static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
+    static OPENING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(h) = HOST.get() {
+        return Ok(h);
+    }
+    // One opening at a time: a caller that comes while another thread opens waits for it
+    // (a one-shot restore opens on a thread of its own while it loads the template).
+    let _opening = OPENING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(h) = HOST.get() {
         return Ok(h);
     }

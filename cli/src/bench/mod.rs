@@ -8,6 +8,7 @@ mod engines;
 mod floor;
 mod latency;
 mod native;
+mod oneshot;
 mod process;
 mod store;
 mod throughput;
@@ -17,6 +18,7 @@ pub use engines::EnginesReport;
 pub use floor::FloorReport;
 pub use latency::{LatencyRow, WarmRow};
 pub use native::NativeReport;
+pub use oneshot::OneShotRow;
 pub use store::StoreReport;
 pub use throughput::ThroughputRow;
 
@@ -54,7 +56,11 @@ pub struct BenchArgs {
     /// Markdown document, Python requests), after a warm-up of a fifth as many.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub loop_iterations: u32,
-    /// Only some sections: any of latency, throughput, store, floor, native, engines.
+    /// Processes of each command in the `oneshot` section (interleaved).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub oneshot_runs: u64,
+    /// Only some sections: any of latency, throughput, store, floor, native, engines,
+    /// oneshot.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print the results as JSON instead of tables.
@@ -80,6 +86,8 @@ pub struct BenchReport {
     pub native: Option<NativeReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engines: Option<EnginesReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oneshot: Option<Vec<OneShotRow>>,
 }
 
 struct Function {
@@ -158,6 +166,13 @@ fn run_sections(a: &BenchArgs, store: &Path) -> Result<BenchReport, String> {
             native::print_native(&r);
         }
         report.native = Some(r);
+    }
+    if want("oneshot") {
+        let rows = oneshot::oneshot(a, store, &functions[0])?;
+        if !a.json {
+            oneshot::print_oneshot(&rows);
+        }
+        report.oneshot = Some(rows);
     }
     if want("engines") {
         let r = engines::engines(a, store)?;

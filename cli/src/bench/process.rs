@@ -172,7 +172,7 @@ mod tests {
         assert!(cold.restore.is_none());
 
         stats.restore = Some(vmm::stats::RestoreStats {
-            strategy: Some(Backing::Lazy),
+            strategy: Some(Backing::Lazy.name()),
             pages_installed: 11,
             uffd_faults: 13,
             bytes_from_store: 17 * 4096,

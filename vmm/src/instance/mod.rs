@@ -183,7 +183,7 @@ impl Instance {
             mode: "restore",
             backend: vm.backend.name(),
             restore: Some(RestoreStats {
-                strategy: Some(backing),
+                strategy: Some(backing.name()),
                 install_ms,
                 vm_restore_ms: vcpu_ms,
                 setup_ms: ms(t1.elapsed()),

@@ -20,7 +20,6 @@ use crate::instance::{Backing, Instance};
 use crate::stats::{ms, ArtifactCache, Stats};
 use crate::vm::Hostcall;
 use snapshot_store::{Frame, LoadError, Store, TemplateName, WriteError, PAGE_SIZE};
-use std::sync::Arc;
 use std::time::Instant;
 use vmm_abi::{GuestRange, Op};
 
@@ -187,7 +186,7 @@ fn unexpected(step: &'static str, what: String) -> Error {
 /// `spec` and `limits` ask for (module, runtime, engine, memory size, guest kernel and
 /// ABI); otherwise the error names each option that differs.
 pub fn create_template(
-    engine: &Arc<Engine>,
+    engine: &Engine,
     store: &mut Store,
     name: &str,
     spec: &FunctionSpec,

@@ -18,12 +18,11 @@ pub mod checks;
 pub mod create;
 pub mod device;
 
-use crate::engine::Engine;
 use crate::error::{Error, ErrorKind};
 use crate::persist::VcpuState;
 use crate::vm::Hostcall;
 use device::DeviceState;
-use snapshot_store::{Frame, LoadError, Resolved, PAGE_SIZE};
+use snapshot_store::{Frame, LoadError, Resolved, Store, PAGE_SIZE};
 use std::sync::{Arc, OnceLock};
 use vmm_abi::{layout, GuestRange, Op};
 
@@ -36,7 +35,9 @@ pub(crate) const SPARSE_REGION_PAGES: u64 = 64;
 /// A template loaded from the store and checked, ready to instantiate. Immutable and
 /// `Send + Sync`: shared by `Arc` among all its instances.
 pub struct Template {
-    engine: Arc<Engine>,
+    /// The store it was loaded from (its image cache, when `cached_image`).
+    store: Arc<Store>,
+    cached_image: bool,
     name: String,
     manifest: snapshot_store::Template,
     state: VcpuState,
@@ -157,16 +158,17 @@ pub(crate) enum Kind {
 }
 
 impl Template {
-    /// Read `name` from the engine's store and check it (see the module's documentation);
-    /// `kind` is what the caller needs: the other kind is refused as a bad request.
+    /// Read `name` from `store` and check it (see the module's documentation); `kind` is
+    /// what the caller needs: the other kind is refused as a bad request. With
+    /// `cached_image`, the memory image comes from the store's image cache.
     pub(crate) fn load(
-        engine: Arc<Engine>,
+        store: Arc<Store>,
+        cached_image: bool,
         name: &str,
         kind: Kind,
     ) -> Result<(Template, LoadStats), Error> {
         let t0 = std::time::Instant::now();
         let step = "load template";
-        let store = engine.store()?;
         let manifest = store.load(name).map_err(|e| match e {
             LoadError::NotFound { .. } => Error::new(
                 ErrorKind::NotFound,
@@ -224,7 +226,7 @@ impl Template {
             Hostcall::ReadStdin { buf }
         };
         let resolved = manifest
-            .resolve(store)
+            .resolve(&store)
             .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         if let Some(why) = resolved.location_fallback() {
             // Same pages, found the slower way (old store, or records outdated by gc).
@@ -267,7 +269,8 @@ impl Template {
         };
         Ok((
             Template {
-                engine,
+                store,
+                cached_image,
                 name: name.to_string(),
                 manifest,
                 state,
@@ -356,7 +359,7 @@ impl Template {
 
     /// The verified memory image, built on first call: from the store's image cache
     /// (`<store>/cache/`, checked against the page ids, shared by processes) when the
-    /// engine is configured so, else in a private memory file.
+    /// template was loaded so, else in a private memory file.
     pub(crate) fn image(&self) -> Result<&Image, Error> {
         if let Some(i) = self.image.get() {
             return Ok(i);
@@ -381,9 +384,9 @@ impl Template {
     fn build_image(&self) -> Result<Image, Error> {
         let step = "build the template's memory image";
         let host = |e: std::io::Error| Error::new(ErrorKind::Host, step, e);
-        if self.engine.config().cached_images {
-            let store = self.engine.store()?;
-            let image = store
+        if self.cached_image {
+            let image = self
+                .store
                 .memory_image(&self.manifest, &self.resolved)
                 .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
             if let Some(why) = &image.rejected {
