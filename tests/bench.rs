@@ -196,7 +196,15 @@ fn the_oneshot_section_times_restore_and_cold_processes_to_first_byte_and_exit()
     assert_eq!(r.code(), 0, "stdout: {out}\nstderr: {}", r.stderr());
     let rows = table_rows(&out, "## One request per process");
     let commands: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
-    assert_eq!(commands, ["`vmm restore`", "`vmm run` (cold)"], "{out}");
+    assert_eq!(
+        commands,
+        [
+            "`vmm restore`",
+            "`vmm run` (cold)",
+            "`vmm --version` (any process)"
+        ],
+        "{out}"
+    );
     for row in &rows {
         assert_eq!(row.len(), 7, "{row:?}");
         assert_eq!(

@@ -1,7 +1,8 @@
 //! Section `oneshot`: one request per process, as a user of the command line sees it. A
 //! `vmm restore` of a template and a cold `vmm run` of the same function, interleaved, each
 //! timed from spawning the process to the first byte of the response on its stdout, and to
-//! the process being gone (reaped).
+//! the process being gone (reaped); beside them `vmm --version`, the floor of any process of
+//! this binary on this machine.
 
 use super::process::{create_template, exe, s};
 use super::util::percentile;
@@ -16,7 +17,7 @@ use vmm::stats::ms;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OneShotRow {
     pub function: &'static str,
-    /// `restore` or `cold`.
+    /// `restore`, `cold` or `version`.
     pub mode: &'static str,
     pub runs: u64,
     pub first_byte_median_ms: f64,
@@ -64,14 +65,16 @@ pub(super) fn oneshot(
     let restore: Vec<String> = vec!["restore".into(), f.name.into(), "--store".into(), s(store)];
     let mut cold: Vec<String> = vec!["run".into(), "--store".into(), s(store)];
     cold.extend(f.args.iter().cloned());
+    let version: Vec<String> = vec!["--version".into()];
     let runs = a.oneshot_runs;
-    let (mut r, mut c) = (Vec::new(), Vec::new());
+    let (mut r, mut c, mut v) = (Vec::new(), Vec::new(), Vec::new());
     // One of each first, not counted: the page cache holds the binary and the store.
     timed(&restore, f.input)?;
     timed(&cold, f.input)?;
     for _ in 0..runs {
         r.push(timed(&restore, f.input)?);
         c.push(timed(&cold, f.input)?);
+        v.push(timed(&version, b"")?);
     }
     let row = |mode, t: &[(f64, f64)]| {
         let first: Vec<f64> = t.iter().map(|x| x.0).collect();
@@ -86,7 +89,11 @@ pub(super) fn oneshot(
             gone_p90_ms: percentile(&gone, 0.9),
         }
     };
-    Ok(vec![row("restore", &r), row("cold", &c)])
+    Ok(vec![
+        row("restore", &r),
+        row("cold", &c),
+        row("version", &v),
+    ])
 }
 
 pub(super) fn print_oneshot(rows: &[OneShotRow]) {
@@ -98,7 +105,8 @@ pub(super) fn print_oneshot(rows: &[OneShotRow]) {
     for r in rows {
         let cmd = match r.mode {
             "restore" => "`vmm restore`",
-            _ => "`vmm run` (cold)",
+            "cold" => "`vmm run` (cold)",
+            _ => "`vmm --version` (any process)",
         };
         println!(
             "| {} | {cmd} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",

@@ -420,29 +420,20 @@ async fn pull_if_missing(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .contains_key(name);
     let (dir, remote, n) = (dir.to_path_buf(), remote.clone(), name.to_string());
-    let (ptx, prx) = oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("vmm-pull".into())
-        .spawn(move || {
-            let r = if held {
-                remote_store::touch_used(&dir, &n);
-                crate::remote::pull_if_missing(&dir, &n, &remote).map(|pulled| {
-                    crate::remote::Ready {
-                        pulled,
-                        in_use: None,
-                    }
-                })
-            } else {
-                crate::remote::prepare(&dir, &n, &remote)
-            };
-            let _ = ptx.send(r);
-        });
-    let ready = match spawned {
-        Ok(_) => prx
-            .await
-            .unwrap_or_else(|_| Err("the pull thread died".into())),
-        Err(e) => Err(format!("start a pull thread: {e}")),
-    };
+    // On tokio's pool of blocking threads (bounded), not a thread of its own per request.
+    let ready = tokio::task::spawn_blocking(move || {
+        if held {
+            remote_store::touch_used(&dir, &n);
+            crate::remote::pull_if_missing(&dir, &n, &remote).map(|pulled| crate::remote::Ready {
+                pulled,
+                in_use: None,
+            })
+        } else {
+            crate::remote::prepare(&dir, &n, &remote)
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("the pull task panicked".into()));
     let pulled = ready.map(|r| {
         if let Some(g) = r.in_use {
             state
