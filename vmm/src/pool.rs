@@ -373,7 +373,7 @@ impl Pools {
     /// Destroy up to `n` idle instances, least recently used templates first.
     pub fn evict_lru(&self, n: usize) -> usize {
         let mut entries = self.entries();
-        entries.sort_by_key(|(_, e)| {
+        oldest_first(&mut entries, |(_, e)| {
             e.last_used
                 .lock()
                 .map(|t| *t)
@@ -465,17 +465,14 @@ impl Pools {
             let now = Instant::now();
             let stale: Vec<_> = match e.ready.lock() {
                 Ok(mut r) => {
-                    let mut keep = Vec::new();
-                    let mut drop_ = Vec::new();
-                    for (i, t) in r.drain(..) {
-                        if keep.len() >= self.config.pool && now - t > self.config.idle_timeout {
-                            drop_.push(i);
-                        } else {
-                            keep.push((i, t));
-                        }
-                    }
+                    let (keep, stale) = split_idle(
+                        std::mem::take(&mut *r),
+                        self.config.pool,
+                        self.config.idle_timeout,
+                        now,
+                    );
                     *r = keep;
-                    drop_
+                    stale
                 }
                 Err(_) => vec![],
             };
@@ -615,6 +612,32 @@ impl Live {
     }
 }
 
+/// Sort `items` least recently used first (the order idle instances are evicted in).
+fn oldest_first<T>(items: &mut [T], last_used: impl Fn(&T) -> Instant) {
+    items.sort_by_key(last_used);
+}
+
+/// The idle shrink of one template's ready instances (each with when it became ready):
+/// the first `pool` always stay; beyond them, those unused for longer than `idle` at `now`
+/// go. Returns (kept, in their order; to destroy).
+fn split_idle<T>(
+    ready: Vec<(T, Instant)>,
+    pool: usize,
+    idle: Duration,
+    now: Instant,
+) -> (Vec<(T, Instant)>, Vec<T>) {
+    let mut keep = Vec::new();
+    let mut stale = Vec::new();
+    for (i, t) in ready {
+        if keep.len() >= pool && now.saturating_duration_since(t) > idle {
+            stale.push(i);
+        } else {
+            keep.push((i, t));
+        }
+    }
+    (keep, stale)
+}
+
 fn spawn_reaper(live: Arc<Live>) -> std::sync::mpsc::Sender<Instance> {
     let (tx, rx) = std::sync::mpsc::channel::<Instance>();
     let spawned = std::thread::Builder::new()
@@ -636,4 +659,44 @@ pub fn resident_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_templates_first() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut v = vec![("b", at(20)), ("c", at(30)), ("a", at(10)), ("d", at(0))];
+        oldest_first(&mut v, |e| e.1);
+        let names: Vec<&str> = v.iter().map(|e| e.0).collect();
+        assert_eq!(names, ["d", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn the_idle_shrink_keeps_the_pool_and_what_was_used_lately() {
+        let now = Instant::now() + Duration::from_secs(100);
+        let ago = |s: u64| now - Duration::from_secs(s);
+        let idle = Duration::from_secs(30);
+        // Two kept whatever their age (the pool); beyond them, the stale ones go.
+        let ready = vec![
+            (1, ago(90)),
+            (2, ago(60)),
+            (3, ago(31)),
+            (4, ago(5)),
+            (5, ago(40)),
+        ];
+        let (keep, stale) = split_idle(ready, 2, idle, now);
+        let kept: Vec<i32> = keep.iter().map(|k| k.0).collect();
+        assert_eq!(kept, [1, 2, 4]);
+        assert_eq!(stale, [3, 5]);
+        // Exactly the idle time is not yet stale; a pool of 0 keeps only fresh ones.
+        let (keep, stale) = split_idle(vec![(1, ago(30)), (2, ago(31))], 0, idle, now);
+        assert_eq!((keep.len(), stale), (1, vec![2]));
+        // Nothing ready: nothing to do.
+        let (keep, stale) = split_idle(Vec::<(i32, Instant)>::new(), 2, idle, now);
+        assert!(keep.is_empty() && stale.is_empty());
+    }
 }
