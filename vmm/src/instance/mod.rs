@@ -137,7 +137,14 @@ impl Instance {
         let (installed, parts) = std::thread::scope(|scope| {
             let installer = scope.spawn(|| {
                 let t = Instant::now();
-                backing::install(&mem, &template, backing).map(|pages| (pages, ms(t.elapsed())))
+                let pages = backing::install(&mem, &template, backing)?;
+                // Registered for faults only after the copies: our own writes into a
+                // registered, missing page would otherwise wait for a fault handler.
+                let faults = match backing.on_demand() {
+                    true => Some(Faults::start(&mem, template.clone(), backing)?),
+                    false => None,
+                };
+                Ok((pages, faults, ms(t.elapsed())))
             });
             let t2 = Instant::now();
             let parts = crate::vm::VmParts::create()
@@ -160,14 +167,10 @@ impl Instance {
             (installed, parts)
         });
         let (parts, vcpu_ms) = parts?;
-        let (pages, install_ms) = installed?;
+        let (pages, faults, install_ms) = installed?;
+        // Moving the mapping's owner into the VM does not move the mapping the fault
+        // server serves.
         let vm = parts.with_memory(mem);
-        // Registered for faults only after the copies: our own writes into a registered,
-        // missing page would otherwise wait for a fault handler.
-        let faults = match backing.on_demand() {
-            true => Some(Faults::start(vm.mem(), template.clone(), backing)?),
-            false => None,
-        };
         vm.register_memory().map_err(|e| host(e.into()))?;
         template
             .state()
