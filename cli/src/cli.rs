@@ -490,7 +490,9 @@ pub fn with_hint(e: &Error) -> String {
         (_, _, Some(VmError::Setup(SetupError::BadMemSize(_)))) => Some("see --mem in --help"),
         (_, _, Some(VmError::Memory(MemoryError::Map { .. }))) => Some("or lower --mem"),
         (ErrorKind::NotFound, _, _) => Some("see `vmm template ls`"),
-        (ErrorKind::Damaged, _, _) => Some("`vmm-store verify` says what is damaged"),
+        (ErrorKind::Damaged, _, _) if e.find::<snapshot_store::LoadError>().is_some() => {
+            Some("`vmm-store verify` says what is damaged")
+        }
         _ => None,
     };
     // A failed run is said as the guest's failure, without the library's step.

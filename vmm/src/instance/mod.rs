@@ -154,7 +154,7 @@ impl Instance {
                     template
                         .state()
                         .apply(&p.vm, &p.vcpu, p.cpu)
-                        .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+                        .map_err(|e| Error::new(state_error_kind(&e), step, e))?;
                     Ok((p, ms(t2.elapsed())))
                 });
             let installed = installer.join().unwrap_or_else(|_| {
@@ -175,7 +175,7 @@ impl Instance {
         template
             .state()
             .apply_backend_msrs(&vm.vcpu, vm.backend)
-            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+            .map_err(|e| Error::new(state_error_kind(&e), step, e))?;
         let pagemap = match backing {
             Backing::Shared => {
                 Some(std::fs::File::open("/proc/self/pagemap").map_err(|e| host(e.into()))?)
@@ -610,6 +610,17 @@ impl Instance {
             .apply_backend_msrs(&self.vm.vcpu, self.vm.backend)
             .map_err(|e| host(e.into()))?;
         Ok((copied, zeroed, ms(tv.elapsed())))
+    }
+}
+
+/// What a vCPU state that cannot be applied is: a refusal by KVM is the host's failure; a
+/// state that is damaged, or made for another host (back end, CPU model), is the
+/// template's (unusable here, whatever the request).
+fn state_error_kind(e: &crate::persist::PersistError) -> ErrorKind {
+    use crate::persist::PersistError as P;
+    match e {
+        P::Save { .. } | P::Restore { .. } | P::Msr { .. } => ErrorKind::Host,
+        P::MadeOn(_) | P::Damaged(_) | P::Invalid { .. } | P::Version(_) => ErrorKind::Damaged,
     }
 }
 
