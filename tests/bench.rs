@@ -52,39 +52,45 @@ fn has_engine_flag(args: &[&str]) -> bool {
 
 const NOT_AVAILABLE: &str = "not available in this build";
 
+/// `vmm bench --only SECTION ARGS...` with the workloads and examples of this checkout, in a
+/// scratch directory of its own; its standard output (it must succeed).
+fn bench(section: &str, args: &[&str]) -> String {
+    let scratch = TempDir::created(&format!("bench-{section}"));
+    let (qjs, marked, examples) = (
+        workload("qjs-wasi-reactor.wasm"),
+        workload("marked.esm.js"),
+        path("examples"),
+    );
+    let mut cmd = vmm();
+    cmd.current_dir(&scratch.0)
+        .args([
+            "bench", "--only", section, "--qjs", &qjs, "--marked", &marked,
+        ])
+        .args(["--examples", &examples])
+        .args(args);
+    let r = run_with_input(cmd, b"");
+    let out = r.stdout();
+    assert_eq!(r.code(), 0, "stdout: {out}\nstderr: {}", r.stderr());
+    out
+}
+
 #[test]
 fn the_engines_section_prints_every_row_with_finite_numbers() {
     if !kvm_available() {
         return;
     }
     let python = root().join("workloads").join("python.wasm");
-    let scratch = TempDir::created("bench-engines");
-    let r = run_with_input(
-        {
-            let mut cmd = vmm();
-            cmd.current_dir(&scratch.0).args([
-                "bench",
-                "--only",
-                "engines",
-                "--engine-runs",
-                "1",
-                "--loop-iterations",
-                "3",
-                "--qjs",
-                &workload("qjs-wasi-reactor.wasm"),
-                "--marked",
-                &workload("marked.esm.js"),
-                "--python",
-                &python.to_string_lossy(),
-                "--examples",
-                &path("examples"),
-            ]);
-            cmd
-        },
-        b"",
+    let out = bench(
+        "engines",
+        &[
+            "--engine-runs",
+            "1",
+            "--loop-iterations",
+            "3",
+            "--python",
+            &python.to_string_lossy(),
+        ],
     );
-    let out = r.stdout();
-    assert_eq!(r.code(), 0, "stdout: {out}\nstderr: {}", r.stderr());
     let guest_wasmtime = has_engine_flag(&["run"]);
     let template_engine = has_engine_flag(&["template", "create"]);
     let have_python = python.exists();
@@ -171,29 +177,7 @@ fn the_oneshot_section_times_restore_and_cold_processes_to_first_byte_and_exit()
     if !kvm_available() {
         return;
     }
-    let scratch = TempDir::created("bench-oneshot");
-    let r = run_with_input(
-        {
-            let mut cmd = vmm();
-            cmd.current_dir(&scratch.0).args([
-                "bench",
-                "--only",
-                "oneshot",
-                "--oneshot-runs",
-                "2",
-                "--qjs",
-                &workload("qjs-wasi-reactor.wasm"),
-                "--marked",
-                &workload("marked.esm.js"),
-                "--examples",
-                &path("examples"),
-            ]);
-            cmd
-        },
-        b"",
-    );
-    let out = r.stdout();
-    assert_eq!(r.code(), 0, "stdout: {out}\nstderr: {}", r.stderr());
+    let out = bench("oneshot", &["--oneshot-runs", "2"]);
     let rows = table_rows(&out, "## One request per process");
     let commands: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
     assert_eq!(
