@@ -16,6 +16,7 @@
 //! # Ok::<(), vmm::error::Error>(())
 //! ```
 
+pub use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::guest::{FunctionSpec, RunLimits};
 use crate::instance::{Instance, Response};
@@ -23,29 +24,8 @@ use crate::platform::Backend;
 use crate::stats::Stats;
 use crate::template::{Kind, LoadStats, Template};
 use crate::vm::VmError;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
-
-/// What an [`Engine`] works with.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// The template store.
-    pub store_dir: PathBuf,
-    /// Shared instances map the template's memory image from the store's image cache
-    /// (`<store>/cache/`: checked against the page ids when loaded, reused by later
-    /// processes) instead of a memory file built for this process. For one-shot
-    /// processes; a long-running one builds its own.
-    pub cached_images: bool,
-}
-
-impl Config {
-    pub fn new(store_dir: impl Into<PathBuf>) -> Config {
-        Config {
-            store_dir: store_dir.into(),
-            cached_images: false,
-        }
-    }
-}
 
 /// This process's /dev/kvm (its back end and guest CPU model, found once: [`crate::vm::host`])
 /// and the store templates come from.
@@ -165,7 +145,7 @@ impl Engine {
 
     fn load(&self, name: &str, kind: Kind) -> Result<(Arc<Template>, LoadStats), Error> {
         let store = self.store()?.clone();
-        let (t, stats) = Template::load(store, self.config.cached_images, name, kind)?;
+        let (t, stats) = Template::load(store, &self.config, name, kind)?;
         Ok((Arc::new(t), stats))
     }
 

@@ -8,6 +8,7 @@
 //! Templates are made by [`template::create::create_template`].
 
 pub mod aot;
+pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;

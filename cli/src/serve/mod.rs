@@ -141,7 +141,11 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
                 .unwrap_or(2)
         })
         .max(1);
-    let engine = match vmm::engine::Engine::new(vmm::engine::Config::new(store_dir.clone())) {
+    let engine = match vmm::engine::Engine::new(vmm::engine::Config {
+        // The workers keep the CPUs busy: a restore on demand runs on its worker alone.
+        parallel_restore: false,
+        ..vmm::engine::Config::new(store_dir.clone())
+    }) {
         Ok(e) => Arc::new(e),
         Err(e) => {
             say!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");

@@ -134,7 +134,8 @@ fn page<'a>(
 }
 
 /// Fill `mem` from `template` as `backing` asks before the vCPU runs; returns the pages
-/// copied. The regions are split between this thread and one more.
+/// copied. The regions are split between this thread and one more, unless the template's
+/// restores run on one thread ([`Config::parallel_restore`](crate::config::Config)).
 pub(crate) fn install(
     mem: &GuestMemory,
     template: &Template,
@@ -207,7 +208,7 @@ pub(crate) fn install(
         }
         Ok(copied)
     };
-    if plan.len() < 2 {
+    if plan.len() < 2 || !template.parallel_restore() {
         return fill(0).and_then(|a| Ok(a + fill(1)?));
     }
     std::thread::scope(|scope| {

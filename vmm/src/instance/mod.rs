@@ -125,29 +125,30 @@ impl Template {
 }
 
 impl Instance {
-    /// Restore `template`: create the VM and write the vCPU state on this thread while
-    /// another fills guest RAM (they do not touch each other; the vCPU does not run until
-    /// both end), then start the fault server if pages arrive on demand.
+    /// Restore `template`: fill guest RAM (and start the fault server if pages arrive on
+    /// demand) and create the VM and write the vCPU state: on two threads at once (they do
+    /// not touch each other; the vCPU does not run until both end), or one after the other
+    /// on this thread ([`Config::parallel_restore`](crate::config::Config)).
     pub(crate) fn restore(template: Arc<Template>, backing: Backing) -> Result<Instance, Error> {
         let step = "restore instance";
         let host =
             |e: Box<dyn std::error::Error + Send + Sync>| Error::new(ErrorKind::Host, step, e);
         let t1 = Instant::now();
         let mem = GuestMemory::new(template.mem_size() as usize).map_err(|e| host(e.into()))?;
-        let (installed, parts) = std::thread::scope(|scope| {
-            let installer = scope.spawn(|| {
-                let t = Instant::now();
-                let pages = backing::install(&mem, &template, backing)?;
-                // Registered for faults only after the copies: our own writes into a
-                // registered, missing page would otherwise wait for a fault handler.
-                let faults = match backing.on_demand() {
-                    true => Some(Faults::start(&mem, template.clone(), backing)?),
-                    false => None,
-                };
-                Ok((pages, faults, ms(t.elapsed())))
-            });
-            let t2 = Instant::now();
-            let parts = crate::vm::VmParts::create()
+        let fill = || {
+            let t = Instant::now();
+            let pages = backing::install(&mem, &template, backing)?;
+            // Registered for faults only after the copies: our own writes into a
+            // registered, missing page would otherwise wait for a fault handler.
+            let faults = match backing.on_demand() {
+                true => Some(Faults::start(&mem, template.clone(), backing)?),
+                false => None,
+            };
+            Ok((pages, faults, ms(t.elapsed())))
+        };
+        let make_vm = || {
+            let t = Instant::now();
+            crate::vm::VmParts::create()
                 .and_then(|p| p.prepare_restore().map(|()| p))
                 .map_err(|e| host(e.into()))
                 .and_then(|p| {
@@ -155,17 +156,27 @@ impl Instance {
                         .state()
                         .apply(&p.vm, &p.vcpu, p.cpu)
                         .map_err(|e| Error::new(state_error_kind(&e), step, e))?;
-                    Ok((p, ms(t2.elapsed())))
+                    Ok((p, ms(t.elapsed())))
+                })
+        };
+        let (installed, parts) = if template.parallel_restore() {
+            std::thread::scope(|scope| {
+                let installer = scope.spawn(fill);
+                let parts = make_vm();
+                let installed = installer.join().unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorKind::Host,
+                        step,
+                        "the memory installer panicked",
+                    ))
                 });
-            let installed = installer.join().unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorKind::Host,
-                    step,
-                    "the memory installer panicked",
-                ))
-            });
-            (installed, parts)
-        });
+                (installed, parts)
+            })
+        } else {
+            // Memory first: KVM's MMU notifiers make filling slower once a VM exists.
+            let installed = fill();
+            (installed, make_vm())
+        };
         let (parts, vcpu_ms) = parts?;
         let (pages, faults, install_ms) = installed?;
         // Moving the mapping's owner into the VM does not move the mapping the fault

@@ -18,6 +18,7 @@ pub mod checks;
 pub mod create;
 pub mod device;
 
+use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::persist::VcpuState;
 use crate::vm::Hostcall;
@@ -38,6 +39,8 @@ pub struct Template {
     /// The store it was loaded from (its image cache, when `cached_image`).
     store: Arc<Store>,
     cached_image: bool,
+    /// Restores fill memory on threads of their own ([`Config::parallel_restore`]).
+    parallel_restore: bool,
     name: String,
     manifest: snapshot_store::Template,
     state: VcpuState,
@@ -159,11 +162,11 @@ pub(crate) enum Kind {
 
 impl Template {
     /// Read `name` from `store` and check it (see the module's documentation); `kind` is
-    /// what the caller needs: the other kind is refused as a bad request. With
-    /// `cached_image`, the memory image comes from the store's image cache.
+    /// what the caller needs: the other kind is refused as a bad request. `config` says
+    /// where the memory image comes from and how restores fill memory.
     pub(crate) fn load(
         store: Arc<Store>,
-        cached_image: bool,
+        config: &Config,
         name: &str,
         kind: Kind,
     ) -> Result<(Template, LoadStats), Error> {
@@ -270,7 +273,8 @@ impl Template {
         Ok((
             Template {
                 store,
-                cached_image,
+                cached_image: config.cached_images,
+                parallel_restore: config.parallel_restore,
                 name: name.to_string(),
                 manifest,
                 state,
@@ -374,6 +378,11 @@ impl Template {
     /// this once per template, off the request path.
     pub fn prepare(&self) -> Result<(), Error> {
         self.image().map(|_| ())
+    }
+
+    /// Whether restores fill memory on threads of their own.
+    pub(crate) fn parallel_restore(&self) -> bool {
+        self.parallel_restore
     }
 
     /// The verified memory image, if it has been built.
