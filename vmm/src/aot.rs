@@ -14,10 +14,17 @@
 //! wasmtime's own hash of its compilation settings): with the module's hash it is the key
 //! under which a compiled artifact may be cached, so an artifact compiled for one model is
 //! never handed to a guest of another.
+//!
+//! Without the library's `compiler` feature (on by default; `vmm-store`, which only checks
+//! templates, turns it off and so builds no Cranelift) [`Compiler::new`] fails with
+//! [`AotError::Setup`] saying so.
 
+#[cfg(feature = "compiler")]
 use std::hash::Hasher;
+#[cfg(feature = "compiler")]
 use vmm_abi::wasmtime_settings as settings;
 
+#[cfg(feature = "compiler")]
 include!("../../abi/src/wasmtime_config.rs");
 
 /// Why a module could not be compiled.
@@ -39,6 +46,7 @@ pub enum AotError {
 
 /// A Cranelift compiler configured for the guest.
 pub struct Compiler {
+    #[cfg(feature = "compiler")]
     engine: wasmtime::Engine,
     fingerprint: String,
     /// The CPU features compiled for (wasmtime's names: `sse4.1`, `bmi2`, ...).
@@ -46,6 +54,7 @@ pub struct Compiler {
 }
 
 /// `{e}` with its causes.
+#[cfg(feature = "compiler")]
 fn chain(e: &wasmtime::Error) -> String {
     let mut s = e.to_string();
     for cause in e.chain().skip(1) {
@@ -57,6 +66,16 @@ fn chain(e: &wasmtime::Error) -> String {
 
 impl Compiler {
     /// The compiler for guests of the CPU model `cpu`.
+    #[cfg(not(feature = "compiler"))]
+    pub fn new(_cpu: &crate::cpu::GuestCpu) -> Result<Compiler, AotError> {
+        Err(AotError::Setup(
+            "this build of the vmm library has no compiler (its cargo feature `compiler` is off)"
+                .into(),
+        ))
+    }
+
+    /// The compiler for guests of the CPU model `cpu`.
+    #[cfg(feature = "compiler")]
     pub fn new(cpu: &crate::cpu::GuestCpu) -> Result<Compiler, AotError> {
         let regs = cpu.regs();
         let has = |feature: &str| vmm_abi::cpu::wasmtime_feature(&regs, feature) == Some(true);
@@ -147,13 +166,20 @@ impl Compiler {
 
     /// Compile `wasm` (binary WebAssembly) into an artifact for the guest.
     pub fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, AotError> {
-        self.engine
+        #[cfg(feature = "compiler")]
+        return self
+            .engine
             .precompile_module(wasm)
-            .map_err(|e| AotError::InvalidModule(chain(&e)))
+            .map_err(|e| AotError::InvalidModule(chain(&e)));
+        #[cfg(not(feature = "compiler"))]
+        Err(AotError::Setup(format!(
+            "no compiler in this build, for {} bytes of module",
+            wasm.len()
+        )))
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "compiler"))]
 mod tests {
     use super::*;
 
