@@ -171,22 +171,6 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Map the pages of `[gpa, gpa+len)` now (MADV_POPULATE_READ), so that the guest's first
-    /// touch does not wait for the host fault. Advisory: failures are ignored.
-    pub fn populate_read(&self, gpa: u64, len: u64) {
-        const MADV_POPULATE_READ: libc::c_int = 22;
-        if let Ok(off) = self.check(gpa, len) {
-            // SAFETY: the range lies inside this mapping; populating only faults pages in.
-            unsafe {
-                libc::madvise(
-                    self.ptr.as_ptr().add(off).cast(),
-                    len as usize,
-                    MADV_POPULATE_READ,
-                )
-            };
-        }
-    }
-
     pub fn size(&self) -> u64 {
         self.size as u64
     }

@@ -146,8 +146,11 @@ pub(crate) fn install(
     if backing == Backing::Shared {
         use std::os::fd::AsFd;
         let image = template.image()?;
-        // Map the regions that hold data from the image, then the working set's pages from
-        // the page cache (runs of frames at once), so that reading them costs no exit.
+        // Map the regions that hold data from the image. Populating the working set's pages
+        // up front did not pay: for QuickJS hello no faster (13.6 vs 13.4 ms, 5 alternating
+        // one-shot restores); for a function allocating 48 MiB per request, served with a
+        // restore per request, 65-75 vs 52-58 ms per run (populating the anonymous regions
+        // maps the zero page, which the guest's writes must then replace).
         for r in 0..template.regions() {
             if template.runs_in(r).is_empty() {
                 continue;
@@ -156,12 +159,6 @@ pub(crate) fn install(
             let len = REGION.min(mem.size() - gpa);
             mem.map_file_range(gpa, len, image.file.as_fd())
                 .map_err(host)?;
-        }
-        let mut frames: Vec<u64> = template.working_set().to_vec();
-        frames.sort_unstable();
-        frames.dedup();
-        for run in frames.chunk_by(|a, b| *b == *a + 1) {
-            mem.populate_read(run[0] * PAGE, run.len() as u64 * PAGE);
         }
         return Ok(0);
     }
