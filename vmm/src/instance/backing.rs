@@ -175,15 +175,24 @@ pub(crate) fn install(
             let mut pages = Vec::with_capacity(per_region as usize);
             match f {
                 Fill::Region(r) => {
+                    if allow_sparse && template.sparse(*r as usize) {
+                        mem.advise_small_pages(r * REGION, REGION);
+                    }
                     for &(first, n) in template.runs_in(*r as usize) {
+                        // From the verified image: each run with one copy.
+                        let run = image.and_then(|i| {
+                            i.get((first * PAGE) as usize..((first + n) * PAGE) as usize)
+                        });
+                        if let Some(run) = run {
+                            mem.write(first * PAGE, run).map_err(host)?;
+                            copied += n;
+                            continue;
+                        }
                         for gfn in first..first + n {
                             if let Some(p) = page(template, image, gfn).map_err(damaged)? {
                                 pages.push((gfn, p));
                             }
                         }
-                    }
-                    if allow_sparse && template.sparse(*r as usize) {
-                        mem.advise_small_pages(r * REGION, REGION);
                     }
                 }
                 Fill::Frames(r, frames) => {
