@@ -92,17 +92,21 @@ fn plan(resolved: &Resolved, backing: Backing, working_set: &[u64]) -> Vec<Fill>
             ws.sort_unstable();
             ws.dedup();
             ws.chunk_by(|a, b| a / per_region == b / per_region)
-                .map(|frames| {
+                .filter_map(|frames| {
                     let r = frames[0] / per_region;
                     let data = (r * per_region..((r + 1) * per_region).min(resolved.frame_count()))
                         .filter(|&g| matches!(resolved.frame(g), Some(Frame::Data(_))))
                         .count();
-                    if frames.len() * SPARSE_WS_COST < data + SPARSE_HUGE_FILL {
-                        Fill::Frames(r, frames.to_vec())
+                    // A region without template data is fresh memory, which the kernel
+                    // zero-fills on first touch (in 2 MiB pages): nothing to install.
+                    if data == 0 {
+                        None
+                    } else if frames.len() * SPARSE_WS_COST < data + SPARSE_HUGE_FILL {
+                        Some(Fill::Frames(r, frames.to_vec()))
                     } else {
                         // With MADV_HUGEPAGE, touching one page of a region makes the whole
                         // region present (zero-filled), so all its data pages are copied.
-                        Fill::Region(r)
+                        Some(Fill::Region(r))
                     }
                 })
                 .collect()
@@ -238,6 +242,21 @@ pub(crate) fn install(
 /// pages, 29 with groups of 16, 29 with 32 or 64 (the rest lie apart), 9.4 vs 8.9 ms total.
 const FAULT_GROUP: u64 = 16;
 
+/// The guest-physical spans of consecutive 2 MiB regions that hold template data, clamped
+/// to guest RAM of `size` bytes.
+fn data_region_spans(template: &Template, size: u64) -> Vec<std::ops::Range<u64>> {
+    let mut spans: Vec<std::ops::Range<u64>> = Vec::new();
+    for r in (0..template.regions()).filter(|&r| !template.runs_in(r).is_empty()) {
+        let (start, end) = (r as u64 * REGION, ((r as u64 + 1) * REGION).min(size));
+        match spans.last_mut() {
+            Some(last) if last.end == start => last.end = end,
+            _ if start < end => spans.push(start..end),
+            _ => {}
+        }
+    }
+    spans
+}
+
 /// The userfaultfd server of one instance: a thread that serves its guest RAM's missing
 /// pages from the template until the instance is dropped.
 pub(crate) struct Faults {
@@ -263,8 +282,17 @@ impl Faults {
         let step = "serve guest memory on demand";
         let uffd_err = |e: UffdError| Error::new(ErrorKind::Host, step, e);
         let uffd = Uffd::new().map_err(uffd_err)?;
-        uffd.register(mem.host_addr(), mem.size() as usize)
+        // Only regions that hold template data go through userfaultfd: the others are
+        // fresh memory (zero in the template), which the kernel zero-fills on first touch
+        // in 2 MiB pages, as in a cold run. A fault there would cost ~70 µs per 16 frames;
+        // a function that allocates 48 MiB took 741 of them (113 ms against 15 ms).
+        for range in data_region_spans(&template, mem.size()) {
+            uffd.register(
+                mem.host_addr().wrapping_add(range.start as usize),
+                (range.end - range.start) as usize,
+            )
             .map_err(uffd_err)?;
+        }
         let server = Arc::new(FaultServer {
             uffd,
             base: mem.host_addr() as usize,
@@ -578,29 +606,26 @@ mod tests {
         // (working-set frames need not hold data).
         let sparse1: Vec<u64> = (R..R + 32).collect();
         let dense1: Vec<u64> = (R..R + 33).collect();
-        // Region 2: no data, so small pages while ws × 8 < 256, i.e. ws ≤ 31.
+        // Region 2: no data: fresh memory that the kernel zero-fills, never planned,
+        // however many of its frames the working set has.
         let sparse2: Vec<u64> = (2 * R + 100..2 * R + 131).collect();
-        let dense2: Vec<u64> = (2 * R + 100..2 * R + 132).collect();
+        let dense2: Vec<u64> = (2 * R..3 * R).collect();
 
         let ws: Vec<u64> = [&sparse0[..], &sparse1, &sparse2].concat();
         assert_eq!(
             shown(&plan(&r, Backing::Prefetch, &ws)),
-            vec![
-                (0, Some(sparse0.clone())),
-                (1, Some(sparse1.clone())),
-                (2, Some(sparse2.clone())),
-            ],
+            vec![(0, Some(sparse0.clone())), (1, Some(sparse1.clone()))],
         );
         let ws: Vec<u64> = [&dense0[..], &dense1, &dense2].concat();
         assert_eq!(
             shown(&plan(&r, Backing::Prefetch, &ws)),
-            vec![(0, None), (1, None), (2, None)],
+            vec![(0, None), (1, None)],
         );
         // Regions outside the working set are not planned (region 3 holds data).
-        let ws: Vec<u64> = [&dense0[..], &sparse2].concat();
+        let ws: Vec<u64> = [&dense0[..], &sparse1].concat();
         assert_eq!(
             shown(&plan(&r, Backing::Prefetch, &ws)),
-            vec![(0, None), (2, Some(sparse2))],
+            vec![(0, None), (1, Some(sparse1))],
         );
     }
 
