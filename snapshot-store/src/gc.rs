@@ -413,6 +413,17 @@ impl Store {
         };
         for e in rd.flatten() {
             let fname = e.file_name();
+            let learned = fname
+                .to_str()
+                .and_then(|s| s.strip_suffix(".ws"))
+                .and_then(|s| TemplateName::new(s).ok());
+            if let Some(name) = learned {
+                // A learned working set whose template is gone.
+                if !all.iter().any(|t| t.name == name) {
+                    let _ = fs::remove_file(e.path());
+                }
+                continue;
+            }
             let Some(name) = fname
                 .to_str()
                 .and_then(|s| s.strip_suffix(".loc"))

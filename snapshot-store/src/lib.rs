@@ -57,6 +57,10 @@
 //!                              packs[]: id u64, inode u64, birth ns u64 (0: none), extent u64
 //!                              entry count u64, entries[]: u64 per own page, in
 //!                              manifest order: pack position << 40 | offset / 4096
+//!     └── <name>.ws      learned working set (a hint for prefetching restores, see
+//!                        `learned.rs`): header magic "VMMTWS01", major u16, minor u16,
+//!                        body length u64, keyed xxh3-128(body) u128; body: manifest
+//!                        checksum u128, observations u32, frame count u32, frames u32[]
 //! ```
 //!
 //! A frame listed in neither run list inherits from the parent (or is zero
@@ -151,6 +155,7 @@ pub mod fixtures;
 mod format;
 mod gc;
 mod inspect;
+mod learned;
 #[cfg(test)]
 mod location_tests;
 mod locations;
@@ -191,6 +196,7 @@ pub use error::{
 pub use exchange::{IncomingLayer, LayersError, LayersReport, PageSource, WrittenLayer};
 pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
+pub use learned::LearnedWorkingSet;
 pub use resolve::{Frame, Resolved, Template, TemplateInfo, TemplateList};
 pub use scan::ReindexReport;
 pub use size::parse_size;

@@ -415,6 +415,9 @@ impl Store {
             source,
         })?;
         self.remove_cached_images(&name);
+        // A learned working set left by a crash here is bound to a manifest that is gone:
+        // never used, and gc removes it.
+        let _ = self.remove_learned(&name);
         Ok(())
     }
 
@@ -512,7 +515,7 @@ fn uninitialised(dir: &Path) -> Result<(), OpenError> {
     let templates = if is_dir(&dir.join("templates")) {
         list(&dir.join("templates"))?
             .iter()
-            .filter(|n| !n.ends_with(".loc"))
+            .filter(|n| !n.ends_with(".loc") && !n.ends_with(".ws"))
             .count() as u64
     } else {
         0

@@ -475,6 +475,39 @@ impl Store {
     /// Reads every manifest and checks the parent chains; returns the readable templates.
     /// Location records (hints for lazy restores, never needed): orphaned,
     /// damaged or stale ones are garbage that `gc` rewrites or removes.
+    /// Learned working sets (`<name>.ws`) are hints: one whose template is gone is
+    /// garbage; one that cannot be used is reported (restores ignore it; the next restore
+    /// that learns replaces it); one learned for an earlier version of the manifest is
+    /// expected after a template is replaced, and nothing to report.
+    fn verify_learned_sets(
+        &self,
+        sets: &[(TemplateName, std::path::PathBuf)],
+        good: &BTreeMap<TemplateName, Template>,
+        probs: &mut Vec<Problem>,
+    ) {
+        const HINT: &str = "run `vmm-store gc` or delete the file; restores use the working set in the manifest meanwhile";
+        for (name, path) in sets {
+            if !self.manifest_path(name).exists() {
+                probs.push(Problem::garbage(
+                    path,
+                    format!("learned working set of template {name}, which does not exist"),
+                    HINT,
+                ));
+                continue;
+            }
+            let Some(t) = good.get(name) else { continue };
+            if let Err(why) = self.learned_working_set(t) {
+                if !why.contains("another version") {
+                    probs.push(Problem::garbage(
+                        path,
+                        format!("unusable learned working set: {why}"),
+                        HINT,
+                    ));
+                }
+            }
+        }
+    }
+
     fn verify_location_records(
         &self,
         records: &[(TemplateName, std::path::PathBuf)],
@@ -535,6 +568,7 @@ impl Store {
         };
         let mut broken: BTreeSet<TemplateName> = BTreeSet::new();
         let mut records: Vec<(TemplateName, std::path::PathBuf)> = Vec::new();
+        let mut learned_sets: Vec<(TemplateName, std::path::PathBuf)> = Vec::new();
         for e in rd.flatten() {
             let path = e.path();
             let fname = e.file_name();
@@ -544,6 +578,14 @@ impl Store {
                 .and_then(|s| TemplateName::new(s).ok());
             if let Some(name) = record {
                 records.push((name, path));
+                continue;
+            }
+            let learned = fname
+                .to_str()
+                .and_then(|s| s.strip_suffix(".ws"))
+                .and_then(|s| TemplateName::new(s).ok());
+            if let Some(name) = learned {
+                learned_sets.push((name, path));
                 continue;
             }
             let name = fname
@@ -573,6 +615,7 @@ impl Store {
             }
         }
         self.verify_location_records(&records, &good, probs);
+        self.verify_learned_sets(&learned_sets, &good, probs);
         let mut cycles_reported: BTreeSet<Vec<TemplateName>> = BTreeSet::new();
         for t in good.values() {
             let path = self.manifest_path(&t.name);
