@@ -309,6 +309,21 @@ fn restore(
     }
     report.stats.cpu = instance.cpu_report();
     let code = cli::finish(&report, invoke);
+    // After the response is out: what the request touched beyond the template's working
+    // set goes into its learned working set, for later restores to prefetch.
+    if report.result.is_ok() {
+        if let Err(e) = instance.learn() {
+            let read_only = e.find::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                )
+            });
+            if !read_only {
+                eprintln!("vmm: warning: {}", cli::with_hint(&e));
+            }
+        }
+    }
     drop(instance); // tear the VM down after the response is out
     code
 }

@@ -300,7 +300,9 @@ mod tests {
         assert!(why.contains("another version"), "{why}");
         let about_ws = |s: &Store| {
             let p = s.verify();
-            p.iter().filter(|p| p.path.to_string_lossy().ends_with(".ws")).count()
+            p.iter()
+                .filter(|p| p.path.to_string_lossy().ends_with(".ws"))
+                .count()
         };
         assert_eq!(about_ws(&s), 0, "{:?}", s.verify());
         // One whose template is gone is garbage, which gc removes.

@@ -307,6 +307,22 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Report the frames this instance's requests touched beyond its template's working set
+    /// (seen by the fault server of an instance whose pages arrive on demand) to the
+    /// template's learned working set in the store ([`Template::learn`]), so that later
+    /// restores prefetch them. Call after the response is out: it may write the store.
+    /// Returns the frames of the learned set (None: nothing written).
+    pub fn learn(&mut self) -> Result<Option<usize>, Error> {
+        let Some(t) = self.template.clone() else {
+            return Ok(None);
+        };
+        if t.device().pending_op != vmm_abi::Op::ReadStdin as u64 {
+            return Ok(None);
+        }
+        let touched = self.take_touched();
+        t.learn(&touched)
+    }
+
     /// Serve one request: write `stdin` where the guest's pending read expects it (a cold
     /// instance first gets its function), resume, and run to the function's exit (or
     /// failure). The instance must be ready; afterwards it must be

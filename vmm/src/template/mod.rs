@@ -57,7 +57,15 @@ pub struct Template {
     page_tables: Vec<u64>,
     /// The verified memory image, built on first use.
     image: OnceLock<Image>,
+    /// The working set learned from real requests since the template was created (None:
+    /// none yet, or its record could not be used: the manifest's stands).
+    learned: Option<snapshot_store::LearnedWorkingSet>,
 }
+
+/// Requests whose touched frames are merged into a template's learned working set, at
+/// most (only requests that touched frames beyond it count): REAP (ASPLOS '21) found a
+/// function's working set >97% stable after its first requests.
+pub const LEARN_REQUESTS: u32 = 10;
 
 /// A template's whole memory in a file, every data page verified, every other page zero:
 /// shared instances map it copy-on-write; copies and resets read from the mapping.
@@ -265,6 +273,14 @@ impl Template {
             }))
         })
         .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        let learned = match store.learned_working_set(&manifest) {
+            Ok(l) => l,
+            Err(why) => {
+                // A hint only: the manifest's working set stands.
+                tracing::debug!(template = name, "learned working set not used: {why}");
+                None
+            }
+        };
         let stats = LoadStats {
             load_ms: crate::stats::ms(t0.elapsed()),
             data_pages,
@@ -286,6 +302,7 @@ impl Template {
                 data_pages,
                 page_tables,
                 image: OnceLock::new(),
+                learned,
             },
             stats,
         ))
@@ -335,9 +352,34 @@ impl Template {
         &self.resolved
     }
 
-    /// The frames the trial request touched, in first-touch order.
+    /// The frames requests touch, in first-touch order: the ones learned from real
+    /// requests (which begin with the trial's), or else the ones the trial request of
+    /// `template create` touched.
     pub(crate) fn working_set(&self) -> &[u64] {
-        &self.manifest.working_set
+        match &self.learned {
+            Some(l) => &l.frames,
+            None => &self.manifest.working_set,
+        }
+    }
+
+    /// Requests that have added frames to the learned working set (0: nothing learned).
+    pub fn learned_requests(&self) -> u32 {
+        self.learned.as_ref().map_or(0, |l| l.observations)
+    }
+
+    /// Merge `touched` (frames a request on an instance of this template touched) into the
+    /// template's learned working set in the store, unless [`LEARN_REQUESTS`] requests
+    /// have added frames already or nothing is new; later loads prefetch it. Returns the
+    /// frames the learned set now has (None: nothing written). This template keeps the
+    /// set it was loaded with.
+    pub fn learn(&self, touched: &[u64]) -> Result<Option<usize>, Error> {
+        if touched.is_empty() || self.learned_requests() >= LEARN_REQUESTS {
+            return Ok(None);
+        }
+        self.store
+            .learn_working_set(&self.manifest, touched, LEARN_REQUESTS)
+            .map(|l| l.map(|l| l.frames.len()))
+            .map_err(|e| Error::new(ErrorKind::Host, "record the learned working set", e))
     }
 
     pub(crate) fn page_tables(&self) -> &[u64] {
