@@ -8,23 +8,13 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use snapshot_store::fixtures;
 use vmm::persist::VcpuState;
 
 const REQUEST: &[u8] = b"across back ends\n";
 const RESPONSE: &str = "ACROSS BACK ENDS\n";
-
-fn vmm_store_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_vmm")).with_file_name("vmm-store");
-    assert!(
-        p.exists(),
-        "{} is missing: build the whole workspace first (`cargo build --release --workspace`)",
-        p.display()
-    );
-    p
-}
 
 /// A store holding template `up` (examples/upper.wat on its runtime base), made here.
 fn make_store(tag: &str) -> TempDir {
@@ -58,7 +48,7 @@ fn restore(dir: &TempDir, memory: &str) -> Run {
 }
 
 fn verify(dir: &TempDir) -> Run {
-    let mut cmd = std::process::Command::new(vmm_store_bin());
+    let mut cmd = vmm_store();
     cmd.args(["verify", "--store", &dir.arg()]);
     run_with_input(cmd, b"")
 }

@@ -276,3 +276,57 @@ fn restores_of_a_python_template_draw_fresh_randomness_and_time() {
         );
     }
 }
+
+/// A template whose trial request (empty: `template create`'s default) imported nothing
+/// learns from real requests: the first restore of a request that imports modules faults
+/// for their pages, later restores of it fault at most a tenth as often, the learned
+/// working set sits beside the manifest in the store, and `vmm-store verify` accepts it.
+#[test]
+fn a_template_learns_the_working_set_of_requests_unlike_its_trial() {
+    let Some(py) = python() else { return };
+    let store = TempDir::new("python-learn");
+    create(
+        &store,
+        "imports",
+        &function(&py, "tests/guests/imports.py", &[]),
+    );
+    let learned = store.0.join("templates/imports.ws");
+    assert!(!learned.exists());
+    let request = b"a request that takes the import path";
+    let faults = |i: usize| -> u64 {
+        let mut cmd = vmm();
+        cmd.args(["restore", "imports", "--json", "--store", &store.arg()]);
+        let r = run_with_input(cmd, request);
+        assert_eq!(r.code(), 0, "restore #{i}: {}", r.stderr());
+        let v: serde_json::Value = serde_json::from_str(r.stdout().trim())
+            .unwrap_or_else(|e| panic!("restore #{i}: {e}: {}", r.stdout()));
+        assert_eq!(v["exit_code"], 0, "restore #{i}: {v}");
+        let out: serde_json::Value =
+            serde_json::from_str(v["stdout"].as_str().unwrap().trim()).unwrap();
+        assert_eq!(out["len"], request.len(), "restore #{i}: {out}");
+        assert_eq!(out["ip"], "10.0.0.1", "restore #{i}: {out}");
+        assert_eq!(v["stats"]["restore"]["strategy"], "prefetch", "{v}");
+        v["stats"]["restore"]["uffd_faults"].as_u64().unwrap()
+    };
+    let first = faults(0);
+    assert!(
+        first >= 10,
+        "the request's imports should fault beyond the trial's working set: {first} faults"
+    );
+    assert!(learned.exists(), "no learned working set was written");
+    let later: Vec<u64> = (1..=10).map(faults).collect();
+    assert!(
+        later[9] * 10 <= first,
+        "restores did not converge: {first} faults first, then {later:?}"
+    );
+    let mut verify = vmm_store();
+    verify.args(["verify", "--store", &store.arg()]);
+    let v = run_with_input(verify, b"");
+    assert_eq!(v.code(), 0, "{}{}", v.stdout(), v.stderr());
+    // The empty request still works (the learned set is a hint, not a requirement).
+    assert_ok(
+        "empty request",
+        &restore(&store, "imports", b""),
+        "{\"len\": 0}\n",
+    );
+}

@@ -69,6 +69,17 @@ pub fn optional_workload(name: &str) -> Option<String> {
     None
 }
 
+/// The `vmm-store` tool built beside `vmm` (the workspace must be built whole).
+pub fn vmm_store() -> Command {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_vmm")).with_file_name("vmm-store");
+    assert!(
+        p.exists(),
+        "{} is missing: build the whole workspace first (`cargo build --release --workspace`)",
+        p.display()
+    );
+    Command::new(p)
+}
+
 pub fn vmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
 }
