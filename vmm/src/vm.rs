@@ -318,6 +318,29 @@ impl Vm {
         unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
     }
 
+    /// Make KVM forget every mapping of guest memory it built (its shadow page tables
+    /// under PVM, the second-level tables on hardware): the memory slot is deleted and
+    /// added again over the same host memory, which stays as it is. Needed after the host
+    /// rewrote the guest's page-table pages (a reset): under shadow paging KVM does not see
+    /// such writes, and entries the guest had mapped would stay reachable. The guest's
+    /// next touches build the mappings again (one exit each, no host page faults).
+    pub fn forget_mappings(&self) -> Result<(), VmError> {
+        let mut region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: self.mem.host_addr() as u64,
+        };
+        // SAFETY: deleting slot 0 (memory_size 0) removes KVM's use of the mapping; the
+        // vCPU is not running (the caller holds `&self` between runs).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
+        region.memory_size = self.mem.size();
+        // SAFETY: as in `register_memory`: the region is `self.mem`'s mapping, which
+        // outlives the VM fd.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
+    }
+
     /// Load the kernel, build page tables and the mailbox, and set the start state.
     pub fn setup_boot(&mut self, kernel_elf: &[u8], mailbox: &Mailbox) -> Result<(), VmError> {
         let entry = loader::load_kernel(&self.mem, kernel_elf)?;

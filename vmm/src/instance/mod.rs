@@ -66,9 +66,12 @@ impl Response {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ResetStats {
     pub reset_ms: f64,
-    /// The VM was replaced by a fresh restore instead of being reset in place (the request
-    /// changed the guest's page tables, or the instance's pages arrive on demand).
+    /// The VM was replaced by a fresh restore instead of being reset in place (the
+    /// instance's pages arrive on demand).
     pub restored: bool,
+    /// The request changed the guest's page tables: reset in place, and KVM made to
+    /// forget its mappings of guest memory.
+    pub mappings_dropped: bool,
     /// Of which rewriting the vCPU state.
     pub vcpu_ms: f64,
     pub regions_copied: u64,
@@ -497,9 +500,9 @@ impl Instance {
                 "a cold-booted instance has no template to reset to",
             ));
         };
-        // Pages arriving on demand would have to be fetched again to be overwritten, and a
-        // request that changed the page tables must not keep what it mapped: restore anew.
-        if self.backing.on_demand() || self.page_tables_changed(&template) {
+        // Pages arriving on demand would have to be fetched again to be overwritten: restore
+        // anew.
+        if self.backing.on_demand() {
             let fresh = Instance::restore(template, self.backing);
             return match fresh {
                 Ok(fresh) => {
@@ -518,7 +521,20 @@ impl Instance {
                 }
             };
         }
-        let r = self.reset_memory_and_vcpu(&template);
+        // A request that changed the page tables must not keep what it mapped: after the
+        // memory (page-table pages included) is the template's again, KVM drops every
+        // mapping it built. The host memory stays: the next request's touches cost an
+        // exit each, but no host page fault, copy or zero fill (a fresh restore cost all
+        // of those, and a new VM).
+        let tables_changed = self.page_tables_changed(&template);
+        let r = self.reset_memory_and_vcpu(&template).and_then(|done| {
+            if tables_changed {
+                self.vm
+                    .forget_mappings()
+                    .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
+            }
+            Ok(done)
+        });
         match r {
             Ok((copied, zeroed, vcpu_ms)) => {
                 self.status = Status::Ready;
@@ -530,6 +546,7 @@ impl Instance {
                     regions_copied: copied,
                     regions_zeroed: zeroed,
                     restored: false,
+                    mappings_dropped: tables_changed,
                 })
             }
             Err(e) => {
