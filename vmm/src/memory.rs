@@ -17,6 +17,17 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64, size: u64 },
 }
 
+/// What [`GuestMemory::page_states`] finds of a page of a private file mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Not mapped: never touched since the mapping was made.
+    Absent,
+    /// Mapped from the file: read, never written.
+    Shared,
+    /// A private copy: written.
+    Private,
+}
+
 /// Guest RAM backed by a private anonymous mapping (`MAP_NORESERVE`: untouched pages
 /// cost nothing). `MADV_HUGEPAGE` is requested because this machine's PVM back end maps
 /// a guest 2 MiB page in one exit only if the host memory behind it is huge too.
@@ -138,16 +149,17 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// For each 4 KiB page of `[gpa, gpa+len)`: whether it is a private page of this
+    /// For each 4 KiB page of `[gpa, gpa+len)` of a private file mapping: whether it is
+    /// mapped at all (the guest touched it), and whether it is a private page of this
     /// mapping, i.e. present and not a page of the file it maps, or swapped out (the guest
     /// wrote it, or it was never file-backed). Read from /proc/self/pagemap through
     /// `pagemap`.
-    pub fn private_pages(
+    pub fn page_states(
         &self,
         pagemap: &std::fs::File,
         gpa: u64,
         len: u64,
-        out: &mut Vec<bool>,
+        out: &mut Vec<PageState>,
     ) -> Result<(), MemoryError> {
         use std::os::unix::fs::FileExt;
         const PRESENT: u64 = 1 << 63;
@@ -166,7 +178,13 @@ impl GuestMemory {
         out.extend(buf.chunks_exact(8).map(|c| {
             let e = u64::from_le_bytes(c.try_into().unwrap_or_default());
             // A swapped-out page of a private mapping is a page the guest wrote too.
-            (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0
+            if (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0 {
+                PageState::Private
+            } else if e & PRESENT != 0 {
+                PageState::Shared
+            } else {
+                PageState::Absent
+            }
         }));
         Ok(())
     }
@@ -314,16 +332,19 @@ mod tests {
         let m = GuestMemory::new(4 << 20).unwrap();
         m.map_file_range(0, 2 << 20, f.as_fd()).unwrap();
         let pm = std::fs::File::open("/proc/self/pagemap").unwrap();
-        let mut private = Vec::new();
-        m.private_pages(&pm, 0, 2 << 20, &mut private).unwrap();
-        assert!(private.iter().all(|&p| !p));
+        let mut states = Vec::new();
+        m.page_states(&pm, 0, 2 << 20, &mut states).unwrap();
+        assert!(states.iter().all(|&p| p == PageState::Absent));
         let mut b = [0u8; 1];
         m.read_into(5 * 4096, &mut b).unwrap(); // a read maps the file page: not private
         assert_eq!(b[0], 7);
         m.write(3 * 4096 + 10, b"x").unwrap(); // a write copies it: private
-        m.private_pages(&pm, 0, 2 << 20, &mut private).unwrap();
-        let written: Vec<usize> = (0..private.len()).filter(|&i| private[i]).collect();
-        assert_eq!(written, vec![3]);
+        m.page_states(&pm, 0, 2 << 20, &mut states).unwrap();
+        let of = |s: PageState| -> Vec<usize> {
+            (0..states.len()).filter(|&i| states[i] == s).collect()
+        };
+        assert_eq!(of(PageState::Private), vec![3]);
+        assert_eq!(of(PageState::Shared), vec![5]);
     }
 
     fn tempfile_in_memory() -> std::fs::File {

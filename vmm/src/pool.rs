@@ -569,6 +569,11 @@ impl Drop for Checkout<'_> {
         if keep {
             match inst.reset() {
                 Ok(stats) => {
+                    // What the request touched goes into the template's learned working
+                    // set (for the first requests only; a store write when it added frames).
+                    if let Err(e) = inst.learn() {
+                        tracing::debug!(template = self.entry.template.name(), "{e}");
+                    }
                     if let Ok(o) = pools.on_reset.lock() {
                         if let Some(f) = o.as_ref() {
                             f(self.entry.template.name(), &stats);

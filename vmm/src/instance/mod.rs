@@ -26,7 +26,7 @@ pub use backing::Backing;
 
 use crate::error::{Error, ErrorKind};
 use crate::guest::{self, FunctionSpec, RunLimits};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PageState};
 use crate::persist::VcpuState;
 use crate::stats::{ms, tsc_ms, CpuReport, RestoreStats, Stats};
 use crate::template::{Template, PAGE, REGION};
@@ -99,6 +99,9 @@ pub struct Instance {
     pagemap: Option<std::fs::File>,
     /// Reused by every reset: one flag per page, and mincore's buffer.
     resident: Vec<bool>,
+    /// Frames a shared instance's requests touched, found by its last reset (for the
+    /// learned working set).
+    touched: Vec<u64>,
     scratch: Vec<u8>,
     vm: Vm,
     /// The hostcall the guest waits in (None: a cold instance that has not run yet).
@@ -221,6 +224,7 @@ impl Instance {
             backing,
             pagemap,
             resident: Vec::new(),
+            touched: Vec::new(),
             scratch: Vec::new(),
             vm,
             function: None,
@@ -258,6 +262,7 @@ impl Instance {
             backing: Backing::Eager,
             pagemap: None,
             resident: Vec::new(),
+            touched: Vec::new(),
             scratch: Vec::new(),
             vm,
             pending: None,
@@ -311,7 +316,8 @@ impl Instance {
     }
 
     /// Report the frames this instance's requests touched beyond its template's working set
-    /// (seen by the fault server of an instance whose pages arrive on demand) to the
+    /// (seen by the fault server of an instance whose pages arrive on demand, or by the
+    /// last reset of a shared instance, in the pages it maps from the template) to the
     /// template's learned working set in the store ([`Template::learn`]), so that later
     /// restores prefetch them. Call after the response is out: it may write the store.
     /// Returns the frames of the learned set (None: nothing written).
@@ -322,7 +328,8 @@ impl Instance {
         if t.device().pending_op != vmm_abi::Op::ReadStdin as u64 {
             return Ok(None);
         }
-        let touched = self.take_touched();
+        let mut touched = self.take_touched();
+        touched.append(&mut self.touched);
         t.learn(&touched)
     }
 
@@ -610,7 +617,13 @@ impl Instance {
         }
         self.scratch = scratch;
         let (mut copied, mut zeroed) = (0, 0);
-        let mut private = Vec::new();
+        let mut states = Vec::new();
+        // Frames the requests so far touched in the file-mapped regions (mappings are kept
+        // across resets: this is their union), for the learned working set.
+        let learning = t.learning();
+        if learning {
+            self.touched.clear();
+        }
         for r in 0..n_regions {
             if file_mapped(r) {
                 // Mapped from the template's file: only pages the guest wrote are private;
@@ -620,9 +633,21 @@ impl Instance {
                 let len = REGION.min(self.vm.mem().size() - gpa);
                 self.vm
                     .mem()
-                    .private_pages(pm, gpa, len, &mut private)
+                    .page_states(pm, gpa, len, &mut states)
                     .map_err(|e| host(e.into()))?;
-                for (i, _) in private.iter().enumerate().filter(|(_, &p)| p) {
+                if learning {
+                    let first = gpa / PAGE;
+                    self.touched.extend(
+                        (0..states.len() as u64)
+                            .filter(|&i| states[i as usize] != PageState::Absent)
+                            .map(|i| first + i),
+                    );
+                }
+                let written = states
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &p)| p == PageState::Private);
+                for (i, _) in written {
                     let at = gpa + i as u64 * PAGE;
                     let src = image
                         .get(at as usize..(at + PAGE) as usize)

@@ -60,6 +60,8 @@ pub struct Template {
     /// The working set learned from real requests since the template was created (None:
     /// none yet, or its record could not be used: the manifest's stands).
     learned: Option<snapshot_store::LearnedWorkingSet>,
+    /// Calls of [`Template::learn`] that reported frames.
+    learn_calls: std::sync::atomic::AtomicU32,
 }
 
 /// Requests whose touched frames are merged into a template's learned working set, at
@@ -303,6 +305,7 @@ impl Template {
                 page_tables,
                 image: OnceLock::new(),
                 learned,
+                learn_calls: Default::default(),
             },
             stats,
         ))
@@ -362,6 +365,14 @@ impl Template {
         }
     }
 
+    /// Whether requests on this template's instances are still worth learning from: fewer
+    /// than [`LEARN_REQUESTS`] have added frames, and this loaded template has reported
+    /// fewer than that many (a long-running invoker stops asking the store).
+    pub(crate) fn learning(&self) -> bool {
+        self.learned_requests() < LEARN_REQUESTS
+            && self.learn_calls.load(std::sync::atomic::Ordering::Relaxed) < LEARN_REQUESTS
+    }
+
     /// Requests that have added frames to the learned working set (0: nothing learned).
     pub fn learned_requests(&self) -> u32 {
         self.learned.as_ref().map_or(0, |l| l.observations)
@@ -373,9 +384,11 @@ impl Template {
     /// frames the learned set now has (None: nothing written). This template keeps the
     /// set it was loaded with.
     pub fn learn(&self, touched: &[u64]) -> Result<Option<usize>, Error> {
-        if touched.is_empty() || self.learned_requests() >= LEARN_REQUESTS {
+        if touched.is_empty() || !self.learning() {
             return Ok(None);
         }
+        self.learn_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.store
             .learn_working_set(&self.manifest, touched, LEARN_REQUESTS)
             .map(|l| l.map(|l| l.frames.len()))
