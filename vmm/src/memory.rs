@@ -344,7 +344,10 @@ mod tests {
             (0..states.len()).filter(|&i| states[i] == s).collect()
         };
         assert_eq!(of(PageState::Private), vec![3]);
-        assert_eq!(of(PageState::Shared), vec![5]);
+        // A read maps the pages around it too (the kernel's fault-around, 64 KiB here).
+        let read = of(PageState::Shared);
+        assert!(read.contains(&5) && read.len() <= 16, "{read:?}");
+        assert_eq!(states[200], PageState::Absent);
     }
 
     fn tempfile_in_memory() -> std::fs::File {
