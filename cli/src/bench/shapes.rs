@@ -6,7 +6,9 @@
 //! uses (`--pool 2 --instance-memory shared|copy`, and `--pool 0`), minus HTTP.
 //!
 //! Every cell is measured in every round, the rounds one after another, so that the noise
-//! of a shared machine falls on all of them alike.
+//! of a shared machine falls on all of them alike; each round starts one column later, so
+//! that what a process leaves behind (memory the host takes back, for one) does not always
+//! fall on the same next column.
 
 use super::process::{create_template, invoke_json, s, Timed};
 use super::util::percentile;
@@ -311,10 +313,17 @@ struct ServedSamples {
 
 /// The samples of one shape, per column.
 struct Samples {
-    cold: Vec<Timed>,
-    /// Per `vmm restore` column (the strategies, then the default).
-    restore: Vec<Vec<Timed>>,
+    /// Per process column: the cold run, then `vmm restore` with each strategy, then
+    /// without `--memory` (as [`process_args`] orders them).
+    processes: Vec<Vec<Timed>>,
     served: Vec<ServedSamples>,
+}
+
+/// The order in which round `round` measures `n` columns: each round starts one column
+/// later, so that no column always follows the same one (what a process leaves behind,
+/// such as memory to give back, falls on the next one).
+fn rotation(round: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + round) % n)
 }
 
 /// The arguments of the cold column and of each restore column (strategies, then none).
@@ -401,23 +410,23 @@ pub(super) fn shapes_section(a: &BenchArgs, store: &Path) -> Result<ShapesReport
     let mut samples: Vec<Samples> = measured
         .iter()
         .map(|_| Samples {
-            cold: Vec::new(),
-            restore: (0..=memories.len()).map(|_| Vec::new()).collect(),
+            // The cold run, the strategies, the default.
+            processes: (0..memories.len() + 2).map(|_| Vec::new()).collect(),
             served: served.iter().map(|_| ServedSamples::default()).collect(),
         })
         .collect();
-    for _ in 0..a.shape_runs {
+    for round in 0..a.shape_runs as usize {
         for ((shape, args), smp) in measured.iter().zip(&args).zip(&mut samples) {
-            smp.cold.push(invoke_json(&args[0], shape.input, &[])?);
-            for (col, argv) in smp.restore.iter_mut().zip(&args[1..]) {
-                col.push(invoke_json(argv, shape.input, &[])?);
+            for c in rotation(round, args.len()) {
+                smp.processes[c].push(invoke_json(&args[c], shape.input, &[])?);
             }
-            for (sv, col) in served.iter().zip(&mut smp.served) {
+            for m in rotation(round, served.len()) {
+                let sv = &served[m];
                 // As the daemon's pool keeper would have by now.
                 sv.pools.maintain(false);
                 sv.take_resets();
                 for _ in 0..a.shape_requests {
-                    sv.request(shape, col)?;
+                    sv.request(shape, &mut smp.served[m])?;
                 }
                 sv.settle();
             }
@@ -482,14 +491,13 @@ fn shape_row(
     smp: Samples,
 ) -> ShapeRow {
     let wall = |t: &[Timed]| t.iter().map(|x| x.ms).collect::<Vec<_>>();
+    let none = Vec::new();
+    let (cold, restores) = smp.processes.split_first().unwrap_or((&none, &[]));
     let cold = ColdCell {
-        median_ms: percentile(&wall(&smp.cold), 0.5),
-        p90_ms: percentile(&wall(&smp.cold), 0.9),
+        median_ms: percentile(&wall(cold), 0.5),
+        p90_ms: percentile(&wall(cold), 0.9),
         function_median_ms: percentile(
-            &smp.cold
-                .iter()
-                .map(|x| x.stats.function_ms)
-                .collect::<Vec<_>>(),
+            &cold.iter().map(|x| x.stats.function_ms).collect::<Vec<_>>(),
             0.5,
         ),
     };
@@ -497,7 +505,7 @@ fn shape_row(
         .iter()
         .map(String::as_str)
         .chain([DEFAULT])
-        .zip(&smp.restore)
+        .zip(restores)
         .map(|(memory, t)| {
             let r = || t.iter().filter_map(|x| x.stats.restore.as_ref());
             RestoreCell {
@@ -582,7 +590,7 @@ fn ratio(r: f64) -> String {
 
 pub(super) fn print_shapes(r: &ShapesReport) {
     println!(
-        "## Function shapes ({} rounds, every cell measured in each, interleaved)\n",
+        "## Function shapes ({} rounds, every cell measured in each, interleaved; each round starts one column later)\n",
         r.runs
     );
     println!("Times in ms. cold: median wall time of a `vmm run` process (the function's own run in the guest, `function_ms`). restore: median wall time of a `vmm restore` process with that `--memory` (median userfaultfd faults); `default` gives no `--memory` and names the strategy its stats report. served: requests served one at a time in this process by the pools `vmm serve --pool {SERVED_POOL} --instance-memory ...` uses ({} per round each, after the pools were filled and warmed as `vmm serve` does and {SERVED_WARM_UP} requests), from taking an instance to the response: p50 / p90 (mean reset after the response); `{ON_DEMAND}` is `--pool 0`, an instance restored per request and destroyed after.\n", r.served_requests_per_run);
@@ -769,6 +777,14 @@ mod tests {
         let mode = default_served_mode().unwrap();
         assert!(mode == ON_DEMAND || mode == memory, "{mode}");
         assert!(serve_default("no_such_argument").is_none());
+    }
+
+    #[test]
+    fn every_round_measures_every_column_once_starting_one_later() {
+        let rounds: Vec<Vec<usize>> = (0..4).map(|r| rotation(r, 3).collect()).collect();
+        assert_eq!(rounds, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
+        assert_eq!(rotation(5, 1).collect::<Vec<_>>(), [0]);
+        assert_eq!(rotation(5, 0).count(), 0);
     }
 
     #[test]
