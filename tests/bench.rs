@@ -1,6 +1,6 @@
-//! End-to-end tests of `vmm bench --only engines` and `--only oneshot`: the real binary runs the real workloads
-//! under the guest's engines on /dev/kvm and under wasmtime in its own process, and prints
-//! its tables. Checked: every row is there with finite numbers where the engine exists (no
+//! End-to-end tests of `vmm bench --only engines`, `--only oneshot` and `--only shapes`: the
+//! real binary runs the real workloads under the guest's engines on /dev/kvm and under
+//! wasmtime in its own process, and prints its tables. Checked: every row is there with finite numbers where the engine exists (no
 //! timing comparisons: the machine is shared).
 
 mod common;
@@ -207,5 +207,136 @@ fn the_oneshot_section_times_restore_and_cold_processes_to_first_byte_and_exit()
         // A process is gone only after it wrote its response.
         let (first, gone): (f64, f64) = (row[3].parse().unwrap(), row[5].parse().unwrap());
         assert!(first <= gone, "{row:?}");
+    }
+}
+
+/// The header of the markdown table that follows `heading`.
+fn table_header(out: &str, heading: &str) -> Vec<String> {
+    let line = out
+        .lines()
+        .skip_while(|l| !l.starts_with(heading))
+        .find(|l| l.starts_with('|'))
+        .unwrap_or_else(|| panic!("no table {heading:?} in:\n{out}"));
+    line.trim_matches('|')
+        .split('|')
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// The numbers a cell starts with (`TIME (TIME)`, `TIME (COUNT) WORD`, `TIME / TIME (TIME)`),
+/// each checked to be finite and non-negative.
+fn cell_numbers(cell: &str, what: &str) -> Vec<f64> {
+    cell.split([' ', '(', ')', '/'])
+        .filter(|w| !w.is_empty())
+        .map_while(|w| w.parse::<f64>().ok())
+        .inspect(|v| assert!(v.is_finite() && *v >= 0.0, "{what}: {cell:?}"))
+        .collect()
+}
+
+#[test]
+fn the_shapes_section_measures_every_shape_in_every_column() {
+    if !kvm_available() {
+        return;
+    }
+    let python = root().join("workloads").join("python.wasm");
+    let out = bench(
+        "shapes",
+        &[
+            "--shape-runs",
+            "1",
+            "--shape-requests",
+            "1",
+            "--python",
+            &python.to_string_lossy(),
+        ],
+    );
+    let have_python = python.exists();
+    let heading = "## Function shapes";
+    let header = table_header(&out, heading);
+    for col in [
+        "shape",
+        "function",
+        "cold",
+        "restore eager",
+        "restore prefetch",
+        "restore lazy",
+        "restore shared",
+        "restore default",
+        "served shared",
+        "served copy",
+        "served on demand",
+    ] {
+        assert!(
+            header.iter().any(|h| h == col),
+            "no column {col:?}: {header:?}"
+        );
+    }
+    // The strategies `restore default` may name: the other restore columns.
+    let strategies: Vec<&str> = header
+        .iter()
+        .filter_map(|h| h.strip_prefix("restore "))
+        .filter(|s| *s != "default")
+        .collect();
+    let rows = table_rows(&out, heading);
+    let shapes: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        shapes,
+        ["hello", "markdown", "alloc", "imports", "compute"],
+        "{out}"
+    );
+    for row in &rows {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+        if row[0] == "imports" && !have_python {
+            assert!(
+                row[2].contains("is missing: run tools/fetch-workloads.sh"),
+                "{row:?}"
+            );
+            continue;
+        }
+        for (col, cell) in header.iter().zip(row).skip(2) {
+            let what = format!("{} / {col}", row[0]);
+            let n = cell_numbers(cell, &what);
+            if col == "cold" {
+                // Process time (the function's own run).
+                assert_eq!(n.len(), 2, "{what}: {cell:?}");
+                assert!(n[0] > 0.0 && n[1] > 0.0, "{what}: {cell:?}");
+            } else if col.starts_with("restore ") {
+                // Process time (userfaultfd faults), and for the default its strategy.
+                assert_eq!(n.len(), 2, "{what}: {cell:?}");
+                assert!(n[0] > 0.0 && n[1].fract() == 0.0, "{what}: {cell:?}");
+                if col == "restore default" {
+                    let named = cell.rsplit(' ').next().unwrap_or("");
+                    assert!(strategies.contains(&named), "{what}: {cell:?}");
+                }
+            } else if col == "served on demand" {
+                // p50 / p90: the instance is destroyed, not reset.
+                assert_eq!(n.len(), 2, "{what}: {cell:?}");
+                assert!(n[0] > 0.0 && n[0] <= n[1], "{what}: {cell:?}");
+            } else {
+                // p50 / p90 (mean reset).
+                assert!(col.starts_with("served "), "{col}");
+                assert_eq!(n.len(), 3, "{what}: {cell:?}");
+                assert!(n[0] > 0.0 && n[0] <= n[1] && n[2] > 0.0, "{what}: {cell:?}");
+            }
+        }
+    }
+
+    // Best against default: every measured shape, with ratios.
+    let rows = table_rows(&out, "Best against default");
+    let shapes: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        shapes,
+        ["hello", "markdown", "alloc", "imports", "compute"],
+        "{out}"
+    );
+    for row in &rows {
+        assert_eq!(row.len(), 9, "{row:?}");
+        if row[0] == "imports" && !have_python {
+            assert!(row[1..].iter().all(|c| c == "-"), "{row:?}");
+            continue;
+        }
+        for i in [3, 6, 7, 8] {
+            assert_ratio(&row[i], &format!("{} / column {i}", row[0]));
+        }
     }
 }

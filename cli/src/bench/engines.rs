@@ -409,7 +409,7 @@ fn markdown_row(
 }
 
 /// What the Python rows say when python.wasm is not there.
-fn python_missing(a: &BenchArgs) -> String {
+pub(super) fn python_missing(a: &BenchArgs) -> String {
     format!(
         "{} is missing: run tools/fetch-workloads.sh",
         a.python.display()
@@ -483,7 +483,7 @@ fn start_functions(a: &BenchArgs) -> Vec<StartFunction> {
                 "--file".into(),
                 format!("{}:marked.esm.js", s(&a.marked)),
             ],
-            input: b"# Bench\n\nSome *emphasis*, a [link](https://example.com) and a list:\n\n- one\n- two\n",
+            input: super::MARKDOWN_REQUEST,
             missing: None,
         },
         StartFunction {

@@ -252,6 +252,7 @@ mod tests {
                 function_ms: 0.0,
                 exits: if restore.is_some() { 1 } else { 3 },
                 restore: restore.map(|(p, f, b)| RestoreStatsJson {
+                    strategy: None,
                     pages_installed: p,
                     uffd_faults: f,
                     bytes_from_store: b,

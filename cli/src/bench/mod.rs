@@ -10,6 +10,7 @@ mod latency;
 mod native;
 mod oneshot;
 mod process;
+mod shapes;
 mod store;
 mod throughput;
 mod util;
@@ -19,6 +20,7 @@ pub use floor::FloorReport;
 pub use latency::{LatencyRow, WarmRow};
 pub use native::NativeReport;
 pub use oneshot::OneShotRow;
+pub use shapes::ShapesReport;
 pub use store::StoreReport;
 pub use throughput::ThroughputRow;
 
@@ -36,7 +38,8 @@ pub struct BenchArgs {
     /// marked's ES module (fetched by tools/fetch-workloads.sh).
     #[arg(long, default_value = "workloads/marked.esm.js")]
     pub marked: PathBuf,
-    /// Directory with hello.js, markdown.js and compute.wat.
+    /// Directory with the example functions (hello.js, markdown.js, compute.wat, the
+    /// `shapes` section's alloc.js, imports.py and primes.js).
     #[arg(long, default_value = "examples")]
     pub examples: PathBuf,
     /// Number of function templates for the dedup measurement.
@@ -45,8 +48,8 @@ pub struct BenchArgs {
     /// Seconds per restores-per-second measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// CPython for WASI (fetched by tools/fetch-workloads.sh); the `engines` section's Python
-    /// rows say it is missing when it is not there.
+    /// CPython for WASI (fetched by tools/fetch-workloads.sh); the Python rows of the
+    /// `engines` and `shapes` sections say it is missing when it is not there.
     #[arg(long, default_value = "workloads/python.wasm")]
     pub python: PathBuf,
     /// Runs of each workload per engine in the `engines` section (each cell is their median).
@@ -59,8 +62,15 @@ pub struct BenchArgs {
     /// Processes of each command in the `oneshot` section (interleaved).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub oneshot_runs: u64,
+    /// Rounds of the `shapes` section: processes of each of its process columns (cold run,
+    /// each restore) per shape, and rounds of served requests.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub shape_runs: u32,
+    /// Requests per round, shape and served column in the `shapes` section.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub shape_requests: u32,
     /// Only some sections: any of latency, throughput, store, floor, native, engines,
-    /// oneshot.
+    /// oneshot, shapes.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print the results as JSON instead of tables.
@@ -88,7 +98,13 @@ pub struct BenchReport {
     pub engines: Option<EnginesReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oneshot: Option<Vec<OneShotRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shapes: Option<ShapesReport>,
 }
+
+/// The Markdown request of the latency, engines and shapes sections.
+const MARKDOWN_REQUEST: &[u8] =
+    b"# Bench\n\nSome *emphasis*, a [link](https://example.com) and a list:\n\n- one\n- two\n";
 
 struct Function {
     /// Row label: the function and the size of its request.
@@ -181,36 +197,52 @@ fn run_sections(a: &BenchArgs, store: &Path) -> Result<BenchReport, String> {
         }
         report.engines = Some(r);
     }
+    if want("shapes") {
+        let r = shapes::shapes_section(a, store)?;
+        if !a.json {
+            shapes::print_shapes(&r);
+        }
+        report.shapes = Some(r);
+    }
     Ok(report)
+}
+
+/// `vmm run` / `vmm template create` arguments of `script` in the examples directory, run
+/// by the QuickJS reactor, with `extra` files (`--file` arguments) beside it.
+fn qjs_args(a: &BenchArgs, script: &str, extra: &[String]) -> Vec<String> {
+    let mut v = vec![
+        "--module".into(),
+        s(&a.qjs),
+        "--runtime".into(),
+        "qjs".into(),
+    ];
+    v.extend([
+        "--file".into(),
+        s(&a.examples.join(script)),
+        "--arg".into(),
+        script.into(),
+    ]);
+    for f in extra {
+        v.extend(["--file".into(), f.clone()]);
+    }
+    v
 }
 
 /// The functions the latency sections measure; the first (hello) also the throughput one.
 fn functions(a: &BenchArgs) -> [Function; 3] {
-    let qjs = |script: &str, extra: &[String]| {
-        let mut v = vec![
-            "--module".into(),
-            s(&a.qjs),
-            "--runtime".into(),
-            "qjs".into(),
-        ];
-        v.extend([
-            "--file".into(),
-            s(&a.examples.join(script)),
-            "--arg".into(),
-            script.into(),
-        ]);
-        for f in extra {
-            v.extend(["--file".into(), f.clone()]);
-        }
-        v
-    };
+    let qjs = |script: &str, extra: &[String]| qjs_args(a, script, extra);
     [
-        Function { label: "hello", name: "hello", args: qjs("hello.js", &[]), input: br#"{"name":"bench"}"# },
+        Function {
+            label: "hello",
+            name: "hello",
+            args: qjs("hello.js", &[]),
+            input: br#"{"name":"bench"}"#,
+        },
         Function {
             label: "markdown (86-byte request)",
             name: "markdown",
             args: qjs("markdown.js", &[format!("{}:marked.esm.js", s(&a.marked))]),
-            input: b"# Bench\n\nSome *emphasis*, a [link](https://example.com) and a list:\n\n- one\n- two\n",
+            input: MARKDOWN_REQUEST,
         },
         Function {
             label: "markdown (7-byte request)",

@@ -27,6 +27,9 @@ pub(super) struct StatsJson {
 /// `stats.restore` of one invocation (`snapshot::RestoreStats`): the fields the bench uses.
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct RestoreStatsJson {
+    /// How guest memory was filled (`--memory`'s name for it).
+    #[serde(default)]
+    pub(super) strategy: Option<String>,
     pub(super) pages_installed: u64,
     pub(super) uffd_faults: u64,
     pub(super) bytes_from_store: u64,
@@ -184,6 +187,7 @@ mod tests {
             (r.pages_installed, r.uffd_faults, r.bytes_from_store),
             (11, 13, 17 * 4096)
         );
+        assert_eq!(r.strategy.as_deref(), Some("lazy"));
     }
 
     #[test]
