@@ -618,3 +618,70 @@ fn a_damaged_template_is_refused_with_502_and_the_others_keep_serving() {
     let (s, body, _) = d.invoke("hello", br#"{"name":"ok"}"#);
     assert_eq!(s, 200, "{body}");
 }
+
+/// The default `--instance-memory auto`: templates start with shared instances; once a
+/// request of one changes the guest's page tables (a wasm memory that grows maps pages),
+/// that template's instances get their own copy, and every request still answers as a
+/// fresh restore does. A template whose requests map nothing stays shared.
+#[test]
+fn auto_instance_memory_gives_copies_to_a_template_whose_requests_map_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-auto");
+    create(&store, "up", &upper_args());
+    create(
+        &store,
+        "grow",
+        &[
+            "--module".to_string(),
+            path("tests/guests/grow_per_request.wat"),
+        ],
+    );
+    let d = Daemon::start(&store, &["--pool", "1", "--workers", "1"]);
+    d.wait_pools(2, 1);
+    let modes = || -> Vec<(String, String, bool)> {
+        let (status, list) = d.get("/v1/functions");
+        assert_eq!(status, 200, "{list}");
+        let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let mut m: Vec<_> = v["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["name"].as_str().unwrap().to_string(),
+                    f["instance_memory"].as_str().unwrap().to_string(),
+                    f["maps_memory"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        m.sort();
+        m
+    };
+    let shared = |n: &str| (n.to_string(), "shared".to_string(), false);
+    assert_eq!(modes(), vec![shared("grow"), shared("up")]);
+    for _ in 0..3 {
+        let (status, body, _) = d.invoke("up", b"abc");
+        assert_eq!((status, body.as_str()), (200, "ABCone\ntwo\n"));
+    }
+    assert_eq!(modes(), vec![shared("grow"), shared("up")]);
+    for i in 0..6 {
+        let req: &[u8] = if i % 2 == 0 { b"g" } else { b"G" };
+        let (status, body, _) = d.invoke("grow", req);
+        assert_eq!(status, 200, "#{i}: {body}");
+        assert_eq!(
+            body, "grew from 2 saw 0\n",
+            "#{i}: memory left by an earlier request"
+        );
+    }
+    assert_eq!(
+        modes(),
+        vec![("grow".to_string(), "copy".to_string(), true), shared("up")]
+    );
+    assert!(
+        d.logged("its instances get their own copy of memory"),
+        "{}",
+        d.log()
+    );
+}

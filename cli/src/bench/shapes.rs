@@ -20,7 +20,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::guest::RunLimits;
-use vmm::instance::Backing;
 use vmm::pool::{PoolConfig, Pools};
 use vmm::stats::ms;
 
@@ -203,14 +202,6 @@ fn serve_default(id: &str) -> Option<String> {
     v.to_str().map(String::from)
 }
 
-/// How `vmm serve --instance-memory m` has its pooled instances hold memory.
-fn serve_backing(m: InstanceMemory) -> Backing {
-    match m {
-        InstanceMemory::Shared => Backing::Shared,
-        InstanceMemory::Copy => Backing::Eager,
-    }
-}
-
 /// One served column: a `Pools` over the section's store, configured as `vmm serve` is.
 struct Served {
     mode: String,
@@ -221,7 +212,13 @@ struct Served {
 }
 
 impl Served {
-    fn new(store: &Path, mode: String, pool: usize, backing: Backing) -> Result<Served, String> {
+    fn new(
+        store: &Path,
+        mode: String,
+        pool: usize,
+        memory: InstanceMemory,
+    ) -> Result<Served, String> {
+        let (backing, adapt) = memory.pool_backing();
         // As `vmm serve`: restores on demand run on the calling thread alone.
         let engine = vmm::engine::Engine::new(vmm::engine::Config {
             parallel_restore: false,
@@ -233,6 +230,7 @@ impl Served {
             PoolConfig {
                 pool,
                 backing,
+                adapt,
                 ..PoolConfig::default()
             },
         );
@@ -370,19 +368,14 @@ pub(super) fn shapes_section(a: &BenchArgs, store: &Path) -> Result<ShapesReport
             .to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_else(|| format!("{m:?}"));
-        served.push(Served::new(&store, name, SERVED_POOL, serve_backing(*m))?);
+        served.push(Served::new(&store, name, SERVED_POOL, *m)?);
     }
     // `--pool 0` with the default `--instance-memory`: every request restores an instance
     // of its own (the pools give it a copy, whatever `--instance-memory` says).
     let default_memory = serve_default("instance_memory")
         .and_then(|m| InstanceMemory::from_str(&m, false).ok())
         .ok_or("`vmm serve` declares no default --instance-memory")?;
-    served.push(Served::new(
-        &store,
-        ON_DEMAND.into(),
-        0,
-        serve_backing(default_memory),
-    )?);
+    served.push(Served::new(&store, ON_DEMAND.into(), 0, default_memory)?);
     let args: Vec<Vec<Vec<String>>> = measured
         .iter()
         .map(|shape| process_args(shape, &store, &memories))

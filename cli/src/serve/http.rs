@@ -620,6 +620,13 @@ fn functions(state: &State) -> Resp {
                 "ready": e.ready(),
                 "busy": e.busy(),
                 "served": e.served(),
+                // How the pool's new instances hold memory (`auto` switches a template
+                // whose requests change the guest's page tables to copies).
+                "instance_memory": match e.backing(state.pools.config()) {
+                    vmm::instance::Backing::Shared => "shared",
+                    _ => "copy",
+                },
+                "maps_memory": e.maps_memory(),
                 "data_pages": e.template().data_pages(),
                 "image_bytes": e.template().image_bytes(),
             })

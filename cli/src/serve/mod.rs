@@ -77,9 +77,12 @@ pub struct ServeArgs {
     /// copy-on-write and keeps privately only the pages the guest wrote (~3 MiB per idle
     /// JS instance; each new instance is warmed up with an empty request off the request
     /// path, since its first touch of each page costs an exit); `copy` gives each its own
-    /// copy in 2 MiB pages (~10 MiB). Instances restored on demand (`--pool 0`, or every
-    /// pooled one busy) always get a copy.
-    #[arg(long, value_enum, default_value = "shared")]
+    /// copy in 2 MiB pages (~10 MiB); `auto` starts shared and gives a template's
+    /// instances copies once one of its requests changes the guest's page tables (a
+    /// function that grows its memory: after such a request every page touched again
+    /// costs a shared instance an exit). Instances restored on demand (`--pool 0`, or
+    /// every pooled one busy) always get a copy.
+    #[arg(long, value_enum, default_value = "auto")]
     pub instance_memory: InstanceMemory,
     /// Seconds a client has to send its request headers, and then again its body (408
     /// after that); 1 to 3600.
@@ -95,6 +98,21 @@ pub enum InstanceMemory {
     Shared,
     /// Each instance has its own copy of the template's memory.
     Copy,
+    /// Shared until a request of the template changes the guest's page tables, then copies.
+    Auto,
+}
+
+impl InstanceMemory {
+    /// The pool's backing for new instances, and whether it adapts
+    /// ([`PoolConfig::adapt`]).
+    pub fn pool_backing(self) -> (vmm::instance::Backing, bool) {
+        use vmm::instance::Backing;
+        match self {
+            InstanceMemory::Shared => (Backing::Shared, false),
+            InstanceMemory::Copy => (Backing::Eager, false),
+            InstanceMemory::Auto => (Backing::Shared, true),
+        }
+    }
 }
 
 /// Run the daemon until SIGTERM or Ctrl-C (then drain the requests in flight); the
@@ -158,10 +176,8 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             pool: args.pool as usize,
             max_instances: args.max_instances as usize,
             memory_limit: args.memory_limit,
-            backing: match args.instance_memory {
-                InstanceMemory::Shared => vmm::instance::Backing::Shared,
-                InstanceMemory::Copy => vmm::instance::Backing::Eager,
-            },
+            backing: args.instance_memory.pool_backing().0,
+            adapt: args.instance_memory.pool_backing().1,
             ..PoolConfig::default()
         },
     ));
