@@ -288,11 +288,11 @@ fn a_template_learns_the_working_set_of_requests_unlike_its_trial() {
     create(
         &store,
         "imports",
-        &function(&py, "tests/guests/imports.py", &[]),
+        &function(&py, "examples/imports.py", &[]),
     );
     let learned = store.0.join("templates/imports.ws");
     assert!(!learned.exists());
-    let request = b"a request that takes the import path";
+    let request = b"a request that takes the import path, from 10.0.0.1";
     let faults = |i: usize| -> u64 {
         let mut cmd = vmm();
         cmd.args(["restore", "imports", "--json", "--store", &store.arg()]);
@@ -303,8 +303,8 @@ fn a_template_learns_the_working_set_of_requests_unlike_its_trial() {
         assert_eq!(v["exit_code"], 0, "restore #{i}: {v}");
         let out: serde_json::Value =
             serde_json::from_str(v["stdout"].as_str().unwrap().trim()).unwrap();
-        assert_eq!(out["len"], request.len(), "restore #{i}: {out}");
-        assert_eq!(out["ip"], "10.0.0.1", "restore #{i}: {out}");
+        assert_eq!(out["bytes"], request.len(), "restore #{i}: {out}");
+        assert_eq!(out["ips"], serde_json::json!(["10.0.0.1"]), "restore #{i}: {out}");
         assert_eq!(v["stats"]["restore"]["strategy"], "prefetch", "{v}");
         v["stats"]["restore"]["uffd_faults"].as_u64().unwrap()
     };
@@ -327,6 +327,6 @@ fn a_template_learns_the_working_set_of_requests_unlike_its_trial() {
     assert_ok(
         "empty request",
         &restore(&store, "imports", b""),
-        "{\"len\": 0}\n",
+        "{\"empty\": true}\n",
     );
 }
