@@ -12,11 +12,14 @@
 //!   is written again. Nothing a request left behind survives a reset. An instance whose
 //!   invocation failed (timeout, guest fault) is not reset: the caller drops it.
 //! * A request that changed the guest's page tables (under wasmtime, a linear memory that
-//!   grew maps new pages) is not reset in place: under shadow paging (PVM) KVM does not see
-//!   the host's copy of the template's page-table pages, so pages the request mapped would
-//!   stay reachable. [`Instance::reset`] compares the template's page-table pages and, if
-//!   one differs, replaces the VM with a fresh restore (so does an instance whose pages
-//!   arrive on demand).
+//!   grew maps new pages): under shadow paging (PVM) KVM does not see the host's copy of
+//!   the template's page-table pages, so pages the request mapped would stay reachable.
+//!   [`Instance::reset`] compares the template's page-table pages and, if one differs,
+//!   resets in place and then makes KVM forget every mapping it built
+//!   ([`Vm::forget_mappings`]). An instance whose pages arrive on demand is replaced by a
+//!   fresh restore instead.
+//! * [`Instance::learn`] reports what requests touched beyond the template's working set
+//!   (see [`Template::learn`]).
 //! * Template creation drives an instance hostcall by hostcall ([`Instance::resume_to_call`])
 //!   and snapshots it where it waits ([`Instance::capture`]).
 
