@@ -75,9 +75,9 @@ impl From<EngineArg> for EngineKind {
 pub enum MemoryArg {
     /// Copy every non-zero page before the vCPU runs.
     Eager,
-    /// Copy the template's recorded working set before the vCPU runs (whole 2 MiB regions
-    /// where it is dense, only its pages where it is sparse); the rest arrives on demand
-    /// through userfaultfd.
+    /// Copy the template's working set (recorded by its trial request, then learned from
+    /// real ones) before the vCPU runs (whole 2 MiB regions where it is dense, only its
+    /// pages where it is sparse); the rest arrives on demand through userfaultfd.
     Prefetch,
     /// Nothing up front: every page arrives on demand through userfaultfd.
     Lazy,

@@ -65,10 +65,15 @@ enum Command {
         store: StoreArg,
         #[command(flatten)]
         invoke: InvokeArgs,
-        /// How guest memory is filled: `prefetch` copies the template's recorded working set
-        /// before the vCPU runs (whole 2 MiB regions where it is dense, only its pages where
-        /// it is sparse) and serves the rest on demand through userfaultfd; `eager` copies everything; `lazy` serves every page on demand;
-        /// `shared` maps a memory image cached in the store copy-on-write (see `vmm bench`).
+        /// How guest memory is filled: `prefetch` copies the template's working set before
+        /// the vCPU runs (whole 2 MiB regions where it is dense, only its pages where it is
+        /// sparse) and serves the rest of the template's pages on demand through
+        /// userfaultfd; `eager` copies everything; `lazy` serves every page on demand;
+        /// `shared` maps a memory image cached in the store copy-on-write (see `vmm bench
+        /// --only shapes`). Memory the template does not hold is zero-filled by the kernel.
+        /// The pages a request touched beyond the working set are added to the template's
+        /// learned working set in the store (for its first 10 requests that touch new
+        /// ones), which later restores prefetch.
         #[arg(long, value_enum, default_value = "prefetch")]
         memory: cli::MemoryArg,
         #[command(flatten)]

@@ -630,7 +630,7 @@ pub(super) fn print_shapes(r: &ShapesReport) {
         println!("| {} |", cells.join(" | "));
     }
     println!();
-    println!("Best against default, per shape. restore: the `--memory` with the lowest median process against `vmm restore` without `--memory`; served: the mode with the lowest p50 against what `vmm serve` does without flags (`{}`); then the defaults against the cold run.\n", r.served_default);
+    println!("Best against default, per shape. restore: the `--memory` with the lowest median process against `vmm restore` without `--memory` (when that is the default's own strategy, the two columns run the same command: their ratio is this run's noise); served: the mode with the lowest p50 against what `vmm serve` does without flags (`{}`); then the defaults against the cold run.\n", r.served_default);
     println!("| shape | best restore | default restore | default / best | best served | default served | default / best | default restore / cold | default served p50 / cold function_ms |");
     println!("|---|---|---|---:|---|---|---:|---:|---:|");
     for row in &r.rows {
