@@ -668,7 +668,7 @@ def print_markdown(r: dict) -> None:
         print(f"`/proc/PID/smaps_rollup` of `vmm serve --pool {mem['instances']}` once all were ready, "
               "minus `--pool 0` after one request (template loaded, no instance), divided by the "
               "instances. MiB. `copy` (`--instance-memory copy`): each instance has its own copy of the template's memory; "
-              "`shared` (`--instance-memory shared`, the default): instances map one image copy-on-write "
+              "`shared` (`--instance-memory shared`; `auto`, the default, stays shared for hello): instances map one image copy-on-write "
               "and hold only the pages their guest wrote (each was warmed up with one empty request).")
         print()
         print("| mode | instances ready | fill s | Rss | Pss | Private (clean+dirty) | Shared (clean+dirty) | AnonHugePages |")

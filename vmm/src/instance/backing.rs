@@ -478,6 +478,21 @@ impl FaultServer {
         Ok(())
     }
 
+    /// The pages of frames `[first, first + n)` into `buf` (zeros for zero frames);
+    /// returns how many hold data.
+    fn gather(&self, first: u64, n: usize, buf: &mut Vec<u8>) -> u64 {
+        buf.clear();
+        buf.resize(n * PAGE_SIZE, 0);
+        let mut data = 0;
+        for (gfn, dst) in (first..).zip(buf.chunks_exact_mut(PAGE_SIZE)) {
+            if let Some(p) = self.page(gfn) {
+                dst.copy_from_slice(p);
+                data += 1;
+            }
+        }
+        data
+    }
+
     /// Installs every absent frame of `[first, end)` (inside guest RAM), a run per
     /// UFFDIO_COPY. A frame that appeared meanwhile ends its run's copy early.
     fn install_absent(
@@ -508,15 +523,7 @@ impl FaultServer {
             while b < n && residency[b] & 1 == 0 {
                 b += 1;
             }
-            buf.clear();
-            buf.resize((b - a) * PAGE_SIZE, 0);
-            let mut data = 0;
-            for (k, dst) in (a..b).zip(buf.chunks_exact_mut(PAGE_SIZE)) {
-                if let Some(p) = self.page(first + k as u64) {
-                    dst.copy_from_slice(p);
-                    data += 1;
-                }
-            }
+            let data = self.gather(first + a as u64, b - a, buf);
             // SAFETY: the run lies inside guest RAM, in a region registered with this
             // userfaultfd (the caller's faulting frame's region), and was absent a moment
             // ago; only this thread installs pages while the vCPU runs. No Rust reference
@@ -563,15 +570,7 @@ impl FaultServer {
         while b < n && absent(b) {
             b += 1;
         }
-        buf.clear();
-        buf.resize((b - a) * PAGE_SIZE, 0);
-        let mut data = 0;
-        for (k, dst) in (a..b).zip(buf.chunks_exact_mut(PAGE_SIZE)) {
-            if let Some(p) = self.page(first + k as u64) {
-                dst.copy_from_slice(p);
-                data += 1;
-            }
-        }
+        let data = self.gather(first + a as u64, b - a, buf);
         let dst = self.at(first + a as u64);
         // SAFETY: the run lies inside guest RAM (registered with this userfaultfd) and was
         // absent a moment ago; only this thread installs pages while the vCPU runs, and a
