@@ -304,7 +304,11 @@ fn a_template_learns_the_working_set_of_requests_unlike_its_trial() {
         let out: serde_json::Value =
             serde_json::from_str(v["stdout"].as_str().unwrap().trim()).unwrap();
         assert_eq!(out["bytes"], request.len(), "restore #{i}: {out}");
-        assert_eq!(out["ips"], serde_json::json!(["10.0.0.1"]), "restore #{i}: {out}");
+        assert_eq!(
+            out["ips"],
+            serde_json::json!(["10.0.0.1"]),
+            "restore #{i}: {out}"
+        );
         assert_eq!(v["stats"]["restore"]["strategy"], "prefetch", "{v}");
         v["stats"]["restore"]["uffd_faults"].as_u64().unwrap()
     };

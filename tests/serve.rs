@@ -620,7 +620,8 @@ fn a_damaged_template_is_refused_with_502_and_the_others_keep_serving() {
 }
 
 /// The default `--instance-memory auto`: templates start with shared instances; once a
-/// request of one changes the guest's page tables (a wasm memory that grows maps pages),
+/// request of one changes the guest's page tables (a wasm memory that grows under wasmtime
+/// maps pages),
 /// that template's instances get their own copy, and every request still answers as a
 /// fresh restore does. A template whose requests map nothing stays shared.
 #[test]
@@ -630,10 +631,14 @@ fn auto_instance_memory_gives_copies_to_a_template_whose_requests_map_memory() {
     }
     let store = TempDir::new("serve-auto");
     create(&store, "up", &upper_args());
+    // Under wasmtime a growing linear memory maps pages in the guest (under wasmi, which
+    // `VMM_ENGINE=wasmi` makes the default, it does not).
     create(
         &store,
         "grow",
         &[
+            "--engine".to_string(),
+            "wasmtime".to_string(),
             "--module".to_string(),
             path("tests/guests/grow_per_request.wat"),
         ],
