@@ -17,6 +17,17 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64, size: u64 },
 }
 
+/// `/proc/self/pagemap`, opened once per process and shared by every instance (reads are
+/// positioned: `pread`), so that an idle instance holds no descriptor of its own for it.
+pub fn pagemap() -> Result<&'static std::fs::File, std::io::Error> {
+    static PAGEMAP: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(f) = PAGEMAP.get() {
+        return Ok(f);
+    }
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    Ok(PAGEMAP.get_or_init(|| f))
+}
+
 /// What [`GuestMemory::page_states`] finds of a page of a private file mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageState {

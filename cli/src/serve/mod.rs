@@ -23,6 +23,7 @@ macro_rules! say {
 }
 
 mod http;
+mod limits;
 mod metrics;
 mod workers;
 
@@ -44,7 +45,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub pool: u32,
-    /// Most instances alive at once, over all templates.
+    /// Most instances alive at once, over all templates. Checked at start-up against the
+    /// open-files limit (the soft one is raised as far as needed) and `vm.max_map_count`.
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_instances: u32,
@@ -143,6 +145,10 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             );
             return 2;
         }
+    }
+    if let Err(e) = limits::ensure(args.max_instances) {
+        say!("vmm: error: {e}");
+        return 2;
     }
     if !store_dir.join("store.cfg").exists() {
         say!(

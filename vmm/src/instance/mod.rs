@@ -98,8 +98,9 @@ pub struct Instance {
     faults: Option<Faults>,
     template: Option<Arc<Template>>,
     backing: Backing,
-    /// /proc/self/pagemap, to find the pages a shared instance's guest wrote.
-    pagemap: Option<std::fs::File>,
+    /// /proc/self/pagemap (one descriptor for the whole process), to find the pages a
+    /// shared instance's guest wrote.
+    pagemap: Option<&'static std::fs::File>,
     /// Reused by every reset: one flag per page, and mincore's buffer.
     resident: Vec<bool>,
     /// Frames a shared instance's requests touched, found by its last reset (for the
@@ -197,9 +198,7 @@ impl Instance {
             .apply_backend_msrs(&vm.vcpu, vm.backend)
             .map_err(|e| Error::new(state_error_kind(&e), step, e))?;
         let pagemap = match backing {
-            Backing::Shared => {
-                Some(std::fs::File::open("/proc/self/pagemap").map_err(|e| host(e.into()))?)
-            }
+            Backing::Shared => Some(crate::memory::pagemap().map_err(|e| host(e.into()))?),
             _ => None,
         };
         let origin = Stats {
@@ -631,7 +630,7 @@ impl Instance {
             if file_mapped(r) {
                 // Mapped from the template's file: only pages the guest wrote are private;
                 // copy the template's bytes back into those (they stay private and mapped).
-                let Some(pm) = &self.pagemap else { continue };
+                let Some(pm) = self.pagemap else { continue };
                 let gpa = r as u64 * REGION;
                 let len = REGION.min(self.vm.mem().size() - gpa);
                 self.vm
