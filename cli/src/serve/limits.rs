@@ -137,7 +137,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            e.contains("RLIMIT_NOFILE) is 4096") && e.contains("ulimit -Hn 21024"),
+            e.contains("RLIMIT_NOFILE) is 4096") && e.contains("ulimit -Hn 20256"),
             "{e}"
         );
         assert!(e.contains("lower --max-instances"), "{e}");
