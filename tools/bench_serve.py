@@ -568,6 +568,79 @@ def section_memory(a, tmp: Path) -> dict:
     return result
 
 
+MEMINFO_KEYS = ("MemAvailable", "VmallocUsed", "Slab", "SecPageTables", "PageTables",
+                "KernelStack", "AnonPages")
+
+
+def meminfo() -> dict[str, int]:
+    """The /proc/meminfo fields of MEMINFO_KEYS, KiB."""
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        m = re.match(r"(\w+):\s+(\d+) kB", line)
+        if m and m.group(1) in MEMINFO_KEYS:
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def section_density(a, tmp: Path) -> list[dict]:
+    """Issue 19's measure: a daemon holding 2 ready hello instances against one holding
+    `--density` of them: host memory per instance (MemAvailable and the kernel's own
+    counters, before the daemon starts and once its pool is full), the fill rate, and hello
+    at concurrency 1 and 16 with those instances idle beside the one serving."""
+    store = tmp / "store-density"
+    function, body, expect = FUNCTIONS["hello"]
+    body_file = tmp / "density.body"
+    body_file.write_bytes(body)
+    log("density: a store with only hello")
+    create_template(a.vmm, store, "hello", function)
+    rows = []
+    for n in (2, a.density):
+        time.sleep(1.0)
+        before = meminfo()
+        extra = ["--max-instances", str(n + 16), "--memory-limit", "1000G"]
+        log(f"density: vmm serve --pool {n}")
+        with Daemon(a.vmm, store, tmp, f"density-{n}", n, extra) as d:
+            t0 = time.perf_counter()
+            marks = []
+            deadline = t0 + max(120.0, n / 20)
+            while True:
+                d.check_alive()
+                ready = {e["name"]: e["ready"] for e in d.functions()["functions"]}.get("hello", 0)
+                marks.append((time.perf_counter() - t0, ready))
+                if ready >= n:
+                    break
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"density: {ready} of {n} instances ready after {deadline - t0:.0f} s")
+                time.sleep(0.05 if n < 100 else 0.5)
+            fill_s = marks[-1][0]
+            # The last tenth of the fill: does it slow down as instances pile up?
+            tenth = next((t for t, r in marks if r >= 0.9 * n), fill_s)
+            time.sleep(1.0)
+            after = meminfo()
+            verify(d, "hello", body, expect)
+            row = {"instances": n, "fill_s": fill_s,
+                   "fill_per_s": n / fill_s if fill_s > 0 else None,
+                   "last_tenth_per_s": (n - int(0.9 * n)) / (fill_s - tenth) if fill_s > tenth else None,
+                   "per_instance_kib": {k: (before[k] - after[k] if k == "MemAvailable" else after[k] - before[k]) / n
+                                        for k in MEMINFO_KEYS if k in before and k in after},
+                   "load": {}}
+            for c in (1, 16):
+                log(f"density: {n} ready, concurrency {c}, {a.seconds:g} s")
+                d.wait_idle()
+                code, out, err, _ = run(
+                    [*oha_args(a.oha, body_file), "-z", f"{int(a.seconds * 1000)}ms", "-w",
+                     "-c", str(c), d.url("/v1/functions/hello/invoke")],
+                    timeout=a.seconds + 180,
+                )
+                if code != 0:
+                    raise BenchError(f"oha exit {code}: {err.decode(errors='replace')}")
+                d.check_alive()
+                row["load"][str(c)] = oha_summary(json.loads(out))
+            rows.append(row)
+            log(f"  {n} instances in {fill_s:.1f} s, {row['per_instance_kib'].get('MemAvailable', 0):.0f} KiB each")
+    return rows
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -583,6 +656,29 @@ def ratio(num, den) -> str:
     if num is None or den in (None, 0):
         return "-"
     return f"{num / den:.1f}x"
+
+
+def print_density(rows: list[dict]) -> None:
+    print()
+    print("## Density: ready hello instances in one daemon")
+    print()
+    print("Per instance, KiB: the fall in MemAvailable and the rise of the kernel's counters "
+          "from before the daemon started to its pool being full. Fill: from start to all "
+          "ready, and the rate over the last tenth. Then hello over HTTP (oha) with those "
+          "instances idle: p50/p99 ms at concurrency 1, req/s and p99 at 16.")
+    print()
+    keys = [k for k in MEMINFO_KEYS]
+    print("| ready | fill s | inst/s | last tenth inst/s | " + " | ".join(keys)
+          + " | c=1 p50 / p99 ms | c=16 req/s | c=16 p99 ms | non-200 |")
+    print("|---:|---:|---:|---:|" + "---:|" * len(keys) + "---|---:|---:|---:|")
+    for row in rows:
+        per = row["per_instance_kib"]
+        l1, l16 = row["load"]["1"], row["load"]["16"]
+        print(f"| {row['instances']} | {fmt(row['fill_s'])} | {fmt(row['fill_per_s'], 0)} "
+              f"| {fmt(row['last_tenth_per_s'], 0)} | "
+              + " | ".join(fmt(per.get(k), 0) for k in keys)
+              + f" | {fmt(l1['p50_ms'])} / {fmt(l1['p99_ms'])} | {fmt(l16['rps'], 0)} "
+              f"| {fmt(l16['p99_ms'])} | {l1['non_200'] + l16['non_200']} |")
 
 
 def print_markdown(r: dict) -> None:
@@ -677,6 +773,8 @@ def print_markdown(r: dict) -> None:
             v = m["per_instance_mib"]
             print(f"| {m['mode']} | {m['live_instances']} | {fmt(m['wait_for_ready_s'])} | {fmt(v['Rss'])} "
                   f"| {fmt(v['Pss'])} | {fmt(v['Private'])} | {fmt(v['Shared'])} | {fmt(v.get('AnonHugePages'))} |")
+    if r.get("density"):
+        print_density(r["density"])
 
 
 # ---------------------------------------------------------------- main
@@ -702,7 +800,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 s per point, concurrency 1 and 16 only")
     ap.add_argument("--json", action="store_true", help="print everything as one JSON object instead of tables")
     ap.add_argument("--sections", default="load,cli,burst,memory",
-                    help="comma-separated subset of load,cli,burst,memory (default: all)")
+                    help="comma-separated subset of load,cli,burst,memory,density (default: all "
+                         "but density)")
+    ap.add_argument("--density", type=int, default=2000,
+                    help="ready instances in the density section (default 2000; --max-instances "
+                         "is checked against vm.max_map_count and the open-files limit)")
     a = ap.parse_args()
     if a.seconds is None:
         a.seconds = 1.0 if a.quick else 5.0
@@ -711,7 +813,7 @@ def main() -> int:
     if a.seconds <= 0 or a.runs < 1:
         ap.error("--seconds must be positive and --runs at least 1")
     sections = set(a.sections.split(","))
-    unknown = sections - {"load", "cli", "burst", "memory"}
+    unknown = sections - {"load", "cli", "burst", "memory", "density"}
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     concurrencies = [1, 16] if a.quick else [1, 2, 16, 64]
@@ -763,6 +865,8 @@ def main() -> int:
             result["burst"] = section_burst(a, tmp)
         if "memory" in sections:
             result["memory"] = section_memory(a, tmp)
+        if "density" in sections:
+            result["density"] = section_density(a, tmp)
     except BenchError as e:
         log(f"error: {e}")
         return 1
