@@ -591,8 +591,9 @@ def section_density(a, tmp: Path) -> list[dict]:
     function, body, expect = FUNCTIONS["hello"]
     body_file = tmp / "density.body"
     body_file.write_bytes(body)
-    log("density: a store with only hello")
-    create_template(a.vmm, store, "hello", function)
+    mem = ["--mem", str(a.density_mem)] if a.density_mem else []
+    log(f"density: a store with only hello {' '.join(mem)}")
+    create_template(a.vmm, store, "hello", function + mem)
     rows = []
     for n in (2, a.density):
         time.sleep(1.0)
@@ -636,6 +637,7 @@ def section_density(a, tmp: Path) -> list[dict]:
                     raise BenchError(f"oha exit {code}: {err.decode(errors='replace')}")
                 d.check_alive()
                 row["load"][str(c)] = oha_summary(json.loads(out))
+            row["guest_mib"] = a.density_mem or 512
             rows.append(row)
             log(f"  {n} instances in {fill_s:.1f} s, {row['per_instance_kib'].get('MemAvailable', 0):.0f} KiB each")
     return rows
@@ -668,13 +670,13 @@ def print_density(rows: list[dict]) -> None:
           "instances idle: p50/p99 ms at concurrency 1, req/s and p99 at 16.")
     print()
     keys = [k for k in MEMINFO_KEYS]
-    print("| ready | fill s | inst/s | last tenth inst/s | " + " | ".join(keys)
+    print("| ready | guest MiB | fill s | inst/s | last tenth inst/s | " + " | ".join(keys)
           + " | c=1 p50 / p99 ms | c=16 req/s | c=16 p99 ms | non-200 |")
-    print("|---:|---:|---:|---:|" + "---:|" * len(keys) + "---|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|" + "---:|" * len(keys) + "---|---:|---:|---:|")
     for row in rows:
         per = row["per_instance_kib"]
         l1, l16 = row["load"]["1"], row["load"]["16"]
-        print(f"| {row['instances']} | {fmt(row['fill_s'])} | {fmt(row['fill_per_s'], 0)} "
+        print(f"| {row['instances']} | {row.get('guest_mib', 512)} | {fmt(row['fill_s'])} | {fmt(row['fill_per_s'], 0)} "
               f"| {fmt(row['last_tenth_per_s'], 0)} | "
               + " | ".join(fmt(per.get(k), 0) for k in keys)
               + f" | {fmt(l1['p50_ms'])} / {fmt(l1['p99_ms'])} | {fmt(l16['rps'], 0)} "
@@ -802,6 +804,9 @@ def main() -> int:
     ap.add_argument("--sections", default="load,cli,burst,memory",
                     help="comma-separated subset of load,cli,burst,memory,density (default: all "
                          "but density)")
+    ap.add_argument("--density-mem", type=int, default=None, metavar="MIB",
+                    help="guest RAM of the density section's template (`template create --mem`; "
+                         "default: vmm's own, 512)")
     ap.add_argument("--density", type=int, default=2000,
                     help="ready instances in the density section (default 2000; --max-instances "
                          "is checked against vm.max_map_count and the open-files limit)")
