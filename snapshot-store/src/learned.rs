@@ -21,13 +21,13 @@
 //! and an atomic replace (temp file, fsync, rename).
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::PathBuf;
 
 use crate::error::WriteError;
 use crate::resolve::Template;
 use crate::store::Store;
-use crate::util::read_regular;
+use crate::util::open_regular;
 use crate::{TemplateName, PAGE_SIZE};
 
 const MAGIC: &[u8; 8] = b"VMMTWS01";
@@ -134,8 +134,27 @@ impl Store {
     /// but cannot be used (the reason); the manifest's working set then stands.
     pub fn learned_working_set(&self, t: &Template) -> Result<Option<LearnedWorkingSet>, String> {
         let path = self.ws_path(&t.name);
-        let bytes = match read_regular(&path) {
-            Ok(b) => b,
+        let frames = t.mem_size / PAGE_SIZE as u64;
+        // Never more than a record of every frame of guest RAM: a larger file (damaged, or
+        // planted) is refused before it is read.
+        let limit = (HEADER + BODY_FIXED) as u64 + 4 * frames;
+        // None: longer than `limit` (the file is not read).
+        let read = open_regular(&path).and_then(|f| {
+            if f.metadata()?.len() > limit {
+                return Ok(None);
+            }
+            let mut b = Vec::new();
+            f.take(limit).read_to_end(&mut b)?;
+            Ok(Some(b))
+        });
+        let bytes = match read {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return Err(format!(
+                    "{}: longer than the {limit} bytes a record of {frames} frames can take",
+                    path.display()
+                ))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
@@ -145,14 +164,9 @@ impl Store {
                 path.display()
             ));
         }
-        decode(
-            &bytes,
-            t.manifest_sum,
-            t.mem_size / PAGE_SIZE as u64,
-            &|b| self.hasher.keyed(b),
-        )
-        .map(Some)
-        .map_err(|why| format!("{}: {why}", path.display()))
+        decode(&bytes, t.manifest_sum, frames, &|b| self.hasher.keyed(b))
+            .map(Some)
+            .map_err(|why| format!("{}: {why}", path.display()))
     }
 
     /// Adds the frames in `touched` (guest frames a request touched, in first-touch order)
@@ -310,6 +324,32 @@ mod tests {
         assert_eq!(about_ws(&s), 1, "{:?}", s.verify());
         s.gc(false).unwrap();
         assert!(!d.path().join("templates/gone.ws").exists());
+    }
+
+    #[test]
+    fn an_oversized_or_special_file_is_refused_unread() {
+        use std::os::unix::fs::symlink;
+        let (d, s) = store();
+        let t = s.load("fn").unwrap();
+        let path = d.path().join("templates/fn.ws");
+        // A sparse file far larger than any record: refused without reading it.
+        let f = fs::File::create(&path).unwrap();
+        f.set_len(64 << 30).unwrap();
+        let why = s.learned_working_set(&t).unwrap_err();
+        assert!(why.contains("longer than"), "{why}");
+        // A device that never ends, and a FIFO that would block.
+        fs::remove_file(&path).unwrap();
+        symlink("/dev/zero", &path).unwrap();
+        assert!(s.learned_working_set(&t).unwrap_err().contains("device"));
+        fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path; the result is checked.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(s.learned_working_set(&t).unwrap_err().contains("FIFO"));
+        // Learning renames a new record over it.
+        let ws = s.learn_working_set(&t, &[5], 10).unwrap().unwrap();
+        assert_eq!(ws.frames, vec![3, 9, 5]);
+        assert_eq!(s.learned_working_set(&t).unwrap(), Some(ws));
     }
 
     #[test]
