@@ -595,19 +595,6 @@ impl Drop for Checkout<'_> {
         let keep = current && pools.config.pool > 0 && !inst.is_broken();
         if keep {
             match inst.reset() {
-                Ok(stats)
-                    if stats.mappings_dropped
-                        && pools.config.adapt
-                        && inst.backing() == Backing::Shared =>
-                {
-                    // From now on this template's instances get copies; this one goes.
-                    if !self.entry.maps_memory.swap(true, Ordering::Relaxed) {
-                        tracing::info!(
-                            template = self.entry.template.name(),
-                            "its requests change the guest's page tables: its instances get their own copy of memory from now on"
-                        );
-                    }
-                }
                 Ok(stats) => {
                     // What the request touched goes into the template's learned working
                     // set (for the first requests only; a store write when it added frames).
@@ -619,7 +606,18 @@ impl Drop for Checkout<'_> {
                             f(self.entry.template.name(), &stats);
                         }
                     }
-                    if let Ok(mut r) = self.entry.ready.lock() {
+                    let to_copies = stats.mappings_dropped
+                        && pools.config.adapt
+                        && inst.backing() == Backing::Shared;
+                    if to_copies {
+                        // From now on this template's instances get copies; this one goes.
+                        if !self.entry.maps_memory.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                template = self.entry.template.name(),
+                                "its requests change the guest's page tables: its instances get their own copy of memory from now on"
+                            );
+                        }
+                    } else if let Ok(mut r) = self.entry.ready.lock() {
                         r.push((inst, Instant::now()));
                         // Busy ends only once the instance is ready again, so the pool
                         // keeper never sees a gap to refill while it is being reset.
