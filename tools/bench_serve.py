@@ -817,6 +817,8 @@ def main() -> int:
         a.runs = 5 if a.quick else 20
     if a.seconds <= 0 or a.runs < 1:
         ap.error("--seconds must be positive and --runs at least 1")
+    if a.density < 1 or (a.density_mem is not None and a.density_mem < 1):
+        ap.error("--density and --density-mem must be at least 1")
     sections = set(a.sections.split(","))
     unknown = sections - {"load", "cli", "burst", "memory", "density"}
     if unknown:
