@@ -184,6 +184,8 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             memory_limit: args.memory_limit,
             backing: args.instance_memory.pool_backing().0,
             adapt: args.instance_memory.pool_backing().1,
+            // As many warm as can run at once: a burst of more pays first touches.
+            warm: workers as usize,
             ..PoolConfig::default()
         },
     ));
