@@ -90,6 +90,9 @@ enum Command {
     ///
     /// Example: vmm serve --listen 127.0.0.1:8080 & curl --data-binary '{"name":"x"}' localhost:8080/v1/functions/hello/invoke
     Serve(serve::ServeArgs),
+    /// A worker process of `vmm serve` (started by it, with its socket as stdin).
+    #[command(hide = true)]
+    ServeCell,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -222,6 +225,7 @@ fn main() {
             memory,
             remote,
         } => restore(&name, &store, &invoke, memory, &remote),
+        Command::ServeCell => serve::cell::run(),
         Command::Serve(args) => {
             let store = StoreArg {
                 store: args.store.clone(),

@@ -3,7 +3,7 @@
 //! `GET /v1/functions`, `/healthz` and `/metrics`.
 
 use super::metrics::Metrics;
-use super::workers::{Finished, Job, JobResult, Queue};
+use super::workers::{Finished, Job, JobResult, Reply};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use vmm::error::ErrorKind;
-use vmm::pool::Pools;
 
 /// Bytes of request bodies held now (reserved before reading, released with the guard).
 struct BodyBytes(Arc<AtomicU64>, u64);
@@ -44,8 +43,7 @@ impl Drop for BodyBytes {
 
 /// What every connection's handlers share.
 pub(super) struct State {
-    pub(super) pools: Arc<Pools>,
-    pub(super) queue: Queue,
+    pub(super) backend: super::backend::Backend,
     pub(super) metrics: Arc<Metrics>,
     pub(super) draining: AtomicBool,
     pub(super) max_body: usize,
@@ -62,7 +60,7 @@ pub(super) struct State {
 
 impl State {
     fn count(&self, name: &str, status: u16) {
-        self.metrics.count(&self.pools, name, status);
+        self.metrics.count(self.backend.is_known(name), name, status);
     }
 }
 
@@ -479,9 +477,9 @@ async fn run_job(state: &State, name: &str, body: Bytes) -> Result<JobResult, Re
         body,
         interrupt,
         enqueued: Instant::now(),
-        reply: tx,
+        reply: Reply::Local(tx),
     };
-    if !state.queue.submit(job) {
+    if !state.backend.submit(job) {
         return Err(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             "the request queue is full; retry",
@@ -610,25 +608,22 @@ fn finished(state: &State, name: &str, done: Finished, as_json: bool, total_ms: 
 
 /// `GET /v1/functions`: the templates the pools know, with their instances.
 fn functions(state: &State) -> Resp {
-    let list: Vec<_> = state
-        .pools
-        .entries()
-        .into_iter()
-        .map(|(name, e)| {
+    let status = state.backend.status();
+    let list: Vec<_> = status
+        .functions
+        .iter()
+        .map(|f| {
             serde_json::json!({
-                "name": name,
-                "ready": e.ready(),
-                "busy": e.busy(),
-                "served": e.served(),
+                "name": f.name,
+                "ready": f.ready,
+                "busy": f.busy,
+                "served": f.served,
                 // How the pool's new instances hold memory (`auto` switches a template
                 // whose requests change the guest's page tables to copies).
-                "instance_memory": match e.backing(state.pools.config()) {
-                    vmm::instance::Backing::Shared => "shared",
-                    _ => "copy",
-                },
-                "maps_memory": e.maps_memory(),
-                "data_pages": e.template().data_pages(),
-                "image_bytes": e.template().image_bytes(),
+                "instance_memory": if f.shared { "shared" } else { "copy" },
+                "maps_memory": f.maps_memory,
+                "data_pages": f.data_pages,
+                "image_bytes": f.image_bytes,
             })
         })
         .collect();
@@ -636,15 +631,18 @@ fn functions(state: &State) -> Resp {
         StatusCode::OK,
         &serde_json::json!({
             "functions": list,
-            "live_instances": state.pools.live_instances(),
-            "pool": state.pools.config().pool,
+            "live_instances": status.live,
+            "pool": state.backend.pool(),
         }),
     )
 }
 
 /// `GET /metrics`: Prometheus metrics (OpenMetrics text).
 fn metrics(state: &State) -> Resp {
-    let out = match state.metrics.encode(&state.pools, state.queue.len()) {
+    let out = match state
+        .metrics
+        .encode(&state.backend.status(), state.backend.queued())
+    {
         Ok(out) => out,
         Err(e) => {
             return text(

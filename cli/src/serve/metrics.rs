@@ -7,7 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use vmm::pool::Pools;
+use super::proto::Status;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -36,6 +36,10 @@ pub(super) struct Metrics {
     live: Gauge,
     resident: Gauge,
     queued: Gauge,
+    /// Worker processes that ended unexpectedly (their instances lost and replaced).
+    pub(super) worker_exits: Counter,
+    /// Worker processes running now (0: instances live in the daemon's own process).
+    pub(super) worker_processes: Gauge,
 }
 
 impl Metrics {
@@ -89,7 +93,7 @@ impl Metrics {
         );
         registry.register(
             "host_resident_bytes",
-            "Resident memory of the vmm serve process",
+            "Resident memory of the vmm serve process and its worker processes",
             resident.clone(),
         );
         registry.register(
@@ -97,8 +101,21 @@ impl Metrics {
             "Requests waiting for a worker",
             queued.clone(),
         );
+        let (worker_exits, worker_processes) = (Counter::default(), Gauge::default());
+        registry.register(
+            "worker_process_exits",
+            "Worker processes that ended unexpectedly (their instances were lost and replaced)",
+            worker_exits.clone(),
+        );
+        registry.register(
+            "worker_processes",
+            "Worker processes holding instances (0: they live in the daemon's own process)",
+            worker_processes.clone(),
+        );
         Metrics {
             registry,
+            worker_exits,
+            worker_processes,
             requests,
             queue_wait,
             acquire,
@@ -115,8 +132,8 @@ impl Metrics {
     /// Count a request. The template label is the name only for a template the pools know:
     /// names a client makes up (404s, bodies refused before the lookup) share one label,
     /// so that they cannot grow the metrics without bound.
-    pub(super) fn count(&self, pools: &Pools, name: &str, status: u16) {
-        let template = if pools.is_loaded(name) {
+    pub(super) fn count(&self, known: bool, name: &str, status: u16) {
+        let template = if known {
             name.to_string()
         } else {
             UNKNOWN_TEMPLATE.to_string()
@@ -128,15 +145,16 @@ impl Metrics {
 
     /// The metrics in OpenMetrics text, with the gauges of the pools and of the queue
     /// (`queued` requests waiting for a worker) read now.
-    pub(super) fn encode(&self, pools: &Pools, queued: u64) -> Result<String, std::fmt::Error> {
-        for (name, e) in pools.entries() {
-            let l = TemplateLabels { template: name };
-            self.ready.get_or_create(&l).set(e.ready() as i64);
-            self.busy.get_or_create(&l).set(e.busy() as i64);
+    pub(super) fn encode(&self, status: &Status, queued: u64) -> Result<String, std::fmt::Error> {
+        for f in &status.functions {
+            let l = TemplateLabels {
+                template: f.name.clone(),
+            };
+            self.ready.get_or_create(&l).set(f.ready as i64);
+            self.busy.get_or_create(&l).set(f.busy as i64);
         }
-        self.live.set(pools.live_instances() as i64);
-        self.resident
-            .set(vmm::pool::resident_bytes().unwrap_or(0) as i64);
+        self.live.set(status.live as i64);
+        self.resident.set(status.resident as i64);
         self.queued.set(queued as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;

@@ -22,9 +22,13 @@ macro_rules! say {
     }};
 }
 
+mod backend;
+pub mod cell;
+mod cells;
 mod http;
 mod limits;
 mod metrics;
+mod proto;
 mod workers;
 
 /// Largest request body accepted by default (413 above it).
@@ -43,7 +47,7 @@ pub struct ServeArgs {
     pub remote: crate::remote::RemoteArgs,
     /// Ready instances kept per template (0: restore one per request, destroy it after).
     #[arg(long, value_name = "N", default_value_t = 2,
-          value_parser = clap::value_parser!(u32).range(0..=4096))]
+          value_parser = clap::value_parser!(u32).range(0..=65536))]
     pub pool: u32,
     /// Most instances alive at once, over all templates. Checked at start-up against the
     /// open-files limit (the soft one is raised as far as needed) and `vm.max_map_count`.
@@ -91,6 +95,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout: u64,
+    /// Worker processes holding the instances, each a share of --pool and
+    /// --max-instances; 0 keeps them in the daemon's own process. A worker that ends
+    /// unexpectedly fails only its running requests and is replaced. [default: 0 up to
+    /// 256 instances, else one per 256: every KVM VM of a process makes each page fault,
+    /// mmap and munmap of that process slower]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub processes: Option<u32>,
 }
 
 /// `--instance-memory`.
@@ -105,6 +116,21 @@ pub enum InstanceMemory {
 }
 
 impl InstanceMemory {
+    /// The value's number, for a worker process's configuration.
+    pub fn code(self) -> u8 {
+        match self {
+            InstanceMemory::Shared => 0,
+            InstanceMemory::Copy => 1,
+            InstanceMemory::Auto => 2,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<InstanceMemory> {
+        [InstanceMemory::Shared, InstanceMemory::Copy, InstanceMemory::Auto]
+            .into_iter()
+            .find(|m| m.code() == c)
+    }
+
     /// The pool's backing for new instances, and whether it adapts
     /// ([`PoolConfig::adapt`]).
     pub fn pool_backing(self) -> (vmm::instance::Backing, bool) {
@@ -117,10 +143,9 @@ impl InstanceMemory {
     }
 }
 
-/// Run the daemon until SIGTERM or Ctrl-C (then drain the requests in flight); the
-/// process exit status.
-pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
-    // One line per request at `info`; RUST_LOG=warn quiets them (RUST_LOG=debug for more).
+/// Logs on stderr: one line per request at `info`; RUST_LOG=warn quiets them
+/// (RUST_LOG=debug for more).
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -129,6 +154,67 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The engine over `store_dir` and pools configured by `config`.
+fn make_pools(store_dir: PathBuf, config: PoolConfig) -> Result<Arc<Pools>, String> {
+    let engine = vmm::engine::Engine::new(vmm::engine::Config {
+        // The workers keep the CPUs busy: a restore on demand runs on its worker alone.
+        parallel_restore: false,
+        ..vmm::engine::Config::new(store_dir)
+    })
+    .map_err(|e| format!("{e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)"))?;
+    Ok(Arc::new(Pools::new(Arc::new(engine), config)))
+}
+
+/// The limits every request runs with.
+fn run_limits(timeout: Duration) -> RunLimits {
+    RunLimits {
+        timeout,
+        test_hostcalls: false,
+        eager_compile: false,
+        ..RunLimits::default()
+    }
+}
+
+/// The pool keeper: fills the pools (the daemon listens meanwhile: a request before its
+/// template's pool is ready restores an instance on demand), then keeps them filled,
+/// calling `tick` after each round; stops when `stop` is set or `tick` returns false.
+fn spawn_keeper(
+    pools: Arc<Pools>,
+    stop: Arc<AtomicBool>,
+    index: u32,
+    tick: impl Fn() -> bool + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("vmm-pool-keeper".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let created = pools.maintain(true);
+            tracing::info!(
+                store = %pools.store_dir().display(),
+                templates = pools.entries().len(),
+                instances = created,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                worker = index,
+                "pools filled"
+            );
+            // Refill every 200 ms; look for new templates in the store every 2 s (a
+            // request for one is served at once anyway: it is loaded on demand).
+            let mut n = 0u64;
+            while tick() && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                n += 1;
+                pools.maintain(n.is_multiple_of(10));
+            }
+        })
+        .map(|_| ())
+}
+
+/// Run the daemon until SIGTERM or Ctrl-C (then drain the requests in flight); the
+/// process exit status.
+pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
+    init_logging();
     let timeout = match crate::cli::timeout(args.timeout) {
         Ok(t) => t,
         Err(e) => {
@@ -146,7 +232,16 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return 2;
         }
     }
-    if let Err(e) = limits::ensure(args.max_instances) {
+    let processes = args.processes.unwrap_or_else(|| {
+        if args.max_instances <= cells::INSTANCES_PER_PROCESS {
+            0
+        } else {
+            args.max_instances.div_ceil(cells::INSTANCES_PER_PROCESS)
+        }
+    });
+    // The limits are per process: with worker processes, each holds its share.
+    let per_process = args.max_instances.div_ceil(processes.max(1));
+    if let Err(e) = limits::ensure(per_process) {
         say!("vmm: error: {e}");
         return 2;
     }
@@ -165,74 +260,93 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
                 .unwrap_or(2)
         })
         .max(1);
-    let engine = match vmm::engine::Engine::new(vmm::engine::Config {
-        // The workers keep the CPUs busy: a restore on demand runs on its worker alone.
-        parallel_restore: false,
-        ..vmm::engine::Config::new(store_dir.clone())
-    }) {
-        Ok(e) => Arc::new(e),
+    let metrics = Arc::new(metrics::Metrics::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vmm-http")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            say!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");
+            say!("vmm: error: start the HTTP runtime: {e}");
             return 1;
         }
     };
-    let pools = Arc::new(Pools::new(
-        engine,
-        PoolConfig {
-            pool: args.pool as usize,
-            max_instances: args.max_instances as usize,
+    let backend = if processes == 0 {
+        let pools = match make_pools(
+            store_dir.clone(),
+            PoolConfig {
+                pool: args.pool as usize,
+                max_instances: args.max_instances as usize,
+                memory_limit: args.memory_limit,
+                backing: args.instance_memory.pool_backing().0,
+                adapt: args.instance_memory.pool_backing().1,
+                // As many warm as can run at once: a burst of more pays first touches.
+                warm: workers as usize,
+                ..PoolConfig::default()
+            },
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                say!("vmm: error: {e}");
+                return 1;
+            }
+        };
+        {
+            let m = metrics.clone();
+            pools.set_reset_observer(move |_, s| m.reset.observe(s.reset_ms / 1e3));
+        }
+        let queue = workers::start(
+            workers,
+            args.queue as usize,
+            &pools,
+            &metrics,
+            &run_limits(timeout),
+        );
+        if let Err(e) = spawn_keeper(pools.clone(), stop.clone(), 0, || true) {
+            say!("vmm: error: start the pool keeper: {e}");
+            return 1;
+        }
+        backend::Backend::Local { pools, queue }
+    } else {
+        // Fail here, with the reason, rather than in every worker.
+        if let Err(e) = vmm::engine::Engine::new(vmm::engine::Config::new(store_dir.clone())) {
+            say!("vmm: error: {e} (is /dev/kvm there and usable? try `ls -l /dev/kvm`)");
+            return 1;
+        }
+        let plan = cells::Plan {
+            processes,
+            pool: args.pool as u64,
+            max_instances: args.max_instances as u64,
             memory_limit: args.memory_limit,
-            backing: args.instance_memory.pool_backing().0,
-            adapt: args.instance_memory.pool_backing().1,
-            // As many warm as can run at once: a burst of more pays first touches.
-            warm: workers as usize,
-            ..PoolConfig::default()
-        },
-    ));
-    let metrics = Arc::new(metrics::Metrics::new());
-    {
-        let m = metrics.clone();
-        pools.set_reset_observer(move |_, s| m.reset.observe(s.reset_ms / 1e3));
-    }
-    let limits = RunLimits {
-        timeout,
-        test_hostcalls: false,
-        eager_compile: false,
-        ..RunLimits::default()
+            instance_memory: args.instance_memory.code(),
+            threads: workers,
+            timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
+            store_dir: store_dir.to_string_lossy().into_owned(),
+        };
+        let started = {
+            let _guard = rt.enter();
+            cells::Cells::start(plan, args.queue as usize, metrics.clone())
+        };
+        match started {
+            Ok(c) => {
+                tracing::info!(processes, instances_each = per_process, "worker processes started");
+                backend::Backend::Cells(c)
+            }
+            Err(e) => {
+                say!("vmm: error: {e}");
+                return 1;
+            }
+        }
     };
-    let queue = workers::start(workers, args.queue as usize, &pools, &metrics, &limits);
-    let stop = Arc::new(AtomicBool::new(false));
-    // Pools: filled on the keeper thread (the daemon listens meanwhile: a request before
-    // its template's pool is ready restores an instance on demand), then kept filled.
-    {
-        let (pools, stop) = (pools.clone(), stop.clone());
-        let store_dir = store_dir.clone();
-        std::thread::Builder::new()
-            .name("vmm-pool-keeper".into())
-            .spawn(move || {
-                let t = Instant::now();
-                let created = pools.maintain(true);
-                tracing::info!(
-                    store = %store_dir.display(),
-                    templates = pools.entries().len(),
-                    instances = created,
-                    ms = t.elapsed().as_secs_f64() * 1e3,
-                    "pools filled"
-                );
-                // Refill every 200 ms; look for new templates in the store every 2 s (a
-                // request for one is served at once anyway: it is loaded on demand).
-                let mut tick = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(200));
-                    tick += 1;
-                    pools.maintain(tick.is_multiple_of(10));
-                }
-            })
-            .expect("spawn the pool keeper");
-    }
+    let cells = match &backend {
+        backend::Backend::Cells(c) => Some(c.clone()),
+        backend::Backend::Local { .. } => None,
+    };
     let state = Arc::new(http::State {
-        pools: pools.clone(),
-        queue,
+        backend,
         metrics,
         draining: AtomicBool::new(false),
         max_body: args.max_body as usize,
@@ -247,18 +361,6 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             .then(|| (store_dir.clone(), args.remote.clone())),
         in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("vmm-http")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            say!("vmm: error: start the HTTP runtime: {e}");
-            return 1;
-        }
-    };
     let drain_for = Duration::from_secs_f64(args.timeout + 5.0);
     let code = rt.block_on(http::accept_loop(
         args.listen.clone(),
@@ -267,6 +369,9 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         drain_for,
     ));
     stop.store(true, Ordering::Relaxed);
+    if let Some(c) = cells {
+        c.stop();
+    }
     drop(state);
     rt.shutdown_timeout(Duration::from_secs(1));
     code

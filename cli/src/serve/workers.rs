@@ -19,7 +19,36 @@ pub(super) struct Job {
     /// Fired when the client goes away, to stop the guest early.
     pub(super) interrupt: vmm::watchdog::InterruptHandle,
     pub(super) enqueued: Instant,
-    pub(super) reply: oneshot::Sender<JobResult>,
+    pub(super) reply: Reply,
+}
+
+/// Where a job's answer goes.
+pub(super) enum Reply {
+    /// To the HTTP handler waiting in this process.
+    Local(oneshot::Sender<JobResult>),
+    /// Back over a worker process's socket (see `cell.rs`).
+    Remote(Box<dyn FnOnce(JobResult) + Send>),
+}
+
+impl Reply {
+    pub(super) fn send(self, r: JobResult) {
+        match self {
+            Reply::Local(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Remote(f) => f(r),
+        }
+    }
+}
+
+impl Job {
+    /// Whether nobody waits for this job any more.
+    fn abandoned(&self) -> bool {
+        match &self.reply {
+            Reply::Local(tx) => tx.is_closed(),
+            Reply::Remote(_) => self.interrupt.is_interrupted(),
+        }
+    }
 }
 
 /// A worker's answer to a [`Job`].
@@ -49,12 +78,17 @@ pub(super) struct Queue {
 impl Queue {
     /// Queue `job`; false (the job dropped) when the queue is full or the workers are gone.
     pub(super) fn submit(&self, job: Job) -> bool {
+        self.submit_or_return(job).is_ok()
+    }
+
+    /// [`Queue::submit`] that gives the job back when it cannot be queued.
+    pub(super) fn submit_or_return(&self, job: Job) -> Result<(), Job> {
         self.queued.fetch_add(1, Ordering::Relaxed);
         match self.jobs.try_send(job) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                false
+                Err(j)
             }
         }
     }
@@ -110,15 +144,23 @@ fn worker(
             }
         };
         queued.fetch_sub(1, Ordering::Relaxed);
+        run(job, pools, metrics, limits);
+    }
+}
+
+/// Run one job on this thread: take an instance, run the guest, answer, then reset (or
+/// destroy) the instance.
+pub(super) fn run(job: Job, pools: &Pools, metrics: &Metrics, limits: &RunLimits) {
+    {
         let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
         metrics.queue_wait.observe(queue_ms / 1e3);
         let gone = |step: &str| {
-            metrics.count(pools, &job.name, 499);
+            metrics.count(pools.is_loaded(&job.name), &job.name, 499);
             tracing::info!(template = %job.name, status = 499, "the client went away {step}");
         };
-        if job.reply.is_closed() {
+        if job.abandoned() {
             gone("while its request waited");
-            continue;
+            return;
         }
         let limits = RunLimits {
             interrupt: Some(job.interrupt.clone()),
@@ -132,7 +174,7 @@ fn worker(
                 if matches!(exit, Err((ErrorKind::Interrupted, _))) {
                     gone("during its run: guest stopped, instance destroyed");
                 }
-                let _ = job.reply.send(JobResult::Done(Finished {
+                job.reply.send(JobResult::Done(Finished {
                     exit,
                     stdout: resp.stdout,
                     stderr: resp.stderr,
@@ -143,7 +185,7 @@ fn worker(
                 drop(checkout); // reset (or destroy) after the response is on its way
             }
             Err(e) => {
-                let _ = job.reply.send(JobResult::Refused(e.kind(), e.to_string()));
+                job.reply.send(JobResult::Refused(e.kind(), e.to_string()));
             }
         }
     }

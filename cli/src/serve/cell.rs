@@ -1,0 +1,213 @@
+//! A worker process of `vmm serve` (`vmm serve-cell`, started by the daemon, never by
+//! hand): it holds a bounded share of the daemon's instances, so that what KVM does per
+//! VM on every page fault, mmap and munmap of one address space (each VM's MMU notifier
+//! is walked) does not grow with the daemon's instances.
+//!
+//! Its stdin is a socket to the daemon ([`super::proto`]): first its [`CellConfig`], then
+//! requests to run and cancellations; it answers each request and sends the state of its
+//! pools every 200 ms. At the end of that stream (the daemon exited or closed it) it
+//! exits; its instances go with it.
+
+use super::metrics::Metrics;
+use super::proto::{self, CellConfig, FromCell, ToCell};
+use super::workers::{self, Job, JobResult, Reply};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::guest::RunLimits;
+use vmm::watchdog::InterruptHandle;
+
+/// Most reset durations kept between two statuses.
+const MAX_RESETS: usize = 4096;
+
+/// The worker process's life; its exit status.
+pub fn run() -> i32 {
+    super::init_logging();
+    let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => UnixStream::from(fd),
+        Err(e) => {
+            say!("vmm serve-cell: error: stdin: {e}");
+            return 2;
+        }
+    };
+    let mut rd = sock;
+    let wr = match rd.try_clone() {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(e) => {
+            say!("vmm serve-cell: error: stdin: {e}");
+            return 2;
+        }
+    };
+    let cfg = match proto::read_blocking::<ToCell>(&mut rd) {
+        Ok(Some(ToCell::Config(c))) => c,
+        Ok(_) => {
+            say!("vmm serve-cell: error: started without a configuration (this command is run by `vmm serve`, not by hand)");
+            return 2;
+        }
+        Err(e) => {
+            say!("vmm serve-cell: error: read the configuration: {e} (this command is run by `vmm serve`, not by hand)");
+            return 2;
+        }
+    };
+    let index = cfg.index;
+    let (pools, limits) = match setup(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            say!("vmm serve-cell {index}: error: {e}");
+            return 1;
+        }
+    };
+    let resets = Arc::new(Mutex::new(Vec::<f32>::new()));
+    {
+        let resets = resets.clone();
+        pools.set_reset_observer(move |_, s| {
+            if let Ok(mut r) = resets.lock() {
+                if r.len() < MAX_RESETS {
+                    r.push((s.reset_ms / 1e3) as f32);
+                }
+            }
+        });
+    }
+    let send = {
+        let wr = wr.clone();
+        move |msg: &FromCell| -> bool {
+            let Ok(mut w) = wr.lock() else { return false };
+            proto::write_blocking(&mut *w, msg).is_ok()
+        }
+    };
+    // The daemon measures the requests; this process's metrics are not served.
+    let metrics = Arc::new(Metrics::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (p, stop, send) = (pools.clone(), stop.clone(), send.clone());
+        let status = move || {
+            let resets = resets.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+            let status = super::backend::local_status(&p);
+            send(&FromCell::Status { status, resets })
+        };
+        if let Err(e) = super::spawn_keeper(pools.clone(), stop, index, status) {
+            say!("vmm serve-cell {index}: error: start the pool keeper: {e}");
+            return 1;
+        }
+    }
+    // The vCPU threads take turns reading the socket and each runs the request it read
+    // (no hand-off from a reader thread to a worker: one wake-up less per request).
+    let shared = Arc::new(Shared {
+        rd: Mutex::new(std::io::BufReader::with_capacity(64 << 10, rd)),
+        running: Mutex::new(HashMap::new()),
+        index,
+    });
+    for t in 1..cfg.threads.max(1) {
+        let (shared, pools, metrics, limits, send) = (
+            shared.clone(),
+            pools.clone(),
+            metrics.clone(),
+            limits.clone(),
+            send.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("vmm-worker-{t}"))
+            .spawn(move || serve_requests(&shared, &pools, &metrics, &limits, &send));
+        if let Err(e) = spawned {
+            say!("vmm serve-cell {index}: error: start a vCPU thread: {e}");
+            return 1;
+        }
+    }
+    let code = serve_requests(&shared, &pools, &metrics, &limits, &send);
+    stop.store(true, Ordering::Relaxed);
+    code
+}
+
+/// What the vCPU threads of a worker share.
+struct Shared {
+    rd: Mutex<std::io::BufReader<UnixStream>>,
+    /// Requests being run, for their cancellation.
+    running: Mutex<HashMap<u64, InterruptHandle>>,
+    index: u32,
+}
+
+/// Read requests and run them until the daemon's stream ends; then the whole process
+/// exits (its instances go with it: nothing to hand back).
+fn serve_requests(
+    shared: &Arc<Shared>,
+    pools: &vmm::pool::Pools,
+    metrics: &Metrics,
+    limits: &RunLimits,
+    send: &(impl Fn(&FromCell) -> bool + Clone + Send + 'static),
+) -> i32 {
+    let index = shared.index;
+    loop {
+        let msg = {
+            let Ok(mut rd) = shared.rd.lock() else {
+                return 1;
+            };
+            proto::read_blocking::<ToCell>(&mut *rd)
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => std::process::exit(0),
+            Err(e) => {
+                say!("vmm serve-cell {index}: error: from the daemon: {e}");
+                std::process::exit(1);
+            }
+        };
+        match msg {
+            ToCell::Invoke { id, name, body } => {
+                let interrupt = InterruptHandle::new();
+                if let Ok(mut r) = shared.running.lock() {
+                    r.insert(id, interrupt.clone());
+                }
+                let (sh, send) = (shared.clone(), send.clone());
+                let reply = Reply::Remote(Box::new(move |r: JobResult| {
+                    if let Ok(mut m) = sh.running.lock() {
+                        m.remove(&id);
+                    }
+                    let _ = send(&FromCell::Done {
+                        id,
+                        result: r.into(),
+                    });
+                }));
+                let job = Job {
+                    name,
+                    body: body.into(),
+                    interrupt,
+                    enqueued: Instant::now(),
+                    reply,
+                };
+                workers::run(job, pools, metrics, limits);
+            }
+            ToCell::Cancel { id } => {
+                if let Some(h) = shared.running.lock().ok().and_then(|r| r.get(&id).cloned()) {
+                    h.interrupt();
+                }
+            }
+            ToCell::Config(_) => {
+                say!("vmm serve-cell {index}: error: a second configuration");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// The pools this worker keeps and the limits its requests run with.
+fn setup(cfg: &CellConfig) -> Result<(Arc<vmm::pool::Pools>, RunLimits), String> {
+    let memory = super::InstanceMemory::from_code(cfg.instance_memory)
+        .ok_or_else(|| format!("unknown instance memory {}", cfg.instance_memory))?;
+    let pools = super::make_pools(
+        std::path::PathBuf::from(&cfg.store_dir),
+        vmm::pool::PoolConfig {
+            pool: cfg.pool as usize,
+            max_instances: cfg.max_instances.max(1) as usize,
+            memory_limit: cfg.memory_limit,
+            backing: memory.pool_backing().0,
+            adapt: memory.pool_backing().1,
+            warm: cfg.warm as usize,
+            ..vmm::pool::PoolConfig::default()
+        },
+    )?;
+    let limits = super::run_limits(Duration::from_millis(cfg.timeout_ms));
+    Ok((pools, limits))
+}
