@@ -70,8 +70,8 @@ pub(super) fn local_status(pools: &Pools) -> Status {
                 served: e.served(),
                 shared: e.backing(pools.config()) == vmm::instance::Backing::Shared,
                 maps_memory: e.maps_memory(),
-                data_pages: e.template().data_pages() as u64,
-                image_bytes: e.template().image_bytes() as u64,
+                data_pages: e.template().data_pages(),
+                image_bytes: e.template().image_bytes(),
             })
             .collect(),
         live: pools.live_instances() as u64,
