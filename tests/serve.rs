@@ -286,7 +286,17 @@ fn concurrent_requests_to_one_and_to_many_templates_all_get_their_own_answer() {
         &qjs_function_args("markdown.js", &[marked()]),
     );
     create(&store, "upper", &upper_args());
-    let d = Arc::new(Daemon::start(&store, &["--pool", "2"]));
+    // In the daemon's own process, and in two worker processes.
+    for processes in ["0", "2"] {
+        concurrent_requests(&store, processes);
+    }
+}
+
+fn concurrent_requests(store: &TempDir, processes: &str) {
+    let d = Arc::new(Daemon::start(
+        store,
+        &["--pool", "2", "--processes", processes],
+    ));
     let threads: Vec<_> = (0..12)
         .map(|t| {
             let d = d.clone();
@@ -506,7 +516,17 @@ fn a_client_that_goes_away_stops_its_guest_and_frees_the_worker() {
     create(&store, "behave", &behave_args());
     // One worker and a long timeout: if the endless guest were not stopped when its client
     // leaves, the next request would wait a minute behind it.
-    let d = Daemon::start(&store, &["--workers", "1", "--timeout", "60"]);
+    // In the daemon's own process, and in a worker process (told to cancel).
+    for processes in ["0", "1"] {
+        client_goes_away(&store, processes);
+    }
+}
+
+fn client_goes_away(store: &TempDir, processes: &str) {
+    let d = Daemon::start(
+        store,
+        &["--workers", "1", "--timeout", "60", "--processes", processes],
+    );
     let mut gone = TcpStream::connect(&d.addr).unwrap();
     gone.write_all(
         b"POST /v1/functions/behave/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nloop",
@@ -689,4 +709,100 @@ fn auto_instance_memory_gives_copies_to_a_template_whose_requests_map_memory() {
         "{}",
         d.log()
     );
+}
+
+/// The worker processes of `d` (children of any of its threads).
+fn worker_pids(d: &Daemon) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d.child.id())).unwrap();
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    pids.sort();
+    pids
+}
+
+fn metric(d: &Daemon, name: &str) -> Option<f64> {
+    let (_, text) = d.get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_worker_process_killed_under_load_loses_only_its_requests_and_is_replaced() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-processes");
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    let d = Arc::new(Daemon::start(
+        &store,
+        &["--processes", "2", "--pool", "4", "--workers", "2"],
+    ));
+    // The pools are shared out: two in each worker.
+    d.wait_pools(1, 4);
+    let before = worker_pids(&d);
+    assert_eq!(before.len(), 2, "two worker processes: {before:?}");
+    assert_eq!(metric(&d, "vmm_worker_processes"), Some(2.0));
+    // Load from four clients; one worker is killed while it runs.
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut i = 0;
+                while t0.elapsed() < Duration::from_secs(4) {
+                    let name = format!("c{c}r{i}");
+                    let (status, body, _) = d.invoke("hello", format!(r#"{{"name":"{name}"}}"#).as_bytes());
+                    if status == 200 {
+                        assert!(
+                            body.contains(&format!("Hello, {name}!")),
+                            "request {name} got another's answer: {body}"
+                        );
+                    } else {
+                        assert_eq!(status, 503, "{body}");
+                        assert!(body.contains("worker process"), "{body}");
+                    }
+                    seen.push((t0.elapsed(), status));
+                    i += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let victim = before[0];
+    let killed_at = t0.elapsed();
+    // SAFETY: sends SIGKILL to a child of the daemon this test started (read from its
+    // /proc children list a moment ago; the daemon reaps it, so the pid is not reused
+    // while the daemon runs).
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let seen: Vec<_> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("client"))
+        .collect();
+    let failed = seen.iter().filter(|(_, s)| *s != 200).count();
+    let after_kill = seen
+        .iter()
+        .filter(|(t, s)| *t > killed_at + Duration::from_millis(100) && *s == 200)
+        .count();
+    // At most the requests that were running or sent to it (two per vCPU thread) fail.
+    assert!(failed <= 4, "{failed} requests failed: {seen:?}\n{}", d.log());
+    assert!(after_kill > 10, "requests kept succeeding: {after_kill}\n{}", d.log());
+    // The lost worker is replaced and fills its share again.
+    d.wait_pools(1, 4);
+    let now = worker_pids(&d);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(!now.contains(&victim), "{now:?} still has {victim}");
+    assert_eq!(metric(&d, "vmm_worker_process_exits_total"), Some(1.0));
+    assert_eq!(metric(&d, "vmm_worker_processes"), Some(2.0));
+    assert!(
+        d.logged("worker process ended (killed by signal 9)"),
+        "{}",
+        d.log()
+    );
+    let (status, body, _) = d.invoke("hello", br#"{"name":"after"}"#);
+    assert_eq!((status, body.contains("Hello, after!")), (200, true), "{body}");
 }

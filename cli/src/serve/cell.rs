@@ -4,9 +4,11 @@
 //! is walked) does not grow with the daemon's instances.
 //!
 //! Its stdin is a socket to the daemon ([`super::proto`]): first its [`CellConfig`], then
-//! requests to run and cancellations; it answers each request and sends the state of its
-//! pools every 200 ms. At the end of that stream (the daemon exited or closed it) it
-//! exits; its instances go with it.
+//! requests to run; it answers each request and sends the state of its pools every 200
+//! ms. At the end of that stream (the daemon exited or closed it) it exits; its instances
+//! go with it. Its stdout is a second socket that carries only cancellations (a client
+//! went away), read by a thread of its own so that they arrive while every vCPU thread
+//! runs a guest; nothing else is ever written to stdout here.
 
 use super::metrics::Metrics;
 use super::proto::{self, CellConfig, FromCell, ToCell};
@@ -93,11 +95,35 @@ pub fn run() -> i32 {
             return 1;
         }
     }
+    // Cancellations, on stdout's socket.
+    let running: Arc<Mutex<HashMap<u64, InterruptHandle>>> = Default::default();
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => {
+            let (mut c, running) = (UnixStream::from(fd), running.clone());
+            let spawned = std::thread::Builder::new()
+                .name("vmm-cancel".into())
+                .spawn(move || {
+                    while let Ok(Some(ToCell::Cancel { id })) = proto::read_blocking::<ToCell>(&mut c) {
+                        if let Some(h) = running.lock().ok().and_then(|r| r.get(&id).cloned()) {
+                            h.interrupt();
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                say!("vmm serve-cell {index}: error: start the cancellation thread: {e}");
+                return 1;
+            }
+        }
+        Err(e) => {
+            say!("vmm serve-cell {index}: error: stdout: {e}");
+            return 2;
+        }
+    }
     // The vCPU threads take turns reading the socket and each runs the request it read
     // (no hand-off from a reader thread to a worker: one wake-up less per request).
     let shared = Arc::new(Shared {
         rd: Mutex::new(std::io::BufReader::with_capacity(64 << 10, rd)),
-        running: Mutex::new(HashMap::new()),
+        running,
         index,
     });
     for t in 1..cfg.threads.max(1) {
@@ -125,7 +151,7 @@ pub fn run() -> i32 {
 struct Shared {
     rd: Mutex<std::io::BufReader<UnixStream>>,
     /// Requests being run, for their cancellation.
-    running: Mutex<HashMap<u64, InterruptHandle>>,
+    running: Arc<Mutex<HashMap<u64, InterruptHandle>>>,
     index: u32,
 }
 

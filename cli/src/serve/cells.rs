@@ -84,6 +84,9 @@ struct Slot {
     generation: u64,
     /// Frames to the process; `None` while none runs.
     tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Its cancellation socket (its stdout): read by a thread of its own, so that a
+    /// cancellation arrives while every vCPU thread runs a guest.
+    cancel: Option<std::os::unix::net::UnixStream>,
     pid: u32,
     started: Option<Instant>,
     /// Ends in a row shortly after a start (backoff).
@@ -155,7 +158,9 @@ impl Cells {
     pub(super) fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         for s in &self.slots {
-            lock(s).tx = None;
+            let mut s = lock(s);
+            s.tx = None;
+            s.cancel = None;
         }
     }
 
@@ -302,12 +307,19 @@ impl Cells {
     fn sweep(&self) {
         for s in &self.slots {
             let mut s = lock(s);
-            let Some(tx) = s.tx.clone() else { continue };
+            let mut ids = Vec::new();
             for (id, p) in s.pending.iter_mut() {
                 if !p.cancelled && p.tx.is_closed() {
                     p.cancelled = true;
-                    if let Ok(frame) = proto::encode(&ToCell::Cancel { id: *id }) {
-                        let _ = tx.send(frame);
+                    ids.push(*id);
+                }
+            }
+            if let Some(c) = s.cancel.as_mut() {
+                for id in ids {
+                    // Non-blocking: a worker that does not read them is stuck anyway (its
+                    // guests still end at --timeout).
+                    if let Ok(frame) = proto::encode(&ToCell::Cancel { id }) {
+                        let _ = std::io::Write::write_all(c, &frame);
                     }
                 }
             }
@@ -317,15 +329,22 @@ impl Cells {
     /// Start worker `i`'s process, and the tasks that talk to it and notice its end.
     fn spawn(self: &Arc<Self>, i: usize) -> Result<(), String> {
         let conf = self.plan.config(i as u32);
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| format!("worker process {i}: a socket pair: {e}"))?;
+        let pair = || {
+            std::os::unix::net::UnixStream::pair()
+                .map_err(|e| format!("worker process {i}: a socket pair: {e}"))
+        };
+        let (ours, theirs) = pair()?;
+        let (cancel, cancel_theirs) = pair()?;
+        cancel
+            .set_nonblocking(true)
+            .map_err(|e| format!("worker process {i}: its cancellation socket: {e}"))?;
         // The same program (not a path that may have been replaced since it started).
         use std::os::unix::process::CommandExt;
         let mut child = std::process::Command::new("/proc/self/exe")
             .arg0(std::env::args_os().next().unwrap_or_else(|| "vmm".into()))
             .arg("serve-cell")
             .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(cancel_theirs)))
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .map_err(|e| format!("start worker process {i}: {e}"))?;
@@ -350,6 +369,7 @@ impl Cells {
             let mut s = lock(&self.slots[i]);
             s.generation += 1;
             s.tx = Some(tx);
+            s.cancel = Some(cancel);
             s.pid = pid;
             s.started = Some(Instant::now());
             s.status = Status::default();
@@ -444,6 +464,7 @@ impl Cells {
                 return;
             }
             s.tx = None;
+            s.cancel = None;
             s.status = Status::default();
             std::mem::take(&mut s.pending)
         };
