@@ -483,9 +483,11 @@ impl Pools {
 
     /// Bring every loaded template's pool up to `pool` ready instances and destroy idle
     /// ones beyond it that were unused for `idle_timeout`; load function templates found
-    /// in the store when `discover` is set. Returns instances created.
+    /// in the store when `discover` is set (and `pool` is not 0). Returns instances created.
     pub fn maintain(&self, discover: bool) -> usize {
-        if discover {
+        // With no pool to fill, templates are loaded on their first request only (a worker
+        // process of a daemon whose pools are shared out may keep none of a template).
+        if discover && self.config.pool > 0 {
             for name in self.function_templates_on_disk() {
                 let _ = self.entry(&name);
             }
