@@ -738,10 +738,10 @@ fn a_worker_process_killed_under_load_loses_only_its_requests_and_is_replaced() 
     create(&store, "hello", &qjs_function_args("hello.js", &[]));
     let d = Arc::new(Daemon::start(
         &store,
-        &["--processes", "2", "--pool", "4", "--workers", "2"],
+        &["--processes", "2", "--pool", "8", "--workers", "2"],
     ));
-    // The pools are shared out: two in each worker.
-    d.wait_pools(1, 4);
+    // The pool is shared out: four in each worker.
+    d.wait_pools(1, 8);
     let before = worker_pids(&d);
     assert_eq!(before.len(), 2, "two worker processes: {before:?}");
     assert_eq!(metric(&d, "vmm_worker_processes"), Some(2.0));
@@ -792,7 +792,7 @@ fn a_worker_process_killed_under_load_loses_only_its_requests_and_is_replaced() 
     assert!(failed <= 4, "{failed} requests failed: {seen:?}\n{}", d.log());
     assert!(after_kill > 10, "requests kept succeeding: {after_kill}\n{}", d.log());
     // The lost worker is replaced and fills its share again.
-    d.wait_pools(1, 4);
+    d.wait_pools(1, 8);
     let now = worker_pids(&d);
     assert_eq!(now.len(), 2, "{now:?}");
     assert!(!now.contains(&victim), "{now:?} still has {victim}");

@@ -48,14 +48,19 @@ pub(super) struct Plan {
 impl Plan {
     /// Worker `i`'s configuration: its share of every bound (the first ones take the
     /// remainders), and warm instances only in the first worker, the one requests go to
-    /// first.
+    /// first. The pool is packed into the first workers, each taking at least as many as
+    /// requests can run in it at once (a pool of 2 is not two workers with one each).
     pub(super) fn config(&self, i: u32) -> CellConfig {
         let n = self.processes.max(1) as u64;
         let share = |total: u64| total / n + u64::from((i as u64) < total % n);
+        let each = self
+            .pool
+            .div_ceil(n)
+            .max(self.pool.min(2 * self.threads as u64));
         CellConfig {
             index: i,
             store_dir: self.store_dir.clone(),
-            pool: share(self.pool),
+            pool: self.pool.saturating_sub(each * i as u64).min(each),
             max_instances: share(self.max_instances).max(1),
             memory_limit: (self.memory_limit / n).max(1),
             instance_memory: self.instance_memory,
@@ -235,24 +240,32 @@ impl Cells {
         2 * self.plan.threads as usize
     }
 
-    /// The worker for a request of `name`: the first with a free thread and a ready
-    /// instance of it, else the first with a free thread and the fewest instances.
+    /// The worker for a request of `name`, of those with room: the first with a ready
+    /// instance of it not yet spoken for; else the first that keeps instances of it (its
+    /// request waits there for one to be reset rather than have one restored); else the
+    /// one with the fewest instances (which restores one).
     fn pick(&self, name: &str) -> Option<usize> {
-        let threads = self.in_flight();
-        let mut fallback: Option<(u64, usize)> = None;
+        let room = self.in_flight();
+        let mut keeps: Option<usize> = None;
+        let mut fewest: Option<(u64, usize)> = None;
         for (i, s) in self.slots.iter().enumerate() {
             let s = lock(s);
-            if s.tx.is_none() || s.pending.len() >= threads {
+            if s.tx.is_none() || s.pending.len() >= room {
                 continue;
             }
-            if s.ready_of(name) > s.pending_of(name) {
+            let ready = s.ready_of(name);
+            let pending = s.pending_of(name);
+            if ready > pending {
                 return Some(i);
             }
-            if fallback.is_none_or(|(live, _)| s.status.live < live) {
-                fallback = Some((s.status.live, i));
+            if keeps.is_none() && ready + pending > 0 && s.pending.len() < room {
+                keeps = Some(i);
+            }
+            if fewest.is_none_or(|(live, _)| s.status.live < live) {
+                fewest = Some((s.status.live, i));
             }
         }
-        fallback.map(|(_, i)| i)
+        keeps.or(fewest.map(|(_, i)| i))
     }
 
     fn send(self: &Arc<Self>, i: usize, job: Job) {
@@ -542,14 +555,29 @@ mod tests {
             store_dir: "/s".into(),
         };
         let c: Vec<_> = (0..3).map(|i| plan.config(i)).collect();
-        assert_eq!(c.iter().map(|c| c.pool).collect::<Vec<_>>(), [4, 3, 3]);
+        assert_eq!(c.iter().map(|c| c.pool).collect::<Vec<_>>(), [4, 4, 2]);
         assert_eq!(c.iter().map(|c| c.max_instances).sum::<u64>(), 11);
         assert_eq!(c.iter().map(|c| c.warm).collect::<Vec<_>>(), [2, 0, 0]);
         assert!(c.iter().all(|c| c.memory_limit == 1 << 30));
-        // A pool smaller than the workers: some keep none; every one may hold one.
-        let small = Plan { pool: 1, max_instances: 2, ..plan };
-        let c: Vec<_> = (0..3).map(|i| small.config(i)).collect();
-        assert_eq!(c.iter().map(|c| c.pool).collect::<Vec<_>>(), [1, 0, 0]);
-        assert!(c.iter().all(|c| c.max_instances >= 1));
+        // A small pool is packed into the first worker (as many as run in it at once);
+        // every worker may still hold one.
+        for (pool, want) in [(1, [1, 0, 0]), (2, [2, 0, 0]), (6, [4, 2, 0]), (0, [0, 0, 0])] {
+            let small = Plan {
+                pool,
+                max_instances: 2,
+                ..plan.clone()
+            };
+            let c: Vec<_> = (0..3).map(|i| small.config(i)).collect();
+            assert_eq!(c.iter().map(|c| c.pool).collect::<Vec<_>>(), want, "pool {pool}");
+            assert!(c.iter().all(|c| c.max_instances >= 1));
+        }
+        // A large one is spread evenly.
+        let large = Plan {
+            pool: 10_000,
+            processes: 40,
+            ..plan
+        };
+        let c: Vec<_> = (0..40).map(|i| large.config(i)).collect();
+        assert!(c.iter().all(|c| c.pool == 250), "{:?}", c.iter().map(|c| c.pool).collect::<Vec<_>>());
     }
 }
