@@ -525,7 +525,14 @@ fn a_client_that_goes_away_stops_its_guest_and_frees_the_worker() {
 fn client_goes_away(store: &TempDir, processes: &str) {
     let d = Daemon::start(
         store,
-        &["--workers", "1", "--timeout", "60", "--processes", processes],
+        &[
+            "--workers",
+            "1",
+            "--timeout",
+            "60",
+            "--processes",
+            processes,
+        ],
     );
     let mut gone = TcpStream::connect(&d.addr).unwrap();
     gone.write_all(
@@ -717,7 +724,11 @@ fn worker_pids(d: &Daemon) -> Vec<u32> {
     let tasks = std::fs::read_dir(format!("/proc/{}/task", d.child.id())).unwrap();
     for t in tasks.flatten() {
         let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
     }
     pids.sort();
     pids
@@ -755,7 +766,8 @@ fn a_worker_process_killed_under_load_loses_only_its_requests_and_is_replaced() 
                 let mut i = 0;
                 while t0.elapsed() < Duration::from_secs(4) {
                     let name = format!("c{c}r{i}");
-                    let (status, body, _) = d.invoke("hello", format!(r#"{{"name":"{name}"}}"#).as_bytes());
+                    let (status, body, _) =
+                        d.invoke("hello", format!(r#"{{"name":"{name}"}}"#).as_bytes());
                     if status == 200 {
                         assert!(
                             body.contains(&format!("Hello, {name}!")),
@@ -789,8 +801,16 @@ fn a_worker_process_killed_under_load_loses_only_its_requests_and_is_replaced() 
         .filter(|(t, s)| *t > killed_at + Duration::from_millis(100) && *s == 200)
         .count();
     // At most the requests that were running or sent to it (two per vCPU thread) fail.
-    assert!(failed <= 4, "{failed} requests failed: {seen:?}\n{}", d.log());
-    assert!(after_kill > 10, "requests kept succeeding: {after_kill}\n{}", d.log());
+    assert!(
+        failed <= 4,
+        "{failed} requests failed: {seen:?}\n{}",
+        d.log()
+    );
+    assert!(
+        after_kill > 10,
+        "requests kept succeeding: {after_kill}\n{}",
+        d.log()
+    );
     // The lost worker is replaced and fills its share again.
     d.wait_pools(1, 8);
     let now = worker_pids(&d);
@@ -804,5 +824,43 @@ fn a_worker_process_killed_under_load_loses_only_its_requests_and_is_replaced() 
         d.log()
     );
     let (status, body, _) = d.invoke("hello", br#"{"name":"after"}"#);
-    assert_eq!((status, body.contains("Hello, after!")), (200, true), "{body}");
+    assert_eq!(
+        (status, body.contains("Hello, after!")),
+        (200, true),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_stuck_worker_process_is_killed_and_replaced() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-stuck");
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    let d = Daemon::start(
+        &store,
+        &["--processes", "1", "--pool", "2", "--timeout", "1"],
+    );
+    d.wait_pools(1, 2);
+    let before = worker_pids(&d);
+    assert_eq!(before.len(), 1, "{before:?}");
+    // SAFETY: stops a child of the daemon this test started (see worker_pids); the
+    // daemon reaps it, so its pid is not reused while the daemon runs.
+    assert_eq!(unsafe { libc::kill(before[0] as i32, libc::SIGSTOP) }, 0);
+    // Its request gets no answer: after twice --timeout and a margin the worker is
+    // killed, the request answered 503, and a new worker serves the next ones.
+    let t0 = Instant::now();
+    let (status, body, _) = d.invoke("hello", br#"{"name":"stuck"}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert!(d.logged("worker process stuck"), "{}", d.log());
+    d.wait_pools(1, 2);
+    let (status, body, _) = d.invoke("hello", br#"{"name":"later"}"#);
+    assert_eq!(
+        (status, body.contains("Hello, later!")),
+        (200, true),
+        "{body}"
+    );
+    assert!(!worker_pids(&d).contains(&before[0]));
 }

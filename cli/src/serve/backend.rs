@@ -87,15 +87,21 @@ pub(super) fn sum(statuses: impl IntoIterator<Item = Status>) -> Status {
         total.live += s.live;
         total.resident += s.resident;
         for f in s.functions {
-            let e = by_name.entry(f.name.clone()).or_insert_with(|| FunctionStatus {
-                name: f.name.clone(),
-                ..FunctionStatus::default()
-            });
+            let e = by_name
+                .entry(f.name.clone())
+                .or_insert_with(|| FunctionStatus {
+                    name: f.name.clone(),
+                    ..FunctionStatus::default()
+                });
             e.ready += f.ready;
             e.busy += f.busy;
             e.served += f.served;
             // Copies anywhere: the template's requests map memory.
-            e.shared = if e.data_pages == 0 { f.shared } else { e.shared && f.shared };
+            e.shared = if e.data_pages == 0 {
+                f.shared
+            } else {
+                e.shared && f.shared
+            };
             e.maps_memory |= f.maps_memory;
             e.data_pages = e.data_pages.max(f.data_pages);
             e.image_bytes = e.image_bytes.max(f.image_bytes);

@@ -86,7 +86,10 @@ pub fn run() -> i32 {
     {
         let (p, stop, send) = (pools.clone(), stop.clone(), send.clone());
         let status = move || {
-            let resets = resets.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+            let resets = resets
+                .lock()
+                .map(|mut r| std::mem::take(&mut *r))
+                .unwrap_or_default();
             let status = super::backend::local_status(&p);
             send(&FromCell::Status { status, resets })
         };
@@ -103,7 +106,9 @@ pub fn run() -> i32 {
             let spawned = std::thread::Builder::new()
                 .name("vmm-cancel".into())
                 .spawn(move || {
-                    while let Ok(Some(ToCell::Cancel { id })) = proto::read_blocking::<ToCell>(&mut c) {
+                    while let Ok(Some(ToCell::Cancel { id })) =
+                        proto::read_blocking::<ToCell>(&mut c)
+                    {
                         if let Some(h) = running.lock().ok().and_then(|r| r.get(&id).cloned()) {
                             h.interrupt();
                         }

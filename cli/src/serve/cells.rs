@@ -32,6 +32,11 @@ use vmm::error::ErrorKind;
 /// its process, and every page fault of a running guest pays a share of that walk.
 pub(super) const INSTANCES_PER_PROCESS: u32 = 256;
 
+/// Templates one worker's status may list (more are dropped).
+const MAX_FUNCTIONS: usize = 4096;
+/// Reset durations one status may carry (more are dropped).
+const MAX_RESETS: usize = 8192;
+
 /// How the daemon's pools are divided among worker processes.
 #[derive(Clone, Debug)]
 pub(super) struct Plan {
@@ -80,6 +85,7 @@ struct Pending {
     name: String,
     /// Time it waited here before it was sent.
     queue_ms: f64,
+    sent: Instant,
 }
 
 /// One worker process slot (its process is replaced when it ends).
@@ -132,9 +138,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Cells {
     /// Start the worker processes (from a thread that lives as long as the daemon).
-    pub(super) fn start(plan: Plan, capacity: usize, metrics: Arc<Metrics>) -> Result<Arc<Cells>, String> {
+    pub(super) fn start(
+        plan: Plan,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Cells>, String> {
         let cells = Arc::new(Cells {
-            slots: (0..plan.processes).map(|_| Mutex::new(Slot::default())).collect(),
+            slots: (0..plan.processes)
+                .map(|_| Mutex::new(Slot::default()))
+                .collect(),
             plan,
             queue: Mutex::new(VecDeque::new()),
             capacity,
@@ -304,6 +316,7 @@ impl Cells {
                         cancelled: false,
                         name,
                         queue_ms: enqueued.elapsed().as_secs_f64() * 1e3,
+                        sent: Instant::now(),
                     },
                 );
             }
@@ -317,9 +330,23 @@ impl Cells {
 
     /// Every 100 ms: the requests whose clients went away are cancelled (their guests
     /// stopped) in their workers.
+    /// A worker that has not answered a request within twice --timeout (it may wait
+    /// behind one other) and a margin is stuck (its guests are stopped at --timeout): it
+    /// is killed, and replaced like any that ends.
     fn sweep(&self) {
-        for s in &self.slots {
+        let stuck_after =
+            Duration::from_millis(self.plan.timeout_ms.saturating_mul(2)) + Duration::from_secs(10);
+        for (i, s) in self.slots.iter().enumerate() {
             let mut s = lock(s);
+            if s.tx.is_some() && s.pending.values().any(|p| p.sent.elapsed() > stuck_after) {
+                tracing::warn!(worker = i, pid = s.pid, "worker process stuck: a request got no answer within twice --timeout + 10 s; killing it");
+                // SAFETY: a signal to our own child: its stream is still open (`tx`), so
+                // the task that reaps it has not seen it exit and its pid is not reused.
+                unsafe { libc::kill(s.pid as i32, libc::SIGKILL) };
+                for p in s.pending.values_mut() {
+                    p.sent = Instant::now();
+                }
+            }
             let mut ids = Vec::new();
             for (id, p) in s.pending.iter_mut() {
                 if !p.cancelled && p.tx.is_closed() {
@@ -356,8 +383,12 @@ impl Cells {
         let mut child = std::process::Command::new("/proc/self/exe")
             .arg0(std::env::args_os().next().unwrap_or_else(|| "vmm".into()))
             .arg("serve-cell")
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-            .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(cancel_theirs)))
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                theirs,
+            )))
+            .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                cancel_theirs,
+            )))
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .map_err(|e| format!("start worker process {i}: {e}"))?;
@@ -457,9 +488,17 @@ impl Cells {
                 }
                 self.pump();
             }
-            FromCell::Status { status, resets } => {
-                for r in resets {
-                    self.metrics.reset.observe(f64::from(r));
+            FromCell::Status { mut status, resets } => {
+                // A worker's word, bounded: no more templates than a store may hold in
+                // its metrics labels, only names a template may have.
+                status.functions.truncate(MAX_FUNCTIONS);
+                status
+                    .functions
+                    .retain(|f| snapshot_store::TemplateName::new(&f.name).is_ok());
+                for r in resets.into_iter().take(MAX_RESETS) {
+                    if r.is_finite() && r >= 0.0 {
+                        self.metrics.reset.observe(f64::from(r));
+                    }
                 }
                 let mut s = lock(&self.slots[i]);
                 if s.generation == generation {
@@ -482,7 +521,11 @@ impl Cells {
             std::mem::take(&mut s.pending)
         };
         if !self.stopping.load(Ordering::Relaxed) {
-            tracing::warn!(worker = i, lost_requests = pending.len(), "worker process lost: {why}");
+            tracing::warn!(
+                worker = i,
+                lost_requests = pending.len(),
+                "worker process lost: {why}"
+            );
         }
         for (_, p) in pending {
             self.running.fetch_sub(1, Ordering::AcqRel);
@@ -497,7 +540,13 @@ impl Cells {
 
     /// Worker `i`'s process exited: count it, log it, start another (after a pause if it
     /// keeps ending early).
-    async fn ended(self: Arc<Self>, i: usize, generation: u64, pid: u32, status: Option<std::process::ExitStatus>) {
+    async fn ended(
+        self: Arc<Self>,
+        i: usize,
+        generation: u64,
+        pid: u32,
+        status: Option<std::process::ExitStatus>,
+    ) {
         self.lost(i, generation, "it exited");
         if self.stopping.load(Ordering::Relaxed) {
             return;
@@ -505,9 +554,15 @@ impl Cells {
         self.metrics.worker_exits.inc();
         let pause = {
             let mut s = lock(&self.slots[i]);
-            let quick = s.started.is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+            let quick = s
+                .started
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
             s.quick_ends = if quick { s.quick_ends + 1 } else { 0 };
-            Duration::from_millis(if s.quick_ends == 0 { 0 } else { 250u64 << s.quick_ends.min(5) })
+            Duration::from_millis(if s.quick_ends == 0 {
+                0
+            } else {
+                250u64 << s.quick_ends.min(5)
+            })
         };
         let how = match status {
             Some(st) => describe(st),
@@ -517,7 +572,11 @@ impl Cells {
             worker = i,
             pid,
             "worker process ended ({how}): its instances are lost; starting another{}",
-            if pause.is_zero() { String::new() } else { format!(" in {} ms", pause.as_millis()) }
+            if pause.is_zero() {
+                String::new()
+            } else {
+                format!(" in {} ms", pause.as_millis())
+            }
         );
         tokio::time::sleep(pause).await;
         if self.stopping.load(Ordering::Relaxed) {
@@ -561,14 +620,23 @@ mod tests {
         assert!(c.iter().all(|c| c.memory_limit == 1 << 30));
         // A small pool is packed into the first worker (as many as run in it at once);
         // every worker may still hold one.
-        for (pool, want) in [(1, [1, 0, 0]), (2, [2, 0, 0]), (6, [4, 2, 0]), (0, [0, 0, 0])] {
+        for (pool, want) in [
+            (1, [1, 0, 0]),
+            (2, [2, 0, 0]),
+            (6, [4, 2, 0]),
+            (0, [0, 0, 0]),
+        ] {
             let small = Plan {
                 pool,
                 max_instances: 2,
                 ..plan.clone()
             };
             let c: Vec<_> = (0..3).map(|i| small.config(i)).collect();
-            assert_eq!(c.iter().map(|c| c.pool).collect::<Vec<_>>(), want, "pool {pool}");
+            assert_eq!(
+                c.iter().map(|c| c.pool).collect::<Vec<_>>(),
+                want,
+                "pool {pool}"
+            );
             assert!(c.iter().all(|c| c.max_instances >= 1));
         }
         // A large one is spread evenly.
@@ -578,6 +646,10 @@ mod tests {
             ..plan
         };
         let c: Vec<_> = (0..40).map(|i| large.config(i)).collect();
-        assert!(c.iter().all(|c| c.pool == 250), "{:?}", c.iter().map(|c| c.pool).collect::<Vec<_>>());
+        assert!(
+            c.iter().all(|c| c.pool == 250),
+            "{:?}",
+            c.iter().map(|c| c.pool).collect::<Vec<_>>()
+        );
     }
 }

@@ -60,7 +60,8 @@ pub(super) struct State {
 
 impl State {
     fn count(&self, name: &str, status: u16) {
-        self.metrics.count(self.backend.is_known(name), name, status);
+        self.metrics
+            .count(self.backend.is_known(name), name, status);
     }
 }
 

@@ -126,9 +126,13 @@ impl InstanceMemory {
     }
 
     pub fn from_code(c: u8) -> Option<InstanceMemory> {
-        [InstanceMemory::Shared, InstanceMemory::Copy, InstanceMemory::Auto]
-            .into_iter()
-            .find(|m| m.code() == c)
+        [
+            InstanceMemory::Shared,
+            InstanceMemory::Copy,
+            InstanceMemory::Auto,
+        ]
+        .into_iter()
+        .find(|m| m.code() == c)
     }
 
     /// The pool's backing for new instances, and whether it adapts
@@ -332,7 +336,11 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         };
         match started {
             Ok(c) => {
-                tracing::info!(processes, instances_each = per_process, "worker processes started");
+                tracing::info!(
+                    processes,
+                    instances_each = per_process,
+                    "worker processes started"
+                );
                 backend::Backend::Cells(c)
             }
             Err(e) => {

@@ -35,9 +35,15 @@ pub(super) struct CellConfig {
 pub(super) enum ToCell {
     Config(CellConfig),
     /// Run a request of template `name` with `body` on its stdin.
-    Invoke { id: u64, name: String, body: Vec<u8> },
+    Invoke {
+        id: u64,
+        name: String,
+        body: Vec<u8>,
+    },
     /// The client of request `id` went away: stop its guest.
-    Cancel { id: u64 },
+    Cancel {
+        id: u64,
+    },
 }
 
 /// One template's pool in a worker (or, summed, in the daemon).
@@ -192,7 +198,9 @@ pub(super) fn encode<T: Encode>(msg: &T) -> Result<Vec<u8>, String> {
     bincode::encode_into_std_write(msg, &mut out, config()).map_err(|e| e.to_string())?;
     let len = out.len() - 4;
     if len > MAX_FRAME {
-        return Err(format!("a message of {len} bytes is over the {MAX_FRAME}-byte bound"));
+        return Err(format!(
+            "a message of {len} bytes is over the {MAX_FRAME}-byte bound"
+        ));
     }
     out[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(out)
@@ -202,15 +210,17 @@ pub(super) fn encode<T: Encode>(msg: &T) -> Result<Vec<u8>, String> {
 pub(super) fn frame_len(prefix: [u8; 4]) -> Result<usize, String> {
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME {
-        return Err(format!("a frame of {len} bytes is over the {MAX_FRAME}-byte bound"));
+        return Err(format!(
+            "a frame of {len} bytes is over the {MAX_FRAME}-byte bound"
+        ));
     }
     Ok(len)
 }
 
 /// A frame's payload as a message; every byte must be used.
 pub(super) fn decode<T: Decode<()>>(payload: &[u8]) -> Result<T, String> {
-    let (msg, used) =
-        bincode::decode_from_slice(payload, config()).map_err(|e| format!("malformed message: {e}"))?;
+    let (msg, used) = bincode::decode_from_slice(payload, config())
+        .map_err(|e| format!("malformed message: {e}"))?;
     if used != payload.len() {
         return Err(format!("{} bytes after a message", payload.len() - used));
     }
@@ -232,7 +242,8 @@ pub(super) fn read_blocking<T: Decode<()>>(r: &mut impl Read) -> Result<Option<T
     }
     let len = frame_len(prefix)?;
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|e| format!("read: {e}"))?;
+    r.read_exact(&mut payload)
+        .map_err(|e| format!("read: {e}"))?;
     decode(&payload).map(Some)
 }
 
@@ -257,7 +268,10 @@ mod tests {
         let mut r = &frame[..];
         match read_blocking::<ToCell>(&mut r).expect("read") {
             Some(ToCell::Invoke { id, name, body }) => {
-                assert_eq!((id, name.as_str(), body.as_slice()), (7, "hello", &b"{}"[..]))
+                assert_eq!(
+                    (id, name.as_str(), body.as_slice()),
+                    (7, "hello", &b"{}"[..])
+                )
             }
             other => panic!("got {other:?}"),
         }
@@ -268,7 +282,10 @@ mod tests {
         assert!(read_blocking::<ToCell>(&mut &big[..]).is_err());
         // Every truncation fails cleanly; so does trailing garbage.
         for cut in 1..frame.len() {
-            assert!(read_blocking::<ToCell>(&mut &frame[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                read_blocking::<ToCell>(&mut &frame[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut padded = frame[4..].to_vec();
         padded.push(0);
