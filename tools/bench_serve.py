@@ -634,6 +634,7 @@ def section_density(a, tmp: Path) -> list[dict]:
             for c in (1, 16):
                 log(f"density: {n} ready, concurrency {c}, {a.seconds:g} s")
                 d.wait_idle()
+                m_before = d.metrics()
                 code, out, err, _ = run(
                     [*oha_args(a.oha, body_file), "-z", f"{int(a.seconds * 1000)}ms", "-w",
                      "-c", str(c), d.url("/v1/functions/hello/invoke")],
@@ -643,6 +644,7 @@ def section_density(a, tmp: Path) -> list[dict]:
                     raise BenchError(f"oha exit {code}: {err.decode(errors='replace')}")
                 d.check_alive()
                 row["load"][str(c)] = oha_summary(json.loads(out))
+                row["load"][str(c)]["server"] = server_means(m_before, d.metrics())
             row["guest_mib"] = a.density_mem or 512
             row["processes"] = procs
             rows.append(row)
@@ -669,7 +671,7 @@ def ratio(num, den) -> str:
 
 def print_density(rows: list[dict]) -> None:
     print()
-    print("## Density: ready hello instances in one daemon")
+    print("## Density: ready hello instances in one daemon (and its worker processes)")
     print()
     print("Per instance, KiB: the fall in MemAvailable and the rise of the kernel's counters "
           "from before the daemon started to its pool being full. Fill: from start to all "
@@ -678,8 +680,8 @@ def print_density(rows: list[dict]) -> None:
     print()
     keys = [k for k in MEMINFO_KEYS]
     print("| ready | processes | guest MiB | fill s | inst/s | last tenth inst/s | " + " | ".join(keys)
-          + " | c=1 p50 / p99 ms | c=16 req/s | c=16 p99 ms | non-200 |")
-    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(keys) + "---|---:|---:|---:|")
+          + " | c=1 p50 / p99 ms | c=16 req/s | c=16 p99 ms | non-200 | c=16 server run / reset ms |")
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(keys) + "---|---:|---:|---:|---|")
     for row in rows:
         per = row["per_instance_kib"]
         l1, l16 = row["load"]["1"], row["load"]["16"]
@@ -687,7 +689,8 @@ def print_density(rows: list[dict]) -> None:
               f"| {fmt(row['last_tenth_per_s'], 0)} | "
               + " | ".join(fmt(per.get(k), 0) for k in keys)
               + f" | {fmt(l1['p50_ms'])} / {fmt(l1['p99_ms'])} | {fmt(l16['rps'], 0)} "
-              f"| {fmt(l16['p99_ms'])} | {l1['non_200'] + l16['non_200']} |")
+              f"| {fmt(l16['p99_ms'])} | {l1['non_200'] + l16['non_200']} "
+              f"| {fmt(l16.get('server', {}).get('run_ms'))} / {fmt(l16.get('server', {}).get('reset_ms'))} |")
 
 
 def print_markdown(r: dict) -> None:
