@@ -122,6 +122,8 @@ pub struct RestoreStats {
     pub load_ms: f64,
     pub install_ms: f64,
     pub vm_restore_ms: f64,
+    /// Registering the memory slots with KVM.
+    pub slots_ms: f64,
     /// VM creation, memory install and vCPU restore (the last two overlap).
     pub setup_ms: f64,
     pub run_ms: f64,

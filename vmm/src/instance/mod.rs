@@ -196,7 +196,9 @@ impl Instance {
         // the rest as it grows.
         vm.grant_initial_map(template.grant_map())
             .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        let t_slots = Instant::now();
         vm.register_memory().map_err(|e| host(e.into()))?;
+        let slots_ms = ms(t_slots.elapsed());
         template
             .state()
             .apply_backend_msrs(&vm.vcpu, vm.backend)
@@ -212,6 +214,7 @@ impl Instance {
                 strategy: Some(backing.name()),
                 install_ms,
                 vm_restore_ms: vcpu_ms,
+                slots_ms,
                 setup_ms: ms(t1.elapsed()),
                 pages_installed: pages,
                 bytes_from_store: if template.built_image().is_some() {
