@@ -27,9 +27,10 @@ pub struct Grants {
     mem_size: u64,
 }
 
-/// Most memory slots an instance holds (a guest whose grants fragment its RAM beyond this
-/// gets its slots merged again; KVM allows ~32k).
-const MAX_SLOTS: usize = 256;
+/// Most memory slots an instance holds: a guest whose grants would fragment its RAM
+/// beyond this is granted the gaps between them too, and gets one slot over them all
+/// (KVM allows ~32k slots, but each costs an SRCU synchronize to add or delete).
+const MAX_SLOTS: usize = 64;
 
 impl Grants {
     const REGION: u64 = layout::GRANT_REGION;
@@ -78,6 +79,15 @@ impl Grants {
             }
         }
         runs
+    }
+
+    /// Grant every region between the lowest and the highest granted one.
+    fn fill_gaps(&mut self) {
+        let first = self.regions.iter().position(|&g| g);
+        let last = self.regions.iter().rposition(|&g| g);
+        if let (Some(a), Some(b)) = (first, last) {
+            self.regions[a..=b].iter_mut().for_each(|g| *g = true);
+        }
     }
 
     /// The granted regions as the fewest runs (gpa, len).
@@ -516,7 +526,9 @@ impl Vm {
             return Ok(());
         }
         if self.grants.slots.len() + runs.len() > MAX_SLOTS {
-            // Fragmented: register the granted regions again as the fewest slots.
+            // Fragmented: one slot over everything from the lowest granted region to the
+            // highest (a guest's own RAM: granting more is safe, only costlier).
+            self.grants.fill_gaps();
             self.forget_mappings()?;
         } else {
             for (a, l) in runs {
@@ -799,6 +811,11 @@ mod tests {
         assert_eq!(g.mark(62 * MIB, u64::MAX), vec![(62 * MIB, 2 * MIB)]);
         assert_eq!(g.mark(u64::MAX - 5, 10), vec![]);
         assert_eq!(g.bytes(), 28 * MIB);
+        g.fill_gaps();
+        assert_eq!(g.runs(), vec![(0, 64 * MIB)]);
+        let mut none = Grants::none(64 * MIB);
+        none.fill_gaps();
+        assert_eq!(none.bytes(), 0);
     }
 
     #[test]

@@ -194,8 +194,12 @@ impl Instance {
         let mut vm = parts.with_memory(mem);
         // Slots for what the template's guest was granted, no more: the guest asks for
         // the rest as it grows.
-        vm.grant_initial_map(template.grant_map())
-            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        match template.grant_map() {
+            Some(map) => vm
+                .grant_initial_map(map)
+                .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?,
+            None => vm.grant_initial(0, template.mem_size()),
+        }
         let t_slots = Instant::now();
         vm.register_memory().map_err(|e| host(e.into()))?;
         let slots_ms = ms(t_slots.elapsed());

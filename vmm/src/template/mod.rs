@@ -56,8 +56,9 @@ pub struct Template {
     /// Guest-physical addresses of the template's page-table pages.
     page_tables: Vec<u64>,
     /// The guest's grant map (`vmm_abi::layout::GRANT_MAP_GPA`): the regions its
-    /// instances get memory slots for when restored (checked to lie in guest RAM).
-    grant_map: Vec<u8>,
+    /// instances get memory slots for when restored (checked to lie in guest RAM). None:
+    /// the page holds nothing (not a template this guest kernel made): all of guest RAM.
+    grant_map: Option<Vec<u8>>,
     /// The verified memory image, built on first use.
     image: OnceLock<Image>,
     /// The working set learned from real requests since the template was created (None:
@@ -278,20 +279,21 @@ impl Template {
             }))
         })
         .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
-        // The grant map, read from its verified page (none: only the fixed regions, the
-        // guest asks for the rest).
+        // The grant map, read from its verified page.
         let map_gfn = vmm_abi::layout::GRANT_MAP_GPA / PAGE;
         let grant_map = match resolved.frame_verified(map_gfn) {
             Ok(Some(Frame::Data(p))) => {
                 let at = (vmm_abi::layout::GRANT_MAP_GPA % PAGE) as usize;
-                p[at..at + vmm_abi::layout::GRANT_MAP_BYTES].to_vec()
+                Some(p[at..at + vmm_abi::layout::GRANT_MAP_BYTES].to_vec())
             }
-            Ok(_) => Vec::new(),
+            Ok(_) => None,
             Err(e) => return Err(Error::new(ErrorKind::Damaged, step, e.to_string())),
         };
-        crate::vm::Grants::none(mem_size)
-            .add_map(&grant_map)
-            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        if let Some(map) = &grant_map {
+            crate::vm::Grants::none(mem_size)
+                .add_map(map)
+                .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        }
         let learned = match store.learned_working_set(&manifest) {
             Ok(l) => l,
             Err(why) => {
@@ -414,16 +416,21 @@ impl Template {
     }
 
     /// The guest's grant map (see the field).
-    pub(crate) fn grant_map(&self) -> &[u8] {
-        &self.grant_map
+    pub(crate) fn grant_map(&self) -> Option<&[u8]> {
+        self.grant_map.as_deref()
     }
 
     /// Bytes of guest RAM its instances get memory slots for when restored.
     pub fn granted_bytes(&self) -> u64 {
-        let mut g = crate::vm::Grants::fixed(self.mem_size());
-        // Checked at load.
-        let _ = g.add_map(&self.grant_map);
-        g.bytes()
+        match &self.grant_map {
+            Some(map) => {
+                let mut g = crate::vm::Grants::fixed(self.mem_size());
+                // Checked at load.
+                let _ = g.add_map(map);
+                g.bytes()
+            }
+            None => self.mem_size(),
+        }
     }
 
     pub(crate) fn page_tables(&self) -> &[u64] {
