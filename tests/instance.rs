@@ -100,9 +100,16 @@ fn memory_slots_cover_what_the_guest_uses_and_grow_on_demand() {
     let hello = engine.load_template_with_stats("hello").unwrap().0;
     assert_eq!(hello.mem_size(), 512 * MIB);
     let granted = hello.granted_bytes();
-    assert!(granted < 128 * MIB, "hello template granted {} MiB", granted / MIB);
+    assert!(
+        granted < 128 * MIB,
+        "hello template granted {} MiB",
+        granted / MIB
+    );
     let v = restore_json("hello", br#"{"name":"slots"}"#);
-    assert!(v["stdout"].as_str().unwrap().contains("Hello, slots!"), "{v}");
+    assert!(
+        v["stdout"].as_str().unwrap().contains("Hello, slots!"),
+        "{v}"
+    );
     assert_eq!(v["stats"]["slot_bytes"].as_u64(), Some(granted), "{v}");
     let slots = v["stats"]["memory_slots"].as_u64().unwrap();
     assert!((1..=8).contains(&slots), "{slots} slots");
@@ -110,7 +117,11 @@ fn memory_slots_cover_what_the_guest_uses_and_grow_on_demand() {
     // alloc: 48 MiB per request, far past what its template was granted.
     let alloc = engine.load_template_with_stats("alloc").unwrap().0;
     let template_granted = alloc.granted_bytes();
-    assert!(template_granted < 128 * MIB, "{} MiB", template_granted / MIB);
+    assert!(
+        template_granted < 128 * MIB,
+        "{} MiB",
+        template_granted / MIB
+    );
     let expect = r#"{"bytes":50331648,"sum":1566720,"req":3}"#;
     for _ in 0..2 {
         let v = restore_json("alloc", b"abc");
@@ -125,7 +136,11 @@ fn memory_slots_cover_what_the_guest_uses_and_grow_on_demand() {
         let mut first = None;
         for i in 0..6 {
             let r = inst.invoke(b"abc", &limits);
-            assert!(matches!(r.result, Ok(0)), "{backing:?} #{i}: {:?}", r.result);
+            assert!(
+                matches!(r.result, Ok(0)),
+                "{backing:?} #{i}: {:?}",
+                r.result
+            );
             assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), expect);
             let (bytes, slots) = inst.slot_bytes();
             assert!(bytes >= template_granted + 48 * MIB, "{} MiB", bytes / MIB);
@@ -142,7 +157,11 @@ fn memory_slots_cover_what_the_guest_uses_and_grow_on_demand() {
                 // nothing more is granted and no request is needed.
                 Some((b, exits)) => {
                     assert_eq!(bytes, b, "{backing:?} #{i}");
-                    assert!(r.stats.exits < exits, "{backing:?} #{i}: {} exits", r.stats.exits);
+                    assert!(
+                        r.stats.exits < exits,
+                        "{backing:?} #{i}: {} exits",
+                        r.stats.exits
+                    );
                 }
             }
             inst.reset().unwrap();

@@ -839,7 +839,12 @@ mod tests {
                 }
             })
         );
-        for (gpa, len) in [(0x1000, 2 << 20), (0, 0), (0, 0x1000), (mem - (2 << 20), 4 << 20)] {
+        for (gpa, len) in [
+            (0x1000, 2 << 20),
+            (0, 0),
+            (0, 0x1000),
+            (mem - (2 << 20), 4 << 20),
+        ] {
             mb.args = [gpa, len, 0, 0, 0, 0];
             assert!(decode_request(&mb, mem).is_err(), "{gpa:#x}+{len:#x}");
         }

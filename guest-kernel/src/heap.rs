@@ -357,8 +357,7 @@ impl Heap {
             let next = h + size;
             if next == self.top {
                 // The last block: move the end up.
-                if h.checked_add(need).is_some_and(|e| e <= self.end)
-                    && self.ensure(next, h + need)
+                if h.checked_add(need).is_some_and(|e| e <= self.end) && self.ensure(next, h + need)
                 {
                     set_size_keep_flags(h, need);
                     self.top = h + need;
@@ -1296,19 +1295,29 @@ mod tests {
                 let (p, _) = live.swap_remove((r as usize / 3) % live.len());
                 unsafe { t.heap.dealloc(p) };
             } else {
-                let size = if r % 50 == 1 { (r as usize >> 8) % (6 << 20) + 1 } else { (r as usize >> 8) % 4000 + 1 };
+                let size = if r % 50 == 1 {
+                    (r as usize >> 8) % (6 << 20) + 1
+                } else {
+                    (r as usize >> 8) % 4000 + 1
+                };
                 let p = t.heap.alloc(l(size, 16));
                 assert!(!p.is_null(), "allocation {i} of {size}");
                 let g = t.heap.granted();
                 let (a, b) = (p as usize - HDR, p as usize + size);
-                assert!(g.start <= a && b <= g.end, "block {a:#x}..{b:#x} outside {g:x?}");
+                assert!(
+                    g.start <= a && b <= g.end,
+                    "block {a:#x}..{b:#x} outside {g:x?}"
+                );
                 unsafe { ptr::write_bytes(p, 0xa5, size) };
                 live.push((p, size));
             }
             let span = t.heap.span();
             let g = t.heap.granted();
             if !span.is_empty() {
-                assert!(g.start <= span.start && span.end <= g.end, "{span:x?} outside {g:x?}");
+                assert!(
+                    g.start <= span.start && span.end <= g.end,
+                    "{span:x?} outside {g:x?}"
+                );
             }
             assert_eq!(g.start % GRANT_ALIGN, 0);
             assert_eq!(g.end % GRANT_ALIGN, 0);

@@ -110,7 +110,10 @@ fn grant_memory(lo: usize, hi: usize) -> bool {
     let Some(miss) = (first..end).find(|&r| !region_granted(r)) else {
         return true;
     };
-    let last = (miss..end).rev().find(|&r| !region_granted(r)).unwrap_or(miss);
+    let last = (miss..end)
+        .rev()
+        .find(|&r| !region_granted(r))
+        .unwrap_or(miss);
     let (gpa, len) = (miss * region, (last + 1 - miss) * region);
     let (ret, _) = hostcall::raw(Op::Grant as u64, &[gpa as u64, len as u64]);
     ret == 0 && (miss..=last).all(region_granted)
