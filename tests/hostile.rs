@@ -263,6 +263,20 @@ fn hostile_mailbox_variants_are_refused() {
             ],
         ),
         (
+            "mailbox_grant_unaligned.wat",
+            &[
+                "malformed hostcall",
+                "memory grant: range gpa=0x201000 len=0x200000 is not a non-empty run of 2 MiB regions",
+            ],
+        ),
+        (
+            "mailbox_grant_oob.wat",
+            &[
+                "malformed hostcall",
+                "memory grant: range gpa=0x3e00000 len=0x400000 is outside guest memory",
+            ],
+        ),
+        (
             "mailbox_fault.wat",
             &["guest CPU exception: general protection (#GP) (vector 13) error code 0x18 at rip 0xdeadbeef, cr2 0x1234"],
         ),
@@ -273,6 +287,31 @@ fn hostile_mailbox_variants_are_refused() {
         assert_fails(g, &r, EXIT_FAILURE, expect);
         assert!(r.elapsed < Duration::from_secs(10), "{g} took {:?}", r.elapsed);
     }
+}
+
+/// A guest that fragments its grants (every other region of 1 GiB, one request each) gets
+/// them all, in one slot over the gaps too once there would be too many, and runs on.
+#[test]
+fn fragmented_memory_grants_stay_bounded() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cmd = run_guest(
+        "grant_fragments.wat",
+        &["--mem", "1024", "--timeout", "20", "--json"],
+    );
+    cmd.env("VMM_TEST_HOSTCALLS", "1");
+    let r = run(cmd);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert_eq!(v["stdout"].as_str(), Some("ok"), "{v}");
+    let slots = v["stats"]["memory_slots"].as_u64().unwrap();
+    assert!(slots <= 64, "{slots} slots");
+    assert!(
+        v["stats"]["slot_bytes"].as_u64().unwrap() >= 512 << 20,
+        "{v}"
+    );
+    assert!(r.elapsed < Duration::from_secs(20), "took {:?}", r.elapsed);
 }
 
 // --- guest kernel fault injection ----------------------------------------------------------

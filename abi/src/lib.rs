@@ -16,7 +16,8 @@
 //! 0x0000_4000  | PD x 4 (2 MiB pages, <= 4 GiB)|
 //! 0x0000_8000  | mailbox page (struct Mailbox) |
 //! 0x0000_9000  | PT of the first 2 MiB (4 KiB) |
-//! 0x0000_a000  | unused                        |
+//! 0x0000_a000  | grant map (VMM -> guest)      |
+//! 0x0000_b000  | unused                        |
 //! 0x0020_0000  | kernel image (ELF PT_LOADs)   |
 //! 0x00c0_0000  | guard (not mapped)            |
 //! 0x00e0_0000  | boot stack (8 MiB, grows down)|
@@ -24,6 +25,18 @@
 //!              | ... module bytes (top of RAM) |
 //! mem_size     +-------------------------------+
 //! ```
+//!
+//! # Granted memory
+//!
+//! Guest RAM is divided into 2 MiB regions ([`layout::GRANT_REGION`]); KVM backs only the
+//! regions the VMM has **granted** with memory slots (KVM's per-slot metadata costs ~10
+//! bytes per 4 KiB page of a slot, whatever the guest uses). The regions below
+//! [`layout::HEAP_START`] and those holding the module are granted before boot; the
+//! guest's heap asks for the rest as it grows ([`Op::Grant`]) and must never touch a
+//! region that is not granted. The VMM keeps the grant map page ([`layout::GRANT_MAP_GPA`],
+//! one bit per region, bit `r % 64` of little-endian word `r / 64`) equal to what it has
+//! granted, so the guest asks only for regions whose bit is clear; a restore creates
+//! slots for exactly the regions the template's map names.
 //!
 //! # Hostcalls
 //!
@@ -55,6 +68,13 @@ pub mod layout {
     /// mapped: a null pointer dereference faults (wasmtime relies on it for `call_indirect`
     /// of a null function reference).
     pub const PT0_GPA: u64 = 0x9000;
+    /// The grant map: one bit per [`GRANT_REGION`] of guest RAM that has a memory slot,
+    /// written by the VMM only ([`GRANT_MAP_BYTES`] bytes; see the crate docs).
+    pub const GRANT_MAP_GPA: u64 = 0xa000;
+    /// Granularity of granted memory.
+    pub const GRANT_REGION: u64 = HUGE_PAGE_SIZE;
+    /// One bit per region of the largest guest RAM.
+    pub const GRANT_MAP_BYTES: usize = (MAX_MEM_MIB / 2 / 8) as usize;
     pub const KERNEL_BASE: u64 = 0x20_0000;
     /// The kernel image must end below this address.
     pub const KERNEL_END_MAX: u64 = 0xc0_0000;
@@ -93,8 +113,9 @@ pub mod pte {
 /// The I/O port the guest writes to for a hostcall.
 pub const HOSTCALL_PORT: u16 = 0x7e0;
 pub const MAILBOX_MAGIC: u64 = 0x786f_626c_6961_6d76; // "vmmailbox" (le)
-/// Version 2 added `Mailbox::engine` (and the wasmtime artifact as the module).
-pub const ABI_VERSION: u64 = 2;
+/// Version 2 added `Mailbox::engine` (and the wasmtime artifact as the module); version 3
+/// granted memory ([`Op::Grant`], the grant map).
+pub const ABI_VERSION: u64 = 3;
 
 /// Boot flags (`Mailbox::flags`).
 pub const FLAG_TEST_HOSTCALLS: u64 = 1 << 0;
@@ -346,6 +367,10 @@ pub enum Op {
     /// args: [code, message gpa, message len]. The guest could not run the module
     /// (not wasm, unsupported import, trap...): the message says what and why.
     Error = 7,
+    /// args: [gpa, len], both multiples of [`layout::GRANT_REGION`], len > 0. Give the
+    /// guest memory slots over `[gpa, gpa + len)` (regions already granted are left as
+    /// they are). ret = 0; the grant map is updated before the guest resumes.
+    Grant = 8,
 }
 
 /// `Op::Exit` flags: output to stdout / stderr was lost at the guest's output cap
@@ -404,6 +429,9 @@ pub enum Request {
         code: u64,
         message: GuestRange,
     },
+    Grant {
+        range: GuestRange,
+    },
 }
 
 /// A range of guest-physical memory, checked to lie inside guest RAM.
@@ -428,6 +456,12 @@ pub enum AbiError {
         max: u64,
     },
     BadFd(u64),
+    /// A range that must be a non-empty run of whole regions and is not.
+    Unaligned {
+        what: &'static str,
+        gpa: u64,
+        len: u64,
+    },
 }
 
 impl core::fmt::Display for AbiError {
@@ -444,6 +478,10 @@ impl core::fmt::Display for AbiError {
                 write!(f, "{what}: length {len} exceeds the limit of {max}")
             }
             AbiError::BadFd(fd) => write!(f, "write to fd {fd}: only 1 and 2 are outputs"),
+            AbiError::Unaligned { what, gpa, len } => write!(
+                f,
+                "{what}: range gpa={gpa:#x} len={len:#x} is not a non-empty run of 2 MiB regions"
+            ),
         }
     }
 }
@@ -509,6 +547,20 @@ pub fn decode_request(mb: &Mailbox, mem_size: u64) -> Result<Request, AbiError> 
             code: a[0],
             message: range("error message", a[1], a[2], MAX_MESSAGE_LEN)?,
         },
+        8 => {
+            let r = range("memory grant", a[0], a[1], mem_size)?;
+            if r.len == 0
+                || !r.gpa.is_multiple_of(layout::GRANT_REGION)
+                || !r.len.is_multiple_of(layout::GRANT_REGION)
+            {
+                return Err(AbiError::Unaligned {
+                    what: "memory grant",
+                    gpa: r.gpa,
+                    len: r.len,
+                });
+            }
+            Request::Grant { range: r }
+        }
         op => return Err(AbiError::UnknownOp(op)),
     })
 }
@@ -776,6 +828,26 @@ mod tests {
         ));
         mb.op = 99;
         assert_eq!(decode_request(&mb, mem), Err(AbiError::UnknownOp(99)));
+        mb.op = Op::Grant as u64;
+        mb.args = [2 << 20, 4 << 20, 0, 0, 0, 0];
+        assert_eq!(
+            decode_request(&mb, mem),
+            Ok(Request::Grant {
+                range: GuestRange {
+                    gpa: 2 << 20,
+                    len: 4 << 20
+                }
+            })
+        );
+        for (gpa, len) in [
+            (0x1000, 2 << 20),
+            (0, 0),
+            (0, 0x1000),
+            (mem - (2 << 20), 4 << 20),
+        ] {
+            mb.args = [gpa, len, 0, 0, 0, 0];
+            assert!(decode_request(&mb, mem).is_err(), "{gpa:#x}+{len:#x}");
+        }
         mb.op = Op::Write as u64;
         mb.args = [7, 0, 0, 0, 0, 0];
         assert_eq!(decode_request(&mb, mem), Err(AbiError::BadFd(7)));

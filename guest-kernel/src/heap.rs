@@ -62,6 +62,16 @@
 //!
 //! Only the blocks between the two frontiers are ever written, so the heap's data sits in
 //! `[lo, top)`: a few MiB around the split.
+//!
+//! # Granted memory
+//!
+//! With a grant function ([`Heap::set_grant`]) the heap touches only memory it was granted:
+//! before a frontier moves past the granted range `[glo, ghi)` (whole [`GRANT_ALIGN`]
+//! regions, one contiguous range around the split, since the blocks are), it asks for a
+//! larger one, with room to spare in the direction of growth (a quarter of the range's
+//! size, between [`GRANT_MIN_STEP`] and [`GRANT_MAX_STEP`]) so that few requests are
+//! needed while little is granted that is never used. A refused grant makes the
+//! allocation fail like exhaustion.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
@@ -97,6 +107,17 @@ pub const LOW_PART_MAX: usize = 16 << 20;
 /// The split is aligned to this (the guest's large-page size), so that the small and the
 /// large side each fill whole regions.
 const SPLIT_ALIGN: usize = 2 << 20;
+
+/// Granted memory comes in regions of this size (the VMM's memory slots; see the module
+/// docs).
+pub const GRANT_ALIGN: usize = 2 << 20;
+/// Least room a grant leaves beyond what was asked for.
+pub const GRANT_MIN_STEP: usize = 2 << 20;
+/// Most room a grant leaves beyond what was asked for.
+pub const GRANT_MAX_STEP: usize = 16 << 20;
+
+/// Asked to make `[lo, hi)` (whole regions) accessible; false if it cannot.
+pub type GrantFn = fn(usize, usize) -> bool;
 
 /// Bin index of a free block of `size` bytes (the bin whose range contains it).
 fn bin_floor(size: usize) -> usize {
@@ -161,6 +182,10 @@ pub struct Heap {
     /// Where `lo` and `top` started (see the module docs).
     split: usize,
     used: usize,
+    /// See [`Heap::set_grant`]; `glo == ghi` when nothing is granted yet.
+    grant: Option<GrantFn>,
+    glo: usize,
+    ghi: usize,
 }
 
 impl Heap {
@@ -175,6 +200,9 @@ impl Heap {
             top: 0,
             split: 0,
             used: 0,
+            grant: None,
+            glo: 0,
+            ghi: 0,
         }
     }
 
@@ -203,6 +231,55 @@ impl Heap {
         self.split = split;
         self.lo = split;
         self.top = split;
+    }
+
+    /// Touch only memory that `grant` made accessible (see the module docs); without a
+    /// grant function all of the heap's range is.
+    pub fn set_grant(&mut self, grant: GrantFn) {
+        self.grant = Some(grant);
+    }
+
+    /// The range granted so far (empty without a grant function or before any block).
+    pub fn granted(&self) -> core::ops::Range<usize> {
+        self.glo..self.ghi
+    }
+
+    /// Make `[a, b)` accessible before the heap writes to it: true if it already is or
+    /// the grant function granted a range that holds it.
+    fn ensure(&mut self, a: usize, b: usize) -> bool {
+        let Some(grant) = self.grant else {
+            return true;
+        };
+        if a >= b || (a >= self.glo && b <= self.ghi) {
+            return true;
+        }
+        let region = GRANT_ALIGN;
+        let floor = self.start & !(region - 1);
+        let ceil = match self.end.checked_next_multiple_of(region) {
+            Some(c) => c,
+            None => return false,
+        };
+        let (a, b) = (a & !(region - 1), b.next_multiple_of(region));
+        let (mut na, mut nb, have) = if self.glo == self.ghi {
+            (a, b, 0)
+        } else {
+            (a.min(self.glo), b.max(self.ghi), self.ghi - self.glo)
+        };
+        let step = (have / 4)
+            .clamp(GRANT_MIN_STEP, GRANT_MAX_STEP)
+            .next_multiple_of(region);
+        if self.glo == self.ghi || na < self.glo {
+            na = na.saturating_sub(step).max(floor);
+        }
+        if self.glo == self.ghi || nb > self.ghi {
+            nb = nb.saturating_add(step).min(ceil);
+        }
+        if !grant(na, nb) {
+            return false;
+        }
+        self.glo = na;
+        self.ghi = nb;
+        true
     }
 
     /// Usable bytes managed.
@@ -280,7 +357,8 @@ impl Heap {
             let next = h + size;
             if next == self.top {
                 // The last block: move the end up.
-                if h.checked_add(need).is_some_and(|e| e <= self.end) {
+                if h.checked_add(need).is_some_and(|e| e <= self.end) && self.ensure(next, h + need)
+                {
                     set_size_keep_flags(h, need);
                     self.top = h + need;
                     self.used += need - size;
@@ -407,7 +485,7 @@ impl Heap {
         }
         let h = payload - HDR;
         let new_end = h.checked_add(need)?;
-        if new_end > self.end {
+        if new_end > self.end || !self.ensure(s, new_end) {
             return None;
         }
         // SAFETY: `[s, new_end)` lies in `[start, end)`, untouched space above the blocks.
@@ -438,7 +516,7 @@ impl Heap {
         let want = self.lo.checked_sub(need)?;
         // Aligning down: the block absorbs the gap up to `lo`.
         let h = ((want + HDR) & !(align - 1)).checked_sub(HDR)?;
-        if h < self.start {
+        if h < self.start || !self.ensure(h, self.lo) {
             return None;
         }
         let size = self.lo - h;
@@ -706,6 +784,11 @@ impl LockedHeap {
     pub unsafe fn init(&self, start: *mut u8, len: usize) {
         // SAFETY: forwarded contract.
         self.with(|h| unsafe { h.init(start, len) })
+    }
+
+    /// See [`Heap::set_grant`].
+    pub fn set_grant(&self, grant: GrantFn) {
+        self.with(|h| h.set_grant(grant))
     }
 
     /// (size, used) in bytes.
@@ -1181,5 +1264,82 @@ mod tests {
         assert!(g.stats().1 >= 400);
         unsafe { GlobalAlloc::dealloc(&g, p, l(400, 8)) };
         assert_eq!(g.stats().1, 0);
+    }
+
+    static GRANTS: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+    fn record_grant(lo: usize, hi: usize) -> bool {
+        GRANTS.lock().unwrap().push((lo, hi));
+        true
+    }
+
+    fn refuse_grant(_: usize, _: usize) -> bool {
+        false
+    }
+
+    #[test]
+    fn blocks_stay_inside_granted_regions_and_grants_are_few() {
+        let mut t = heap(256 << 20);
+        t.heap.set_grant(record_grant);
+        let mut live: Vec<(*mut u8, usize)> = Vec::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for i in 0..4000 {
+            let r = next();
+            if r % 3 == 0 && !live.is_empty() {
+                let (p, _) = live.swap_remove((r as usize / 3) % live.len());
+                unsafe { t.heap.dealloc(p) };
+            } else {
+                let size = if r % 50 == 1 {
+                    (r as usize >> 8) % (6 << 20) + 1
+                } else {
+                    (r as usize >> 8) % 4000 + 1
+                };
+                let p = t.heap.alloc(l(size, 16));
+                assert!(!p.is_null(), "allocation {i} of {size}");
+                let g = t.heap.granted();
+                let (a, b) = (p as usize - HDR, p as usize + size);
+                assert!(
+                    g.start <= a && b <= g.end,
+                    "block {a:#x}..{b:#x} outside {g:x?}"
+                );
+                unsafe { ptr::write_bytes(p, 0xa5, size) };
+                live.push((p, size));
+            }
+            let span = t.heap.span();
+            let g = t.heap.granted();
+            if !span.is_empty() {
+                assert!(
+                    g.start <= span.start && span.end <= g.end,
+                    "{span:x?} outside {g:x?}"
+                );
+            }
+            assert_eq!(g.start % GRANT_ALIGN, 0);
+            assert_eq!(g.end % GRANT_ALIGN, 0);
+        }
+        t.heap.check();
+        let grants = GRANTS.lock().unwrap().clone();
+        // Every grant holds the one before it (the range only grows), and there are few.
+        for w in grants.windows(2) {
+            assert!(w[1].0 <= w[0].0 && w[1].1 >= w[0].1, "{w:x?}");
+        }
+        let g = t.heap.granted();
+        assert_eq!(grants.last().copied(), Some((g.start, g.end)));
+        assert!(grants.len() <= 24, "{} grants: {grants:x?}", grants.len());
+    }
+
+    #[test]
+    fn a_refused_grant_fails_the_allocation() {
+        let mut t = heap(64 << 20);
+        t.heap.set_grant(refuse_grant);
+        assert!(t.heap.alloc(l(100, 16)).is_null());
+        assert!(t.heap.alloc(l(2 << 20, 16)).is_null());
+        assert!(t.heap.span().is_empty());
+        t.heap.check();
     }
 }

@@ -87,6 +87,38 @@ unsafe impl GlobalAlloc for KernelAlloc {
 #[global_allocator]
 static ALLOCATOR: KernelAlloc = KernelAlloc;
 
+/// Whether region `r` of guest RAM is granted, by the VMM's grant map.
+fn region_granted(r: usize) -> bool {
+    let word = r / 64;
+    if word * 8 >= layout::GRANT_MAP_BYTES {
+        return false;
+    }
+    // SAFETY: the grant map is identity-mapped RAM below the kernel, written by the VMM
+    // only; `word` lies inside it (checked above).
+    let w = unsafe {
+        core::ptr::read_volatile((layout::GRANT_MAP_GPA as usize + word * 8) as *const u64)
+    };
+    w & (1 << (r % 64)) != 0
+}
+
+/// The heap's grant function: make `[lo, hi)` (whole regions) accessible. Asks the VMM
+/// (one exit) only for the regions its grant map does not name yet: after a reset the
+/// map says what the instance already has.
+fn grant_memory(lo: usize, hi: usize) -> bool {
+    let region = layout::GRANT_REGION as usize;
+    let (first, end) = (lo / region, hi.div_ceil(region));
+    let Some(miss) = (first..end).find(|&r| !region_granted(r)) else {
+        return true;
+    };
+    let last = (miss..end)
+        .rev()
+        .find(|&r| !region_granted(r))
+        .unwrap_or(miss);
+    let (gpa, len) = (miss * region, (last + 1 - miss) * region);
+    let (ret, _) = hostcall::raw(Op::Grant as u64, &[gpa as u64, len as u64]);
+    ret == 0 && (miss..=last).all(region_granted)
+}
+
 // --- entry -----------------------------------------------------------------------------
 
 /// Called by `_start` with SSE enabled and RSP = 16n - 8.
@@ -131,6 +163,7 @@ pub extern "C" fn kernel_main() -> ! {
     // SAFETY: [HEAP_START, heap_end) is identity-mapped RAM below the module bytes, used by
     // nothing else (the layout puts the stack and the image below HEAP_START); once.
     unsafe { HEAP.init(layout::HEAP_START as *mut u8, heap_len) };
+    HEAP.set_grant(grant_memory);
     HEAP_BYTES.store(HEAP.stats().0, Ordering::Relaxed);
 
     let module: &'static [u8] = if module_len == 0 {

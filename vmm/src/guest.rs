@@ -345,7 +345,9 @@ pub fn boot_vm(
         .into());
     }
     let mem = GuestMemory::new(mem_size as usize).map_err(VmError::Memory)?;
-    let mut vm = Vm::new(mem)?;
+    // Slots over the fixed regions and the module; the guest's heap asks for the rest.
+    let mut vm = Vm::new_unregistered(mem)?;
+    vm.grant_initial(module_gpa, mem_size - module_gpa);
     vm.mem().write(module_gpa, module)?;
     let mut seed = [0u8; 32];
     crate::vm::fill_random(&mut seed);

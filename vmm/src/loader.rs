@@ -37,8 +37,9 @@ fn u64_at(b: &[u8], off: usize) -> Result<u64, LoadError> {
     bytes_at::<8>(b, off).map(u64::from_le_bytes)
 }
 
-/// Load the PT_LOAD segments of `elf` at their physical addresses; returns the entry point.
-pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<u64, LoadError> {
+/// Load the PT_LOAD segments of `elf` at their physical addresses; returns the entry point
+/// and the end of the highest segment (.bss included).
+pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<(u64, u64), LoadError> {
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
         return Err(LoadError::NotElf);
     }
@@ -53,6 +54,7 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<u64, LoadError> {
         return Err(LoadError::Malformed("program header table"));
     }
     let mut entry_ok = false;
+    let mut image_end = KERNEL_BASE;
     for i in 0..phnum {
         let ph = phoff
             .checked_add(
@@ -88,6 +90,7 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<u64, LoadError> {
             .and_then(|e| elf.get(offset as usize..e as usize))
             .ok_or(LoadError::Malformed("segment data past end of file"))?;
         mem.write(paddr, data)?;
+        image_end = image_end.max(end);
         // Fresh anonymous memory is zero, so .bss (memsz beyond filesz) needs nothing.
         if (paddr..end).contains(&entry) {
             entry_ok = true;
@@ -96,7 +99,7 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<u64, LoadError> {
     if !entry_ok {
         return Err(LoadError::BadEntry(entry));
     }
-    Ok(entry)
+    Ok((entry, image_end))
 }
 
 /// Identity-map guest RAM with 2 MiB pages (A/D set: KVM then maps a whole page per

@@ -28,6 +28,10 @@ pub struct Stats {
     pub total_ms: f64,
     pub exits: u64,
     pub hostcalls: u64,
+    /// KVM memory slots of the instance after the run, and the guest RAM they cover
+    /// (granted to the guest; KVM's per-slot metadata is sized by it).
+    pub memory_slots: u64,
+    pub slot_bytes: u64,
     /// Set for `vmm restore`: how the template was restored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStats>,
@@ -118,6 +122,8 @@ pub struct RestoreStats {
     pub load_ms: f64,
     pub install_ms: f64,
     pub vm_restore_ms: f64,
+    /// Registering the memory slots with KVM.
+    pub slots_ms: f64,
     /// VM creation, memory install and vCPU restore (the last two overlap).
     pub setup_ms: f64,
     pub run_ms: f64,

@@ -13,6 +13,146 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::time::Duration;
 use vmm_abi::{layout, offsets, AbiError, GuestRange, Mailbox, Request, MAILBOX_BYTES};
 
+/// Which 2 MiB regions of guest RAM have KVM memory slots ("granted": see `vmm_abi`'s
+/// docs), and the slots that cover them. KVM allocates per-slot metadata by the slot's
+/// size (~10 bytes per 4 KiB page here), so an instance's slots cover only what its guest
+/// was granted. Slots are windows into the one host mapping of guest RAM; a grant adds
+/// slots over the regions it newly covers (KVM cannot resize a slot), and
+/// [`Vm::forget_mappings`] re-registers the granted regions as the fewest slots.
+#[derive(Clone, Debug)]
+pub struct Grants {
+    regions: Vec<bool>,
+    /// (gpa, len) of slot `i`.
+    slots: Vec<(u64, u64)>,
+    mem_size: u64,
+}
+
+/// Most memory slots an instance holds: a guest whose grants would fragment its RAM
+/// beyond this is granted the gaps between them too, and gets one slot over them all
+/// (KVM allows ~32k slots, but each costs an SRCU synchronize to add or delete).
+const MAX_SLOTS: usize = 64;
+
+impl Grants {
+    const REGION: u64 = layout::GRANT_REGION;
+
+    /// Nothing granted in `mem_size` bytes of guest RAM.
+    pub fn none(mem_size: u64) -> Grants {
+        Grants {
+            regions: vec![false; mem_size.div_ceil(Self::REGION) as usize],
+            slots: Vec::new(),
+            mem_size,
+        }
+    }
+
+    /// The regions the guest may never lack: the first (page tables, mailbox, grant map)
+    /// and the stack's. The kernel image's are granted at boot (see [`Vm::setup_boot`]);
+    /// the guard below the stack never is (the guest does not map it).
+    pub fn fixed(mem_size: u64) -> Grants {
+        let mut g = Grants::none(mem_size);
+        g.mark(0, Self::REGION);
+        g.mark(
+            layout::STACK_BOTTOM,
+            layout::HEAP_START - layout::STACK_BOTTOM,
+        );
+        g
+    }
+
+    /// Mark the regions that `[gpa, gpa + len)` touches (clamped to guest RAM) granted;
+    /// returns the runs of regions that were not yet (as (gpa, len)).
+    fn mark(&mut self, gpa: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = gpa.saturating_add(len).min(self.mem_size);
+        let (first, last) = (gpa / Self::REGION, end.div_ceil(Self::REGION));
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for r in first..last {
+            let Some(g) = self.regions.get_mut(r as usize) else {
+                break;
+            };
+            if *g {
+                continue;
+            }
+            *g = true;
+            let at = r * Self::REGION;
+            let n = Self::REGION.min(self.mem_size - at);
+            match runs.last_mut() {
+                Some((a, l)) if *a + *l == at => *l += n,
+                _ => runs.push((at, n)),
+            }
+        }
+        runs
+    }
+
+    /// Grant every region between the lowest and the highest granted one.
+    fn fill_gaps(&mut self) {
+        let first = self.regions.iter().position(|&g| g);
+        let last = self.regions.iter().rposition(|&g| g);
+        if let (Some(a), Some(b)) = (first, last) {
+            self.regions[a..=b].iter_mut().for_each(|g| *g = true);
+        }
+    }
+
+    /// The granted regions as the fewest runs (gpa, len).
+    fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (r, _) in self.regions.iter().enumerate().filter(|(_, &g)| g) {
+            let at = r as u64 * Self::REGION;
+            let n = Self::REGION.min(self.mem_size - at);
+            match runs.last_mut() {
+                Some((a, l)) if *a + *l == at => *l += n,
+                _ => runs.push((at, n)),
+            }
+        }
+        runs
+    }
+
+    /// Add the regions a grant map (as the guest holds it: bit `r % 64` of little-endian
+    /// word `r / 64`) names. Hostile input: a bit past guest RAM is refused.
+    pub fn add_map(&mut self, map: &[u8]) -> Result<(), String> {
+        for (byte, &b) in map.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) == 0 {
+                    continue;
+                }
+                let r = byte * 8 + bit;
+                if r >= self.regions.len() {
+                    return Err(format!(
+                        "the grant map names region {r} (at {:#x}), past guest RAM of {:#x} bytes",
+                        r as u64 * Self::REGION,
+                        self.mem_size
+                    ));
+                }
+                self.regions[r] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The grant map of these regions ([`layout::GRANT_MAP_BYTES`]).
+    pub fn map(&self) -> [u8; layout::GRANT_MAP_BYTES] {
+        let mut m = [0u8; layout::GRANT_MAP_BYTES];
+        for (r, _) in self.regions.iter().enumerate().filter(|(_, &g)| g) {
+            if let Some(b) = m.get_mut(r / 8) {
+                *b |= 1 << (r % 8);
+            }
+        }
+        m
+    }
+
+    /// Bytes of guest RAM granted.
+    pub fn bytes(&self) -> u64 {
+        self.runs().iter().map(|&(_, l)| l).sum()
+    }
+
+    /// Memory slots registered.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether every region is granted.
+    pub fn all(&self) -> bool {
+        self.regions.iter().all(|&g| g)
+    }
+}
+
 /// A guest that cannot be set up as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -255,10 +395,12 @@ impl VmParts {
             tsc_khz,
             cpu,
         } = self;
+        let grants = Grants::fixed(mem.size());
         Vm {
             kvm,
             vm,
             vcpu,
+            grants,
             mem,
             backend,
             tsc_khz,
@@ -272,8 +414,10 @@ pub struct Vm {
     pub(crate) kvm: std::sync::Arc<Kvm>,
     pub(crate) vm: VmFd,
     pub(crate) vcpu: VcpuFd,
-    /// Registered with KVM as slot 0 for as long as the VM exists: never replaced (private
-    /// to this file, read through [`Vm::mem`]).
+    /// Which regions of `mem` have memory slots (see [`Grants`]).
+    grants: Grants,
+    /// Memory slots over it are registered with KVM for as long as the VM exists: never
+    /// replaced (private to this file, read through [`Vm::mem`]).
     mem: GuestMemory,
     pub(crate) backend: Backend,
     pub(crate) tsc_khz: u64,
@@ -288,9 +432,12 @@ impl Vm {
         &self.mem
     }
 
-    /// Create a VM over `mem` (slot 0 at GPA 0) with one vCPU.
+    /// Create a VM over `mem` with one vCPU and all of it granted (memory slots over all
+    /// of guest RAM).
     pub fn new(mem: GuestMemory) -> Result<Vm, VmError> {
-        let vm = Self::new_unregistered(mem)?;
+        let mut vm = Self::new_unregistered(mem)?;
+        let size = vm.mem.size();
+        vm.grants.mark(0, size);
         vm.register_memory()?;
         Ok(vm)
     }
@@ -298,52 +445,134 @@ impl Vm {
     /// Create the VM and its vCPU without telling KVM about guest RAM yet: memory can then
     /// be filled while the vCPU state is written, without KVM's MMU notifiers firing on
     /// every page the host touches (which makes filling registered memory ~10x slower).
-    /// Call [`Vm::register_memory`] before running the vCPU.
+    /// Only the fixed regions are granted: see [`Vm::grant_initial`]. Call
+    /// [`Vm::register_memory`] before running the vCPU.
     pub fn new_unregistered(mem: GuestMemory) -> Result<Vm, VmError> {
         Ok(VmParts::create()?.with_memory(mem))
     }
 
-    /// Register guest RAM as memory slot 0 at GPA 0.
-    pub fn register_memory(&self) -> Result<(), VmError> {
+    /// Before [`Vm::register_memory`]: grant the regions `[gpa, gpa + len)` touches as
+    /// well (clamped to guest RAM).
+    pub fn grant_initial(&mut self, gpa: u64, len: u64) {
+        self.grants.mark(gpa, len);
+    }
+
+    /// Before [`Vm::register_memory`]: grant the regions a grant map read from a snapshot
+    /// names as well (hostile input: refused if it names regions past guest RAM).
+    pub fn grant_initial_map(&mut self, map: &[u8]) -> Result<(), String> {
+        self.grants.add_map(map)
+    }
+
+    /// What is granted.
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    /// Register the granted regions with KVM as memory slots (one per run of regions), and
+    /// write the grant map into guest memory.
+    pub fn register_memory(&mut self) -> Result<(), VmError> {
+        self.grants.slots.clear();
+        for (gpa, len) in self.grants.runs() {
+            self.add_slot(gpa, len)?;
+        }
+        self.write_grant_map()?;
+        Ok(())
+    }
+
+    /// Write the grant map into guest memory if it differs from what is there (a page of
+    /// a template mapped copy-on-write stays shared when it is already right).
+    pub fn write_grant_map(&self) -> Result<(), MemoryError> {
+        let map = self.grants.map();
+        let mut now = [0u8; layout::GRANT_MAP_BYTES];
+        self.mem.read_into(layout::GRANT_MAP_GPA, &mut now)?;
+        if now != map {
+            self.mem.write(layout::GRANT_MAP_GPA, &map)?;
+        }
+        Ok(())
+    }
+
+    /// Register `[gpa, gpa + len)` of guest RAM as a new memory slot.
+    fn add_slot(&mut self, gpa: u64, len: u64) -> Result<(), VmError> {
+        let id = self.grants.slots.len() as u32;
         let region = kvm_userspace_memory_region {
-            slot: 0,
+            slot: id,
             flags: 0,
-            guest_phys_addr: 0,
-            memory_size: self.mem.size(),
-            userspace_addr: self.mem.host_addr() as u64,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: self.mem.host_addr() as u64 + gpa,
         };
-        // SAFETY: the region describes `self.mem`'s mapping, which this Vm owns and keeps
-        // alive for as long as the VM fd exists (fields drop in declaration order: vcpu
-        // and vm before mem).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
+        if gpa.checked_add(len).is_none_or(|e| e > self.mem.size()) {
+            return Err(VmError::Memory(MemoryError::OutOfRange {
+                gpa,
+                len,
+                size: self.mem.size(),
+            }));
+        }
+        // SAFETY: the region lies inside `self.mem`'s mapping (checked above), which this
+        // Vm owns and keeps alive for as long as the VM fd exists (fields drop in
+        // declaration order: vcpu and vm before mem); slot ids are never reused while in
+        // use (a new slot takes the next id).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
+        self.grants.slots.push((gpa, len));
+        Ok(())
+    }
+
+    /// Serve the guest's grant request: slots over the regions of `[gpa, gpa + len)` not
+    /// granted yet (range-checked by the decoder), and the grant map updated.
+    fn grant(&mut self, gpa: u64, len: u64) -> Result<(), VmError> {
+        let runs = self.grants.mark(gpa, len);
+        tracing::debug!(gpa, len, new = ?runs, slots = self.grants.slots.len(), "memory grant");
+        if runs.is_empty() {
+            return Ok(());
+        }
+        if self.grants.slots.len() + runs.len() > MAX_SLOTS {
+            // Fragmented: one slot over everything from the lowest granted region to the
+            // highest (a guest's own RAM: granting more is safe, only costlier).
+            self.grants.fill_gaps();
+            self.forget_mappings()?;
+        } else {
+            for (a, l) in runs {
+                self.add_slot(a, l)?;
+            }
+        }
+        self.write_grant_map()?;
+        Ok(())
     }
 
     /// Make KVM forget every mapping of guest memory it built (its shadow page tables
-    /// under PVM, the second-level tables on hardware): the memory slot is deleted and
-    /// added again over the same host memory, which stays as it is. Needed after the host
-    /// rewrote the guest's page-table pages (a reset): under shadow paging KVM does not see
-    /// such writes, and entries the guest had mapped would stay reachable. The guest's
-    /// next touches build the mappings again (one exit each, no host page faults).
-    pub fn forget_mappings(&self) -> Result<(), VmError> {
-        let mut region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: 0,
-            userspace_addr: self.mem.host_addr() as u64,
-        };
-        // SAFETY: deleting slot 0 (memory_size 0) removes KVM's use of the mapping; the
-        // vCPU is not running (the caller holds `&self` between runs).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
-        region.memory_size = self.mem.size();
-        // SAFETY: as in `register_memory`: the region is `self.mem`'s mapping, which
-        // outlives the VM fd.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
+    /// under PVM, the second-level tables on hardware): every memory slot is deleted and
+    /// the granted regions added again (as the fewest slots) over the same host memory,
+    /// which stays as it is. Needed after the host rewrote the guest's page-table pages (a
+    /// reset): under shadow paging KVM does not see such writes, and entries the guest
+    /// had mapped would stay reachable. The guest's next touches build the mappings again
+    /// (one exit each, no host page faults).
+    pub fn forget_mappings(&mut self) -> Result<(), VmError> {
+        for (id, &(gpa, _)) in self.grants.slots.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: id as u32,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: 0,
+                userspace_addr: self.mem.host_addr() as u64 + gpa,
+            };
+            // SAFETY: deleting a slot (memory_size 0) removes KVM's use of the mapping; the
+            // vCPU is not running (the caller holds `&mut self` between runs).
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
+        }
+        self.register_memory()
     }
 
-    /// Load the kernel, build page tables and the mailbox, and set the start state.
+    /// Load the kernel, build page tables and the mailbox, register guest memory (the
+    /// granted regions and the kernel image's), and set the start state.
     pub fn setup_boot(&mut self, kernel_elf: &[u8], mailbox: &Mailbox) -> Result<(), VmError> {
-        let entry = loader::load_kernel(&self.mem, kernel_elf)?;
+        let (entry, image_end) = loader::load_kernel(&self.mem, kernel_elf)?;
+        // The kernel image's regions (.bss included) are granted with the fixed ones.
+        if self.grants.slots.is_empty() {
+            self.grant_initial(layout::KERNEL_BASE, image_end - layout::KERNEL_BASE);
+            self.register_memory()?;
+        } else {
+            self.grant(layout::KERNEL_BASE, image_end - layout::KERNEL_BASE)?;
+        }
         loader::build_page_tables(&self.mem)?;
         self.mem.write(layout::MAILBOX_GPA, &mailbox.to_bytes())?;
         let sregs = self.vcpu.get_sregs().map_err(|e| VmError::Registers {
@@ -431,6 +660,10 @@ impl Vm {
                 Request::ReadStdin { buf } => return Ok(Hostcall::ReadStdin { buf }),
                 Request::Write { fd, data } => {
                     out.append(fd, &self.mem, data)?;
+                    self.complete(0, 0, false)?;
+                }
+                Request::Grant { range } => {
+                    self.grant(range.gpa, range.len)?;
                     self.complete(0, 0, false)?;
                 }
                 Request::Exit {
@@ -553,5 +786,59 @@ pub fn fill_random(buf: &mut [u8]) {
         } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             panic!("getrandom failed: {}", std::io::Error::last_os_error());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn grants_mark_new_runs_and_merge_into_the_fewest() {
+        let mut g = Grants::fixed(64 * MIB);
+        // The first region and the stack's (14..22 MiB).
+        assert_eq!(g.runs(), vec![(0, 2 * MIB), (14 * MIB, 8 * MIB)]);
+        assert_eq!(g.bytes(), 10 * MIB);
+        // Only what is new comes back, as runs; a range that is not region-aligned
+        // grants every region it touches.
+        assert_eq!(g.mark(20 * MIB, 6 * MIB), vec![(22 * MIB, 4 * MIB)]);
+        assert_eq!(g.mark(MIB, 3 * MIB), vec![(2 * MIB, 2 * MIB)]);
+        assert!(g.mark(0, 26 * MIB).len() == 1, "4..14 MiB");
+        assert_eq!(g.runs(), vec![(0, 26 * MIB)]);
+        // Clamped to guest RAM.
+        assert_eq!(g.mark(62 * MIB, u64::MAX), vec![(62 * MIB, 2 * MIB)]);
+        assert_eq!(g.mark(u64::MAX - 5, 10), vec![]);
+        assert_eq!(g.bytes(), 28 * MIB);
+        g.fill_gaps();
+        assert_eq!(g.runs(), vec![(0, 64 * MIB)]);
+        let mut none = Grants::none(64 * MIB);
+        none.fill_gaps();
+        assert_eq!(none.bytes(), 0);
+    }
+
+    #[test]
+    fn grant_maps_round_trip_and_hostile_ones_are_refused() {
+        let mut g = Grants::fixed(512 * MIB);
+        g.mark(100 * MIB, 10 * MIB);
+        g.mark(510 * MIB, 2 * MIB);
+        let map = g.map();
+        assert_eq!(map.len(), layout::GRANT_MAP_BYTES);
+        let mut back = Grants::none(512 * MIB);
+        back.add_map(&map).unwrap();
+        assert_eq!(back.runs(), g.runs());
+        // A bit past guest RAM (region 256 of 512 MiB) is refused; a short map is fine.
+        let mut bad = map;
+        bad[32] = 1;
+        let err = Grants::none(512 * MIB).add_map(&bad).unwrap_err();
+        assert!(err.contains("past guest RAM"), "{err}");
+        Grants::none(512 * MIB).add_map(&map[..3]).unwrap();
+        // Every bit of the largest RAM is a region of it.
+        let full = [0xffu8; layout::GRANT_MAP_BYTES];
+        let mut all = Grants::none(layout::MAX_MEM_MIB * MIB);
+        all.add_map(&full).unwrap();
+        assert!(all.all());
+        assert_eq!(all.runs(), vec![(0, layout::MAX_MEM_MIB * MIB)]);
     }
 }

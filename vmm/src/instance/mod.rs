@@ -191,8 +191,18 @@ impl Instance {
         let (pages, faults, install_ms) = installed?;
         // Moving the mapping's owner into the VM does not move the mapping the fault
         // server serves.
-        let vm = parts.with_memory(mem);
+        let mut vm = parts.with_memory(mem);
+        // Slots for what the template's guest was granted, no more: the guest asks for
+        // the rest as it grows.
+        match template.grant_map() {
+            Some(map) => vm
+                .grant_initial_map(map)
+                .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?,
+            None => vm.grant_initial(0, template.mem_size()),
+        }
+        let t_slots = Instant::now();
         vm.register_memory().map_err(|e| host(e.into()))?;
+        let slots_ms = ms(t_slots.elapsed());
         template
             .state()
             .apply_backend_msrs(&vm.vcpu, vm.backend)
@@ -208,6 +218,7 @@ impl Instance {
                 strategy: Some(backing.name()),
                 install_ms,
                 vm_restore_ms: vcpu_ms,
+                slots_ms,
                 setup_ms: ms(t1.elapsed()),
                 pages_installed: pages,
                 bytes_from_store: if template.built_image().is_some() {
@@ -284,6 +295,12 @@ impl Instance {
     /// How the instance's memory is filled.
     pub fn backing(&self) -> Backing {
         self.backing
+    }
+
+    /// Bytes of guest RAM covered by the instance's KVM memory slots (what KVM sizes its
+    /// per-slot metadata by) and the number of slots.
+    pub fn slot_bytes(&self) -> (u64, usize) {
+        (self.vm.grants().bytes(), self.vm.grants().slots())
     }
 
     /// Whether the instance can serve a request now.
@@ -400,6 +417,8 @@ impl Instance {
         let mut result = ran.map_err(|e| Error::from_run("run the function", e));
         stats.run_ms = ms(t0.elapsed());
         stats.exits = self.vm.exits - exits_before;
+        stats.memory_slots = self.vm.grants().slots() as u64;
+        stats.slot_bytes = self.vm.grants().bytes();
         if let Ok(mb) = self.vm.read_mailbox() {
             match (&self.template, resumed_at) {
                 (None, _) => {
@@ -542,6 +561,11 @@ impl Instance {
                     .forget_mappings()
                     .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
             }
+            // The grant map is the template's again; the instance may have more slots
+            // (granted to earlier requests): say so, so that the guest does not ask again.
+            self.vm
+                .write_grant_map()
+                .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
             Ok(done)
         });
         match r {

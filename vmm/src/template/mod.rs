@@ -55,6 +55,10 @@ pub struct Template {
     data_pages: u64,
     /// Guest-physical addresses of the template's page-table pages.
     page_tables: Vec<u64>,
+    /// The guest's grant map (`vmm_abi::layout::GRANT_MAP_GPA`): the regions its
+    /// instances get memory slots for when restored (checked to lie in guest RAM). None:
+    /// the page holds nothing (not a template this guest kernel made): all of guest RAM.
+    grant_map: Option<Vec<u8>>,
     /// The verified memory image, built on first use.
     image: OnceLock<Image>,
     /// The working set learned from real requests since the template was created (None:
@@ -275,6 +279,21 @@ impl Template {
             }))
         })
         .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        // The grant map, read from its verified page.
+        let map_gfn = vmm_abi::layout::GRANT_MAP_GPA / PAGE;
+        let grant_map = match resolved.frame_verified(map_gfn) {
+            Ok(Some(Frame::Data(p))) => {
+                let at = (vmm_abi::layout::GRANT_MAP_GPA % PAGE) as usize;
+                Some(p[at..at + vmm_abi::layout::GRANT_MAP_BYTES].to_vec())
+            }
+            Ok(_) => None,
+            Err(e) => return Err(Error::new(ErrorKind::Damaged, step, e.to_string())),
+        };
+        if let Some(map) = &grant_map {
+            crate::vm::Grants::none(mem_size)
+                .add_map(map)
+                .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        }
         let learned = match store.learned_working_set(&manifest) {
             Ok(l) => l,
             Err(why) => {
@@ -303,6 +322,7 @@ impl Template {
                 region_runs,
                 data_pages,
                 page_tables,
+                grant_map,
                 image: OnceLock::new(),
                 learned,
                 learn_calls: Default::default(),
@@ -393,6 +413,24 @@ impl Template {
             .learn_working_set(&self.manifest, touched, LEARN_REQUESTS)
             .map(|l| l.map(|l| l.frames.len()))
             .map_err(|e| Error::new(ErrorKind::Host, "record the learned working set", e))
+    }
+
+    /// The guest's grant map (see the field).
+    pub(crate) fn grant_map(&self) -> Option<&[u8]> {
+        self.grant_map.as_deref()
+    }
+
+    /// Bytes of guest RAM its instances get memory slots for when restored.
+    pub fn granted_bytes(&self) -> u64 {
+        match &self.grant_map {
+            Some(map) => {
+                let mut g = crate::vm::Grants::fixed(self.mem_size());
+                // Checked at load.
+                let _ = g.add_map(map);
+                g.bytes()
+            }
+            None => self.mem_size(),
+        }
     }
 
     pub(crate) fn page_tables(&self) -> &[u64] {
