@@ -27,6 +27,11 @@ const MAX_RESETS: usize = 4096;
 
 /// The worker process's life; its exit status.
 pub fn run() -> i32 {
+    // Started through /proc/self/exe, so `ps` and `top` would call it "exe".
+    let name = c"vmm-serve-cell";
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the
+    // pointer (this one is 15 with its NUL, and static); it only renames this thread.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     super::init_logging();
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => UnixStream::from(fd),
