@@ -13,6 +13,8 @@ use vmm_abi::{
     MAILBOX_BYTES, MAX_CONFIG_ITEMS, MAX_MESSAGE_LEN, MAX_TRANSFER_LEN,
 };
 
+const GRANT_REGION: u64 = vmm_abi::layout::GRANT_REGION;
+
 fn check_range(r: &GuestRange, max: u64, mem_size: u64) {
     let end = r.gpa.checked_add(r.len);
     assert!(
@@ -92,13 +94,22 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!((message.gpa, message.len), (a[1], a[2]));
                 check_range(&message, MAX_MESSAGE_LEN, mem_size);
             }
+            Request::Grant { range } => {
+                assert_eq!(mb.op, 8);
+                assert_eq!((range.gpa, range.len), (a[0], a[1]));
+                check_range(&range, mem_size, mem_size);
+                // A non-empty run of whole 2 MiB regions.
+                assert!(range.len > 0);
+                assert!(range.gpa.is_multiple_of(GRANT_REGION));
+                assert!(range.len.is_multiple_of(GRANT_REGION));
+            }
         },
         Err(e) => {
             let _ = e.to_string();
             match e {
                 AbiError::UnknownOp(op) => {
                     assert_eq!(op, mb.op);
-                    assert!(!(1..=7).contains(&op), "known op {op} refused as unknown");
+                    assert!(!(1..=8).contains(&op), "known op {op} refused as unknown");
                 }
                 AbiError::BadFd(fd) => {
                     assert_eq!(mb.op, 3);
@@ -108,6 +119,15 @@ fuzz_target!(|data: &[u8]| {
                     assert!(gpa.checked_add(len).is_none_or(|e| e > mem_size));
                 }
                 AbiError::TooLong { len, max, .. } => assert!(len > max),
+                AbiError::Unaligned { gpa, len, .. } => {
+                    assert_eq!(mb.op, 8);
+                    assert_eq!((gpa, len), (a[0], a[1]));
+                    assert!(
+                        len == 0
+                            || !gpa.is_multiple_of(GRANT_REGION)
+                            || !len.is_multiple_of(GRANT_REGION)
+                    );
+                }
             }
         }
     }
