@@ -57,16 +57,24 @@ impl Plan {
     /// requests can run in it at once (a pool of 2 is not two workers with one each).
     pub(super) fn config(&self, i: u32) -> CellConfig {
         let n = self.processes.max(1) as u64;
-        let share = |total: u64| total / n + u64::from((i as u64) < total % n);
+        let share = |total: u64, i: u64| total / n + u64::from(i < total % n);
+        let max_of = |i: u64| share(self.max_instances, i).max(1);
         let each = self
             .pool
             .div_ceil(n)
             .max(self.pool.min(2 * self.threads as u64));
+        // In order: each worker takes what is left, up to `each` and its own instance limit.
+        let mut left = self.pool;
+        let mut pool = 0;
+        for j in 0..=i as u64 {
+            pool = left.min(each).min(max_of(j));
+            left -= pool;
+        }
         CellConfig {
             index: i,
             store_dir: self.store_dir.clone(),
-            pool: self.pool.saturating_sub(each * i as u64).min(each),
-            max_instances: share(self.max_instances).max(1),
+            pool,
+            max_instances: max_of(i as u64),
             memory_limit: (self.memory_limit / n).max(1),
             instance_memory: self.instance_memory,
             warm: if i == 0 { self.threads as u64 } else { 0 },
@@ -619,7 +627,7 @@ mod tests {
         assert_eq!(c.iter().map(|c| c.warm).collect::<Vec<_>>(), [2, 0, 0]);
         assert!(c.iter().all(|c| c.memory_limit == 1 << 30));
         // A small pool is packed into the first worker (as many as run in it at once);
-        // every worker may still hold one.
+        // every worker may still hold some.
         for (pool, want) in [
             (1, [1, 0, 0]),
             (2, [2, 0, 0]),
@@ -628,7 +636,7 @@ mod tests {
         ] {
             let small = Plan {
                 pool,
-                max_instances: 2,
+                max_instances: 12,
                 ..plan.clone()
             };
             let c: Vec<_> = (0..3).map(|i| small.config(i)).collect();
@@ -643,7 +651,8 @@ mod tests {
         let large = Plan {
             pool: 10_000,
             processes: 40,
-            ..plan
+            max_instances: 10_016,
+            ..plan.clone()
         };
         let c: Vec<_> = (0..40).map(|i| large.config(i)).collect();
         assert!(
@@ -651,5 +660,30 @@ mod tests {
             "{:?}",
             c.iter().map(|c| c.pool).collect::<Vec<_>>()
         );
+        // No worker is asked to keep more than it may hold, and the whole pool is kept
+        // when the limits allow it (30,000 over 118 workers: 73 of them were one short).
+        for (pool, max, n) in [
+            (30_000, 30_016, 118),
+            (1000, 1000, 7),
+            (5, 3, 3),
+            (100, 10, 4),
+        ] {
+            let p = Plan {
+                pool,
+                max_instances: max,
+                processes: n,
+                ..plan.clone()
+            };
+            let c: Vec<_> = (0..n).map(|i| p.config(i)).collect();
+            assert!(
+                c.iter().all(|c| c.pool <= c.max_instances),
+                "{pool}/{max}/{n}"
+            );
+            assert_eq!(
+                c.iter().map(|c| c.pool).sum::<u64>(),
+                pool.min(max),
+                "{pool}/{max}/{n}"
+            );
+        }
     }
 }
