@@ -503,6 +503,9 @@ impl Pools {
             // Idle shrink.
             let now = Instant::now();
             let stale: Vec<_> = match e.ready.lock() {
+                // Nothing beyond the pool: nothing can be stale (and a worker process
+                // keeping hundreds ready does not move them all every tick).
+                Ok(r) if r.len() <= self.config.pool => vec![],
                 Ok(mut r) => {
                     let (keep, stale) = split_idle(
                         std::mem::take(&mut *r).into(),

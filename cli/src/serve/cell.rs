@@ -90,12 +90,28 @@ pub fn run() -> i32 {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let (p, stop, send) = (pools.clone(), stop.clone(), send.clone());
+        // Sent when it changed, or every 2 s: with hundreds of idle workers, the daemon
+        // is not woken 5 times a second by each.
+        type Key = Vec<(String, u64, u64, u64)>;
+        let last: Mutex<(Option<Key>, u32)> = Mutex::new((None, 0));
         let status = move || {
             let resets = resets
                 .lock()
                 .map(|mut r| std::mem::take(&mut *r))
                 .unwrap_or_default();
             let status = super::backend::local_status(&p);
+            let key: Key = status
+                .functions
+                .iter()
+                .map(|f| (f.name.clone(), f.ready, f.busy, f.served))
+                .collect();
+            if let Ok(mut l) = last.lock() {
+                l.1 += 1;
+                if resets.is_empty() && l.0.as_ref() == Some(&key) && l.1 < 10 {
+                    return true;
+                }
+                *l = (Some(key), 0);
+            }
             send(&FromCell::Status { status, resets })
         };
         if let Err(e) = super::spawn_keeper(pools.clone(), stop, index, status) {
