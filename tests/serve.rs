@@ -864,3 +864,109 @@ fn a_stuck_worker_process_is_killed_and_replaced() {
     );
     assert!(!worker_pids(&d).contains(&before[0]));
 }
+
+#[test]
+fn with_auth_callers_need_a_token_with_the_scope_and_without_it_the_network_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("serve-auth");
+    create(&store, "hello", &qjs_function_args("hello.js", &[]));
+    create(&store, "upper", &upper_args());
+    let sha = |t: &str| -> String {
+        let mut c = Command::new("sha256sum");
+        c.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut p = c.spawn().expect("sha256sum");
+        p.stdin.take().unwrap().write_all(t.as_bytes()).unwrap();
+        let out = p.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    };
+    let tokens = store.0.join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "# who   hash   scopes\nops sha256:{} invoke,metrics\nalice sha256:{} invoke:hello\n",
+            sha("ops-secret-1"),
+            sha("alice-secret-2")
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &store,
+        &["--auth", tokens.to_str().unwrap(), "--public", "upper"],
+    );
+    let call = |path: &str, token: Option<&str>| -> (u16, String, Option<String>) {
+        let mut r = if path.ends_with("/invoke") {
+            ureq::post(&d.url(path))
+        } else {
+            ureq::get(&d.url(path))
+        };
+        if let Some(t) = token {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        let r = if path.ends_with("/invoke") {
+            r.send_bytes(br#"{"name":"a"}"#)
+        } else {
+            r.call()
+        };
+        match r {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => {
+                let auth = r.header("www-authenticate").map(str::to_string);
+                (r.status(), r.into_string().unwrap_or_default(), auth)
+            }
+            Err(e) => panic!("{path}: {e}"),
+        }
+    };
+    let hello = "/v1/functions/hello/invoke";
+    // No token, an unknown one, one of another case: 401 with the challenge.
+    for t in [None, Some("nope"), Some("OPS-SECRET-1")] {
+        let (s, body, challenge) = call(hello, t);
+        assert_eq!(s, 401, "{t:?}: {body}");
+        assert_eq!(challenge.as_deref(), Some("Bearer realm=\"vmm\""));
+    }
+    // The right scope: 200; alice may invoke hello only, and not read the metrics.
+    assert_eq!(call(hello, Some("ops-secret-1")).0, 200);
+    let (s, body, _) = call(hello, Some("alice-secret-2"));
+    assert_eq!((s, body.contains("Hello, a!")), (200, true), "{body}");
+    let (s, body, _) = call("/v1/functions/upper/invoke", Some("alice-secret-2"));
+    assert_eq!(s, 200, "upper is public: {body}");
+    let (s, body, _) = call("/metrics", Some("alice-secret-2"));
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("token alice may not"), "{body}");
+    assert_eq!(call("/metrics", Some("ops-secret-1")).0, 200);
+    assert_eq!(call("/v1/functions", None).0, 401);
+    // A public function needs no token; health needs none.
+    assert_eq!(call("/v1/functions/upper/invoke", None).0, 200);
+    assert_eq!(call("/healthz", None).0, 200);
+    // No token ever reaches the log.
+    let log = d.log();
+    assert!(
+        !log.contains("ops-secret-1") && !log.contains("alice-secret-2"),
+        "{log}"
+    );
+    drop(d);
+    // Without --auth, a network address is refused unless said so explicitly.
+    let r = vmm()
+        .args(["serve", "--listen", "0.0.0.0:0", "--store", &store.arg()])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("--no-auth-on-network") && err.contains("--auth"),
+        "{err}"
+    );
+    // A malformed token file is refused with its line.
+    std::fs::write(&tokens, "ops sha256:1234 invoke\n").unwrap();
+    let r = vmm()
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store.arg()])
+        .args(["--auth", tokens.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("line 1") && err.contains("64 hex digits"),
+        "{err}"
+    );
+}

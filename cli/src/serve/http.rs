@@ -2,6 +2,7 @@
 //! its graceful drain, and the handlers: `POST /v1/functions/NAME/invoke`,
 //! `GET /v1/functions`, `/healthz` and `/metrics`.
 
+use super::auth::{Auth, Denied, Scope};
 use super::metrics::Metrics;
 use super::workers::{Finished, Job, JobResult, Reply};
 use bytes::Bytes;
@@ -44,6 +45,8 @@ impl Drop for BodyBytes {
 /// What every connection's handlers share.
 pub(super) struct State {
     pub(super) backend: super::backend::Backend,
+    /// `--auth`: the tokens requests must carry (none: every request is allowed).
+    pub(super) auth: Option<Auth>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) draining: AtomicBool,
     pub(super) max_body: usize,
@@ -236,10 +239,18 @@ async fn handle(
                 text(StatusCode::OK, "ok")
             }
         }
-        (&Method::GET, "/metrics") => metrics(&state),
-        (&Method::GET, "/v1/functions") => functions(&state),
+        (&Method::GET, "/metrics") => {
+            unauthorized(&state, &req, &Scope::Metrics).unwrap_or_else(|| metrics(&state))
+        }
+        (&Method::GET, "/v1/functions") => {
+            unauthorized(&state, &req, &Scope::Metrics).unwrap_or_else(|| functions(&state))
+        }
         (_, p) if invoke_target(p).is_some() => {
             let name = invoke_target(p).unwrap_or_default().to_string();
+            if let Some(r) = unauthorized(&state, &req, &Scope::InvokeOne(name.clone())) {
+                state.count(&name, r.status().as_u16());
+                return Ok(r);
+            }
             if method != Method::POST {
                 text(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -255,6 +266,43 @@ async fn handle(
         ),
     };
     Ok(r)
+}
+
+/// With `--auth`, the answer to a request whose bearer token does not allow `want`: 401
+/// with `WWW-Authenticate`, or 403 naming the token's entry (never the token); `None`
+/// when it is allowed.
+fn unauthorized(state: &State, req: &Request<Incoming>, want: &Scope) -> Option<Resp> {
+    let auth = state.auth.as_ref()?;
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match auth.check(header, want) {
+        Ok(()) => None,
+        Err(Denied::Unauthenticated) => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is needed (Authorization: Bearer TOKEN)",
+            );
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"vmm\"".parse().expect("static header"),
+            );
+            Some(r)
+        }
+        Err(Denied::Forbidden { who }) => {
+            let what = match want {
+                Scope::InvokeOne(f) => format!("invoke {f}"),
+                Scope::Invoke => "invoke".into(),
+                Scope::Metrics => "read the metrics and the function list".into(),
+                Scope::Deploy => "deploy".into(),
+            };
+            Some(text(
+                StatusCode::FORBIDDEN,
+                format!("token {who} may not {what}"),
+            ))
+        }
+    }
 }
 
 /// The template name in `/v1/functions/NAME/invoke` (the name is checked when looked up).

@@ -22,6 +22,7 @@ macro_rules! say {
     }};
 }
 
+mod auth;
 mod backend;
 pub mod cell;
 mod cells;
@@ -102,6 +103,20 @@ pub struct ServeArgs {
     /// mmap and munmap of that process slower]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub processes: Option<u32>,
+    /// Bearer tokens callers must present, one per line: `NAME sha256:HEX SCOPES`, the hex
+    /// being the SHA-256 of the token (`printf %s TOKEN | sha256sum`), the scopes a comma
+    /// list of invoke, invoke:FUNCTION, metrics (GET /metrics and /v1/functions). 401
+    /// without a valid token, 403 without the scope. Without --auth, the daemon listens
+    /// only on loopback or a Unix socket (see --no-auth-on-network).
+    #[arg(long, value_name = "FILE")]
+    pub auth: Option<PathBuf>,
+    /// A function anyone may invoke without a token (repeatable; with --auth).
+    #[arg(long, value_name = "NAME", requires = "auth")]
+    pub public: Vec<String>,
+    /// Listen on a network address without --auth: anyone who reaches the port may invoke
+    /// every function and read the metrics.
+    #[arg(long)]
+    pub no_auth_on_network: bool,
 }
 
 /// `--instance-memory`.
@@ -236,6 +251,23 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return 2;
         }
     }
+    let auth = match &args.auth {
+        Some(path) => match auth::Auth::load(path, &args.public) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                say!("vmm: error: {e}");
+                return 2;
+            }
+        },
+        None if !auth::local_only(&args.listen) && !args.no_auth_on_network => {
+            say!(
+                "vmm: error: --listen {} is reachable from other machines and there is no --auth: give callers tokens (--auth FILE), listen on loopback or a Unix socket, or pass --no-auth-on-network to let anyone who reaches it invoke every function",
+                args.listen
+            );
+            return 2;
+        }
+        None => None,
+    };
     let processes = args.processes.unwrap_or_else(|| {
         if args.max_instances <= cells::INSTANCES_PER_PROCESS {
             0
@@ -355,6 +387,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     };
     let state = Arc::new(http::State {
         backend,
+        auth,
         metrics,
         draining: AtomicBool::new(false),
         max_body: args.max_body as usize,
