@@ -60,7 +60,13 @@ impl Auth {
     /// Read the token file.
     pub(super) fn load(path: &Path, public: &[String]) -> Result<Auth, String> {
         use std::io::Read;
-        let f = std::fs::File::open(path).map_err(|e| format!("--auth {}: {e}", path.display()))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: a FIFO given as the file is refused below instead of hanging here.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| format!("--auth {}: {e}", path.display()))?;
         let meta = f
             .metadata()
             .map_err(|e| format!("--auth {}: {e}", path.display()))?;

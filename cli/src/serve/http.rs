@@ -588,7 +588,9 @@ fn finished(state: &State, name: &str, done: Finished, as_json: bool, total_ms: 
         Ok(c) => (StatusCode::INTERNAL_SERVER_ERROR, Some(*c), None),
         Err((kind, msg)) => (error_status(*kind), None, Some((*kind, msg.clone()))),
     };
-    state.count(name, status.as_u16());
+    // It ran, so the pools know its template: no lookup (with worker processes that is
+    // every worker's status, on every request).
+    state.metrics.count(true, name, status.as_u16());
     tracing::info!(
         template = %name,
         status = status.as_u16(),

@@ -275,6 +275,8 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             args.max_instances.div_ceil(cells::INSTANCES_PER_PROCESS)
         }
     });
+    // No more workers than instances (each worker may hold at least one).
+    let processes = processes.min(args.max_instances);
     // The limits are per process: with worker processes, each holds its share.
     let per_process = args.max_instances.div_ceil(processes.max(1));
     if let Err(e) = limits::ensure(per_process) {
