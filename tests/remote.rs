@@ -583,7 +583,8 @@ fn gc_removes_only_what_a_pass_a_grace_period_earlier_marked_and_push_never_reli
     let a = TempDir::new("gc-a");
     create(&a, "hello", &qjs_function_args("hello.js", &[]));
     let cl = client(&g, "gc");
-    assert_eq!(store_cmd(&g, "gc", &a, &["push", "hello"]).code(), 0);
+    let r = store_cmd(&g, "gc", &a, &["push", "hello"]);
+    assert_eq!(r.code(), 0, "first push: {}", r.stderr());
     let keys = |c: &remote_store::Remote| -> Vec<String> {
         c.list("listing", "")
             .unwrap()
@@ -692,7 +693,8 @@ fn restore_with_a_remote_pulls_a_missing_template_once_even_when_restores_race()
     };
     let a = TempDir::new("worker-a");
     create(&a, "hello", &qjs_function_args("hello.js", &[]));
-    assert_eq!(store_cmd(&g, "wk", &a, &["push", "hello"]).code(), 0);
+    let r = store_cmd(&g, "wk", &a, &["push", "hello"]);
+    assert_eq!(r.code(), 0, "push: {}", r.stderr());
     let input = br#"{"name":"worker"}"#;
     let want = restore(&a, "hello", input);
     assert_eq!(want.code(), 0, "{}", want.stderr());
@@ -765,7 +767,8 @@ fn serve_with_a_remote_pulls_a_template_on_its_first_request() {
     };
     let a = TempDir::new("serve-a");
     create(&a, "hello", &qjs_function_args("hello.js", &[]));
-    assert_eq!(store_cmd(&g, "sv", &a, &["push", "hello"]).code(), 0);
+    let r = store_cmd(&g, "sv", &a, &["push", "hello"]);
+    assert_eq!(r.code(), 0, "push: {}", r.stderr());
     let input = br#"{"name":"served"}"#;
     let want = restore(&a, "hello", input);
 

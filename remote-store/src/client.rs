@@ -223,6 +223,10 @@ impl Remote {
             .with_allow_http(true)
             .with_client_options(options)
             .with_retry(retry)
+            // One DELETE per object (we never delete in bulk): a bulk delete's per-key
+            // errors come back inside a 200 answer and are not retried, so a server's
+            // passing 503 (Garage: "database is locked") failed a whole gc.
+            .with_disable_bulk_delete(true)
             .build()
             .map_err(|e| client_err(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
