@@ -153,6 +153,7 @@ mod exchange;
 #[doc(hidden)]
 pub mod fixtures;
 mod format;
+mod functions;
 mod gc;
 mod inspect;
 mod learned;
@@ -194,6 +195,10 @@ pub use error::{
     OpenError, ReindexError, RemoveError, WriteError,
 };
 pub use exchange::{IncomingLayer, LayersError, LayersReport, PageSource, WrittenLayer};
+pub use functions::{
+    function_template_name, valid_function_name, BlobDigest, FunctionRecord, FunctionStore,
+    FunctionStoreError,
+};
 pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};
 pub use learned::LearnedWorkingSet;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod function;
 pub mod guest;
 pub mod instance;
 pub mod loader;

@@ -27,6 +27,7 @@ mod backend;
 pub mod cell;
 mod cells;
 mod http;
+mod invoke;
 mod limits;
 mod metrics;
 mod proto;
