@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 mod bench;
 mod cli;
+mod fnclient;
 mod hostwasm;
 mod remote;
 mod serve;
@@ -90,6 +91,11 @@ enum Command {
     ///
     /// Example: vmm serve --listen 127.0.0.1:8080 & curl --data-binary '{"name":"x"}' localhost:8080/v1/functions/hello/invoke
     Serve(serve::ServeArgs),
+    /// Deploy, invoke, show, list and remove functions on a `vmm serve` daemon over HTTP.
+    ///
+    /// Example: vmm fn deploy hello --runtime js --source hello.js && echo '{}' | vmm fn invoke hello
+    #[command(subcommand, name = "fn", after_help = fnclient::AFTER_HELP)]
+    Fn(fnclient::FnCommand),
     /// A worker process of `vmm serve` (started by it, with its socket as stdin).
     #[command(hide = true)]
     ServeCell,
@@ -225,6 +231,7 @@ fn main() {
             memory,
             remote,
         } => restore(&name, &store, &invoke, memory, &remote),
+        Command::Fn(cmd) => fnclient::run(cmd),
         Command::ServeCell => serve::cell::run(),
         Command::Serve(args) => {
             let store = StoreArg {

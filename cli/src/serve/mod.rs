@@ -26,6 +26,7 @@ mod auth;
 mod backend;
 pub mod cell;
 mod cells;
+mod event;
 mod http;
 mod invoke;
 mod limits;
