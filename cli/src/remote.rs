@@ -132,3 +132,8 @@ pub fn pull_if_missing(
         evicted,
     }))
 }
+
+/// Push deployed function `name` (placeholder until the remote side lands).
+pub fn push_function(_dir: &Path, _name: &str, _args: &RemoteArgs) -> Result<(), String> {
+    Err("pushing functions to a remote is not supported yet".into())
+}

@@ -207,7 +207,12 @@ fn serve_requests(
             }
         };
         match msg {
-            ToCell::Invoke { id, name, body } => {
+            ToCell::Invoke {
+                id,
+                name,
+                body,
+                timeout_ms,
+            } => {
                 let interrupt = InterruptHandle::new();
                 if let Ok(mut r) = shared.running.lock() {
                     r.insert(id, interrupt.clone());
@@ -225,6 +230,7 @@ fn serve_requests(
                 let job = Job {
                     name,
                     body: body.into(),
+                    timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
                     interrupt,
                     enqueued: Instant::now(),
                     reply,

@@ -292,6 +292,7 @@ impl Cells {
         let Job {
             name,
             body,
+            timeout,
             enqueued,
             reply,
             ..
@@ -305,6 +306,7 @@ impl Cells {
             id,
             name: name.clone(),
             body: body.to_vec(),
+            timeout_ms: timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64),
         });
         let mut s = lock(&self.slots[i]);
         let refused = match (frame, s.tx.as_ref()) {

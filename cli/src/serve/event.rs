@@ -15,9 +15,6 @@
 //! at most `2 * body + 10 * head + 1 KiB`, where `head` is the bytes of the path, the query
 //! and every header name and value, and the request id and source address are short.
 
-// The daemon's invoke path takes these up when it learns `--interface http`.
-#![allow(dead_code)]
-
 use base64::Engine as _;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
@@ -264,6 +261,22 @@ fn clf_time(epoch_ms: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+/// The event a template of an `http` function records its working set with: `GET /`
+/// without headers or body (its requests' common path through the runtime's JSON and the
+/// function's dispatch).
+pub fn trial_event() -> Vec<u8> {
+    build_event(&EventRequest {
+        method: "GET",
+        raw_path: "/",
+        raw_query: "",
+        headers: &HeaderMap::new(),
+        body: b"",
+        source_ip: None,
+        request_id: "trial".into(),
+        time_epoch_ms: 0,
+    })
 }
 
 /// A function's answer, checked: what the daemon sends (after its own `x-vmm-*` headers).

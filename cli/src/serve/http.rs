@@ -30,14 +30,23 @@ pub(super) struct State {
     pub(super) body_budget: u64,
     /// `--remote`: the store and where to pull templates it lacks from.
     pub(super) remote: Option<(PathBuf, crate::remote::RemoteArgs)>,
+    /// The deployed functions (and the builder of their templates).
+    pub(super) registry: Arc<super::registry::Registry>,
+    /// The deploy API is on (only with `--auth`: someone must be allowed to deploy).
+    pub(super) deploy: bool,
+    /// `--max-upload`: the largest module or file `PUT /v1/modules` takes.
+    pub(super) max_upload: usize,
+    /// How long an upload's or a spec's body may take to arrive.
+    pub(super) upload_timeout: Duration,
     /// Templates this daemon serves from the remote, held in use (never evicted) while it runs.
     pub(super) in_use: std::sync::Mutex<std::collections::HashMap<String, remote_store::InUse>>,
 }
 
 impl State {
     pub(super) fn count(&self, name: &str, status: u16) {
-        self.metrics
-            .count(self.backend.is_known(name), name, status);
+        let known =
+            self.backend.is_known(name) || matches!(self.registry.current(name), Ok(Some(_)));
+        self.metrics.count(known, name, status);
     }
 }
 
@@ -219,12 +228,12 @@ async fn handle(
             unauthorized(&state, &req, &Scope::Metrics).unwrap_or_else(|| functions(&state))
         }
         (_, p) if super::invoke::invoke_target(p).is_some() => {
-            let name = super::invoke::invoke_target(p)
-                .unwrap_or_default()
-                .to_string();
-            if let Some(r) = unauthorized(&state, &req, &Scope::InvokeOne(name.clone())) {
-                state.count(&name, r.status().as_u16());
-                return Ok(r);
+            let name = super::invoke::invoke_target(p).unwrap_or_default().to_string();
+            if !state.registry.is_public(&name) {
+                if let Some(r) = unauthorized(&state, &req, &Scope::InvokeOne(name.clone())) {
+                    state.count(&name, r.status().as_u16());
+                    return Ok(r);
+                }
             }
             if method != Method::POST {
                 text(
@@ -235,12 +244,86 @@ async fn handle(
                 super::invoke::invoke(&state, name, req).await
             }
         }
+        (&Method::PUT, "/v1/modules") | (&Method::PUT, "/v1/files") => {
+            let module = path == "/v1/modules";
+            match unauthorized(&state, &req, &Scope::Deploy) {
+                Some(r) => r,
+                None => super::deploy::upload(&state, req, module).await,
+            }
+        }
+        (&Method::HEAD | &Method::GET, p) if blob_target(p).is_some() => {
+            match unauthorized(&state, &req, &Scope::Deploy) {
+                Some(r) => r,
+                None => super::deploy::has_blob(&state, blob_target(p).unwrap_or_default()),
+            }
+        }
+        (_, p) if function_target(p).is_some() => {
+            let name = function_target(p).unwrap_or_default().to_string();
+            // Reading a function is allowed with either scope; changing it needs deploy.
+            let denied = if method == Method::GET {
+                unauthorized(&state, &req, &Scope::Metrics)
+                    .and_then(|_| unauthorized(&state, &req, &Scope::Deploy))
+            } else {
+                unauthorized(&state, &req, &Scope::Deploy)
+            };
+            match denied {
+                Some(r) => r,
+                None => super::deploy::function(&state, &name, req).await,
+            }
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: POST /v1/functions/NAME/invoke, GET /v1/functions, /healthz, /metrics",
+            "not found: POST /v1/functions/NAME/invoke, PUT|GET|DELETE /v1/functions/NAME, GET /v1/functions, PUT /v1/modules, PUT /v1/files, /healthz, /metrics (docs/api.md)",
         ),
     };
     Ok(r)
+}
+
+/// Read a body of at most `limit` bytes (413 past that) within `timeout` (408 after it).
+pub(super) async fn read_limited(
+    body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, (StatusCode, String)> {
+    use http_body_util::{BodyExt, Limited};
+    let read = Limited::new(body, limit).collect();
+    let Ok(read) = tokio::time::timeout(timeout, read).await else {
+        return Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {timeout:?}"),
+        ));
+    };
+    match read {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over the {limit}-byte limit"),
+                ))
+            } else {
+                Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("read the request body: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// NAME in `/v1/functions/NAME` (one path segment).
+fn function_target(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/functions/")
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// The digest in `/v1/modules/DIGEST` or `/v1/files/DIGEST`.
+fn blob_target(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/modules/")
+        .or_else(|| path.strip_prefix("/v1/files/"))
+        .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
 /// With `--auth`, the answer to a request whose bearer token does not allow `want`: 401
@@ -283,24 +366,41 @@ fn unauthorized(state: &State, req: &Request<Incoming>, want: &Scope) -> Option<
 /// `GET /v1/functions`: the templates the pools know, with their instances.
 fn functions(state: &State) -> Resp {
     let status = state.backend.status();
-    let list: Vec<_> = status
-        .functions
+    // Deployed functions first (their templates are listed under them), then templates
+    // made with `vmm template create`.
+    let mut list: Vec<_> = state
+        .registry
+        .all()
         .iter()
-        .map(|f| {
-            serde_json::json!({
-                "name": f.name,
-                "ready": f.ready,
-                "busy": f.busy,
-                "served": f.served,
-                // How the pool's new instances hold memory (`auto` switches a template
-                // whose requests change the guest's page tables to copies).
-                "instance_memory": if f.shared { "shared" } else { "copy" },
-                "maps_memory": f.maps_memory,
-                "data_pages": f.data_pages,
-                "image_bytes": f.image_bytes,
-            })
+        .map(|d| {
+            let mut v = super::deploy::describe_with(state, d, &status);
+            // The list stays short: the spec (sources included) is in GET .../NAME.
+            if let Some(o) = v.as_object_mut() {
+                o.remove("spec");
+            }
+            v
         })
         .collect();
+    list.extend(
+        status
+            .functions
+            .iter()
+            .filter(|f| !f.name.starts_with("fn."))
+            .map(|f| {
+                serde_json::json!({
+                    "name": f.name,
+                    "ready": f.ready,
+                    "busy": f.busy,
+                    "served": f.served,
+                    // How the pool's new instances hold memory (`auto` switches a template
+                    // whose requests change the guest's page tables to copies).
+                    "instance_memory": if f.shared { "shared" } else { "copy" },
+                    "maps_memory": f.maps_memory,
+                    "data_pages": f.data_pages,
+                    "image_bytes": f.image_bytes,
+                })
+            }),
+    );
     json(
         StatusCode::OK,
         &serde_json::json!({

@@ -1,10 +1,11 @@
 //! `POST /v1/functions/NAME/invoke`: admission, the request body, the job for a worker and
 //! the answer made of what the function did.
 
-use super::http::{error_status, json, text, wants_json, Resp, State};
+use super::http::{error_status, json, read_limited, text, wants_json, Resp, State};
+use super::registry::{Path3, Target};
 use super::workers::{Finished, Job, JobResult, Reply};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,10 +44,11 @@ pub(super) fn invoke_target(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/functions/")?.strip_suffix("/invoke")
 }
 
-/// `POST /v1/functions/NAME/invoke`: admit the request, read its body, pull the template
-/// first with `--remote`, queue the job for a worker, and answer with what the function
-/// did. A step that refuses the request says why ([`Refusal`]); it is counted and
-/// answered here.
+/// `POST /v1/functions/NAME/invoke`: admit the request, read its body, find what runs it
+/// (a deployed function's current template, built now if it has none that fits: the cold
+/// path; else the template NAME), pull the template first with `--remote`, queue the job
+/// for a worker, and answer with what the function did. A step that refuses the request
+/// says why ([`Refusal`]); it is counted and answered here.
 pub(super) async fn invoke(state: &State, name: String, req: Request<Incoming>) -> Resp {
     let t0 = Instant::now();
     let as_json = wants_json(&req);
@@ -54,15 +56,66 @@ pub(super) async fn invoke(state: &State, name: String, req: Request<Incoming>) 
         admit(state, &req)?;
         // Held until the response is made.
         let _held = reserve_body(state, &req)?;
-        let body = read_body(state, req).await?;
+        let (head, body) = req.into_parts();
+        let body = read_limited(body, state.max_body, state.body_timeout)
+            .await
+            .map_err(|(status, msg)| Refusal::new(status, msg))?;
+        let target = resolve(state, &name).await?;
+        let template = target
+            .as_ref()
+            .map_or(name.as_str(), |t| t.template.as_str());
         if let Some((dir, remote)) = &state.remote {
-            pull_if_missing(state, &name, dir, remote).await?;
+            pull_if_missing(state, template, dir, remote).await?;
         }
-        let result = run_job(state, &name, body).await?;
+        let http = target
+            .as_ref()
+            .is_some_and(|t| t.interface == vmm::function::Interface::Http);
+        let stdin = if http {
+            Bytes::from(super::event::build_event(&super::event::EventRequest {
+                method: head.method.as_str(),
+                raw_path: head.uri.path(),
+                raw_query: head.uri.query().unwrap_or(""),
+                headers: &head.headers,
+                body: &body,
+                source_ip: None,
+                request_id: request_id(),
+                time_epoch_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            }))
+        } else {
+            body
+        };
+        let timeout = target.as_ref().and_then(|t| t.timeout);
+        let result = run_job(state, template, stdin, timeout).await?;
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok::<_, Refusal>(match result {
             JobResult::Refused(kind, msg) => refused(state, &name, kind, &msg, as_json, total_ms),
-            JobResult::Done(done) => finished(state, &name, done, as_json, total_ms),
+            JobResult::Done(done) => {
+                let path = match &target {
+                    Some(t) if t.built_now => Path3::Cold,
+                    _ if done.timings.restored_on_demand => Path3::Warm,
+                    _ => Path3::Hot,
+                };
+                state.metrics.path(path.name(), total_ms / 1e3);
+                if target.is_some() {
+                    let c = state.registry.counters(&name);
+                    match path {
+                        Path3::Cold => &c.cold,
+                        Path3::Warm => &c.warm,
+                        Path3::Hot => &c.hot,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                }
+                let mut r = if http && !as_json {
+                    finished_http(state, &name, done, total_ms)
+                } else {
+                    finished(state, &name, done, as_json, total_ms)
+                };
+                r.headers_mut()
+                    .insert("x-vmm-path", path.name().parse().expect("static header"));
+                r
+            }
         })
     };
     match answer.await {
@@ -72,6 +125,89 @@ pub(super) async fn invoke(state: &State, name: String, req: Request<Incoming>) 
             refusal.response()
         }
     }
+}
+
+/// An id for an event's `requestContext.requestId`: unique within this daemon's life.
+fn request_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    });
+    format!("{start:x}-{:x}", SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// What runs a request for NAME: a deployed function's target (its template built now
+/// when it has none that fits), or `None` for a plain template of that name.
+async fn resolve(state: &State, name: &str) -> Result<Option<Target>, Refusal> {
+    let deployed = state
+        .registry
+        .current(name)
+        .map_err(|e| Refusal::new(StatusCode::BAD_GATEWAY, format!("function {name}: {e}")))?;
+    let Some(d) = deployed else {
+        return Ok(None);
+    };
+    if d.record.removed {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("function {name} was removed"),
+        ));
+    }
+    state.registry.target(d).await.map(Some).map_err(|e| {
+        let status = match e.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Host => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        Refusal::new(
+            status,
+            format!("function {name}: its template could not be built: {e}"),
+        )
+    })
+}
+
+/// The answer of an `http` function that ran: its own response when it exited 0 and
+/// printed a valid one (502 with the reason when not), else what [`finished`] makes.
+fn finished_http(state: &State, name: &str, done: Finished, total_ms: f64) -> Resp {
+    if !matches!(done.exit, Ok(0)) || done.truncated.any() {
+        return finished(state, name, done, false, total_ms);
+    }
+    let run_ms = done.timings.invoke.run_ms;
+    let parsed = super::event::parse_response(&done.stdout);
+    let (status, mut r) = match parsed {
+        Ok(fr) => {
+            let status = StatusCode::from_u16(fr.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut r = Response::new(Full::new(Bytes::from(fr.body)));
+            *r.status_mut() = status;
+            for (k, v) in fr.headers {
+                r.headers_mut().append(k, v);
+            }
+            (status, r)
+        }
+        Err(why) => {
+            tracing::info!(function = %name, "malformed http response: {why}");
+            let status = StatusCode::BAD_GATEWAY;
+            let mut r = text(
+                status,
+                format!("function {name} returned a malformed response: {why}"),
+            );
+            r.headers_mut().insert(
+                "x-vmm-error",
+                "malformed_response".parse().expect("static header"),
+            );
+            (status, r)
+        }
+    };
+    state.metrics.count(true, name, status.as_u16());
+    tracing::info!(function = %name, status = status.as_u16(), run_ms, total_ms, "invoke");
+    let h = r.headers_mut();
+    h.insert("x-vmm-exit-code", 0.into());
+    if let Ok(v) = format!("{run_ms:.3}").parse() {
+        h.insert("x-vmm-run-ms", v);
+    }
+    r
 }
 
 /// Why a request was answered before its function ran: a status and a plain-text message.
@@ -149,42 +285,6 @@ fn reserve_body(state: &State, req: &Request<Incoming>) -> Result<BodyBytes, Ref
     })
 }
 
-/// Read the body: at most `--max-body` bytes (413 past that), within the body timeout
-/// (408 after it).
-async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, Refusal> {
-    let read = Limited::new(req.into_body(), state.max_body).collect();
-    let Ok(read) = tokio::time::timeout(state.body_timeout, read).await else {
-        return Err(Refusal::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request body did not arrive within {:?}",
-                state.body_timeout
-            ),
-        ));
-    };
-    match read {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => {
-            let too_large = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            let status = if too_large {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            Err(Refusal::new(
-                status,
-                if too_large {
-                    format!("request body over the {}-byte limit", state.max_body)
-                } else {
-                    format!("read the request body: {e}")
-                },
-            ))
-        }
-    }
-}
-
 /// `--remote`: a template the store lacks is pulled first (502 when that fails), off the
 /// async executor; pulls of one template queue on its lock file and the later ones find
 /// it there.
@@ -241,7 +341,12 @@ async fn pull_if_missing(
 
 /// Queue the job (429 when the queue is full) and wait for its worker's answer. If this
 /// future is dropped (the client disconnected), the guest is stopped.
-async fn run_job(state: &State, name: &str, body: Bytes) -> Result<JobResult, Refusal> {
+async fn run_job(
+    state: &State,
+    name: &str,
+    body: Bytes,
+    timeout: Option<std::time::Duration>,
+) -> Result<JobResult, Refusal> {
     let (tx, rx) = oneshot::channel();
     // If this future is dropped (the client disconnected), stop the guest.
     struct InterruptOnDrop(Option<vmm::watchdog::InterruptHandle>);
@@ -257,6 +362,7 @@ async fn run_job(state: &State, name: &str, body: Bytes) -> Result<JobResult, Re
     let job = Job {
         name: name.to_string(),
         body,
+        timeout,
         interrupt,
         enqueued: Instant::now(),
         reply: Reply::Local(tx),

@@ -20,6 +20,11 @@ struct TemplateLabels {
     template: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: &'static str,
+}
+
 /// The metrics label of requests for a template the daemon does not know.
 const UNKNOWN_TEMPLATE: &str = "(unknown)";
 
@@ -36,6 +41,10 @@ pub(super) struct Metrics {
     live: Gauge,
     resident: Gauge,
     queued: Gauge,
+    /// Time at the daemon from a request's arrival to its answer, by the path it took
+    /// (cold: its template was built for it; warm: an instance was restored; hot: a ready
+    /// instance served it).
+    paths: Family<PathLabels, Histogram>,
     /// Worker processes that ended unexpectedly (their instances lost and replaced).
     pub(super) worker_exits: Counter,
     /// Worker processes running now (0: instances live in the daemon's own process).
@@ -101,6 +110,17 @@ impl Metrics {
             "Requests waiting for a worker",
             queued.clone(),
         );
+        fn path_histogram() -> Histogram {
+            Histogram::new(exponential_buckets(0.000_025, 2.0, 24))
+        }
+        let paths = Family::<PathLabels, Histogram>::new_with_constructor(
+            path_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "invoke_path_seconds",
+            "Time from a request's arrival to its answer, by SEUSS's paths: cold (template built for it), warm (instance restored), hot (ready instance)",
+            paths.clone(),
+        );
         let (worker_exits, worker_processes) = (Counter::default(), Gauge::default());
         registry.register(
             "worker_process_exits",
@@ -114,6 +134,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            paths,
             worker_exits,
             worker_processes,
             requests,
@@ -141,6 +162,13 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels { template, status })
             .inc();
+    }
+
+    /// Record a request's time on its path (`cold`, `warm` or `hot`).
+    pub(super) fn path(&self, path: &'static str, seconds: f64) {
+        self.paths
+            .get_or_create(&PathLabels { path })
+            .observe(seconds);
     }
 
     /// The metrics in OpenMetrics text, with the gauges of the pools and of the queue

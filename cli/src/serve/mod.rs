@@ -26,12 +26,14 @@ mod auth;
 mod backend;
 pub mod cell;
 mod cells;
+mod deploy;
 mod event;
 mod http;
 mod invoke;
 mod limits;
 mod metrics;
 mod proto;
+mod registry;
 mod workers;
 
 /// Largest request body accepted by default (413 above it).
@@ -107,14 +109,23 @@ pub struct ServeArgs {
     pub processes: Option<u32>,
     /// Bearer tokens callers must present, one per line: `NAME sha256:HEX SCOPES`, the hex
     /// being the SHA-256 of the token (`printf %s TOKEN | sha256sum`), the scopes a comma
-    /// list of invoke, invoke:FUNCTION, metrics (GET /metrics and /v1/functions). 401
-    /// without a valid token, 403 without the scope. Without --auth, the daemon listens
-    /// only on loopback or a Unix socket (see --no-auth-on-network).
+    /// list of invoke, invoke:FUNCTION, metrics (GET /metrics and /v1/functions), deploy
+    /// (the deploy API: PUT/DELETE /v1/functions/NAME, PUT /v1/modules, /v1/files). 401
+    /// without a valid token, 403 without the scope. Without --auth the deploy API is off
+    /// and the daemon listens only on loopback or a Unix socket (see --no-auth-on-network).
     #[arg(long, value_name = "FILE")]
     pub auth: Option<PathBuf>,
     /// A function anyone may invoke without a token (repeatable; with --auth).
     #[arg(long, value_name = "NAME", requires = "auth")]
     pub public: Vec<String>,
+    /// The WebAssembly module deployed functions of a runtime run on when their spec names
+    /// none: `js=PATH` (QuickJS-NG's WASI reactor), `python=PATH` (CPython for WASI).
+    /// Stored in the store once, by its SHA-256, like any upload. Repeatable.
+    #[arg(long, value_name = "RUNTIME=PATH")]
+    pub runtime_module: Vec<String>,
+    /// The largest module or file `PUT /v1/modules` and `PUT /v1/files` take.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = snapshot_store::parse_size)]
+    pub max_upload: u64,
     /// Listen on a network address without --auth: anyone who reaches the port may invoke
     /// every function and read the metrics.
     #[arg(long)]
@@ -285,6 +296,23 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         say!("vmm: error: {e}");
         return 2;
     }
+    if auth.is_some() {
+        // Functions may be deployed into an empty store.
+        if let Err(e) = snapshot_store::Store::create_or_open(&store_dir) {
+            say!(
+                "vmm: error: create the template store {}: {e}",
+                store_dir.display()
+            );
+            return 2;
+        }
+    }
+    let runtime_modules = match load_runtime_modules(&store_dir, &args.runtime_module) {
+        Ok(m) => m,
+        Err(e) => {
+            say!("vmm: error: {e}");
+            return 2;
+        }
+    };
     if !store_dir.join("store.cfg").exists() {
         say!(
             "vmm: error: no template store at {}: create a template first (`vmm template create`) or pass --store DIR",
@@ -389,9 +417,26 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         backend::Backend::Cells(c) => Some(c.clone()),
         backend::Backend::Local { .. } => None,
     };
+    let remote_args = args
+        .remote
+        .remote
+        .as_deref()
+        .is_some_and(|r| !r.is_empty())
+        .then(|| args.remote.clone());
+    let registry = Arc::new(registry::Registry::new(
+        &store_dir,
+        runtime_modules,
+        default_engine(),
+        timeout,
+        remote_args,
+    ));
     let state = Arc::new(http::State {
         backend,
+        deploy: auth.is_some(),
         auth,
+        registry,
+        max_upload: args.max_upload.min(usize::MAX as u64) as usize,
+        upload_timeout: Duration::from_secs(args.header_timeout.max(1) * 30),
         metrics,
         draining: AtomicBool::new(false),
         max_body: args.max_body as usize,
@@ -420,4 +465,52 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     drop(state);
     rt.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+/// `--runtime-module RUNTIME=PATH`: each module stored as a blob, by runtime.
+fn load_runtime_modules(
+    store_dir: &std::path::Path,
+    given: &[String],
+) -> Result<std::collections::HashMap<vmm::function::Runtime, snapshot_store::BlobDigest>, String> {
+    use vmm::function::Runtime;
+    let mut out = std::collections::HashMap::new();
+    if given.is_empty() {
+        return Ok(out);
+    }
+    snapshot_store::Store::create_or_open(store_dir)
+        .map_err(|e| format!("create the template store {}: {e}", store_dir.display()))?;
+    let fstore = snapshot_store::FunctionStore::new(store_dir);
+    for g in given {
+        let Some((rt, path)) = g.split_once('=') else {
+            return Err(format!(
+                "--runtime-module {g}: expected RUNTIME=PATH (js=... or python=...)"
+            ));
+        };
+        let rt = match rt {
+            "js" => Runtime::Js,
+            "python" => Runtime::Python,
+            _ => return Err(format!("--runtime-module {g}: the runtime is js or python")),
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("--runtime-module {g}: read {path}: {e}"))?;
+        if !bytes.starts_with(b"\0asm") {
+            return Err(format!(
+                "--runtime-module {g}: {path} is not a WebAssembly binary"
+            ));
+        }
+        let (d, _) = fstore
+            .put_blob(&bytes)
+            .map_err(|e| format!("--runtime-module {g}: store it: {e}"))?;
+        out.insert(rt, d);
+    }
+    Ok(out)
+}
+
+/// The guest engine deployed functions run on unless their spec says: `$VMM_ENGINE`
+/// (`wasmi`), else wasmtime.
+fn default_engine() -> vmm::guest::EngineKind {
+    match std::env::var("VMM_ENGINE").as_deref() {
+        Ok("wasmi") => vmm::guest::EngineKind::Wasmi,
+        _ => vmm::guest::EngineKind::Wasmtime,
+    }
 }

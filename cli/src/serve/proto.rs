@@ -39,6 +39,8 @@ pub(super) enum ToCell {
         id: u64,
         name: String,
         body: Vec<u8>,
+        /// The function's own timeout in ms (0: --timeout).
+        timeout_ms: u64,
     },
     /// The client of request `id` went away: stop its guest.
     Cancel {
@@ -263,11 +265,12 @@ mod tests {
             id: 7,
             name: "hello".into(),
             body: b"{}".to_vec(),
+            timeout_ms: 0,
         };
         let frame = encode(&msg).expect("encode");
         let mut r = &frame[..];
         match read_blocking::<ToCell>(&mut r).expect("read") {
-            Some(ToCell::Invoke { id, name, body }) => {
+            Some(ToCell::Invoke { id, name, body, .. }) => {
                 assert_eq!(
                     (id, name.as_str(), body.as_slice()),
                     (7, "hello", &b"{}"[..])

@@ -16,6 +16,8 @@ use vmm::pool::{Pools, Timings};
 pub(super) struct Job {
     pub(super) name: String,
     pub(super) body: Bytes,
+    /// The function's own timeout (at most --timeout), if it has one.
+    pub(super) timeout: Option<std::time::Duration>,
     /// Fired when the client goes away, to stop the guest early.
     pub(super) interrupt: vmm::watchdog::InterruptHandle,
     pub(super) enqueued: Instant,
@@ -164,6 +166,9 @@ pub(super) fn run(job: Job, pools: &Pools, metrics: &Metrics, limits: &RunLimits
         }
         let limits = RunLimits {
             interrupt: Some(job.interrupt.clone()),
+            timeout: job
+                .timeout
+                .map_or(limits.timeout, |t| t.min(limits.timeout)),
             ..limits.clone()
         };
         match pools.invoke(&job.name, &job.body, &limits) {

@@ -1,0 +1,431 @@
+//! The functions deployed to this daemon (`PUT /v1/functions/NAME`): their records in the
+//! store, each version's spec and template, and building a template from a spec, on
+//! deploy or on the first invocation (SEUSS's cold start). Builds of one function happen
+//! once: concurrent first requests wait for the one build.
+//!
+//! The store is the truth (several daemons or worker processes may share it): a record
+//! is read again when its file changes, so a deploy seen by one daemon is served by all.
+
+use snapshot_store::{
+    function_template_name, valid_function_name, BlobDigest, FunctionRecord, FunctionStore,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use vmm::error::{Error, ErrorKind};
+use vmm::function::{DeploySpec, Interface, Runtime};
+use vmm::guest::{EngineKind, RunLimits};
+
+/// Largest spec blob read back from the store.
+const MAX_SPEC_BYTES: u64 = 32 << 20;
+
+/// One version of a deployed function, as its record and spec say.
+pub(super) struct Deployed {
+    pub(super) record: FunctionRecord,
+    pub(super) spec: DeploySpec,
+}
+
+/// Identity of a record file: a change means it was rewritten.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileId {
+        ino: m.ino(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        len: m.len(),
+    })
+}
+
+/// How a request reached its instance (SEUSS's three paths).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Path3 {
+    /// No template yet: built for this request.
+    Cold,
+    /// A template, no ready instance: one was restored.
+    Warm,
+    /// A ready instance.
+    Hot,
+}
+
+impl Path3 {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Path3::Cold => "cold",
+            Path3::Warm => "warm",
+            Path3::Hot => "hot",
+        }
+    }
+}
+
+/// Requests of one function by path.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) cold: AtomicU64,
+    pub(super) warm: AtomicU64,
+    pub(super) hot: AtomicU64,
+}
+
+/// What an invocation of a deployed function runs.
+pub(super) struct Target {
+    pub(super) template: String,
+    pub(super) interface: Interface,
+    pub(super) timeout: Option<Duration>,
+    /// Its template was built for this request.
+    pub(super) built_now: bool,
+}
+
+/// What a build made.
+pub(super) struct Built {
+    pub(super) template: String,
+    pub(super) report: Option<vmm::template::create::CreateReport>,
+    pub(super) ms: f64,
+}
+
+pub(super) struct Registry {
+    fstore: FunctionStore,
+    store_dir: PathBuf,
+    /// `--runtime-module`: the module a js or python function without one runs on.
+    runtime_modules: HashMap<Runtime, BlobDigest>,
+    default_engine: EngineKind,
+    /// `--timeout`: no function's requests (or build) run longer.
+    max_timeout: Duration,
+    engine: OnceLock<Arc<vmm::engine::Engine>>,
+    fingerprint: OnceLock<String>,
+    cache: Mutex<HashMap<String, (FileId, Arc<Deployed>)>>,
+    /// Per function: deploys, removals and builds of it take turns.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Builds running at once (each boots or restores a guest and writes the store).
+    builds: tokio::sync::Semaphore,
+    counters: Mutex<HashMap<String, Arc<Counters>>>,
+    pub(super) remote: Option<crate::remote::RemoteArgs>,
+}
+
+impl Registry {
+    pub(super) fn new(
+        store_dir: &Path,
+        runtime_modules: HashMap<Runtime, BlobDigest>,
+        default_engine: EngineKind,
+        max_timeout: Duration,
+        remote: Option<crate::remote::RemoteArgs>,
+    ) -> Registry {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Registry {
+            fstore: FunctionStore::new(store_dir),
+            store_dir: store_dir.to_path_buf(),
+            runtime_modules,
+            default_engine,
+            max_timeout,
+            engine: OnceLock::new(),
+            fingerprint: OnceLock::new(),
+            cache: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            builds: tokio::sync::Semaphore::new(2 * cpus),
+            counters: Mutex::new(HashMap::new()),
+            remote,
+        }
+    }
+
+    pub(super) fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    pub(super) fn store(&self) -> &FunctionStore {
+        &self.fstore
+    }
+
+    pub(super) fn runtime_module(&self, r: Runtime) -> Option<BlobDigest> {
+        self.runtime_modules.get(&r).copied()
+    }
+
+    fn engine(&self) -> Result<Arc<vmm::engine::Engine>, Error> {
+        if let Some(e) = self.engine.get() {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(vmm::engine::Engine::new(vmm::engine::Config::new(
+            self.store_dir.clone(),
+        ))?);
+        Ok(self.engine.get_or_init(|| e).clone())
+    }
+
+    /// What templates must have been built for here (see [`vmm::function::build_fingerprint`]).
+    pub(super) fn fingerprint(&self) -> Result<String, Error> {
+        if let Some(f) = self.fingerprint.get() {
+            return Ok(f.clone());
+        }
+        let f = vmm::function::build_fingerprint(&*self.engine()?)?;
+        Ok(self.fingerprint.get_or_init(|| f).clone())
+    }
+
+    pub(super) fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn counters(&self, name: &str) -> Arc<Counters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Function `name` as the store has it now (`None`: not a deployed function; removed
+    /// ones are returned, marked). Reads the record again only when its file changed.
+    pub(super) fn current(&self, name: &str) -> Result<Option<Arc<Deployed>>, Error> {
+        if !valid_function_name(name) {
+            return Ok(None);
+        }
+        let path = self.store_dir.join("functions").join(format!("{name}.fn"));
+        let Some(id) = file_id(&path) else {
+            self.cache_remove(name);
+            return Ok(None);
+        };
+        if let Some((cached, d)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+        {
+            if *cached == id {
+                return Ok(Some(d.clone()));
+            }
+        }
+        let step = "read the function's record";
+        let Some(record) = self
+            .fstore
+            .record(name)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?
+        else {
+            return Ok(None);
+        };
+        let spec = self.read_spec(&record)?;
+        let d = Arc::new(Deployed { record, spec });
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_string(), (id, d.clone()));
+        Ok(Some(d))
+    }
+
+    fn cache_remove(&self, name: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+    }
+
+    fn read_spec(&self, record: &FunctionRecord) -> Result<DeploySpec, Error> {
+        let step = "read the function's spec";
+        let bytes = self
+            .fstore
+            .get_blob(&record.spec_digest(), MAX_SPEC_BYTES)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::new(ErrorKind::Damaged, step, e))
+    }
+
+    /// Whether `name` is a deployed function marked public.
+    pub(super) fn is_public(&self, name: &str) -> bool {
+        matches!(self.current(name), Ok(Some(d)) if d.spec.public && !d.record.removed)
+    }
+
+    /// Every deployed function (removed ones left out).
+    pub(super) fn all(&self) -> Vec<Arc<Deployed>> {
+        let mut v = Vec::new();
+        for r in self.fstore.records() {
+            let Ok(r) = r else { continue };
+            if r.removed {
+                continue;
+            }
+            if let Ok(Some(d)) = self.current(&r.name) {
+                v.push(d);
+            }
+        }
+        v
+    }
+
+    /// The limits a build of `spec` runs with.
+    fn build_limits(&self, spec: &DeploySpec) -> RunLimits {
+        RunLimits {
+            timeout: self.timeout_of(spec).unwrap_or(self.max_timeout),
+            mem_mib: spec.memory_mib(),
+            ..RunLimits::default()
+        }
+    }
+
+    /// A function's own timeout, at most `--timeout`.
+    pub(super) fn timeout_of(&self, spec: &DeploySpec) -> Option<Duration> {
+        spec.timeout_secs
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .map(|t| t.min(self.max_timeout))
+    }
+
+    /// Build version `version` of function `name` from `spec` (blocking: boots or
+    /// restores a guest and writes the store). A template of that name already there (a
+    /// build by another daemon on the same store) is taken as it is.
+    pub(super) fn build_blocking(
+        &self,
+        name: &str,
+        version: u64,
+        spec: &DeploySpec,
+    ) -> Result<Built, Error> {
+        let t0 = Instant::now();
+        let engine = self.engine()?;
+        let fp = self.fingerprint()?;
+        let fspec = vmm::function::resolve(&self.fstore, spec, self.default_engine)?;
+        // Named after what it is built for too: a rebuild for a new guest kernel, say,
+        // is a template of its own, beside the one requests may still run on.
+        let template = format!(
+            "{}.{}",
+            function_template_name(name, version),
+            &BlobDigest::of(fp.as_bytes()).hex()[..8]
+        );
+        let mut store = snapshot_store::Store::create_or_open(&self.store_dir)
+            .map_err(|e| Error::new(ErrorKind::Host, "open the template store", e))?;
+        let trial: Vec<u8> = match spec.interface {
+            Interface::Raw => Vec::new(),
+            Interface::Http => super::event::trial_event(),
+        };
+        let limits = self.build_limits(spec);
+        let report = match vmm::template::create::create_template(
+            &engine, &mut store, &template, &fspec, None, &trial, &limits,
+        ) {
+            Ok(r) => Some(r),
+            Err(e)
+                if e.find::<snapshot_store::WriteError>().is_some_and(|w| {
+                    matches!(w, snapshot_store::WriteError::AlreadyExists { .. })
+                }) =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Built {
+            template,
+            report,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Build `d` (on a blocking thread, at most a few builds at once) and record the
+    /// template, unless its record moved on meanwhile. Returns the template name.
+    pub(super) async fn build(self: &Arc<Self>, d: &Deployed) -> Result<Built, Error> {
+        let _slot = self.builds.acquire().await.map_err(|_| {
+            Error::new(
+                ErrorKind::Host,
+                "build the template",
+                "the daemon is stopping",
+            )
+        })?;
+        let (me, name, version, spec) = (
+            self.clone(),
+            d.record.name.clone(),
+            d.record.version,
+            d.spec.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || me.build_blocking(&name, version, &spec))
+            .await
+            .map_err(|_| {
+                Error::new(ErrorKind::Host, "build the template", "the build panicked")
+            })??;
+        Ok(built)
+    }
+
+    /// Write `record` and forget what was cached for it.
+    pub(super) fn put_record(&self, record: &FunctionRecord) -> Result<(), Error> {
+        self.fstore
+            .put_record(record)
+            .map_err(|e| Error::new(ErrorKind::Host, "write the function's record", e))?;
+        self.cache_remove(&record.name);
+        Ok(())
+    }
+
+    /// The template an invocation of deployed function `d` runs on: the recorded one
+    /// when it fits this VMM, else built now (once, however many requests ask at once).
+    pub(super) async fn target(self: &Arc<Self>, d: Arc<Deployed>) -> Result<Target, Error> {
+        let name = d.record.name.clone();
+        let fp = self.fingerprint()?;
+        let fits = |d: &Deployed| {
+            d.record.template.is_some() && d.record.built_for.as_deref() == Some(fp.as_str())
+        };
+        let target = |d: &Deployed, built_now: bool| Target {
+            template: d.record.template.clone().unwrap_or_default(),
+            interface: d.spec.interface,
+            timeout: self.timeout_of(&d.spec),
+            built_now,
+        };
+        if fits(&d) {
+            return Ok(target(&d, false));
+        }
+        let lock = self.lock(&name);
+        let _turn = lock.lock().await;
+        // Built (or replaced) while this request waited for its turn.
+        let now = self.current(&name)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                "find the function",
+                format!("function {name:?} was removed"),
+            )
+        })?;
+        if now.record.removed {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "find the function",
+                format!("function {name:?} was removed"),
+            ));
+        }
+        if fits(&now) {
+            return Ok(target(&now, false));
+        }
+        let built = self.build(&now).await?;
+        let mut record = now.record.clone();
+        record.template = Some(built.template.clone());
+        record.built_for = Some(fp.clone());
+        self.put_record(&record)?;
+        tracing::info!(function = %name, version = record.version, template = %built.template, ms = built.ms, "built on its first request");
+        let d = Deployed {
+            record,
+            spec: now.spec.clone(),
+        };
+        Ok(target(&d, true))
+    }
+
+    /// Remove the templates of `name`'s versions before `keep_from` (all with 0 ... no:
+    /// `u64::MAX` removes every one). Requests already running keep theirs in memory.
+    pub(super) fn remove_templates(&self, name: &str, keep_from: u64) {
+        let prefix = format!("fn.{name}.v");
+        let Ok(mut store) = snapshot_store::Store::open(&self.store_dir) else {
+            return;
+        };
+        let Ok(list) = store.list_all() else { return };
+        let names: Vec<String> = list
+            .templates
+            .iter()
+            .map(|t| t.name.as_str().to_string())
+            .filter(|t| {
+                t.strip_prefix(&prefix)
+                    .and_then(|rest| rest.split('.').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| v < keep_from)
+            })
+            .collect();
+        for t in names {
+            if let Err(e) = store.remove(&t) {
+                tracing::warn!(template = %t, "removing an old version's template: {e}");
+            }
+        }
+    }
+}
