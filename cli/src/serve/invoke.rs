@@ -60,12 +60,11 @@ pub(super) async fn invoke(state: &State, name: String, req: Request<Incoming>) 
         let body = read_limited(body, state.max_body, state.body_timeout)
             .await
             .map_err(|(status, msg)| Refusal::new(status, msg))?;
-        let target = resolve(state, &name).await?;
-        let template = target
-            .as_ref()
-            .map_or(name.as_str(), |t| t.template.as_str());
-        if let Some((dir, remote)) = &state.remote {
-            pull_if_missing(state, template, dir, remote).await?;
+        let mut target = resolve(state, &name).await?;
+        let template = target.as_ref().map_or(name.clone(), |t| t.template.clone());
+        let cold = target.as_mut().and_then(|t| t.cold.take());
+        if let (Some((dir, remote)), None) = (&state.remote, &cold) {
+            pull_if_missing(state, &template, dir, remote).await?;
         }
         let http = target
             .as_ref()
@@ -87,13 +86,20 @@ pub(super) async fn invoke(state: &State, name: String, req: Request<Incoming>) 
             body
         };
         let timeout = target.as_ref().and_then(|t| t.timeout);
-        let result = run_job(state, template, stdin, timeout).await?;
+        let is_cold = cold.is_some();
+        let result = match cold {
+            Some(cold) => match run_cold(state, cold, stdin.clone(), timeout).await? {
+                Some(done) => JobResult::Done(done),
+                None => run_job(state, &template, stdin, timeout).await?,
+            },
+            None => run_job(state, &template, stdin, timeout).await?,
+        };
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok::<_, Refusal>(match result {
             JobResult::Refused(kind, msg) => refused(state, &name, kind, &msg, as_json, total_ms),
             JobResult::Done(done) => {
                 let path = match &target {
-                    Some(t) if t.built_now => Path3::Cold,
+                    _ if is_cold => Path3::Cold,
                     _ if done.timings.restored_on_demand => Path3::Warm,
                     _ => Path3::Hot,
                 };
@@ -127,6 +133,83 @@ pub(super) async fn invoke(state: &State, name: String, req: Request<Incoming>) 
     }
 }
 
+/// The cold path: the request builds its function's template and is served by the
+/// instance the template is taken from (see [`Registry::cold_blocking`]); `None` when the
+/// build made only the template (and its runtime base), which the request then runs on.
+/// If this future is dropped (the client went away), the guest is stopped.
+///
+/// [`Registry::cold_blocking`]: super::registry::Registry::cold_blocking
+async fn run_cold(
+    state: &State,
+    cold: super::registry::Cold,
+    stdin: Bytes,
+    timeout: Option<std::time::Duration>,
+) -> Result<Option<Finished>, Refusal> {
+    use super::registry::ColdOutcome;
+    let interrupt = vmm::watchdog::InterruptHandle::new();
+    let mut guard = InterruptOnDrop(Some(interrupt.clone()));
+    let limits = vmm::guest::RunLimits {
+        timeout: timeout.unwrap_or(state.registry.max_timeout()),
+        interrupt: Some(interrupt),
+        ..vmm::guest::RunLimits::default()
+    };
+    let (tx, rx) = oneshot::channel();
+    let reg = state.registry.clone();
+    tokio::task::spawn_blocking(move || {
+        reg.cold_blocking(cold, &stdin, &limits, |r| {
+            let _ = tx.send(r);
+        })
+    });
+    let answer = rx.await;
+    guard.0 = None;
+    match answer {
+        Ok(Ok(ColdOutcome::Served(resp))) => Ok(Some(Finished {
+            exit: resp.result.map_err(|e| (e.kind(), e.to_string())),
+            stdout: resp.stdout,
+            stderr: resp.stderr,
+            truncated: resp.truncated,
+            timings: vmm::pool::Timings {
+                acquire_ms: 0.0,
+                restored_on_demand: false,
+                invoke: Box::new(resp.stats),
+            },
+            queue_ms: 0.0,
+        })),
+        Ok(Ok(ColdOutcome::Built)) => Ok(None),
+        Ok(Err(e)) => Err(build_refusal(&e)),
+        Err(_) => Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the build of the function's template ended without an answer",
+        )),
+    }
+}
+
+/// The answer to a request whose function's template could not be built: the function is
+/// at fault (502, its own message), or the daemon (503).
+fn build_refusal(e: &vmm::error::Error) -> Refusal {
+    let status = match e.kind() {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Host => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    Refusal::new(
+        status,
+        format!("the function's template could not be built: {e}"),
+    )
+}
+
+/// Stops the guest when dropped armed (the request's future was dropped: the client went
+/// away).
+struct InterruptOnDrop(Option<vmm::watchdog::InterruptHandle>);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.interrupt();
+        }
+    }
+}
+
 /// An id for an event's `requestContext.requestId`: unique within this daemon's life.
 fn request_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -155,17 +238,12 @@ async fn resolve(state: &State, name: &str) -> Result<Option<Target>, Refusal> {
             format!("function {name} was removed"),
         ));
     }
-    state.registry.target(d).await.map(Some).map_err(|e| {
-        let status = match e.kind() {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Host => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_GATEWAY,
-        };
-        Refusal::new(
-            status,
-            format!("function {name}: its template could not be built: {e}"),
-        )
-    })
+    state
+        .registry
+        .target(d)
+        .await
+        .map(Some)
+        .map_err(|e| build_refusal(&e))
 }
 
 /// The answer of an `http` function that ran: its own response when it exited 0 and
@@ -349,14 +427,6 @@ async fn run_job(
 ) -> Result<JobResult, Refusal> {
     let (tx, rx) = oneshot::channel();
     // If this future is dropped (the client disconnected), stop the guest.
-    struct InterruptOnDrop(Option<vmm::watchdog::InterruptHandle>);
-    impl Drop for InterruptOnDrop {
-        fn drop(&mut self) {
-            if let Some(h) = self.0.take() {
-                h.interrupt();
-            }
-        }
-    }
     let interrupt = vmm::watchdog::InterruptHandle::new();
     let mut guard = InterruptOnDrop(Some(interrupt.clone()));
     let job = Job {

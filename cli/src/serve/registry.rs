@@ -79,8 +79,23 @@ pub(super) struct Target {
     pub(super) template: String,
     pub(super) interface: Interface,
     pub(super) timeout: Option<Duration>,
-    /// Its template was built for this request.
-    pub(super) built_now: bool,
+    /// No template fits yet: this request builds it (holding the function's turn, so
+    /// that requests arriving meanwhile wait for this build instead of making their own).
+    pub(super) cold: Option<Cold>,
+}
+
+/// A build this request makes (see [`Registry::cold`]).
+pub(super) struct Cold {
+    turn: tokio::sync::OwnedMutexGuard<()>,
+    deployed: Arc<Deployed>,
+}
+
+/// What a cold request got: the response of the instance its template was taken from,
+/// or (no runtime base to layer on yet: the build made one) only the template, which the
+/// request then runs on like any other.
+pub(super) enum ColdOutcome {
+    Served(vmm::instance::Response),
+    Built,
 }
 
 /// What a build made.
@@ -101,12 +116,30 @@ pub(super) struct Registry {
     engine: OnceLock<Arc<vmm::engine::Engine>>,
     fingerprint: OnceLock<String>,
     cache: Mutex<HashMap<String, (FileId, Arc<Deployed>)>>,
+    /// Runtime bases loaded (and verified) once, to layer cold functions on.
+    bases: Mutex<HashMap<String, Arc<vmm::template::Template>>>,
     /// Per function: deploys, removals and builds of it take turns.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Builds running at once (each boots or restores a guest and writes the store).
     builds: tokio::sync::Semaphore,
     counters: Mutex<HashMap<String, Arc<Counters>>>,
     pub(super) remote: Option<crate::remote::RemoteArgs>,
+}
+
+/// The template of version `version` of function `name` built for `fingerprint`: named
+/// after what it is built for too, so that a rebuild for a new guest kernel, say, is a
+/// template of its own beside the one requests may still run on.
+fn template_name(name: &str, version: u64, fingerprint: &str) -> String {
+    format!(
+        "{}.{}",
+        function_template_name(name, version),
+        &BlobDigest::of(fingerprint.as_bytes()).hex()[..8]
+    )
+}
+
+fn already_exists(e: &Error) -> bool {
+    e.find::<snapshot_store::WriteError>()
+        .is_some_and(|w| matches!(w, snapshot_store::WriteError::AlreadyExists { .. }))
 }
 
 impl Registry {
@@ -127,11 +160,17 @@ impl Registry {
             engine: OnceLock::new(),
             fingerprint: OnceLock::new(),
             cache: Mutex::new(HashMap::new()),
+            bases: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             builds: tokio::sync::Semaphore::new(2 * cpus),
             counters: Mutex::new(HashMap::new()),
             remote,
         }
+    }
+
+    /// `--timeout`.
+    pub(super) fn max_timeout(&self) -> Duration {
+        self.max_timeout
     }
 
     pub(super) fn store_dir(&self) -> &Path {
@@ -286,13 +325,7 @@ impl Registry {
         let engine = self.engine()?;
         let fp = self.fingerprint()?;
         let fspec = vmm::function::resolve(&self.fstore, spec, self.default_engine)?;
-        // Named after what it is built for too: a rebuild for a new guest kernel, say,
-        // is a template of its own, beside the one requests may still run on.
-        let template = format!(
-            "{}.{}",
-            function_template_name(name, version),
-            &BlobDigest::of(fp.as_bytes()).hex()[..8]
-        );
+        let template = template_name(name, version, &fp);
         let mut store = snapshot_store::Store::create_or_open(&self.store_dir)
             .map_err(|e| Error::new(ErrorKind::Host, "open the template store", e))?;
         let trial: Vec<u8> = match spec.interface {
@@ -304,13 +337,7 @@ impl Registry {
             &engine, &mut store, &template, &fspec, None, &trial, &limits,
         ) {
             Ok(r) => Some(r),
-            Err(e)
-                if e.find::<snapshot_store::WriteError>().is_some_and(|w| {
-                    matches!(w, snapshot_store::WriteError::AlreadyExists { .. })
-                }) =>
-            {
-                None
-            }
+            Err(e) if already_exists(&e) => None,
             Err(e) => return Err(e),
         };
         Ok(Built {
@@ -354,53 +381,165 @@ impl Registry {
     }
 
     /// The template an invocation of deployed function `d` runs on: the recorded one
-    /// when it fits this VMM, else built now (once, however many requests ask at once).
+    /// when it fits this VMM, else (cold) the build this request is to make, once however
+    /// many requests ask at once: the others wait for it and take the template it made.
     pub(super) async fn target(self: &Arc<Self>, d: Arc<Deployed>) -> Result<Target, Error> {
         let name = d.record.name.clone();
         let fp = self.fingerprint()?;
         let fits = |d: &Deployed| {
             d.record.template.is_some() && d.record.built_for.as_deref() == Some(fp.as_str())
         };
-        let target = |d: &Deployed, built_now: bool| Target {
+        let target = |d: &Deployed| Target {
             template: d.record.template.clone().unwrap_or_default(),
             interface: d.spec.interface,
             timeout: self.timeout_of(&d.spec),
-            built_now,
+            cold: None,
         };
         if fits(&d) {
-            return Ok(target(&d, false));
+            return Ok(target(&d));
         }
-        let lock = self.lock(&name);
-        let _turn = lock.lock().await;
+        let turn = self.lock(&name).lock_owned().await;
         // Built (or replaced) while this request waited for its turn.
-        let now = self.current(&name)?.ok_or_else(|| {
+        let gone = || {
             Error::new(
                 ErrorKind::NotFound,
                 "find the function",
                 format!("function {name:?} was removed"),
             )
-        })?;
+        };
+        let now = self.current(&name)?.ok_or_else(gone)?;
         if now.record.removed {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                "find the function",
-                format!("function {name:?} was removed"),
-            ));
+            return Err(gone());
         }
         if fits(&now) {
-            return Ok(target(&now, false));
+            return Ok(target(&now));
         }
-        let built = self.build(&now).await?;
-        let mut record = now.record.clone();
-        record.template = Some(built.template.clone());
-        record.built_for = Some(fp.clone());
-        self.put_record(&record)?;
-        tracing::info!(function = %name, version = record.version, template = %built.template, ms = built.ms, "built on its first request");
-        let d = Deployed {
-            record,
-            spec: now.spec.clone(),
+        let mut t = target(&now);
+        t.template = template_name(&name, now.record.version, &fp);
+        t.cold = Some(Cold {
+            turn,
+            deployed: now,
+        });
+        Ok(t)
+    }
+
+    /// The runtime base `spec` layers on, loaded and verified once (`None`: the store has
+    /// none yet; a full build makes it).
+    fn base_for(
+        &self,
+        spec: &vmm::guest::FunctionSpec,
+        mem_mib: u64,
+    ) -> Result<Option<Arc<vmm::template::Template>>, Error> {
+        let name = vmm::template::create::runtime_base_name(spec, mem_mib);
+        if let Some(b) = self
+            .bases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&name)
+        {
+            return Ok(Some(b.clone()));
+        }
+        let base = match self.engine()?.load_base(&name) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
         };
-        Ok(target(&d, true))
+        base.prepare()?;
+        self.bases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name, base.clone());
+        Ok(Some(base))
+    }
+
+    /// SEUSS's cold path for `cold`'s function: restore its runtime base, give it the
+    /// function, snapshot that in memory, serve `stdin` on that very instance, and only
+    /// after the response is out (`respond`) write the template and record it. Without a
+    /// runtime base yet, a full build makes one (and the template), and the request runs
+    /// on the template like any other ([`ColdOutcome::Built`]). Blocking.
+    pub(super) fn cold_blocking(
+        &self,
+        cold: Cold,
+        stdin: &[u8],
+        limits: &RunLimits,
+        respond: impl FnOnce(Result<ColdOutcome, Error>),
+    ) {
+        let Cold { turn, deployed: d } = cold;
+        let t0 = Instant::now();
+        let name = d.record.name.as_str();
+        let fp = match self.fingerprint() {
+            Ok(f) => f,
+            Err(e) => return respond(Err(e)),
+        };
+        let template = template_name(name, d.record.version, &fp);
+        let layered = (|| {
+            let fspec = vmm::function::resolve(&self.fstore, &d.spec, self.default_engine)?;
+            match self.base_for(&fspec, d.spec.memory_mib())? {
+                Some(base) => vmm::template::create::layer_on(
+                    &base,
+                    &template,
+                    &fspec,
+                    &self.build_limits(&d.spec),
+                )
+                .map(Some),
+                None => Ok(None),
+            }
+        })();
+        let written = match layered {
+            Err(e) => return respond(Err(e)),
+            Ok(Some((mut inst, layer))) => {
+                let resp = inst.invoke(stdin, limits);
+                respond(Ok(ColdOutcome::Served(resp)));
+                drop(inst);
+                let pages = layer.changed_pages();
+                snapshot_store::Store::create_or_open(&self.store_dir)
+                    .map_err(|e| Error::new(ErrorKind::Host, "open the template store", e))
+                    .and_then(|mut store| match layer.write(&mut store) {
+                        Err(e) if already_exists(&e) => Ok(()),
+                        r => r.map(|_| ()),
+                    })
+                    .map(|()| pages)
+            }
+            Ok(None) => match self.build_blocking(name, d.record.version, &d.spec) {
+                Ok(b) => {
+                    let pages = b.report.as_ref().map_or(0, |r| r.new_pages as usize);
+                    let r = self.record_built(&d, &b.template, &fp);
+                    respond(r.map(|()| ColdOutcome::Built));
+                    drop(turn);
+                    tracing::info!(function = %name, version = d.record.version, template = %b.template, pages, ms = b.ms, "built on its first request (and its runtime base)");
+                    return;
+                }
+                Err(e) => return respond(Err(e)),
+            },
+        };
+        match written.and_then(|pages| self.record_built(&d, &template, &fp).map(|()| pages)) {
+            Ok(pages) => {
+                tracing::info!(function = %name, version = d.record.version, template = %template, pages, ms = t0.elapsed().as_secs_f64() * 1e3, "built on its first request")
+            }
+            Err(e) => {
+                tracing::warn!(function = %name, "storing the template made on its first request failed (the next request builds it again): {e}")
+            }
+        }
+        drop(turn);
+    }
+
+    /// Record that `d`'s version is served by `template`, built for `fp` (unless the
+    /// function moved on meanwhile).
+    fn record_built(&self, d: &Deployed, template: &str, fp: &str) -> Result<(), Error> {
+        let now = self
+            .fstore
+            .record(&d.record.name)
+            .map_err(|e| Error::new(ErrorKind::Damaged, "read the function's record", e))?;
+        if now
+            .as_ref()
+            .is_none_or(|r| r.version != d.record.version || r.removed)
+        {
+            return Ok(());
+        }
+        let mut record = d.record.clone();
+        record.template = Some(template.to_string());
+        record.built_for = Some(fp.to_string());
+        self.put_record(&record)
     }
 
     /// Remove the templates of `name`'s versions before `keep_from` (all with 0 ... no:

@@ -119,6 +119,9 @@ pub struct Instance {
     compiled_for: Vec<&'static str>,
     status: Status,
     invocations: u64,
+    /// Restored from a runtime base and given its function: waits for a request although
+    /// its template waits for a function (see [`Instance::take_first_request`]).
+    layered: bool,
 }
 
 impl Template {
@@ -245,6 +248,7 @@ impl Instance {
             compiled_for: vec![],
             status: Status::Ready,
             invocations: 0,
+            layered: false,
         })
     }
 
@@ -284,6 +288,7 @@ impl Instance {
             compiled_for: module.features,
             status: Status::Ready,
             invocations: 0,
+            layered: false,
         })
     }
 
@@ -366,11 +371,9 @@ impl Instance {
             );
             return Response::failed(e, stats);
         }
-        if self
-            .template
-            .as_ref()
-            .is_some_and(|t| t.device().pending_op != vmm_abi::Op::ReadStdin as u64)
-        {
+        if self.template.as_ref().is_some_and(|t| {
+            !self.layered && t.device().pending_op != vmm_abi::Op::ReadStdin as u64
+        }) {
             let e = Error::new(
                 ErrorKind::BadRequest,
                 "invoke",
@@ -489,6 +492,14 @@ impl Instance {
         (r, out)
     }
 
+    /// Let [`Instance::invoke`] serve a request on an instance of a runtime base whose
+    /// guest was given its function and now waits for its request (template creation
+    /// serves a function's first request on the instance it snapshotted). Its reset would
+    /// go back to the base: it is dropped after that request.
+    pub(crate) fn take_first_request(&mut self) {
+        self.layered = true;
+    }
+
     /// The vCPU state, with the guest stopped in a hostcall (for a snapshot).
     pub(crate) fn capture(&mut self) -> Result<VcpuState, Error> {
         let step = "snapshot the vCPU";
@@ -513,6 +524,13 @@ impl Instance {
     /// Put the instance back into its template's exact state: guest RAM and vCPU.
     pub fn reset(&mut self) -> Result<ResetStats, Error> {
         let step = "reset instance";
+        if self.layered {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                step,
+                "an instance that served a function's first request on its runtime base is not reset (it would go back to the base): drop it",
+            ));
+        }
         if self.status == Status::Broken {
             return Err(Error::new(
                 ErrorKind::Host,

@@ -89,6 +89,77 @@ fn check_error(step: &'static str) -> impl Fn(CheckError) -> Error {
     }
 }
 
+/// A layer read from an instance: its vCPU state and the frames that differ from its
+/// parent's (`None`: now zero).
+struct Captured {
+    state: crate::persist::VcpuState,
+    mem_size: u64,
+    changed: Vec<(u64, Option<Box<[u8; PAGE_SIZE]>>)>,
+}
+
+/// Read `inst`'s layer over `parent` (the parent's pages; `None`: no parent).
+fn capture_layer(
+    inst: &mut Instance,
+    parent: Option<&snapshot_store::Resolved>,
+    step: &'static str,
+) -> Result<Captured, Error> {
+    let state = inst.capture()?;
+    let mem = inst.memory();
+    let host = |e: crate::memory::MemoryError| Error::new(ErrorKind::Host, step, e);
+    let mut changed = Vec::new();
+    let resident = mem.resident_pages();
+    let mut cur = [0u8; PAGE_SIZE];
+    for gfn in 0..mem.size() / PAGE {
+        let parent_page = parent.and_then(|r| match r.frame(gfn) {
+            Some(Frame::Data(p)) => Some(p),
+            _ => None,
+        });
+        if !resident.get(gfn as usize).copied().unwrap_or(true) {
+            if parent_page.is_some() {
+                changed.push((gfn, None));
+            }
+            continue;
+        }
+        mem.read_into(gfn * PAGE, &mut cur).map_err(host)?;
+        let zero = cur.iter().all(|&b| b == 0);
+        match parent_page {
+            Some(p) if p[..] == cur[..] => {}
+            Some(_) if zero => changed.push((gfn, None)),
+            None if zero => {}
+            _ => changed.push((gfn, Some(Box::new(cur)))),
+        }
+    }
+    Ok(Captured {
+        state,
+        mem_size: mem.size(),
+        changed,
+    })
+}
+
+/// Write a captured layer as template `name` over `parent`, with `device`.
+fn write_captured(
+    store: &mut Store,
+    name: &str,
+    parent: Option<&str>,
+    captured: &Captured,
+    device: &DeviceState,
+    step: &'static str,
+) -> Result<snapshot_store::CommitInfo, Error> {
+    let write = store_error(step);
+    let mut w = store
+        .begin_template(name, parent, captured.mem_size)
+        .map_err(&write)?;
+    for (gfn, page) in &captured.changed {
+        match page {
+            None => w.set_zero(*gfn).map_err(&write)?,
+            Some(p) => w.put_page(*gfn, p).map_err(&write)?,
+        }
+    }
+    w.set_vcpu_state(captured.state.encode());
+    w.set_device_state(device.encode());
+    w.commit().map_err(&write)
+}
+
 /// Store `inst`'s memory as layer `name` over `parent` (or a whole snapshot without one),
 /// with the vCPU state and `device`.
 fn write_layer(
@@ -99,59 +170,132 @@ fn write_layer(
     device: &DeviceState,
 ) -> Result<snapshot_store::CommitInfo, Error> {
     let step = "write the template";
-    let state = inst.capture()?;
-    let mem = inst.memory();
     let parent_tmpl = match parent {
         Some(p) => Some(store.load(p).map_err(load_error(step))?),
         None => None,
     };
-    let host = |e: crate::memory::MemoryError| Error::new(ErrorKind::Host, step, e);
-    // Collect the changed frames first (borrowing the parent's pages), then write.
-    let mut changed: Vec<(u64, bool)> = Vec::new(); // (frame, now zero)
-    {
-        let resolved = match &parent_tmpl {
-            Some(t) => Some(t.resolve(store).map_err(load_error(step))?),
-            None => None,
-        };
-        let resident = mem.resident_pages();
-        let mut cur = [0u8; PAGE_SIZE];
-        for gfn in 0..mem.size() / PAGE {
-            let parent_page = resolved.as_ref().and_then(|r| match r.frame(gfn) {
-                Some(Frame::Data(p)) => Some(p),
-                _ => None,
-            });
-            if !resident.get(gfn as usize).copied().unwrap_or(true) {
-                if parent_page.is_some() {
-                    changed.push((gfn, true));
-                }
-                continue;
-            }
-            mem.read_into(gfn * PAGE, &mut cur).map_err(host)?;
-            let zero = cur.iter().all(|&b| b == 0);
-            match parent_page {
-                Some(p) if p[..] == cur[..] => {}
-                Some(_) => changed.push((gfn, zero)),
-                None if !zero => changed.push((gfn, false)),
-                None => {}
-            }
-        }
+    let resolved = match &parent_tmpl {
+        Some(t) => Some(t.resolve(store).map_err(load_error(step))?),
+        None => None,
+    };
+    let captured = capture_layer(inst, resolved.as_ref(), step)?;
+    drop(resolved);
+    write_captured(store, name, parent, &captured, device, step)
+}
+
+/// A function layered on a loaded runtime base by [`layer_on`], not yet stored: its
+/// instance serves the function's first request meanwhile, and [`Layered::write`] stores
+/// the layer as it was before that request.
+pub struct Layered {
+    name: String,
+    base: String,
+    captured: Captured,
+    device: DeviceState,
+}
+
+impl Layered {
+    /// Store the layer as function template `name` on its base (no working set is
+    /// recorded: pooled instances do not use one; `vmm restore --memory prefetch` of it
+    /// learns one from its requests).
+    pub fn write(self, store: &mut Store) -> Result<snapshot_store::CommitInfo, Error> {
+        write_captured(
+            store,
+            &self.name,
+            Some(&self.base),
+            &self.captured,
+            &self.device,
+            "write the template",
+        )
     }
-    let write = store_error(step);
-    let mut w = store
-        .begin_template(name, parent, mem.size())
-        .map_err(&write)?;
-    let mut page = [0u8; PAGE_SIZE];
-    for (gfn, zero) in changed {
-        if zero {
-            w.set_zero(gfn).map_err(&write)?;
-        } else {
-            mem.read_into(gfn * PAGE, &mut page).map_err(host)?;
-            w.put_page(gfn, &page).map_err(&write)?;
-        }
+
+    /// Pages the layer holds of its own (differing from the base).
+    pub fn changed_pages(&self) -> usize {
+        self.captured.changed.len()
     }
-    w.set_vcpu_state(state.encode());
-    w.set_device_state(device.encode());
-    w.commit().map_err(&write)
+}
+
+/// SEUSS's cold start: give the function `spec` to a new instance of runtime base `base`
+/// (loaded, and checked to be made from what `spec` asks for), run it to its first read of
+/// stdin and capture that state as layer `name` in memory. The instance is returned ready
+/// to serve this first request ([`Instance::invoke`]; it cannot be reset, drop it after);
+/// the layer is stored later with [`Layered::write`], off the request's path.
+pub fn layer_on(
+    base: &std::sync::Arc<super::Template>,
+    name: &str,
+    spec: &FunctionSpec,
+    limits: &RunLimits,
+) -> Result<(Instance, Layered), Error> {
+    let step = "check the runtime base";
+    let bad_name = |e: snapshot_store::NameError| Error::new(ErrorKind::BadRequest, step, e);
+    let tname = TemplateName::new(name).map_err(bad_name)?;
+    let base_tname = TemplateName::new(base.name()).map_err(bad_name)?;
+    if base.device().pending_op != Op::GetFunction as u64 {
+        return Err(Error::new(
+            ErrorKind::BadRequest,
+            step,
+            format!("template {:?} waits for a request, so nothing can be layered on it; use its runtime base", base.name()),
+        ));
+    }
+    let ours = Provenance::of(spec, limits.mem_mib);
+    checks::check_provenance(
+        &tname,
+        &base_tname,
+        &ours,
+        base.device().provenance.as_ref(),
+    )
+    .map_err(check_error(step))?;
+    let mut inst = base.instantiate_with(Backing::Eager)?;
+    let (stdin_buf, _) = run_to_request(&mut inst, spec, limits)?;
+    let device = device_state(
+        Op::ReadStdin,
+        stdin_buf,
+        spec,
+        spec.args.clone(),
+        &ours,
+        Some(BaseRef {
+            name: base.name().to_string(),
+            created_unix_ms: base.created_unix_ms(),
+        }),
+    );
+    let captured = capture_layer(
+        &mut inst,
+        Some(base.resolved()),
+        "capture the function's layer",
+    )?;
+    inst.take_first_request();
+    Ok((
+        inst,
+        Layered {
+            name: name.to_string(),
+            base: base.name().to_string(),
+            captured,
+            device,
+        },
+    ))
+}
+
+/// Give the guest waiting for its function `spec` and run it to its first read of stdin:
+/// the buffer that read waits on.
+fn run_to_request(
+    inst: &mut Instance,
+    spec: &FunctionSpec,
+    limits: &RunLimits,
+) -> Result<(GuestRange, crate::vm::Output), Error> {
+    let step = "layer the function";
+    let config = spec.config_blob();
+    let (stop, out) = inst.resume_to_call(Some(&config), limits);
+    match stop? {
+        Hostcall::ReadStdin { buf } => Ok((buf, out)),
+        Hostcall::Exit { code } => Err(Error::new(
+            ErrorKind::BadRequest,
+            step,
+            format!(
+                "the function exited (code {code}) before reading its request, so there is no point to snapshot; a function template must read stdin. Its stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )),
+        Hostcall::GetFunction { .. } => Err(unexpected(step, "asked for its function twice".into())),
+    }
 }
 
 /// The device state of a template taken at hostcall `pending` (buffer `buf`).
@@ -174,6 +318,12 @@ fn device_state(
         provenance: Some(provenance.clone()),
         base,
     }
+}
+
+/// Log how long a step of template creation took (`RUST_LOG=debug`), and restart the clock.
+fn lap(t: &mut Instant, step: &str) {
+    tracing::debug!(step, ms = ms(t.elapsed()), "template create");
+    *t = Instant::now();
 }
 
 fn unexpected(step: &'static str, what: String) -> Error {
@@ -235,6 +385,7 @@ pub fn create_template(
         create_ms: 0.0,
     };
 
+    let mut lt = Instant::now();
     // An instance stopped where the guest asks for its function, and the base it is.
     let (mut inst, made_on) = if base_exists {
         let base = engine.load_base(&base_name)?;
@@ -321,27 +472,11 @@ pub fn create_template(
         (inst, made_on)
     };
 
+    lap(&mut lt, "base instance");
     // The function layer: give the guest its function and run it to its first read of
     // stdin.
-    let step = "layer the function";
-    let config = spec.config_blob();
-    let (stop, out) = inst.resume_to_call(Some(&config), limits);
-    let stdin_buf = match stop? {
-        Hostcall::ReadStdin { buf } => buf,
-        Hostcall::Exit { code } => {
-            return Err(Error::new(
-                ErrorKind::BadRequest,
-                step,
-                format!(
-                    "the function exited (code {code}) before reading its request, so there is no point to snapshot; a function template must read stdin. Its stderr: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            ))
-        }
-        Hostcall::GetFunction { .. } => {
-            return Err(unexpected(step, "asked for its function twice".into()))
-        }
-    };
+    let (stdin_buf, _) = run_to_request(&mut inst, spec, limits)?;
+    lap(&mut lt, "function init");
     let device = device_state(
         Op::ReadStdin,
         stdin_buf,
@@ -351,6 +486,7 @@ pub fn create_template(
         Some(made_on),
     );
     let commit = write_layer(store, name, Some(&base_name), &mut inst, &device)?;
+    lap(&mut lt, "write layer");
     drop(inst);
     report.new_pages = commit.new_pages;
     report.reused_pages = commit.reused_pages;
@@ -370,11 +506,13 @@ pub fn create_template(
         }
     }
     let touched = trial.take_touched();
+    lap(&mut lt, "trial");
     drop(trial);
     report.working_set_pages = touched.len();
     store
         .set_working_set(name, touched)
         .map_err(|e| Error::new(ErrorKind::Host, "record the working set", e))?;
+    lap(&mut lt, "working set");
     report.create_ms = ms(t0.elapsed());
     Ok(report)
 }
