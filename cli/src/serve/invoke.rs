@@ -163,18 +163,21 @@ async fn run_cold(
     let answer = rx.await;
     guard.0 = None;
     match answer {
-        Ok(Ok(ColdOutcome::Served(resp))) => Ok(Some(Finished {
-            exit: resp.result.map_err(|e| (e.kind(), e.to_string())),
-            stdout: resp.stdout,
-            stderr: resp.stderr,
-            truncated: resp.truncated,
-            timings: vmm::pool::Timings {
-                acquire_ms: 0.0,
-                restored_on_demand: false,
-                invoke: Box::new(resp.stats),
-            },
-            queue_ms: 0.0,
-        })),
+        Ok(Ok(ColdOutcome::Served(resp))) => {
+            let resp = *resp;
+            Ok(Some(Finished {
+                exit: resp.result.map_err(|e| (e.kind(), e.to_string())),
+                stdout: resp.stdout,
+                stderr: resp.stderr,
+                truncated: resp.truncated,
+                timings: vmm::pool::Timings {
+                    acquire_ms: 0.0,
+                    restored_on_demand: false,
+                    invoke: Box::new(resp.stats),
+                },
+                queue_ms: 0.0,
+            }))
+        }
         Ok(Ok(ColdOutcome::Built)) => Ok(None),
         Ok(Err(e)) => Err(build_refusal(&e)),
         Err(_) => Err(Refusal::new(

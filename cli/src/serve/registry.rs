@@ -94,7 +94,7 @@ pub(super) struct Cold {
 /// or (no runtime base to layer on yet: the build made one) only the template, which the
 /// request then runs on like any other.
 pub(super) enum ColdOutcome {
-    Served(vmm::instance::Response),
+    Served(Box<vmm::instance::Response>),
     Built,
 }
 
@@ -489,7 +489,7 @@ impl Registry {
             Err(e) => return respond(Err(e)),
             Ok(Some((mut inst, layer))) => {
                 let resp = inst.invoke(stdin, limits);
-                respond(Ok(ColdOutcome::Served(resp)));
+                respond(Ok(ColdOutcome::Served(Box::new(resp))));
                 drop(inst);
                 let pages = layer.changed_pages();
                 snapshot_store::Store::create_or_open(&self.store_dir)
