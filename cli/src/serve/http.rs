@@ -368,9 +368,10 @@ fn functions(state: &State) -> Resp {
     let status = state.backend.status();
     // Deployed functions first (their templates are listed under them), then templates
     // made with `vmm template create`.
-    let mut list: Vec<_> = state
-        .registry
-        .all()
+    let all = state.registry.all();
+    let deployed: std::collections::HashSet<String> =
+        all.iter().map(|d| d.record.name.clone()).collect();
+    let mut list: Vec<_> = all
         .iter()
         .map(|d| {
             let mut v = super::deploy::describe_with(state, d, &status);
@@ -385,7 +386,8 @@ fn functions(state: &State) -> Resp {
         status
             .functions
             .iter()
-            .filter(|f| !f.name.starts_with("fn."))
+            // A template named like a deployed function is not what that name serves.
+            .filter(|f| !f.name.starts_with("fn.") && !deployed.contains(&f.name))
             .map(|f| {
                 serde_json::json!({
                     "name": f.name,
