@@ -488,7 +488,9 @@ impl Registry {
         let written = match layered {
             Err(e) => return respond(Err(e)),
             Ok(Some((mut inst, layer))) => {
+                let layered_ms = t0.elapsed().as_secs_f64() * 1e3;
                 let resp = inst.invoke(stdin, limits);
+                tracing::debug!(function = %name, layered_ms, run_ms = resp.stats.run_ms, "cold: served on the layered instance");
                 respond(Ok(ColdOutcome::Served(Box::new(resp))));
                 drop(inst);
                 let pages = layer.changed_pages();
