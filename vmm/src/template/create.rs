@@ -244,8 +244,11 @@ pub fn layer_on(
         base.device().provenance.as_ref(),
     )
     .map_err(check_error(step))?;
+    let mut lt = Instant::now();
     let mut inst = base.instantiate_with(Backing::Eager)?;
+    lap(&mut lt, "base instance");
     let (stdin_buf, _) = run_to_request(&mut inst, spec, limits)?;
+    lap(&mut lt, "function init");
     let device = device_state(
         Op::ReadStdin,
         stdin_buf,
@@ -262,6 +265,7 @@ pub fn layer_on(
         Some(base.resolved()),
         "capture the function's layer",
     )?;
+    lap(&mut lt, "capture layer");
     inst.take_first_request();
     Ok((
         inst,
