@@ -386,8 +386,16 @@ impl Registry {
     pub(super) async fn target(self: &Arc<Self>, d: Arc<Deployed>) -> Result<Target, Error> {
         let name = d.record.name.clone();
         let fp = self.fingerprint()?;
+        // Built for this VMM, and still in the store (a template removed underneath is
+        // built again rather than failing every request).
         let fits = |d: &Deployed| {
-            d.record.template.is_some() && d.record.built_for.as_deref() == Some(fp.as_str())
+            d.record.built_for.as_deref() == Some(fp.as_str())
+                && d.record.template.as_ref().is_some_and(|t| {
+                    self.store_dir
+                        .join("templates")
+                        .join(format!("{t}.tmpl"))
+                        .exists()
+                })
         };
         let target = |d: &Deployed| Target {
             template: d.record.template.clone().unwrap_or_default(),
