@@ -1005,3 +1005,551 @@ fn pushes_from_two_workers_at_once_each_leave_complete_chains() {
         );
     }
 }
+
+// The worker side of `vmm serve --remote`'s deployed functions, compiled from the CLI's own
+// source (it uses no item of the binary crate): push_function, pull_function, ...
+#[allow(dead_code, unused_imports)]
+#[path = "../cli/src/remote.rs"]
+mod cli_remote;
+
+use snapshot_store::{FunctionRecord, FunctionStore};
+
+/// Deploys function `name` into `store` the way the daemon stores it: the spec's blob, then
+/// the record (`template`: the template it serves from, created apart).
+fn deploy_record(
+    store: &TempDir,
+    name: &str,
+    version: u64,
+    spec: &serde_json::Value,
+    template: Option<&str>,
+) -> FunctionRecord {
+    let fs = FunctionStore::new(&store.0);
+    let bytes = serde_json::to_vec(spec).unwrap();
+    // What the daemon accepts.
+    serde_json::from_slice::<vmm::function::DeploySpec>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let (d, _) = fs.put_blob(&bytes).unwrap();
+    let rec = FunctionRecord {
+        name: name.into(),
+        version,
+        spec: d.0,
+        template: template.map(str::to_string),
+        built_for: Some("test-fingerprint".into()),
+        created_unix_ms: 1,
+        removed: false,
+    };
+    fs.put_record(&rec).unwrap();
+    rec
+}
+
+#[test]
+fn a_function_deployed_on_one_worker_is_pulled_whole_by_another() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "functions") else {
+        return;
+    };
+    // The CLI's functions read the credentials from the environment, as the daemon does.
+    // Only this test sets them, to its own cluster's; the others give theirs to the
+    // processes they start.
+    std::env::set_var("AWS_ACCESS_KEY_ID", &g.key_id);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &g.secret);
+    let args = cli_remote::RemoteArgs {
+        remote: Some(format!("s3://{}/fn", g.bucket)),
+        remote_endpoint: Some(g.endpoint()),
+        remote_region: Some("garage".into()),
+        store_limit: None,
+    };
+    let cl = client(&g, "fn");
+    let keys = || -> Vec<String> {
+        let mut k: Vec<String> = cl
+            .list("listing", "")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| k != "gc/marked")
+            .collect();
+        k.sort();
+        k
+    };
+
+    // Worker A: a deployed function, its module and a file uploaded as blobs, its
+    // template built.
+    let a = TempDir::new("fn-a");
+    let tmpl = snapshot_store::function_template_name("greet", 1);
+    create(&a, &tmpl, &qjs_function_args("hello.js", &[]));
+    let fa = FunctionStore::new(&a.0);
+    let module = std::fs::read(workload("qjs-wasi-reactor.wasm")).unwrap();
+    let (module_d, _) = fa.put_blob(&module).unwrap();
+    let file: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+    let (file_d, _) = fa.put_blob(&file).unwrap();
+    let source = std::fs::read_to_string(root().join("examples/hello.js")).unwrap();
+    let spec = serde_json::json!({
+        "runtime": "js",
+        "source": source,
+        "entry": "hello.js",
+        "module": module_d.to_string(),
+        "files": [
+            {"path": "data/words.txt", "digest": file_d.to_string()},
+            {"path": "note.txt", "content": "inline"},
+        ],
+    });
+    let rec = deploy_record(&a, "greet", 1, &spec, Some(&tmpl));
+    let spec_d = rec.spec_digest();
+    assert_eq!(
+        cli_remote::spec_blobs(&fa.get_blob(&spec_d, 1 << 20).unwrap()).unwrap(),
+        vec![module_d, file_d]
+    );
+
+    let p = cli_remote::push_function(&a.0, "greet", &args).unwrap();
+    assert_eq!(p.status, remote_store::RecordPush::Written);
+    assert_eq!((p.blobs, p.blobs_uploaded), (3, 3));
+    assert!(p.template.as_ref().unwrap().templates[0].uploaded, "{p:?}");
+    assert!(!p.template_missing);
+    let pushed = keys();
+    for k in [
+        "functions/greet.fn".to_string(),
+        remote_store::functions::blob_key(&spec_d),
+        remote_store::functions::blob_key(&module_d),
+        remote_store::functions::blob_key(&file_d),
+        format!("templates/{tmpl}"),
+    ] {
+        assert!(pushed.contains(&k), "{k} not on the remote: {pushed:?}");
+    }
+    // The record on the remote is the local store's, byte for byte.
+    assert_eq!(
+        cl.get("t", "functions/greet.fn", 1 << 20)
+            .unwrap()
+            .unwrap()
+            .to_vec(),
+        fa.record_bytes("greet").unwrap().unwrap()
+    );
+    // Pushed again: nothing but a look at the record and the blobs' sizes.
+    let again = cli_remote::push_function(&a.0, "greet", &args).unwrap();
+    assert_eq!(again.status, remote_store::RecordPush::AlreadyThere);
+    assert_eq!(
+        (again.blobs_uploaded, again.traffic.puts),
+        (0, 0),
+        "{again:?}"
+    );
+    assert!(again.template.is_none());
+
+    // Worker B, empty (no store yet): the first request pulls the record, the blobs and
+    // the template.
+    let b = TempDir::new("fn-b");
+    let pb = cli_remote::pull_function_fitting(&b.0, "greet", &args, Some("test-fingerprint"))
+        .unwrap()
+        .expect("the remote has greet");
+    assert_eq!(pb.record, rec);
+    assert!(pb.record_written);
+    assert_eq!(pb.blobs_fetched, 3);
+    assert!(
+        matches!(pb.template, cli_remote::FunctionTemplate::Pulled(_)),
+        "{:?}",
+        pb.template
+    );
+    let fb = FunctionStore::new(&b.0);
+    assert_eq!(fb.record("greet").unwrap(), Some(rec.clone()));
+    assert_eq!(
+        fb.record_bytes("greet").unwrap(),
+        fa.record_bytes("greet").unwrap()
+    );
+    for d in [spec_d, module_d, file_d] {
+        assert_eq!(
+            fb.get_blob(&d, 1 << 30).unwrap(),
+            fa.get_blob(&d, 1 << 30).unwrap(),
+            "blob {d}"
+        );
+    }
+    let input = br#"{"name":"function"}"#;
+    let ra = restore(&a, &tmpl, input);
+    assert_eq!(ra.code(), 0, "{}", ra.stderr());
+    let rb = restore(&b, &tmpl, input);
+    assert_eq!(rb.stdout(), ra.stdout(), "restore in B: {}", rb.stderr());
+    assert_eq!(rb.code(), 0);
+    // Pulled again: the store has it all, nothing is fetched or written.
+    let pb2 = cli_remote::pull_function_fitting(&b.0, "greet", &args, None)
+        .unwrap()
+        .unwrap();
+    assert!(!pb2.record_written);
+    assert_eq!(pb2.blobs_fetched, 0);
+    assert!(matches!(pb2.template, cli_remote::FunctionTemplate::Here));
+    // A function the remote does not have, and no remote at all: nothing.
+    assert_eq!(
+        cli_remote::pull_function(&b.0, "nowhere", &args).unwrap(),
+        None
+    );
+    assert_eq!(
+        cli_remote::pull_function(&b.0, "greet", &cli_remote::RemoteArgs::default()).unwrap(),
+        None
+    );
+    // A worker whose VMM the template was not built for gets the record and blobs, not the
+    // template (it builds its own from the spec).
+    let c = TempDir::new("fn-c");
+    let pc = cli_remote::pull_function_fitting(&c.0, "greet", &args, Some("another-vmm"))
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        pc.template,
+        cli_remote::FunctionTemplate::DoesNotFit
+    ));
+    assert_eq!(pc.blobs_fetched, 3);
+    assert!(!c.0.join(format!("templates/{tmpl}.tmpl")).exists());
+
+    // Requests racing on a new worker: one pull does the work, the others find it done.
+    let d = TempDir::new("fn-d");
+    let results: Vec<remote_store::PulledFunction> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| cli_remote::pull_function_fitting(&d.0, "greet", &args, None)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap().unwrap().unwrap())
+            .collect()
+    });
+    assert_eq!(results.iter().filter(|r| r.record_written).count(), 1);
+    assert_eq!(results.iter().map(|r| r.blobs_fetched).sum::<u64>(), 3);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| matches!(r.template, cli_remote::FunctionTemplate::Pulled(_)))
+            .count(),
+        1
+    );
+    assert_eq!(restore(&d, &tmpl, input).stdout(), ra.stdout());
+
+    // The remote's gc keeps a function's record, blobs and template; verify finds them
+    // sound and calls none of them garbage.
+    for _ in 0..2 {
+        let r = store_cmd(&g, "fn", &a, &["gc", "--remote", "--grace", "0s", "--json"]);
+        assert_eq!(r.code(), 0, "gc: {}", r.stderr());
+        let j = json_of(&r);
+        assert!(j["deleted"].as_array().unwrap().is_empty(), "{j}");
+        assert!(j["marked"].as_array().unwrap().is_empty(), "{j}");
+    }
+    assert_eq!(keys(), pushed, "gc removed something");
+    let v = json_of(&store_cmd(&g, "fn", &a, &["verify", "--remote", "--json"]));
+    assert_eq!(
+        (v["corruption"].clone(), v["garbage"].clone()),
+        (0.into(), 0.into()),
+        "{v}"
+    );
+    let ls = store_cmd(&g, "fn", &a, &["ls", "--remote"]);
+    assert_eq!(ls.code(), 0, "{}", ls.stderr());
+    assert!(ls.stdout().contains(&tmpl), "{}", ls.stdout());
+
+    // A damaged blob on the remote is refused, named, and nothing of the function is
+    // recorded; verify names it too. A push from a worker that has it mends it.
+    let module_key = remote_store::functions::blob_key(&module_d);
+    cl.put("test", &module_key, b"\0asm not the module".to_vec())
+        .unwrap();
+    let e = TempDir::new("fn-e");
+    let err = cli_remote::pull_function(&e.0, "greet", &args).unwrap_err();
+    assert!(
+        err.contains(&module_key) && err.contains("damaged"),
+        "the refusal does not name the blob: {err}"
+    );
+    let fe = FunctionStore::new(&e.0);
+    assert_eq!(fe.record("greet").unwrap(), None);
+    assert!(!fe.has_blob(&module_d));
+    let v = store_cmd(&g, "fn", &a, &["verify", "--remote"]);
+    assert_eq!(v.code(), 1, "{}{}", v.stdout(), v.stderr());
+    assert!(v.stdout().contains(&module_key), "{}", v.stdout());
+    let mend = cli_remote::push_function(&a.0, "greet", &args).unwrap();
+    assert_eq!(mend.blobs_uploaded, 1, "{mend:?}");
+    let pe = cli_remote::pull_function(&e.0, "greet", &args).unwrap();
+    assert_eq!(pe, Some(rec.clone()));
+    assert_eq!(fe.get_blob(&module_d, 1 << 30).unwrap(), module);
+
+    // Version 2, deployed on A to be built on its first invocation (no template yet):
+    // B takes the new record and the one new blob, and builds the template itself.
+    let mut spec2 = spec.clone();
+    spec2["files"][1]["content"] = "inline, version 2".into();
+    let rec2 = deploy_record(&a, "greet", 2, &spec2, None);
+    let p2 = cli_remote::push_function(&a.0, "greet", &args).unwrap();
+    assert_eq!(
+        (p2.status.clone(), p2.blobs_uploaded),
+        (remote_store::RecordPush::Written, 1)
+    );
+    let pb3 = cli_remote::pull_function_fitting(&b.0, "greet", &args, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (pb3.record.clone(), pb3.record_written, pb3.blobs_fetched),
+        (rec2.clone(), true, 1)
+    );
+    assert!(matches!(pb3.template, cli_remote::FunctionTemplate::None));
+    // A worker still on version 1 neither overwrites version 2 on the remote nor goes back
+    // to version 1 when it pulls.
+    let old = cli_remote::push_function(&c.0, "greet", &args).unwrap();
+    assert_eq!(
+        old.status,
+        remote_store::RecordPush::Superseded {
+            version: 2,
+            removed: false
+        }
+    );
+    assert_eq!(old.traffic.puts, 0);
+    assert_eq!(
+        cli_remote::remote_function_record("greet", &args).unwrap(),
+        Some(rec2.clone())
+    );
+    // One that deployed its own version 2 at the same time leaves the remote's alone.
+    let fc = FunctionStore::new(&c.0);
+    fc.put_record(&FunctionRecord {
+        version: 2,
+        ..rec.clone()
+    })
+    .unwrap();
+    let clash = cli_remote::push_function(&c.0, "greet", &args).unwrap();
+    assert_eq!(
+        clash.status,
+        remote_store::RecordPush::Conflict { version: 2 }
+    );
+    assert_eq!(clash.traffic.puts, 0);
+    fc.put_record(&FunctionRecord {
+        version: 3,
+        ..rec.clone()
+    })
+    .unwrap();
+    let pc3 = cli_remote::pull_function_fitting(&c.0, "greet", &args, None)
+        .unwrap()
+        .unwrap();
+    assert!(!pc3.record_written);
+    assert_eq!(pc3.record.version, 3);
+
+    // A's template of version 2, built on its first invocation, goes up with the record of
+    // the same version, which B then takes with the template.
+    let tmpl2 = snapshot_store::function_template_name("greet", 2);
+    create(&a, &tmpl2, &qjs_function_args("hello.js", &[]));
+    let built = FunctionRecord {
+        template: Some(tmpl2.clone()),
+        ..rec2.clone()
+    };
+    FunctionStore::new(&a.0).put_record(&built).unwrap();
+    let p2b = cli_remote::push_function(&a.0, "greet", &args).unwrap();
+    assert_eq!(p2b.status, remote_store::RecordPush::Written);
+    assert_eq!(p2b.blobs_uploaded, 0);
+    assert!(p2b.template.is_some());
+    let pb4 = cli_remote::pull_function_fitting(&b.0, "greet", &args, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (pb4.record.clone(), pb4.record_written),
+        (built.clone(), true)
+    );
+    assert!(matches!(
+        pb4.template,
+        cli_remote::FunctionTemplate::Pulled(_)
+    ));
+    assert_eq!(restore(&b, &tmpl2, input).stdout(), ra.stdout());
+
+    // The removal: every worker's next pull finds the function removed.
+    let removed = FunctionRecord {
+        removed: true,
+        ..built.clone()
+    };
+    assert!(cli_remote::remove_function_remote(&a.0, "greet", &args).is_err());
+    FunctionStore::new(&a.0).put_record(&removed).unwrap();
+    let r = cli_remote::remove_function_remote(&a.0, "greet", &args).unwrap();
+    assert_eq!((r.status, r.blobs), (remote_store::RecordPush::Written, 0));
+    let pbr = cli_remote::pull_function_fitting(&b.0, "greet", &args, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(pbr.record, removed);
+    assert!(matches!(pbr.template, cli_remote::FunctionTemplate::None));
+
+    // A record naming a template its worker no longer has (nor the remote): the puller
+    // gets the record and blobs, and builds the template.
+    let lonely = deploy_record(&a, "lonely", 1, &spec, Some("fn.lonely.v1"));
+    let pl = cli_remote::push_function(&a.0, "lonely", &args).unwrap();
+    assert!(pl.template_missing && pl.template.is_none());
+    let pbl = cli_remote::pull_function_fitting(&b.0, "lonely", &args, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(pbl.record, lonely);
+    assert!(matches!(
+        pbl.template,
+        cli_remote::FunctionTemplate::NotOnRemote
+    ));
+    let listed = remote_store::list_functions(&cl).unwrap();
+    assert_eq!(
+        listed.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["greet", "lonely"]
+    );
+}
+
+/// A `vmm serve` with the deploy API on (token `t0ken`, every scope) and `--remote`.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(g: &Garage, key: &str, store: &TempDir, auth: &Path) -> Daemon {
+        let mut cmd = vmm();
+        g.env(&mut cmd, key);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            "1",
+            "--store",
+            &store.arg(),
+            "--auth",
+            &auth.to_string_lossy(),
+            "--runtime-module",
+            &format!("js={}", workload("qjs-wasi-reactor.wasm")),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn vmm serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("[serve] {line}");
+                if let Some(a) = line.strip_prefix("vmm serve: listening on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("vmm serve did not start");
+        Daemon { child, addr }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, Option<String>) {
+        let r = ureq::request(method, &format!("http://{}{path}", self.addr))
+            .set("authorization", "Bearer t0ken")
+            .timeout(std::time::Duration::from_secs(120))
+            .send_bytes(body);
+        let (status, resp) = match r {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(s, r)) => (s, r),
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let path_taken = resp.header("x-vmm-path").map(str::to_string);
+        (status, resp.into_string().unwrap_or_default(), path_taken)
+    }
+}
+
+#[test]
+fn a_function_deployed_on_one_daemon_is_served_by_another_on_the_same_remote() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(g) = Garage::start(1, "faas") else {
+        return;
+    };
+    let dir = TempDir::new("faas-auth");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let auth = dir.0.join("auth");
+    let hash = {
+        use sha2::Digest;
+        sha2::Sha256::digest(b"t0ken")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    std::fs::write(&auth, format!("ops sha256:{hash} deploy,invoke,metrics\n")).unwrap();
+    let (sa, sb) = (TempDir::new("faas-a"), TempDir::new("faas-b"));
+    let a = Daemon::start(&g, "fa", &sa, &auth);
+    let b = Daemon::start(&g, "fa", &sb, &auth);
+    let source = std::fs::read_to_string(path("examples/hello.js")).unwrap();
+    let spec = |src: &str, build: &str| {
+        serde_json::json!({"runtime": "js", "entry": "hello.js", "source": src, "build": build})
+            .to_string()
+    };
+
+    // Built on deploy on A: B answers its first request by pulling it (no build there).
+    let (s, body, _) = a.call("PUT", "/v1/functions/hi", spec(&source, "now").as_bytes());
+    assert_eq!(s, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["remote"]["pushed"], true, "{body}");
+    let template = v["template"].as_str().unwrap().to_string();
+    let (s, out, _) = b.call("POST", "/v1/functions/hi/invoke", br#"{"name":"b"}"#);
+    assert_eq!(
+        (s, out.as_str()),
+        (200, "{\"greeting\":\"Hello, b!\",\"length\":1}\n")
+    );
+    assert!(
+        sb.0.join(format!("templates/{template}.tmpl")).exists(),
+        "B serves A's template, pulled"
+    );
+    let (s, body, _) = b.call("GET", "/v1/functions/hi", b"");
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["version"].as_u64(), v["requests"]["cold"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    // Deployed lazily on A and first invoked there: A builds it once and pushes it; B's
+    // first request pulls the template instead of building another.
+    let lazy = source.replace("Hello, ", "Lazy, ");
+    let (s, body, _) = a.call(
+        "PUT",
+        "/v1/functions/lz",
+        spec(&lazy, "on_first_invoke").as_bytes(),
+    );
+    assert_eq!(s, 201, "{body}");
+    let (s, out, p) = a.call("POST", "/v1/functions/lz/invoke", br#"{"name":"a"}"#);
+    assert_eq!((s, p.as_deref()), (200, Some("cold")), "{out}");
+    assert!(out.contains("Lazy, a!"), "{out}");
+    // The push follows the template write, after the response: wait until the remote's
+    // record names the template.
+    let cl = client(&g, "fa");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let lz_template = loop {
+        if let Some((r, _)) = remote_store::functions::remote_record(&cl, "lz").unwrap() {
+            if let Some(t) = r.template {
+                break t;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never pushed lz's template"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let (s, out, p) = b.call("POST", "/v1/functions/lz/invoke", br#"{"name":"b"}"#);
+    assert_eq!(s, 200, "{out}");
+    assert!(out.contains("Lazy, b!"), "{out}");
+    assert_ne!(
+        p.as_deref(),
+        Some("cold"),
+        "B built lz instead of pulling it"
+    );
+    assert!(sb.0.join(format!("templates/{lz_template}.tmpl")).exists());
+
+    // A removal on A reaches B's later first requests for the name: a third daemon on an
+    // empty store finds it removed.
+    let (s, body, _) = a.call("DELETE", "/v1/functions/hi", b"");
+    assert_eq!(s, 200, "{body}");
+    let sc = TempDir::new("faas-c");
+    let c = Daemon::start(&g, "fa", &sc, &auth);
+    let (s, body, _) = c.call("POST", "/v1/functions/hi/invoke", b"{}");
+    assert_eq!(s, 404, "{body}");
+    // A redeploy on C continues A's version numbers (never reuses one).
+    let (s, body, _) = c.call("PUT", "/v1/functions/hi", spec(&source, "now").as_bytes());
+    assert!(s == 200 || s == 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["version"].as_u64(), Some(2), "{body}");
+}

@@ -2,6 +2,14 @@
 //! fetch a template the local store lacks from the remote store before restoring it.
 //! Concurrent pulls of one template on one machine do the work once (the remote-store
 //! crate takes a lock file per template; a waiting pull finds the template there).
+//!
+//! Deployed functions travel too (`vmm serve --remote`, issue 20): [`push_function`] after a
+//! deploy, [`pull_function`] on a worker's first request for a function it lacks,
+//! [`remove_function_remote`] after a removal (the remote-store crate's `functions` module
+//! has the layout and the rules).
+//!
+//! tests/remote.rs compiles this file on its own (`#[path]`) to call these functions: it
+//! may use external crates only, no `crate::` item.
 
 use std::path::Path;
 use std::time::Instant;
@@ -133,7 +141,151 @@ pub fn pull_if_missing(
     }))
 }
 
-/// Push deployed function `name` (placeholder until the remote side lands).
-pub fn push_function(_dir: &Path, _name: &str, _args: &RemoteArgs) -> Result<(), String> {
-    Err("pushing functions to a remote is not supported yet".into())
+/// The remote `args` names, connected (None: no remote given).
+fn connect_remote(args: &RemoteArgs) -> Result<Option<remote_store::Remote>, String> {
+    let Some(url) = args.remote.as_deref().filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let cfg = remote_store::RemoteConfig::from_env(
+        url,
+        args.remote_endpoint.as_deref(),
+        args.remote_region.as_deref(),
+    )
+    .map_err(|e| match e {
+        remote_store::RemoteError::NoEndpoint => {
+            format!("{e}: pass --remote-endpoint URL or set $VMM_REMOTE_ENDPOINT")
+        }
+        e => e.to_string(),
+    })?;
+    remote_store::Remote::connect(&cfg)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+fn need_remote(args: &RemoteArgs) -> Result<remote_store::Remote, String> {
+    connect_remote(args)?.ok_or_else(|| "no remote: pass --remote s3://BUCKET/PREFIX".into())
+}
+
+/// The blobs a deploy spec (`vmm::function::DeploySpec` JSON) names: its `module` and the
+/// `digest` of each of its `files`.
+pub fn spec_blobs(spec: &[u8]) -> Result<Vec<snapshot_store::BlobDigest>, String> {
+    let s: vmm::function::DeploySpec =
+        serde_json::from_slice(spec).map_err(|e| format!("not a deploy spec: {e}"))?;
+    let parse = |what: &str, d: &str| {
+        snapshot_store::BlobDigest::parse(d)
+            .ok_or_else(|| format!("{what} {} is not sha256:HEX", vmm::text::shown(d)))
+    };
+    let mut out = Vec::with_capacity(s.files.len() + 1);
+    if let Some(m) = &s.module {
+        out.push(parse("module", m)?);
+    }
+    for f in &s.files {
+        if let Some(d) = &f.digest {
+            out.push(parse("file digest", d)?);
+        }
+    }
+    Ok(out)
+}
+
+pub use remote_store::{FunctionTemplate, PulledFunction, PushedFunction};
+
+/// Pushes function `name` from the store at `dir` to the remote: the blob of its spec,
+/// every blob the spec names and the template its record names (each only if the remote
+/// lacks it), then its record; a removed function's record goes alone. Nothing is sent
+/// when the remote's record is later (another worker's deploy or removal:
+/// `RecordPush::Superseded`) or holds another spec under the same version (another
+/// worker's deploy at the same time: `RecordPush::Conflict`; deploy again as the next
+/// version). Err: no remote given, the store lacks the function or a blob, or the remote
+/// failed.
+#[allow(dead_code)] // serve's deploy (issue 20)
+pub fn push_function(dir: &Path, name: &str, args: &RemoteArgs) -> Result<PushedFunction, String> {
+    let remote = need_remote(args)?;
+    let store =
+        Store::open(dir).map_err(|e| format!("open the template store {}: {e}", dir.display()))?;
+    remote_store::push_function(&store, &remote, name, &spec_blobs, &mut |_| {})
+        .map_err(|e| format!("push function {name} to the remote: {e}"))
+}
+
+/// Pulls function `name` into the store at `dir` (created if need be): the remote's
+/// record, written locally when it is later than the local one (or there is none), with
+/// the blobs of its spec the store lacks (each checked against its SHA-256 first), then
+/// the template the record names if the store lacks it. `Ok(None)`: no remote given, or
+/// the remote has no record of `name` (the store is untouched). `Ok(Some(rec))`: the
+/// store's record now (the remote's when later, else the local one, kept); it may be
+/// removed (`rec.removed`), and its template may be missing (not built yet, or missing on
+/// the remote too): then build it from the spec.
+#[allow(dead_code)] // serve's first request for a function it lacks (issue 20)
+pub fn pull_function(
+    dir: &Path,
+    name: &str,
+    args: &RemoteArgs,
+) -> Result<Option<snapshot_store::FunctionRecord>, String> {
+    Ok(pull_function_fitting(dir, name, args, None)?.map(|p| p.record))
+}
+
+/// [`pull_function`] with its report, pulling the template only when the record says it
+/// was built for `fits` (`vmm::function::build_fingerprint`; None: whatever it was built
+/// for): one built for something else is [`FunctionTemplate::DoesNotFit`], not fetched.
+/// After a template is pulled, `--store-limit` evicts as [`pull_if_missing`] does.
+#[allow(dead_code)] // serve (issue 20)
+pub fn pull_function_fitting(
+    dir: &Path,
+    name: &str,
+    args: &RemoteArgs,
+    fits: Option<&str>,
+) -> Result<Option<PulledFunction>, String> {
+    let Some(remote) = connect_remote(args)? else {
+        return Ok(None);
+    };
+    let mut store = Store::create_or_open(dir)
+        .map_err(|e| format!("open the template store {}: {e}", dir.display()))?;
+    let p = remote_store::pull_function(&mut store, &remote, name, &spec_blobs, fits, &mut |_| {})
+        .map_err(|e| format!("pull function {name} from the remote: {e}"))?;
+    if let (Some(p), Some(limit)) = (&p, args.store_limit) {
+        if let (FunctionTemplate::Pulled(_), Some(t)) = (&p.template, &p.record.template) {
+            remote_store::evict(&mut store, limit, &[t.as_str()])
+                .map_err(|e| format!("after pulling {t}: {e}"))?;
+        }
+    }
+    Ok(p)
+}
+
+/// The remote's record of function `name` (None: no remote given, or it has none): a
+/// deploy continues its version numbers when it is later than the local store's.
+#[allow(dead_code)] // serve's deploy (issue 20)
+pub fn remote_function_record(
+    name: &str,
+    args: &RemoteArgs,
+) -> Result<Option<snapshot_store::FunctionRecord>, String> {
+    let Some(remote) = connect_remote(args)? else {
+        return Ok(None);
+    };
+    remote_store::remote_record(&remote, name)
+        .map(|r| r.map(|(rec, _)| rec))
+        .map_err(|e| format!("read function {name}'s record on the remote: {e}"))
+}
+
+/// After a removal: pushes the store's record of function `name`, which must say removed
+/// (write it locally first), so that every worker's next pull finds it removed. Its
+/// template and blobs stay on the remote (older versions' do too).
+#[allow(dead_code)] // serve's DELETE (issue 20)
+pub fn remove_function_remote(
+    dir: &Path,
+    name: &str,
+    args: &RemoteArgs,
+) -> Result<PushedFunction, String> {
+    let rec = snapshot_store::FunctionStore::new(dir)
+        .record(name)
+        .map_err(|e| format!("read function {name}'s record: {e}"))?;
+    match rec {
+        Some(r) if r.removed => push_function(dir, name, args),
+        Some(_) => Err(format!(
+            "function {name} is not removed in the store {}: write its removed record first",
+            dir.display()
+        )),
+        None => Err(format!(
+            "function {name} is not in the store {}",
+            dir.display()
+        )),
+    }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::client::{Listed, Remote, Traffic};
 use crate::error::RemoteError;
+use crate::functions;
 use crate::objects::{self, GcMarks, Hash, Manifest, PackIndex, MAX_PACK_PAGES};
 use crate::pull::MAX_CHAIN;
 use crate::state;
@@ -220,7 +221,9 @@ pub struct RemoteProblem {
 /// Checks every object: each template's reference and manifest chain, every
 /// pack they use (downloaded whole: its name is the BLAKE3 of its bytes, and
 /// each page used must hash to the name the manifest gives it), the pack
-/// indexes, and what nothing references (garbage).
+/// indexes, every deployed function's record and blob (downloaded whole: its
+/// name is the SHA-256 of its bytes), and what nothing references (garbage;
+/// never a function's record or blob).
 pub fn verify(
     remote: &Remote,
     progress: &mut dyn FnMut(Progress),
@@ -373,6 +376,66 @@ pub fn verify(
                 message,
             });
         }
+    }
+    // Deployed functions: each record must decode and name a spec blob the remote has,
+    // each blob's bytes must hash to its name. Neither is garbage (gc keeps both).
+    for o in &all {
+        let Some(name) = functions::parse_function_key(&o.key) else {
+            continue;
+        };
+        reached.insert(o.key.clone());
+        let rec = match functions::remote_record(remote, name) {
+            Ok(Some((rec, _))) => rec,
+            Ok(None) => continue,
+            Err(RemoteError::DamagedObject { reason, .. }) => {
+                problems.push(corrupt(
+                    o.key.clone(),
+                    vec![],
+                    format!("function {name}'s record is damaged: {reason}"),
+                ));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let spec = functions::blob_key(&rec.spec_digest());
+        if !rec.removed && !listed.contains_key(spec.as_str()) {
+            problems.push(corrupt(
+                spec,
+                vec![],
+                format!(
+                    "function {name} (version {}) needs this spec blob, which is missing",
+                    rec.version
+                ),
+            ));
+        }
+    }
+    let blobs: Vec<(&Listed, snapshot_store::BlobDigest)> = all
+        .iter()
+        .filter_map(|o| functions::parse_blob_key(&o.key).map(|d| (o, d)))
+        .collect();
+    let total: u64 = blobs.iter().map(|(o, _)| o.size).sum();
+    let mut done = 0u64;
+    for (o, d) in blobs {
+        reached.insert(o.key.clone());
+        match remote.get("reading blob", &o.key, functions::MAX_BLOB_BYTES) {
+            Ok(Some(b)) => {
+                let actual = snapshot_store::BlobDigest::of(&b);
+                if actual != d {
+                    problems.push(corrupt(
+                        o.key.clone(),
+                        vec![],
+                        format!("the blob's bytes hash to {actual}, not to its name"),
+                    ));
+                }
+            }
+            Ok(None) => {}
+            Err(RemoteError::DamagedObject { reason, .. }) => {
+                problems.push(corrupt(o.key.clone(), vec![], reason))
+            }
+            Err(e) => return Err(e),
+        }
+        done += o.size;
+        progress(Progress::new("checking blobs", done, total));
     }
     for o in &all {
         if !reached.contains(&o.key) && o.key != state::MARKS_KEY {

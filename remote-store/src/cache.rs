@@ -9,7 +9,8 @@
 //!   hashing every page each time. An entry is used only for a page the
 //!   store's index still lists, and the page's bytes are hashed again before
 //!   the pull relies on it.
-//! * `remote/locks/<name>.lock`: one pull of a template at a time on this machine.
+//! * `remote/locks/<name>.lock`: one pull of a template at a time on this machine;
+//!   `remote/locks/functions/<name>.lock`: one pull of a function's record and blobs.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -198,8 +199,17 @@ fn decode_lid(b: &[u8]) -> Option<HashMap<PageId, Hash>> {
 pub struct NameLock(#[allow(dead_code)] File);
 
 pub fn lock_name(store: &Store, name: &str) -> Result<NameLock, RemoteError> {
-    let dir = remote_dir(store).join("locks");
-    fs::create_dir_all(&dir).map_err(local_err("creating lock directory", &dir))?;
+    lock_in(&remote_dir(store).join("locks"), name)
+}
+
+/// An exclusive lock on `remote/locks/functions/<name>.lock`: one pull of a deployed
+/// function's record and blobs at a time on this machine.
+pub fn lock_function(store: &Store, name: &str) -> Result<NameLock, RemoteError> {
+    lock_in(&remote_dir(store).join("locks").join("functions"), name)
+}
+
+fn lock_in(dir: &Path, name: &str) -> Result<NameLock, RemoteError> {
+    fs::create_dir_all(dir).map_err(local_err("creating lock directory", dir))?;
     let path = dir.join(format!("{name}.lock"));
     let f = OpenOptions::new()
         .read(true)

@@ -338,6 +338,18 @@ impl Remote {
         }
     }
 
+    /// The size of an object (a HEAD request), or None when there is none.
+    pub fn size(&self, step: &'static str, key: &str) -> Result<Option<u64>, RemoteError> {
+        let path = self.path(key);
+        let r = self.rt.block_on(self.s3.head(&path));
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(step, key, e)),
+        }
+    }
+
     /// Byte ranges of objects, `parallel` requests at a time; results in the order asked.
     /// A range the object does not hold entirely comes back short (the caller checks).
     pub fn get_ranges(

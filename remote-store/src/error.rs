@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use snapshot_store::{LayersError, LoadError, OpenError, TemplateName};
+use snapshot_store::{FunctionStoreError, LayersError, LoadError, OpenError, TemplateName};
 
 /// What kind of failure a request to the object store was, for callers to match on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,16 @@ pub enum RemoteError {
     },
     #[error("evicting templates from the local store: {0}")]
     Evict(String),
+    #[error("function {function}: remote object {object} {reason}; the function's record was not written to the local store")]
+    FunctionDamaged {
+        function: String,
+        object: String,
+        reason: String,
+    },
+    #[error("function {name}: {reason}")]
+    Function { name: String, reason: String },
+    #[error("{0}")]
+    Functions(#[from] FunctionStoreError),
     #[error("the push could not settle on packs the remote keeps (a garbage collection of the remote kept marking them); retry the push")]
     Unsettled,
 }

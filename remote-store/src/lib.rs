@@ -51,6 +51,11 @@
 //! │                       page_runs: [(first frame, [index into pages])],
 //! │                       pages: [BLAKE3], locs: [(index into packs, page number)] (one per page),
 //! │                       packs: [H], vcpu_state, device_state, working_set }
+//! ├── blobs/
+//! │   └── <HEX>.blob    a deployed function's blob (its spec, module or a file), named by
+//! │                     its SHA-256 (see the [`functions`](mod@functions) module)
+//! ├── functions/
+//! │   └── <NAME>.fn     a deployed function's record, as the local store encodes it
 //! ├── templates/
 //! │   └── <name>        "VMMRREF1": { name, manifest: M, pushed (unix ms) }; written last
 //! └── gc/
@@ -85,7 +90,8 @@
 //! a pass finds every object that no template reference reaches (references ->
 //! manifests -> parents' manifests and packs), deletes those the previous pass
 //! marked at least the grace period ago and that are still unreached, and
-//! writes the rest into `gc/marked`. A push never relies on a marked object
+//! writes the rest into `gc/marked`. Only packs and manifests are ever collected:
+//! function records and blobs are not (a function's template is an ordinary template). A push never relies on a marked object
 //! (it uploads those pages again), and after uploading it checks the marks
 //! and the listing once more; it writes its references within
 //! [`push::SETTLE_WINDOW`] (60 s) of that check, or checks again. An object a
@@ -120,6 +126,7 @@ mod cache;
 pub mod client;
 pub mod error;
 pub mod evict;
+pub mod functions;
 pub mod objects;
 pub mod pull;
 pub mod push;
@@ -132,6 +139,10 @@ pub use admin::{
 pub use client::{parse_url, Listed, Remote, RemoteConfig, Traffic};
 pub use error::{RemoteError, RequestKind};
 pub use evict::{evict, forget, in_use, touch_used, EvictReport, InUse};
+pub use functions::{
+    list_functions, pull_function, push_function, remote_record, FunctionTemplate, ListedFunction,
+    PulledFunction, PushedFunction, RecordPush, SpecBlobs,
+};
 pub use pull::{pull, PullReport, PulledTemplate};
 pub use push::{push, PushReport, PushedTemplate};
 

@@ -143,7 +143,7 @@ fn local_as_remote(
     })
 }
 
-fn has_template(store: &Store, name: &str) -> bool {
+pub(crate) fn has_template(store: &Store, name: &str) -> bool {
     TemplateName::new(name).is_ok()
         && store
             .dir()

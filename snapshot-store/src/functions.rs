@@ -305,6 +305,70 @@ impl FunctionStore {
             }),
         }
     }
+
+    /// Largest function record (encoded) a store accepts: the bound of any read of one.
+    pub const MAX_RECORD_BYTES: u64 = RECORD_LIMIT;
+
+    /// Function `name`'s record as the store encodes it (checked as [`record`](Self::record)
+    /// checks it): what another store takes with [`put_record_bytes`](Self::put_record_bytes).
+    /// `None`: never deployed here.
+    pub fn record_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, FunctionStoreError> {
+        if !valid_function_name(name) {
+            return Err(FunctionStoreError::BadName { name: name.into() });
+        }
+        let path = self.record_path(name);
+        let bytes = match read_bounded(&path, RECORD_LIMIT) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(FunctionStoreError::Io {
+                    what: "read",
+                    path,
+                    source,
+                })
+            }
+        };
+        decode_record(&bytes, name)
+            .map_err(|why| FunctionStoreError::DamagedRecord { path, why })?;
+        Ok(Some(bytes))
+    }
+
+    /// The record of function `name` that `bytes` (an encoded record, as
+    /// [`record_bytes`](Self::record_bytes) gives it) holds, checked: magic, checksum,
+    /// fields, and that it is `name`'s. A refusal is [`FunctionStoreError::DamagedRecord`]
+    /// naming `functions/NAME.fn`.
+    pub fn decode_record_bytes(
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<FunctionRecord, FunctionStoreError> {
+        if !valid_function_name(name) {
+            return Err(FunctionStoreError::BadName { name: name.into() });
+        }
+        decode_record(bytes, name).map_err(|why| FunctionStoreError::DamagedRecord {
+            path: Path::new("functions").join(format!("{name}.fn")),
+            why,
+        })
+    }
+
+    /// Write `bytes`, an encoded record of function `name` (from another store), in place
+    /// of what the store had for the name, whole or not at all, once they decode and check
+    /// as [`decode_record_bytes`](Self::decode_record_bytes) checks them. Returns the record.
+    pub fn put_record_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<FunctionRecord, FunctionStoreError> {
+        let rec = Self::decode_record_bytes(name, bytes)?;
+        self.ensure_dir("functions")?;
+        let tmp = self.ensure_dir("tmp")?;
+        let path = self.record_path(name);
+        write_atomic(&tmp, &path, bytes, || true).map_err(|source| FunctionStoreError::Io {
+            what: "write",
+            path,
+            source,
+        })?;
+        Ok(rec)
+    }
 }
 
 fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
@@ -435,6 +499,24 @@ mod tests {
         fs::copy(&p, s.record_path("g")).unwrap();
         assert!(s.record("g").is_err());
         assert!(s.record("../x").is_err());
+        // Raw bytes travel between stores, checked on the way in.
+        let e = tmp();
+        let other = FunctionStore::new(&e);
+        let raw = s.record_bytes("f").unwrap().unwrap();
+        assert_eq!(other.put_record_bytes("f", &raw).unwrap(), rec);
+        assert_eq!(other.record("f").unwrap(), Some(rec.clone()));
+        assert_eq!(other.record_bytes("f").unwrap(), Some(raw.clone()));
+        assert!(other.record_bytes("h").unwrap().is_none());
+        assert!(matches!(
+            other.put_record_bytes("g", &raw),
+            Err(FunctionStoreError::DamagedRecord { .. })
+        ));
+        let mut bad = raw.clone();
+        bad[30] ^= 1;
+        assert!(other.put_record_bytes("f", &bad).is_err());
+        assert!(FunctionStore::decode_record_bytes("f", &raw[..20]).is_err());
+        assert!(other.record_bytes("../x").is_err());
+        let _ = fs::remove_dir_all(&e);
         for bad in ["", "-a", "a.b", "a/b", &"x".repeat(65)] {
             assert!(!valid_function_name(bad), "{bad}");
         }

@@ -190,7 +190,25 @@ async fn put(state: &State, name: &str, req: Request<Incoming>) -> Resp {
         return r;
     }
     let replaced = current.as_ref().is_some_and(|r| !r.removed);
-    let version = current.as_ref().map_or(1, |r| r.version + 1);
+    let mut version = current.as_ref().map_or(1, |r| r.version + 1);
+    // With a remote, other daemons deploy too: never reuse a version number they used.
+    if let Some(remote) = reg.remote.clone() {
+        let n = name.to_string();
+        let theirs =
+            tokio::task::spawn_blocking(move || crate::remote::remote_function_record(&n, &remote))
+                .await
+                .unwrap_or_else(|_| Err("the remote lookup panicked".into()));
+        match theirs {
+            Ok(Some(r)) => version = version.max(r.version + 1),
+            Ok(None) => {}
+            Err(e) => {
+                return err(
+                    StatusCode::BAD_GATEWAY,
+                    format!("read the function's record on the remote: {e}"),
+                )
+            }
+        }
+    }
     let spec_bytes = match serde_json::to_vec(&spec) {
         Ok(b) => b,
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -319,16 +337,44 @@ fn build_failed(e: &vmm::error::Error) -> Resp {
 async fn push(reg: &Arc<super::registry::Registry>, name: &str) -> Option<serde_json::Value> {
     let remote = reg.remote.clone()?;
     let (dir, n) = (reg.store_dir().to_path_buf(), name.to_string());
-    let r = tokio::task::spawn_blocking(move || crate::remote::push_function(&dir, &n, &remote))
+    let r = tokio::task::spawn_blocking(move || reg_push(&dir, &n, &remote))
         .await
         .unwrap_or_else(|_| Err("the push panicked".into()));
     Some(match r {
-        Ok(_) => json!({"pushed": true}),
+        Ok(()) => json!({"pushed": true}),
         Err(e) => {
             tracing::warn!(function = %name, "push to the remote failed: {e}");
             json!({"pushed": false, "error": e})
         }
     })
+}
+
+/// Push function `name` as the local store has it (a removal when its record says so);
+/// another daemon's later deploy on the remote is an error naming it.
+pub(super) fn reg_push(
+    dir: &std::path::Path,
+    name: &str,
+    remote: &crate::remote::RemoteArgs,
+) -> Result<(), String> {
+    let removed = snapshot_store::FunctionStore::new(dir)
+        .record(name)
+        .map_err(|e| e.to_string())?
+        .is_some_and(|r| r.removed);
+    let pushed = if removed {
+        crate::remote::remove_function_remote(dir, name, remote)?
+    } else {
+        crate::remote::push_function(dir, name, remote)?
+    };
+    match pushed.status {
+        remote_store::RecordPush::Written | remote_store::RecordPush::AlreadyThere => Ok(()),
+        remote_store::RecordPush::Superseded { version, removed } => Err(format!(
+            "the remote has a later {} of the function (version {version}) from another daemon",
+            if removed { "removal" } else { "deploy" }
+        )),
+        remote_store::RecordPush::Conflict { version } => Err(format!(
+            "another daemon deployed version {version} of the function at the same time; deploy again"
+        )),
+    }
 }
 
 /// `GET /v1/functions/NAME`.

@@ -228,6 +228,18 @@ fn request_id() -> String {
 /// What runs a request for NAME: a deployed function's target (its template built now
 /// when it has none that fits), or `None` for a plain template of that name.
 async fn resolve(state: &State, name: &str) -> Result<Option<Target>, Refusal> {
+    if state.registry.remote.is_some() {
+        let (reg, n) = (state.registry.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || reg.pull_if_needed(&n))
+            .await
+            .unwrap_or_else(|_| Err("the pull panicked".into()))
+            .map_err(|e| {
+                Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("function {name}: pull it from the remote: {e}"),
+                )
+            })?;
+    }
     let deployed = state
         .registry
         .current(name)

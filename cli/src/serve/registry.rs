@@ -18,6 +18,9 @@ use vmm::error::{Error, ErrorKind};
 use vmm::function::{DeploySpec, Interface, Runtime};
 use vmm::guest::{EngineKind, RunLimits};
 
+/// How long the remote's "no such function" is believed.
+const REMOTE_MISS_TTL: Duration = Duration::from_secs(5);
+
 /// Largest spec blob read back from the store.
 const MAX_SPEC_BYTES: u64 = 32 << 20;
 
@@ -116,6 +119,8 @@ pub(super) struct Registry {
     engine: OnceLock<Arc<vmm::engine::Engine>>,
     fingerprint: OnceLock<String>,
     cache: Mutex<HashMap<String, (FileId, Arc<Deployed>)>>,
+    /// Functions the remote did not have, and when that was found.
+    remote_misses: Mutex<HashMap<String, Instant>>,
     /// Runtime bases loaded (and verified) once, to layer cold functions on.
     bases: Mutex<HashMap<String, Arc<vmm::template::Template>>>,
     /// Per function: deploys, removals and builds of it take turns.
@@ -161,6 +166,7 @@ impl Registry {
             fingerprint: OnceLock::new(),
             cache: Mutex::new(HashMap::new()),
             bases: Mutex::new(HashMap::new()),
+            remote_misses: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             builds: tokio::sync::Semaphore::new(2 * cpus),
             counters: Mutex::new(HashMap::new()),
@@ -251,6 +257,12 @@ impl Registry {
         else {
             return Ok(None);
         };
+        if record.removed {
+            // Removed: served as a name nothing answers to (its spec may not even be here,
+            // when the removal came from the remote).
+            self.cache_remove(name);
+            return Ok(None);
+        }
         let spec = self.read_spec(&record)?;
         let d = Arc::new(Deployed { record, spec });
         self.cache
@@ -516,6 +528,7 @@ impl Registry {
                     let r = self.record_built(&d, &b.template, &fp);
                     respond(r.map(|()| ColdOutcome::Built));
                     drop(turn);
+                    self.push_built(name);
                     tracing::info!(function = %name, version = d.record.version, template = %b.template, pages, ms = b.ms, "built on its first request (and its runtime base)");
                     return;
                 }
@@ -524,13 +537,79 @@ impl Registry {
         };
         match written.and_then(|pages| self.record_built(&d, &template, &fp).map(|()| pages)) {
             Ok(pages) => {
-                tracing::info!(function = %name, version = d.record.version, template = %template, pages, ms = t0.elapsed().as_secs_f64() * 1e3, "built on its first request")
+                tracing::info!(function = %name, version = d.record.version, template = %template, pages, ms = t0.elapsed().as_secs_f64() * 1e3, "built on its first request");
+                drop(turn);
+                self.push_built(name);
+                return;
             }
             Err(e) => {
                 tracing::warn!(function = %name, "storing the template made on its first request failed (the next request builds it again): {e}")
             }
         }
         drop(turn);
+    }
+
+    /// With a remote: push a function whose template was just built, so other daemons
+    /// pull it instead of building it too. Blocking; a failure is logged.
+    fn push_built(&self, name: &str) {
+        if let Some(remote) = &self.remote {
+            if let Err(e) = super::deploy::reg_push(&self.store_dir, name, remote) {
+                tracing::warn!(function = %name, "pushing the template built on its first request: {e}");
+            }
+        }
+    }
+
+    /// With a remote: when this store has no record of `name`, or its record's template
+    /// is missing here, pull the function (its record, spec and files, and its template
+    /// if it fits this VMM). Remembers for a few seconds that the remote has none, so
+    /// that requests for plain templates do not ask it every time. Blocking.
+    pub(super) fn pull_if_needed(&self, name: &str) -> Result<(), String> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        if !valid_function_name(name) {
+            return Ok(());
+        }
+        let local = self.fstore.record(name).map_err(|e| e.to_string())?;
+        let have = |t: &str| {
+            self.store_dir
+                .join("templates")
+                .join(format!("{t}.tmpl"))
+                .exists()
+        };
+        if let Some(r) = &local {
+            if r.removed || r.template.as_deref().is_none_or(have) {
+                return Ok(());
+            }
+        }
+        if local.is_none()
+            && self
+                .remote_misses
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(name)
+                .is_some_and(|t| t.elapsed() < REMOTE_MISS_TTL)
+        {
+            return Ok(());
+        }
+        let fp = self.fingerprint().map_err(|e| e.to_string())?;
+        let pulled =
+            crate::remote::pull_function_fitting(&self.store_dir, name, remote, Some(&fp))?;
+        let mut misses = self
+            .remote_misses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match pulled {
+            None => {
+                misses.insert(name.to_string(), Instant::now());
+            }
+            Some(p) => {
+                misses.remove(name);
+                tracing::info!(function = %name, version = p.record.version, blobs = p.blobs_fetched, template = ?p.template, "pulled the function from the remote");
+                self.cache_remove(name);
+            }
+        }
+        Ok(())
     }
 
     /// Record that `d`'s version is served by `template`, built for `fp` (unless the
