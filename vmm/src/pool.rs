@@ -74,13 +74,14 @@ const RETRY_FAILED_LOAD: Duration = Duration::from_secs(5);
 
 /// Identity of a template's manifest on disk: a change means it was replaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
+pub struct FileId {
     ino: u64,
     mtime_ns: i128,
     len: u64,
 }
 
-fn file_id(path: &Path) -> Option<FileId> {
+/// The identity of the file at `path` now (`None`: there is none).
+pub fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some(FileId {

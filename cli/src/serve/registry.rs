@@ -30,23 +30,7 @@ pub(super) struct Deployed {
     pub(super) spec: DeploySpec,
 }
 
-/// Identity of a record file: a change means it was rewritten.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    ino: u64,
-    mtime_ns: i128,
-    len: u64,
-}
-
-fn file_id(path: &Path) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileId {
-        ino: m.ino(),
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-        len: m.len(),
-    })
-}
+use vmm::pool::{file_id, FileId};
 
 /// How a request reached its instance (SEUSS's three paths).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
