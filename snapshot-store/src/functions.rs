@@ -107,6 +107,8 @@ impl FunctionRecord {
 }
 
 const RECORD_MAGIC: &[u8; 8] = b"VMMFUNC1";
+/// Where blobs and records are written before their rename.
+const FN_TMP: &str = "fn-tmp";
 /// Largest record accepted (a name, a template name and a fingerprint fit in far less).
 const RECORD_LIMIT: u64 = 16 << 10;
 
@@ -164,7 +166,9 @@ impl FunctionStore {
             return Ok((d, false));
         }
         self.ensure_dir("blobs")?;
-        let tmp = self.ensure_dir("tmp")?;
+        // Not the store's tmp/: a template commit empties that under its lock, which
+        // these writes do not take.
+        let tmp = self.ensure_dir(FN_TMP)?;
         let path = self.blob_path(&d);
         write_atomic(&tmp, &path, bytes, || true).map_err(|source| FunctionStoreError::Io {
             what: "write",
@@ -255,7 +259,9 @@ impl FunctionStore {
             });
         }
         self.ensure_dir("functions")?;
-        let tmp = self.ensure_dir("tmp")?;
+        // Not the store's tmp/: a template commit empties that under its lock, which
+        // these writes do not take.
+        let tmp = self.ensure_dir(FN_TMP)?;
         let path = self.record_path(&rec.name);
         write_atomic(&tmp, &path, &encode_record(rec), || true).map_err(|source| {
             FunctionStoreError::Io {
@@ -360,7 +366,9 @@ impl FunctionStore {
     ) -> Result<FunctionRecord, FunctionStoreError> {
         let rec = Self::decode_record_bytes(name, bytes)?;
         self.ensure_dir("functions")?;
-        let tmp = self.ensure_dir("tmp")?;
+        // Not the store's tmp/: a template commit empties that under its lock, which
+        // these writes do not take.
+        let tmp = self.ensure_dir(FN_TMP)?;
         let path = self.record_path(name);
         write_atomic(&tmp, &path, bytes, || true).map_err(|source| FunctionStoreError::Io {
             what: "write",

@@ -228,8 +228,11 @@ impl DeploySpec {
             }
         }
         let mem = self.memory_mib();
-        if !(32..=MAX_MEMORY_MIB).contains(&mem) {
-            return Err(format!("\"memory_mib\" must be 32 to {MAX_MEMORY_MIB}"));
+        if mem > MAX_MEMORY_MIB || crate::guest::check_mem(mem).is_err() {
+            return Err(format!(
+                "\"memory_mib\" must be an even number from {} to {MAX_MEMORY_MIB}",
+                vmm_abi::layout::MIN_MEM_MIB
+            ));
         }
         if let Some(t) = self.timeout_secs {
             if !(0.001..=3600.0).contains(&t) {
