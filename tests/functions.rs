@@ -1,10 +1,6 @@
 //! End-to-end tests of deployed functions (issue 20, docs/api.md): the real `vmm serve`
 //! with `--auth`, its deploy API driven over real HTTP (ureq), the real QuickJS, CPython
 //! and WASI guests on /dev/kvm. Each test has its own store and daemon on a free port.
-//!
-//! Two tests fail until daemon bugs are fixed; each says so ("DAEMON BUG") above it:
-//! `a_hundred_concurrent_deploys_each_serve_their_own_function` (STORE/tmp emptied under
-//! concurrent writes) and `a_memory_size_no_guest_can_have_is_refused_as_the_specs_fault`.
 
 mod common;
 use common::daemon::Daemon;
@@ -865,15 +861,8 @@ fn hostile_deploys_get_their_status_and_reason_and_the_daemon_keeps_serving() {
     f.assert_no_panic();
 }
 
-/// DAEMON BUG (fails until fixed): snapshot-store's template writer empties STORE/tmp
-/// (`Store::clean_tmp`, snapshot-store/src/writer.rs:273, also exchange.rs:204 and
-/// transfer.rs:343) while it holds the store's LOCK, but `FunctionStore::put_record` and
-/// `put_blob` (snapshot-store/src/functions.rs:160,251) stage their files in the same
-/// STORE/tmp through `write_atomic` without that lock. A record, spec or upload written
-/// while another deploy's template is committed loses its temp file, its rename fails,
-/// and the deploy (or upload) gets `500 write the function's record: write
-/// STORE/functions/NAME.fn: No such file or directory` (`store the upload: write
-/// STORE/blobs/HEX.blob: ...`), leaving the built template without a record.
+/// Caught a real bug: a template commit empties the store's tmp/ under its lock, and
+/// records, specs and uploads were staged there without it (now in fn-tmp/).
 #[test]
 fn a_hundred_concurrent_deploys_each_serve_their_own_function() {
     if !kvm_available() {
@@ -1188,13 +1177,8 @@ fn deploying_and_invoking_need_the_right_token_and_the_deploy_api_is_off_without
     assert_eq!((s, body.as_str()), (200, "f1:f\n"), "f1 is still there");
 }
 
-/// DAEMON BUG (fails until fixed): the spec check accepts any `memory_mib` from 32 to 4096
-/// (vmm/src/function.rs:231, `DeploySpec::validate`), but a guest boots only with an even
-/// number of MiB from 64 to 4096 (vmm/src/vm.rs:159, abi layout::MIN_MEM_MIB). A deploy
-/// with 32, 33, 63, 65 ... is let through, its build fails to boot with an error of kind
-/// `host`, and deploy.rs `build_failed` answers 500 (the client's mistake reported as the
-/// daemon's); with `"build": "on_first_invoke"` the deploy is 201 and every invocation
-/// 503 with `retry-after: 1`, forever.
+/// A `memory_mib` no guest boots with is the spec's fault (400), found before any build,
+/// also for a function built on its first request.
 #[test]
 fn a_memory_size_no_guest_can_have_is_refused_as_the_specs_fault() {
     if !kvm_available() {
