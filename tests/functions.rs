@@ -1439,3 +1439,44 @@ fn with_worker_processes_deployed_functions_and_their_timeouts_reach_the_workers
     assert_eq!((a.status, a.text().as_str()), (200, "after:y\n"), "{a:?}");
     f.assert_no_panic();
 }
+
+/// The spec is kept with the template: a function whose template was built for another
+/// VMM (another guest kernel, ABI or CPU model: its record says so) is built again from
+/// its spec on its next request, which is then a cold start, instead of failing.
+#[test]
+fn a_template_that_no_longer_fits_is_built_again_from_the_spec() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Fx::start("fn-refit", Opts::default());
+    let a = f.put("f", &js_tagged("fit"));
+    assert_eq!(a.status, 201, "{a:?}");
+    let a = f.invoke("f", b"1");
+    assert_eq!((a.status, a.text().as_str()), (200, "fit:1\n"), "{a:?}");
+    // What an older VMM left: a record naming a template built for something else.
+    let fs = snapshot_store::FunctionStore::new(&f.store.0);
+    let mut rec = fs.record("f").unwrap().expect("the record");
+    let fp = rec.built_for.clone().expect("built for this VMM");
+    assert!(fp.starts_with("kernel="), "{fp}");
+    rec.built_for = Some("kernel=0000000000000000 abi=0 state=0 cpu=0".into());
+    rec.template = Some("fn.f.v1.00000000".into());
+    fs.put_record(&rec).unwrap();
+    let a = f.invoke("f", b"2");
+    assert_eq!((a.status, a.text().as_str()), (200, "fit:2\n"), "{a:?}");
+    assert_eq!(a.header("x-vmm-path"), Some("cold"), "{a:?}");
+    // Built again for this VMM, and recorded (once the template is written).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = fs.record("f").unwrap().unwrap();
+        if now.built_for.as_deref() == Some(fp.as_str()) {
+            assert_ne!(now.template.as_deref(), Some("fn.f.v1.00000000"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recorded: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = f.invoke("f", b"3");
+    assert_eq!((a.status, a.text().as_str()), (200, "fit:3\n"), "{a:?}");
+    assert_ne!(a.header("x-vmm-path"), Some("cold"), "{a:?}");
+    f.assert_no_panic();
+}
