@@ -382,7 +382,9 @@ impl Pools {
                     return Ok(());
                 }
             }
-            if evict && self.evict_lru(1) > 0 {
+            if evict
+                && (self.evict_lru(1) > 0 || (self.over_memory() && self.forget_idle_template()))
+            {
                 continue;
             }
             let live = self.live.count.lock().unwrap_or_else(|e| e.into_inner());
@@ -425,6 +427,36 @@ impl Pools {
             done += self.destroy_ready(&e, n - done);
         }
         done
+    }
+
+    /// Forget the least recently used template that has no instance, ready or busy: its
+    /// verified memory image (the template's whole memory, kept for restores and resets)
+    /// is freed. Over the memory limit with no idle instance left, these images are what
+    /// holds the memory (many functions each served once). Whether one was forgotten.
+    fn forget_idle_template(&self) -> bool {
+        let mut entries = self.entries();
+        oldest_first(&mut entries, |(_, e)| {
+            e.last_used
+                .lock()
+                .map(|t| *t)
+                .unwrap_or_else(|_| Instant::now())
+        });
+        for (name, e) in entries {
+            if e.ready() == 0 && e.busy() == 0 {
+                let removed = self.entries.lock().ok().and_then(|mut m| {
+                    if m.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &e)) {
+                        m.remove(&name)
+                    } else {
+                        None
+                    }
+                });
+                if removed.is_some() {
+                    tracing::debug!(template = %name, "over the memory limit: its image is freed until its next request");
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Take a ready instance of `name`, or restore a new one.
@@ -488,7 +520,12 @@ impl Pools {
     pub fn maintain(&self, discover: bool) -> usize {
         // With no pool to fill, templates are loaded on their first request only (a worker
         // process of a daemon whose pools are shared out may keep none of a template).
-        if discover && self.config.pool > 0 {
+        // Over the memory limit: idle instances of the least recently used templates go
+        // first, then those templates' images.
+        while self.over_memory() && (self.evict_lru(1) > 0 || self.forget_idle_template()) {}
+        // Over the memory limit, templates are loaded only for their requests (the
+        // keeper would otherwise load back what the limit made the pools forget).
+        if discover && self.config.pool > 0 && !self.over_memory() {
             for name in self.function_templates_on_disk() {
                 let _ = self.entry(&name);
             }
