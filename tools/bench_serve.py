@@ -887,14 +887,125 @@ def faas_burst_names(n: int) -> list[tuple[str, str]]:
     return [(f"burst-{i:04d}", "python" if i % 4 == 3 else "js") for i in range(n)]
 
 
-def faas_burst_served(d: Daemon, names: list[tuple[str, str]]) -> tuple[dict, dict]:
+def faas_run_bounded(fn, items: list, concurrency: int, deadline_s: float, answer_timeout_s: float,
+                     stop_check=None) -> tuple[list[dict], str | None, float]:
+    """Run `fn(item)` over `items`, `concurrency` at a time, in order. Stops submitting
+    when `deadline_s` has passed, when no answer was right for `answer_timeout_s`
+    (stalled), or when `stop_check()` names a reason; what is still running then gets
+    `answer_timeout_s` more and is counted as unanswered after that. `fn` returns a dict
+    with "ok". Returns (results in completion order, why it stopped early or None, wall
+    seconds from the first submission to the last answer waited for)."""
+    ex = concurrent.futures.ThreadPoolExecutor(concurrency)
+    pending: dict = {}
+    results: list[dict] = []
+    stop = None
+    nxt = 0
+    t0 = time.perf_counter()
+    last_ok = t0
+    try:
+        while nxt < len(items) and len(pending) < concurrency:
+            pending[ex.submit(fn, items[nxt])] = items[nxt]
+            nxt += 1
+        while pending:
+            timeout = None if stop is None else max(0.0, stop_until - time.perf_counter())
+            done, _ = concurrent.futures.wait(list(pending), timeout=1.0 if stop is None else timeout,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            now = time.perf_counter()
+            for f in done:
+                pending.pop(f)
+                r = f.result()
+                results.append(r)
+                if r["ok"]:
+                    last_ok = now
+            if stop is None:
+                if now - t0 > deadline_s:
+                    stop = f"past the {deadline_s:g}-s deadline"
+                elif now - last_ok > answer_timeout_s:
+                    stop = f"stalled: no right answer for {answer_timeout_s:g} s"
+                elif stop_check is not None:
+                    stop = stop_check()
+                if stop is not None:
+                    stop_until = now + answer_timeout_s
+                    log(f"  stopping: {stop}; {len(results)} answered, {len(pending)} in flight, "
+                        f"{len(items) - nxt} not sent")
+            if stop is None:
+                while nxt < len(items) and len(pending) < concurrency:
+                    pending[ex.submit(fn, items[nxt])] = items[nxt]
+                    nxt += 1
+            elif not done and time.perf_counter() >= stop_until:
+                break
+        wall = time.perf_counter() - t0
+        for item in pending.values():
+            results.append({"name": item[0], "runtime": item[1], "status": None, "ok": False, "path": None,
+                            "ms": None, "body": "no answer before the run stopped"})
+    finally:
+        # Never wait here for requests that hang: the daemon is stopped after this, which
+        # ends them.
+        ex.shutdown(wait=not pending, cancel_futures=True)
+    for item in items[nxt:]:
+        results.append({"name": item[0], "runtime": item[1], "status": None, "ok": False, "path": None,
+                        "ms": None, "body": "not sent", "not_sent": True})
+    if stop is not None and nxt >= len(items) and not pending:
+        stop = None  # every item was sent and answered all the same
+    return results, stop, wall
+
+
+def low_host_memory() -> str | None:
+    """A reason to stop a burst before the host runs out of memory (it is shared)."""
+    m = meminfo()
+    avail = m.get("MemAvailable")
+    total = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    if avail is not None and avail < max(2 << 20, total // 8):
+        return f"the host's MemAvailable fell to {avail >> 10} MiB"
+    return None
+
+
+class ProcMemory:
+    """Samples a process's VmRSS and RssShmem (MiB) every half second in a thread."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak_rss = 0.0
+        self.peak_shmem = 0.0
+        self.last: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def sample(self) -> dict[str, float]:
+        out = {}
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                m = re.match(r"(VmRSS|RssShmem|RssAnon):\s+(\d+) kB", line)
+                if m:
+                    out[m.group(1)] = int(m.group(2)) / 1024
+        except OSError:
+            pass
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            s = self.sample()
+            if s:
+                self.last = s
+                self.peak_rss = max(self.peak_rss, s.get("VmRSS", 0))
+                self.peak_shmem = max(self.peak_shmem, s.get("RssShmem", 0))
+            self._stop.wait(0.5)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        return {"peak_rss_mib": self.peak_rss, "peak_shmem_mib": self.peak_shmem, "last_mib": self.last}
+
+
+def faas_burst_served(a, d: Daemon, names: list[tuple[str, str]]) -> tuple[dict, dict]:
     """Section 2, served: deploy every function (on_first_invoke, 8 at a time, timed apart),
     then one request to each at FAAS_CONCURRENCY."""
     local = threading.local()
 
-    def client() -> Client:
+    def client(timeout: float = 600) -> Client:
         if not hasattr(local, "c"):
-            local.c = Client(d)
+            local.c = Client(d, timeout)
         return local.c
 
     log(f"faas: burst: deploying {len(names)} functions (on_first_invoke, 8 at a time)")
@@ -916,55 +1027,78 @@ def faas_burst_served(d: Daemon, names: list[tuple[str, str]]) -> tuple[dict, di
     d.check_alive()
     m0 = d.metrics()
     load0 = loadavg()
+    offset = d.log_path.stat().st_size
     log(f"faas: burst: one request to each of {len(names)} new functions, {FAAS_CONCURRENCY} at a time")
 
     def invoke(nr):
         name, runtime = nr
-        status, h, out, dt = client().call("POST", f"/v1/functions/{name}/invoke", HELLO_BODY)
+        cl = client(a.burst_answer_timeout)
+        try:
+            status, h, out, dt = cl.call("POST", f"/v1/functions/{name}/invoke", HELLO_BODY)
+        except (OSError, http.client.HTTPException) as e:
+            cl.close()
+            return {"name": name, "runtime": runtime, "status": None, "ok": False, "path": None,
+                    "ms": None, "body": f"{type(e).__name__}: {e}"}
         ok = status == 200 and all(e in out for e in faas_expect(name))
         return {"name": name, "runtime": runtime, "status": status, "ok": ok, "path": h.get("x-vmm-path"),
-                "ms": dt * 1e3, "body": out[:200].decode(errors="replace")}
+                "ms": dt * 1e3, "body": out[:300].decode(errors="replace")}
 
-    local = threading.local()  # new connections for the burst
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(FAAS_CONCURRENCY) as ex:
-        res = list(ex.map(invoke, names))
-    wall = time.perf_counter() - t0
+    local = threading.local()  # new connections for the burst, with its answer timeout
+    mem = ProcMemory(d.pid)
+    res, stop, wall = faas_run_bounded(invoke, names, FAAS_CONCURRENCY, a.burst_deadline,
+                                       a.burst_answer_timeout, low_host_memory)
+    memory = mem.stop()
     d.check_alive()
     m1 = d.metrics()
-    served = faas_burst_result("served", res, wall, load0)
+    served = faas_burst_result("served", res, wall, load0, stop)
     served["daemon_cold_mean_ms"] = path_mean_ms(m0, m1, "cold")
     served["live_instances_after"] = d.functions()["live_instances"]
+    served["daemon_memory"] = memory
+    text = log_since(d, offset)
+    served["built"] = len(BUILD_LOG.findall(text))
+    served["daemon_refusals"] = [m.decode(errors="replace") for m in
+                                 re.findall(rb"refused: template \S+: ([^\n]*?) template=", text)]
     return deploy, served
 
 
-def faas_burst_result(how: str, res: list[dict], wall: float, load0: list[float]) -> dict:
-    failed = [r for r in res if not r["ok"]]
+def faas_burst_result(how: str, res: list[dict], wall: float, load0: list[float], stop: str | None) -> dict:
+    sent = [r for r in res if not r.get("not_sent")]
+    failed = [r for r in sent if not r["ok"]]
     for r in failed[:5]:
         log(f"  {how}: {r['name']} failed: {r['status']} {r['body']!r}")
     paths: dict[str, int] = {}
-    for r in res:
+    for r in sent:
         paths[str(r.get("path"))] = paths.get(str(r.get("path")), 0) + 1
-    by_rt = {rt: dist([r["ms"] for r in res if r["ok"] and r["runtime"] == rt]) for rt in ("js", "python")}
+    reasons: dict[str, int] = {}
+    for r in failed:
+        # The daemon's message without the function's name, to count alike failures.
+        why = re.sub(r"burst-\d+", "NAME", f"{r['status']}: {r['body'].strip()}")
+        why = re.sub(r"/\S*/store-faas/", "STORE/", why)[:200]
+        reasons[why] = reasons.get(why, 0) + 1
+    by_rt = {rt: dist([r["ms"] for r in sent if r["ok"] and r["runtime"] == rt]) for rt in ("js", "python")}
+    ok = len(sent) - len(failed)
     out = {
         "how": how,
         "functions": len(res),
+        "sent": len(sent),
         "js": sum(r["runtime"] == "js" for r in res),
         "python": sum(r["runtime"] == "python" for r in res),
         "concurrency": FAAS_CONCURRENCY,
         "wall_s": wall,
-        "per_s": (len(res) - len(failed)) / wall if wall > 0 else None,
-        "ok": len(res) - len(failed),
+        "per_s": ok / wall if wall > 0 else None,
+        "ok": ok,
         "failed": len(failed),
-        "statuses": sorted({r["status"] for r in failed}),
+        "failure_reasons": reasons,
+        "stopped": stop,
         "paths": paths,
-        "ms": dist([r["ms"] for r in res if r["ok"]]),
+        "ms": dist([r["ms"] for r in sent if r["ok"]]),
         "ms_by_runtime": by_rt,
         "loadavg_before": load0,
         "loadavg_after": loadavg(),
     }
-    log(f"  {how}: {out['per_s']:.1f} functions/s, p50 {fmt(out['ms']['p50'])} ms, "
-        f"p99 {fmt(out['ms']['p99'])} ms, {out['failed']} failed, paths {paths}")
+    log(f"  {how}: {ok} of {len(res)} right in {wall:.1f} s, {fmt(out['per_s'], 1)} functions/s, "
+        f"p50 {fmt(out['ms']['p50'])} ms, p99 {fmt(out['ms']['p99'])} ms, {out['failed']} failed, paths {paths}"
+        + (f", stopped: {stop}" if stop else ""))
     return out
 
 
@@ -993,16 +1127,19 @@ def faas_burst_cold_boot(a, store: Path, fndir: Path, names: list[tuple[str, str
 
     def one(nr):
         name, runtime = nr
-        code, out, err, dt = run(cmd(name, runtime), stdin=HELLO_BODY, timeout=600)
+        try:
+            code, out, err, dt = run(cmd(name, runtime), stdin=HELLO_BODY, timeout=a.burst_answer_timeout)
+        except BenchError as e:
+            return {"name": name, "runtime": runtime, "status": None, "ok": False, "path": "cold boot",
+                    "ms": None, "body": str(e)}
         ok = code == 0 and all(e in out for e in faas_expect(name))
         return {"name": name, "runtime": runtime, "status": code, "ok": ok, "path": "cold boot",
                 "ms": dt * 1e3, "body": (out[:200] + err[-300:]).decode(errors="replace")}
 
     load0 = loadavg()
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(FAAS_CONCURRENCY) as ex:
-        res = list(ex.map(one, names))
-    return faas_burst_result("cold boot", res, time.perf_counter() - t0, load0)
+    res, stop, wall = faas_run_bounded(one, names, FAAS_CONCURRENCY, a.burst_deadline,
+                                       a.burst_answer_timeout, low_host_memory)
+    return faas_burst_result("cold boot", res, wall, load0, stop)
 
 
 def section_faas(a, tmp: Path) -> dict:
@@ -1068,7 +1205,7 @@ def section_faas(a, tmp: Path) -> dict:
         result["paths"] = [paths[p] for p in ("cold", "warm", "hot")]
 
         # 2. the burst, served.
-        result["burst_deploy"], served = faas_burst_served(d, names)
+        result["burst_deploy"], served = faas_burst_served(a, d, names)
         cl.close()
     # 2. the burst, a cold boot per request (the daemon stopped: all the CPUs for it).
     base_n = a.burst_baseline if a.burst_baseline else len(names)
@@ -1136,34 +1273,49 @@ def print_faas(f: dict) -> None:
         print(f"**The cold-boot baseline ran on the first {boot['functions']} of the {served['functions']} "
               f"functions (same mix: {boot['js']} JS, {boot['python']} Python).**")
     print()
-    print("| how | functions (JS / Python) | conc | wall s | functions/s | p50 ms | p99 ms | max ms "
+    print("| how | functions (JS / Python) | right / sent | conc | wall s | functions/s | p50 ms | p99 ms | max ms "
           "| JS p50 / p99 ms | Python p50 / p99 ms | failed | paths | load1 before / after |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|")
     for r in (served, boot):
         js, py = r["ms_by_runtime"]["js"], r["ms_by_runtime"]["python"]
-        failed = str(r["failed"]) + (f" ({r['statuses']})" if r["failed"] else "")
         print(f"| {'served (deploy API, cold path)' if r is served else 'cold boot (`vmm run`)'} "
-              f"| {r['functions']} ({r['js']} / {r['python']}) | {r['concurrency']} | {fmt(r['wall_s'])} "
-              f"| {fmt(r['per_s'], 1)} | {fmt(r['ms']['p50'])} | {fmt(r['ms']['p99'])} | {fmt(r['ms']['max'])} "
-              f"| {fmt(js['p50'])} / {fmt(js['p99'])} | {fmt(py['p50'])} / {fmt(py['p99'])} | {failed} "
-              f"| {', '.join(f'{k} {v}' for k, v in r['paths'].items())} "
+              f"| {r['functions']} ({r['js']} / {r['python']}) | {r['ok']} / {r['sent']} | {r['concurrency']} "
+              f"| {fmt(r['wall_s'])} | {fmt(r['per_s'], 1)} | {fmt(r['ms']['p50'])} | {fmt(r['ms']['p99'])} "
+              f"| {fmt(r['ms']['max'])} | {fmt(js['p50'])} / {fmt(js['p99'])} | {fmt(py['p50'])} / {fmt(py['p99'])} "
+              f"| {r['failed']} | {', '.join(f'{k} {v}' for k, v in r['paths'].items())} "
               f"| {fmt(r['loadavg_before'][0])} / {fmt(r['loadavg_after'][0])} |")
     print()
-    print(f"Served over cold boot, functions/s: **{ratio(served['per_s'], boot['per_s'])}**; cold boot's latency "
-          f"over served: p50 {ratio(boot['ms']['p50'], served['ms']['p50'])}, p99 {ratio(boot['ms']['p99'], served['ms']['p99'])} "
-          f"(above 1x: served is faster). The daemon's mean on the cold path during the burst: "
-          f"{fmt(served.get('daemon_cold_mean_ms'))} ms; instances alive after it: {served.get('live_instances_after')} "
-          f"(the pool keeper fills each new template's pool, up to --max-instances, during the burst).")
+    print(f"Served over cold boot, functions/s (right answers / wall): **{ratio(served['per_s'], boot['per_s'])}**; "
+          f"cold boot's latency over served: p50 {ratio(boot['ms']['p50'], served['ms']['p50'])}, "
+          f"p99 {ratio(boot['ms']['p99'], served['ms']['p99'])} (above 1x: served is faster).")
+    mem = served.get("daemon_memory") or {}
+    print()
+    print(f"Served, in the daemon: {served.get('built')} templates built on a first request; mean on the cold path "
+          f"{fmt(served.get('daemon_cold_mean_ms'))} ms; instances alive after: {served.get('live_instances_after')} "
+          f"(the pool keeper fills each new template's pool up to --max-instances during the burst); its memory "
+          f"peaked at {fmt(mem.get('peak_rss_mib'), 0)} MiB VmRSS, {fmt(mem.get('peak_shmem_mib'), 0)} MiB of it "
+          f"RssShmem (the templates' memory images).")
+    for r in (served, boot):
+        if r.get("stopped"):
+            print()
+            print(f"**{r['how']}: stopped early, {r['stopped']}**: {r['sent']} of {r['functions']} functions sent; "
+                  "the rows above count only those, and what was unanswered when it stopped as failed.")
+        if r["failure_reasons"]:
+            print()
+            print(f"{r['how']}: failures by answer (status: body, the function's name as NAME):")
+            print()
+            for why, k in sorted(r["failure_reasons"].items(), key=lambda kv: -kv[1]):
+                print(f"* {k} x `{why}`")
     print()
     print("### Deploy time: `PUT /v1/functions/NAME` to its 201, `\"build\": \"now\"`")
     print()
     print("Distinct functions (hello.js / hello.py with a comment of their own), one at a time, each after "
-          "the previous one's pool filled. The first deploy of each runtime also builds its runtime base and "
-          "compiles the runtime (a new store) and is not in the p50/p99. Daemon: the answer's `deploy_ms` "
-          "and `create_ms` (the template build).")
+          "the previous one's pool filled. The first deploy of each runtime also builds its runtime base (in "
+          "a new store; the runtime is compiled too unless wasmtime's compiled module is cached already) and "
+          "is not in the p50/p99. Daemon: the answer's `deploy_ms` and `create_ms` (the template build).")
     print()
     print("| runtime | deploys | client p50 ms | client p99 ms | daemon deploy_ms p50 / p99 | create_ms p50 "
-          "| first deploy (base + compile) client ms | its create_ms | load1 before / after |")
+          "| first deploy (runtime base) client ms | its create_ms | load1 before / after |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---|")
     for r in f["deploy"]:
         print(f"| {r['runtime']} | {r['deploys']} | {fmt(r['client_ms']['p50'])} | {fmt(r['client_ms']['p99'])} "
@@ -1354,6 +1506,12 @@ def main() -> int:
     ap.add_argument("--burst-baseline", type=int, default=0, metavar="N",
                     help="faas: run the cold-boot baseline on the first N of the burst's functions "
                          "only (default: all of them)")
+    ap.add_argument("--burst-deadline", type=float, default=240, metavar="SECS",
+                    help="faas: stop sending the burst's requests after this long (each of its two "
+                         "runs; default 240)")
+    ap.add_argument("--burst-answer-timeout", type=float, default=60, metavar="SECS",
+                    help="faas: a burst request unanswered this long fails, and a burst with no right "
+                         "answer for this long stops (default 60)")
     ap.add_argument("--faas-samples", type=int, default=50, metavar="N",
                     help="faas: requests per path at concurrency 1 (default 50)")
     ap.add_argument("--faas-deploys", type=int, default=20, metavar="N",
