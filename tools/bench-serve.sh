@@ -7,6 +7,7 @@
 #   tools/bench-serve.sh --quick     smoke run (1 s per point, concurrency 1 and 16)
 #   tools/bench-serve.sh --json      everything as one JSON object instead of tables
 #   tools/bench-serve.sh --seconds 10 --runs 30   (see tools/bench_serve.py --help)
+#   tools/bench-serve.sh --sections faas --burst 100   issue 20's deploy API bench (smoke size)
 #
 # Templates go into a store in a temporary directory, never the default store. Every
 # `vmm serve` daemon the driver starts is killed when it ends, and again here from the
