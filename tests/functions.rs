@@ -1480,3 +1480,115 @@ fn a_template_that_no_longer_fits_is_built_again_from_the_spec() {
     assert_ne!(a.header("x-vmm-path"), Some("cold"), "{a:?}");
     f.assert_no_panic();
 }
+
+/// The client, `vmm fn`, against the real daemon: deploy (a script, a WASI module given as
+/// .wat text and uploaded once), invoke, get, ls and rm, each printing what a person needs
+/// and, with `--json`, the daemon's answer; a wrong token is refused with the reason.
+#[test]
+fn the_vmm_fn_client_deploys_invokes_lists_and_removes() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Fx::start("fn-client", Opts::default());
+    let etc = TempDir::created("fn-client-token");
+    let token = etc.0.join("token");
+    std::fs::write(&token, format!("{DEPLOYER}\n")).unwrap();
+    let url = format!("http://{}", f.d.addr);
+    let run = |args: &[&str], stdin: &[u8]| {
+        let mut cmd = vmm();
+        cmd.arg("fn")
+            .args(args)
+            .args(["--url", &url, "--token-file", token.to_str().unwrap()])
+            .env_remove("VMM_TOKEN")
+            .env_remove("VMM_URL");
+        run_with_input(cmd, stdin)
+    };
+    let src = etc.0.join("tagged.js");
+    std::fs::write(
+        &src,
+        "const input = std.in.readAsString();\nprint(\"cli:\" + input);\n",
+    )
+    .unwrap();
+    let r = run(
+        &[
+            "deploy",
+            "tagged",
+            "--runtime",
+            "js",
+            "--source",
+            src.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert!(
+        r.stdout().contains("deployed tagged version 1"),
+        "{}",
+        r.stdout()
+    );
+    let r = run(&["invoke", "tagged"], b"hello");
+    assert_eq!(
+        (r.code(), r.stdout().as_str()),
+        (0, "cli:hello\n"),
+        "{}",
+        r.stderr()
+    );
+
+    // A WASI module as .wat: compiled by the client, uploaded (once), referenced by digest.
+    let wat = path("examples/upper.wat");
+    let deploy_upper = || {
+        run(
+            &[
+                "deploy",
+                "upper",
+                "--runtime",
+                "wasi",
+                "--module",
+                &wat,
+                "--arg",
+                "x",
+                "--json",
+            ],
+            b"",
+        )
+    };
+    let r = deploy_upper();
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let v: Value = serde_json::from_str(r.stdout().trim()).expect("--json prints JSON");
+    assert_eq!(v["version"].as_u64(), Some(1), "{v}");
+    let r = deploy_upper();
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let v: Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert_eq!(v["version"].as_u64(), Some(2), "{v}");
+    let r = run(&["invoke", "upper"], b"shout\n");
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert!(r.stdout().starts_with("SHOUT\n"), "{}", r.stdout());
+
+    let r = run(&["get", "upper", "--json"], b"");
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let v: Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["runtime"].as_str()),
+        (Some("upper"), Some("wasi"))
+    );
+    let r = run(&["ls"], b"");
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert!(
+        r.stdout().lines().any(|l| l.starts_with("tagged ")) && r.stdout().contains("upper"),
+        "{}",
+        r.stdout()
+    );
+    let r = run(&["rm", "tagged"], b"");
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let r = run(&["invoke", "tagged"], b"x");
+    assert_ne!(r.code(), 0, "invoking a removed function must fail");
+    let r = run(&["rm", "tagged"], b"");
+    assert_ne!(r.code(), 0);
+
+    // A wrong token: refused, and the client says so (and never prints the token).
+    std::fs::write(&token, "not-the-token\n").unwrap();
+    let r = run(&["ls"], b"");
+    assert_ne!(r.code(), 0);
+    assert!(r.stderr().contains("401"), "{}", r.stderr());
+    assert!(!r.stderr().contains("not-the-token"), "{}", r.stderr());
+}

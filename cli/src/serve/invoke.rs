@@ -155,10 +155,12 @@ async fn run_cold(
     };
     let (tx, rx) = oneshot::channel();
     let reg = state.registry.clone();
+    let slot = reg.build_slot().await;
     tokio::task::spawn_blocking(move || {
         reg.cold_blocking(cold, &stdin, &limits, |r| {
             let _ = tx.send(r);
-        })
+        });
+        drop(slot);
     });
     let answer = rx.await;
     guard.0 = None;

@@ -103,14 +103,18 @@ pub(super) struct Registry {
     engine: OnceLock<Arc<vmm::engine::Engine>>,
     fingerprint: OnceLock<String>,
     cache: Mutex<HashMap<String, (FileId, Arc<Deployed>)>>,
+    /// The store, opened for writing once (see [`Registry::write_layer`]).
+    writer: Mutex<Option<snapshot_store::Store>>,
     /// Functions the remote did not have, and when that was found.
     remote_misses: Mutex<HashMap<String, Instant>>,
     /// Runtime bases loaded (and verified) once, to layer cold functions on.
     bases: Mutex<HashMap<String, Arc<vmm::template::Template>>>,
     /// Per function: deploys, removals and builds of it take turns.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Builds running at once (each boots or restores a guest and writes the store).
-    builds: tokio::sync::Semaphore,
+    /// Builds running at once (each boots or restores a guest and writes the store), cold
+    /// starts included: a burst of new functions queues here instead of running a guest
+    /// per request at once.
+    builds: Arc<tokio::sync::Semaphore>,
     counters: Mutex<HashMap<String, Arc<Counters>>>,
     pub(super) remote: Option<crate::remote::RemoteArgs>,
 }
@@ -151,11 +155,17 @@ impl Registry {
             cache: Mutex::new(HashMap::new()),
             bases: Mutex::new(HashMap::new()),
             remote_misses: Mutex::new(HashMap::new()),
+            writer: Mutex::new(None),
             locks: Mutex::new(HashMap::new()),
-            builds: tokio::sync::Semaphore::new(2 * cpus),
+            builds: Arc::new(tokio::sync::Semaphore::new(2 * cpus)),
             counters: Mutex::new(HashMap::new()),
             remote,
         }
+    }
+
+    /// A turn to build (see `builds`), held until dropped.
+    pub(super) async fn build_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.builds.clone().acquire_owned().await.ok()
     }
 
     /// `--timeout`.
@@ -498,13 +508,7 @@ impl Registry {
                 respond(Ok(ColdOutcome::Served(Box::new(resp))));
                 drop(inst);
                 let pages = layer.changed_pages();
-                snapshot_store::Store::create_or_open(&self.store_dir)
-                    .map_err(|e| Error::new(ErrorKind::Host, "open the template store", e))
-                    .and_then(|mut store| match layer.write(&mut store) {
-                        Err(e) if already_exists(&e) => Ok(()),
-                        r => r.map(|_| ()),
-                    })
-                    .map(|()| pages)
+                self.write_layer(layer).map(|()| pages)
             }
             Ok(None) => match self.build_blocking(name, d.record.version, &d.spec) {
                 Ok(b) => {
@@ -531,6 +535,37 @@ impl Registry {
             }
         }
         drop(turn);
+    }
+
+    /// Store a layer through the daemon's one writing handle of the store (opening a store
+    /// for writing reads every pack index: per build, that cost grew with the store).
+    fn write_layer(&self, layer: vmm::template::create::Layered) -> Result<(), Error> {
+        let mut w = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if w.is_none() {
+            *w = Some(
+                snapshot_store::Store::create_or_open(&self.store_dir)
+                    .map_err(|e| Error::new(ErrorKind::Host, "open the template store", e))?,
+            );
+        }
+        let Some(store) = w.as_mut() else {
+            return Err(Error::new(
+                ErrorKind::Host,
+                "open the template store",
+                "no handle",
+            ));
+        };
+        match layer.write(store) {
+            Ok(_) => Ok(()),
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => {
+                // Opened again for the next write, in case the handle is what failed.
+                *w = None;
+                Err(e)
+            }
+        }
     }
 
     /// With a remote: push a function whose template was just built, so other daemons
