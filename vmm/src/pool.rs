@@ -623,11 +623,8 @@ impl Pools {
         let Ok(list) = store.list() else {
             return vec![];
         };
-        // Templates of deployed functions (`fn.NAME.vN...`, see the daemon's registry) are
-        // loaded on their requests: a daemon with thousands of functions does not keep an
-        // image and a pool of each, nor fill pools for versions it no longer serves.
         list.into_iter()
-            .filter(|t| t.parent.is_some() && !t.name.as_str().starts_with("fn."))
+            .filter(|t| t.parent.is_some())
             .map(|t| t.name.as_str().to_string())
             .collect()
     }
