@@ -190,7 +190,7 @@ impl FunctionStore {
     /// Blob `d`, at most `limit` bytes, checked against its digest.
     pub fn get_blob(&self, d: &BlobDigest, limit: u64) -> Result<Vec<u8>, FunctionStoreError> {
         let path = self.blob_path(d);
-        let f = match File::open(&path) {
+        let f = match open_regular(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(FunctionStoreError::MissingBlob { digest: *d })
@@ -381,8 +381,25 @@ impl FunctionStore {
 
 fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let mut b = Vec::new();
-    File::open(path)?.take(limit + 1).read_to_end(&mut b)?;
+    open_regular(path)?.take(limit + 1).read_to_end(&mut b)?;
     Ok(b)
+}
+
+/// Open `path` for reading only if it is a regular file: opened without blocking (a FIFO
+/// put in its place would hang an open), then checked.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
 }
 
 fn bincode_config() -> impl bincode::config::Config {

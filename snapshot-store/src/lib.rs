@@ -196,8 +196,8 @@ pub use error::{
 };
 pub use exchange::{IncomingLayer, LayersError, LayersReport, PageSource, WrittenLayer};
 pub use functions::{
-    function_template_name, valid_function_name, BlobDigest, FunctionRecord, FunctionStore,
-    FunctionStoreError,
+    function_template_name, open_regular, valid_function_name, BlobDigest, FunctionRecord,
+    FunctionStore, FunctionStoreError,
 };
 pub use gc::GcReport;
 pub use inspect::{Diff, DiffRange, LayerReport, SharedPair, Stats, TemplateStats};

@@ -467,6 +467,9 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     code
 }
 
+/// Largest `--runtime-module` read (CPython for WASI is ~26 MiB).
+const MAX_RUNTIME_MODULE: u64 = 1 << 30;
+
 /// `--runtime-module RUNTIME=PATH`: each module stored as a blob, by runtime.
 fn load_runtime_modules(
     store_dir: &std::path::Path,
@@ -491,8 +494,21 @@ fn load_runtime_modules(
             "python" => Runtime::Python,
             _ => return Err(format!("--runtime-module {g}: the runtime is js or python")),
         };
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("--runtime-module {g}: read {path}: {e}"))?;
+        let bytes = {
+            // A regular file of bounded size (not /dev/zero, not a FIFO).
+            use std::io::Read;
+            let mut b = Vec::new();
+            snapshot_store::open_regular(std::path::Path::new(path))
+                .and_then(|f| f.take(MAX_RUNTIME_MODULE + 1).read_to_end(&mut b))
+                .map_err(|e| format!("--runtime-module {g}: read {path}: {e}"))?;
+            if b.len() as u64 > MAX_RUNTIME_MODULE {
+                return Err(format!(
+                    "--runtime-module {g}: {path} is over {} MiB",
+                    MAX_RUNTIME_MODULE >> 20
+                ));
+            }
+            b
+        };
         if !bytes.starts_with(b"\0asm") {
             return Err(format!(
                 "--runtime-module {g}: {path} is not a WebAssembly binary"
