@@ -389,6 +389,63 @@ def section_load(a, tmp: Path, store: Path, concurrencies: list[int]) -> list[di
     return points
 
 
+def section_seccomp(a, tmp: Path, store: Path, concurrencies: list[int]) -> list[dict]:
+    """Issue 21: hello and markdown served with the per-thread system call filters
+    (`--seccomp on`, the default) against none (`--seccomp off`), side by side: the two
+    daemons alternate, `--seccomp-rounds` times each, so that drift on the machine falls
+    on both alike; each point is the median of its rounds."""
+    rows = []
+    for name in ("hello", "markdown"):
+        _, body, expect = FUNCTIONS[name]
+        body_file = tmp / f"{name}.body"
+        body_file.write_bytes(body)
+        samples: dict = {}
+        for rnd in range(a.seccomp_rounds):
+            for mode in ("on", "off"):
+                with Daemon(a.vmm, store, tmp, f"seccomp-{name}-{mode}-{rnd}", 2,
+                            ["--seccomp", mode]) as d:
+                    d.wait_pool({name: 2})
+                    verify(d, name, body, expect)
+                    for c in concurrencies:
+                        log(f"seccomp: {name}, --seccomp {mode}, round {rnd + 1}, concurrency {c}, {a.seconds:g} s")
+                        d.wait_idle()
+                        code, out, err, _ = run(
+                            [*oha_args(a.oha, body_file), "-z", f"{int(a.seconds * 1000)}ms", "-w",
+                             "-c", str(c), d.url(f"/v1/functions/{name}/invoke")],
+                            timeout=a.seconds + 180,
+                        )
+                        if code != 0:
+                            raise BenchError(f"oha exit {code}: {err.decode(errors='replace')}")
+                        d.check_alive()
+                        samples.setdefault((mode, c), []).append(oha_summary(json.loads(out)))
+        for c in concurrencies:
+            row = {"function": name, "concurrency": c}
+            for mode in ("on", "off"):
+                pts = samples[(mode, c)]
+                for k in ("rps", "p50_ms", "p99_ms"):
+                    row[f"{k}_{mode}"] = statistics.median(p[k] for p in pts)
+                row[f"non_200_{mode}"] = sum(p["non_200"] for p in pts)
+            rows.append(row)
+    return rows
+
+
+def print_seccomp(rows: list[dict]) -> None:
+    print()
+    print("## Seccomp filters: `--seccomp on` (default) against `--seccomp off`")
+    print()
+    print("`--pool 2`, the two daemons alternating, the median of the rounds per point; "
+          "ratio = on / off (req/s above 1 or p50 below 1: the filtered daemon did better).")
+    print()
+    print("| function | concurrency | req/s on | req/s off | ratio | p50 ms on | p50 ms off | ratio | p99 ms on | p99 ms off | non-200 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rr = r["rps_on"] / r["rps_off"] if r["rps_off"] else float("nan")
+        pr = r["p50_ms_on"] / r["p50_ms_off"] if r["p50_ms_off"] else float("nan")
+        print(f"| {r['function']} | {r['concurrency']} | {r['rps_on']:.0f} | {r['rps_off']:.0f} | {rr:.3f} "
+              f"| {r['p50_ms_on']:.3f} | {r['p50_ms_off']:.3f} | {pr:.3f} | {r['p99_ms_on']:.2f} "
+              f"| {r['p99_ms_off']:.2f} | {r['non_200_on'] + r['non_200_off']} |")
+
+
 def section_cli(a, store: Path) -> list[dict]:
     rows = []
     for name in ("hello", "markdown"):
@@ -1464,6 +1521,8 @@ def print_markdown(r: dict) -> None:
                   f"| {fmt(v['Pss'])} | {fmt(v['Private'])} | {fmt(v['Shared'])} | {fmt(v.get('AnonHugePages'))} |")
     if r.get("density"):
         print_density(r["density"])
+    if r.get("seccomp"):
+        print_seccomp(r["seccomp"])
     if r.get("faas"):
         print_faas(r["faas"])
 
@@ -1493,14 +1552,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 s per point, concurrency 1 and 16 only")
     ap.add_argument("--json", action="store_true", help="print everything as one JSON object instead of tables")
     ap.add_argument("--sections", default="load,cli,burst,memory",
-                    help="comma-separated subset of load,cli,burst,memory,density,faas (default: all "
-                         "but density and faas)")
+                    help="comma-separated subset of load,cli,burst,memory,density,faas,seccomp "
+                         "(default: all but density, faas and seccomp)")
     ap.add_argument("--density-mem", type=int, default=None, metavar="MIB",
                     help="guest RAM of the density section's template (`template create --mem`; "
                          "default: vmm's own, 512)")
     ap.add_argument("--density", type=int, default=2000,
                     help="ready instances in the density section (default 2000; --max-instances "
                          "is checked against vm.max_map_count and the open-files limit)")
+    ap.add_argument("--seccomp-rounds", type=int, default=3, metavar="N",
+                    help="seccomp: rounds of the filtered and unfiltered daemons, alternating (default 3)")
     ap.add_argument("--burst", type=int, default=1000, metavar="N",
                     help="faas: new functions in the burst (default 1000; 100 for a smoke run)")
     ap.add_argument("--burst-baseline", type=int, default=0, metavar="N",
@@ -1528,7 +1589,7 @@ def main() -> int:
     if a.burst < 1 or a.faas_samples < 1 or a.faas_deploys < 1 or a.burst_baseline < 0:
         ap.error("--burst, --faas-samples and --faas-deploys must be at least 1")
     sections = set(a.sections.split(","))
-    unknown = sections - {"load", "cli", "burst", "memory", "density", "faas"}
+    unknown = sections - {"load", "cli", "burst", "memory", "density", "faas", "seccomp"}
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     concurrencies = [1, 16] if a.quick else [1, 2, 16, 64]
@@ -1570,7 +1631,7 @@ def main() -> int:
     }}
     log(f"start: {result['meta']['uptime_start']}")
     try:
-        if sections & {"load", "cli"}:
+        if sections & {"load", "cli", "seccomp"}:
             for name, (function, _, _) in FUNCTIONS.items():
                 log(f"creating template {name} in {store}")
                 create_template(a.vmm, store, name, function)
@@ -1578,6 +1639,8 @@ def main() -> int:
             result["load"] = section_load(a, tmp, store, concurrencies)
         if "cli" in sections:
             result["cli"] = section_cli(a, store)
+        if "seccomp" in sections:
+            result["seccomp"] = section_seccomp(a, tmp, store, [1, 16])
         if "burst" in sections:
             result["burst"] = section_burst(a, tmp)
         if "memory" in sections:

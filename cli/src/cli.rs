@@ -97,6 +97,27 @@ impl From<MemoryArg> for vmm::instance::Backing {
     }
 }
 
+/// `--seccomp`: what `vmm serve` and `vmm restore` do about system calls.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SeccompArg {
+    /// System call filters, one per kind of thread (vCPU, HTTP, pool keeper, watchdog,
+    /// reaper, page-fault server, cancellation reader), installed before any guest code
+    /// runs: `on` stops the process with a line naming the thread kind and the call when
+    /// a thread makes one its list lacks; `log` allows it and has the kernel log it
+    /// (`dmesg`, audit type 1326: how the lists are extended); `off` installs none, for
+    /// debugging only: a guest that escapes its engine then reaches every system call the
+    /// process may make.
+    #[arg(long, value_name = "MODE", env = "VMM_SECCOMP", default_value = "on",
+          value_parser = ["on", "log", "off"])]
+    pub seccomp: String,
+}
+
+impl SeccompArg {
+    pub fn mode(&self) -> vmm::seccomp::Mode {
+        vmm::seccomp::Mode::parse(&self.seccomp).unwrap_or_default()
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct FunctionArgs {
     /// The WebAssembly module (.wasm, or .wat text).

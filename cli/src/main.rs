@@ -79,6 +79,8 @@ enum Command {
         memory: cli::MemoryArg,
         #[command(flatten)]
         remote: remote::RemoteArgs,
+        #[command(flatten)]
+        seccomp: cli::SeccompArg,
     },
     /// Serve functions over HTTP from pools of ready instances, each reset to its
     /// template after every request.
@@ -230,7 +232,8 @@ fn main() {
             invoke,
             memory,
             remote,
-        } => restore(&name, &store, &invoke, memory, &remote),
+            seccomp,
+        } => restore(&name, &store, &invoke, memory, &remote, seccomp.mode()),
         Command::Fn(cmd) => fnclient::run(cmd),
         Command::ServeCell => serve::cell::run(),
         Command::Serve(args) => {
@@ -267,8 +270,13 @@ fn restore(
     invoke: &InvokeArgs,
     memory: cli::MemoryArg,
     remote: &remote::RemoteArgs,
+    seccomp: vmm::seccomp::Mode,
 ) -> i32 {
     let backing = vmm::instance::Backing::from(memory);
+    vmm::seccomp::set_mode(seccomp);
+    if let Err(e) = vmm::seccomp::prepare() {
+        return cli::fail_before_run(&e, invoke.json);
+    }
     let dir = match store.dir() {
         Ok(d) => d,
         Err(e) => return cli::fail_before_run(&e, invoke.json),
@@ -317,6 +325,12 @@ fn restore(
             return cli::fail_before_run(&msg, invoke.json);
         }
     };
+    // The guest runs on this thread: its filter first (the watchdog's thread started
+    // before, unfiltered by this one's list; the page-fault server filters itself).
+    vmm::watchdog::start();
+    if let Err(e) = vmm::seccomp::install(vmm::seccomp::Kind::Vcpu) {
+        return cli::fail_before_run(&e, invoke.json);
+    }
     let mut report = instance.invoke(&input, &limits);
     report.stats.total_ms = since_start_ms();
     if let Some(r) = &mut report.stats.restore {

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod persist;
 pub mod platform;
 pub mod pool;
+pub mod seccomp;
 pub mod stats;
 pub mod template;
 pub mod text;

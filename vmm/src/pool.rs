@@ -747,6 +747,7 @@ fn spawn_reaper(live: Arc<Live>) -> std::sync::mpsc::Sender<Instance> {
     let spawned = std::thread::Builder::new()
         .name("vmm-reaper".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Reaper);
             for inst in rx {
                 drop(inst);
                 live.release(1);

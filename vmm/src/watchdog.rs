@@ -93,6 +93,13 @@ struct Timer {
     cv: Condvar,
 }
 
+/// Start the watchdog's timer thread and signal handler now (they start on first use
+/// otherwise): before a thread installs its seccomp filter, so that the timer thread
+/// is not started under (and does not inherit) a vCPU thread's filter.
+pub fn start() {
+    let _ = timer();
+}
+
 fn timer() -> &'static Timer {
     static TIMER: OnceLock<&'static Timer> = OnceLock::new();
     TIMER.get_or_init(|| {
@@ -103,7 +110,10 @@ fn timer() -> &'static Timer {
         }));
         std::thread::Builder::new()
             .name("vmm-watchdog".into())
-            .spawn(move || t.run())
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Watchdog);
+                t.run()
+            })
             .expect("spawn the watchdog timer thread");
         t
     })

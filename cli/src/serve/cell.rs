@@ -60,6 +60,22 @@ pub fn run() -> i32 {
         }
     };
     let index = cfg.index;
+    match vmm::seccomp::Mode::parse(&cfg.seccomp) {
+        Some(m) => vmm::seccomp::set_mode(m),
+        None => {
+            say!(
+                "vmm serve-cell {index}: error: unknown seccomp mode {:?}",
+                cfg.seccomp
+            );
+            return 2;
+        }
+    }
+    if let Err(e) = vmm::seccomp::prepare() {
+        say!("vmm serve-cell {index}: error: {e}");
+        return 1;
+    }
+    // Started before any thread filters itself (see `vmm::watchdog::start`).
+    vmm::watchdog::start();
     let (pools, limits) = match setup(&cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -127,6 +143,7 @@ pub fn run() -> i32 {
             let spawned = std::thread::Builder::new()
                 .name("vmm-cancel".into())
                 .spawn(move || {
+                    vmm::seccomp::install_or_exit(vmm::seccomp::Kind::Cancel);
                     while let Ok(Some(ToCell::Cancel { id })) =
                         proto::read_blocking::<ToCell>(&mut c)
                     {
@@ -190,6 +207,7 @@ fn serve_requests(
     limits: &RunLimits,
     send: &(impl Fn(&FromCell) -> bool + Clone + Send + 'static),
 ) -> i32 {
+    vmm::seccomp::install_or_exit(vmm::seccomp::Kind::Vcpu);
     let index = shared.index;
     loop {
         let msg = {

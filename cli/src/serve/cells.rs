@@ -48,6 +48,8 @@ pub(super) struct Plan {
     pub(super) threads: u32,
     pub(super) timeout_ms: u64,
     pub(super) store_dir: String,
+    /// `--seccomp`.
+    pub(super) seccomp: vmm::seccomp::Mode,
 }
 
 impl Plan {
@@ -80,6 +82,7 @@ impl Plan {
             warm: if i == 0 { self.threads as u64 } else { 0 },
             threads: self.threads,
             timeout_ms: self.timeout_ms,
+            seccomp: self.seccomp.name().to_string(),
         }
     }
 }
@@ -622,6 +625,7 @@ mod tests {
             threads: 2,
             timeout_ms: 1000,
             store_dir: "/s".into(),
+            seccomp: vmm::seccomp::Mode::On,
         };
         let c: Vec<_> = (0..3).map(|i| plan.config(i)).collect();
         assert_eq!(c.iter().map(|c| c.pool).collect::<Vec<_>>(), [4, 4, 2]);

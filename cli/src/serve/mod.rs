@@ -130,6 +130,8 @@ pub struct ServeArgs {
     /// every function and read the metrics.
     #[arg(long)]
     pub no_auth_on_network: bool,
+    #[command(flatten)]
+    pub seccomp: crate::cli::SeccompArg,
 }
 
 /// `--instance-memory`.
@@ -221,6 +223,7 @@ fn spawn_keeper(
     std::thread::Builder::new()
         .name("vmm-pool-keeper".into())
         .spawn(move || {
+            vmm::seccomp::install_or_exit(vmm::seccomp::Kind::Keeper);
             let t = Instant::now();
             let created = pools.maintain(true);
             tracing::info!(
@@ -330,9 +333,25 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         .max(1);
     let metrics = Arc::new(metrics::Metrics::new());
     let stop = Arc::new(AtomicBool::new(false));
+    // Seccomp: every filter compiled (a failure stops here), the watchdog's thread
+    // started before any thread filters itself; each thread installs its own kind's
+    // filter as it starts, this one last, before it serves.
+    vmm::seccomp::set_mode(args.seccomp.mode());
+    if let Err(e) = vmm::seccomp::prepare() {
+        say!("vmm: error: {e}");
+        return 1;
+    }
+    vmm::watchdog::start();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("vmm-http")
+        .on_thread_start(|| {
+            // Threads started by a filtered thread already have its filter (the same
+            // list): stacking it again would only cost every call a second pass.
+            if !vmm::seccomp::filtered() {
+                vmm::seccomp::install_or_exit(vmm::seccomp::Kind::Api);
+            }
+        })
         .enable_all()
         .build()
     {
@@ -393,6 +412,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             threads: workers,
             timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
             store_dir: store_dir.to_string_lossy().into_owned(),
+            seccomp: args.seccomp.mode(),
         };
         let started = {
             let _guard = rt.enter();
@@ -452,6 +472,11 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
         in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let drain_for = Duration::from_secs_f64(args.timeout + 5.0);
+    if let Err(e) = vmm::seccomp::install(vmm::seccomp::Kind::Api) {
+        say!("vmm: error: {e}");
+        return 1;
+    }
+    tracing::info!(seccomp = args.seccomp.mode().name(), "system call filters");
     let code = rt.block_on(http::accept_loop(
         args.listen.clone(),
         state.clone(),

@@ -28,6 +28,8 @@ pub(super) struct CellConfig {
     /// vCPU threads.
     pub(super) threads: u32,
     pub(super) timeout_ms: u64,
+    /// `--seccomp`: on, log or off.
+    pub(super) seccomp: String,
 }
 
 /// The daemon to a worker.

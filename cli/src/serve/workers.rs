@@ -137,6 +137,7 @@ fn worker(
     limits: &RunLimits,
     queued: &AtomicU64,
 ) {
+    vmm::seccomp::install_or_exit(vmm::seccomp::Kind::Vcpu);
     loop {
         let job = {
             let Ok(rx) = rx.lock() else { return };

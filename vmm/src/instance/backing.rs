@@ -318,7 +318,10 @@ impl Faults {
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("vmm-faults".into())
-            .spawn(move || s.serve())
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Faults);
+                s.serve()
+            })
             .map_err(|e| Error::new(ErrorKind::Host, step, e))?;
         Ok(Faults {
             server,
