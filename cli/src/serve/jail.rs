@@ -105,6 +105,59 @@ fn resolve_in(spec: &str, passwd: Option<&str>) -> Result<User, String> {
     })
 }
 
+/// Before the daemon writes anything (`--user`): it must be root, and the store must be
+/// the user's; a store that does not exist yet is made for the user. Err: what to do.
+pub(super) fn prepare(user: &User, store: &Path) -> Result<(), String> {
+    let what = |e: String| format!("--user {}: {e}", user.name);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(what(
+            "the daemon must start as root to jail itself and drop to that user (or run it without --user under a service manager that sets its user, e.g. tools/systemd/vmm-serve.service)".into(),
+        ));
+    }
+    if std::fs::symlink_metadata(store).is_err() {
+        std::fs::create_dir_all(store)
+            .map_err(|e| what(format!("create the store {}: {e}", store.display())))?;
+        std::os::unix::fs::chown(store, Some(user.uid), Some(user.gid)).map_err(|e| {
+            what(format!(
+                "give the store {} to the user: {e}",
+                store.display()
+            ))
+        })?;
+    }
+    match not_owned(store, user.uid) {
+        Ok(None) => Ok(()),
+        Ok(Some((p, owner))) => Err(what(format!(
+            "the store {} must belong to uid {} (the daemon writes its caches and functions there), and {} belongs to uid {owner}: give it to the user with `chown -R {}:{} {}`",
+            store.display(),
+            user.uid,
+            p.display(),
+            user.uid,
+            user.gid,
+            store.display()
+        ))),
+        Err(e) => Err(what(format!("read the store {}: {e}", store.display()))),
+    }
+}
+
+/// Give the user what the daemon wrote into the store as root since [`prepare`] found it
+/// all the user's (the store's lock and configuration, `--runtime-module` blobs).
+fn give_back(store: &Path, user: &User) -> std::io::Result<()> {
+    let mut todo = vec![store.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::symlink_metadata(&p)?;
+        if m.uid() != user.uid || m.gid() != user.gid {
+            std::os::unix::fs::lchown(&p, Some(user.uid), Some(user.gid))?;
+        }
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What the jail is built from, decided by the daemon's start-up.
 pub(super) struct Plan<'a> {
     pub(super) user: &'a User,
@@ -302,26 +355,12 @@ pub(super) fn enter(plan: &Plan) -> Result<(), String> {
             "the jail must be entered while the daemon has one thread, and it has {n} (a bug: report it)"
         )));
     }
-    match not_owned(plan.store, user.uid) {
-        Ok(None) => {}
-        Ok(Some((p, owner))) => {
-            return Err(what(format!(
-                "the store {} must belong to uid {} (it writes its caches and functions there), and {} belongs to uid {owner}: give it to the user with `chown -R {}:{} {}`",
-                plan.store.display(),
-                user.uid,
-                p.display(),
-                user.uid,
-                user.gid,
-                plan.store.display()
-            )))
-        }
-        Err(e) => {
-            return Err(what(format!(
-                "read the store {}: {e}",
-                plan.store.display()
-            )))
-        }
-    }
+    give_back(plan.store, user).map_err(|e| {
+        what(format!(
+            "give the user what the daemon wrote into the store {}: {e}",
+            plan.store.display()
+        ))
+    })?;
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())

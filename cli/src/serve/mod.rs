@@ -266,6 +266,13 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return 2;
         }
     };
+    let user = match jail_prepare(&args, &store_dir) {
+        Ok(u) => u,
+        Err(e) => {
+            say!("vmm: error: {e}");
+            return 2;
+        }
+    };
     if args.remote.remote.as_deref().is_some_and(|r| !r.is_empty()) {
         // A worker may start empty and pull every template on its first request.
         if let Err(e) = snapshot_store::Store::create_or_open(&store_dir) {
@@ -347,7 +354,14 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return code;
         }
     };
-    if let Err(e) = jail(&args, &store_dir, per_process, processes, workers) {
+    if let Err(e) = jail(
+        &args,
+        user.as_ref(),
+        &store_dir,
+        per_process,
+        processes,
+        workers,
+    ) {
         say!("vmm: error: {e}");
         return 2;
     }
@@ -490,22 +504,36 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     code
 }
 
+/// `--user`: the user, once the daemon may run as it (root now, the store the user's);
+/// before the daemon writes anything. None without `--user`.
+fn jail_prepare(
+    args: &ServeArgs,
+    store_dir: &std::path::Path,
+) -> Result<Option<jail::User>, String> {
+    let Some(spec) = &args.user else {
+        return Ok(None);
+    };
+    let user = jail::resolve_user(spec)?;
+    jail::prepare(&user, store_dir)?;
+    Ok(Some(user))
+}
+
 /// `--user` (and `--jail`): jail the daemon, which has opened its listener, auth file and
 /// store and started no thread yet (see [`jail`]). Nothing without `--user`.
 fn jail(
     args: &ServeArgs,
+    user: Option<&jail::User>,
     store_dir: &std::path::Path,
     per_process: u32,
     processes: u32,
     workers: u32,
 ) -> Result<(), String> {
-    let Some(spec) = &args.user else {
+    let Some(user) = user else {
         return Ok(());
     };
-    let user = jail::resolve_user(spec)?;
     let remote = args.remote.remote.as_deref().is_some_and(|r| !r.is_empty());
     jail::enter(&jail::Plan {
-        user: &user,
+        user,
         store: store_dir,
         dir: args.jail.as_deref(),
         open_files: limits::open_files(per_process),
