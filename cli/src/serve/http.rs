@@ -59,36 +59,37 @@ pub(super) enum Bound {
 
 /// Bind `--listen`; Err: the message and the exit status.
 pub(super) fn bind(listen: &str) -> Result<Bound, (String, i32)> {
-    let bound =
-        if let Some(path) = listen.strip_prefix("unix:") {
-            let path = PathBuf::from(path);
-            if let Ok(m) = std::fs::symlink_metadata(&path) {
-                use std::os::unix::fs::FileTypeExt;
-                if !m.file_type().is_socket() {
-                    return Err((
-                        format!(
-                            "--listen {listen}: exists and is not a socket; refusing to replace it"
-                        ),
-                        2,
-                    ));
-                }
-                let _ = std::fs::remove_file(&path);
+    let bound = if let Some(path) = listen.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err((
+                    format!(
+                        "--listen {listen}: exists and is not a socket; refusing to replace it"
+                    ),
+                    2,
+                ));
             }
-            match std::os::unix::net::UnixListener::bind(&path) {
-                Ok(l) => Bound::Unix(l, path),
-                Err(e) => return Err((format!("listen on {listen}: {e}"), 1)),
-            }
-        } else {
-            match std::net::TcpListener::bind(listen) {
-                Ok(l) => Bound::Tcp(l),
-                Err(e) => return Err((
+            let _ = std::fs::remove_file(&path);
+        }
+        match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => Bound::Unix(l, path),
+            Err(e) => return Err((format!("listen on {listen}: {e}"), 1)),
+        }
+    } else {
+        match std::net::TcpListener::bind(listen) {
+            Ok(l) => Bound::Tcp(l),
+            Err(e) => {
+                return Err((
                     format!(
                         "listen on {listen}: {e} (is another server on that port? pass --listen)"
                     ),
                     1,
-                )),
+                ))
             }
-        };
+        }
+    };
     let nonblocking = match &bound {
         Bound::Tcp(l) => l.set_nonblocking(true),
         Bound::Unix(l, _) => l.set_nonblocking(true),
