@@ -6,9 +6,11 @@
 //!   holding only the store (bound read-write at its own path, `nosuid,nodev`), a `/dev`
 //!   of `kvm` and `userfaultfd` (device nodes made for USER, as Firecracker's jailer makes
 //!   them) and `null`, `zero`, `random`, `urandom`, a `/proc` that shows only the
-//!   processes it may see (`hidepid=invisible,subset=pid`), and with `--remote` the files
-//!   name resolution reads (`/etc/resolv.conf`, `/etc/hosts`, `/etc/nsswitch.conf`);
-//!   everything else of the host is out of reach;
+//!   processes it may see (`hidepid=invisible,subset=pid`), the ELF interpreter and the
+//!   shared libraries the binary has mapped (read-only, at their own paths: the workers'
+//!   exec needs them), and with `--remote` the files name resolution reads
+//!   (`/etc/resolv.conf`, `/etc/hosts`, `/etc/nsswitch.conf`); everything else of the host
+//!   is out of reach;
 //! - rlimits: open files sized for `--max-instances` (as [`super::limits`] computes),
 //!   no core files (they would hold functions' memory), a bound on processes;
 //! - `PR_SET_NO_NEW_PRIVS`, an empty capability bounding set and ambient set, no
@@ -27,8 +29,10 @@
 //! template creation records its working set with it.
 //!
 //! The store must belong to USER (every file and directory in it): the daemon writes its
-//! caches, deployed functions and templates there. If it does not, the daemon refuses and
-//! says `chown -R UID:GID STORE`.
+//! caches, deployed functions and templates there. [`prepare`] checks it before the daemon
+//! writes anything and refuses with the `chown -R UID:GID STORE` to run; a store that does
+//! not exist is made for USER. What the daemon then writes there as root before the drop
+//! (the store's configuration and lock, `--runtime-module` blobs) is given to USER.
 
 use std::ffi::CString;
 use std::io::Read as _;
