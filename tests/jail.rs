@@ -7,6 +7,8 @@
 //! Also: the hardened systemd unit passes `systemd-analyze verify`.
 
 mod common;
+#[path = "common/garage.rs"]
+mod garage;
 use common::daemon::Daemon;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -414,6 +416,60 @@ fn as_nobody_jailed_serves_every_example_and_deploys_with_no_privilege_left() {
         // the user (the deployed function's templates) is the user's.
         assert_all_nobodys(&fresh.0);
     }
+}
+
+/// With `--remote`, the jailed daemon pulls a template it lacks from S3 on its first
+/// request: the network and name resolution (the endpoint is `localhost`, found through
+/// the jail's /etc/hosts) work from the jail, and what it pulls is the user's.
+#[test]
+fn with_a_remote_the_jailed_daemon_resolves_and_pulls_a_template() {
+    if !root() || !kvm_available() || !nobody_exists() {
+        return;
+    }
+    let Some(g) = garage::Garage::start(1, "jail") else {
+        return;
+    };
+    let a = TempDir::new("jail-remote-a");
+    create(&a, "hello", &qjs_function_args("hello.js", &[]));
+    let store_bin = Path::new(env!("CARGO_BIN_EXE_vmm")).with_file_name("vmm-store");
+    let mut push = std::process::Command::new(&store_bin);
+    g.env(&mut push, "jail");
+    push.arg("--store").arg(&a.0).args(["push", "hello"]);
+    let r = run_with_input(push, b"");
+    assert_eq!(r.code(), 0, "push: {}", r.stderr());
+    let input = br#"{"name":"remote"}"#;
+    let want = restore(&a, "hello", input).stdout();
+
+    // An empty worker store, made by the daemon for the user.
+    let w = TempDir::new("jail-remote-w");
+    let mut cmd = vmm();
+    g.env(&mut cmd, "jail");
+    let endpoint = g.endpoint().replace("127.0.0.1", "localhost");
+    cmd.env("VMM_REMOTE_ENDPOINT", &endpoint)
+        .args(["serve", "--listen", "127.0.0.1:0", "--pool", "1"])
+        .args(["--user", "nobody", "--store", &w.arg()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let d = Daemon::spawned(cmd.spawn().expect("spawn vmm serve"));
+    assert!(d.log().contains("jailed"), "{}", d.log());
+    for _ in 0..2 {
+        let r = ureq::post(&d.url("/v1/functions/hello/invoke"))
+            .timeout(Duration::from_secs(120))
+            .send_bytes(input);
+        let body = match r {
+            Ok(r) => r.into_string().unwrap(),
+            Err(ureq::Error::Status(s, r)) => {
+                panic!("{s} {}\n{}", r.into_string().unwrap(), d.log())
+            }
+            Err(e) => panic!("{e}\n{}", d.log()),
+        };
+        assert_eq!(body, want);
+    }
+    assert_jailed(d.child.id(), "the daemon with a remote");
+    drop(d);
+    assert!(w.0.join("templates/hello.tmpl").exists());
+    assert_all_nobodys(&w.0);
 }
 
 #[test]

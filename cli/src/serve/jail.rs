@@ -8,9 +8,8 @@
 //!   them) and `null`, `zero`, `random`, `urandom`, a `/proc` that shows only the
 //!   processes it may see (`hidepid=invisible,subset=pid`), the ELF interpreter and the
 //!   shared libraries the binary has mapped (read-only, at their own paths: the workers'
-//!   exec needs them), and with `--remote` the files name resolution reads
-//!   (`/etc/resolv.conf`, `/etc/hosts`, `/etc/nsswitch.conf`); everything else of the host
-//!   is out of reach;
+//!   exec needs them), and with `--remote` what its S3 client reads (name resolution's
+//!   files in /etc, the CA certificates); everything else of the host is out of reach;
 //! - rlimits: open files sized for `--max-instances` (as [`super::limits`] computes),
 //!   no core files (they would hold functions' memory), a bound on processes;
 //! - `PR_SET_NO_NEW_PRIVS`, an empty capability bounding set and ambient set, no
@@ -460,8 +459,19 @@ pub(super) fn enter(plan: &Plan) -> Result<(), String> {
         if let Some(parent) = at.parent() {
             step(mkdirs(parent))?;
         }
-        step(std::fs::write(&at, b"").map_err(|e| format!("create {}: {e}", at.display())))?;
-        step(mount(Some(&fd_path(fd)), &at, None, libc::MS_BIND, None))?;
+        // A file or a directory (with what is mounted under it), over one made here.
+        if std::fs::metadata(fd_path(fd)).is_ok_and(|m| m.is_dir()) {
+            step(mkdirs(&at))?;
+        } else if !at.exists() {
+            step(std::fs::write(&at, b"").map_err(|e| format!("create {}: {e}", at.display())))?;
+        }
+        step(mount(
+            Some(&fd_path(fd)),
+            &at,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        ))?;
         step(mount(
             None,
             &at,
@@ -727,13 +737,33 @@ fn program_files() -> Vec<(PathBuf, PathBuf)> {
     out
 }
 
-/// The files name resolution reads, for `--remote` (those that exist).
-pub(super) fn resolver_files() -> Vec<PathBuf> {
-    ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"]
-        .into_iter()
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-        .collect()
+/// What the S3 client of `--remote` reads, those that exist: name resolution's files and
+/// the CA certificates (the places OpenSSL's and rustls' probes look, and
+/// `$SSL_CERT_FILE`/`$SSL_CERT_DIR`; Debian's bundle links into /usr/share).
+pub(super) fn remote_files() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = [
+        "/etc/resolv.conf",
+        "/etc/hosts",
+        "/etc/nsswitch.conf",
+        "/etc/gai.conf",
+        "/etc/ssl/certs",
+        "/etc/ssl/cert.pem",
+        "/etc/pki/tls/certs",
+        "/etc/pki/ca-trust/extracted",
+        "/etc/ca-certificates",
+        "/usr/share/ca-certificates",
+        "/usr/local/share/ca-certificates",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .collect();
+    for var in ["SSL_CERT_FILE", "SSL_CERT_DIR"] {
+        if let Some(v) = std::env::var_os(var) {
+            out.extend(std::env::split_paths(&v).filter(|p| p.is_absolute()));
+        }
+    }
+    out.retain(|p| p.exists());
+    out
 }
 
 #[cfg(test)]

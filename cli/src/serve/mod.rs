@@ -542,7 +542,7 @@ fn jail(
         // same user (the limit counts them all).
         tasks: (u64::from(processes) + 1) * (u64::from(workers) + 64) + 1024,
         files: if remote {
-            jail::resolver_files()
+            jail::remote_files()
         } else {
             Vec::new()
         },
