@@ -109,8 +109,9 @@ fn resolve_in(spec: &str, passwd: Option<&str>) -> Result<User, String> {
 }
 
 /// Before the daemon writes anything (`--user`): it must be root, and the store must be
-/// the user's; a store that does not exist yet is made for the user. Err: what to do.
-pub(super) fn prepare(user: &User, store: &Path) -> Result<(), String> {
+/// the user's; a store that does not exist yet is made for the user. The store's
+/// canonical path (the one the jail binds it at); Err: what to do.
+pub(super) fn prepare(user: &User, store: &Path) -> Result<PathBuf, String> {
     let what = |e: String| format!("--user {}: {e}", user.name);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -128,8 +129,16 @@ pub(super) fn prepare(user: &User, store: &Path) -> Result<(), String> {
             ))
         })?;
     }
+    let store = &std::fs::canonicalize(store)
+        .map_err(|e| what(format!("the store {}: {e}", store.display())))?;
+    if !store.is_dir() {
+        return Err(what(format!(
+            "the store {} is not a directory",
+            store.display()
+        )));
+    }
     match not_owned(store, user.uid) {
-        Ok(None) => Ok(()),
+        Ok(None) => Ok(store.clone()),
         Ok(Some((p, owner))) => Err(what(format!(
             "the store {} must belong to uid {} (the daemon writes its caches and functions there), and {} belongs to uid {owner}: give it to the user with `chown -R {}:{} {}`",
             store.display(),
@@ -426,6 +435,12 @@ pub(super) fn enter(plan: &Plan) -> Result<(), String> {
         .chain(program.iter().map(|(at, from)| (at, from, true)))
         .filter_map(|(at, from, exec)| open_path(from).ok().map(|fd| (at.clone(), fd, exec)))
         .collect();
+    if !root.is_dir() {
+        return Err(what(format!(
+            "build the jail: {} is not a directory to mount its root on; pass --jail DIR (any existing directory: it is covered only in the daemon's own mount namespace)",
+            root.display()
+        )));
+    }
     step(mount(
         None,
         root,

@@ -266,7 +266,7 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
             return 2;
         }
     };
-    let user = match jail_prepare(&args, &store_dir) {
+    let (user, store_dir) = match jail_prepare(&args, store_dir) {
         Ok(u) => u,
         Err(e) => {
             say!("vmm: error: {e}");
@@ -504,18 +504,19 @@ pub fn serve(args: ServeArgs, store_dir: PathBuf) -> i32 {
     code
 }
 
-/// `--user`: the user, once the daemon may run as it (root now, the store the user's);
-/// before the daemon writes anything. None without `--user`.
+/// `--user`: the user, once the daemon may run as it (root now, the store the user's),
+/// and the store's absolute path (the jail binds it there); before the daemon writes
+/// anything. None and the store as given without `--user`.
 fn jail_prepare(
     args: &ServeArgs,
-    store_dir: &std::path::Path,
-) -> Result<Option<jail::User>, String> {
+    store_dir: PathBuf,
+) -> Result<(Option<jail::User>, PathBuf), String> {
     let Some(spec) = &args.user else {
-        return Ok(None);
+        return Ok((None, store_dir));
     };
     let user = jail::resolve_user(spec)?;
-    jail::prepare(&user, store_dir)?;
-    Ok(Some(user))
+    let store_dir = jail::prepare(&user, &store_dir)?;
+    Ok((Some(user), store_dir))
 }
 
 /// `--user` (and `--jail`): jail the daemon, which has opened its listener, auth file and
