@@ -154,20 +154,121 @@ pub(super) fn prepare(user: &User, store: &Path) -> Result<PathBuf, String> {
 
 /// Give the user what the daemon wrote into the store as root since [`prepare`] found it
 /// all the user's (the store's lock and configuration, `--runtime-module` blobs).
-fn give_back(store: &Path, user: &User) -> std::io::Result<()> {
-    let mut todo = vec![store.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        let m = std::fs::symlink_metadata(&p)?;
-        if m.uid() != user.uid || m.gid() != user.gid {
-            std::os::unix::fs::lchown(&p, Some(user.uid), Some(user.gid))?;
+///
+/// The store is the user's: whatever runs as the user may rename, swap and link in it
+/// while this runs as root. So every entry is reached through descriptors opened without
+/// following symlinks, changed through its own descriptor (never a path looked up again),
+/// and only directories and regular files with no other hard link are given away (a link
+/// to a file outside the store must never become the user's).
+fn give_back(store: &Path, user: &User) -> Result<(), String> {
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let mut todo: Vec<(OwnedFd, PathBuf)> = Vec::new();
+    let top = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(store)
+            .map_err(|e| io(store, e))?
+    };
+    todo.push((OwnedFd::from(top), store.to_path_buf()));
+    let mut first = true;
+    while let Some((dir, shown)) = todo.pop() {
+        if std::mem::take(&mut first) {
+            give(&dir, &shown, user)?;
         }
-        if m.is_dir() {
-            for e in std::fs::read_dir(&p)? {
-                todo.push(e?.path());
+        let listing = std::fs::read_dir(fd_path(&dir)).map_err(|e| io(&shown, e))?;
+        for e in listing {
+            let e = e.map_err(|e| io(&shown, e))?;
+            let at = shown.join(e.file_name());
+            let name = CString::new(e.file_name().as_bytes())
+                .map_err(|_| format!("{}: a name with a NUL byte", at.display()))?;
+            // SAFETY: `dir` is an open descriptor and `name` a NUL-terminated string; the
+            // result is checked and owned at once.
+            let fd = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(io(&at, std::io::Error::last_os_error()));
+            }
+            // SAFETY: a fresh descriptor nothing else owns.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let kind = give(&fd, &at, user)?;
+            if kind == libc::S_IFDIR {
+                // SAFETY: as above, relative to `dir`.
+                let d = unsafe {
+                    libc::openat(
+                        dir.as_raw_fd(),
+                        name.as_ptr(),
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    )
+                };
+                if d < 0 {
+                    return Err(io(&at, std::io::Error::last_os_error()));
+                }
+                // SAFETY: a fresh descriptor nothing else owns.
+                todo.push((
+                    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(d) },
+                    at,
+                ));
             }
         }
     }
     Ok(())
+}
+
+/// Give the entry open as `fd` to the user if it is a directory or a regular file of one
+/// link and not already theirs; its file type.
+fn give(fd: &OwnedFd, shown: &Path, user: &User) -> Result<libc::mode_t, String> {
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open; `st` is a live, writable stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!(
+            "{}: {}",
+            shown.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    if st.st_uid == user.uid && st.st_gid == user.gid {
+        return Ok(kind);
+    }
+    match kind {
+        libc::S_IFDIR => {}
+        libc::S_IFREG if st.st_nlink == 1 => {}
+        libc::S_IFREG => {
+            return Err(format!(
+                "{} is not the user's and has {} hard links: remove it from the store",
+                shown.display(),
+                st.st_nlink
+            ))
+        }
+        // Symlinks and anything else: left alone (the store makes none).
+        _ => return Ok(kind),
+    }
+    // SAFETY: fchownat on the descriptor itself (AT_EMPTY_PATH with an empty path).
+    let r = unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            user.uid,
+            user.gid,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "give {} to the user: {}",
+            shown.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(kind)
 }
 
 /// What the jail is built from, decided by the daemon's start-up.
@@ -369,8 +470,7 @@ pub(super) fn enter(plan: &Plan) -> Result<(), String> {
     }
     give_back(plan.store, user).map_err(|e| {
         what(format!(
-            "give the user what the daemon wrote into the store {}: {e}",
-            plan.store.display()
+            "give the user what the daemon wrote into the store: {e}"
         ))
     })?;
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
