@@ -16,7 +16,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(store: &TempDir, extra: &[&str]) -> Daemon {
-        let mut child = vmm()
+        let child = vmm()
             .args(["serve", "--listen", "127.0.0.1:0", "--store", &store.arg()])
             .args(extra)
             .stdin(Stdio::null())
@@ -24,6 +24,11 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm serve");
+        Daemon::spawned(child)
+    }
+
+    /// A `vmm serve` spawned by the caller (with its stderr piped): wait for its address.
+    pub fn spawned(mut child: Child) -> Daemon {
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();

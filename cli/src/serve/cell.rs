@@ -33,6 +33,15 @@ pub fn run() -> i32 {
     // pointer (this one is 15 with its NUL, and static); it only renames this thread.
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     super::init_logging();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Jailed (`vmm serve --user`): other processes of the same user may not ptrace this
+        // one or read its memory. Its own /proc/self/pagemap is opened first (once it is
+        // not dumpable, that file belongs to root).
+        let _ = vmm::memory::pagemap();
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    }
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => UnixStream::from(fd),
         Err(e) => {

@@ -50,8 +50,56 @@ impl State {
     }
 }
 
+/// The daemon's listening socket, bound before anything else is set up (and before
+/// `--user` drops the privileges a port below 1024 or a socket's directory may need).
+pub(super) enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Bind `--listen`; Err: the message and the exit status.
+pub(super) fn bind(listen: &str) -> Result<Bound, (String, i32)> {
+    let bound = if let Some(path) = listen.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err((
+                    format!(
+                        "--listen {listen}: exists and is not a socket; refusing to replace it"
+                    ),
+                    2,
+                ));
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => Bound::Unix(l, path),
+            Err(e) => return Err((format!("listen on {listen}: {e}"), 1)),
+        }
+    } else {
+        match std::net::TcpListener::bind(listen) {
+            Ok(l) => Bound::Tcp(l),
+            Err(e) => {
+                return Err((
+                    format!(
+                        "listen on {listen}: {e} (is another server on that port? pass --listen)"
+                    ),
+                    1,
+                ))
+            }
+        }
+    };
+    let nonblocking = match &bound {
+        Bound::Tcp(l) => l.set_nonblocking(true),
+        Bound::Unix(l, _) => l.set_nonblocking(true),
+    };
+    nonblocking.map_err(|e| (format!("listen on {listen}: {e}"), 1))?;
+    Ok(bound)
+}
+
 pub(super) async fn accept_loop(
-    listen: String,
+    bound: Bound,
     state: Arc<State>,
     header_timeout: Duration,
     drain_for: Duration,
@@ -60,37 +108,22 @@ pub(super) async fn accept_loop(
         Tcp(tokio::net::TcpListener),
         Unix(tokio::net::UnixListener, PathBuf),
     }
-    let listener = if let Some(path) = listen.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        if let Ok(m) = std::fs::symlink_metadata(&path) {
-            use std::os::unix::fs::FileTypeExt;
-            if !m.file_type().is_socket() {
-                say!("vmm: error: --listen {listen}: exists and is not a socket; refusing to replace it");
-                return 2;
-            }
-            let _ = std::fs::remove_file(&path);
-        }
-        match tokio::net::UnixListener::bind(&path) {
-            Ok(l) => Listener::Unix(l, path),
-            Err(e) => {
-                say!("vmm: error: listen on {listen}: {e}");
-                return 1;
-            }
-        }
-    } else {
-        match tokio::net::TcpListener::bind(&listen).await {
-            Ok(l) => Listener::Tcp(l),
-            Err(e) => {
-                say!("vmm: error: listen on {listen}: {e} (is another server on that port? pass --listen)");
-                return 1;
-            }
+    let listener = match bound {
+        Bound::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Listener::Tcp),
+        Bound::Unix(l, p) => tokio::net::UnixListener::from_std(l).map(|l| Listener::Unix(l, p)),
+    };
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            say!("vmm: error: listen: {e}");
+            return 1;
         }
     };
     let shown = match &listener {
         Listener::Tcp(l) => l
             .local_addr()
             .map(|a| a.to_string())
-            .unwrap_or(listen.clone()),
+            .unwrap_or_else(|_| "?".into()),
         Listener::Unix(_, p) => format!("unix:{}", p.display()),
     };
     tracing::info!(listen = %shown, "serving");
@@ -140,7 +173,9 @@ pub(super) async fn accept_loop(
     }
     state.draining.store(true, Ordering::SeqCst);
     tracing::info!("draining: no new connections; waiting for requests in flight");
-    listener_cleanup(&listener_path(&listen));
+    if let Listener::Unix(_, p) = &listener {
+        let _ = std::fs::remove_file(p);
+    }
     match tokio::time::timeout(drain_for, graceful.shutdown()).await {
         Ok(()) => {
             tracing::info!("drained; bye");
@@ -150,16 +185,6 @@ pub(super) async fn accept_loop(
             tracing::warn!("requests still running after {drain_for:?}; exiting");
             0
         }
-    }
-}
-
-fn listener_path(listen: &str) -> Option<PathBuf> {
-    listen.strip_prefix("unix:").map(PathBuf::from)
-}
-
-fn listener_cleanup(p: &Option<PathBuf>) {
-    if let Some(p) = p {
-        let _ = std::fs::remove_file(p);
     }
 }
 

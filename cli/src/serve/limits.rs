@@ -54,7 +54,7 @@ impl Host {
 /// mappings than `vm.max_map_count`: why, naming the setting to change.
 pub(super) fn check(max_instances: u32, host: Host) -> Result<Option<u64>, String> {
     let n = u64::from(max_instances);
-    let fds = n * FDS_PER_INSTANCE + FDS_RESERVE;
+    let fds = open_files(max_instances);
     let maps = n * MAPS_PER_INSTANCE + MAPS_RESERVE;
     let mut problems = Vec::new();
     if maps > host.max_map_count {
@@ -76,6 +76,11 @@ pub(super) fn check(max_instances: u32, host: Host) -> Result<Option<u64>, Strin
         ));
     }
     Ok((fds > host.nofile.0).then_some(fds))
+}
+
+/// The open files a process holding `max_instances` instances needs (RLIMIT_NOFILE).
+pub(super) fn open_files(max_instances: u32) -> u64 {
+    u64::from(max_instances) * FDS_PER_INSTANCE + FDS_RESERVE
 }
 
 /// Check the host's limits for `max_instances` and raise the soft RLIMIT_NOFILE as far as

@@ -65,6 +65,13 @@ pub(super) const LIST: &[Allow] = &[
     // Worker processes started again after one ended (fork, exec of /proc/self/exe, wait),
     // and stopped at shutdown.
     sys!(SYS_execve),
+    // A worker process started as an unprivileged user makes itself non-dumpable.
+    Allow::ArgIn(
+        libc::SYS_prctl,
+        "SYS_prctl",
+        0,
+        &[libc::PR_SET_DUMPABLE as u64],
+    ),
     // The new process's own start (the dynamic loader, libc) under this filter.
     sys!(SYS_arch_prctl),
     sys!(SYS_set_tid_address),
