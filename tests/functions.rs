@@ -79,6 +79,8 @@ struct Opts<'a> {
     python: Option<&'a str>,
     tokens: &'a [(&'a str, &'a str, &'a str)],
     flags: &'a [&'a str],
+    /// Run on the store before the daemon starts.
+    prepare: Option<fn(&TempDir)>,
 }
 
 impl Fx {
@@ -106,6 +108,9 @@ impl Fx {
             args.extend(["--runtime-module", py.as_str()]);
         }
         args.extend_from_slice(o.flags);
+        if let Some(prepare) = o.prepare {
+            prepare(&store);
+        }
         let d = Daemon::start(&store, &args);
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(180))
@@ -1478,6 +1483,32 @@ fn a_template_that_no_longer_fits_is_built_again_from_the_spec() {
     let a = f.invoke("f", b"3");
     assert_eq!((a.status, a.text().as_str()), (200, "fit:3\n"), "{a:?}");
     assert_ne!(a.header("x-vmm-path"), Some("cold"), "{a:?}");
+    f.assert_no_panic();
+}
+
+/// A store where `vmm template create` made JavaScript templates (and so the runtime
+/// base, named after the module's file) takes deployed JavaScript functions on that same
+/// base: the module's bytes are the same, only the name a base records for messages
+/// differs (the deploy was refused as "made on an earlier runtime base ... replaced").
+#[test]
+fn functions_deploy_onto_a_runtime_base_that_vmm_template_create_made() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Fx::start(
+        "fn-cli-base",
+        Opts {
+            prepare: Some(|store| create(store, "hello-js", &qjs_function_args("hello.js", &[]))),
+            ..Opts::default()
+        },
+    );
+    let a = f.put("x", &js_tagged("x"));
+    assert_eq!(a.status, 201, "{a:?}");
+    let a = f.invoke("x", b"1");
+    assert_eq!((a.status, a.text().as_str()), (200, "x:1\n"), "{a:?}");
+    let a = f.invoke("hello-js", br#"{"name":"cli"}"#);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.text().contains("Hello, cli!"), "{a:?}");
     f.assert_no_panic();
 }
 

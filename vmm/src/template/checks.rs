@@ -326,7 +326,10 @@ pub fn check_layering(
                     });
                 }
                 if b.created_unix_ms != pt.created_unix_ms
-                    || (device.provenance.is_some() && device.provenance != pd.provenance)
+                    || device
+                        .provenance
+                        .as_ref()
+                        .is_some_and(|c| !pd.provenance.as_ref().is_some_and(|p| p.same_code(c)))
                 {
                     return Err(CheckError::ReplacedBase {
                         child: name(),

@@ -51,6 +51,19 @@ pub fn kernel_hash() -> u64 {
 }
 
 impl Provenance {
+    /// Whether two provenances describe the same code (the module's file name, kept
+    /// for messages, may differ: a base made by `vmm template create` from a file and a
+    /// function deployed from the same bytes stored as a blob name it differently).
+    pub fn same_code(&self, other: &Provenance) -> bool {
+        Provenance {
+            module_name: String::new(),
+            ..self.clone()
+        } == Provenance {
+            module_name: String::new(),
+            ..other.clone()
+        }
+    }
+
     /// The provenance a base made now for `spec` with `mem_mib` MiB of guest memory has.
     pub fn of(spec: &FunctionSpec, mem_mib: u64) -> Provenance {
         Provenance {
