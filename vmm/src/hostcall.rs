@@ -306,7 +306,7 @@ mod tests {
             answers: &mut answers,
         };
         let port = vmm_abi::HOSTCALL_PORT;
-        let e = handle_exit(0x3f8, &[b'x'], &mut cx).unwrap_err();
+        let e = handle_exit(0x3f8, b"x", &mut cx).unwrap_err();
         assert!(e.to_string().contains("unknown port 0x3f8"), "{e}");
         // Every other region: more runs than slots allowed, so they are merged.
         for r in (12..256).step_by(2) {
