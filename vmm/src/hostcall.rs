@@ -291,6 +291,41 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_of_granted_regions_rewrites_a_grant_map_the_guest_overwrote() {
+        // Found by the hostcall fuzz target: a guest that wrote over its grant map (here a
+        // read of stdin into it) and then asked for regions already granted kept the wrong
+        // map: only a grant of new regions rewrote it.
+        let mem = GuestMemory::new((64 * MIB) as usize).unwrap();
+        let mut grants = Grants::fixed(mem.size());
+        let mut slots = Recorded::default();
+        grants.register_slots(&mut slots, &mem).unwrap();
+        let mut out = Output::new(0);
+        let body = [0xffu8; 8];
+        let mut answers = Answers {
+            stdin: Some(&body),
+            ..Default::default()
+        };
+        let mut cx = Context {
+            mem: &mem,
+            grants: &mut grants,
+            slots: &mut slots,
+            out: &mut out,
+            answers: &mut answers,
+        };
+        let port = vmm_abi::HOSTCALL_PORT;
+        call(&mem, 2, &[layout::GRANT_MAP_GPA, 8]);
+        assert_eq!(handle_exit(port, &[0], &mut cx).unwrap(), Next::Resume);
+        assert_eq!(mem.read_vec(layout::GRANT_MAP_GPA, 8).unwrap(), [0xff; 8]);
+        call(&mem, 8, &[0, 2 * MIB]);
+        assert_eq!(handle_exit(port, &[0], &mut cx).unwrap(), Next::Resume);
+        let map = mem
+            .read_vec(layout::GRANT_MAP_GPA, layout::GRANT_MAP_BYTES as u64)
+            .unwrap();
+        assert_eq!(map, cx.grants.map());
+        assert_eq!(cx.slots.0.iter().flatten().count(), 2, "no new slot");
+    }
+
+    #[test]
     fn hostile_exits_end_with_clear_errors_and_fragmenting_grants_stay_few_slots() {
         let mem = GuestMemory::new((512 * MIB) as usize).unwrap();
         let mut grants = Grants::fixed(mem.size());

@@ -213,6 +213,9 @@ impl Grants {
         let runs = self.mark(gpa, len);
         tracing::debug!(gpa, len, new = ?runs, slots = self.slots.len(), "memory grant");
         if runs.is_empty() {
+            // Nothing new, but the map is made right again (a guest that overwrote its own
+            // map, e.g. with a read of stdin over it, would ask again and again).
+            self.write_map(mem)?;
             return Ok(());
         }
         if self.slots.len() + runs.len() > MAX_SLOTS {
