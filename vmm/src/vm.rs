@@ -181,6 +181,11 @@ impl Grants {
         mem: &GuestMemory,
     ) -> Result<(), VmError> {
         self.slots.clear();
+        if self.runs().len() > MAX_SLOTS {
+            // Fragmented (a template's map is what its guest left in its grant map page):
+            // one slot from the lowest granted region to the highest, as for a grant.
+            self.fill_gaps();
+        }
         for (gpa, len) in self.runs() {
             self.add_slot(slots, gpa, len)?;
         }
