@@ -392,3 +392,37 @@ fn a_daemon_serves_on_after_every_hostile_request_and_nothing_leaks_between_inst
     let (s, _) = d.get("/healthz");
     assert_eq!(s, 200);
 }
+
+/// A template whose guest left a grant map of alternating regions where the template is
+/// taken: every restore registers slots for what the map names, at most 64 of them.
+#[test]
+fn a_template_with_a_fragmented_grant_map_restores_with_few_slots() {
+    if !kvm_available() {
+        return;
+    }
+    let store = TempDir::new("hostile-fragment-map");
+    let mut cmd = vmm();
+    cmd.env("VMM_GUEST_KERNEL", hostile_kernel()).args([
+        "template",
+        "create",
+        "fragmented",
+        "--store",
+        &store.arg(),
+        "--module",
+        &module(),
+        "--arg",
+        "fragment-map",
+        "--mem",
+        "1024",
+    ]);
+    let r = run_with_input(cmd, b"");
+    assert_eq!(r.code(), 0, "template create: {}", r.stderr());
+    let mut cmd = vmm();
+    cmd.args(["restore", "fragmented", "--store", &store.arg(), "--json"]);
+    let r = run_with_input(cmd, &request("ok", b""));
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    let slots = v["stats"]["memory_slots"].as_u64().unwrap();
+    assert!((1..=64).contains(&slots), "{slots} memory slots: {v}");
+    assert!(v["stdout"].as_str().unwrap().ends_with("victim=42"), "{v}");
+}

@@ -141,16 +141,31 @@ pub fn run() {
     );
     // The function config, as the real kernel asks for it (the runtime base is taken here).
     let mut cap = 64 << 10;
-    loop {
-        let mut cfg: Vec<u8> = Vec::with_capacity(cap);
+    let cfg = loop {
+        let mut cfg: Vec<u8> = vec![0; cap];
         let (total, _) = call(
             Op::GetFunction as u64,
             &[cfg.as_mut_ptr() as u64, cap as u64],
         );
         if total <= cap as u64 {
-            break;
+            cfg.truncate(total as usize);
+            break cfg;
         }
         cap = total as usize;
+    };
+    // An attack on the template itself (named by an argument of the function): a grant map
+    // whose regions alternate (all inside RAM: one past it is refused), left in guest memory where the template is taken (the next
+    // read). Every restore registers slots for what it names.
+    if cfg.windows(12).any(|w| w == b"fragment-map") {
+        // SAFETY: the grant map page is identity-mapped RAM of this guest; the VMM reads it
+        // (bounded, hostile input) only when it takes or restores a template.
+        unsafe {
+            core::ptr::write_bytes(
+                layout::GRANT_MAP_GPA as *mut u8,
+                0x55,
+                (mem_size() / layout::GRANT_REGION / 8) as usize,
+            )
+        };
     }
     let mut name_buf = [0u8; NAME_LEN];
     let (n, eof) = call(
