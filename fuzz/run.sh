@@ -26,7 +26,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
 cd "$ROOT"
 
-ALL_TARGETS="manifest pack_index locations store_dir import mailbox vcpu_state"
+ALL_TARGETS="manifest pack_index locations store_dir import mailbox hostcall vcpu_state"
 TARGETS="${FUZZ_TARGETS:-$ALL_TARGETS}"
 JOBS="${FUZZ_JOBS:-1}"
 

@@ -369,6 +369,70 @@ fn mailbox_seeds(out: &mut Out) {
     }
 }
 
+/// `hostcall`: runs as the guest kernel makes them (function, body, output, grants, exit),
+/// fragmenting grants, and malformed ones (see `vmm_fuzz::hostcall_input`).
+fn hostcall_seeds(out: &mut Out) {
+    use vmm_fuzz::hostcall_input::Builder;
+    let cfg = FunctionConfig {
+        args: vec![&b"fn"[..]],
+        ..Default::default()
+    }
+    .encode();
+    // 16 MiB (8 regions), the fixed grants, 64 KiB of output.
+    let mem: u64 = 16 << 20;
+    let mut b = Builder::header(7, true, 1024, Some(&cfg), Some(b"hello, world"));
+    b.call(Op::GetFunction as u64, &[0x1000, 4])
+        .call(Op::GetFunction as u64, &[0x1000, cfg.len() as u64])
+        .call(Op::ReadStdin as u64, &[0x2000, 5])
+        .call(Op::ReadStdin as u64, &[0x2000, 4096])
+        .call(Op::Grant as u64, &[4 << 20, 4 << 20])
+        .poke(0x3000, b"output!")
+        .call(Op::Write as u64, &[1, 0x3000, 7])
+        .call(Op::Write as u64, &[2, 0x3000, 3])
+        .call(Op::Exit as u64, &[0, 0x3000, 7, 0x3000, 2, 1]);
+    out.put("hostcall", "run", &b.b);
+    // A pooled instance: stopped at its read, answered with a new body.
+    let mut b = Builder::header(7, true, 1024, Some(&cfg), None);
+    b.call(Op::GetFunction as u64, &[0x1000, 4096])
+        .call(Op::ReadStdin as u64, &[0x2000, 4096])
+        .answer(b"next request")
+        .call(Op::Exit as u64, &[0, 0x2000, 12, 0, 0, 0]);
+    out.put("hostcall", "pooled", &b.b);
+    // Buffers over the mailbox and the grant map; output at the end of RAM.
+    let mut b = Builder::header(7, false, 1024, Some(&cfg), Some(&[0x55; 300]));
+    b.call(Op::GetFunction as u64, &[0x8000 - 8, 4096])
+        .call(Op::ReadStdin as u64, &[0xa000 - 100, 300])
+        .call(Op::Write as u64, &[1, mem - 16, 16])
+        .call(Op::Grant as u64, &[0, mem]);
+    out.put("hostcall", "overlap", &b.b);
+    // 320 MiB, every other region granted one by one: past the slot limit.
+    let mut b = Builder::header(0xf0, true, 16, None, None);
+    b.grants(11, 1, 100);
+    out.put("hostcall", "fragments", &b.b);
+    for (name, op, args) in [
+        ("oob", Op::ReadStdin as u64, vec![mem - 8, 16]),
+        (
+            "oversize",
+            Op::Write as u64,
+            vec![1, 0, vmm_abi::MAX_TRANSFER_LEN + 1],
+        ),
+        ("limit", Op::Write as u64, vec![1, 0x1000, 65537]),
+        ("unaligned", Op::Grant as u64, vec![0x1000, 2 << 20]),
+        ("panic", Op::Panic as u64, vec![0x3000, 7, 1]),
+        ("error", Op::Error as u64, vec![1, 0x3000, 7]),
+        (
+            "fault",
+            Op::Fault as u64,
+            vec![14, 2, 0x20_1000, 0xdead_0000, 0xdf_fff8],
+        ),
+        ("unknown", 99, vec![]),
+    ] {
+        let mut b = Builder::header(7, true, 1024, None, None);
+        b.poke(0x3000, b"message").call(op, &args);
+        out.put("hostcall", name, &b.b);
+    }
+}
+
 fn state_seeds(out: &mut Out) {
     let pat = |n: usize, k: u8| {
         (0..n)
@@ -560,6 +624,7 @@ fn main() {
     fixture_seeds(&mut out);
     file_seeds(&mut out, &files);
     mailbox_seeds(&mut out);
+    hostcall_seeds(&mut out);
     state_seeds(&mut out);
     println!(
         "make-seeds: wrote {} seeds under {}",

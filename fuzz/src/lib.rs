@@ -14,6 +14,8 @@
 //! bytes[len]
 //! ```
 
+pub mod hostcall_input;
+
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::Path;

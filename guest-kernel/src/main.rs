@@ -13,6 +13,8 @@
 extern crate alloc;
 
 mod arch;
+#[cfg(feature = "hostile")]
+mod hostile;
 
 use alloc::vec::Vec;
 use core::alloc::{GlobalAlloc, Layout};
@@ -180,6 +182,9 @@ pub extern "C" fn kernel_main() -> ! {
     };
     let host = KernelHost::new(test_hostcalls);
     hostcall::write(hostcall::STATS_KERNEL_READY, cpu::rdtsc());
+    // The VMM's tests' hostile guest (never in the image the VMM embeds): does not return.
+    #[cfg(feature = "hostile")]
+    hostile::run();
 
     if test_hostcalls {
         selftest(module);

@@ -397,7 +397,7 @@ pub type Stop = Hostcall;
 pub(crate) fn resume(
     vm: &mut Vm,
     pending: &mut Option<Hostcall>,
-    mut function: Option<&[u8]>,
+    function: Option<&[u8]>,
     stdin: Option<&[u8]>,
     out: &mut Output,
     limits: &RunLimits,
@@ -409,31 +409,22 @@ pub(crate) fn resume(
     let run_ptr: *mut kvm_bindings::kvm_run = vm.vcpu.get_kvm_run();
     let watchdog =
         Watchdog::start_interruptible(limits.timeout, run_ptr, limits.interrupt.as_ref());
-    let mut pos = 0usize;
-    loop {
-        let call = match pending.take() {
-            Some(c) => c,
-            None => vm.next_hostcall(out, &watchdog, limits.timeout)?,
-        };
-        match (call, function, stdin) {
-            (Hostcall::Exit { .. }, _, _) => return Ok(call),
-            (Hostcall::GetFunction { buf }, Some(config), _) => {
-                function = None;
-                if config.len() as u64 <= buf.len {
-                    vm.mem().write(buf.gpa, config)?;
-                }
-                vm.complete(config.len() as u64, 0, true)?;
+    let mut answers = crate::hostcall::Answers {
+        function,
+        stdin,
+        stdin_pos: 0,
+    };
+    let call = match pending.take() {
+        Some(c) => match vm.answer(c, out, &mut answers)? {
+            crate::hostcall::Next::Resume => {
+                vm.next_hostcall(out, &mut answers, &watchdog, limits.timeout)?
             }
-            (Hostcall::ReadStdin { buf }, _, Some(stdin)) => {
-                let n = (stdin.len() - pos).min(buf.len as usize);
-                vm.mem().write(buf.gpa, &stdin[pos..pos + n])?;
-                pos += n;
-                vm.complete(n as u64, (pos == stdin.len()) as u64, true)?;
-            }
-            (call, _, _) => {
-                *pending = Some(call);
-                return Ok(call);
-            }
-        }
+            crate::hostcall::Next::Stop(c) => c,
+        },
+        None => vm.next_hostcall(out, &mut answers, &watchdog, limits.timeout)?,
+    };
+    if !matches!(call, Hostcall::Exit { .. }) {
+        *pending = Some(call);
     }
+    Ok(call)
 }

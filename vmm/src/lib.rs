@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod function;
 pub mod guest;
+pub mod hostcall;
 pub mod instance;
 pub mod loader;
 pub mod memory;

@@ -4,6 +4,7 @@
 //! address and length, and any malformed request stops the guest with an error.
 
 use crate::cpu::GuestCpu;
+use crate::hostcall::{self, Answers, Context, Next, SlotTable};
 use crate::loader::{self, LoadError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{Backend, PlatformError};
@@ -11,7 +12,7 @@ use crate::watchdog::Watchdog;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::time::Duration;
-use vmm_abi::{layout, offsets, AbiError, GuestRange, Mailbox, Request, MAILBOX_BYTES};
+use vmm_abi::{layout, AbiError, GuestRange, Mailbox, MAILBOX_BYTES};
 
 /// Which 2 MiB regions of guest RAM have KVM memory slots ("granted": see `vmm_abi`'s
 /// docs), and the slots that cover them. KVM allocates per-slot metadata by the slot's
@@ -30,7 +31,7 @@ pub struct Grants {
 /// Most memory slots an instance holds: a guest whose grants would fragment its RAM
 /// beyond this is granted the gaps between them too, and gets one slot over them all
 /// (KVM allows ~32k slots, but each costs an SRCU synchronize to add or delete).
-const MAX_SLOTS: usize = 64;
+pub const MAX_SLOTS: usize = 64;
 
 impl Grants {
     const REGION: u64 = layout::GRANT_REGION;
@@ -59,7 +60,7 @@ impl Grants {
 
     /// Mark the regions that `[gpa, gpa + len)` touches (clamped to guest RAM) granted;
     /// returns the runs of regions that were not yet (as (gpa, len)).
-    fn mark(&mut self, gpa: u64, len: u64) -> Vec<(u64, u64)> {
+    pub(crate) fn mark(&mut self, gpa: u64, len: u64) -> Vec<(u64, u64)> {
         let end = gpa.saturating_add(len).min(self.mem_size);
         let (first, last) = (gpa / Self::REGION, end.div_ceil(Self::REGION));
         let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -91,7 +92,7 @@ impl Grants {
     }
 
     /// The granted regions as the fewest runs (gpa, len).
-    fn runs(&self) -> Vec<(u64, u64)> {
+    pub fn runs(&self) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for (r, _) in self.regions.iter().enumerate().filter(|(_, &g)| g) {
             let at = r as u64 * Self::REGION;
@@ -150,6 +151,145 @@ impl Grants {
     /// Whether every region is granted.
     pub fn all(&self) -> bool {
         self.regions.iter().all(|&g| g)
+    }
+
+    /// The registered memory slots, (gpa, len) of slot `i` at `i`.
+    pub fn slot_ranges(&self) -> &[(u64, u64)] {
+        &self.slots
+    }
+
+    /// Register `[gpa, gpa + len)` of guest RAM as the next memory slot.
+    fn add_slot(&mut self, slots: &mut impl SlotTable, gpa: u64, len: u64) -> Result<(), VmError> {
+        if gpa.checked_add(len).is_none_or(|e| e > self.mem_size) {
+            return Err(VmError::Memory(MemoryError::OutOfRange {
+                gpa,
+                len,
+                size: self.mem_size,
+            }));
+        }
+        slots.add(self.slots.len() as u32, gpa, len)?;
+        self.slots.push((gpa, len));
+        Ok(())
+    }
+
+    /// Register the granted regions as memory slots (one per run of regions), forgetting
+    /// the slots this list held (not deleted: see [`Grants::rebuild_slots`]), and write the
+    /// grant map into guest memory.
+    pub fn register_slots(
+        &mut self,
+        slots: &mut impl SlotTable,
+        mem: &GuestMemory,
+    ) -> Result<(), VmError> {
+        self.slots.clear();
+        if self.runs().len() > MAX_SLOTS {
+            // Fragmented (a template's map is what its guest left in its grant map page):
+            // one slot from the lowest granted region to the highest, as for a grant.
+            self.fill_gaps();
+        }
+        for (gpa, len) in self.runs() {
+            self.add_slot(slots, gpa, len)?;
+        }
+        self.write_map(mem)?;
+        Ok(())
+    }
+
+    /// Delete every memory slot, then register the granted regions again as the fewest
+    /// slots (see [`Vm::forget_mappings`]).
+    pub fn rebuild_slots(
+        &mut self,
+        slots: &mut impl SlotTable,
+        mem: &GuestMemory,
+    ) -> Result<(), VmError> {
+        for (id, &(gpa, len)) in self.slots.iter().enumerate() {
+            slots.delete(id as u32, gpa, len)?;
+        }
+        self.register_slots(slots, mem)
+    }
+
+    /// Serve the guest's grant request: slots over the regions of `[gpa, gpa + len)` not
+    /// granted yet (range-checked by the decoder), and the grant map updated.
+    pub fn grant(
+        &mut self,
+        slots: &mut impl SlotTable,
+        mem: &GuestMemory,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), VmError> {
+        let runs = self.mark(gpa, len);
+        tracing::debug!(gpa, len, new = ?runs, slots = self.slots.len(), "memory grant");
+        if runs.is_empty() {
+            // Nothing new, but the map is made right again (a guest that overwrote its own
+            // map, e.g. with a read of stdin over it, would ask again and again).
+            self.write_map(mem)?;
+            return Ok(());
+        }
+        if self.slots.len() + runs.len() > MAX_SLOTS {
+            // Fragmented: one slot over everything from the lowest granted region to the
+            // highest (a guest's own RAM: granting more is safe, only costlier).
+            self.fill_gaps();
+            self.rebuild_slots(slots, mem)?;
+        } else {
+            for (a, l) in runs {
+                self.add_slot(slots, a, l)?;
+            }
+        }
+        self.write_map(mem)?;
+        Ok(())
+    }
+
+    /// Write the grant map into guest memory if it differs from what is there (a page of
+    /// a template mapped copy-on-write stays shared when it is already right).
+    pub fn write_map(&self, mem: &GuestMemory) -> Result<(), MemoryError> {
+        let map = self.map();
+        let mut now = [0u8; layout::GRANT_MAP_BYTES];
+        mem.read_into(layout::GRANT_MAP_GPA, &mut now)?;
+        if now != map {
+            mem.write(layout::GRANT_MAP_GPA, &map)?;
+        }
+        Ok(())
+    }
+}
+
+/// The memory slots of a [`Vm`]: registered with KVM over its guest RAM's host mapping.
+struct KvmSlots<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemory,
+}
+
+impl SlotTable for KvmSlots<'_> {
+    fn add(&mut self, id: u32, gpa: u64, len: u64) -> Result<(), VmError> {
+        if gpa.checked_add(len).is_none_or(|e| e > self.mem.size()) {
+            return Err(VmError::Memory(MemoryError::OutOfRange {
+                gpa,
+                len,
+                size: self.mem.size(),
+            }));
+        }
+        let region = kvm_userspace_memory_region {
+            slot: id,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: self.mem.host_addr() as u64 + gpa,
+        };
+        // SAFETY: the region lies inside `self.mem`'s mapping (checked above), which the
+        // Vm owns and keeps alive for as long as the VM fd exists (fields drop in
+        // declaration order: vcpu and vm before mem); slot ids are never reused while in
+        // use (a new slot takes the next id; [`Grants`] deletes them all before reuse).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
+    }
+
+    fn delete(&mut self, id: u32, gpa: u64, _len: u64) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: id,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: self.mem.host_addr() as u64 + gpa,
+        };
+        // SAFETY: deleting a slot (memory_size 0) removes KVM's use of the mapping; the
+        // vCPU is not running (the Vm is borrowed mutably between runs).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)
     }
 }
 
@@ -288,7 +428,12 @@ impl Output {
             ..Default::default()
         }
     }
-    fn append(&mut self, fd: u32, mem: &GuestMemory, r: GuestRange) -> Result<(), RunError> {
+    pub(crate) fn append(
+        &mut self,
+        fd: u32,
+        mem: &GuestMemory,
+        r: GuestRange,
+    ) -> Result<(), RunError> {
         if self.stdout.len() + self.stderr.len() + r.len as usize > self.limit {
             self.truncated.set(fd);
             return Err(GuestError::OutputLimit(self.limit).into());
@@ -471,72 +616,27 @@ impl Vm {
     /// Register the granted regions with KVM as memory slots (one per run of regions), and
     /// write the grant map into guest memory.
     pub fn register_memory(&mut self) -> Result<(), VmError> {
-        self.grants.slots.clear();
-        for (gpa, len) in self.grants.runs() {
-            self.add_slot(gpa, len)?;
-        }
-        self.write_grant_map()?;
-        Ok(())
+        let mut slots = KvmSlots {
+            vm: &self.vm,
+            mem: &self.mem,
+        };
+        self.grants.register_slots(&mut slots, &self.mem)
     }
 
     /// Write the grant map into guest memory if it differs from what is there (a page of
     /// a template mapped copy-on-write stays shared when it is already right).
     pub fn write_grant_map(&self) -> Result<(), MemoryError> {
-        let map = self.grants.map();
-        let mut now = [0u8; layout::GRANT_MAP_BYTES];
-        self.mem.read_into(layout::GRANT_MAP_GPA, &mut now)?;
-        if now != map {
-            self.mem.write(layout::GRANT_MAP_GPA, &map)?;
-        }
-        Ok(())
-    }
-
-    /// Register `[gpa, gpa + len)` of guest RAM as a new memory slot.
-    fn add_slot(&mut self, gpa: u64, len: u64) -> Result<(), VmError> {
-        let id = self.grants.slots.len() as u32;
-        let region = kvm_userspace_memory_region {
-            slot: id,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: self.mem.host_addr() as u64 + gpa,
-        };
-        if gpa.checked_add(len).is_none_or(|e| e > self.mem.size()) {
-            return Err(VmError::Memory(MemoryError::OutOfRange {
-                gpa,
-                len,
-                size: self.mem.size(),
-            }));
-        }
-        // SAFETY: the region lies inside `self.mem`'s mapping (checked above), which this
-        // Vm owns and keeps alive for as long as the VM fd exists (fields drop in
-        // declaration order: vcpu and vm before mem); slot ids are never reused while in
-        // use (a new slot takes the next id).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
-        self.grants.slots.push((gpa, len));
-        Ok(())
+        self.grants.write_map(&self.mem)
     }
 
     /// Serve the guest's grant request: slots over the regions of `[gpa, gpa + len)` not
     /// granted yet (range-checked by the decoder), and the grant map updated.
     fn grant(&mut self, gpa: u64, len: u64) -> Result<(), VmError> {
-        let runs = self.grants.mark(gpa, len);
-        tracing::debug!(gpa, len, new = ?runs, slots = self.grants.slots.len(), "memory grant");
-        if runs.is_empty() {
-            return Ok(());
-        }
-        if self.grants.slots.len() + runs.len() > MAX_SLOTS {
-            // Fragmented: one slot over everything from the lowest granted region to the
-            // highest (a guest's own RAM: granting more is safe, only costlier).
-            self.grants.fill_gaps();
-            self.forget_mappings()?;
-        } else {
-            for (a, l) in runs {
-                self.add_slot(a, l)?;
-            }
-        }
-        self.write_grant_map()?;
-        Ok(())
+        let mut slots = KvmSlots {
+            vm: &self.vm,
+            mem: &self.mem,
+        };
+        self.grants.grant(&mut slots, &self.mem, gpa, len)
     }
 
     /// Make KVM forget every mapping of guest memory it built (its shadow page tables
@@ -547,19 +647,11 @@ impl Vm {
     /// had mapped would stay reachable. The guest's next touches build the mappings again
     /// (one exit each, no host page faults).
     pub fn forget_mappings(&mut self) -> Result<(), VmError> {
-        for (id, &(gpa, _)) in self.grants.slots.iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: id as u32,
-                flags: 0,
-                guest_phys_addr: gpa,
-                memory_size: 0,
-                userspace_addr: self.mem.host_addr() as u64 + gpa,
-            };
-            // SAFETY: deleting a slot (memory_size 0) removes KVM's use of the mapping; the
-            // vCPU is not running (the caller holds `&mut self` between runs).
-            unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
-        }
-        self.register_memory()
+        let mut slots = KvmSlots {
+            vm: &self.vm,
+            mem: &self.mem,
+        };
+        self.grants.rebuild_slots(&mut slots, &self.mem)
     }
 
     /// Load the kernel, build page tables and the mailbox, register guest memory (the
@@ -602,10 +694,13 @@ impl Vm {
         Ok(Mailbox::from_bytes(&b))
     }
 
-    /// Run the vCPU until the guest makes a hostcall the caller has to answer.
+    /// Run the vCPU until the guest makes a hostcall the caller has to answer: every
+    /// hostcall is served by [`hostcall::handle_exit`], which answers from `answers` what
+    /// it can.
     pub fn next_hostcall(
         &mut self,
         out: &mut Output,
+        answers: &mut Answers<'_>,
         watchdog: &Watchdog,
         timeout: Duration,
     ) -> Result<Hostcall, RunError> {
@@ -614,7 +709,23 @@ impl Vm {
             let exit = self.vcpu.run();
             self.exits += 1;
             match exit {
-                Ok(VcpuExit::IoOut(port, _)) if port == vmm_abi::HOSTCALL_PORT => {}
+                Ok(VcpuExit::IoOut(port, value)) => {
+                    let mut slots = KvmSlots {
+                        vm: &self.vm,
+                        mem: &self.mem,
+                    };
+                    let mut cx = Context {
+                        mem: &self.mem,
+                        grants: &mut self.grants,
+                        slots: &mut slots,
+                        out: &mut *out,
+                        answers: &mut *answers,
+                    };
+                    match hostcall::handle_exit(port, value, &mut cx)? {
+                        Next::Resume => continue,
+                        Next::Stop(call) => return Ok(call),
+                    }
+                }
                 Ok(VcpuExit::Hlt) => {
                     // After a host-side write of the PVM VIF MSR the first hlt returns at
                     // once; the guest only halts for good after its final hostcall.
@@ -628,7 +739,7 @@ impl Vm {
                     continue;
                 }
                 Ok(VcpuExit::Shutdown) => return Err(GuestError::Shutdown.into()),
-                Ok(VcpuExit::IoOut(port, _)) | Ok(VcpuExit::IoIn(port, _)) => {
+                Ok(VcpuExit::IoIn(port, _)) => {
                     return Err(GuestError::UnexpectedExit(format!(
                         "port I/O to unknown port {port:#x}"
                     ))
@@ -652,78 +763,29 @@ impl Vm {
                 }
                 Err(e) => return Err(VmError::Run(e).into()),
             }
-            let mb = self.read_mailbox()?;
-            let req =
-                vmm_abi::decode_request(&mb, self.mem.size()).map_err(GuestError::BadHostcall)?;
-            match req {
-                Request::GetFunction { buf } => return Ok(Hostcall::GetFunction { buf }),
-                Request::ReadStdin { buf } => return Ok(Hostcall::ReadStdin { buf }),
-                Request::Write { fd, data } => {
-                    out.append(fd, &self.mem, data)?;
-                    self.complete(0, 0, false)?;
-                }
-                Request::Grant { range } => {
-                    self.grant(range.gpa, range.len)?;
-                    self.complete(0, 0, false)?;
-                }
-                Request::Exit {
-                    code,
-                    stdout,
-                    stderr,
-                    flags,
-                } => {
-                    out.append(1, &self.mem, stdout)?;
-                    out.append(2, &self.mem, stderr)?;
-                    if flags & vmm_abi::EXIT_STDOUT_TRUNCATED != 0 {
-                        out.truncated.set(1);
-                    }
-                    if flags & vmm_abi::EXIT_STDERR_TRUNCATED != 0 {
-                        out.truncated.set(2);
-                    }
-                    return Ok(Hostcall::Exit { code });
-                }
-                Request::Fault {
-                    vector,
-                    error_code,
-                    rip,
-                    cr2,
-                    rsp,
-                } => {
-                    let name = vmm_abi::exception_name(vector);
-                    return Err(GuestError::Fault {
-                        vector,
-                        name,
-                        error_code,
-                        rip,
-                        cr2,
-                        rsp,
-                    }
-                    .into());
-                }
-                Request::Panic { message, kind } => {
-                    let msg =
-                        String::from_utf8_lossy(&self.mem.read_vec(message.gpa, message.len)?)
-                            .into_owned();
-                    return Err(if kind == vmm_abi::PANIC_OUT_OF_MEMORY {
-                        GuestError::OutOfMemory(msg)
-                    } else {
-                        GuestError::Panic(msg)
-                    }
-                    .into());
-                }
-                Request::Error { code, message } => {
-                    let msg =
-                        String::from_utf8_lossy(&self.mem.read_vec(message.gpa, message.len)?)
-                            .into_owned();
-                    return Err(if code == vmm_abi::ERR_MODULE_INVALID {
-                        GuestError::ModuleInvalid(msg)
-                    } else {
-                        GuestError::Runtime(msg)
-                    }
-                    .into());
-                }
-            }
         }
+    }
+
+    /// Answer `call`, a hostcall the guest waits in, from `answers` if it can be (see
+    /// [`hostcall::answer`]).
+    pub fn answer(
+        &mut self,
+        call: Hostcall,
+        out: &mut Output,
+        answers: &mut Answers<'_>,
+    ) -> Result<Next, RunError> {
+        let mut slots = KvmSlots {
+            vm: &self.vm,
+            mem: &self.mem,
+        };
+        let mut cx = Context {
+            mem: &self.mem,
+            grants: &mut self.grants,
+            slots: &mut slots,
+            out,
+            answers,
+        };
+        hostcall::answer(call, &mut cx)
     }
 
     /// Complete the I/O of the exit the vCPU is stopped at (KVM finishes an `out` only at
@@ -748,23 +810,7 @@ impl Vm {
         ret2: u64,
         fresh_entropy: bool,
     ) -> Result<(), MemoryError> {
-        let base = layout::MAILBOX_GPA;
-        self.mem.write_u64(base + offsets::RET as u64, ret)?;
-        self.mem.write_u64(base + offsets::RET2 as u64, ret2)?;
-        if fresh_entropy {
-            let mut seed = [0u8; 32];
-            fill_random(&mut seed);
-            self.mem.write(base + offsets::ENTROPY as u64, &seed)?;
-            let mut word = [0u8; 8];
-            self.mem
-                .read_into(base + offsets::ENTROPY_GEN as u64, &mut word)?;
-            let gen = u64::from_le_bytes(word).wrapping_add(1);
-            self.mem
-                .write_u64(base + offsets::ENTROPY_GEN as u64, gen)?;
-        }
-        self.mem
-            .write_u64(base + offsets::NOW_UNIX_NS as u64, unix_now_ns())?;
-        Ok(())
+        hostcall::complete(&self.mem, ret, ret2, fresh_entropy)
     }
 }
 
