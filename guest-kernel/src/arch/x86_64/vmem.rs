@@ -14,13 +14,21 @@
 //! all accessible is mapped with one 2 MiB page (one TLB entry, one shadow-paging exit on
 //! first touch instead of one per 8 pages).
 //!
-//! Protections are accessible or not: read-only and executable requests map the page
-//! read-write (no NX): wasmtime only relies on inaccessible pages faulting.
+//! W^X: every page has wasmtime's protection: read-only (R+NX), read-write (RW+NX) or
+//! read-execute (R+X), never writable and executable ([`Prot`]). A block is mapped with one
+//! 2 MiB page only when all its pages are mapped with the same protection. A block that
+//! ever held an executable page also loses write access in the identity map (its chunk is
+//! one identity 2 MiB page) until its memory goes back to the heap, so compiled code is
+//! writable through no mapping at all.
+//!
+//! Page tables: every table lives in the first 2 MiB of guest RAM (the VMM's, and ours
+//! from the pool `[PT_POOL_START, PT_POOL_END)`), which the identity map maps read-only;
+//! they are read and written only through the alias window at `layout::ALIAS_BASE`.
 
-use alloc::alloc::{alloc_zeroed, dealloc};
+use alloc::alloc::dealloc;
 use alloc::collections::BTreeMap;
 use core::alloc::Layout;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmm_abi::layout;
 
@@ -30,10 +38,50 @@ const PAGES_PER_BLOCK: usize = BLOCK / PAGE;
 const WORDS: usize = PAGES_PER_BLOCK / 64;
 /// First address handed out: PML4 slot 1 (slot 0 identity-maps guest RAM).
 const VA_START: usize = 1 << 39;
-/// End of the lower canonical half (PML4 slot 256 on is reserved by PVM).
-const VA_END: usize = 1 << 47;
+/// End of what is handed out: the alias window's PML4 slot (PVM reserves slot 256 on).
+const VA_END: usize = layout::ALIAS_BASE as usize;
+const ALIAS: usize = layout::ALIAS_BASE as usize;
+/// Page tables are reached through the alias window, which covers the first 2 MiB.
+const ALIAS_LEN: usize = layout::HUGE_PAGE_SIZE as usize;
+const POOL_START: usize = layout::PT_POOL_START as usize;
+const POOL_PAGES: usize = (layout::PT_POOL_END - layout::PT_POOL_START) as usize / PAGE;
 
-use vmm_abi::pte::{ADDR_MASK, HUGE as PTE_PS, LEAF, PRESENT as PTE_P, TABLE};
+use vmm_abi::pte::{
+    ADDR_MASK, HUGE as PTE_PS, LEAF_CODE, LEAF_DATA, LEAF_READ_ONLY, PRESENT as PTE_P, TABLE,
+};
+
+/// What a page may be used for (wasmtime's `PROT_*` flags; never writable and executable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prot {
+    None,
+    Read,
+    ReadWrite,
+    ReadExec,
+}
+
+impl Prot {
+    /// From `PROT_READ` (1), `PROT_WRITE` (2), `PROT_EXEC` (4); `None` for write and
+    /// execute together, which W^X never grants.
+    pub fn from_flags(flags: u32) -> Option<Prot> {
+        let (w, x) = (flags & 2 != 0, flags & 4 != 0);
+        Some(match (w, x) {
+            (true, true) => return None,
+            (true, false) => Prot::ReadWrite,
+            (false, true) => Prot::ReadExec,
+            (false, false) if flags & 1 != 0 => Prot::Read,
+            _ => Prot::None,
+        })
+    }
+
+    fn bits(self) -> u64 {
+        match self {
+            Prot::None => 0,
+            Prot::Read => LEAF_READ_ONLY,
+            Prot::ReadWrite => LEAF_DATA,
+            Prot::ReadExec => LEAF_CODE,
+        }
+    }
+}
 
 /// Why a request failed (returned to wasmtime as a non-zero code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +101,11 @@ struct Block {
     mapped: [u64; WORDS],
     /// Pages whose contents are valid (zeroed once, since written by wasm or wasmtime).
     init: [u64; WORDS],
+    /// Of the mapped pages: writable ones, executable ones (never both).
+    write: [u64; WORDS],
+    exec: [u64; WORDS],
+    /// A page was executable: the chunk is read-only in the identity map.
+    code: bool,
 }
 
 impl Block {
@@ -71,6 +124,37 @@ impl Block {
     }
     fn none(bits: &[u64; WORDS]) -> bool {
         bits.iter().all(|&w| w == 0)
+    }
+    fn uniform(bits: &[u64; WORDS]) -> bool {
+        Block::all(bits) || Block::none(bits)
+    }
+    fn prot(&self, i: usize) -> Prot {
+        match (
+            Block::bit(&self.mapped, i),
+            Block::bit(&self.write, i),
+            Block::bit(&self.exec, i),
+        ) {
+            (false, _, _) => Prot::None,
+            (true, true, _) => Prot::ReadWrite,
+            (true, false, true) => Prot::ReadExec,
+            (true, false, false) => Prot::Read,
+        }
+    }
+    fn set_prot(&mut self, i: usize, p: Prot) {
+        Block::set(&mut self.mapped, i, p != Prot::None);
+        Block::set(&mut self.write, i, p == Prot::ReadWrite);
+        Block::set(&mut self.exec, i, p == Prot::ReadExec);
+    }
+    /// The 4 KiB page-table entry of page `i` (0: not mapped).
+    fn pte(&self, i: usize) -> u64 {
+        match self.prot(i) {
+            Prot::None => 0,
+            p => (self.chunk + i * PAGE) as u64 | p.bits(),
+        }
+    }
+    /// Whether one 2 MiB page can map the whole block (every page mapped, alike).
+    fn one_page(&self) -> bool {
+        Block::all(&self.mapped) && Block::uniform(&self.write) && Block::uniform(&self.exec)
     }
 }
 
@@ -116,9 +200,9 @@ fn round_up(x: usize, to: usize) -> Option<usize> {
     x.checked_add(to - 1).map(|v| v & !(to - 1))
 }
 
-/// Reserve `size` bytes (rounded up to pages) of address space; accessible (zeroed) if
-/// `access`.
-pub fn reserve(size: usize, access: bool) -> Result<usize, VmemError> {
+/// Reserve `size` bytes (rounded up to pages) of address space, mapped (zeroed) with
+/// `prot` unless `Prot::None`.
+pub fn reserve(size: usize, prot: Prot) -> Result<usize, VmemError> {
     let size = round_up(size, PAGE).ok_or(VmemError::NoMemory)?;
     if size == 0 {
         return Err(VmemError::Invalid);
@@ -142,8 +226,8 @@ pub fn reserve(size: usize, access: bool) -> Result<usize, VmemError> {
         );
         Ok(base)
     })?;
-    if access {
-        if let Err(e) = protect(base, size, true) {
+    if prot != Prot::None {
+        if let Err(e) = protect(base, size, prot) {
             let _ = unmap(base, size);
             return Err(e);
         }
@@ -194,13 +278,13 @@ fn spans(
     })
 }
 
-/// Make `[addr, addr + len)` accessible (pages never written read as zero) or not
-/// (contents kept for a later `protect(.., true)`).
-pub fn protect(addr: usize, len: usize, access: bool) -> Result<(), VmemError> {
+/// Give `[addr, addr + len)` protection `prot` (pages never written read as zero), or make
+/// it inaccessible (`Prot::None`: contents kept for a later `protect`).
+pub fn protect(addr: usize, len: usize, prot: Prot) -> Result<(), VmemError> {
     with(|s| {
         let (base, r, len) = find(s, addr, len)?;
-        if access {
-            map_all(r, base, addr, len)
+        if prot != Prot::None {
+            map_all(r, base, addr, len, prot)
         } else {
             drop_pages(r, base, addr, len, false);
             Ok(())
@@ -208,10 +292,17 @@ pub fn protect(addr: usize, len: usize, access: bool) -> Result<(), VmemError> {
     })
 }
 
-/// Map every page of `[addr, addr + len)`. If memory runs out, the pages this call made
-/// accessible are made inaccessible again and memory it took is freed, so a failed request
-/// changes nothing (as far as the bookkeeping of what was there before fits in memory).
-fn map_all(r: &mut Reservation, base: usize, addr: usize, len: usize) -> Result<(), VmemError> {
+/// Map every page of `[addr, addr + len)` with `prot`. If memory runs out, the pages this
+/// call made accessible are made inaccessible again and memory it took is freed, so a
+/// failed request changes nothing (as far as the bookkeeping of what was there before fits
+/// in memory; pages it changed the protection of keep the new one).
+fn map_all(
+    r: &mut Reservation,
+    base: usize,
+    addr: usize,
+    len: usize,
+    prot: Prot,
+) -> Result<(), VmemError> {
     /// A block's state before this call: (index, mapped, init; `None`: no memory yet).
     type Before = (usize, Option<([u64; WORDS], [u64; WORDS])>);
     let mut before: alloc::vec::Vec<Before> = alloc::vec::Vec::new();
@@ -223,7 +314,7 @@ fn map_all(r: &mut Reservation, base: usize, addr: usize, len: usize) -> Result<
             before.push((b, state));
         }
         for i in pages {
-            if let Err(e) = map_page(&mut r.blocks, b, i, base + b * BLOCK) {
+            if let Err(e) = map_page(&mut r.blocks, b, i, base + b * BLOCK, prot) {
                 result = Err(e);
                 break 'all;
             }
@@ -274,13 +365,13 @@ fn drop_pages(r: &mut Reservation, base: usize, addr: usize, len: usize, forget:
     }
 }
 
-/// Replace `[addr, addr + len)` with fresh zero memory, accessible or not.
-pub fn remap(addr: usize, len: usize, access: bool) -> Result<(), VmemError> {
+/// Replace `[addr, addr + len)` with fresh zero memory with protection `prot`.
+pub fn remap(addr: usize, len: usize, prot: Prot) -> Result<(), VmemError> {
     with(|s| {
         let (base, r, len) = find(s, addr, len)?;
         drop_pages(r, base, addr, len, true);
-        if access {
-            map_all(r, base, addr, len)
+        if prot != Prot::None {
+            map_all(r, base, addr, len, prot)
         } else {
             Ok(())
         }
@@ -305,6 +396,7 @@ fn map_page(
     b: usize,
     i: usize,
     block_va: usize,
+    prot: Prot,
 ) -> Result<(), VmemError> {
     let block = match blocks.get_mut(&b) {
         Some(block) => block,
@@ -321,40 +413,77 @@ fn map_page(
                 chunk,
                 mapped: [0; WORDS],
                 init: [0; WORDS],
+                write: [0; WORDS],
+                exec: [0; WORDS],
+                code: false,
             })
         }
     };
-    if Block::bit(&block.mapped, i) {
+    let was = block.prot(i);
+    if was == prot {
         return Ok(());
     }
-    let frame = block.chunk + i * PAGE;
-    if !Block::bit(&block.init, i) {
-        // SAFETY: the page lies in the chunk this block owns; nothing maps it yet.
-        unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE) };
-        Block::set(&mut block.init, i, true);
+    if prot == Prot::ReadExec && !block.code {
+        // Code: no longer writable through the identity map either.
+        identity_writable(block.chunk, false)?;
+        block.code = true;
     }
     let pde = pde_for(block_va)?;
-    // SAFETY: `pde` points into a live page directory of our page tables.
-    unsafe {
-        if *pde & PTE_P == 0 || *pde & PTE_PS != 0 {
-            // No table yet (a 2 MiB page here means every page is mapped: not this one).
-            let pt = new_table()?;
-            *pde = pt as u64 | TABLE;
+    if !Block::bit(&block.init, i) {
+        if block.code {
+            // Only writable at its own address: zero it there, mapped read-write first.
+            block.set_prot(i, Prot::ReadWrite);
+            set_pte(pde, block, i, block_va)?;
+            // SAFETY: the page was just mapped read-write at this address, backed by the
+            // chunk this block owns.
+            unsafe { core::ptr::write_bytes((block_va + i * PAGE) as *mut u8, 0, PAGE) };
+        } else {
+            // SAFETY: the page lies in the chunk this block owns, which the identity map
+            // maps read-write (not a code block); nothing else uses it.
+            unsafe { core::ptr::write_bytes((block.chunk + i * PAGE) as *mut u8, 0, PAGE) };
         }
-        let pt = (*pde & ADDR_MASK) as *mut u64;
-        *pt.add(i) = frame as u64 | LEAF;
+        Block::set(&mut block.init, i, true);
     }
-    Block::set(&mut block.mapped, i, true);
-    if Block::all(&block.mapped) {
-        // Every page: one 2 MiB page over the chunk, and the table goes.
-        // SAFETY: as above; the table is no longer referenced once the entry is replaced
-        // and the range is flushed.
-        unsafe {
-            let pt = (*pde & ADDR_MASK) as *mut u8;
-            *pde = block.chunk as u64 | LEAF | PTE_PS;
+    block.set_prot(i, prot);
+    set_pte(pde, block, i, block_va)
+}
+
+/// Make the page table entries of block `block` (at `block_va`, directory entry `pde`)
+/// say what the block's bookkeeping says for page `i`: one 2 MiB page if the whole block
+/// can have one, else a page table (split from a 2 MiB page if there was one).
+fn set_pte(pde: usize, block: &Block, i: usize, block_va: usize) -> Result<(), VmemError> {
+    let e = read(pde);
+    if block.one_page() {
+        if e & PTE_P != 0 && e & PTE_PS == 0 {
+            // Every page alike: one 2 MiB page over the chunk, and the table goes.
+            write(pde, block.chunk as u64 | block.prot(0).bits() | PTE_PS);
             invlpg(block_va);
-            free_table(pt);
+            free_table(table_of(e));
+        } else {
+            write(pde, block.chunk as u64 | block.prot(0).bits() | PTE_PS);
+            if e & PTE_P != 0 {
+                invlpg(block_va);
+            }
         }
+        return Ok(());
+    }
+    if e & PTE_P == 0 || e & PTE_PS != 0 {
+        // No table yet, or a 2 MiB page to split: a table of what every page is now.
+        let pt = new_table()?;
+        for k in 0..PAGES_PER_BLOCK {
+            write(pt + k * 8, block.pte(k));
+        }
+        write(pde, pt as u64 | TABLE);
+        if e & PTE_P != 0 {
+            invlpg(block_va);
+        }
+        return Ok(());
+    }
+    let at = table_of(e) + i * 8;
+    let old = read(at);
+    write(at, block.pte(i));
+    if old & PTE_P != 0 {
+        invlpg(block_va + i * PAGE);
     }
     Ok(())
 }
@@ -364,40 +493,22 @@ fn unmap_page(block: &mut Block, i: usize, block_va: usize) {
         return;
     }
     let Ok(pde) = pde_for(block_va) else { return };
-    // SAFETY: `pde` points into a live page directory; a table it names is ours.
-    unsafe {
-        if *pde & PTE_PS != 0 {
-            // Split the 2 MiB page back into 4 KiB ones.
-            let Ok(pt) = new_table() else {
-                // Out of memory for a table: unmap the whole block instead.
-                *pde = 0;
-                invlpg(block_va);
-                block.mapped = [0; WORDS];
-                return;
-            };
-            let pt = pt as *mut u64;
-            for k in 0..PAGES_PER_BLOCK {
-                *pt.add(k) = (block.chunk + k * PAGE) as u64 | LEAF;
-            }
-            *pt.add(i) = 0;
-            *pde = pt as u64 | TABLE;
-            invlpg(block_va);
-        } else if *pde & PTE_P != 0 {
-            let pt = (*pde & ADDR_MASK) as *mut u64;
-            *pt.add(i) = 0;
-            invlpg(block_va + i * PAGE);
-        }
-    }
-    Block::set(&mut block.mapped, i, false);
+    block.set_prot(i, Prot::None);
     if Block::none(&block.mapped) {
-        // SAFETY: as above.
-        unsafe {
-            if *pde & PTE_P != 0 && *pde & PTE_PS == 0 {
-                let pt = (*pde & ADDR_MASK) as *mut u8;
-                *pde = 0;
-                invlpg(block_va);
-                free_table(pt);
+        let e = read(pde);
+        write(pde, 0);
+        if e & PTE_P != 0 {
+            invlpg(block_va);
+            if e & PTE_PS == 0 {
+                free_table(table_of(e));
             }
+        }
+    } else if set_pte(pde, block, i, block_va).is_err() {
+        // Out of page tables to split a 2 MiB page: unmap the whole block instead.
+        write(pde, 0);
+        invlpg(block_va);
+        for k in 0..PAGES_PER_BLOCK {
+            block.set_prot(k, Prot::None);
         }
     }
 }
@@ -406,7 +517,11 @@ fn unmap_page(block: &mut Block, i: usize, block_va: usize) {
 fn release_if_empty(blocks: &mut BTreeMap<usize, Block>, b: usize) {
     if let Some(block) = blocks.get(&b) {
         if Block::none(&block.init) && Block::none(&block.mapped) {
-            let chunk = block.chunk;
+            let (chunk, code) = (block.chunk, block.code);
+            if code && identity_writable(chunk, true).is_err() {
+                // Cannot make it writable again: keep it out of the heap for good.
+                return;
+            }
             blocks.remove(&b);
             // SAFETY: allocated in `map_page` with this layout, referenced by nothing now.
             unsafe {
@@ -419,42 +534,137 @@ fn release_if_empty(blocks: &mut BTreeMap<usize, Block>, b: usize) {
     }
 }
 
-/// A zeroed page-table page.
+/// Make the identity map's 2 MiB page of `chunk` (2 MiB aligned guest RAM) writable or
+/// read-only; it is never executable.
+fn identity_writable(chunk: usize, writable: bool) -> Result<(), VmemError> {
+    let (gib, index) = (chunk >> 30, (chunk >> 21) & 511);
+    if !chunk.is_multiple_of(BLOCK) || gib as u64 >= layout::MAX_PD_PAGES {
+        return Err(VmemError::Invalid);
+    }
+    let pde = layout::PD_GPA as usize + gib * PAGE + index * 8;
+    let e = read(pde);
+    if e & PTE_P == 0 || e & PTE_PS == 0 || (e & ADDR_MASK) as usize != chunk {
+        return Err(VmemError::Invalid);
+    }
+    write(
+        pde,
+        (chunk as u64) | (if writable { LEAF_DATA } else { LEAF_READ_ONLY }) | PTE_PS,
+    );
+    invlpg(chunk);
+    Ok(())
+}
+
+/// Pages of the page-table pool in use (bit `i`: `POOL_START + i * PAGE`). Only touched
+/// under the lock of [`with`].
+static POOL_USED: [AtomicU64; POOL_PAGES.div_ceil(64)] =
+    [const { AtomicU64::new(0) }; POOL_PAGES.div_ceil(64)];
+
+/// A zeroed page-table page from the pool (its guest-physical address).
 fn new_table() -> Result<usize, VmemError> {
-    // SAFETY: a non-zero size and a power-of-two alignment.
-    let p = unsafe { alloc_zeroed(Layout::from_size_align_unchecked(PAGE, PAGE)) };
-    if p.is_null() {
-        Err(VmemError::NoMemory)
-    } else {
-        Ok(p as usize)
-    }
-}
-
-/// # Safety
-/// `p` came from [`new_table`] and nothing references it.
-unsafe fn free_table(p: *mut u8) {
-    // SAFETY: forwarded.
-    unsafe { dealloc(p, Layout::from_size_align_unchecked(PAGE, PAGE)) }
-}
-
-/// The page-directory entry of the 2 MiB block at `va`, creating the tables above it.
-fn pde_for(va: usize) -> Result<*mut u64, VmemError> {
-    let pml4 = layout::PML4_GPA as *mut u64;
-    let index = |level: u32| (va >> (12 + 9 * level)) & 511;
-    // SAFETY: the PML4 is the kernel's, identity-mapped at PML4_GPA; every table below it
-    // that this walks is either the VMM's identity map (slot 0, never reached: `va` is
-    // above VA_START) or one of ours, made by `new_table`.
-    unsafe {
-        let mut table = pml4;
-        for level in [3u32, 2] {
-            let e = table.add(index(level));
-            if *e & PTE_P == 0 {
-                *e = new_table()? as u64 | TABLE;
-            }
-            table = (*e & ADDR_MASK) as *mut u64;
+    for (w, used) in POOL_USED.iter().enumerate() {
+        let bits = used.load(Ordering::Relaxed);
+        if bits == u64::MAX {
+            continue;
         }
-        Ok(table.add(index(1)))
+        let i = w * 64 + (!bits).trailing_zeros() as usize;
+        if i >= POOL_PAGES {
+            break;
+        }
+        used.store(bits | 1 << (i % 64), Ordering::Relaxed);
+        let p = POOL_START + i * PAGE;
+        for k in 0..PAGE / 8 {
+            write(p + k * 8, 0);
+        }
+        return Ok(p);
     }
+    Err(VmemError::NoMemory)
+}
+
+/// Give a page table back to the pool; nothing may reference it any more.
+fn free_table(p: usize) {
+    if (POOL_START..POOL_START + POOL_PAGES * PAGE).contains(&p) {
+        let i = (p - POOL_START) / PAGE;
+        POOL_USED[i / 64].fetch_and(!(1 << (i % 64)), Ordering::Relaxed);
+    }
+}
+
+/// The guest-physical address of the table an entry points to.
+fn table_of(e: u64) -> usize {
+    (e & ADDR_MASK) as usize
+}
+
+/// Read the page-table word at guest-physical `pa` (through the alias window).
+fn read(pa: usize) -> u64 {
+    assert!(
+        pa < ALIAS_LEN && pa.is_multiple_of(8),
+        "page table word at {pa:#x}"
+    );
+    // SAFETY: `pa` lies in the first 2 MiB, which the alias window maps (made by the VMM's
+    // loader, never changed); aligned.
+    unsafe { core::ptr::read_volatile((ALIAS + pa) as *const u64) }
+}
+
+/// Write the page-table word at guest-physical `pa` (through the alias window).
+fn write(pa: usize, v: u64) {
+    assert!(
+        pa < ALIAS_LEN && pa.is_multiple_of(8),
+        "page table word at {pa:#x}"
+    );
+    // SAFETY: as in `read`; the alias window is writable. Callers only write page-table
+    // entries of the tables they own (the VMM's PML4 slots other than 0 and the alias's,
+    // the identity PDE of a chunk this module owns, and tables from the pool).
+    unsafe { core::ptr::write_volatile((ALIAS + pa) as *mut u64, v) }
+}
+
+/// The guest-physical address of the page-directory entry of the 2 MiB block at `va`,
+/// creating the tables above it.
+fn pde_for(va: usize) -> Result<usize, VmemError> {
+    if !(VA_START..VA_END).contains(&va) {
+        return Err(VmemError::Invalid);
+    }
+    let index = |level: u32| (va >> (12 + 9 * level)) & 511;
+    // The PML4 is the kernel's (CR3); `va` lies in slots 1..ALIAS_PML4_SLOT, whose tables
+    // are all ours, from the pool.
+    let mut table = layout::PML4_GPA as usize;
+    for level in [3u32, 2] {
+        let e = table + index(level) * 8;
+        let mut v = read(e);
+        if v & PTE_P == 0 {
+            v = new_table()? as u64 | TABLE;
+            write(e, v);
+        }
+        table = table_of(v);
+        if table >= ALIAS_LEN {
+            return Err(VmemError::Invalid);
+        }
+    }
+    Ok(table + index(1) * 8)
+}
+
+/// The guest-physical address `va` maps to, if it lies in a reservation and is mapped.
+pub fn translate(va: usize) -> Option<usize> {
+    if !(VA_START..VA_END).contains(&va) {
+        return None;
+    }
+    let index = |level: u32| (va >> (12 + 9 * level)) & 511;
+    let mut table = layout::PML4_GPA as usize;
+    for level in [3u32, 2, 1, 0] {
+        let e = read(table + index(level) * 8);
+        if e & PTE_P == 0 {
+            return None;
+        }
+        if level == 1 && e & PTE_PS != 0 {
+            return Some(table_of(e) + (va & (BLOCK - 1)));
+        }
+        if level == 0 {
+            return Some(table_of(e) + (va & (PAGE - 1)));
+        }
+        table = table_of(e);
+        if table >= ALIAS_LEN {
+            return None;
+        }
+    }
+    None
 }
 
 fn invlpg(va: usize) {
