@@ -16,10 +16,16 @@
 //!
 //! W^X: every page has wasmtime's protection: read-only (R+NX), read-write (RW+NX) or
 //! read-execute (R+X), never writable and executable ([`Prot`]). A block is mapped with one
-//! 2 MiB page only when all its pages are mapped with the same protection. A block that
-//! ever held an executable page also loses write access in the identity map (its chunk is
-//! one identity 2 MiB page) until its memory goes back to the heap, so compiled code is
-//! writable through no mapping at all.
+//! 2 MiB page when all its pages are mapped with the same protection, or when it holds code
+//! and nothing writable (then read-execute: wasmtime's code memory is its text, read-execute,
+//! next to read-only data; with 4 KiB pages, every 8 pages of code first run after a restore
+//! cost a shadow-paging exit, which made served requests measurably slower); the pages of
+//! such a block past its reservation's end are mapped read-only (zeroed) for that. A block
+//! that ever held an executable page also loses write access in the identity map (its
+//! chunk is one identity 2 MiB page) until its memory goes back to the heap, so compiled
+//! code is writable through no mapping at all. Changes are made a block at a time: one
+//! `invlpg` per changed 4 KiB entry, or one TLB flush (CR3 reload) for more than 16 (each
+//! `invlpg` is an exit on PVM).
 //!
 //! Page tables: every table lives in the first 2 MiB of guest RAM (the VMM's, and ours
 //! from the pool `[PT_POOL_START, PT_POOL_END)`), which the identity map maps read-only;
@@ -152,9 +158,16 @@ impl Block {
             p => (self.chunk + i * PAGE) as u64 | p.bits(),
         }
     }
-    /// Whether one 2 MiB page can map the whole block (every page mapped, alike).
-    fn one_page(&self) -> bool {
-        Block::all(&self.mapped) && Block::uniform(&self.write) && Block::uniform(&self.exec)
+    /// The entry bits of one 2 MiB page that maps the whole block, if one can: every page
+    /// mapped and alike, or (a code block) every page read-only or code: read-execute.
+    fn big_page(&self) -> Option<u64> {
+        if !Block::all(&self.mapped) {
+            return None;
+        }
+        if Block::uniform(&self.write) && Block::uniform(&self.exec) {
+            return Some(self.prot(0).bits());
+        }
+        (self.code && Block::none(&self.write)).then_some(LEAF_CODE)
     }
 }
 
@@ -307,17 +320,18 @@ fn map_all(
     type Before = (usize, Option<([u64; WORDS], [u64; WORDS])>);
     let mut before: alloc::vec::Vec<Before> = alloc::vec::Vec::new();
     let mut result = Ok(());
-    'all: for (b, pages) in spans(base, addr, len) {
+    for (b, pages) in spans(base, addr, len) {
         let state = r.blocks.get(&b).map(|k| (k.mapped, k.init));
         let remember = before.try_reserve(1).is_ok();
         if remember {
             before.push((b, state));
         }
-        for i in pages {
-            if let Err(e) = map_page(&mut r.blocks, b, i, base + b * BLOCK, prot) {
-                result = Err(e);
-                break 'all;
-            }
+        // Pages of this block past the reservation's end (only in its last block).
+        let tail = (r.len.saturating_sub(b * BLOCK) / PAGE).min(PAGES_PER_BLOCK);
+        let mapped = map_range(&mut r.blocks, b, pages, tail, base + b * BLOCK, prot);
+        if let Err(e) = mapped {
+            result = Err(e);
+            break;
         }
     }
     if result.is_err() {
@@ -327,7 +341,7 @@ fn map_all(
             if let Some(block) = r.blocks.get_mut(&b) {
                 for i in 0..PAGES_PER_BLOCK {
                     if Block::bit(&block.mapped, i) && !Block::bit(&mapped, i) {
-                        unmap_page(block, i, block_va);
+                        unmap_pages(block, i..i + 1, block_va, false);
                     }
                     if !Block::bit(&init, i) {
                         Block::set(&mut block.init, i, false);
@@ -349,17 +363,17 @@ fn drop_pages(r: &mut Reservation, base: usize, addr: usize, len: usize, forget:
     }
     let (first, last) = ((addr - base) / BLOCK, (addr - base + len - 1) / BLOCK);
     let present: alloc::vec::Vec<usize> = r.blocks.range(first..=last).map(|(&b, _)| b).collect();
+    let end = addr - base + len;
     for b in present {
         let lo = (addr - base).max(b * BLOCK) - b * BLOCK;
-        let hi = (addr - base + len).min((b + 1) * BLOCK) - b * BLOCK;
+        let mut hi = end.min((b + 1) * BLOCK) - b * BLOCK;
+        if end >= r.len {
+            // Up to the reservation's end: the pages past it (a code block's) go too.
+            hi = BLOCK;
+        }
         let block_va = base + b * BLOCK;
         if let Some(block) = r.blocks.get_mut(&b) {
-            for i in lo / PAGE..hi / PAGE {
-                unmap_page(block, i, block_va);
-                if forget {
-                    Block::set(&mut block.init, i, false);
-                }
-            }
+            unmap_pages(block, lo / PAGE..hi / PAGE, block_va, forget);
         }
         release_if_empty(&mut r.blocks, b);
     }
@@ -391,10 +405,13 @@ pub fn unmap(addr: usize, len: usize) -> Result<(), VmemError> {
     })
 }
 
-fn map_page(
+/// Map pages `pages` of block `b` (at `block_va`) with `prot`; `tail`: the first page
+/// index past the reservation's end.
+fn map_range(
     blocks: &mut BTreeMap<usize, Block>,
     b: usize,
-    i: usize,
+    pages: core::ops::Range<usize>,
+    tail: usize,
     block_va: usize,
     prot: Prot,
 ) -> Result<(), VmemError> {
@@ -419,50 +436,76 @@ fn map_page(
             })
         }
     };
-    let was = block.prot(i);
-    if was == prot {
-        return Ok(());
+    let code = block.code || prot == Prot::ReadExec;
+    // A code block's pages past the reservation's end (never asked for) are mapped
+    // read-only too, so that once every page is read-only or code, the block is one
+    // read-execute 2 MiB page (code runs with one TLB entry and one shadow-paging exit per
+    // 2 MiB, not one per 8 pages): read-only data next to the code is then executable,
+    // but nothing in the block is writable.
+    let fill = if code && tail < PAGES_PER_BLOCK {
+        tail..PAGES_PER_BLOCK
+    } else {
+        0..0
+    };
+    let fresh =
+        |block: &Block, r: &core::ops::Range<usize>| r.clone().any(|i| !Block::bit(&block.init, i));
+    if fresh(block, &pages) || fresh(block, &fill) {
+        // Zero pages never made accessible, through the identity map (made writable for
+        // the moment if the block holds code: nothing runs meanwhile).
+        if block.code {
+            identity_writable(block.chunk, true)?;
+        }
+        for i in pages.clone().chain(fill.clone()) {
+            if !Block::bit(&block.init, i) {
+                // SAFETY: the page lies in the chunk this block owns, writable in the
+                // identity map now; nothing maps it yet.
+                unsafe { core::ptr::write_bytes((block.chunk + i * PAGE) as *mut u8, 0, PAGE) };
+                Block::set(&mut block.init, i, true);
+            }
+        }
+        if block.code {
+            identity_writable(block.chunk, false)?;
+        }
     }
-    if prot == Prot::ReadExec && !block.code {
+    if code && !block.code {
         // Code: no longer writable through the identity map either.
         identity_writable(block.chunk, false)?;
         block.code = true;
     }
-    let pde = pde_for(block_va)?;
-    if !Block::bit(&block.init, i) {
-        if block.code {
-            // Only writable at its own address: zero it there, mapped read-write first.
-            block.set_prot(i, Prot::ReadWrite);
-            set_pte(pde, block, i, block_va)?;
-            // SAFETY: the page was just mapped read-write at this address, backed by the
-            // chunk this block owns.
-            unsafe { core::ptr::write_bytes((block_va + i * PAGE) as *mut u8, 0, PAGE) };
-        } else {
-            // SAFETY: the page lies in the chunk this block owns, which the identity map
-            // maps read-write (not a code block); nothing else uses it.
-            unsafe { core::ptr::write_bytes((block.chunk + i * PAGE) as *mut u8, 0, PAGE) };
+    for i in fill.clone() {
+        if !Block::bit(&block.mapped, i) {
+            block.set_prot(i, Prot::Read);
         }
-        Block::set(&mut block.init, i, true);
     }
-    block.set_prot(i, prot);
-    set_pte(pde, block, i, block_va)
+    for i in pages.clone() {
+        block.set_prot(i, prot);
+    }
+    let pde = pde_for(block_va)?;
+    apply(pde, block, pages.chain(fill), block_va)
 }
 
-/// Make the page table entries of block `block` (at `block_va`, directory entry `pde`)
-/// say what the block's bookkeeping says for page `i`: one 2 MiB page if the whole block
-/// can have one, else a page table (split from a 2 MiB page if there was one).
-fn set_pte(pde: usize, block: &Block, i: usize, block_va: usize) -> Result<(), VmemError> {
+/// Make the page-table entries of block `block` (at `block_va`, directory entry `pde`)
+/// say what its bookkeeping says, where pages `changed` may have changed: one 2 MiB page if
+/// the whole block can have one, else a page table (split from a 2 MiB page if there was
+/// one). Entries that lose or change a mapping are flushed from the TLB.
+fn apply(
+    pde: usize,
+    block: &Block,
+    changed: impl Iterator<Item = usize>,
+    block_va: usize,
+) -> Result<(), VmemError> {
     let e = read(pde);
-    if block.one_page() {
-        if e & PTE_P != 0 && e & PTE_PS == 0 {
-            // Every page alike: one 2 MiB page over the chunk, and the table goes.
-            write(pde, block.chunk as u64 | block.prot(0).bits() | PTE_PS);
-            invlpg(block_va);
-            free_table(table_of(e));
-        } else {
-            write(pde, block.chunk as u64 | block.prot(0).bits() | PTE_PS);
-            if e & PTE_P != 0 {
-                invlpg(block_va);
+    if let Some(bits) = block.big_page() {
+        let big = block.chunk as u64 | bits | PTE_PS;
+        if e == big {
+            return Ok(());
+        }
+        write(pde, big);
+        if e & PTE_P != 0 {
+            // Changes the mapping of the whole block; a table no longer referenced goes.
+            flush(block_va, e);
+            if e & PTE_PS == 0 {
+                free_table(table_of(e));
             }
         }
         return Ok(());
@@ -479,34 +522,97 @@ fn set_pte(pde: usize, block: &Block, i: usize, block_va: usize) -> Result<(), V
         }
         return Ok(());
     }
-    let at = table_of(e) + i * 8;
-    let old = read(at);
-    write(at, block.pte(i));
-    if old & PTE_P != 0 {
-        invlpg(block_va + i * PAGE);
+    let pt = table_of(e);
+    let mut stale = 0usize;
+    for i in changed {
+        let (old, new) = (read(pt + i * 8), block.pte(i));
+        if old != new {
+            write(pt + i * 8, new);
+            if old & PTE_P != 0 {
+                stale += 1;
+                if stale <= MAX_INVLPG {
+                    invlpg(block_va + i * PAGE);
+                }
+            }
+        }
+    }
+    if stale > MAX_INVLPG {
+        flush_all();
     }
     Ok(())
 }
 
-fn unmap_page(block: &mut Block, i: usize, block_va: usize) {
-    if !Block::bit(&block.mapped, i) {
+/// Above this many stale 4 KiB entries, one flush of the whole TLB is cheaper than an
+/// `invlpg` each (each is an exit on PVM).
+const MAX_INVLPG: usize = 16;
+
+/// Flush the TLB entries of a block whose directory entry was `old`: its 2 MiB page, or
+/// the 4 KiB pages its table mapped.
+fn flush(block_va: usize, old: u64) {
+    if old & PTE_PS != 0 {
+        invlpg(block_va);
+        return;
+    }
+    let pt = table_of(old);
+    let present = (0..PAGES_PER_BLOCK)
+        .filter(|&k| read(pt + k * 8) & PTE_P != 0)
+        .count();
+    if present > MAX_INVLPG {
+        flush_all();
+    } else {
+        for k in 0..PAGES_PER_BLOCK {
+            if read(pt + k * 8) & PTE_P != 0 {
+                invlpg(block_va + k * PAGE);
+            }
+        }
+        invlpg(block_va);
+    }
+}
+
+/// Flush the whole TLB (no page is global): reload CR3.
+fn flush_all() {
+    // SAFETY: writes CR3 back unchanged: the same page tables, every non-global TLB entry
+    // dropped.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, cr3",
+            "mov cr3, {t}",
+            t = out(reg) _,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// Unmap pages `pages` of `block` (at `block_va`); with `forget`, their contents go too.
+fn unmap_pages(block: &mut Block, pages: core::ops::Range<usize>, block_va: usize, forget: bool) {
+    let changed: alloc::vec::Vec<usize> = pages
+        .clone()
+        .filter(|&i| Block::bit(&block.mapped, i))
+        .collect();
+    for i in pages {
+        block.set_prot(i, Prot::None);
+        if forget {
+            Block::set(&mut block.init, i, false);
+        }
+    }
+    if changed.is_empty() {
         return;
     }
     let Ok(pde) = pde_for(block_va) else { return };
-    block.set_prot(i, Prot::None);
     if Block::none(&block.mapped) {
         let e = read(pde);
         write(pde, 0);
         if e & PTE_P != 0 {
-            invlpg(block_va);
+            flush(block_va, e);
             if e & PTE_PS == 0 {
                 free_table(table_of(e));
             }
         }
-    } else if set_pte(pde, block, i, block_va).is_err() {
+    } else if apply(pde, block, changed.into_iter(), block_va).is_err() {
         // Out of page tables to split a 2 MiB page: unmap the whole block instead.
+        let e = read(pde);
         write(pde, 0);
-        invlpg(block_va);
+        flush(block_va, e);
         for k in 0..PAGES_PER_BLOCK {
             block.set_prot(k, Prot::None);
         }
