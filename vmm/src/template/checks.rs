@@ -462,7 +462,8 @@ pub fn check_w_xor_x(
     type Rights = (u32, bool, bool, bool);
     let mut tables: std::collections::BTreeMap<u64, Rights> = Default::default();
     // Executable and writable (other than through the alias window) memory: [start, end).
-    let (mut exec, mut write): (Vec<(u64, u64)>, Vec<(u64, u64)>) = Default::default();
+    let mut exec: Vec<(u64, u64)> = Vec::new();
+    let mut write: Vec<(u64, u64)> = Vec::new();
     let mut stack = vec![(PML4_GPA, (0u32, true, true, false))];
     while let Some((table, rights)) = stack.pop() {
         let (depth, w, x, alias) = rights;
