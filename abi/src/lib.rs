@@ -17,7 +17,8 @@
 //! 0x0000_8000  | mailbox page (struct Mailbox) |
 //! 0x0000_9000  | PT of the first 2 MiB (4 KiB) |
 //! 0x0000_a000  | grant map (VMM -> guest)      |
-//! 0x0000_b000  | unused                        |
+//! 0x0000_b000  | PDPT, PD of the alias window  |
+//! 0x0001_0000  | page-table pool (guest's own) |
 //! 0x0020_0000  | kernel image (ELF PT_LOADs)   |
 //! 0x00c0_0000  | guard (not mapped)            |
 //! 0x00e0_0000  | boot stack (8 MiB, grows down)|
@@ -71,6 +72,19 @@ pub mod layout {
     /// The grant map: one bit per [`GRANT_REGION`] of guest RAM that has a memory slot,
     /// written by the VMM only ([`GRANT_MAP_BYTES`] bytes; see the crate docs).
     pub const GRANT_MAP_GPA: u64 = 0xa000;
+    /// W^X: every page table lives in the first 2 MiB, which the identity map maps
+    /// read-only (except the VIF page and the mailbox); the guest kernel writes its page
+    /// tables only through the **alias window**, a writable, non-executable 2 MiB page at
+    /// [`ALIAS_BASE`] that maps guest-physical `0..2 MiB` (PML4 slot [`ALIAS_PML4_SLOT`],
+    /// through the PDPT and PD below, made by the VMM's loader).
+    pub const ALIAS_PDPT_GPA: u64 = 0xb000;
+    pub const ALIAS_PD_GPA: u64 = 0xc000;
+    pub const ALIAS_PML4_SLOT: u64 = 255;
+    pub const ALIAS_BASE: u64 = ALIAS_PML4_SLOT << 39;
+    /// Pages the guest kernel takes its own page tables from (wasmtime's mappings):
+    /// `[PT_POOL_START, PT_POOL_END)`, read-only in the identity map like the VMM's tables.
+    pub const PT_POOL_START: u64 = 0x1_0000;
+    pub const PT_POOL_END: u64 = HUGE_PAGE_SIZE;
     /// Granularity of granted memory.
     pub const GRANT_REGION: u64 = HUGE_PAGE_SIZE;
     /// One bit per region of the largest guest RAM.
@@ -102,12 +116,18 @@ pub mod pte {
     pub const DIRTY: u64 = 1 << 6;
     /// A 2 MiB (page directory) or 1 GiB (PDPT) page, not a table.
     pub const HUGE: u64 = 1 << 7;
+    /// No instruction fetch from the page (EFER.NXE is set).
+    pub const NO_EXECUTE: u64 = 1 << 63;
     pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
     /// An entry that points to a table.
     pub const TABLE: u64 = PRESENT | WRITABLE | USER | ACCESSED;
     /// An entry that maps a page: also dirty. With A/D already set, KVM maps a whole aligned
     /// group of pages per exit and never has to set them.
     pub const LEAF: u64 = TABLE | DIRTY;
+    /// W^X leaves: data (read-write, no execute), read-only data, code (read-execute).
+    pub const LEAF_DATA: u64 = LEAF | NO_EXECUTE;
+    pub const LEAF_READ_ONLY: u64 = (LEAF & !WRITABLE) | NO_EXECUTE;
+    pub const LEAF_CODE: u64 = LEAF & !WRITABLE;
 }
 
 /// The I/O port the guest writes to for a hostcall.

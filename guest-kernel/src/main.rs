@@ -284,6 +284,7 @@ fn selftest(module: &[u8]) {
             }
         }
         b"panic" => panic!("selftest panic"),
+        w if w.starts_with(b"wx-") => cpu::wx_selftest::run(w),
         _ => {}
     }
 }

@@ -17,6 +17,8 @@ pub enum LoadError {
     SegmentOutOfRange { start: u64, end: u64 },
     #[error("guest kernel entry point {0:#x} is not inside a loaded segment")]
     BadEntry(u64),
+    #[error("guest kernel segments at {start:#x}..{end:#x} make one 2 MiB page both writable and executable; link the kernel with 2 MiB-aligned segments (guest-kernel/link.ld)")]
+    WritableCode { start: u64, end: u64 },
     #[error("write the guest kernel into guest RAM: {0}")]
     Memory(#[from] MemoryError),
 }
@@ -37,9 +39,29 @@ fn u64_at(b: &[u8], off: usize) -> Result<u64, LoadError> {
     bytes_at::<8>(b, off).map(u64::from_le_bytes)
 }
 
-/// Load the PT_LOAD segments of `elf` at their physical addresses; returns the entry point
-/// and the end of the highest segment (.bss included).
-pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<(u64, u64), LoadError> {
+/// ELF program header flags.
+const PF_X: u32 = 1;
+const PF_W: u32 = 2;
+
+/// One loaded segment: `[start, end)` (.bss included) and its ELF flags (`PF_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    pub end: u64,
+    pub flags: u32,
+}
+
+/// What [`load_kernel`] loaded.
+#[derive(Clone, Debug)]
+pub struct KernelImage {
+    pub entry: u64,
+    /// The end of the highest segment (.bss included).
+    pub end: u64,
+    pub segments: Vec<Segment>,
+}
+
+/// Load the PT_LOAD segments of `elf` at their physical addresses.
+pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<KernelImage, LoadError> {
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
         return Err(LoadError::NotElf);
     }
@@ -55,6 +77,7 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<(u64, u64), LoadErro
     }
     let mut entry_ok = false;
     let mut image_end = KERNEL_BASE;
+    let mut segments = Vec::new();
     for i in 0..phnum {
         let ph = phoff
             .checked_add(
@@ -70,6 +93,11 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<(u64, u64), LoadErro
                 .ok_or(LoadError::Malformed("phdr offset"))
                 .and_then(|p| u64_at(elf, p))
         };
+        let flags = u32_at(
+            elf,
+            ph.checked_add(4)
+                .ok_or(LoadError::Malformed("phdr offset"))?,
+        )?;
         let offset = field(8)?;
         let paddr = field(24)?;
         let filesz = field(32)?;
@@ -91,6 +119,11 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<(u64, u64), LoadErro
             .ok_or(LoadError::Malformed("segment data past end of file"))?;
         mem.write(paddr, data)?;
         image_end = image_end.max(end);
+        segments.push(Segment {
+            start: paddr,
+            end,
+            flags,
+        });
         // Fresh anonymous memory is zero, so .bss (memsz beyond filesz) needs nothing.
         if (paddr..end).contains(&entry) {
             entry_ok = true;
@@ -99,16 +132,55 @@ pub fn load_kernel(mem: &GuestMemory, elf: &[u8]) -> Result<(u64, u64), LoadErro
     if !entry_ok {
         return Err(LoadError::BadEntry(entry));
     }
-    Ok((entry, image_end))
+    Ok(KernelImage {
+        entry,
+        end: image_end,
+        segments,
+    })
+}
+
+/// The identity map's entry bits for the 2 MiB page at `addr`, W^X: read-execute where a
+/// kernel segment is executable, read-only where one is read-only, read-write and
+/// non-executable everywhere else. A 2 MiB page that two segments with different rights
+/// share gets the union of their rights; both writable and executable is refused.
+fn huge_page_bits(addr: u64, segments: &[Segment]) -> Result<u64, LoadError> {
+    let page = addr..addr + HUGE_PAGE_SIZE;
+    let mut flags = None::<u32>;
+    for s in segments
+        .iter()
+        .filter(|s| s.start < page.end && page.start < s.end)
+    {
+        flags = Some(flags.unwrap_or(0) | s.flags);
+    }
+    Ok(match flags {
+        None => pte::LEAF_DATA,
+        Some(f) if f & PF_X != 0 && f & PF_W != 0 => {
+            return Err(LoadError::WritableCode {
+                start: page.start,
+                end: page.end,
+            })
+        }
+        Some(f) if f & PF_X != 0 => pte::LEAF_CODE,
+        Some(f) if f & PF_W != 0 => pte::LEAF_DATA,
+        Some(_) => pte::LEAF_READ_ONLY,
+    } | pte::HUGE)
 }
 
 /// Identity-map guest RAM with 2 MiB pages (A/D set: KVM then maps a whole page per
 /// exit), leaving the stack guard unmapped, and the first 2 MiB with 4 KiB pages, leaving
 /// page 0 unmapped (null pointers fault). `mem_size` is a multiple of 2 MiB.
-pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
+///
+/// W^X: the kernel's code (`segments` with `PF_X`) is read-execute, its read-only data
+/// read-only, everything else non-executable. The first 2 MiB, which holds every page
+/// table, is read-only but for the VIF page and the mailbox; the guest writes its page
+/// tables through the alias window (`layout::ALIAS_BASE`), which maps it read-write.
+pub fn build_page_tables(mem: &GuestMemory, segments: &[Segment]) -> Result<(), LoadError> {
     let size = mem.size();
     let table = pte::TABLE;
     mem.write_u64(PML4_GPA, PDPT_GPA | table)?;
+    mem.write_u64(PML4_GPA + ALIAS_PML4_SLOT * 8, ALIAS_PDPT_GPA | table)?;
+    mem.write_u64(ALIAS_PDPT_GPA, ALIAS_PD_GPA | table)?;
+    mem.write_u64(ALIAS_PD_GPA, pte::LEAF_DATA | pte::HUGE)?;
     let gib = size.div_ceil(1 << 30);
     for i in 0..gib {
         mem.write_u64(PDPT_GPA + i * 8, (PD_GPA + i * PAGE_SIZE) | table)?;
@@ -117,7 +189,13 @@ pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
     let mut pt0 = vec![0u8; PAGE_SIZE as usize];
     for page in 1..HUGE_PAGE_SIZE / PAGE_SIZE {
         let at = (page * 8) as usize;
-        pt0[at..at + 8].copy_from_slice(&((page * PAGE_SIZE) | pte::LEAF).to_le_bytes());
+        let gpa = page * PAGE_SIZE;
+        let bits = if gpa == VIF_GPA || gpa == MAILBOX_GPA {
+            pte::LEAF_DATA
+        } else {
+            pte::LEAF_READ_ONLY
+        };
+        pt0[at..at + 8].copy_from_slice(&(gpa | bits).to_le_bytes());
     }
     mem.write(PT0_GPA, &pt0)?;
     pds[..8].copy_from_slice(&(PT0_GPA | table).to_le_bytes());
@@ -125,7 +203,8 @@ pub fn build_page_tables(mem: &GuestMemory) -> Result<(), LoadError> {
     while addr < size {
         if !(GUARD_START..STACK_BOTTOM).contains(&addr) {
             let idx = (addr / HUGE_PAGE_SIZE) as usize * 8;
-            pds[idx..idx + 8].copy_from_slice(&(addr | pte::LEAF | pte::HUGE).to_le_bytes());
+            let bits = huge_page_bits(addr, segments)?;
+            pds[idx..idx + 8].copy_from_slice(&(addr | bits).to_le_bytes());
         }
         addr += HUGE_PAGE_SIZE;
     }
@@ -200,30 +279,80 @@ mod tests {
         ));
     }
 
+    /// The kernel's segments as `guest-kernel/link.ld` lays them out: text, rodata, data.
+    fn segments() -> Vec<Segment> {
+        vec![
+            Segment {
+                start: KERNEL_BASE,
+                end: KERNEL_BASE + 0x1a_0000,
+                flags: PF_X | 4,
+            },
+            Segment {
+                start: 0x40_0000,
+                end: 0x45_0000,
+                flags: 4,
+            },
+            Segment {
+                start: 0x60_0000,
+                end: 0x61_0000,
+                flags: PF_W | 4,
+            },
+        ]
+    }
+
     #[test]
-    fn page_tables_skip_guard() {
+    fn page_tables_skip_guard_and_are_w_xor_x() {
         let m = GuestMemory::new(64 << 20).unwrap();
-        build_page_tables(&m).unwrap();
-        let pde = |a: u64| {
+        build_page_tables(&m, &segments()).unwrap();
+        let word = |gpa: u64| {
             let mut b = [0u8; 8];
-            m.read_into(PD_GPA + (a / HUGE_PAGE_SIZE) * 8, &mut b)
-                .unwrap();
+            m.read_into(gpa, &mut b).unwrap();
             u64::from_le_bytes(b)
         };
+        let pde = |a: u64| word(PD_GPA + (a / HUGE_PAGE_SIZE) * 8);
         assert_eq!(pde(GUARD_START), 0);
         assert_eq!(pde(0), PT0_GPA | 0x27, "the first 2 MiB: a page table");
-        let pte = |page: u64| {
-            let mut b = [0u8; 8];
-            m.read_into(PT0_GPA + page * 8, &mut b).unwrap();
-            u64::from_le_bytes(b)
-        };
+        let pte = |page: u64| word(PT0_GPA + page * 8);
         assert_eq!(pte(0), 0, "page 0 is not mapped");
-        assert_eq!(pte(MAILBOX_GPA / PAGE_SIZE), MAILBOX_GPA | 0x67);
-        assert_eq!(pde(KERNEL_BASE) & !0xfff, KERNEL_BASE);
-        assert_eq!(pde(KERNEL_BASE) & 0xff, 0xe7);
-        assert_eq!(
-            pde((64 << 20) - HUGE_PAGE_SIZE) & pte::PRESENT,
-            pte::PRESENT
-        );
+        let nx = pte::NO_EXECUTE;
+        assert_eq!(pte(MAILBOX_GPA / PAGE_SIZE), MAILBOX_GPA | 0x67 | nx);
+        assert_eq!(pte(VIF_GPA / PAGE_SIZE), VIF_GPA | 0x67 | nx);
+        // Every page table (and the pool for the guest's own) is read-only here.
+        for gpa in [
+            PML4_GPA,
+            PDPT_GPA,
+            PD_GPA,
+            PT0_GPA,
+            ALIAS_PD_GPA,
+            PT_POOL_START,
+        ] {
+            assert_eq!(pte(gpa / PAGE_SIZE), gpa | 0x65 | nx, "{gpa:#x}");
+        }
+        assert_eq!(pte(511), 0x1f_f000 | 0x65 | nx);
+        // Text read-execute, rodata read-only, data and the rest read-write, not executable.
+        assert_eq!(pde(KERNEL_BASE), KERNEL_BASE | 0xe5);
+        assert_eq!(pde(0x40_0000), 0x40_0000 | 0xe5 | nx);
+        assert_eq!(pde(0x60_0000), 0x60_0000 | 0xe7 | nx);
+        assert_eq!(pde(0x80_0000), 0x80_0000 | 0xe7 | nx);
+        assert_eq!(pde(HEAP_START), HEAP_START | 0xe7 | nx);
+        assert_eq!(pde((64 << 20) - HUGE_PAGE_SIZE), (62 << 20) | 0xe7 | nx);
+        // The alias window: guest-physical 0..2 MiB, writable, not executable.
+        assert_eq!(word(PML4_GPA + ALIAS_PML4_SLOT * 8), ALIAS_PDPT_GPA | 0x27);
+        assert_eq!(word(ALIAS_PDPT_GPA), ALIAS_PD_GPA | 0x27);
+        assert_eq!(word(ALIAS_PD_GPA), 0xe7 | nx);
+    }
+
+    #[test]
+    fn a_page_both_writable_and_executable_is_refused() {
+        let m = GuestMemory::new(64 << 20).unwrap();
+        let mut s = segments();
+        s[2].start = 0x3f_f000; // data in the text's last 2 MiB page
+        assert!(matches!(
+            build_page_tables(&m, &s),
+            Err(LoadError::WritableCode {
+                start: 0x20_0000,
+                end: 0x40_0000
+            })
+        ));
     }
 }

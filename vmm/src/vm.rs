@@ -657,7 +657,8 @@ impl Vm {
     /// Load the kernel, build page tables and the mailbox, register guest memory (the
     /// granted regions and the kernel image's), and set the start state.
     pub fn setup_boot(&mut self, kernel_elf: &[u8], mailbox: &Mailbox) -> Result<(), VmError> {
-        let (entry, image_end) = loader::load_kernel(&self.mem, kernel_elf)?;
+        let image = loader::load_kernel(&self.mem, kernel_elf)?;
+        let (entry, image_end) = (image.entry, image.end);
         // The kernel image's regions (.bss included) are granted with the fixed ones.
         if self.grants.slots.is_empty() {
             self.grant_initial(layout::KERNEL_BASE, image_end - layout::KERNEL_BASE);
@@ -665,7 +666,7 @@ impl Vm {
         } else {
             self.grant(layout::KERNEL_BASE, image_end - layout::KERNEL_BASE)?;
         }
-        loader::build_page_tables(&self.mem)?;
+        loader::build_page_tables(&self.mem, &image.segments)?;
         self.mem.write(layout::MAILBOX_GPA, &mailbox.to_bytes())?;
         let sregs = self.vcpu.get_sregs().map_err(|e| VmError::Registers {
             step: "KVM_GET_SREGS",

@@ -439,6 +439,121 @@ impl fmt::Display for Finding {
     }
 }
 
+/// Most page-table pages [`check_w_xor_x`] walks (as many as a template may have).
+const MAX_WALKED_TABLES: usize = 8192;
+
+/// W^X of a template's page tables (the guest's, rooted at `layout::PML4_GPA`, in guest
+/// memory of `mem_size` bytes whose 8-byte word at guest address `gpa` `entry` reads):
+/// refused, naming the first offence, when
+/// * a page is mapped writable and executable (rights combined over every level);
+/// * memory mapped executable anywhere is also mapped writable anywhere;
+/// * a page-table page is writable through any mapping but the alias window
+///   (PML4 slot `layout::ALIAS_PML4_SLOT`, through which the guest kernel edits them);
+/// * a table is reached at two levels, or with more rights than where it was first found
+///   (the guest's own tables are a tree), or there are more than 8192 tables.
+///
+/// Templates made by a guest kernel without W^X fail the first rule: they must be made
+/// again. Tables and pages beyond guest RAM are not followed (the guest faults there).
+pub fn check_w_xor_x(
+    mem_size: u64,
+    mut entry: impl FnMut(u64) -> Result<u64, String>,
+) -> Result<(), String> {
+    use std::collections::btree_map::Entry;
+    use vmm_abi::layout::{ALIAS_PML4_SLOT, PAGE_SIZE, PML4_GPA};
+    use vmm_abi::pte::{ADDR_MASK, HUGE, NO_EXECUTE, PRESENT, WRITABLE};
+    /// (depth, writable, executable, under the alias slot) of a table.
+    type Rights = (u32, bool, bool, bool);
+    let mut tables: std::collections::BTreeMap<u64, Rights> = Default::default();
+    // Executable and writable (other than through the alias window) memory: [start, end).
+    let mut exec: Vec<(u64, u64)> = Vec::new();
+    let mut write: Vec<(u64, u64)> = Vec::new();
+    let mut stack = vec![(PML4_GPA, (0u32, true, true, false))];
+    while let Some((table, rights)) = stack.pop() {
+        let (depth, w, x, alias) = rights;
+        if table.saturating_add(PAGE_SIZE) > mem_size {
+            continue;
+        }
+        match tables.entry(table) {
+            Entry::Occupied(first) => {
+                let (d0, w0, x0, a0) = *first.get();
+                if d0 != depth || (w && !w0) || (x && !x0) || alias != a0 {
+                    return Err(format!(
+                        "its page table at {table:#x} is reached at two levels or with different rights"
+                    ));
+                }
+                continue;
+            }
+            Entry::Vacant(v) => {
+                v.insert(rights);
+            }
+        }
+        if tables.len() > MAX_WALKED_TABLES {
+            return Err(format!(
+                "its page tables have more than {MAX_WALKED_TABLES} pages"
+            ));
+        }
+        for i in 0..512u64 {
+            let e = entry(table + i * 8)?;
+            if e & PRESENT == 0 {
+                continue;
+            }
+            let w = w && e & WRITABLE != 0;
+            let x = x && e & NO_EXECUTE == 0;
+            let alias = alias || (depth == 0 && i == ALIAS_PML4_SLOT);
+            let len = match depth {
+                3 => PAGE_SIZE,
+                2 if e & HUGE != 0 => 1 << 21,
+                1 if e & HUGE != 0 => 1 << 30,
+                _ => {
+                    stack.push((e & ADDR_MASK, (depth + 1, w, x, alias)));
+                    continue;
+                }
+            };
+            let start = e & ADDR_MASK & !(len - 1);
+            if w && x {
+                return Err(format!(
+                    "its page tables map guest memory at {start:#x} both writable and executable (W^X): made by a guest kernel without W^X, or damaged; create it again"
+                ));
+            }
+            let range = (start, start.saturating_add(len));
+            if x {
+                exec.push(range);
+            }
+            if w && !alias {
+                write.push(range);
+            }
+        }
+    }
+    let merged = |mut v: Vec<(u64, u64)>| {
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    };
+    let exec = merged(exec);
+    for (s, e) in merged(write) {
+        // The first executable range that ends after `s`.
+        let i = exec.partition_point(|r| r.1 <= s);
+        if let Some(&(xs, _)) = exec.get(i).filter(|r| r.0 < e) {
+            return Err(format!(
+                "guest memory at {:#x} is mapped executable and, elsewhere, writable (W^X); create it again",
+                xs.max(s)
+            ));
+        }
+        if let Some((t, _)) = tables.range(s..e).next() {
+            return Err(format!(
+                "its page table at {t:#x} is writable through the guest's mappings; create it again"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Synthetic vCPU and device states that pass every check above, for tests of tools that
 /// build stores through the store API (`vmm-store`'s tests) and of this crate's unit
 /// tests. Not a stable API.
@@ -708,5 +823,84 @@ mod tests {
                 ("g-bad-vcpu".to_string(), "vcpu"),
             ]
         );
+    }
+
+    /// Guest memory of `pages` pages with `entries` ((table, index, value)) set.
+    fn tables(pages: u64, entries: &[(u64, u64, u64)]) -> Vec<u8> {
+        let mut m = vec![0u8; pages as usize * 4096];
+        for &(t, i, v) in entries {
+            let at = (t + i * 8) as usize;
+            m[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        m
+    }
+    fn wx(m: &[u8]) -> Result<(), String> {
+        check_w_xor_x(m.len() as u64, |gpa| {
+            let at = gpa as usize;
+            Ok(u64::from_le_bytes(m[at..at + 8].try_into().unwrap()))
+        })
+    }
+
+    #[test]
+    fn w_xor_x_of_the_page_tables() {
+        use vmm_abi::layout::{ALIAS_PML4_SLOT, PML4_GPA};
+        use vmm_abi::pte::{HUGE, LEAF_CODE, LEAF_DATA, LEAF_READ_ONLY, NO_EXECUTE, TABLE};
+        let (pdpt, pd, pt, apdpt, apd) = (0x3000, 0x4000, 0x5000, 0x6000, 0x7000);
+        // The loader's shape: tables in the first 2 MiB, read-only there; code R+X; data
+        // RW+NX; the alias window writes the tables.
+        let good = [
+            (PML4_GPA, 0, pdpt | TABLE),
+            (PML4_GPA, ALIAS_PML4_SLOT, apdpt | TABLE),
+            (apdpt, 0, apd | TABLE),
+            (apd, 0, LEAF_DATA | HUGE),
+            (pdpt, 0, pd | TABLE),
+            (pd, 0, pt | TABLE),
+            (pt, 2, PML4_GPA | LEAF_READ_ONLY),
+            (pt, 8, 0x8000 | LEAF_DATA),
+            (pd, 1, 0x20_0000 | LEAF_CODE | HUGE),
+            (pd, 2, 0x40_0000 | LEAF_READ_ONLY | HUGE),
+            (pd, 3, 0x60_0000 | LEAF_DATA | HUGE),
+        ];
+        let pages = 8 << 8; // 8 MiB
+        wx(&tables(pages, &good)).unwrap();
+        let with = |e: (u64, u64, u64)| {
+            let mut v = good.to_vec();
+            v.push(e);
+            wx(&tables(pages, &v)).unwrap_err()
+        };
+        // A W+X page; the rights of every level combine (NX above, W below: fine).
+        let e = with((pd, 4, 0x80_0000 | TABLE | HUGE));
+        assert!(e.contains("0x800000 both writable and executable"), "{e}");
+        wx(&tables(
+            pages,
+            &[
+                (PML4_GPA, 0, pdpt | TABLE | NO_EXECUTE),
+                (pdpt, 0, pd | TABLE),
+                (pd, 1, 0x20_0000 | TABLE | HUGE),
+            ],
+        ))
+        .unwrap();
+        // Code also writable through another mapping (here a 4 KiB alias of it).
+        let e = with((pt, 9, 0x20_1000 | LEAF_DATA));
+        assert!(e.contains("0x201000 is mapped executable"), "{e}");
+        // A page table writable outside the alias window.
+        let e = with((pt, 3, pdpt | LEAF_DATA));
+        assert!(e.contains("page table at 0x3000 is writable"), "{e}");
+        // A table reached twice with different rights, or at two levels.
+        let e = with((pd, 5, pt | TABLE | NO_EXECUTE));
+        assert!(e.contains("two levels or with different rights"), "{e}");
+        let e = with((pdpt, 1, pt | TABLE));
+        assert!(e.contains("two levels or with different rights"), "{e}");
+        // Before W^X: every page read-write-execute.
+        let e = wx(&tables(
+            pages,
+            &[
+                (PML4_GPA, 0, pdpt | TABLE),
+                (pdpt, 0, pd | TABLE),
+                (pd, 1, 0x20_0000 | TABLE | HUGE),
+            ],
+        ))
+        .unwrap_err();
+        assert!(e.contains("made by a guest kernel without W^X"), "{e}");
     }
 }

@@ -265,7 +265,7 @@ impl Template {
         let region_runs = region_runs(&runs, mem_size.div_ceil(REGION) as usize);
         // The page tables, read from the verified pages that hold them.
         let mut table: (u64, Option<&[u8; PAGE_SIZE]>) = (u64::MAX, None);
-        let page_tables = page_table_pages(mem_size, |gpa| {
+        let mut entry = |gpa: u64| {
             let gfn = gpa / PAGE;
             if table.0 != gfn {
                 table = match resolved.frame_verified(gfn).map_err(|e| e.to_string())? {
@@ -277,8 +277,13 @@ impl Template {
             Ok(table.1.map_or(0, |p| {
                 u64::from_le_bytes(p[at..at + 8].try_into().unwrap_or_default())
             }))
-        })
-        .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        };
+        let page_tables = page_table_pages(mem_size, &mut entry)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
+        // W^X: what the guest may write it may not execute; its page tables it writes only
+        // through its alias window (hostile store input is refused here, before any restore).
+        checks::check_w_xor_x(mem_size, &mut entry)
+            .map_err(|e| Error::new(ErrorKind::Damaged, step, e))?;
         // The grant map, read from its verified page.
         let map_gfn = vmm_abi::layout::GRANT_MAP_GPA / PAGE;
         let grant_map = match resolved.frame_verified(map_gfn) {

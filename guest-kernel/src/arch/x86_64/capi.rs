@@ -4,14 +4,12 @@
 
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
-use super::vmem::{self, VmemError};
+use super::vmem::{self, Prot, VmemError};
 
-const PROT_READ: u32 = 1 << 0;
-const PROT_WRITE: u32 = 1 << 1;
-const PROT_EXEC: u32 = 1 << 2;
-
-fn accessible(prot: u32) -> bool {
-    prot & (PROT_READ | PROT_WRITE | PROT_EXEC) != 0
+/// wasmtime's `PROT_*` flags as a W^X protection; writable and executable together is
+/// refused.
+fn prot(flags: u32) -> Result<Prot, VmemError> {
+    Prot::from_flags(flags).ok_or(VmemError::Invalid)
 }
 
 fn code(r: Result<(), VmemError>) -> i32 {
@@ -41,7 +39,7 @@ pub fn trap_handler() -> Option<TrapHandler> {
 
 #[no_mangle]
 pub extern "C" fn wasmtime_mmap_new(size: usize, prot_flags: u32, ret: &mut *mut u8) -> i32 {
-    match vmem::reserve(size, accessible(prot_flags)) {
+    match prot(prot_flags).and_then(|p| vmem::reserve(size, p)) {
         Ok(p) => {
             *ret = p as *mut u8;
             0
@@ -52,7 +50,7 @@ pub extern "C" fn wasmtime_mmap_new(size: usize, prot_flags: u32, ret: &mut *mut
 
 #[no_mangle]
 pub extern "C" fn wasmtime_mmap_remap(addr: *mut u8, size: usize, prot_flags: u32) -> i32 {
-    code(vmem::remap(addr as usize, size, accessible(prot_flags)))
+    code(prot(prot_flags).and_then(|p| vmem::remap(addr as usize, size, p)))
 }
 
 #[no_mangle]
@@ -62,7 +60,7 @@ pub extern "C" fn wasmtime_munmap(ptr: *mut u8, size: usize) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn wasmtime_mprotect(ptr: *mut u8, size: usize, prot_flags: u32) -> i32 {
-    code(vmem::protect(ptr as usize, size, accessible(prot_flags)))
+    code(prot(prot_flags).and_then(|p| vmem::protect(ptr as usize, size, p)))
 }
 
 #[no_mangle]

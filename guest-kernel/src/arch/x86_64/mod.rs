@@ -9,6 +9,7 @@ pub mod exceptions;
 pub mod hostcall;
 pub mod mem;
 pub mod vmem;
+pub mod wx_selftest;
 
 /// Read the time-stamp counter (on PVM the host's TSC, read natively).
 #[inline(always)]
