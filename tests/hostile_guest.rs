@@ -393,10 +393,13 @@ fn a_daemon_serves_on_after_every_hostile_request_and_nothing_leaks_between_inst
     assert_eq!(s, 200);
 }
 
-/// A template whose guest left a grant map of alternating regions where the template is
-/// taken: every restore registers slots for what the map names, at most 64 of them.
+/// A guest that tries to leave a grant map of alternating regions where its template is
+/// taken (so that every restore would register one slot per run): the grant map page is
+/// the VMM's, read-only in the guest's page tables (W^X), so the write faults and no
+/// template is made. (A forged map in a store is registered as at most 64 slots:
+/// `vmm::vm` unit tests and the hostcall fuzz target's seeds.)
 #[test]
-fn a_template_with_a_fragmented_grant_map_restores_with_few_slots() {
+fn a_guest_cannot_write_the_vmms_grant_map() {
     if !kvm_available() {
         return;
     }
@@ -416,13 +419,12 @@ fn a_template_with_a_fragmented_grant_map_restores_with_few_slots() {
         "1024",
     ]);
     let r = run_with_input(cmd, b"");
-    assert_eq!(r.code(), 0, "template create: {}", r.stderr());
+    assert_eq!(r.code(), 125, "template create: {}", r.stderr());
+    let err = r.stderr();
+    assert!(err.contains("page fault (#PF) (vector 14)"), "{err}");
+    assert!(err.contains("cr2 0xa000"), "{err}");
     let mut cmd = vmm();
-    cmd.args(["restore", "fragmented", "--store", &store.arg(), "--json"]);
+    cmd.args(["restore", "fragmented", "--store", &store.arg()]);
     let r = run_with_input(cmd, &request("ok", b""));
-    assert_eq!(r.code(), 0, "{}", r.stderr());
-    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
-    let slots = v["stats"]["memory_slots"].as_u64().unwrap();
-    assert!((1..=64).contains(&slots), "{slots} memory slots: {v}");
-    assert!(v["stdout"].as_str().unwrap().ends_with("victim=42"), "{v}");
+    assert_ne!(r.code(), 0, "no template was made: {}", r.stdout());
 }
