@@ -66,7 +66,10 @@ invoke() { # name request [extra curl args...]: the response, then each request'
       -w "client %{http_code} %{time_total}\n" -D - "http://$addr/v1/functions/$name/invoke" \
       | tr -d '\r' | awk '/^x-vmm-path:/{p=$2} /^x-vmm-run-ms:/{r=$2} /^client /{c=$2; t=$3}
           END{printf "   %s in %.2f ms at the client (%s path, guest run %s ms)\n", c, t*1000, p, r}'
-    [ $i = 1 ] && { sed 's/^/   | /' "$work/body"; echo; }
+    if [ "$i" = 1 ]; then
+      sed 's/^/   | /' "$work/body"
+      echo
+    fi
   done
 }
 echo "== invoke: the first request of 'lazy' builds its template (cold), the rest are warm or hot =="
@@ -80,7 +83,7 @@ echo "== the http interface (AWS Lambda's payload 2.0), public: no token =="
 curl -sS -i --data-binary 'some text' "http://$addr/v1/functions/web/invoke?lang=en" | tr -d '\r' \
   | grep -iv '^date:'
 echo
-echo "== replace hello under the same name: requests from now on get version 2 =="
+echo "== replace hello under the same name: requests from now on get its next version =="
 sed 's/Hello, /Hi again, /' examples/hello.js >"$work/hello.js"
 "$vmm" fn deploy hello --runtime js --source "$work/hello.js"
 printf '{"name":"world"}' | "$vmm" fn invoke hello
